@@ -1,0 +1,23 @@
+"""editkv's inference engine: weights, tokenizer, our own RoPE decoder forward pass, decoding.
+
+The engine knows token ids, positions and KV-cache slots. It never sees URIs, editor
+positions or document text beyond the tokenizer's encode/decode: edit_cache decides which
+slots hold which tokens at which positions, and the engine computes what it is asked to.
+
+Data flow: a checkpoint folder / hub id / GGUF file -> `load_model` -> `LoadedModel`
+(`Transformer` + `Tokenizer` + `ModelConfig`); callers allocate `KVCache` buffers and call
+`Transformer.forward(ids, positions, write=..., context=[Span, ...])` -> logits.
+"""
+
+from engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from engine.errors import EngineError
+from engine.model import KVCache, Span, Transformer
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "EngineError",
+    "KVCache",
+    "ModelConfig",
+    "Span",
+    "Transformer",
+]

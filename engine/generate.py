@@ -1,0 +1,178 @@
+"""Prefill and plain decoding (greedy or sampled) with stop rules and timing counters.
+
+prefill: ids -> slots `[start, start+n)` of a cache, chunked so memory stays bounded.
+decode: from the logits after a context, sample tokens one forward at a time into a scratch
+cache until a stop rule fires (EOS/stop token, N line ends, max tokens, or a callback, which
+is how a cancelled request stops at its next step). Other strategies (speculation, AdaDec,
+superposed drafts) build on the same pieces.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.model import KVCache, Span, Transformer
+from engine.sampling import SamplingParams, make_generator, next_token
+from engine.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """When a completion ends. `max_lines=1` stops at the first line end."""
+
+    max_tokens: int = 64
+    max_lines: int | None = 1
+    stop_ids: frozenset[int] = frozenset()
+    should_stop: Callable[[], bool] | None = None  # polled before every forward
+
+
+@dataclass
+class DecodeStats:
+    """Where a request's time went."""
+
+    prefill_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_tokens: int = 0
+    decode_ms: float = 0.0
+    forwards: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1000.0 * self.decode_tokens / self.decode_ms if self.decode_ms else 0.0
+
+
+@dataclass
+class Completion:
+    """Generated ids, their text cut at the stop rule, and why decoding stopped."""
+
+    ids: list[int]
+    text: str
+    stop_reason: str  # "stop_token" | "lines" | "max_tokens" | "cancelled"
+    stats: DecodeStats
+    logprob: float = 0.0
+
+
+def prefill(
+    model: Transformer,
+    ids: Sequence[int],
+    cache: KVCache,
+    *,
+    start: int = 0,
+    first_position: int = 0,
+    context: Sequence[Span] = (),
+    chunk: int = PREFILL_CHUNK,
+    logits: str = "last",
+) -> torch.Tensor | None:
+    """Encode `ids` into `cache[start:start+n]` at consecutive positions; last (or all) logits."""
+    n = len(ids)
+    cache.ensure_capacity(start + n)
+    tensor = torch.tensor(list(ids), dtype=torch.long, device=model.device)[None]
+    outputs = []
+    out = None
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        spans = list(context)
+        if lo > 0:
+            spans = _extend(spans, Span(cache, start, start + lo))
+        want = logits if logits == "all" else ("last" if hi == n and logits == "last" else "none")
+        positions = torch.arange(first_position + lo, first_position + hi, device=model.device)
+        out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo,
+                    context=spans, logits=want)
+        if logits == "all":
+            outputs.append(out)
+    if logits == "all":
+        return torch.cat(outputs, dim=1)
+    return out
+
+
+def _extend(spans: list[Span], span: Span) -> list[Span]:
+    """Append `span`, merging it into the last one when they are adjacent slots of one cache."""
+    if spans:
+        last = spans[-1]
+        if last.cache is span.cache and last.end == span.start and last.shift == span.shift:
+            return [*spans[:-1], Span(span.cache, last.start, span.end, span.shift)]
+    return [*spans, span]
+
+
+class LineStopper:
+    """Tracks generated text and says where it must be cut for the line rule."""
+
+    def __init__(self, tokenizer: Tokenizer, max_lines: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.max_lines = max_lines
+
+    def cut(self, ids: list[int]) -> tuple[str, bool]:
+        """(text to show, whether the line limit was reached)."""
+        text = self.tokenizer.decode(ids)
+        if self.max_lines is None:
+            return text, False
+        pos = -1
+        for _ in range(self.max_lines):
+            pos = text.find("\n", pos + 1)
+            if pos < 0:
+                return text, False
+        return text[:pos], True
+
+
+def decode(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    first_logits: torch.Tensor,  # [1, V]: logits for the first generated token
+    *,
+    context: Sequence[Span],
+    next_position: int,
+    params: SamplingParams = SamplingParams(),
+    rules: StopRules = StopRules(),
+    scratch: KVCache | None = None,
+    stats: DecodeStats | None = None,
+) -> Completion:
+    """Plain autoregressive decoding after `context`; generated K/V go to a scratch cache."""
+    stats = stats or DecodeStats()
+    scratch = scratch or model.new_cache(rules.max_tokens + 1)
+    scratch.ensure_capacity(rules.max_tokens + 1)
+    stop_ids = rules.stop_ids | tokenizer.stop_ids
+    stopper = LineStopper(tokenizer, rules.max_lines)
+    generator = make_generator(params, model.device)
+    ids: list[int] = []
+    logprob = 0.0
+    logits = first_logits
+    text, reason = "", "max_tokens"
+    started = time.perf_counter()
+    while True:
+        token = int(next_token(logits, params, generator)[0])
+        if token in stop_ids:
+            reason = "stop_token"
+            break
+        logprob += float(torch.log_softmax(logits[0].float(), -1)[token])
+        ids.append(token)
+        text, hit = stopper.cut(ids)
+        if hit:
+            reason = "lines"
+            break
+        if len(ids) >= rules.max_tokens:
+            break
+        if rules.should_stop is not None and rules.should_stop():
+            reason = "cancelled"
+            break
+        step = len(ids) - 1
+        logits = model(
+            torch.tensor([[token]], device=model.device),
+            torch.tensor([next_position + step], device=model.device),
+            write=scratch,
+            write_at=step,
+            context=[*context, Span(scratch, 0, step)],
+            logits="last",
+        )
+        stats.forwards += 1
+    if reason == "stop_token":
+        text = stopper.cut(ids)[0]
+    stats.decode_tokens += len(ids)
+    stats.decode_ms += 1000 * (time.perf_counter() - started)
+    return Completion(ids, text, reason, stats, logprob)

@@ -1,0 +1,200 @@
+"""The `editkv` command line: `complete` one position of a file (more subcommands as they land).
+
+Errors the user can fix print one line on stderr and exit with status 2; nothing here prints
+a traceback for a bad path, a broken model folder or a missing device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+
+def _version() -> str:
+    try:
+        return version("editkv")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `editkv` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from engine.errors import EngineError
+
+    try:
+        return args.func(args)
+    except EngineError as err:
+        print(f"editkv: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="editkv",
+        description=(
+            "editkv: a code-completion backend that keeps each open file's KV cache alive "
+            "across edits. Subcommands: complete (one completion from a file)."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"editkv {_version()}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    complete = sub.add_parser(
+        "complete",
+        help="complete a file at a line/column and print the completion with timings",
+        description="Load a model, read FILE, and complete it at --line/--col (1-based, "
+        "as editors show them; the column counts characters).",
+    )
+    complete.add_argument("file", type=Path, help="the source file to complete in")
+    complete.add_argument("--line", type=int, required=True, help="1-based line of the cursor")
+    complete.add_argument("--col", type=int, required=True, help="1-based column of the cursor")
+    _model_args(complete)
+    complete.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (64)")
+    complete.add_argument(
+        "--lines", type=int, default=1, help="stop after this many line ends (1; 0 = no limit)"
+    )
+    complete.add_argument(
+        "--mode", choices=("auto", "fim", "l2r"), default="auto",
+        help="fill-in-the-middle with the text after the cursor, left-to-right, or FIM when the "
+        "model has FIM tokens (auto)",
+    )
+    complete.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    complete.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
+    complete.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    complete.add_argument("--json", action="store_true", help="print one JSON object instead")
+    complete.set_defaults(func=_cmd_complete)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder, .gguf file or Hugging Face hub id (default: the embedded model)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+
+
+def _resolve_model(spec: str | None) -> str:
+    from engine.errors import EngineError
+    from engine.loading import DEFAULT_MODEL_DIR
+
+    if spec:
+        return spec
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        return str(DEFAULT_MODEL_DIR)
+    raise EngineError(
+        f"no --model given and the embedded default model is missing at {DEFAULT_MODEL_DIR}"
+    )
+
+
+def _read_source(path: Path) -> str:
+    from engine.errors import EngineError
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise EngineError(f"cannot read {path}: {err.strerror}") from None
+    if b"\x00" in data[:8192]:
+        raise EngineError(f"{path} looks binary (it has NUL bytes); editkv completes text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EngineError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _cursor_offset(text: str, line: int, col: int) -> int:
+    from engine.errors import EngineError
+
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        raise EngineError(f"--line {line} is outside the file (it has {len(lines)} lines)")
+    row = lines[line - 1].rstrip("\r")
+    if not 1 <= col <= len(row) + 1:
+        raise EngineError(f"--col {col} is outside line {line} (it has {len(row)} characters)")
+    return sum(len(s) + 1 for s in lines[: line - 1]) + col - 1
+
+
+def _cmd_complete(args: argparse.Namespace) -> int:
+    from engine.errors import EngineError
+    from engine.generate import DecodeStats, StopRules, decode, prefill
+    from engine.loading import load_model
+    from engine.prompting import fim_ids, left_to_right_ids
+    from engine.sampling import SamplingParams
+
+    text = _read_source(args.file)
+    offset = _cursor_offset(text, args.line, args.col)
+    if args.max_tokens < 1:
+        raise EngineError("--max-tokens must be at least 1")
+    try:
+        params = SamplingParams(args.temperature, args.top_p, args.seed)
+    except ValueError as err:
+        raise EngineError(str(err)) from None
+    loaded = load_model(_resolve_model(args.model), device=args.device, dtype=args.dtype)
+    tok, cfg = loaded.tokenizer, loaded.config
+    prefix, suffix = text[:offset], text[offset:]
+    mode = args.mode
+    if mode == "auto":
+        mode = "fim" if tok.fim is not None else "l2r"
+    if mode == "fim":
+        if tok.fim is None:
+            raise EngineError("--mode fim: this model has no fill-in-the-middle tokens")
+        ids = fim_ids(tok, cfg, prefix, suffix)
+    else:
+        ids = left_to_right_ids(tok, cfg, prefix)
+    stats = DecodeStats(prefill_tokens=len(ids))
+    cache = loaded.model.new_cache(len(ids))
+    started = time.perf_counter()
+    logits = prefill(loaded.model, ids, cache)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+    stats.prefill_ms = 1000 * (time.perf_counter() - started)
+    stats.forwards += -(-len(ids) // 512)
+    rules = StopRules(max_tokens=args.max_tokens, max_lines=args.lines or None)
+    result = decode(
+        loaded.model, tok, logits, context=[_whole(cache, len(ids))], next_position=len(ids),
+        params=params, rules=rules, stats=stats,
+    )
+    if args.json:
+        print(json.dumps({
+            "completion": result.text, "stop_reason": result.stop_reason, "mode": mode,
+            "model": loaded.source, "device": str(loaded.device),
+            "load_ms": round(1000 * loaded.load_seconds, 1),
+            "prefill_tokens": stats.prefill_tokens, "prefill_ms": round(stats.prefill_ms, 1),
+            "decode_tokens": stats.decode_tokens, "decode_ms": round(stats.decode_ms, 1),
+            "decode_tokens_per_s": round(stats.decode_tokens_per_s, 1),
+        }))
+    else:
+        print(result.text)
+        print(
+            f"[{mode}, {loaded.device}] load {1000 * loaded.load_seconds:.0f} ms | "
+            f"prefill {stats.prefill_tokens} tokens in {stats.prefill_ms:.1f} ms | "
+            f"decode {stats.decode_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s "
+            f"(stop: {result.stop_reason})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _whole(cache, n):  # noqa: ANN001, ANN202 - tiny local helper
+    from engine.model import Span
+
+    return Span(cache, 0, n)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Builders for tiny random checkpoints of every supported family, written like real ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SNIPPETS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\nfor name in os.listdir('.'):\n    print(name)\n",
+    "if value is None:\n\traise ValueError('missing')\r\nelse:\n    pass\n",
+    "résumé = 'naïve café 😀 ✓'\n",
+]
+SPECIALS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|file_sep|>"]
+_TOKENIZER_CACHE: dict[int, str] = {}
+
+
+def tiny_tokenizer_json(vocab_size: int = 320) -> str:
+    """A byte-level BPE tokenizer.json with the FIM specials at ids 0..4."""
+    if vocab_size in _TOKENIZER_CACHE:
+        return _TOKENIZER_CACHE[vocab_size]
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    pattern = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(SNIPPETS * 20, trainer)
+    _TOKENIZER_CACHE[vocab_size] = tok.to_str()
+    return _TOKENIZER_CACHE[vocab_size]
+
+
+FAMILIES = {
+    # name: (HF config class name, model class name, config overrides)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-gqa-tied-linear": ("LlamaConfig", "LlamaForCausalLM", {
+        "num_key_value_heads": 2, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}),
+    "llama3-scaling": ("LlamaConfig", "LlamaForCausalLM", {
+        "num_key_value_heads": 1,
+        "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+                            "rope_theta": 500000.0}}),
+    "yarn": ("LlamaConfig", "LlamaForCausalLM", {
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                            "rope_theta": 10000.0}}),
+    "dynamic": ("LlamaConfig", "LlamaForCausalLM", {
+        "max_position_embeddings": 16,
+        "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2, "sliding_window": None}),
+    "phi3-partial-rotary": ("Phi3Config", "Phi3ForCausalLM", {
+        "num_key_value_heads": 2, "partial_rotary_factor": 0.5, "pad_token_id": 0}),
+}
+
+
+def make_checkpoint(folder: Path, family: str = "llama", *, seed: int = 0, **overrides) -> Path:
+    """Write a tiny random checkpoint of `family` (HF weights + config + our tokenizer) to `folder`."""
+    import transformers
+
+    config_cls, model_cls, family_overrides = FAMILIES[family]
+    kwargs = dict(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        eos_token_id=0, bos_token_id=None, tie_word_embeddings=False,
+    )
+    kwargs.update(family_overrides)
+    kwargs.update(overrides)
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    # Random init leaves norms at 1 and biases at 0; perturb them so the parity test sees them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.json").write_text(tiny_tokenizer_json(kwargs["vocab_size"]))
+    return folder
+
+
+def hf_model(folder: Path):
+    """The transformers reference model of a checkpoint folder, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
