@@ -137,9 +137,11 @@ class ModelConfig:
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
         except KeyError as missing:
-            raise EngineError(f"config.json lacks the field {missing}; is it a decoder model's config?")
+            raise EngineError(
+                f"config.json lacks the field {missing}; is it a decoder model's config?"
+            ) from None
         except (TypeError, ValueError) as bad:
-            raise EngineError(f"config.json has a malformed value: {bad}")
+            raise EngineError(f"config.json has a malformed value: {bad}") from None
 
 
 def _family_of(cfg: dict[str, Any]) -> str:

@@ -128,13 +128,15 @@ def decode(
     *,
     context: Sequence[Span],
     next_position: int,
-    params: SamplingParams = SamplingParams(),
-    rules: StopRules = StopRules(),
+    params: SamplingParams | None = None,
+    rules: StopRules | None = None,
     scratch: KVCache | None = None,
     stats: DecodeStats | None = None,
 ) -> Completion:
     """Plain autoregressive decoding after `context`; generated K/V go to a scratch cache."""
     stats = stats or DecodeStats()
+    params = params or SamplingParams()
+    rules = rules or StopRules()
     scratch = scratch or model.new_cache(rules.max_tokens + 1)
     scratch.ensure_capacity(rules.max_tokens + 1)
     stop_ids = rules.stop_ids | tokenizer.stop_ids

@@ -52,7 +52,9 @@ def resolve_device(device: str | None) -> torch.device:
         raise EngineError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise EngineError(f"device {device!r} is not available: torch sees no CUDA GPU here; use --device cpu")
+            raise EngineError(
+                f"device {device!r} is not available: torch sees no CUDA GPU here; use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise EngineError(
                 f"device {device!r} is not available: only {torch.cuda.device_count()} CUDA device(s)"
@@ -150,7 +152,9 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeni
         import gguf  # noqa: F401
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError:
-        raise EngineError("reading GGUF needs the packages gguf and accelerate: pip install 'editkv[gguf]'") from None
+        raise EngineError(
+            "reading GGUF needs the packages gguf and accelerate: pip install 'editkv[gguf]'"
+        ) from None
     try:
         hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         config = ModelConfig.from_hf(hf_config.to_dict())
@@ -226,7 +230,9 @@ def _build(
     missing = sorted(set(expected) - set(ours))
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise EngineError(f"{source}: weights are missing {shown}; the checkpoint is incomplete or not this architecture")
+        raise EngineError(
+            f"{source}: weights are missing {shown}; the checkpoint is incomplete or not this architecture"
+        )
     for key, shape in expected.items():
         if tuple(ours[key].shape) != tuple(shape):
             raise EngineError(

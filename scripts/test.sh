@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README, and .ci/run calls exactly this): sets up .venv on a fresh clone,
+# installs editkv with its test extras (CPU torch), lints, and runs the default test suite.
+# Slow real-model runs are excluded by default (pytest -m slow runs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# torch first and pinned, so pip takes the CPU wheel on disk instead of a CUDA build.
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,gguf]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import torch, transformers, pygls, triton" # fail early if the install did not work
+.venv/bin/ruff check engine edit_cache kernels lsp_server bench tests
+export TRITON_INTERPRET=1
+exec .venv/bin/python -m pytest -q "$@"
