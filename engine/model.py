@@ -28,14 +28,15 @@ from engine.rope import Rotary, apply_rotary
 
 @dataclass
 class KVCache:
-    """Preallocated K/V buffers, one pair per layer, each `[batch, kv_heads, capacity, head_dim]`.
+    """Preallocated K/V buffers `k`, `v`: `[layers, batch, kv_heads, capacity, head_dim]` each.
 
     Keys are stored after RoPE at the position each slot was encoded at. The cache does not
-    know positions or tokens; its owner (edit_cache, a decoding strategy) does.
+    know positions or tokens; its owner (edit_cache, a decoding strategy) does. One tensor
+    for all layers lets a kernel move/re-rotate every layer's slots in one launch.
     """
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    k: torch.Tensor
+    v: torch.Tensor
 
     @classmethod
     def allocate(
@@ -48,48 +49,52 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> KVCache:
         """Zeroed buffers for `capacity` slots."""
-        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        return cls(keys, values)
+        shape = (config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
-        return self.keys[0].shape[0]
+        return self.k.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.keys[0].dtype
+        return self.k.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.keys[0].device
+        return self.k.device
 
     def nbytes(self) -> int:
-        """Bytes held by all buffers."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        """Bytes held by both buffers."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def slot_bytes(self) -> int:
+        """Bytes one slot takes across layers, keys and values."""
+        return self.nbytes() // max(self.capacity, 1)
 
     def ensure_capacity(self, needed: int, *, keep: int | None = None) -> None:
-        """Grow (x1.5 or to `needed`) so that `needed` slots fit; copies the first `keep` slots."""
+        """Grow (x1.5, or to `needed`) so that `needed` slots fit; copies the first `keep` slots."""
         if needed <= self.capacity:
             return
         new_capacity = max(needed, int(self.capacity * 1.5) + 16)
         keep = self.capacity if keep is None else min(keep, self.capacity)
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                b, h, _, d = old.shape
-                new = torch.zeros((b, h, new_capacity, d), dtype=old.dtype, device=old.device)
-                new[:, :, :keep] = old[:, :, :keep]
-                buffers[i] = new
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            shape = (*old.shape[:3], new_capacity, old.shape[4])
+            new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            new[:, :, :, :keep] = old[:, :, :, :keep]
+            setattr(self, name, new)
 
-    def slots_bytes(self, num_slots: int) -> int:
-        """Bytes `num_slots` slots take across layers (for memory budgets)."""
-        per_slot = sum(t[:, :, :1].numel() * t.element_size() for t in self.keys + self.values)
-        return per_slot * num_slots
+    def shrink(self, capacity: int) -> None:
+        """Drop slots past `capacity` (frees memory after a document gets shorter)."""
+        if capacity < self.capacity:
+            self.k = self.k[:, :, :, :capacity].clone()
+            self.v = self.v[:, :, :, :capacity].clone()
 
 
 @dataclass(frozen=True)
@@ -149,8 +154,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(bsz, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
         cos0, sin0 = rope.by_shift[0]
         k = apply_rotary(k, cos0, sin0, c.rotary_dim)
-        write.keys[layer][:, :, write_at : write_at + num_new] = k
-        write.values[layer][:, :, write_at : write_at + num_new] = v
+        write.k[layer, :, :, write_at : write_at + num_new] = k
+        write.v[layer, :, :, write_at : write_at + num_new] = v
         k = k.to(write.dtype)
         v = v.to(write.dtype)
         # Queries grouped per KV head: [B, kv_heads, groups * T, head_dim], no K/V repeat.
@@ -187,10 +192,10 @@ def _attend_spans(
     for span in context:
         if span.end == span.start:
             continue
-        keys = span.cache.keys[layer][:, :, span.start : span.end]
+        keys = span.cache.k[layer, :, :, span.start : span.end]
         q = q_by_shift[span.shift].to(keys.dtype)
         scores.append(torch.matmul(q, keys.transpose(-1, -2)).float())
-        values.append(span.cache.values[layer][:, :, span.start : span.end])
+        values.append(span.cache.v[layer, :, :, span.start : span.end])
     q0 = q_by_shift[0].to(k_new.dtype)
     new_scores = torch.matmul(q0, k_new.transpose(-1, -2)).float()  # [B, H, G*T, T]
     causal = torch.ones(num_new, num_new, dtype=torch.bool, device=k_new.device).tril()
