@@ -131,14 +131,18 @@ def decode(
     params: SamplingParams | None = None,
     rules: StopRules | None = None,
     scratch: KVCache | None = None,
+    scratch_used: int = 0,
     stats: DecodeStats | None = None,
 ) -> Completion:
-    """Plain autoregressive decoding after `context`; generated K/V go to a scratch cache."""
+    """Plain autoregressive decoding after `context`; generated K/V go to a scratch cache.
+
+    `scratch_used` slots of `scratch` already hold view tokens (attended to, kept).
+    """
     stats = stats or DecodeStats()
     params = params or SamplingParams()
     rules = rules or StopRules()
     scratch = scratch or model.new_cache(rules.max_tokens + 1)
-    scratch.ensure_capacity(rules.max_tokens + 1)
+    scratch.ensure_capacity(scratch_used + rules.max_tokens + 1, keep=scratch_used)
     stop_ids = rules.stop_ids | tokenizer.stop_ids
     stopper = LineStopper(tokenizer, rules.max_lines)
     generator = make_generator(params, model.device)
@@ -168,8 +172,8 @@ def decode(
             torch.tensor([[token]], device=model.device),
             torch.tensor([next_position + step], device=model.device),
             write=scratch,
-            write_at=step,
-            context=[*context, Span(scratch, 0, step)],
+            write_at=scratch_used + step,
+            context=[*context, Span(scratch, 0, scratch_used + step)],
             logits="last",
         )
         stats.forwards += 1

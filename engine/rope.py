@@ -2,7 +2,8 @@
 
 Convention: the "rotate_half" layout of HF Llama (the first rotary_dim/2 features pair with
 the next rotary_dim/2), applied to the first `rotary_dim` features of each head (partial
-rotary leaves the rest unrotated). Angles are always computed in fp32. Keys are cached
+rotary leaves the rest unrotated). Angles are computed in fp64 and
+cos/sin stored in fp32. Keys are cached
 *after* rotation, so moving a cached key by `delta` positions is one more rotation by
 `delta * inv_freq` (`rerotate` here, fused in kernels/rerotate.py), with the same
 frequencies and without the attention scaling some types apply to cos/sin.
@@ -47,18 +48,26 @@ class Rotary:
         inv_freq = self.inv_freq
         if self.config.rope.rope_type == "dynamic" and positions.numel():
             inv_freq = self.inv_freq_for(int(positions.max()))  # a host sync, dynamic only
-        angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., T, rotary_dim/2]
+        # fp64 angles: fp32 `position * inv_freq` is off by ~position * 6e-8 rad, which at
+        # position 10k is a visible error, and PIE compares keys rotated along two paths.
+        angles = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)  # [..., T, rd/2]
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+        cos = (angles.cos() * self.attention_scaling).to(torch.float32)
+        sin = (angles.sin() * self.attention_scaling).to(torch.float32)
+        return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate `x` `[B, H, T, head_dim]` by cos/sin `[B or 1, T, rotary_dim]`."""
         return apply_rotary(x, cos[:, None], sin[:, None], self.rotary_dim)
 
     def delta_cos_sin(self, delta: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of a pure rotation by `delta` positions (no attention scaling) -> `[..., rotary_dim]`."""
-        delta = torch.as_tensor(delta, dtype=torch.float32, device=self.device)
-        angles = delta[..., None] * self.inv_freq
+        """fp64 cos/sin of a pure rotation by `delta` positions (no attention scaling) -> `[..., rotary_dim]`.
+
+        fp64 because a cached key may be re-rotated thousands of times: fp32 cos/sin have
+        |R| != 1 by ~1e-7, which compounds into a drift of the keys' norm.
+        """
+        delta = torch.as_tensor(delta, dtype=torch.float64, device=self.device)
+        angles = delta[..., None] * self.inv_freq.to(torch.float64)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
 

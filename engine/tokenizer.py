@@ -66,6 +66,8 @@ class Tokenizer:
     """Text <-> ids for one model; knows its FIM markers and stop tokens."""
 
     def __init__(self, backend: _HFTokenizer, eos_ids: tuple[int, ...] = ()) -> None:
+        # Document text that contains "<|endoftext|>" & co. is text, never control ids.
+        backend.encode_special_tokens = True
         self.backend = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.fim = _find_fim(backend)

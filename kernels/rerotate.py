@@ -2,7 +2,7 @@
 
 This is PIE's suffix update: after an edit changes the length of a document by `delta`
 tokens, every slot after the edit moves by `delta` and its (post-RoPE) keys are rotated by
-`delta * inv_freq` (rotate_half layout, first `rotary_dim` features); values move unchanged.
+`delta * inv_freq` in fp64 (rotate_half layout, first `rotary_dim` features); values move unchanged.
 
 Buffers are `[layers, batch, kv_heads, capacity, head_dim]`. Source and destination overlap,
 so the kernel gives each program one (layer, batch, head) row and walks its slots in the safe
@@ -33,15 +33,16 @@ def move_rerotate_ref(
     start: int,
     end: int,
     delta: int,
-    cos: torch.Tensor,  # [rotary_dim // 2] fp32, cos(delta * inv_freq)
-    sin: torch.Tensor,  # [rotary_dim // 2] fp32
+    cos: torch.Tensor,  # [rotary_dim // 2] fp64, cos(delta * inv_freq)
+    sin: torch.Tensor,  # [rotary_dim // 2] fp64
     rotary_dim: int,
 ) -> None:
     """Slots `[start, end)` -> `[start + delta, end + delta)`, keys rotated; in place."""
     if end <= start:
         return
     half = rotary_dim // 2
-    keys = k[:, :, :, start:end].to(torch.float32)
+    keys = k[:, :, :, start:end].to(torch.float64)
+    cos, sin = cos.to(torch.float64), sin.to(torch.float64)
     x1, x2 = keys[..., :half], keys[..., half:rotary_dim]
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, keys[..., rotary_dim:]), dim=-1)
     values = v[:, :, :, start:end].clone()
@@ -79,8 +80,8 @@ if triton is not None:
             src = slots.to(tl.int64)[:, None] * stride_slot
             dst = (slots + delta).to(tl.int64)[:, None] * stride_slot
             m_half = s_mask[:, None] & h_mask[None, :]
-            x1 = tl.load(k_row + src + h[None, :], mask=m_half, other=0.0).to(tl.float32)
-            x2 = tl.load(k_row + src + HALF + h[None, :], mask=m_half, other=0.0).to(tl.float32)
+            x1 = tl.load(k_row + src + h[None, :], mask=m_half, other=0.0).to(tl.float64)
+            x2 = tl.load(k_row + src + HALF + h[None, :], mask=m_half, other=0.0).to(tl.float64)
             v1 = tl.load(v_row + src + h[None, :], mask=m_half, other=0.0)
             v2 = tl.load(v_row + src + HALF + h[None, :], mask=m_half, other=0.0)
             if PASS > 0:
@@ -113,7 +114,7 @@ def move_rerotate_triton(
     half = rotary_dim // 2
     rows = layers * batch * heads
     _move_rerotate_kernel[(rows,)](
-        k, v, cos.contiguous(), sin.contiguous(),
+        k, v, cos.to(torch.float64).contiguous(), sin.to(torch.float64).contiguous(),
         slots * dim, dim,
         start, end, delta,
         HALF=half, HALF_PAD=triton.next_power_of_2(half),

@@ -15,9 +15,11 @@ here, never from text that happens to contain "<|fim_middle|>"):
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +62,38 @@ def encode_documents(tok: Tokenizer, texts: Sequence[str], cuts: np.ndarray) -> 
     return np.array(out, dtype=np.uint16)
 
 
-# Per-process state of pool workers (spawned, so nothing is inherited by accident).
+# Per-process state of pool workers.
 _worker: dict = {}
 
 
 def _init_worker(tokenizer_path: str, corpus_dir: str, store_name: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     _worker["tok"] = Tokenizer.from_file(tokenizer_path)
     _worker["store"] = DocStore(Path(corpus_dir), store_name)
+
+
+@contextmanager
+def _worker_pool(
+    workers: int, tokenizer_path: Path, corpus_dir: Path, store_name: str
+) -> Iterator[multiprocessing.pool.Pool]:
+    """A forked pool of single-threaded tokenizer workers (the pool is the parallelism).
+
+    Forked, not spawned: spawn re-imports the caller's __main__, which breaks under
+    pytest and stdin scripts. The variable is set while forking so that `tokenizers` in
+    the children neither warns about the fork nor starts thread pools.
+    """
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(
+            workers, _init_worker, (str(tokenizer_path), str(corpus_dir), store_name)
+        )
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    with pool:
+        yield pool
 
 
 def _encode_job(job: tuple[np.ndarray, np.ndarray]) -> bytes:
@@ -107,9 +133,7 @@ def tokenize_stream(
     tmp = out_path.with_name(out_path.name + ".tmp")
     with open(tmp, "wb") as f:
         if workers > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(workers, _init_worker,
-                          (str(tokenizer_path), str(corpus_dir), store_name)) as pool:
+            with _worker_pool(workers, tokenizer_path, corpus_dir, store_name) as pool:
                 for chunk in pool.imap(_encode_job, jobs):
                     f.write(chunk)
                     num_tokens += len(chunk) // 2

@@ -1,0 +1,204 @@
+"""Context views: what a completion at a cursor attends to, built on a document's cache.
+
+A view never mutates the document's cache. It names document slots to attend to (`Span`s)
+and encodes the few tokens no cached slot holds into a per-request scratch cache; the
+decoding strategy then writes generated tokens into the same scratch.
+
+left-to-right: `<start> text[:cursor]`. Cached slots up to a safe cut point before the
+cursor (the start of the cursor's line, or of an earlier non-blank line, which is a token
+boundary for line-local tokenizers) plus the line's text up to the cursor, encoded fresh.
+
+fill-in-the-middle: `<PRE> prefix <SUF> suffix <MID>`. In document order this is a virtual
+insertion of `<SUF>` (and of the fresh text up to the next safe point) at the cursor: the
+cached suffix slots are attended to with a position shift instead of being re-encoded. They
+never saw `<SUF>`, like PIE's stale suffix. `suffix="next_line"` leaves the rest of the
+cursor's line out of the suffix, so the model may rewrite it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from edit_cache.document import Document
+from engine.generate import Completion, DecodeStats, StopRules, decode
+from engine.model import KVCache, Span
+from engine.sampling import SamplingParams
+
+_CONTENT = re.compile(r"[ \t\f\v]*[^\s]")
+_TERMINATOR = re.compile(r"\r\n|\r|\n")
+
+
+@dataclass
+class ContextView:
+    """Everything a decoding strategy needs to continue at a cursor."""
+
+    kind: str  # "l2r" | "fim"
+    document: Document
+    context: list[Span]  # document slots the generated tokens attend to
+    scratch: KVCache  # view tokens [0, scratch_used), generated tokens after
+    scratch_used: int
+    next_position: int
+    first_logits: torch.Tensor  # [1, V]: distribution of the first generated token
+    prompt_ids: list[int]  # the exact prompt this view stands for
+    cached_tokens: int = 0
+    encoded_tokens: int = 0
+    build_ms: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def decode(self, params: SamplingParams | None = None, rules: StopRules | None = None,
+               stats: DecodeStats | None = None) -> Completion:
+        """Plain decoding from this view (greedy unless `params` samples)."""
+        doc = self.document
+        return decode(doc.model, doc.tokenizer, self.first_logits, context=self.context,
+                      next_position=self.next_position, params=params, rules=rules,
+                      scratch=self.scratch, scratch_used=self.scratch_used, stats=stats)
+
+
+def _line_start(text: str, pos: int) -> int:
+    return max(text.rfind("\n", 0, pos), text.rfind("\r", 0, pos)) + 1
+
+
+def _line_has_content(text: str, start: int) -> bool:
+    end = _TERMINATOR.search(text, start)
+    return bool(_CONTENT.match(text[start : end.start() if end else len(text)]))
+
+
+def prefix_cut(text: str, cursor: int) -> int:
+    """A token boundary at or before `cursor`, in both the whole text and `text[:cursor]`."""
+    pos = _line_start(text, cursor)
+    while pos > 0:
+        if _line_has_content(text, pos) and not (text[pos - 1] == "\r" and text.startswith("\n", pos)):
+            return pos
+        pos = _line_start(text, pos - 1)
+    return 0
+
+
+def suffix_cut(text: str, start: int) -> int:
+    """A token boundary after the line holding `start`: the start of the next non-blank line."""
+    m = _TERMINATOR.search(text, start)
+    while m is not None:
+        pos = m.end()
+        if _line_has_content(text, pos):
+            return pos
+        m = _TERMINATOR.search(text, pos)
+    return len(text)
+
+
+def _split_prefix(doc: Document, cursor: int) -> tuple[int, list[int]]:
+    """(document tokens reused from the cache, fresh ids for the rest of text[:cursor])."""
+    text = doc.text
+    if doc.tokens.line_local:
+        cut = prefix_cut(text, cursor)
+        t = 0 if cut == 0 else doc.tokens.first_token_at_or_after(cut)
+        return t, doc.tokenizer.encode(text[cut:cursor])
+    fresh = doc.tokenizer.encode(text[:cursor])
+    t = _common_prefix(doc.ids, fresh)
+    return t, fresh[t:]
+
+
+def _split_suffix(doc: Document, start: int) -> tuple[int, list[int]]:
+    """(first document token reused from the cache, fresh ids for text[start:] before it)."""
+    text = doc.text
+    if doc.tokens.line_local:
+        cut = suffix_cut(text, start)
+        t = len(doc.ids) if cut >= len(text) else doc.tokens.first_token_at_or_after(cut)
+        return t, doc.tokenizer.encode(text[start:cut])
+    fresh = doc.tokenizer.encode(text[start:])
+    k = _common_suffix(doc.ids, fresh)
+    return len(doc.ids) - k, fresh[: len(fresh) - k]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _common_suffix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _prefix_part(doc: Document, cursor: int) -> tuple[int, list[int], int]:
+    """(cached slots used, fresh ids, position of the first fresh id)."""
+    t, fresh = _split_prefix(doc, cursor)
+    used = doc.h + t
+    return used, fresh, _position_after(doc, used)
+
+
+def _position_after(doc: Document, used: int) -> int:
+    return int(doc.slot_positions[used - 1]) + 1 if used > 0 else 0
+
+
+def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> ContextView | None:
+    """View for continuing `text[:cursor]`; None when there is nothing to condition on."""
+    started = time.perf_counter()
+    doc.ensure_ready()
+    used, fresh, first_position = _prefix_part(doc, cursor)
+    if not fresh:
+        if used == 0:
+            return None
+        used -= 1  # re-encode the last cached token to get its logits
+        fresh = [(doc.head + doc.ids)[used]]
+        first_position = _position_after(doc, used)
+    model = doc.model
+    scratch = model.new_cache(len(fresh) + max_new_tokens + 1)
+    context = [Span(doc.cache, 0, used)] if used else []
+    logits = model(torch.tensor([fresh], device=model.device),
+                   torch.arange(first_position, first_position + len(fresh), device=model.device),
+                   write=scratch, write_at=0, context=context, logits="last")
+    prompt = (doc.head + doc.ids)[:used] + fresh
+    return ContextView("l2r", doc, context, scratch, len(fresh), first_position + len(fresh), logits, prompt,
+                       cached_tokens=used, encoded_tokens=len(fresh),
+                       build_ms=1000 * (time.perf_counter() - started))
+
+
+def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
+                   max_new_tokens: int = 64) -> ContextView:
+    """View for `<PRE> text[:cursor] <SUF> suffix <MID>` (suffix from the cursor or the next line)."""
+    fim = doc.tokenizer.fim
+    if fim is None:
+        raise ValueError("this model has no fill-in-the-middle tokens; use the left-to-right view")
+    if suffix not in ("rest_of_line", "next_line"):
+        raise ValueError(f"suffix must be 'rest_of_line' or 'next_line', not {suffix!r}")
+    started = time.perf_counter()
+    doc.ensure_ready()
+    text = doc.text
+    used, fresh_prefix, first_position = _prefix_part(doc, cursor)
+    suffix_start = cursor
+    if suffix == "next_line":
+        m = _TERMINATOR.search(text, cursor)
+        suffix_start = m.end() if m else len(text)
+    t_suffix, fresh_suffix = _split_suffix(doc, suffix_start)
+    h, n = doc.h, len(doc.ids)
+    head_ids = fresh_prefix + [fim.suffix] + fresh_suffix
+    model = doc.model
+    scratch = model.new_cache(len(head_ids) + max_new_tokens + 2)
+    context = [Span(doc.cache, 0, used)] if used else []
+    dev = model.device
+    model(torch.tensor([head_ids], device=dev),
+          torch.arange(first_position, first_position + len(head_ids), device=dev),
+          write=scratch, write_at=0, context=context, logits="none")
+    suffix_position = first_position + len(head_ids)
+    if t_suffix < n:
+        shift = suffix_position - int(doc.slot_positions[h + t_suffix])
+        context = [*context, Span(doc.cache, h + t_suffix, h + n, shift)]
+    middle_position = suffix_position + (n - t_suffix)
+    logits = model(torch.tensor([[fim.middle]], device=dev), torch.tensor([middle_position], device=dev),
+                   write=scratch, write_at=len(head_ids), context=[*context, Span(scratch, 0, len(head_ids))],
+                   logits="last")
+    prompt = (doc.head + doc.ids)[:used] + head_ids + doc.ids[t_suffix:] + [fim.middle]
+    return ContextView("fim", doc, context, scratch, len(head_ids) + 1, middle_position + 1, logits, prompt,
+                       cached_tokens=used + n - t_suffix, encoded_tokens=len(head_ids) + 1,
+                       build_ms=1000 * (time.perf_counter() - started))

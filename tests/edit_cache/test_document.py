@@ -1,0 +1,191 @@
+"""PIE repair and views on a CPU document (tiny random Llama model, real forward passes)."""
+
+import random
+
+import pytest
+import torch
+
+from edit_cache.document import Document, DocumentOptions
+from edit_cache.positions import Range, to_position
+from edit_cache.views import fill_in_middle, left_to_right
+from engine.generate import prefill
+
+BASE = "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\r\n    y = [1, 2]  # é ✓\n" * 3
+PIECES = ["x", " = ", "\n", "    ", "return ", "😀", "(1)", "\r\n", "\n\n", "def g():\n    pass\n", ""]
+
+
+@pytest.fixture(scope="module")
+def template():
+    return Document.create_simulated(BASE)
+
+
+def _doc(template, text=BASE, **options):
+    return Document(template.model, template.tokenizer, text, head=template.head,
+                    options=DocumentOptions(**options))
+
+
+def _random_edit(doc, rng):
+    text = doc.text
+    a = rng.randint(0, len(text))
+    b = min(len(text), a + rng.choice([0, 0, 1, 3, 8]))
+    new = rng.choice(PIECES)
+    start = to_position(text, a)
+    end = to_position(text, b)
+    doc.apply_change(Range(start, end), new)
+
+
+def _fresh_keys(doc):
+    ids = doc.head + doc.ids
+    cache = doc.model.new_cache(len(ids))
+    prefill(doc.model, ids, cache, logits="none")
+    return cache
+
+
+def _layer0_error(doc):
+    doc.ensure_ready()
+    fresh = _fresh_keys(doc)
+    n = doc.h + len(doc.ids)
+    return (doc.cache.k[0, :, :, :n] - fresh.k[0, :, :, :n]).abs().max().item()
+
+
+def test_layer0_keys_equal_fresh_prefill_after_edits(template):
+    doc = _doc(template)
+    doc.ensure_ready()
+    rng = random.Random(0)
+    for step in range(30):
+        for _ in range(rng.randint(1, 4)):  # several pending edits per repair
+            _random_edit(doc, rng)
+        assert _layer0_error(doc) < 1e-5, step
+        assert doc.slot_positions.tolist() == list(range(doc.h + len(doc.ids)))
+
+
+def test_rotation_error_does_not_accumulate_over_1000_edits(template):
+    doc = _doc(template, BASE * 4)
+    doc.ensure_ready()
+    rng = random.Random(1)
+    for _ in range(1000):
+        _random_edit(doc, rng)
+        doc.repair()
+    assert doc.stats.edits >= 900
+    assert _layer0_error(doc) < 1e-5
+
+
+def test_conflict_mode_keeps_stale_positions_and_wrong_keys(template):
+    doc = _doc(template, mode="conflict")
+    doc.ensure_ready()
+    doc.apply_change(Range(to_position(doc.text, 5), to_position(doc.text, 5)), "abc = 1\n")
+    assert _layer0_error(doc) > 1e-3  # suffix keys rotated for their old positions
+    assert doc.slot_positions.tolist() != list(range(doc.h + len(doc.ids)))
+
+
+def test_prefix_reuse_reencodes_from_the_first_change(template):
+    doc = _doc(template, mode="prefix_reuse")
+    doc.ensure_ready()
+    before = doc.stats.tokens_encoded
+    doc.apply_change(Range(to_position(doc.text, 20), to_position(doc.text, 20)), "z")
+    doc.ensure_ready()
+    first_change = 5  # tokens before char 20 are few; everything after is re-encoded
+    assert doc.stats.tokens_encoded - before >= len(doc.ids) - 20 > first_change
+    assert _layer0_error(doc) < 1e-5
+
+
+def test_pie_encodes_only_the_new_tokens(template):
+    doc = _doc(template)
+    doc.ensure_ready()
+    before = doc.stats.tokens_encoded
+    doc.apply_change(Range(to_position(doc.text, 30), to_position(doc.text, 30)), "q")
+    doc.ensure_ready()
+    assert 0 < doc.stats.tokens_encoded - before <= 4
+    assert doc.num_stale > 0
+
+
+def test_refresh_window_and_stale_budget(template):
+    doc = _doc(template, refresh_window=8)
+    doc.ensure_ready()
+    before = doc.stats.tokens_encoded
+    doc.apply_change(Range(to_position(doc.text, 30), to_position(doc.text, 30)), "q")
+    doc.ensure_ready()
+    assert doc.stats.tokens_encoded - before >= 8
+    budget = _doc(template, stale_budget=5)
+    budget.ensure_ready()
+    budget.apply_change(Range(to_position(budget.text, 3), to_position(budget.text, 3)), "q")
+    budget.ensure_ready()
+    assert budget.num_stale == 0 and budget.stats.refreshes == 1
+
+
+def test_refresh_makes_the_cache_exact(template):
+    doc = _doc(template)
+    doc.ensure_ready()
+    rng = random.Random(2)
+    for _ in range(5):
+        _random_edit(doc, rng)
+    doc.ensure_ready()
+    doc.refresh()
+    fresh = _fresh_keys(doc)
+    n = doc.h + len(doc.ids)
+    assert (doc.cache.k[:, :, :, :n] - fresh.k[:, :, :, :n]).abs().max() < 1e-4
+    assert (doc.cache.v[:, :, :, :n] - fresh.v[:, :, :, :n]).abs().max() < 1e-4
+
+
+def _exact_logits(doc, prompt):
+    cache = doc.model.new_cache(len(prompt))
+    return prefill(doc.model, prompt, cache)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_views_stand_for_the_exact_prompt(template, seed):
+    rng = random.Random(seed)
+    doc = _doc(template)
+    doc.ensure_ready()
+    for _ in range(3):
+        _random_edit(doc, rng)
+    text = doc.text
+    tok = doc.tokenizer
+    for cursor in [0, len(text), *(rng.randint(0, len(text)) for _ in range(4))]:
+        view = left_to_right(doc, cursor)
+        assert view.prompt_ids == doc.head + tok.encode(text[:cursor])
+        fim = fill_in_middle(doc, cursor)
+        assert fim.prompt_ids == (doc.head + tok.encode(text[:cursor]) + [tok.fim.suffix]
+                                  + tok.encode(text[cursor:]) + [tok.fim.middle])
+        nxt = fill_in_middle(doc, cursor, suffix="next_line")
+        eol = text.find("\n", cursor)
+        rest = "" if eol < 0 else text[eol + 1 :]
+        if "\r" not in text[cursor : (eol if eol >= 0 else len(text))]:
+            assert nxt.prompt_ids[-(len(tok.encode(rest)) + 1) :] == tok.encode(rest) + [tok.fim.middle]
+
+
+def test_view_logits_match_exact_prefill_when_nothing_is_stale(template):
+    doc = _doc(template)
+    doc.ensure_ready()
+    for cursor in (0, 17, 40, len(doc.text)):
+        view = left_to_right(doc, cursor)
+        assert (view.first_logits - _exact_logits(doc, view.prompt_ids)).abs().max() < 1e-4
+
+
+def test_fim_view_error_is_bounded_and_decode_continues(template):
+    doc = _doc(template)
+    doc.ensure_ready()
+    view = fill_in_middle(doc, 40)
+    exact = _exact_logits(doc, view.prompt_ids)
+    scale = exact.abs().max()
+    # The suffix never saw <SUF>: close, not equal, on a random model.
+    assert (view.first_logits - exact).abs().max() < 0.5 * scale
+    out = view.decode()
+    assert out.stats.decode_tokens == len(out.ids)
+
+
+def test_views_do_not_mutate_the_document_cache(template):
+    doc = _doc(template)
+    doc.ensure_ready()
+    k, v = doc.cache.k.clone(), doc.cache.v.clone()
+    left_to_right(doc, 30).decode()
+    fill_in_middle(doc, 30).decode()
+    assert torch.equal(k, doc.cache.k) and torch.equal(v, doc.cache.v)
+
+
+def test_empty_document(template):
+    doc = _doc(template, text="")
+    view = left_to_right(doc, 0)
+    assert view.prompt_ids == doc.head
+    doc.apply_change(None, "x = 1\n")
+    assert left_to_right(doc, 6).prompt_ids == doc.head + doc.tokenizer.encode("x = 1\n")
