@@ -90,8 +90,11 @@ if triton is not None:
                 vp = tl.load(v_row + src + 2 * HALF + p[None, :], mask=m_pass, other=0.0)
             tl.debug_barrier()  # every load of this block happens before any store
             out_dtype = k_ptr.dtype.element_ty
-            tl.store(k_row + dst + h[None, :], (x1 * cos - x2 * sin).to(out_dtype), mask=m_half)
-            tl.store(k_row + dst + HALF + h[None, :], (x2 * cos + x1 * sin).to(out_dtype), mask=m_half)
+            # via fp32: a direct fp64 -> bf16 conversion is not supported everywhere
+            out1 = (x1 * cos - x2 * sin).to(tl.float32).to(out_dtype)
+            out2 = (x2 * cos + x1 * sin).to(tl.float32).to(out_dtype)
+            tl.store(k_row + dst + h[None, :], out1, mask=m_half)
+            tl.store(k_row + dst + HALF + h[None, :], out2, mask=m_half)
             tl.store(v_row + dst + h[None, :], v1, mask=m_half)
             tl.store(v_row + dst + HALF + h[None, :], v2, mask=m_half)
             if PASS > 0:
