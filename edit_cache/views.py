@@ -50,10 +50,15 @@ class ContextView:
     extra: dict = field(default_factory=dict)
 
     def decode(self, params: SamplingParams | None = None, rules: StopRules | None = None,
-               stats: DecodeStats | None = None) -> Completion:
-        """Plain decoding from this view (greedy unless `params` samples)."""
+               stats: DecodeStats | None = None, first_logits: torch.Tensor | None = None) -> Completion:
+        """Plain decoding from this view (greedy unless `params` samples).
+
+        `first_logits` replaces the view's first distribution (e.g. to force a first token).
+        Decodes may run one after another on the same view: each overwrites the last's tokens.
+        """
         doc = self.document
-        return decode(doc.model, doc.tokenizer, self.first_logits, context=self.context,
+        logits = self.first_logits if first_logits is None else first_logits
+        return decode(doc.model, doc.tokenizer, logits, context=self.context,
                       next_position=self.next_position, params=params, rules=rules,
                       scratch=self.scratch, scratch_used=self.scratch_used, stats=stats)
 

@@ -1,0 +1,101 @@
+"""All open documents of one model, under one KV memory budget.
+
+The manager maps document ids (the server uses URIs) to `Document`s. When the KV bytes of
+all documents pass the budget, the least recently used documents drop their caches (text
+and tokens stay); a dropped document is rebuilt by chunked prefill the next time a view
+needs it. The document being served is never evicted to make room for itself.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from edit_cache.document import Document, DocumentOptions
+from edit_cache.positions import Range
+from edit_cache.tokens import is_line_local
+from engine.config import ModelConfig
+from engine.model import Transformer
+from engine.prompting import doc_start_ids
+from engine.tokenizer import Tokenizer
+
+
+class UnknownDocument(KeyError):
+    """A request named a document that is not open."""
+
+    def __str__(self) -> str:
+        return f"document {self.args[0]} is not open (send didOpen first)"
+
+
+class DocumentCache:
+    """Open documents and their KV caches, least recently used last to keep."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        *,
+        budget_bytes: int | None = None,
+        options: DocumentOptions | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.head = doc_start_ids(tokenizer, config)
+        self.budget_bytes = budget_bytes
+        self.options = options or DocumentOptions()
+        self.line_local = is_line_local(tokenizer)
+        self.docs: OrderedDict[str, Document] = OrderedDict()
+        self.evictions = 0
+
+    def open(self, key: str, text: str) -> Document:
+        """Open (or reopen, replacing) a document; its cache is built when first needed."""
+        doc = Document(self.model, self.tokenizer, text, head=self.head, options=self.options,
+                       line_local=self.line_local)
+        self.docs[key] = doc
+        self.docs.move_to_end(key)
+        return doc
+
+    def get(self, key: str) -> Document:
+        """The open document `key` (UnknownDocument if it isn't)."""
+        try:
+            return self.docs[key]
+        except KeyError:
+            raise UnknownDocument(key) from None
+
+    def change(self, key: str, rng: Range | None, text: str, encoding: str = "utf-16") -> None:
+        """Apply one content change to an open document."""
+        self.get(key).apply_change(rng, text, encoding)
+
+    def close(self, key: str) -> None:
+        """Forget a document and its cache."""
+        self.docs.pop(key, None)
+
+    def prepare(self, key: str) -> Document:
+        """Bring `key`'s cache up to date and keep the total under budget."""
+        doc = self.get(key)
+        self.docs.move_to_end(key)
+        doc.ensure_ready()
+        self.enforce_budget(keep=key)
+        return doc
+
+    def total_kv_bytes(self) -> int:
+        return sum(doc.kv_bytes() for doc in self.docs.values())
+
+    def enforce_budget(self, keep: str | None = None) -> None:
+        """Drop least recently used caches until the total fits the budget."""
+        if self.budget_bytes is None:
+            return
+        for key, doc in list(self.docs.items()):
+            if self.total_kv_bytes() <= self.budget_bytes:
+                return
+            if key != keep and doc.is_encoded:
+                doc.drop_kv()
+                self.evictions += 1
+
+    def set_options(self, options: DocumentOptions, budget_bytes: int | None) -> None:
+        """New settings apply to every document from its next repair on."""
+        self.options = options
+        self.budget_bytes = budget_bytes
+        for doc in self.docs.values():
+            doc.options = options
+        self.enforce_budget()
