@@ -11,6 +11,7 @@ Data flow: document texts -> `train_tokenizer` -> `tokenizers.Tokenizer` -> `sav
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -118,21 +119,22 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
 
 
 def save_tokenizer(tok: Tokenizer, folder: Path, model_max_length: int) -> None:
-    """Write tokenizer.json and the transformers files AutoTokenizer.from_pretrained reads."""
-    from transformers import PreTrainedTokenizerFast
+    """Write tokenizer.json and the files `AutoTokenizer.from_pretrained(folder)` reads.
 
+    The config is written by hand, not by transformers' save_pretrained, so the files do
+    not depend on the installed version: PreTrainedTokenizerFast with
+    additional_special_tokens loads in transformers 4 and 5 (5 maps both names).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOT,
-        pad_token=EOT,
-        additional_special_tokens=[FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FILE_SEP],
-        model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False,
-    )
-    hf.save_pretrained(str(folder))
-    # Our own serialization is the reference; transformers may rewrite parts of it.
     tok.save(str(folder / "tokenizer.json"))
+    extra = [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FILE_SEP]
+    special = {"bos_token": None, "eos_token": EOT, "pad_token": EOT, "unk_token": None,
+               "additional_special_tokens": extra}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
+    for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json",
+                      {k: v for k, v in special.items() if v is not None})):
+        (folder / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:

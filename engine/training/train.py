@@ -140,6 +140,10 @@ class _CompiledLoss:
         self.fn = torch.compile(self.eager) if compile_ else self.eager
         self.log = log
 
+    @property
+    def compiling(self) -> bool:
+        return self.fn is not self.eager
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         try:
             return self.fn(x, y)
@@ -227,6 +231,7 @@ def _load_init_weights(model: LlamaForCausalLM, folder: Path, state: dict, log: 
         state["total_steps"] = stats.get("total_steps")
         state["tokens_seen"] = int(stats.get("tokens_seen", 0))
         state["train_seconds"] = float(stats.get("train_seconds", 0.0))
+        state["wall_seconds"] = float(stats.get("wall_seconds_total", 0.0))
     state["rewarmup_from"] = state["step"]
     log(f"init-from {folder}: weights loaded, continuing at step {state['step']} "
         f"with a fresh optimizer ({state['total_steps']} steps in the schedule)")
@@ -242,10 +247,12 @@ def train(
     resume: bool = False,
     init_from: Path | None = None,
     deadline: float | None = None,
+    stop_at_step: int | None = None,
 ) -> tuple[LlamaForCausalLM, dict]:
-    """Train until the schedule ends or `deadline` (time.monotonic) nears; returns model, stats.
+    """Train until the schedule ends, `deadline` (time.monotonic) nears or `stop_at_step`.
 
-    Always leaves a checkpoint at `ckpt_path` that `resume=True` continues from.
+    Returns the model and its stats. Always leaves a checkpoint at `ckpt_path` that
+    `resume=True` continues from, exactly: same data order, same optimizer state.
     """
     run_started = time.monotonic()
     device = torch.device(cfg.device)
@@ -259,7 +266,7 @@ def train(
 
     model = build_model(size, device, cfg.seed)
     state = {"step": 0, "total_steps": cfg.total_steps, "tokens_seen": 0, "train_seconds": 0.0,
-             "rewarmup_from": None}
+             "wall_seconds": 0.0, "rewarmup_from": None}
     optimizer = _optimizer(model, cfg, device)
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -291,7 +298,7 @@ def train(
         f"schedule {state['total_steps'] or f'sized to {cfg.train_minutes} min'}")
 
     step_times: list[float] = []
-    ckpt_seconds, eval_seconds = 5.0, None
+    ckpt_seconds, eval_seconds = 2.0, None
     loss_acc = torch.zeros((), device=device)
     interval_start, interval_steps = time.monotonic(), 0
     last_eval: dict = {}
@@ -319,11 +326,16 @@ def train(
 
     model.train()
     while state["total_steps"] is None or state["step"] < state["total_steps"]:
+        if stop_at_step is not None and state["step"] >= stop_at_step:
+            stop_reason = f"stop at step {stop_at_step}"
+            break
         if deadline is not None:
-            # The first step compiles: up to about a minute on a GPU.
-            next_step = max(step_times[-3:], default=90.0 if cfg.compile else 5.0)
-            final_eval = eval_seconds if eval_seconds is not None else 10.0 + 0.1 * next_step
-            if time.monotonic() + next_step + final_eval + ckpt_seconds + 5.0 > deadline:
+            # The first step compiles: up to about a minute on a GPU. Before the first
+            # evaluation, guess it from the step time (forward only, ~1/3 of a step).
+            next_step = max(step_times[-3:], default=60.0 if loss_fn.compiling else 1.0)
+            final_eval = eval_seconds if eval_seconds is not None else (
+                1.0 + next_step * cfg.eval_tokens / cfg.tokens_per_step / 3 * 2)
+            if time.monotonic() + next_step + final_eval + ckpt_seconds + 2.0 > deadline:
                 stop_reason = "time budget"
                 break
         step = state["step"]
@@ -383,8 +395,9 @@ def train(
         state["last_train_loss"] = loss_acc.item() / (interval_steps * cfg.accum_steps)
     if state["step"] > 0 and (not last_eval or last_eval.get("step") != state["step"]):
         last_eval = run_eval()
-    save()
     run_seconds = time.monotonic() - run_started
+    state["wall_seconds"] += run_seconds
+    save()
     measured = step_times[3:] or step_times
     stats = {
         "steps": state["step"],
@@ -398,6 +411,7 @@ def train(
         "val_fim_loss": last_eval.get("val_fim", {}).get("loss"),
         "train_seconds": round(state["train_seconds"], 1),
         "run_wall_seconds": round(run_seconds, 1),
+        "wall_seconds_total": round(state["wall_seconds"], 1),
         "tokens_per_s": round(cfg.tokens_per_step * len(measured) / max(sum(measured), 1e-9)),
         "params": num_params,
         "model_size": asdict(size),

@@ -1,0 +1,128 @@
+"""Shared pieces of the bench/ scripts: arguments, realedits records, metrics, tables.
+
+Every script takes `--data PATH` (default ../shared/realedits/dev.jsonl.gz), `--limit N`,
+`--model`, `--device` and `--json FILE`, prints a table with the baseline and ours side by
+side, measured in the same run, and can write machine-readable results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_DATA = ROOT.parent / "shared" / "realedits" / "dev.jsonl.gz"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every bench script shares."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="realedits .jsonl.gz (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use at most N records/targets")
+    p.add_argument("--model", default=None, help="model folder, .gguf or hub id (default: embedded model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
+    p.add_argument("--json", type=Path, default=None, help="write results as JSON to this file")
+    return p
+
+
+def load_records(path: Path, limit: int | None = None, max_file_chars: int | None = None) -> list[dict]:
+    """realedits records in file order, optionally only those whose files are small."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    out = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if max_file_chars and max(len(rec["before"]), len(rec["after"])) > max_file_chars:
+                continue
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def iter_targets(records: list[dict], limit: int | None = None) -> Iterator[tuple[dict, dict]]:
+    """(record, target) pairs, at most `limit`."""
+    n = 0
+    for rec in records:
+        for target in rec["targets"]:
+            if limit is not None and n >= limit:
+                return
+            yield rec, target
+            n += 1
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance between two strings (insert, delete, substitute cost 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def exact_match(pred: str, expected: str) -> float:
+    """1.0 when the predicted line equals the expected line (trailing whitespace ignored)."""
+    return float(pred.rstrip() == expected.rstrip())
+
+
+def edit_similarity(pred: str, expected: str) -> float:
+    """1 - Levenshtein distance / longer length, in [0, 1]."""
+    pred, expected = pred.rstrip(), expected.rstrip()
+    longest = max(len(pred), len(expected))
+    return 1.0 if longest == 0 else 1.0 - levenshtein(pred, expected) / longest
+
+
+def table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    """A GitHub-markdown table."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = []
+    if title:
+        lines.append(f"\n{title}\n")
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def machine(device: str) -> str:
+    """A one-line description of where the run happened."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    """Write results (with the time and the command line) if a path was given."""
+    if path is None:
+        return
+    payload = {"command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work so host timers measure it."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()

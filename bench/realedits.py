@@ -1,0 +1,232 @@
+"""Edit-cache quality and cost on real edits: full recompute vs PIE vs the baselines.
+
+For each realedits record and cache method: open `before` (full prefill, not timed), apply
+the record's `edits` as one didChange, then for each target delete the target line's text
+after its indentation (the answer must not be visible), complete at the cursor (greedy,
+stop at end of line) in the left-to-right and the FIM view, compare with `expected`, and put
+the line back. A request's cost is the cache repair it triggered plus the view and decode.
+
+Methods: full (fresh prefill of the exact prompt), pie, conflict (PIE without re-rotation),
+prefix_reuse (re-encode from the first changed token: llama.cpp / vLLM prefix caching).
+
+    python bench/realedits.py --limit 50 --model engine/default_model --device cpu
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+from common import (
+    edit_similarity,
+    exact_match,
+    load_records,
+    machine,
+    parser,
+    sync,
+    table,
+    write_json,
+)
+
+from edit_cache.document import Document, DocumentOptions
+from edit_cache.positions import Range, line_starts, to_position
+from edit_cache.tokens import is_line_local
+from edit_cache.views import fill_in_middle, left_to_right
+from engine.generate import StopRules, decode, prefill
+from engine.loading import load_model
+from engine.model import Span
+from engine.prompting import doc_start_ids, fim_ids, left_to_right_ids
+
+METHODS = ("full", "pie", "conflict", "prefix_reuse")
+
+
+def _target_span(text: str, target: dict) -> tuple[int, int]:
+    """(cursor, end of the line's text) in str offsets for a target of the current text."""
+    starts = line_starts(text)
+    line_start = starts[target["line"]]
+    line_end = starts[target["line"] + 1] if target["line"] + 1 < len(starts) else len(text)
+    body = text[line_start:line_end].rstrip("\r\n")
+    assert body.startswith(target["prefix"]), "target prefix does not match the text"
+    return line_start + len(target["prefix"]), line_start + len(body)
+
+
+def _next_line_start(text: str, cursor: int) -> int:
+    for term in ("\r\n", "\n", "\r"):
+        i = text.find(term, cursor)
+        if i >= 0:
+            return i + len(term)
+    return len(text)
+
+
+def _exact(loaded, prompt, rules):
+    model = loaded.model
+    cache = model.new_cache(len(prompt))
+    logits = prefill(model, prompt, cache)
+    return decode(model, loaded.tokenizer, logits, context=[Span(cache, 0, len(prompt))],
+                  next_position=len(prompt), rules=rules)
+
+
+def run(args) -> dict:
+    loaded = load_model(args.model, device=args.device)
+    tok, cfg = loaded.tokenizer, loaded.config
+    records = load_records(args.data, max_file_chars=args.max_file_chars)
+    views = [v for v in args.views.split(",") if v]
+    if "fim" in views and tok.fim is None:
+        views.remove("fim")
+    methods = [m for m in args.methods.split(",") if m]
+    rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
+    line_local = is_line_local(tok)
+    head = doc_start_ids(tok, cfg)
+    rows = []  # one per (target, method, view)
+    n_targets = 0
+    started = time.perf_counter()
+    for rec in records:
+        if args.limit is not None and n_targets >= args.limit:
+            break
+        targets = rec["targets"][: max(0, args.limit - n_targets)] if args.limit else rec["targets"]
+        n_targets += len(targets)
+        edits = [(Range(_pos(e["range"]["start"]), _pos(e["range"]["end"])), e["text"]) for e in rec["edits"]]
+        docs = {}
+        for method in methods:
+            if method == "full":
+                continue
+            doc = Document(loaded.model, tok, rec["before"], head=head,
+                           options=DocumentOptions(mode=method, refresh_window=args.refresh_window),
+                           line_local=line_local)
+            doc.ensure_ready()
+            for rng, text in edits:
+                doc.apply_change(rng, text)
+            docs[method] = doc
+        text_after = rec["after"]
+        for target in targets:
+            cursor, end = _target_span(text_after, target)
+            deleted = text_after[:cursor] + text_after[end:]
+            for doc in docs.values():
+                doc.apply_change(Range(to_position(text_after, cursor), to_position(text_after, end)), "")
+                assert doc.text == deleted
+            for method in methods:
+                repair = _repair(loaded, docs.get(method))
+                for view in views:
+                    rows.append(_request(loaded, method, view, docs.get(method), deleted, cursor, rules,
+                                         repair, rec, target))
+            for doc in docs.values():
+                # put the line back (pending until the next request repairs it)
+                doc.apply_change(Range(to_position(deleted, cursor), to_position(deleted, cursor)),
+                                 text_after[cursor:end])
+                assert doc.text == text_after
+        if args.progress:
+            print(f"  {n_targets} targets, {time.perf_counter() - started:.0f}s", flush=True)
+    return {"rows": rows, "views": views, "methods": methods, "n_targets": n_targets,
+            "seconds": time.perf_counter() - started, "model": loaded.source, "machine": machine(args.device)}
+
+
+def _pos(p):
+    from edit_cache.positions import Position
+
+    return Position(p["line"], p["character"])
+
+
+def _repair(loaded, doc) -> tuple[float, int]:
+    """Apply the pending edits of a cached document: (ms, tokens encoded); (0, 0) for full."""
+    if doc is None:
+        return 0.0, 0
+    sync(loaded.device)
+    t0 = time.perf_counter()
+    before = doc.stats.tokens_encoded
+    doc.ensure_ready()
+    sync(loaded.device)
+    return 1000 * (time.perf_counter() - t0), doc.stats.tokens_encoded - before
+
+
+def _request(loaded, method, view, doc, deleted, cursor, rules, repair, rec, target):
+    """One timed completion (after its share of the repair); returns a result row."""
+    tok, cfg = loaded.tokenizer, loaded.config
+    device = loaded.device
+    sync(device)
+    t0 = time.perf_counter()
+    if method == "full":
+        if view == "fim":
+            prompt = fim_ids(tok, cfg, deleted[:cursor], deleted[_next_line_start(deleted, cursor):])
+        else:
+            prompt = left_to_right_ids(tok, cfg, deleted[:cursor])
+        out = _exact(loaded, prompt, rules)
+        recomputed = len(prompt)
+    else:
+        if view == "fim":
+            v = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens)
+        else:
+            v = left_to_right(doc, cursor, max_new_tokens=rules.max_tokens)
+        out = v.decode(rules=rules)
+        recomputed = repair[1] + v.encoded_tokens
+    sync(device)
+    ms = 1000 * (time.perf_counter() - t0) + repair[0]
+    pred = out.text
+    return {"id": rec["id"], "kind": rec["kind"], "where": target["where"], "method": method, "view": view,
+            "pred": pred, "expected": target["expected"], "em": exact_match(pred, target["expected"]),
+            "es": edit_similarity(pred, target["expected"]), "recomputed": recomputed, "ms": ms,
+            "repair_ms": repair[0], "decode_tokens": len(out.ids)}
+
+
+def summarize(result: dict) -> str:
+    rows = result["rows"]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["view"], r["method"])].append(r)
+    out = []
+    for view in result["views"]:
+        full = groups.get((view, "full"), [])
+        full_em = 100 * sum(r["em"] for r in full) / max(len(full), 1)
+        full_tok = sum(r["recomputed"] for r in full) / max(len(full), 1)
+        prefix = groups.get((view, "prefix_reuse"), [])
+        prefix_tok = sum(r["recomputed"] for r in prefix) / max(len(prefix), 1) if prefix else None
+        table_rows = []
+        for method in result["methods"]:
+            g = groups[(view, method)]
+            if not g:
+                continue
+            em = 100 * sum(r["em"] for r in g) / len(g)
+            es = 100 * sum(r["es"] for r in g) / len(g)
+            tok = sum(r["recomputed"] for r in g) / len(g)
+            ms = sorted(r["ms"] for r in g)
+            table_rows.append([method, len(g), em, em - full_em, es, tok,
+                               f"{100 * tok / prefix_tok:.1f}%" if prefix_tok else "-",
+                               f"{100 * tok / full_tok:.1f}%" if full else "-",
+                               sum(ms) / len(ms), ms[len(ms) // 2]])
+        out.append(table(["method", "n", "EM", "EM - full", "ES", "tokens recomputed/req",
+                          "vs prefix_reuse", "vs full", "ms/req mean", "ms/req p50"], table_rows,
+                         title=f"### {view} view"))
+        for field in ("kind", "where"):
+            values = sorted({r[field] for r in rows})
+            trows = []
+            for method in result["methods"]:
+                line = [method]
+                for value in values:
+                    g = [r for r in groups[(view, method)] if r[field] == value]
+                    line.append(f"{100 * sum(r['em'] for r in g) / max(len(g), 1):.1f}" if g else "-")
+                trows.append(line)
+            ns = {value: sum(1 for r in groups[(view, result['methods'][0])] if r[field] == value)
+                  for value in values}
+            out.append(table([f"EM by {field}"] + [f"{v} (n={ns[v]})" for v in values], trows))
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--views", default="l2r,fim", help="comma list of l2r, fim")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-file-chars", type=int, default=None, help="skip records with larger files")
+    p.add_argument("--refresh-window", type=int, default=0, help="PIE: tokens re-encoded after each edit")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    result = run(args)
+    print(f"realedits: {result['n_targets']} targets, model {result['model']}, {result['machine']}, "
+          f"{result['seconds']:.0f}s")
+    print(summarize(result))
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
