@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 STARTED = time.monotonic()
-EXPORT_RESERVE_S = 30.0  # wall time kept back after training for the export
+EXPORT_RESERVE_S = 20.0  # wall time kept back after training for the export
 SIZE_FLAGS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
               "head_dim")
 
@@ -105,8 +105,7 @@ def stage_tokenizer(args: argparse.Namespace, corpus: Path, folder: Path, log: L
             how = f"trained on {len(ids)} files"
         val = DocStore(corpus, "val")
         sample = [val[i] for i in range(min(len(val), 300))]
-        if len(sample) < 300:
-            sample += [store[i] for i in store.sample(2_000_000, args.seed + 1)][: 300 - len(sample)]
+        sample += [store[i] for i in store.sample(2_000_000, args.seed + 1)[:300 - len(sample)]]
         locality = check_locality(tok, sample)
         log(locality.summary())
         write_json(folder / "locality.json", locality.to_json())
@@ -117,10 +116,10 @@ def stage_tokenizer(args: argparse.Namespace, corpus: Path, folder: Path, log: L
         probe = "".join(sample[0].splitlines(keepends=True)[:3]) if sample else "x = 1\n"
         if hf.encode(probe, add_special_tokens=False) != tok.encode(probe).ids:
             raise RuntimeError(f"AutoTokenizer.from_pretrained({folder}) encodes differently")
-        ids_per_byte = sum(map(len, encode_texts(tok, sample))) / max(
-            1, sum(len(s.encode()) for s in sample))
+        num_bytes = sum(len(text.encode()) for text in sample)
+        num_ids = sum(map(len, encode_texts(tok, sample)))
         summary = (f"vocab {tok.get_vocab_size()} ({how}); "
-                   f"{1 / max(ids_per_byte, 1e-9):.2f} bytes/token on {len(sample)} files")
+                   f"{num_bytes / max(num_ids, 1):.2f} bytes/token on {len(sample)} files")
         return {"vocab_size": tok.get_vocab_size(), "locality": locality.to_json()}, summary
 
     return _run_stage("tokenizer", folder, log, build)
@@ -262,7 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     args = p.parse_args(argv)
 
-    full = {"vocab_size": 16384, "tokenizer_mb": 100, "tokenize_mb": None, "seq_len": 4096,
+    full = {"vocab_size": 15360, "tokenizer_mb": 100, "tokenize_mb": None, "seq_len": 4096,
             "micro_batch": 16, "batch_tokens": 262144, "lr": 2e-3, "warmup": 200,
             "log_every": 10, "eval_every": 250, "ckpt_every": 100, "eval_tokens": 2_000_000}
     tiny = {"vocab_size": 512, "tokenizer_mb": 2, "tokenize_mb": 4, "seq_len": 128,

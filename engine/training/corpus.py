@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import sysconfig
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -248,9 +247,10 @@ def distribution_sources(site_dirs: Sequence[Path] | None = None) -> list[Source
             meta.get("License-Expression"), meta.get("License"), meta.get_all("Classifier") or []
         )
         root = Path(dist.locate_file(""))
+        record = dist.files  # parses RECORD; None when the distribution has none
         files = tuple(
             sorted(
-                str(f) for f in (dist.files or [])
+                str(f) for f in (record or [])
                 if f.suffix == ".py" and ".." not in f.parts and "__pycache__" not in f.parts
             )
         )
@@ -259,7 +259,7 @@ def distribution_sources(site_dirs: Sequence[Path] | None = None) -> list[Source
             excluded = "evaluation-set project"
         elif key == OWN_PROJECT:
             excluded = "this project"
-        elif dist.files is None:
+        elif record is None:
             excluded = "no RECORD (file list unknown)"
         elif licence.verdict != PERMISSIVE:
             excluded = f"licence {licence.verdict}"
@@ -301,10 +301,6 @@ class DocStore:
 
     def __getitem__(self, i: int) -> str:
         return bytes(self.blob[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8")
-
-    @property
-    def num_bytes(self) -> int:
-        return int(self.offsets[-1])
 
     def sample(self, max_bytes: int, seed: int) -> list[int]:
         """Indices of a seeded random subset of about `max_bytes`, in storage order."""
@@ -358,7 +354,6 @@ def build_corpus(sources: Sequence[Source], out: Path, workers: int = 1) -> dict
     Files are visited in sorted (path, source) order, so which copy of a duplicated file
     is kept, and so the whole output, is deterministic. Returns the manifest.
     """
-    started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     used = [s for s in sources if s.excluded is None]
     counts = {s.name: SourceCounts() for s in used}
@@ -432,7 +427,6 @@ def build_corpus(sources: Sequence[Source], out: Path, workers: int = 1) -> dict
             for s in sources
             if s.excluded is not None and s.files
         ],
-        "seconds": round(time.perf_counter() - started, 2),
     }
     write_json(out / "manifest.json", manifest)
     return manifest

@@ -8,7 +8,7 @@ epoch e reading stream e mod n, so each of the n streams has its own FIM cuts) -
 
 Document layouts (ids of the pieces are encoded separately, so control ids come only from
 here, never from text that happens to contain "<|fim_middle|>"):
-  plain: text <|endoftext|>
+  plain: <|fim_prefix|> text <|endoftext|>
   FIM:   <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle <|endoftext|>
 """
 
@@ -56,7 +56,9 @@ def encode_documents(tok: Tokenizer, texts: Sequence[str], cuts: np.ndarray) -> 
             out += [FIM_PREFIX_ID, *prefix, FIM_SUFFIX_ID, *suffix, FIM_MIDDLE_ID, *middle]
             k += 3
         else:
-            out += ids[k]
+            # <|fim_prefix|> opens every document: it is the document-start token of the
+            # left-to-right prompt layout too (engine/prompting.py).
+            out += [FIM_PREFIX_ID, *ids[k]]
             k += 1
         out.append(EOT_ID)
     return np.array(out, dtype=np.uint16)

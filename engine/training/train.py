@@ -35,7 +35,8 @@ Log = Callable[[str], None]
 class ModelSize:
     """Shape of the Llama decoder (defaults: the shipped ~23.7M-parameter model)."""
 
-    vocab_size: int = 16384
+    # 15360 x 512 bf16 embeddings = 15.7 MB: the tied embedding fits one <= 16 MB shard.
+    vocab_size: int = 15360
     hidden_size: int = 512
     intermediate_size: int = 1152
     num_layers: int = 6
@@ -220,6 +221,20 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict, size: ModelSize)
     tmp.replace(path)
 
 
+def _load_checkpoint(path: Path, model, optimizer, state: dict, size: ModelSize) -> None:
+    device = next(model.parameters()).device
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if ckpt["size"] != asdict(size):
+        raise ValueError(f"checkpoint {path} is a {ckpt['size']} model, not {asdict(size)}; "
+                         "pass the sizes it was trained with")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    state.update(ckpt["state"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if "cuda" in ckpt["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+
 def _load_init_weights(model: LlamaForCausalLM, folder: Path, state: dict, log: Log) -> None:
     """Weights of an exported folder; step and schedule from its training_stats.json."""
     loaded = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
@@ -235,6 +250,24 @@ def _load_init_weights(model: LlamaForCausalLM, folder: Path, state: dict, log: 
     state["rewarmup_from"] = state["step"]
     log(f"init-from {folder}: weights loaded, continuing at step {state['step']} "
         f"with a fresh optimizer ({state['total_steps']} steps in the schedule)")
+
+
+def _seconds_to_finish(
+    step_times: list[float], eval_seconds: float | None, ckpt_seconds: float, compiling: bool,
+    cfg: TrainConfig,
+) -> float:
+    """Wall time one more step, the final evaluation and the checkpoint may take."""
+    steady = step_times[1:]  # this run's first step compiles (about a minute on a GPU)
+    if steady:
+        next_step = max(steady[-3:])
+    elif step_times:
+        next_step = min(step_times[0], 10.0)
+    else:
+        next_step = 60.0 if compiling else 1.0
+    if eval_seconds is None:  # forward passes over two validation streams
+        eval_seconds = (1.0 + max(steady[-3:]) * 2 * cfg.eval_tokens / cfg.tokens_per_step / 3
+                        if steady else (20.0 if compiling else 2.0))
+    return next_step + eval_seconds + ckpt_seconds + 2.0
 
 
 def train(
@@ -269,20 +302,11 @@ def train(
              "wall_seconds": 0.0, "rewarmup_from": None}
     optimizer = _optimizer(model, cfg, device)
     if resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["size"] != asdict(size):
-            raise ValueError(f"checkpoint {ckpt_path} is a {ckpt['size']} model, not {asdict(size)}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.update(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        _load_checkpoint(ckpt_path, model, optimizer, state, size)
         if cfg.total_steps is not None and cfg.total_steps != state["total_steps"]:
             log(f"schedule length changed: {state['total_steps']} -> {cfg.total_steps} steps")
             state["total_steps"] = cfg.total_steps
         log(f"resumed from {ckpt_path} at step {state['step']}")
-        del ckpt
     elif init_from is not None:
         _load_init_weights(model, init_from, state, log)
         if cfg.total_steps is not None:
@@ -329,15 +353,11 @@ def train(
         if stop_at_step is not None and state["step"] >= stop_at_step:
             stop_reason = f"stop at step {stop_at_step}"
             break
-        if deadline is not None:
-            # The first step compiles: up to about a minute on a GPU. Before the first
-            # evaluation, guess it from the step time (forward only, ~1/3 of a step).
-            next_step = max(step_times[-3:], default=60.0 if loss_fn.compiling else 1.0)
-            final_eval = eval_seconds if eval_seconds is not None else (
-                1.0 + next_step * cfg.eval_tokens / cfg.tokens_per_step / 3 * 2)
-            if time.monotonic() + next_step + final_eval + ckpt_seconds + 2.0 > deadline:
-                stop_reason = "time budget"
-                break
+        if deadline is not None and time.monotonic() + _seconds_to_finish(
+            step_times, eval_seconds, ckpt_seconds, loss_fn.compiling, cfg
+        ) > deadline:
+            stop_reason = "time budget"
+            break
         step = state["step"]
         lr = lr_at(step, state["total_steps"], cfg, state["rewarmup_from"])
         for group in optimizer.param_groups:

@@ -215,8 +215,9 @@ def test_fim_layout_and_packing(trained_tokenizer, tmp_path):
     assert tok.decode(ids[suf + 1:mid]) == texts[0][hi:]
     assert tok.decode(ids[mid + 1:eot]) == texts[0][lo:hi]
     plain = ids[eot + 1:]
+    assert plain[0] == 1, "every document opens with <|fim_prefix|>, the document-start token"
     assert plain[-1] == 0 and 0 not in plain[:-1]
-    assert tok.decode(plain[:-1], skip_special_tokens=False) == texts[1]
+    assert tok.decode(plain[1:-1], skip_special_tokens=False) == texts[1]
 
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     np.arange(1001, dtype=np.uint16).tofile(a)
@@ -252,7 +253,7 @@ def pipeline_run(tmp_path_factory):
     for i in range(60):
         _write(stdlib / f"m{i}.py", _code_file(i % 6, lines=4 + i % 5) + f"# {i}\n")
     _fake_dist(site, "goodpkg", {"goodpkg/__init__.py": _code_file(7)}, "License: MIT\n")
-    assert train_default.main(_pipeline(tmp, "--total-steps", "30",
+    assert train_default.main(_pipeline(tmp, "--total-steps", "60",
                                         "--pack", str(tmp / "pack"))) == 0
     return tmp
 
@@ -263,14 +264,14 @@ def test_pipeline_lowers_loss_and_exports_a_loadable_model(pipeline_run):
 
     out = pipeline_run / "out"
     stats = json.loads((out / "training_stats.json").read_text())
-    assert stats["steps"] == 30 and stats["stopped"] == "schedule done"
+    assert stats["steps"] == 60 and stats["stopped"] == "schedule done"
     assert stats["val_loss"] < 0.5 * math.log(320)  # from ~ln(V) at init
     assert stats["locality"]["lines_differing"] == 0
     assert json.loads((out / "corpus_manifest.json").read_text())["totals"]["files_kept"] == 61
     log = (pipeline_run / "work" / "train.log").read_text()
     losses = [float(line.split(" loss ")[1].split()[0]) for line in log.splitlines()
               if "] step " in line]
-    assert losses[-1] < losses[0] - 1.0
+    assert losses[-1] < losses[0] - 2.0
 
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
@@ -373,7 +374,7 @@ def test_resume_continues_exactly_and_time_budget_stops_cleanly(pipeline_run, tm
                     deadline=time.monotonic())
     assert late["stopped"] in ("time budget", "schedule done") and late["steps"] == 12
     _, timed = train(replace(cfg, total_steps=1000), size, tokens, tmp_path / "c.pt",
-                     lines.append, deadline=time.monotonic() + 8.0)
+                     lines.append, deadline=time.monotonic() + 10.0)
     assert timed["stopped"] == "time budget" and 0 < timed["steps"] < 1000
     assert torch.load(tmp_path / "c.pt", weights_only=False)["state"]["step"] == timed["steps"]
 
@@ -384,14 +385,14 @@ def test_second_invocation_skips_built_stages_and_needs_resume(pipeline_run, tmp
     shutil.copytree(pipeline_run, tmp_path, dirs_exist_ok=True)
     capsys.readouterr()
     with pytest.raises(SystemExit, match="pass --resume"):
-        train_default.main(_pipeline(tmp_path, "--total-steps", "40"))
-    assert train_default.main(_pipeline(tmp_path, "--total-steps", "40", "--resume")) == 0
+        train_default.main(_pipeline(tmp_path, "--total-steps", "70"))
+    assert train_default.main(_pipeline(tmp_path, "--total-steps", "70", "--resume")) == 0
     out = capsys.readouterr().out
     for stage in ("corpus", "tokenizer", "tokenize"):
         assert f"[{stage}] skipped" in out
-    assert "resumed from" in out and "at step 30" in out
+    assert "resumed from" in out and "at step 60" in out
     stats = json.loads((tmp_path / "out" / "training_stats.json").read_text())
-    assert stats["steps"] == 40
+    assert stats["steps"] == 70
 
 
 def test_entry_point_help_runs():
@@ -401,3 +402,19 @@ def test_entry_point_help_runs():
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--max-minutes" in result.stdout
     assert "--init-from" in result.stdout
+
+
+def test_init_from_export_reuses_its_tokenizer_and_step(pipeline_run, tmp_path, capsys):
+    from engine import train_default
+
+    for name in ("stdlib", "site"):
+        shutil.copytree(pipeline_run / name, tmp_path / name)
+    exported = pipeline_run / "out"
+    args = _pipeline(tmp_path, "--total-steps", "66", "--init-from", str(exported))
+    assert train_default.main(args) == 0
+    out = capsys.readouterr().out
+    assert "copied from" in out and "continuing at step 60" in out
+    assert (tmp_path / "work" / "tokenizer" / "tokenizer.json").read_bytes() == (
+        exported / "tokenizer.json").read_bytes()
+    stats = json.loads((tmp_path / "out" / "training_stats.json").read_text())
+    assert stats["steps"] == 66 and stats["val_loss"] < 0.5 * math.log(320)
