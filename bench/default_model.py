@@ -24,6 +24,7 @@ from common import edit_similarity, exact_match, iter_targets, load_records, mac
 
 from edit_cache.positions import line_starts
 from engine.generate import StopRules, decode, prefill
+from engine.healing import healer_for
 from engine.loading import DEFAULT_MODEL_DIR, load_model
 from engine.model import Span
 from engine.ngram import NgramTable
@@ -51,13 +52,14 @@ def build_cases(records, subset: int | None, limit: int | None):
     return cases
 
 
-def _prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int, max_suffix: int) -> list[int]:
+def _prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int, max_suffix: int):
+    """(prompt ids, healed bytes): the prefix's last max_prefix tokens, the suffix's first max_suffix."""
     head = doc_start_ids(tok, cfg)
-    pre = tok.encode(prefix)[-max_prefix:]
+    pre, heal = healer_for(tok).split(tok.encode(prefix)[-max_prefix:])
     if view == "l2r":
-        return head + pre
+        return head + pre, heal
     suf = tok.encode(suffix)[:max_suffix]
-    return head + pre + [tok.fim.suffix] + suf + [tok.fim.middle]
+    return head + pre + [tok.fim.suffix] + suf + [tok.fim.middle], heal
 
 
 def model_predictions(loaded, cases, view, args) -> list[tuple[str, float]]:
@@ -65,13 +67,13 @@ def model_predictions(loaded, cases, view, args) -> list[tuple[str, float]]:
     rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
     out = []
     for _rec, _target, prefix, suffix in cases:
-        prompt = _prompt(tok, cfg, prefix, suffix, view, args.max_prefix_tokens, args.max_suffix_tokens)
+        prompt, heal = _prompt(tok, cfg, prefix, suffix, view, args.max_prefix_tokens, args.max_suffix_tokens)
         sync(loaded.device)
         t0 = time.perf_counter()
         cache = model.new_cache(len(prompt))
         logits = prefill(model, prompt, cache)
         result = decode(model, tok, logits, context=[Span(cache, 0, len(prompt))], next_position=len(prompt),
-                        rules=rules)
+                        rules=rules, heal=heal)
         sync(loaded.device)
         out.append((result.text, 1000 * (time.perf_counter() - t0)))
     return out

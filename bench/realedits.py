@@ -36,7 +36,7 @@ from edit_cache.views import fill_in_middle, left_to_right
 from engine.generate import StopRules, decode, prefill
 from engine.loading import load_model
 from engine.model import Span
-from engine.prompting import doc_start_ids, fim_ids, left_to_right_ids
+from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
 
 METHODS = ("full", "pie", "conflict", "prefix_reuse")
 
@@ -59,12 +59,12 @@ def _next_line_start(text: str, cursor: int) -> int:
     return len(text)
 
 
-def _exact(loaded, prompt, rules):
+def _exact(loaded, prompt, heal, rules):
     model = loaded.model
     cache = model.new_cache(len(prompt))
     logits = prefill(model, prompt, cache)
     return decode(model, loaded.tokenizer, logits, context=[Span(cache, 0, len(prompt))],
-                  next_position=len(prompt), rules=rules)
+                  next_position=len(prompt), rules=rules, heal=heal)
 
 
 def run(args) -> dict:
@@ -147,10 +147,10 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, repair, rec, tar
     t0 = time.perf_counter()
     if method == "full":
         if view == "fim":
-            prompt = fim_ids(tok, cfg, deleted[:cursor], deleted[_next_line_start(deleted, cursor):])
+            prompt, heal = healed_fim_ids(tok, cfg, deleted[:cursor], deleted[_next_line_start(deleted, cursor):])
         else:
-            prompt = left_to_right_ids(tok, cfg, deleted[:cursor])
-        out = _exact(loaded, prompt, rules)
+            prompt, heal = healed_left_to_right_ids(tok, cfg, deleted[:cursor])
+        out = _exact(loaded, prompt, heal, rules)
         recomputed = len(prompt)
     else:
         if view == "fim":

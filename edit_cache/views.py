@@ -25,6 +25,7 @@ import torch
 
 from edit_cache.document import Document
 from engine.generate import Completion, DecodeStats, StopRules, decode
+from engine.healing import healer_for
 from engine.model import KVCache, Span
 from engine.sampling import SamplingParams
 
@@ -44,6 +45,7 @@ class ContextView:
     next_position: int
     first_logits: torch.Tensor  # [1, V]: distribution of the first generated token
     prompt_ids: list[int]  # the exact prompt this view stands for
+    heal: bytes = b""  # text of the cursor's token, dropped from the prompt (token healing)
     cached_tokens: int = 0
     encoded_tokens: int = 0
     build_ms: float = 0.0
@@ -60,7 +62,7 @@ class ContextView:
         logits = self.first_logits if first_logits is None else first_logits
         return decode(doc.model, doc.tokenizer, logits, context=self.context,
                       next_position=self.next_position, params=params, rules=rules,
-                      scratch=self.scratch, scratch_used=self.scratch_used, stats=stats)
+                      scratch=self.scratch, scratch_used=self.scratch_used, stats=stats, heal=self.heal)
 
 
 def _line_start(text: str, pos: int) -> int:
@@ -135,11 +137,12 @@ def _common_suffix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _prefix_part(doc: Document, cursor: int) -> tuple[int, list[int], int]:
-    """(cached slots used, fresh ids, position of the first fresh id)."""
+def _prefix_part(doc: Document, cursor: int) -> tuple[int, list[int], int, bytes]:
+    """(cached slots used, fresh ids, position of the first fresh id, healed bytes)."""
     t, fresh = _split_prefix(doc, cursor)
+    fresh, heal = healer_for(doc.tokenizer).split(fresh)
     used = doc.h + t
-    return used, fresh, _position_after(doc, used)
+    return used, fresh, _position_after(doc, used), heal
 
 
 def _position_after(doc: Document, used: int) -> int:
@@ -150,7 +153,7 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> Co
     """View for continuing `text[:cursor]`; None when there is nothing to condition on."""
     started = time.perf_counter()
     doc.ensure_ready()
-    used, fresh, first_position = _prefix_part(doc, cursor)
+    used, fresh, first_position, heal = _prefix_part(doc, cursor)
     if not fresh:
         if used == 0:
             return None
@@ -165,7 +168,7 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> Co
                    write=scratch, write_at=0, context=context, logits="last")
     prompt = (doc.head + doc.ids)[:used] + fresh
     return ContextView("l2r", doc, context, scratch, len(fresh), first_position + len(fresh), logits, prompt,
-                       cached_tokens=used, encoded_tokens=len(fresh),
+                       heal=heal, cached_tokens=used, encoded_tokens=len(fresh),
                        build_ms=1000 * (time.perf_counter() - started))
 
 
@@ -180,7 +183,7 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     started = time.perf_counter()
     doc.ensure_ready()
     text = doc.text
-    used, fresh_prefix, first_position = _prefix_part(doc, cursor)
+    used, fresh_prefix, first_position, heal = _prefix_part(doc, cursor)
     suffix_start = cursor
     if suffix == "next_line":
         m = _TERMINATOR.search(text, cursor)
@@ -205,5 +208,5 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
                    logits="last")
     prompt = (doc.head + doc.ids)[:used] + head_ids + doc.ids[t_suffix:] + [fim.middle]
     return ContextView("fim", doc, context, scratch, len(head_ids) + 1, middle_position + 1, logits, prompt,
-                       cached_tokens=used + n - t_suffix, encoded_tokens=len(head_ids) + 1,
+                       heal=heal, cached_tokens=used + n - t_suffix, encoded_tokens=len(head_ids) + 1,
                        build_ms=1000 * (time.perf_counter() - started))

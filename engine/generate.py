@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.healing import healer_for
 from engine.model import KVCache, Span, Transformer
 from engine.sampling import SamplingParams, make_generator, next_token
 from engine.tokenizer import Tokenizer
@@ -133,10 +134,13 @@ def decode(
     scratch: KVCache | None = None,
     scratch_used: int = 0,
     stats: DecodeStats | None = None,
+    heal: bytes = b"",
 ) -> Completion:
     """Plain autoregressive decoding after `context`; generated K/V go to a scratch cache.
 
-    `scratch_used` slots of `scratch` already hold view tokens (attended to, kept).
+    `scratch_used` slots of `scratch` already hold view tokens (attended to, kept). `heal`
+    is the text of a prompt token dropped by token healing: the first tokens must spell it
+    out again, and it is cut from the returned text.
     """
     stats = stats or DecodeStats()
     params = params or SamplingParams()
@@ -150,9 +154,14 @@ def decode(
     logprob = 0.0
     logits = first_logits
     text, reason = "", "max_tokens"
+    healer = healer_for(tokenizer) if heal else None
+    remaining = heal
     started = time.perf_counter()
     while True:
-        token = int(next_token(logits, params, generator)[0])
+        choose_from = healer.mask(logits, remaining) if remaining else logits
+        token = int(next_token(choose_from, params, generator)[0])
+        if remaining:
+            remaining = healer.advance(remaining, token)
         if token in stop_ids:
             reason = "stop_token"
             break
@@ -179,6 +188,8 @@ def decode(
         stats.forwards += 1
     if reason == "stop_token":
         text = stopper.cut(ids)[0]
+    healed = heal.decode("utf-8", errors="replace")
+    text = text[len(healed):] if text.startswith(healed) else text
     stats.decode_tokens += len(ids)
     stats.decode_ms += 1000 * (time.perf_counter() - started)
     return Completion(ids, text, reason, stats, logprob)

@@ -8,6 +8,7 @@ FIM is prefix-suffix-middle: `<PRE> prefix <SUF> suffix <MID>`, generation follo
 from __future__ import annotations
 
 from engine.config import ModelConfig
+from engine.healing import healer_for
 from engine.tokenizer import Tokenizer
 
 
@@ -37,3 +38,20 @@ def fim_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: str, suffix: str)
         + tokenizer.encode(suffix)
         + [fim.middle]
     )
+
+
+def healed_left_to_right_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: str) -> tuple[list[int], bytes]:
+    """`left_to_right_ids` with the cursor's token healed: (ids, bytes to spell out again)."""
+    head = doc_start_ids(tokenizer, config)
+    ids, heal = healer_for(tokenizer).split(tokenizer.encode(prefix))
+    return head + ids, heal
+
+
+def healed_fim_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: str, suffix: str) -> tuple[list[int], bytes]:
+    """`fim_ids` with the cursor's token healed: (ids, bytes to spell out again)."""
+    fim = tokenizer.fim
+    if fim is None:
+        raise ValueError("this model has no fill-in-the-middle tokens; use the left-to-right view")
+    ids, heal = healer_for(tokenizer).split(tokenizer.encode(prefix))
+    return (doc_start_ids(tokenizer, config) + ids + [fim.suffix] + tokenizer.encode(suffix) + [fim.middle],
+            heal)

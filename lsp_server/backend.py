@@ -12,14 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from edit_cache.document import DocumentOptions
-from edit_cache.manager import DocumentCache
 from edit_cache.positions import Position, Range, to_offset
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.generate import DecodeStats, StopRules
-from engine.loading import LoadedModel
+
+if TYPE_CHECKING:  # the model stack (torch) is imported when a ModelBackend is made, not before
+    from edit_cache.document import DocumentOptions
+    from engine.generate import DecodeStats, StopRules
+    from engine.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,24 @@ class ModelBackend:
     """Completions from a real model over PIE-repaired per-document caches."""
 
     def __init__(self, loaded: LoadedModel, *, budget_bytes: int | None = None,
-                 options: DocumentOptions | None = None) -> None:
+                 options: DocumentOptions | None = None, recompute: bool = False) -> None:
+        from edit_cache.manager import DocumentCache
+
         self.loaded = loaded
         self.cache = DocumentCache(loaded.model, loaded.tokenizer, loaded.config,
                                    budget_bytes=budget_bytes, options=options)
         self.description = f"{loaded.source} on {loaded.device}"
+        self.recompute = recompute  # baseline: drop the document's KV before every request
+
+    def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False) -> None:
+        """New cache settings, applied from each document's next repair on."""
+        self.cache.set_options(options, budget_bytes)
+        self.recompute = recompute
+
+    def drop_caches(self) -> None:
+        """Forget every document's KV (after running out of memory); texts stay."""
+        for doc in self.cache.docs.values():
+            doc.drop_kv()
 
     def open(self, uri: str, text: str) -> None:
         self.cache.open(uri, text)
@@ -94,9 +107,14 @@ class ModelBackend:
         return self.cache.get(uri).text
 
     def complete(self, request: CompletionRequest, should_stop: Callable[[], bool] = lambda: False) -> CompletionResult:
+        from edit_cache.views import fill_in_middle, left_to_right
+        from engine.generate import DecodeStats, StopRules
+
         started = time.perf_counter()
         doc = self.cache.get(request.uri)
         cursor = to_offset(doc.text, Position(request.line, request.character), request.encoding)
+        if self.recompute:
+            doc.drop_kv()
         repair_ms_before = doc.stats.repair_ms
         doc = self.cache.prepare(request.uri)
         use_fim = request.view == "fim" or (request.view == "auto" and doc.tokenizer.fim is not None)
@@ -125,7 +143,11 @@ class ModelBackend:
             out = view.decode(rules=rules, stats=stats)
             return [Draft(out.text, out.logprob / max(len(out.ids), 1), out.stop_reason)]
         first = view.first_logits
-        top = first[0].topk(num_drafts).indices.tolist()
+        if view.heal:  # only first tokens that spell the healed text out again
+            from engine.healing import healer_for
+
+            first = healer_for(view.document.tokenizer).mask(first, view.heal)
+        top = [t for t in first[0].topk(num_drafts).indices.tolist() if first[0, t] > float("-inf")]
         drafts = []
         for token in top:
             forced = first.clone().fill_(float("-inf"))
@@ -157,10 +179,11 @@ class FakeBackend:
         self.texts[uri] = text
 
     def change(self, uri: str, changes: list[tuple[Range | None, str]], encoding: str = "utf-16") -> None:
-        from edit_cache.manager import UnknownDocument
         from edit_cache.positions import apply_change
 
         if uri not in self.texts:
+            from edit_cache.manager import UnknownDocument  # imports torch: only on this error path
+
             raise UnknownDocument(uri)
         for rng, text in changes:
             self.texts[uri] = apply_change(self.texts[uri], rng, text, encoding)[0]
@@ -169,9 +192,9 @@ class FakeBackend:
         self.texts.pop(uri, None)
 
     def text(self, uri: str) -> str:
-        from edit_cache.manager import UnknownDocument
-
         if uri not in self.texts:
+            from edit_cache.manager import UnknownDocument  # imports torch: only on this error path
+
             raise UnknownDocument(uri)
         return self.texts[uri]
 

@@ -1,4 +1,5 @@
-"""The `editkv` command line: `complete` one position of a file (more subcommands as they land).
+"""The `editkv` command line: `complete` one position of a file, `lsp` (the language server),
+`demo` (an editor session against `editkv lsp`, typed keystroke by keystroke).
 
 Errors the user can fix print one line on stderr and exit with status 2; nothing here prints
 a traceback for a bad path, a broken model folder or a missing device.
@@ -12,8 +13,6 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-
-import torch
 
 
 def _version() -> str:
@@ -30,15 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from engine.errors import EngineError
-
     try:
         return args.func(args)
-    except EngineError as err:
-        print(f"editkv: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        # engine.errors imports torch (engine/__init__); `editkv lsp --fake` never needs it
+        errors = sys.modules.get("engine.errors")
+        if errors is not None and isinstance(err, errors.EngineError):
+            print(f"editkv: error: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="editkv",
         description=(
             "editkv: a code-completion backend that keeps each open file's KV cache alive "
-            "across edits. Subcommands: complete (one completion from a file)."
+            "across edits. Subcommands: lsp (the language server), demo (watch it serve an editing "
+            "session), complete (one completion from a file)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"editkv {_version()}")
@@ -76,7 +78,56 @@ def _parser() -> argparse.ArgumentParser:
     complete.add_argument("--seed", type=int, default=None, help="seed for sampling")
     complete.add_argument("--json", action="store_true", help="print one JSON object instead")
     complete.set_defaults(func=_cmd_complete)
+
+    lsp = sub.add_parser(
+        "lsp",
+        help="run the language server (LSP over stdio, or --tcp)",
+        description="Serve inline completions (textDocument/inlineCompletion) and completion items "
+        "over the Language Server Protocol. Settings come from the client (initializationOptions "
+        "and workspace/didChangeConfiguration, section \"editkv\"); --model/--device/--dtype are "
+        "their starting values. The model loads after the client's `initialized`; problems are "
+        "shown with window/showMessage and the server keeps running.",
+    )
+    lsp.add_argument("--stdio", action="store_true", help="talk over stdin/stdout (the default)")
+    lsp.add_argument("--tcp", action="store_true", help="listen on TCP (--host, --port) instead of stdio")
+    lsp.add_argument("--host", default="127.0.0.1", help="address to bind with --tcp (127.0.0.1)")
+    lsp.add_argument("--port", type=int, default=2087, help="port to listen on with --tcp (2087)")
+    _lsp_model_args(lsp)
+    lsp.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                     help="what to log on stderr (warning)")
+    lsp.set_defaults(func=_cmd_lsp)
+
+    demo = sub.add_parser(
+        "demo",
+        help="start `editkv lsp`, type an edit keystroke by keystroke, print suggestions and latencies",
+        description="Runs `editkv lsp` as a subprocess and drives it like an editor over JSON-RPC: "
+        "opens a file, types an edit one keystroke at a time, asks for an inline completion after "
+        "each, and prints the suggestions and a latency table (p50/p95). Without --data it edits "
+        "an example bundled with editkv (adds a method to inventory.py).",
+    )
+    _lsp_model_args(demo)
+    demo.add_argument("--data", type=Path, default=None,
+                      help="replay the edits of realedits records (.jsonl.gz) instead of the example")
+    demo.add_argument("--limit", type=int, default=3, help="records to replay with --data (3)")
+    demo.add_argument("--interval-ms", type=float, default=150.0,
+                      help="time between keystrokes, as a typist would (150); 0 waits for each answer")
+    demo.add_argument("--max-keys", type=int, default=200, help="most keystrokes per edited file (200)")
+    demo.add_argument("--json", type=Path, default=None, help="also write every keystroke's record here")
+    demo.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _lsp_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None,
+        help="model folder, .gguf file or Hugging Face hub id (default: the embedded model)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--fake", action="store_true",
+                   help="testing only: no model; every suggestion is '<fake line:col>'")
+    p.add_argument("--fake-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--fake-load-ms", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -129,11 +180,47 @@ def _cursor_offset(text: str, line: int, col: int) -> int:
     return sum(len(s) + 1 for s in lines[: line - 1]) + col - 1
 
 
+def _cmd_lsp(args: argparse.Namespace) -> int:
+    import logging
+
+    from lsp_server.server import create_server, fake_factory, model_factory
+    from lsp_server.settings import Settings, parse_settings
+
+    base, problems = parse_settings({"model": args.model, "device": args.device, "dtype": args.dtype}, Settings())
+    if problems:
+        print(f"editkv: error: {problems[0]}", file=sys.stderr)
+        return 2
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="editkv %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "debug":  # pygls logs (with tracebacks) what editkv answers and logs itself
+        logging.getLogger("pygls").setLevel(logging.CRITICAL)
+    factory = (fake_factory(args.fake_delay_ms / 1000, args.fake_load_ms / 1000) if args.fake
+               else model_factory())
+    server = create_server(base, factory)
+    if args.tcp:
+        logging.getLogger(__name__).info("editkv lsp listening on %s:%d", args.host, args.port)
+        server.start_tcp(args.host, args.port)
+        return 0
+    # stdout carries the protocol only: anything a library prints goes to stderr instead.
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr
+    server.start_io(sys.stdin.buffer, out)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lsp_server.demo import run_demo
+
+    return run_demo(args)
+
+
 def _cmd_complete(args: argparse.Namespace) -> int:
+    import torch
+
     from engine.errors import EngineError
     from engine.generate import DecodeStats, StopRules, decode, prefill
     from engine.loading import load_model
-    from engine.prompting import fim_ids, left_to_right_ids
+    from engine.prompting import healed_fim_ids, healed_left_to_right_ids
     from engine.sampling import SamplingParams
 
     text = _read_source(args.file)
@@ -153,9 +240,9 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     if mode == "fim":
         if tok.fim is None:
             raise EngineError("--mode fim: this model has no fill-in-the-middle tokens")
-        ids = fim_ids(tok, cfg, prefix, suffix)
+        ids, heal = healed_fim_ids(tok, cfg, prefix, suffix)
     else:
-        ids = left_to_right_ids(tok, cfg, prefix)
+        ids, heal = healed_left_to_right_ids(tok, cfg, prefix)
     stats = DecodeStats(prefill_tokens=len(ids))
     cache = loaded.model.new_cache(len(ids))
     started = time.perf_counter()
@@ -167,7 +254,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     rules = StopRules(max_tokens=args.max_tokens, max_lines=args.lines or None)
     result = decode(
         loaded.model, tok, logits, context=[_whole(cache, len(ids))], next_position=len(ids),
-        params=params, rules=rules, stats=stats,
+        params=params, rules=rules, stats=stats, heal=heal,
     )
     if args.json:
         print(json.dumps({

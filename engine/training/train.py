@@ -230,9 +230,9 @@ def _load_checkpoint(path: Path, model, optimizer, state: dict, size: ModelSize)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     state.update(ckpt["state"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location may have moved it
     if "cuda" in ckpt["rng"] and device.type == "cuda":
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
 
 
 def _load_init_weights(model: LlamaForCausalLM, folder: Path, state: dict, log: Log) -> None:

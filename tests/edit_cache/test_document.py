@@ -9,6 +9,7 @@ from edit_cache.document import Document, DocumentOptions
 from edit_cache.positions import Range, to_position
 from edit_cache.views import fill_in_middle, left_to_right
 from engine.generate import prefill
+from engine.healing import healer_for
 
 BASE = "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\r\n    y = [1, 2]  # é ✓\n" * 3
 PIECES = ["x", " = ", "\n", "    ", "return ", "😀", "(1)", "\r\n", "\n\n", "def g():\n    pass\n", ""]
@@ -141,11 +142,15 @@ def test_views_stand_for_the_exact_prompt(template, seed):
         _random_edit(doc, rng)
     text = doc.text
     tok = doc.tokenizer
+    healer = healer_for(tok)
     for cursor in [0, len(text), *(rng.randint(0, len(text)) for _ in range(4))]:
+        prefix, heal = healer.split(tok.encode(text[:cursor]))
         view = left_to_right(doc, cursor)
-        assert view.prompt_ids == doc.head + tok.encode(text[:cursor])
+        if prefix or not heal:  # an all-healed prefix re-encodes the head token instead
+            assert view.prompt_ids == doc.head + prefix and view.heal == heal
         fim = fill_in_middle(doc, cursor)
-        assert fim.prompt_ids == (doc.head + tok.encode(text[:cursor]) + [tok.fim.suffix]
+        assert fim.heal == heal
+        assert fim.prompt_ids == (doc.head + prefix + [tok.fim.suffix]
                                   + tok.encode(text[cursor:]) + [tok.fim.middle])
         nxt = fill_in_middle(doc, cursor, suffix="next_line")
         eol = text.find("\n", cursor)
@@ -189,3 +194,15 @@ def test_empty_document(template):
     assert view.prompt_ids == doc.head
     doc.apply_change(None, "x = 1\n")
     assert left_to_right(doc, 6).prompt_ids == doc.head + doc.tokenizer.encode("x = 1\n")
+
+
+def test_healing_drops_the_cursor_token_and_spells_it_again(template):
+    doc = _doc(template, text="def f(x):\n    return x\n\n    ")
+    view = left_to_right(doc, len(doc.text))
+    heal = view.heal.decode()
+    assert heal and heal.strip() == "" and "    ".endswith(heal)
+    out = view.decode()
+    # the generated ids spell the healed indentation first; the text returned leaves it out
+    spelled = doc.tokenizer.decode(out.ids)
+    assert spelled.startswith(heal)
+    assert out.text == spelled[len(heal):].split("\n")[0]
