@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edit_cache.document import Document
-from engine.generate import Completion, DecodeStats, StopRules, decode
+from engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode
 from engine.healing import healer_for
 from engine.model import KVCache, Span
 from engine.sampling import SamplingParams
@@ -50,6 +50,12 @@ class ContextView:
     encoded_tokens: int = 0
     build_ms: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    def state(self) -> DecodeState:
+        """This view as the starting point of any decoding strategy."""
+        doc = self.document
+        return DecodeState(doc.model, doc.tokenizer, self.first_logits, self.context, self.scratch,
+                           self.scratch_used, self.next_position, self.heal, self.prompt_ids)
 
     def decode(self, params: SamplingParams | None = None, rules: StopRules | None = None,
                stats: DecodeStats | None = None, first_logits: torch.Tensor | None = None) -> Completion:

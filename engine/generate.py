@@ -60,6 +60,36 @@ class Completion:
     logprob: float = 0.0
 
 
+@dataclass
+class DecodeState:
+    """Where decoding starts, as every decoding strategy takes it.
+
+    The context's `Span`s (never written), a scratch cache whose first `scratch_used` slots
+    hold the prompt's own tokens (written after that), the distribution of the first
+    generated token, its position, and token-healing bytes. `prompt_ids` is the exact
+    prompt the state stands for (drafters search it); edit_cache's views build these.
+    """
+
+    model: Transformer
+    tokenizer: Tokenizer
+    first_logits: torch.Tensor  # [1, V]
+    context: list[Span]
+    scratch: KVCache
+    scratch_used: int
+    next_position: int
+    heal: bytes = b""
+    prompt_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_prompt(cls, model: Transformer, tokenizer: Tokenizer, prompt: list[int], *, heal: bytes = b"",
+                    max_new_tokens: int = 64) -> DecodeState:
+        """Prefill `prompt` into a fresh cache (the no-edit-cache path: CLI, benches)."""
+        cache = model.new_cache(len(prompt))
+        logits = prefill(model, prompt, cache)
+        return cls(model, tokenizer, logits, [Span(cache, 0, len(prompt))], model.new_cache(max_new_tokens + 1),
+                   0, len(prompt), heal, list(prompt))
+
+
 def prefill(
     model: Transformer,
     ids: Sequence[int],
