@@ -246,7 +246,7 @@ class Document:
         for run, start in placed:
             if run.ids is None:
                 continue
-            first_position = int(new_positions[h + start - 1]) + 1 if h + start > 0 else 0
+            first_position = h + start  # new tokens at their true positions, in every mode
             context = [Span(cache, 0, h + start)] if h + start > 0 else []
             prefill(self.model, list(run.ids), cache, start=h + start, first_position=first_position,
                     context=context, chunk=self.options.prefill_chunk, logits="none")
@@ -316,7 +316,7 @@ class Document:
         last = len(self.ids) if max_tokens is None else min(len(self.ids), first + max_tokens)
         h = self.h
         started = time.perf_counter()
-        first_position = int(self.slot_positions[h + first - 1]) + 1 if h + first > 0 else 0
+        first_position = h + first
         prefill(self.model, self.ids[first:last], self.cache, start=h + first, first_position=first_position,
                 context=[Span(self.cache, 0, h + first)] if h + first else [], chunk=self.options.prefill_chunk,
                 logits="none")

@@ -152,7 +152,9 @@ def _prefix_part(doc: Document, cursor: int) -> tuple[int, list[int], int, bytes
 
 
 def _position_after(doc: Document, used: int) -> int:
-    return int(doc.slot_positions[used - 1]) + 1 if used > 0 else 0
+    # A slot's true position is its index: PIE keeps keys there; "conflict" mode's stale
+    # suffix keys are exactly what that baseline gets wrong.
+    return used
 
 
 def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> ContextView | None:
@@ -206,7 +208,7 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
           write=scratch, write_at=0, context=context, logits="none")
     suffix_position = first_position + len(head_ids)
     if t_suffix < n:
-        shift = suffix_position - int(doc.slot_positions[h + t_suffix])
+        shift = suffix_position - (h + t_suffix)
         context = [*context, Span(doc.cache, h + t_suffix, h + n, shift)]
     middle_position = suffix_position + (n - t_suffix)
     logits = model(torch.tensor([[fim.middle]], device=dev), torch.tensor([middle_position], device=dev),
