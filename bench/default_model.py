@@ -79,36 +79,46 @@ def model_predictions(loaded, cases, view, args) -> list[tuple[str, float]]:
     return out
 
 
-def ngram_predictions(tok, table: NgramTable | None, cases, args) -> list[tuple[str, float]]:
+def ngram_predictions(tok, corpus: NgramTable | None, cases, args) -> list[tuple[str, float]]:
+    """Greedy n-gram completion with the same token healing as the models get."""
+    healer = healer_for(tok)
     out = []
     for _rec, _target, prefix, suffix in cases:
         t0 = time.perf_counter()
-        context = tok.encode(prefix)
+        context, remaining = healer.split(tok.encode(prefix))
+        heal = remaining
         file_tokens = np.array(context + tok.encode(suffix))
-        local = NgramTable.build(file_tokens, max_order=table.max_order if table else 5, top_k=1) \
-            if len(file_tokens) > 1 else None
+        local = NgramTable.build(file_tokens, max_order=5, top_k=16) if len(file_tokens) > 1 else None
         generated: list[int] = []
         for _ in range(args.max_tokens):
-            seq = context + generated
-            best = None
-            for c in range(min(local.max_order - 1 if local else 0, len(seq)), 0, -1):
-                for source in (local, table):
-                    if source is None or c >= source.max_order:
-                        continue
-                    ids, _ = source.lookup(seq, c)
-                    if len(ids):
-                        best = int(ids[0])
-                        break
-                if best is not None:
-                    break
+            best = _ngram_next(context + generated, (local, corpus), healer, remaining)
             if best is None or tok.is_special(best):
                 break
             generated.append(best)
-            if "\n" in tok.decode(generated):
+            if remaining:
+                remaining = healer.advance(remaining, best)
+            if "\n" in tok.decode(generated)[len(heal):]:
                 break
-        text = tok.decode(generated).split("\n", 1)[0]
-        out.append((text, 1000 * (time.perf_counter() - t0)))
+        text = tok.decode(generated)
+        text = text[len(heal.decode()):] if text.startswith(heal.decode()) else text
+        out.append((text.split("\n", 1)[0], 1000 * (time.perf_counter() - t0)))
     return out
+
+
+def _ngram_next(seq, tables, healer, remaining: bytes) -> int | None:
+    """Most frequent next token after the longest context any table has seen (file table first),
+    among the tokens that agree with the healed bytes still to spell out."""
+    allowed = set(healer.allowed(remaining)) if remaining else None
+    longest = max((t.max_order - 1 for t in tables if t is not None), default=0)
+    for c in range(min(longest, len(seq)), 0, -1):
+        for source in tables:
+            if source is None or c >= source.max_order:
+                continue
+            ids, _ = source.lookup(seq, c)
+            for i in ids.tolist():
+                if allowed is None or i in allowed:
+                    return int(i)
+    return None
 
 
 def bits_per_byte(loaded, records, max_tokens: int) -> float:

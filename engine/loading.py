@@ -24,6 +24,7 @@ from engine.rope import Rotary
 from engine.tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+EDITKV_JSON = "editkv.json"  # optional per-model settings of ours beside the weights
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -36,6 +37,7 @@ class LoadedModel:
     config: ModelConfig
     source: str
     load_seconds: float
+    preferred_view: str = "l2r"  # what "auto" means for this model: "fim" or "l2r"
 
     @property
     def device(self) -> torch.device:
@@ -87,7 +89,13 @@ def load_model(
     else:
         raise EngineError(f"model path {spec} does not exist (nor is it a hub id like owner/name)")
     model = _build(config, state, dev, dtype, source=spec)
-    return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started)
+    view = "fim" if tokenizer.fim is not None else "l2r"
+    if path.is_dir() and (path / EDITKV_JSON).is_file():
+        # A model folder may say its FIM is not worth using (see engine/default_model/MODEL_CARD.md).
+        view = _read_json(path / EDITKV_JSON).get("preferred_view", view)
+        if view not in ("fim", "l2r") or (view == "fim" and tokenizer.fim is None):
+            raise EngineError(f"{path / EDITKV_JSON}: preferred_view must be 'l2r' or (with FIM tokens) 'fim'")
+    return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, dev: torch.device) -> torch.dtype:

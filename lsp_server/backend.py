@@ -33,7 +33,7 @@ class CompletionRequest:
     max_tokens: int = 64
     max_lines: int | None = 1  # None: no line limit (multi-line policy "always")
     num_drafts: int = 1
-    view: str = "auto"  # "auto" (FIM when the model has FIM tokens), "fim", "l2r"
+    view: str = "auto"  # "auto" (the model's preferred view), "fim", "l2r"
     suffix: str = "next_line"  # FIM: "next_line" leaves the rest of the cursor's line out
 
 
@@ -117,7 +117,8 @@ class ModelBackend:
             doc.drop_kv()
         repair_ms_before = doc.stats.repair_ms
         doc = self.cache.prepare(request.uri)
-        use_fim = request.view == "fim" or (request.view == "auto" and doc.tokenizer.fim is not None)
+        view_kind = self.loaded.preferred_view if request.view == "auto" else request.view
+        use_fim = view_kind == "fim" and doc.tokenizer.fim is not None
         if use_fim:
             view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=request.max_tokens)
         else:

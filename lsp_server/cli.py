@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     complete.add_argument(
         "--mode", choices=("auto", "fim", "l2r"), default="auto",
-        help="fill-in-the-middle with the text after the cursor, left-to-right, or FIM when the "
-        "model has FIM tokens (auto)",
+        help="fill-in-the-middle with the text after the cursor, left-to-right, or the model's "
+        "preferred one (auto: FIM when the model has FIM tokens, unless its editkv.json says l2r)",
     )
     complete.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     complete.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
@@ -109,12 +109,50 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", type=Path, default=None,
                       help="replay the edits of realedits records (.jsonl.gz) instead of the example")
     demo.add_argument("--limit", type=int, default=3, help="records to replay with --data (3)")
-    demo.add_argument("--interval-ms", type=float, default=150.0,
-                      help="time between keystrokes, as a typist would (150); 0 waits for each answer")
+    demo.add_argument("--interval-ms", type=float, default=0.0,
+                      help="time between keystrokes; 0 (default) types the next key once the last one is "
+                      "answered, so every keystroke gets its suggestion; e.g. 150 types like a person, and "
+                      "requests the model can't keep up with are dropped as stale")
     demo.add_argument("--max-keys", type=int, default=200, help="most keystrokes per edited file (200)")
     demo.add_argument("--json", type=Path, default=None, help="also write every keystroke's record here")
     demo.set_defaults(func=_cmd_demo)
+    _add_calibrate_parser(sub)
     return parser
+
+
+def _add_calibrate_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="fit a model's AdaDec entropy threshold tau on reference code and store it",
+        description="Teacher-force the model on Python files (--data: folders or files; use code that is "
+        "not in your evaluation set), record each position's entropy and whether the true token ranked "
+        "first, fit a class-balanced logistic regression and keep the cutoff with the best held-out "
+        "accuracy as tau. Stored next to the embedded model's weights, else in "
+        "~/.cache/editkv/adadec/<fingerprint>.json, or at --out.",
+    )
+    _model_args(calibrate)
+    calibrate.add_argument("--data", action="append", required=True, type=Path,
+                           help="folder (searched for *.py) or file of reference code; repeatable")
+    calibrate.add_argument("--out", type=Path, default=None, help="write the calibration JSON here instead")
+    calibrate.add_argument("--max-files", type=int, default=200, help="files sampled from --data (200)")
+    calibrate.add_argument("--max-file-tokens", type=int, default=1024, help="tokens read per file (1024)")
+    calibrate.add_argument("--max-tokens", type=int, default=100_000, help="positions recorded in all (100000)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the file sample (0)")
+    calibrate.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from engine.calibrate import run
+
+    result, path = run(args.model, args.data, out=args.out, device=args.device, dtype=args.dtype,
+                       max_files=args.max_files, max_file_tokens=args.max_file_tokens,
+                       max_tokens=args.max_tokens, seed=args.seed)
+    fit = result.fit
+    print(f"tau = {result.tau:.3f} nats (cutoff P(top1) = {fit['cutoff']:.3f}, held-out accuracy "
+          f"{fit['heldout_accuracy']:.3f}, balanced {fit['heldout_balanced_accuracy']:.3f}; "
+          f"{result.data['positions']} positions from {result.data['files']} files; gate fires at "
+          f"{100 * fit['gate_rate_at_tau']:.1f}% of them) -> {path}")
+    return 0
 
 
 def _lsp_model_args(p: argparse.ArgumentParser) -> None:
@@ -236,7 +274,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     prefix, suffix = text[:offset], text[offset:]
     mode = args.mode
     if mode == "auto":
-        mode = "fim" if tok.fim is not None else "l2r"
+        mode = loaded.preferred_view
     if mode == "fim":
         if tok.fim is None:
             raise EngineError("--mode fim: this model has no fill-in-the-middle tokens")

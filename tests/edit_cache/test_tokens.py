@@ -30,7 +30,9 @@ def _tokenizer(gpt2_style=False):
 
 LOCAL, GPT2 = _tokenizer(), _tokenizer(gpt2_style=True)
 
-ALPHABET = st.sampled_from(list("ab xy_(){}:=.,'\"#\t\n\r") + ["\r\n", "é", "😀", "✓", "    ", "\n\n", "def ", "return "])
+ALPHABET = st.sampled_from(
+    list("ab xy_(){}:=.,'\"#\t\n\r") + ["\r\n", "é", "😀", "✓", "    ", "\n\n", "def ", "return "]
+)
 TEXT = st.lists(ALPHABET, max_size=40).map("".join)
 
 

@@ -1,0 +1,308 @@
+"""The LSP methods editkv answers, one top-level handler each.
+
+text sync ──> engine worker, in order (the worker holds the text).
+inlineCompletion / completion ──> `_serve`: the newest request per document and kind wins,
+    debounce, engine worker, then LSP items (ghost text, or dropdown items that sort after
+    other servers' items and carry their full text as documentation).
+settings (initializationOptions, didChangeConfiguration), statistics (`editkv/...`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams, JsonRpcServerNotInitialized
+
+from edit_cache.positions import Position, PositionError, Range
+from lsp_server.protocol import choose_encoding
+from lsp_server.scheduler import Job, Outcome, UnknownDocumentError
+from lsp_server.server import DocState, EditkvServer, Pending
+from lsp_server.settings import SECTION, parse_settings, section_of
+
+log = logging.getLogger(__name__)
+HANDLERS: list[tuple[str, Any, Callable]] = []
+COMMANDS: list[tuple[str, Callable]] = []
+ACCEPT_COMMAND = "editkv.suggestionAccepted"
+SUGGESTION_EVENT = "editkv/suggestionEvent"
+STATS_REQUEST = "editkv/stats"
+COMPLETION_TRIGGERS = [".", "(", "[", ","]
+LABEL_CHARS = 60
+
+
+def handles(method: str, options: Any = None) -> Callable:
+    """Register the decorated function as the handler of `method`."""
+
+    def register(fn: Callable) -> Callable:
+        HANDLERS.append((method, options, fn))
+        return fn
+
+    return register
+
+
+# ---- lifecycle ----------------------------------------------------------------------------------
+
+
+@handles(types.INITIALIZE)
+def initialize(ls: EditkvServer, params: types.InitializeParams) -> None:
+    """Read the settings and what the client can do; the model loads after `initialized`."""
+    ls.loop = asyncio.get_running_loop()
+    ls.loop_thread = threading.get_ident()
+    caps = params.capabilities
+    ls.encoding = choose_encoding(caps)
+    ls.client_progress = bool(caps.window and caps.window.work_done_progress)
+    ls.client_config_pull = bool(caps.workspace and caps.workspace.configuration)
+    item = caps.text_document and caps.text_document.completion and caps.text_document.completion.completion_item
+    modes = item and item.insert_text_mode_support and item.insert_text_mode_support.value_set
+    ls.completion_as_is = bool(modes and types.InsertTextMode.AsIs in modes)
+    ls.settings, ls.settings_problems = parse_settings(_plain(params.initialization_options), ls.base_settings)
+    if not ls.settings.stats_file:
+        ls.stats.path = None
+    ls.session_started = True
+
+
+@handles(types.INITIALIZED)
+def initialized(ls: EditkvServer, params: types.InitializedParams) -> None:
+    """Report bad settings and start loading the model on the engine worker."""
+    for problem in ls.settings_problems:
+        ls.show("warning", problem)
+    ls.spawn(ls.load_backend(ls.settings))
+
+
+@handles(types.SHUTDOWN)
+def shutdown(ls: EditkvServer, params: None) -> None:
+    """Stop the engine worker and save the statistics before `exit`."""
+    ls.worker.stop()
+    ls.stats.save()
+
+
+# ---- text sync ----------------------------------------------------------------------------------
+
+
+@handles(types.TEXT_DOCUMENT_DID_OPEN)
+def did_open(ls: EditkvServer, params: types.DidOpenTextDocumentParams) -> None:
+    """Start tracking a document (reopening one starts it over)."""
+    td = params.text_document
+    if (old := ls.docs.get(td.uri)) is not None:
+        old.supersede()
+    ls.docs[td.uri] = DocState(td.uri, td.language_id, td.version)
+    ls.worker.open(td.uri, td.text, td.language_id)
+
+
+@handles(types.TEXT_DOCUMENT_DID_CHANGE)
+def did_change(ls: EditkvServer, params: types.DidChangeTextDocumentParams) -> None:
+    """Forward the changes in order; every pending request for the document is now stale."""
+    doc = ls.docs.get(params.text_document.uri)
+    if doc is None:
+        log.warning("didChange for %s, which is not open: ignored", params.text_document.uri)
+        return
+    doc.edits += 1
+    doc.version = params.text_document.version
+    doc.supersede()
+    changes = [(_range(getattr(c, "range", None)), c.text) for c in params.content_changes]
+    ls.worker.change(doc.uri, changes, ls.encoding)
+
+
+@handles(types.TEXT_DOCUMENT_DID_CLOSE)
+def did_close(ls: EditkvServer, params: types.DidCloseTextDocumentParams) -> None:
+    """Forget a document and its cache."""
+    doc = ls.docs.pop(params.text_document.uri, None)
+    if doc is not None:
+        doc.supersede()
+        ls.worker.close(doc.uri)
+
+
+@handles(types.TEXT_DOCUMENT_DID_SAVE, types.SaveOptions(include_text=False))
+def did_save(ls: EditkvServer, params: types.DidSaveTextDocumentParams) -> None:
+    """Nothing to do: the text is already in sync through didChange."""
+    ls.stats.count("sync", "saves")
+
+
+def _range(rng: types.Range | None) -> Range | None:
+    if rng is None:
+        return None
+    return Range(Position(rng.start.line, rng.start.character), Position(rng.end.line, rng.end.character))
+
+
+# ---- completions --------------------------------------------------------------------------------
+
+
+async def _serve(ls: EditkvServer, kind: str, uri: str, position: types.Position, invoked: bool) -> Outcome | None:
+    """Run one request through debounce and the worker; None when it was dropped."""
+    if not ls.session_started:
+        raise JsonRpcServerNotInitialized(message="editkv: send initialize first")
+    doc = ls.docs.get(uri)
+    if doc is None:
+        raise JsonRpcInvalidParams(message=str(UnknownDocumentError(uri)))
+    ls.stats.count(kind, "requests")
+    settings = ls.settings
+    drafts = settings.num_drafts if invoked or kind == "completion" else 1
+    job = Job(uri, kind, position.line, position.character, ls.encoding, doc.edits, drafts, settings)
+    pending = Pending(job)
+    doc.supersede(kind)
+    doc.pending[kind] = pending
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    try:
+        if settings.debounce_ms and not invoked:
+            pending.waiting = loop.create_future()
+            timer = loop.call_later(settings.debounce_ms / 1000, _resolve, pending.waiting)
+            try:
+                await pending.waiting
+            finally:
+                timer.cancel()
+        pending.waiting = asyncio.wrap_future(ls.worker.complete(job))
+        outcome = await pending.waiting
+    except asyncio.CancelledError:
+        job.stop = True
+        task = asyncio.current_task()
+        if pending.superseded and task is not None and not task.cancelling():
+            ls.stats.count(kind, "dropped")
+            return None
+        ls.stats.count(kind, "cancelled")
+        raise
+    except (PositionError, UnknownDocumentError) as err:
+        ls.stats.count(kind, "invalid")
+        raise JsonRpcInvalidParams(message=f"editkv: {err}") from None
+    except Exception as err:
+        ls.stats.count(kind, "errors")
+        ls.show("error", f"editkv: completion failed: {type(err).__name__}: {err}")
+        raise
+    finally:
+        if doc.pending.get(kind) is pending:
+            del doc.pending[kind]
+    if outcome.status == "dropped" or job.stop or ls.docs.get(uri) is not doc or doc.edits != job.edits:
+        ls.stats.count(kind, "dropped")
+        return None
+    ls.stats.count(kind, outcome.status)
+    if outcome.status == "served":
+        ls.stats.latency_ms.append(1000 * (time.perf_counter() - started))
+    return outcome
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _accept(sid: str) -> types.Command:
+    return types.Command(title="editkv: suggestion accepted", command=ACCEPT_COMMAND, arguments=[sid])
+
+
+@handles(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+async def inline_completion(ls: EditkvServer,
+                            params: types.InlineCompletionParams) -> types.InlineCompletionList | None:
+    """Ghost-text suggestions at the cursor; several on an explicit invocation, for cycling."""
+    context = params.context
+    if context is not None and context.selected_completion_info is not None:
+        return None  # the editor shows a dropdown item's extension; ours would not extend it
+    invoked = context is not None and context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+    outcome = await _serve(ls, "inline", params.text_document.uri, params.position, invoked)
+    if outcome is None:
+        return None
+    if not outcome.suggestions:
+        return types.InlineCompletionList(items=[])
+    at = types.Position(line=params.position.line, character=outcome.cursor.character)
+    items = [
+        types.InlineCompletionItem(insert_text=s.text, range=types.Range(start=at, end=at),
+                                   command=_accept(ls.stats.new_id("inline", s.text)))
+        for s in outcome.suggestions[: (ls.settings.num_drafts if invoked else 1)]
+    ]
+    return types.InlineCompletionList(items=items)
+
+
+@handles(types.TEXT_DOCUMENT_COMPLETION,
+         types.CompletionOptions(trigger_characters=COMPLETION_TRIGGERS, resolve_provider=False))
+async def completion(ls: EditkvServer, params: types.CompletionParams) -> types.CompletionList:
+    """Model suggestions as dropdown items that sort after other servers' items at equal match."""
+    outcome = await _serve(ls, "completion", params.text_document.uri, params.position, invoked=False)
+    if outcome is None or not outcome.suggestions:
+        return types.CompletionList(is_incomplete=True, items=[])
+    doc = ls.docs.get(params.text_document.uri)
+    language = doc.language_id if doc is not None else ""
+    at = types.Position(line=params.position.line, character=outcome.cursor.character)
+    start = types.Position(line=outcome.word_start.line, character=outcome.word_start.character)
+    items = [_completion_item(ls, rank, outcome.word + s.text, start, at, language)
+             for rank, s in enumerate(outcome.suggestions)]
+    return types.CompletionList(is_incomplete=True, items=items)
+
+
+def _completion_item(ls: EditkvServer, rank: int, text: str, start: types.Position, at: types.Position,
+                     language: str) -> types.CompletionItem:
+    """One dropdown item replacing the word before the cursor with `text`."""
+    lines = text.splitlines() or [""]
+    first = next((line.strip() for line in lines if line.strip()), "")
+    more = len([line for line in lines if line.strip()]) - 1
+    label = first[:LABEL_CHARS] + ("…" if len(first) > LABEL_CHARS or more > 0 else "")
+    fence = "````" if "```" in text else "```"
+    return types.CompletionItem(
+        label=label,
+        label_details=types.CompletionItemLabelDetails(detail=f" +{more} lines" if more > 0 else None,
+                                                       description="editkv"),
+        kind=types.CompletionItemKind.Snippet,
+        detail="editkv" + (f" ({more + 1} lines)" if more > 0 else ""),
+        documentation=types.MarkupContent(kind=types.MarkupKind.Markdown,
+                                          value=f"{fence}{language}\n{text}\n{fence}"),
+        sort_text=f"~editkv{rank:02d}",  # after other servers' items with the same match
+        filter_text=lines[0] if lines[0].strip() else first,
+        text_edit=types.TextEdit(range=types.Range(start=start, end=at), new_text=text),
+        insert_text_format=types.InsertTextFormat.PlainText,
+        insert_text_mode=types.InsertTextMode.AsIs if ls.completion_as_is and more > 0 else None,
+        preselect=False,
+        command=_accept(ls.stats.new_id("completion", text)),
+    )
+
+
+# ---- settings and statistics --------------------------------------------------------------------
+
+
+@handles(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+async def did_change_configuration(ls: EditkvServer, params: types.DidChangeConfigurationParams) -> None:
+    """New settings: report bad values; reload the model if model/device/dtype changed."""
+    raw = section_of(_plain(params.settings))
+    if not raw and ls.client_config_pull:
+        try:
+            pulled = await asyncio.wait_for(ls.workspace_configuration_async(
+                types.ConfigurationParams(items=[types.ConfigurationItem(section=SECTION)])), 10)
+            raw = pulled[0] if pulled else None
+        except Exception as err:
+            log.warning("workspace/configuration failed: %s", err)
+            return
+    ls.apply_settings(*parse_settings(raw, ls.settings))
+
+
+@handles(SUGGESTION_EVENT)
+def suggestion_event(ls: EditkvServer, params: Any) -> None:
+    """Record what the user did with a suggestion: {id, event: shown | accepted | rejected}."""
+    data = _plain(params)
+    if not isinstance(data, dict) or not ls.stats.event(data.get("id"), data.get("event")):
+        log.warning("%s needs {id: string, event: shown|accepted|rejected}, got %.200r", SUGGESTION_EVENT, params)
+
+
+@handles(STATS_REQUEST)
+def stats(ls: EditkvServer, params: Any) -> dict:
+    """Counters, latencies, suggestion events, backend and document state."""
+    return ls.snapshot()
+
+
+def _plain(value: Any) -> Any:
+    """JSON data as dicts and lists (pygls hands custom methods' params over as namedtuples)."""
+    if hasattr(value, "_asdict"):
+        return {k: _plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def suggestion_accepted(ls: EditkvServer, *args: Any) -> None:
+    """The command attached to every item: the editor runs it when the item is accepted."""
+    if args and isinstance(args[0], str):
+        ls.stats.event(args[0], "accepted")
+
+
+COMMANDS.append((ACCEPT_COMMAND, suggestion_accepted))

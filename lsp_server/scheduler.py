@@ -1,0 +1,330 @@
+"""The engine worker: one thread owns the backend and the server's copy of every open document.
+
+    event loop (server.py)                    engine worker (here; one thread, FIFO)
+    didOpen / didChange / didClose  ──────>   text copy + backend.open/change/close, in order
+    completion request (debounced)  ──────>   Job: dropped when superseded, else
+                                              backend.complete + postprocess on the text of
+                                              exactly the version the request was made on
+    settings / initialized          ──────>   load or reconfigure the backend
+
+Every backend call happens on this thread, so the backend needs no locks and the LSP event
+loop never waits for the model. A `Job` carries a `stop` flag the event loop sets when the
+request is cancelled or superseded; the decode polls it before every step. Each document
+counts its content changes on both sides (`edits`): a job runs only if the worker's copy has
+seen exactly the changes the request was made after, so an answer for an older version of a
+document can't be computed, let alone returned. Messages for the user go through `notify`,
+which the server makes safe to call from this thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from edit_cache.positions import Position, PositionError, Range, apply_change, to_offset, to_position
+from lsp_server.backend import Backend, CompletionRequest
+from lsp_server.postprocess import CursorContext, Suggestion, finish, is_python, wants_multiline
+from lsp_server.settings import Settings
+
+log = logging.getLogger(__name__)
+Notify = Callable[[str, str], None]  # (level: "error" | "warning" | "info", message)
+BackendFactory = Callable[[Settings], Backend]
+_WORD = re.compile(r"\w*$")
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")  # NUL, or UTF-16 halves JSON can smuggle in
+
+
+class UnknownDocumentError(KeyError):
+    """A request named a document that is not open."""
+
+    def __str__(self) -> str:
+        return f"document {self.args[0]} is not open (send textDocument/didOpen first)"
+
+
+@dataclass
+class DocText:
+    """The worker's copy of one open document."""
+
+    text: str
+    language_id: str
+    edits: int = 0  # content changes received, including ones that failed to apply
+    modelled: bool = False  # the backend has it
+    refused: str | None = None  # why it is not modelled (then its text is not kept either)
+
+
+@dataclass
+class Job:
+    """One completion request on its way to the model."""
+
+    uri: str
+    kind: str  # "inline" | "completion"
+    line: int
+    character: int
+    encoding: str
+    edits: int  # changes the document had when the request was made
+    num_drafts: int
+    settings: Settings
+    stop: bool = False  # set by the event loop (cancelled / superseded), polled by the decode
+
+    def should_stop(self) -> bool:
+        return self.stop
+
+
+@dataclass
+class Outcome:
+    """What a job produced: `status` is "served", "dropped", "not_ready" or "refused"."""
+
+    status: str
+    suggestions: list[Suggestion] = field(default_factory=list)
+    word: str = ""  # identifier characters right before the cursor
+    word_start: Position | None = None
+    cursor: Position | None = None  # the request's position, clamped to its line
+    multiline: bool = False
+    stats: dict = field(default_factory=dict)
+
+
+class EngineWorker:
+    """Runs every backend call, in submission order, on one thread."""
+
+    def __init__(self, factory: BackendFactory, notify: Notify) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="editkv-engine")
+        self.factory = factory
+        self.factory_is_fake = bool(getattr(factory, "fake", False))
+        self.notify = notify
+        self.backend: Backend | None = None
+        self.backend_key: tuple | None = None
+        self.settings = Settings()
+        self.docs: dict[str, DocText] = {}
+        self.loading = False
+        self.load_error: str | None = None
+        self.closing = False
+        self.thread_id: int | None = None
+        self.completed = 0
+        self.last_stats: dict = {}  # what the backend reported for the last served request
+
+    # ---- submission (any thread) ------------------------------------------------------------
+
+    def call(self, fn: Callable, *args) -> Future:
+        """Run `fn(*args)` on the worker; its result or exception goes to the future."""
+        if self.closing:
+            future: Future = Future()
+            future.cancel()
+            return future
+        return self._pool.submit(self._on_thread, fn, *args)
+
+    def run(self, fn: Callable, *args) -> Future:
+        """Like `call`, for notifications: failures are logged and reported, never raised."""
+        return self.call(self._guarded, fn, *args)
+
+    def open(self, uri: str, text: str, language_id: str) -> Future:
+        return self.run(self._open, uri, text, language_id)
+
+    def change(self, uri: str, changes: list[tuple[Range | None, str]], encoding: str) -> Future:
+        return self.run(self._change, uri, changes, encoding)
+
+    def close(self, uri: str) -> Future:
+        return self.run(self._close, uri)
+
+    def load(self, settings: Settings) -> Future:
+        """(Re)load the backend for `settings`; the future gives (ok, message)."""
+        return self.call(self._load, settings)
+
+    def configure(self, settings: Settings) -> Future:
+        return self.run(self._configure, settings)
+
+    def complete(self, job: Job) -> Future:
+        return self.call(self._complete, job)
+
+    def stop(self) -> None:
+        """Stop taking work; a running decode stops at its next step."""
+        self.closing = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- on the worker thread ---------------------------------------------------------------
+
+    def _on_thread(self, fn: Callable, *args: Any) -> Any:
+        self.thread_id = threading.get_ident()
+        return fn(*args)
+
+    def _guarded(self, fn: Callable, *args) -> None:
+        try:
+            fn(*args)
+        except UnknownDocumentError as err:
+            log.warning("%s", err)
+        except Exception as err:  # a backend bug must not take the server down
+            log.error("engine worker: %s", traceback.format_exc())
+            self.notify("error", f"editkv: internal error in {fn.__name__.strip('_')}: {type(err).__name__}: {err}")
+
+    def _admit(self, uri: str, doc: DocText) -> None:
+        """Hand `doc` to the backend unless it is too big or binary (then forget its text)."""
+        reason = refusal(uri, doc.text, self.settings.max_file_kb)
+        if reason is not None:
+            if doc.modelled and self.backend is not None:
+                self.backend.close(uri)
+            doc.modelled, doc.refused, doc.text = False, reason, ""
+            self.notify("warning", reason)
+            return
+        if self.backend is not None:
+            self.backend.open(uri, doc.text)
+            doc.modelled = True
+
+    def _open(self, uri: str, text: str, language_id: str) -> None:
+        if uri in self.docs and self.docs[uri].modelled and self.backend is not None:
+            self.backend.close(uri)
+        doc = DocText(text, language_id)
+        self.docs[uri] = doc
+        self._admit(uri, doc)
+
+    def _change(self, uri: str, changes: list[tuple[Range | None, str]], encoding: str) -> None:
+        doc = self.docs.get(uri)
+        if doc is None:
+            raise UnknownDocumentError(uri)
+        doc.edits += 1
+        if doc.refused:
+            return
+        text = doc.text
+        try:
+            for rng, new_text in changes:
+                text = apply_change(text, rng, new_text, encoding)[0]
+        except PositionError as err:
+            self.notify("warning", f"editkv: a change to {_name(uri)} does not fit the document ({err}); "
+                        "it was ignored. Reopen the file if suggestions look wrong.")
+            return
+        doc.text = text
+        if any(_NOT_TEXT.search(t) for _, t in changes) or len(text) > self.settings.max_file_kb * 1024:
+            self._admit(uri, doc)
+            return
+        if doc.modelled and self.backend is not None:
+            try:
+                self.backend.change(uri, changes, encoding)
+            except Exception:  # out of step: start this document over from our copy
+                log.error("backend change failed, reopening %s: %s", uri, traceback.format_exc())
+                self.backend.close(uri)
+                self.backend.open(uri, text)
+
+    def _close(self, uri: str) -> None:
+        doc = self.docs.pop(uri, None)
+        if doc is not None and doc.modelled and self.backend is not None:
+            self.backend.close(uri)
+
+    def _configure(self, settings: Settings) -> None:
+        self.settings = settings
+        configure = getattr(self.backend, "configure", None)
+        if configure is not None:
+            configure(**cache_options(settings))
+        for uri, doc in self.docs.items():
+            if doc.modelled and len(doc.text) > settings.max_file_kb * 1024:
+                self._admit(uri, doc)
+
+    def _load(self, settings: Settings) -> tuple[bool, str]:
+        self.loading = True
+        self.settings = settings
+        try:
+            backend = self.factory(settings)
+        except Exception as err:
+            message = load_error_message(settings, err)
+            if self.backend is not None:
+                message += f" Still using {self.backend.description}."
+            self.load_error = message
+            return False, message
+        finally:
+            self.loading = False
+        self.backend, self.backend_key, self.load_error = backend, settings.model_key, None
+        for uri, doc in self.docs.items():
+            doc.modelled = False
+            if doc.refused is None:
+                self._admit(uri, doc)
+        return True, backend.description
+
+    def _complete(self, job: Job) -> Outcome:
+        if job.stop or self.closing:
+            return Outcome("dropped")
+        doc = self.docs.get(job.uri)
+        if doc is None:
+            raise UnknownDocumentError(job.uri)
+        if doc.edits != job.edits:
+            return Outcome("dropped")
+        if doc.refused:
+            return Outcome("refused")
+        cursor = to_offset(doc.text, Position(job.line, job.character), job.encoding)
+        if self.backend is None or not doc.modelled:
+            return Outcome("not_ready")
+        settings = job.settings
+        ctx = CursorContext(doc.text, cursor, python=is_python(job.uri, doc.language_id))
+        multiline = wants_multiline(settings.multiline, ctx)
+        ctx = CursorContext(doc.text, cursor, python=ctx.python, multiline=multiline, max_lines=settings.max_lines)
+        request = CompletionRequest(
+            job.uri, job.line, job.character, encoding=job.encoding, max_tokens=settings.max_tokens,
+            max_lines=settings.max_lines if multiline else 1, num_drafts=job.num_drafts, view=settings.view,
+        )
+        try:
+            result = self.backend.complete(request, should_stop=lambda: job.stop or self.closing)
+        except MemoryError as err:
+            return self._out_of_memory(err)
+        except RuntimeError as err:
+            if "out of memory" not in str(err).lower():
+                raise
+            return self._out_of_memory(err)
+        if job.stop:
+            return Outcome("dropped", stats=result.stats)
+        self.completed += 1
+        self.last_stats = dict(result.stats)
+        word = _WORD.search(ctx.before).group(0)
+        return Outcome(
+            "served", finish([(d.text, d.score) for d in result.drafts], ctx), word,
+            to_position(doc.text, cursor - len(word), job.encoding), to_position(doc.text, cursor, job.encoding),
+            multiline, result.stats,
+        )
+
+    def _out_of_memory(self, err: BaseException) -> Outcome:
+        drop = getattr(self.backend, "drop_caches", None)
+        if drop is not None:
+            drop()
+        self.notify("error", f"editkv: out of memory while completing ({str(err).splitlines()[0][:200]}); "
+                    "dropped all cached documents. Lower editkv.kvBudgetMb or editkv.maxTokens, "
+                    "or use a smaller model.")
+        return Outcome("dropped")
+
+
+def refusal(uri: str, text: str, max_file_kb: int) -> str | None:
+    """Why a document must not be modelled (too big, binary), or None."""
+    if len(text) > max_file_kb * 1024:
+        size = len(text.encode("utf-8", errors="replace"))
+        return (f"editkv: {_name(uri)} is {size / 2**20:.1f} MB; files over {max_file_kb} KB get no suggestions "
+                "(raise editkv.maxFileKb to change this). Reopen it once it is smaller.")
+    bad = _NOT_TEXT.search(text)
+    if bad is not None:
+        what = "NUL bytes (binary data?)" if bad.group() == "\x00" else "unpaired UTF-16 surrogates (not text)"
+        return f"editkv: {_name(uri)} contains {what}; it gets no suggestions. Reopen it once it is text."
+    return None
+
+
+def cache_options(settings: Settings) -> dict:
+    """`configure()` keyword arguments of a ModelBackend for `settings`."""
+    from edit_cache.document import DocumentOptions
+
+    mode = "pie" if settings.cache_mode == "recompute" else settings.cache_mode
+    return {"budget_bytes": settings.budget_bytes, "options": DocumentOptions(mode=mode),
+            "recompute": settings.cache_mode == "recompute"}
+
+
+def load_error_message(settings: Settings, err: BaseException) -> str:
+    """One line for the user about a failed model load."""
+    what = settings.model or "the default model"
+    text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+    if isinstance(err, MemoryError) or "out of memory" in text.lower():
+        return (f"editkv: out of memory loading {what} on {settings.device}; "
+                "try a smaller model or editkv.device = cpu.")
+    if type(err).__name__ == "EngineError":
+        return f"editkv: could not load the model: {text}"
+    log.error("model load failed: %s", "".join(traceback.format_exception(err)))
+    return f"editkv: could not load {what}: {type(err).__name__}: {text}"
+
+
+def _name(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1] or uri

@@ -1,0 +1,233 @@
+"""`editkv lsp`: the language server object, its typed state, and how it starts.
+
+The server's state lives on one `EditkvServer` (a pygls `LanguageServer`); the LSP handlers
+are top-level functions in `features.py`. The event loop only does bookkeeping: document
+versions, which request is the newest per document, debounce timers, settings. All model
+work, and the only copy of each document's text, is on the engine worker (`scheduler.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+
+from lsp_server.backend import Backend
+from lsp_server.protocol import PARSE_ERROR, EditkvProtocol
+from lsp_server.scheduler import BackendFactory, EngineWorker, Job, cache_options
+from lsp_server.settings import Settings
+from lsp_server.stats import Stats, default_stats_path
+
+log = logging.getLogger(__name__)
+MESSAGE_REPEAT_S = 10.0  # the same message is shown at most this often
+_LEVELS = {"error": types.MessageType.Error, "warning": types.MessageType.Warning, "info": types.MessageType.Info}
+
+
+class Pending:
+    """A completion request between its arrival and its answer, as the event loop sees it.
+
+    `supersede` (a newer edit or request for the same document) stops the job and wakes the
+    handler at once, whether it is in its debounce wait or waiting for the worker.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.waiting: asyncio.Future | None = None
+        self.superseded = False
+
+    def supersede(self) -> None:
+        self.superseded = True
+        self.job.stop = True
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.cancel()
+
+
+@dataclass
+class DocState:
+    """What the event loop knows of an open document (its text lives on the worker)."""
+
+    uri: str
+    language_id: str
+    version: int
+    edits: int = 0  # content changes so far; the worker counts the same ones
+    pending: dict[str, Pending] = field(default_factory=dict)  # newest request per kind
+
+    def supersede(self, kind: str | None = None) -> None:
+        for k, p in list(self.pending.items()):
+            if kind is None or k == kind:
+                p.supersede()
+
+
+class EditkvServer(LanguageServer):
+    """editkv's language server: documents, settings, the engine worker, statistics."""
+
+    def __init__(self, *, base_settings: Settings, factory: BackendFactory, stats_path: Path | None = None) -> None:
+        from lsp_server.cli import _version
+
+        super().__init__("editkv", _version(), protocol_cls=EditkvProtocol,
+                         text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        self.base_settings = base_settings
+        self.settings = base_settings
+        self.settings_problems: list[str] = []
+        self.docs: dict[str, DocState] = {}
+        self.encoding = "utf-16"
+        self.session_started = False  # initialize received
+        self.client_progress = False
+        self.client_config_pull = False
+        self.completion_as_is = False  # client takes multi-line insertions verbatim when asked
+        self.worker = EngineWorker(factory, self.notify_from_any_thread)
+        self.stats = Stats(stats_path)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop_thread: int | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.loads = 0
+        self._last_shown: dict[str, float] = {}
+
+    # ---- messages to the user ---------------------------------------------------------------
+
+    def show(self, level: str, message: str) -> None:
+        """`window/showMessage` (event loop only); repeats within MESSAGE_REPEAT_S are only logged."""
+        getattr(log, "info" if level == "info" else level)("%s", message)
+        now = time.monotonic()
+        if now - self._last_shown.get(message, -1e9) < MESSAGE_REPEAT_S:
+            return
+        self._last_shown[message] = now
+        if len(self._last_shown) > 256:
+            self._last_shown = dict(list(self._last_shown.items())[-128:])
+        self.window_show_message(types.ShowMessageParams(type=_LEVELS.get(level, types.MessageType.Info),
+                                                         message=message))
+
+    def notify_from_any_thread(self, level: str, message: str) -> None:
+        """`show`, safe to call from the engine worker."""
+        if self.loop is None:
+            log.warning("%s", message)
+        elif threading.get_ident() == self.loop_thread:
+            self.show(level, message)
+        else:
+            self.loop.call_soon_threadsafe(self.show, level, message)
+
+    def report_server_error(self, error: Exception, source: type) -> None:
+        """Malformed JSON gets JSON-RPC's parse error; other protocol errors are logged and shown."""
+        if isinstance(error, json.JSONDecodeError | UnicodeDecodeError | RecursionError):
+            self.protocol.send_error(None, PARSE_ERROR, f"parse error: the message is not valid JSON ({error})")
+            return
+        if source.__name__ in ("FeatureRequestError", "JsonRpcException"):
+            log.warning("protocol error: %s", error)
+            return
+        self.show("error", f"editkv: internal error: {error}")
+
+    # ---- background work --------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine) -> asyncio.Task:
+        """Run `coro` on the event loop, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def load_backend(self, settings: Settings) -> bool:
+        """Load the backend on the worker, with `$/progress` when the client shows it."""
+        self.loads += 1
+        token = f"editkv-load-{self.loads}" if self.client_progress else None
+        what = "fake backend" if self.worker.factory_is_fake else (settings.model or "default model")
+        if token is not None:
+            try:
+                await asyncio.wait_for(self.work_done_progress.create_async(token), 10)
+                self.work_done_progress.begin(token, types.WorkDoneProgressBegin(
+                    title="editkv", message=f"loading {what} on {settings.device}", cancellable=False))
+            except Exception as err:  # a client that refuses progress still gets a model
+                log.warning("no progress reporting: %s", err)
+                token = None
+        ok, message = await asyncio.wrap_future(self.worker.load(settings))
+        if token is not None:
+            self.work_done_progress.end(token, types.WorkDoneProgressEnd(
+                message=f"ready: {message}" if ok else "model not loaded"))
+        if ok:
+            self.window_log_message(types.LogMessageParams(type=types.MessageType.Info,
+                                                           message=f"editkv: ready ({message})"))
+        else:
+            self.show("error", message)
+        return ok
+
+    def apply_settings(self, new: Settings, problems: list[str]) -> None:
+        """Report problems; reload the backend if the model changed, else reconfigure it."""
+        for problem in problems:
+            self.show("warning", problem)
+        old, self.settings = self.settings, new
+        self.stats.path = default_stats_path() if new.stats_file else None
+        if new.model_key != old.model_key or (self.worker.backend is None and not self.worker.loading):
+            self.spawn(self.load_backend(new))
+        else:
+            self.worker.configure(new)
+
+    def snapshot(self) -> dict:
+        """`editkv/stats`: counters, backend state, documents."""
+        backend = self.worker.backend
+        return {
+            **self.stats.snapshot(),
+            "backend": {
+                "ready": backend is not None, "loading": self.worker.loading,
+                "description": backend.description if backend is not None else None,
+                "error": self.worker.load_error, "completed": self.worker.completed,
+                "last_request": self.worker.last_stats,
+                "evictions": getattr(getattr(backend, "cache", None), "evictions", None),
+            },
+            "documents": {uri: {"version": d.version, "edits": d.edits, "pending": sorted(d.pending)}
+                          for uri, d in self.docs.items()},
+            "position_encoding": self.encoding,
+            "settings": asdict(self.settings),
+        }
+
+    def shutdown(self) -> None:
+        """Stop the worker (a running decode stops at its next step), save stats, stop pygls."""
+        self.worker.stop()
+        self.stats.save()
+        super().shutdown()
+
+
+def fake_factory(delay_s: float = 0.0, load_s: float = 0.0) -> BackendFactory:
+    """Backends that answer `<fake line:col>` (protocol tests, debugging)."""
+
+    def make(settings: Settings) -> Backend:
+        from lsp_server.backend import FakeBackend
+
+        time.sleep(load_s)
+        return FakeBackend(delay_s)
+
+    make.fake = True  # type: ignore[attr-defined]
+    return make
+
+
+def model_factory() -> BackendFactory:
+    """Backends over a real model: `settings.model` or the embedded default."""
+
+    def make(settings: Settings) -> Backend:
+        from engine.loading import load_model
+        from lsp_server.backend import ModelBackend
+        from lsp_server.cli import _resolve_model
+
+        loaded = load_model(_resolve_model(settings.model), device=settings.device, dtype=settings.dtype)
+        return ModelBackend(loaded, **cache_options(settings))
+
+    return make
+
+
+def create_server(base_settings: Settings, factory: BackendFactory, *, stats: bool = True) -> EditkvServer:
+    """A server with every editkv feature registered."""
+    from lsp_server import features
+
+    path = default_stats_path() if stats and base_settings.stats_file else None
+    server = EditkvServer(base_settings=base_settings, factory=factory, stats_path=path)
+    for method, options, handler in features.HANDLERS:
+        server.feature(method, options)(handler)
+    for name, handler in features.COMMANDS:
+        server.command(name)(handler)
+    return server

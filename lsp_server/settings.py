@@ -1,0 +1,127 @@
+"""The server's settings: one validated dataclass, read from the client's JSON.
+
+Settings arrive as `initializationOptions` and later through
+`workspace/didChangeConfiguration` (section "editkv"). Keys may be camelCase (as VS Code
+settings are) or snake_case. A value of the wrong type or out of range is reported and
+replaced by the current (or default) value; an unknown key is reported and ignored. Nothing
+here raises on bad client input.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+SECTION = "editkv"
+MULTILINE_POLICIES = ("auto", "never", "always")
+CACHE_MODES = ("pie", "conflict", "prefix_reuse", "recompute")
+VIEWS = ("auto", "fim", "l2r")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a user can set. `model=None` means the command line's or the embedded model."""
+
+    model: str | None = None
+    device: str = "auto"  # cpu, cuda, cuda:N, auto
+    dtype: str | None = None  # float32, bfloat16; None: fp32 on CPU, bf16 on CUDA
+    max_tokens: int = 64
+    multiline: str = "auto"  # "auto": several lines where a block starts; "never"; "always"
+    max_lines: int = 8  # most lines of a multi-line suggestion
+    num_drafts: int = 3  # suggestions on an explicit invocation and in the dropdown
+    debounce_ms: int = 40
+    kv_budget_mb: int = 1024  # KV cache memory of all documents together; 0 = no limit
+    cache_mode: str = "pie"  # "recompute" re-reads the whole file for every request (baseline)
+    view: str = "auto"  # "auto" (FIM when the model has FIM tokens), "fim", "l2r"
+    max_file_kb: int = 1024  # larger files are kept in sync but never modelled
+    stats_file: bool = True  # keep suggestion statistics in the user's cache folder
+
+    @property
+    def model_key(self) -> tuple[str | None, str, str | None]:
+        """What a backend is loaded for: changing any of these reloads it."""
+        return (self.model, self.device, self.dtype)
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self.kv_budget_mb * 2**20 if self.kv_budget_mb else None
+
+
+_INT_RANGES = {
+    "max_tokens": (1, 1024),
+    "max_lines": (1, 200),
+    "num_drafts": (1, 8),
+    "debounce_ms": (0, 5000),
+    "kv_budget_mb": (0, 1 << 20),
+    "max_file_kb": (1, 1 << 20),
+}
+_CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
+            "dtype": ("float32", "bfloat16", "float16")}
+_FIELDS = {f.name for f in fields(Settings)}
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).lower()
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def section_of(raw: Any) -> Any:
+    """The "editkv" part of a settings object, whether or not it is nested under "editkv"."""
+    if isinstance(raw, dict) and isinstance(raw.get(SECTION), dict):
+        return raw[SECTION]
+    return raw
+
+
+def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, list[str]]:
+    """Apply the client's `raw` settings on top of `base`; returns (settings, problems).
+
+    Each problem is one sentence naming the setting, what was wrong and what is used instead.
+    """
+    base = base or Settings()
+    raw = section_of(raw)
+    if raw is None:
+        return base, []
+    if not isinstance(raw, dict):
+        return base, [f"{SECTION} settings must be an object, not {type(raw).__name__}; keeping the current ones"]
+    changes: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in raw.items():
+        name = _snake(str(key))
+        if name not in _FIELDS:
+            problems.append(f"{SECTION}.{key} is not a setting (known: "
+                            f"{', '.join(_camel(n) for n in sorted(_FIELDS))}); ignored")
+            continue
+        current = getattr(base, name)
+        ok, parsed, why = _validate(name, value)
+        if ok:
+            changes[name] = parsed
+        else:
+            problems.append(f"{SECTION}.{_camel(name)}: {why}, got {value!r}; using {current!r}")
+    return replace(base, **changes), problems
+
+
+def _validate(name: str, value: Any) -> tuple[bool, Any, str]:
+    if name in ("model", "dtype") and (value is None or value == ""):
+        return True, None, ""
+    if name in _INT_RANGES:
+        lo, hi = _INT_RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            return False, None, f"expected a whole number from {lo} to {hi}"
+        if not lo <= value <= hi:
+            return False, None, f"expected a whole number from {lo} to {hi}"
+        return True, int(value), ""
+    if name == "stats_file":
+        if not isinstance(value, bool):
+            return False, None, "expected true or false"
+        return True, value, ""
+    if not isinstance(value, str):
+        return False, None, "expected a string"
+    if name in _CHOICES and value not in _CHOICES[name]:
+        return False, None, f"expected one of {', '.join(_CHOICES[name])}"
+    if name == "device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        return False, None, "expected auto, cpu, cuda or cuda:N"
+    return True, value, ""

@@ -1,0 +1,70 @@
+"""The real path: client -> `editkv lsp` -> ModelBackend (edit_cache + engine) on a tiny model.
+
+The checkpoint is random, so these tests check that requests go through the model (FIM view,
+decoded tokens, PIE repair after edits) and how loading problems are handled, not what the
+suggestions say.
+"""
+
+import asyncio
+
+import pytest
+import pytest_lsp
+from lsp_testing import SERVER_ENV, lsp_command
+from lsprotocol import types
+from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
+from test_protocol import complete, inline, open_doc, server_stats, start, type_at, wait_loaded
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--device", "cpu"), server_env=SERVER_ENV))
+async def client(lsp_client: LanguageClient):
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest.mark.parametrize("caps", ["visual-studio-code", "neovim"])
+async def test_completions_from_a_real_model(client: LanguageClient, caps: str, tiny_model):
+    await start(client, caps, {"model": str(tiny_model), "debounceMs": 0, "maxTokens": 8, "multiline": "always"})
+    [reports] = client.progress_reports.values()
+    assert str(tiny_model) in reports[-1].message and "cpu" in reports[-1].message
+    open_doc(client)
+    type_at(client, 12, 0, "    def norm(self):\n        return ", 1)
+    for i, ch in enumerate("sel"):  # keystrokes: each is a pending edit, repaired lazily
+        type_at(client, 13, 15 + i, ch, 2 + i)
+    result = await inline(client, 13, 18, invoked=True)
+    assert result is not None and all("\ufffd" not in item.insert_text for item in result.items)
+    stats = await server_stats(client)
+    last = stats["backend"]["last_request"]
+    assert last["view"] == "fim" and last["decode_tokens"] > 0 and last["forwards"] >= 1
+    assert stats["requests"]["inline"]["served"] == 1
+    # one more keystroke: the cache is repaired (PIE), not rebuilt, before the next view
+    type_at(client, 13, 18, "f", 5)
+    dropdown = await complete(client, 13, 19)
+    assert dropdown.is_incomplete is True
+    stats = await server_stats(client)
+    assert stats["backend"]["completed"] == 2 and stats["requests"]["completion"]["served"] == 1
+    assert stats["backend"]["last_request"]["view_encoded_tokens"] < 40  # the file itself was not re-read
+
+
+async def test_bad_model_path_is_reported_then_a_good_one_loads(client: LanguageClient, tiny_model, tmp_path):
+    options = {"model": str(tmp_path / "missing"), "statsFile": False, "debounceMs": 0}
+    await client.initialize_session(types.InitializeParams(
+        capabilities=client_capabilities("visual-studio-code"), initialization_options=options))
+    await wait_loaded(client)
+    for _ in range(200):
+        if client.messages:
+            break
+        await asyncio.sleep(0.02)
+    error = client.messages[0]
+    assert error.type == types.MessageType.Error and "missing" in error.message
+    open_doc(client)
+    assert list((await inline(client, 1, 0)).items) == []  # alive, nothing to suggest with
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"editkv": {"model": str(tiny_model), "cacheMode": "recompute", "maxTokens": 4}}))
+    await wait_loaded(client, loads=2)
+    assert (await server_stats(client))["backend"]["ready"]
+    assert await inline(client, 1, 0, invoked=True) is not None
+    stats = await server_stats(client)
+    assert stats["backend"]["completed"] == 1 and stats["backend"]["last_request"]["decode_tokens"] > 0
+    assert stats["settings"]["cache_mode"] == "recompute"

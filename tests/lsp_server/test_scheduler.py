@@ -1,0 +1,149 @@
+"""The engine worker on its own: one thread for every backend call, stale jobs never reach the
+backend, failures (loading, out of memory, bad changes) become messages, not crashes."""
+
+import threading
+from concurrent.futures import wait
+
+import pytest
+
+from edit_cache.positions import Position, Range
+from lsp_server.backend import CompletionResult, Draft, FakeBackend
+from lsp_server.scheduler import EngineWorker, Job
+from lsp_server.settings import Settings
+
+URI = "file:///w/a.py"
+
+
+class RecordingBackend(FakeBackend):
+    """A FakeBackend that notes which thread made each call."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+        self.fail = fail
+        self.dropped = False
+
+    def open(self, uri, text):
+        self.calls.append(("open", threading.get_ident()))
+        super().open(uri, text)
+
+    def change(self, uri, changes, encoding="utf-16"):
+        self.calls.append(("change", threading.get_ident()))
+        super().change(uri, changes, encoding)
+
+    def close(self, uri):
+        self.calls.append(("close", threading.get_ident()))
+        super().close(uri)
+
+    def complete(self, request, should_stop=lambda: False):
+        self.calls.append(("complete", threading.get_ident()))
+        if self.fail is not None:
+            raise self.fail
+        return super().complete(request, should_stop)
+
+    def drop_caches(self):
+        self.dropped = True
+
+
+@pytest.fixture()
+def worker():
+    messages: list[tuple[str, str]] = []
+    backend = RecordingBackend()
+    w = EngineWorker(lambda settings: backend, lambda level, text: messages.append((level, text)))
+    w.messages, w.fake = messages, backend
+    assert w.load(Settings()).result(10) == (True, "fake backend")
+    yield w
+    w.stop()
+
+
+def job(edits: int, line: int = 0, character: int = 0, **kw) -> Job:
+    return Job(URI, "inline", line, character, "utf-16", edits, 1, Settings(), **kw)
+
+
+def at(line: int, character: int) -> Range:
+    return Range(Position(line, character), Position(line, character))
+
+
+def test_every_backend_call_runs_on_the_one_worker_thread(worker):
+    worker.open(URI, "x = 1\n", "python")
+    worker.change(URI, [(at(0, 5), "0")], "utf-16")
+    outcome = worker.complete(job(1, 0, 6)).result(10)
+    worker.close(URI).result(10)
+    assert outcome.status == "served" and outcome.suggestions[0].text == "<fake 0:6>"
+    assert outcome.word == "10" and outcome.cursor == Position(0, 6)  # "x = 10": the word before the cursor
+    threads = {tid for _, tid in worker.fake.calls}
+    assert [name for name, _ in worker.fake.calls] == ["open", "change", "complete", "close"]
+    assert threads == {worker.thread_id} and threading.get_ident() not in threads
+
+
+def test_jobs_for_an_older_version_or_stopped_never_reach_the_backend(worker):
+    worker.open(URI, "x = 1\n", "python")
+    worker.change(URI, [(at(0, 5), "0")], "utf-16")
+    stale = worker.complete(job(0)).result(10)  # made before the change: the text moved on
+    stopped = worker.complete(job(1, stop=True)).result(10)  # superseded / cancelled while queued
+    assert stale.status == stopped.status == "dropped"
+    assert "complete" not in [name for name, _ in worker.fake.calls]
+
+
+def test_changes_that_do_not_fit_are_reported_and_skipped(worker):
+    worker.open(URI, "x = 1\n", "python")
+    worker.change(URI, [(at(9, 0), "boom")], "utf-16")
+    worker.change(URI, [(at(0, 0), "y")], "utf-16")
+    wait([worker.complete(job(2))])
+    assert worker.docs[URI].text == "yx = 1\n" and worker.fake.texts[URI] == "yx = 1\n"
+    assert worker.messages[0][0] == "warning" and "does not fit" in worker.messages[0][1]
+
+
+def test_out_of_memory_while_completing_drops_caches_and_reports(worker):
+    worker.open(URI, "x = 1\n", "python")
+    worker.fake.fail = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert worker.complete(job(0)).result(10).status == "dropped"
+    assert worker.fake.dropped and worker.messages[-1][0] == "error" and "kvBudgetMb" in worker.messages[-1][1]
+    worker.fake.fail = ValueError("a backend bug")
+    with pytest.raises(ValueError):  # the handler turns it into an InternalError response
+        worker.complete(job(0)).result(10)
+
+
+def test_failed_load_keeps_the_previous_backend(worker):
+    worker.open(URI, "x = 1\n", "python")
+
+    def broken(settings):
+        raise MemoryError
+
+    worker.factory = broken
+    ok, message = worker.load(Settings(model="big")).result(10)
+    assert not ok and "out of memory loading big" in message and "Still using fake backend" in message
+    assert worker.complete(job(0)).result(10).status == "served"
+
+
+def test_documents_opened_before_the_model_are_handed_over_when_it_loads():
+    backend = RecordingBackend()
+    w = EngineWorker(lambda settings: backend, lambda level, text: None)
+    try:
+        w.open(URI, "x = 1\n", "python")
+        assert w.complete(job(0)).result(10).status == "not_ready"
+        w.load(Settings()).result(10)
+        assert backend.texts[URI] == "x = 1\n" and w.complete(job(0)).result(10).status == "served"
+    finally:
+        w.stop()
+
+
+def test_oversized_and_binary_documents_are_not_modelled(worker):
+    worker.settings = Settings(max_file_kb=1)
+    worker.open(URI, "x" * 2000, "python")
+    worker.open("file:///w/bin.py", "a\x00b", "python")
+    assert worker.complete(job(0)).result(10).status == "refused"
+    assert URI not in worker.fake.texts and "file:///w/bin.py" not in worker.fake.texts
+    assert "files over 1 KB" in worker.messages[0][1] and "NUL" in worker.messages[1][1]
+
+
+def test_backend_result_draft_scores_rank_suggestions(worker):
+    class Scored(RecordingBackend):
+        def complete(self, request, should_stop=lambda: False):
+            return CompletionResult([Draft("x +", -0.1), Draft("x + 1", -2.0), Draft("x + 1", -3.0)])
+
+    worker.factory = lambda settings: Scored()
+    worker.load(Settings()).result(10)
+    worker.open(URI, "def f(x):\n    return \n", "python")
+    outcome = worker.complete(job(0, 1, 11)).result(10)
+    assert [s.text for s in outcome.suggestions] == ["x + 1", "x +"]

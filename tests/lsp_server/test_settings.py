@@ -1,0 +1,35 @@
+"""Settings from client JSON: camelCase or snake_case, nested or flat, bad values reported."""
+
+from lsp_server.settings import Settings, parse_settings
+
+
+def test_camel_and_snake_case_nested_or_flat():
+    s, problems = parse_settings({"editkv": {"maxTokens": 32, "num_drafts": 5, "multiline": "never"}})
+    assert (s.max_tokens, s.num_drafts, s.multiline, problems) == (32, 5, "never", [])
+    s, _ = parse_settings({"debounceMs": 0, "kvBudgetMb": 0, "cacheMode": "recompute"})
+    assert (s.debounce_ms, s.budget_bytes, s.cache_mode) == (0, None, "recompute")
+
+
+def test_bad_values_are_reported_and_replaced_by_the_current_ones():
+    base = Settings(max_tokens=48)
+    s, problems = parse_settings({"maxTokens": "lots", "numDrafts": 0, "multiline": "sometimes",
+                                  "device": "tpu", "statsFile": "yes", "debounceMs": 1.5, "bogus": 1}, base)
+    assert s == base
+    text = "\n".join(problems)
+    for name in ("maxTokens", "numDrafts", "multiline", "device", "statsFile", "debounceMs", "bogus"):
+        assert f"editkv.{name}" in text
+    assert "using 48" in text and "auto, never, always" in text
+
+
+def test_none_and_non_objects():
+    assert parse_settings(None) == (Settings(), [])
+    s, problems = parse_settings([1, 2])
+    assert s == Settings() and "must be an object" in problems[0]
+    s, _ = parse_settings({"model": "", "dtype": None}, Settings(model="m", dtype="float32"))
+    assert s.model is None and s.dtype is None
+
+
+def test_model_key_covers_what_needs_a_reload():
+    a = Settings()
+    assert parse_settings({"maxTokens": 8}, a)[0].model_key == a.model_key
+    assert parse_settings({"device": "cpu"}, a)[0].model_key != a.model_key
