@@ -1,0 +1,370 @@
+"""k suggestions per request (k = 3): superposed decoding vs greedy, 3 separate decodes, beam search.
+
+Targets are bench/default_model.py's: the document is realedits' `after` with the target
+line's text after its indentation removed, the cursor after the indentation, the answer is
+the line (stop at its end; token healing on). Each target's prompt (FIM by default, the
+prefix's last --max-prefix-tokens and the suffix's first --max-suffix-tokens tokens) is
+prefilled once into a DecodeState; every method then decodes from that same state, one
+after the other, so latency is decode time only (prefill is the same for all; reported).
+Methods:
+  greedy            one greedy decode (the baseline for latency and EM)
+  superposed        engine.decoding.superposed, k drafts, one forward per step, n-grams from
+                    the document's workspace index + the corpus table shipped with the model
+  superposed-no-ng  the same with alpha = 0 (model alone), an ablation
+  top-k x greedy    k greedy decodes, each forced to start with one of the k best first tokens
+  nucleus x k       k sampled decodes (--nucleus-temperature, top-p --top-p)
+  beam k            beam search, k beams batched in one forward per step
+Quality: best-of-k EM/ES (any draft right), first-draft EM/ES, distinct drafts per target and
+their mean pairwise edit distance (characters). The workspace index holds the document only
+(other files of the repository may be later versions that contain the answer).
+
+    python bench/multidraft.py --limit 100 --json /tmp/multidraft.json
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import (
+    edit_similarity,
+    exact_match,
+    levenshtein,
+    load_records,
+    machine,
+    parser,
+    sync,
+    table,
+    write_json,
+)
+from default_model import build_cases
+
+from edit_cache.tokens import TokenEdit
+from engine.decoding.ngram_index import NgramIndex
+from engine.decoding.superposed import SuperposedParams, superposed_drafts
+from engine.generate import DecodeState, DecodeStats, LineStopper, StopRules, decode
+from engine.healing import healer_for
+from engine.loading import DEFAULT_MODEL_DIR, load_model
+from engine.model import Span
+from engine.ngram import NgramTable
+from engine.prompting import doc_start_ids
+from engine.sampling import SamplingParams
+
+
+@dataclass
+class Run:
+    """One method's drafts for one target, best first, and what they cost."""
+
+    texts: list[str]
+    ms: float
+    forwards: int
+    extra: dict = field(default_factory=dict)
+
+
+def build_prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int, max_suffix: int):
+    """(prompt ids, healed bytes), as bench/default_model.py builds them."""
+    head = doc_start_ids(tok, cfg)
+    pre, heal = healer_for(tok).split(tok.encode(prefix)[-max_prefix:])
+    if view == "l2r":
+        return head + pre, heal
+    return head + pre + [tok.fim.suffix] + tok.encode(suffix)[:max_suffix] + [tok.fim.middle], heal
+
+
+def run_greedy(state: DecodeState, rules: StopRules) -> Run:
+    stats = DecodeStats()
+    t0 = time.perf_counter()
+    out = decode(state.model, state.tokenizer, state.first_logits, context=state.context,
+                 next_position=state.next_position, rules=rules, scratch=state.scratch,
+                 scratch_used=state.scratch_used, stats=stats, heal=state.heal)
+    return Run([out.text], 1000 * (time.perf_counter() - t0), stats.forwards)
+
+
+def run_top_first(state: DecodeState, k: int, rules: StopRules) -> Run:
+    """k greedy decodes, the i-th forced to start with the i-th best first token (healing respected)."""
+    t0 = time.perf_counter()
+    first = state.first_logits
+    if state.heal:
+        first = healer_for(state.tokenizer).mask(first, state.heal)
+    top = [t for t in first[0].topk(k).indices.tolist() if first[0, t] > float("-inf")]
+    stats = DecodeStats()
+    scored = []
+    for token in top:
+        forced = torch.full_like(first, float("-inf"))
+        forced[0, token] = 0.0
+        out = decode(state.model, state.tokenizer, forced, context=state.context, next_position=state.next_position,
+                     rules=rules, scratch=state.scratch, scratch_used=state.scratch_used, stats=stats,
+                     heal=state.heal)
+        scored.append((out.logprob + float(first.log_softmax(-1)[0, token]), out.text))
+    texts = [t for _, t in sorted(scored, key=lambda s: -s[0])]
+    return Run(texts, 1000 * (time.perf_counter() - t0), stats.forwards)
+
+
+def run_nucleus(state: DecodeState, k: int, rules: StopRules, temperature: float, top_p: float, seed: int) -> Run:
+    t0 = time.perf_counter()
+    stats = DecodeStats()
+    outs = []
+    for i in range(k):
+        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed + i)
+        outs.append(decode(state.model, state.tokenizer, state.first_logits, context=state.context,
+                           next_position=state.next_position, params=params, rules=rules, scratch=state.scratch,
+                           scratch_used=state.scratch_used, stats=stats, heal=state.heal))
+    texts = [o.text for o in sorted(outs, key=lambda o: -o.logprob)]
+    return Run(texts, 1000 * (time.perf_counter() - t0), stats.forwards)
+
+
+@dataclass
+class _Beam:
+    ids: list[int]
+    score: float
+    remaining: bytes
+    parent: int = 0
+    text: str = ""
+
+
+def beam_search(state: DecodeState, num_beams: int, rules: StopRules) -> Run:
+    """Beam search with `num_beams` beams batched in one forward per step (their own scratch rows).
+
+    Scores are summed log-probs; a finished beam (stop token, line end, max tokens) goes to
+    a pool unless it is empty (as superposed drafts); search ends when the pool holds
+    `num_beams` beams that no live beam can beat.
+    """
+    t0 = time.perf_counter()
+    model, tok = state.model, state.tokenizer
+    dev = model.device
+    stop_ids = rules.stop_ids | tok.stop_ids
+    stopper = LineStopper(tok, rules.max_lines)
+    healer = healer_for(tok) if state.heal else None
+    cache = model.new_cache(rules.max_tokens + 1, batch=num_beams)
+    context = [*state.context, Span(state.scratch, 0, state.scratch_used)]
+    beams = [_Beam([], 0.0, state.heal)]
+    logits = state.first_logits
+    pool: list[_Beam] = []
+    forwards = 0
+    step = 0
+    healed = state.heal.decode("utf-8", errors="replace")
+
+    def add(beam: _Beam) -> None:
+        key = beam.text.rstrip()
+        if not key[len(healed):].strip() or any(p.text.rstrip() == key for p in pool):  # empty or seen
+            return
+        pool.append(beam)
+        pool.sort(key=lambda b: -b.score)
+        del pool[num_beams:]
+
+    while True:
+        logp = torch.log_softmax(logits.float(), -1)  # [rows, V]
+        candidates = []
+        for b, beam in enumerate(beams):
+            row = healer.mask(logp[b : b + 1], beam.remaining)[0] if beam.remaining else logp[b]
+            top = row.topk(2 * num_beams)
+            for s, t in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                if s > float("-inf"):
+                    candidates.append((beam.score + s, b, t))
+        candidates.sort(key=lambda c: -c[0])
+        live: list[_Beam] = []
+        seen = set()
+        for score, b, t in candidates:
+            parent = beams[b]
+            remaining = healer.advance(parent.remaining, t) if parent.remaining else b""
+            if t in stop_ids:
+                add(_Beam(parent.ids, score, remaining, b, stopper.cut(parent.ids)[0]))
+                continue
+            ids = [*parent.ids, t]
+            text, hit = stopper.cut(ids)
+            if hit or len(ids) >= rules.max_tokens:
+                add(_Beam(ids, score, remaining, b, text))
+            elif text not in seen:
+                seen.add(text)
+                live.append(_Beam(ids, score, remaining, b, text))
+                if len(live) == num_beams:
+                    break
+        if not live or (len(pool) >= num_beams and live[0].score <= pool[-1].score):
+            break
+        rows = [beam.parent for beam in live] + [live[0].parent] * (num_beams - len(live))
+        if step:
+            index = torch.tensor(rows, device=dev)
+            cache.k[:, :, :, :step] = cache.k[:, :, :, :step].index_select(1, index)
+            cache.v[:, :, :, :step] = cache.v[:, :, :, :step].index_select(1, index)
+        tokens = [beam.ids[-1] for beam in live] + [live[0].ids[-1]] * (num_beams - len(live))
+        position = torch.tensor([state.next_position + step], device=dev)
+        logits = model(torch.tensor(tokens, device=dev)[:, None], position,
+                       write=cache, write_at=step, context=[*context, Span(cache, 0, step)], logits="last")
+        forwards += 1
+        step += 1
+        beams = live
+    for beam in live:
+        if len(pool) >= num_beams:
+            break
+        add(beam)
+    texts = [b.text[len(healed):] if healed and b.text.startswith(healed) else b.text for b in pool]
+    return Run(texts, 1000 * (time.perf_counter() - t0), forwards)
+
+
+def run_superposed(state, k, rules, index, corpus, params) -> Run:
+    t0 = time.perf_counter()
+    result = superposed_drafts(state, k, rules, ngram_index=index, corpus=corpus, params=params)
+    ms = 1000 * (time.perf_counter() - t0)
+    s = result.stats
+    return Run([d.text for d in result.drafts], ms, s.forwards,
+               {"steps": s.steps, "resets": s.resets, "reset_tokens": s.reset_tokens, "ngram_ms": s.ngram_ms,
+                "forward_ms": s.forward_ms, "ngram_lookups": s.ngram_lookups})
+
+
+def index_costs(index: NgramIndex, ids: list[int], rng: random.Random) -> dict:
+    """Time a few one-token edits (and their undo) on the index."""
+    if len(ids) < 2:
+        return {}
+    times = []
+    for _ in range(4):
+        i = rng.randrange(len(ids))
+        t0 = time.perf_counter()
+        index.apply_edit("doc", TokenEdit(i, i + 1, (rng.randrange(100, 5000),)))
+        index.apply_edit("doc", TokenEdit(i, i + 1, (ids[i],)))
+        times.append((time.perf_counter() - t0) / 2)
+    return {"edit_us": 1e6 * statistics.mean(times)}
+
+
+def pairwise_distance(texts: list[str]) -> float:
+    pairs = list(itertools.combinations(texts, 2))
+    return statistics.mean(levenshtein(a.rstrip(), b.rstrip()) for a, b in pairs) if pairs else 0.0
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--subset", type=int, default=None, help="a fixed subset of N targets spread over the data")
+    p.add_argument("--view", choices=("fim", "l2r"), default="fim")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-prefix-tokens", type=int, default=1024)
+    p.add_argument("--max-suffix-tokens", type=int, default=256)
+    p.add_argument("--nucleus-temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--no-corpus", action="store_true", help="superposed: workspace n-grams only")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
+    p.add_argument("--methods", default="greedy,superposed,superposed-no-ng,top-k x greedy,nucleus x k,beam k")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    records = load_records(args.data)
+    cases = build_cases(records, args.subset, args.limit)
+    loaded = load_model(args.model, device=args.device)
+    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    corpus_path = model_dir / "ngram.npz"
+    corpus = None if args.no_corpus or not corpus_path.is_file() else NgramTable.load(corpus_path)
+    k = args.k
+    rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
+    methods = args.methods.split(",")
+    print(f"multidraft bench: {len(cases)} targets, k = {k}, {args.view} view, default model "
+          f"{'' if args.model is None else args.model}, corpus n-grams {'on' if corpus else 'off'}, "
+          f"{machine(args.device)}", flush=True)
+    healer_for(tok)  # built once, outside the timings
+    rng = random.Random(0)
+    runs: dict[str, list[Run]] = {m: [] for m in methods}
+    side: dict[str, list[float]] = {"prefill_ms": [], "index_build_ms": [], "index_tokens": [], "edit_us": [],
+                                    "index_bytes_per_token": []}
+    for n, (_rec, _target, prefix, suffix) in enumerate(cases):
+        ids, heal = build_prompt(tok, cfg, prefix, suffix, args.view, args.max_prefix_tokens, args.max_suffix_tokens)
+        doc_ids = tok.encode(prefix + "\n" + suffix)
+        t0 = time.perf_counter()
+        index = NgramIndex()
+        index.add("doc", doc_ids)
+        side["index_build_ms"].append(1000 * (time.perf_counter() - t0))
+        side["index_tokens"].append(len(doc_ids))
+        side["index_bytes_per_token"].append(index.nbytes() / max(len(doc_ids), 1))
+        side["edit_us"].append(index_costs(index, doc_ids, rng).get("edit_us", 0.0))
+        sync(args.device)
+        t0 = time.perf_counter()
+        state = DecodeState.from_prompt(model, tok, ids, heal=heal, max_new_tokens=args.max_tokens)
+        sync(args.device)
+        side["prefill_ms"].append(1000 * (time.perf_counter() - t0))
+        for method in methods:
+            if method == "greedy":
+                run = run_greedy(state, rules)
+            elif method == "superposed":
+                run = run_superposed(state, k, rules, index, corpus, SuperposedParams())
+            elif method == "superposed-no-ng":
+                run = run_superposed(state, k, rules, None, None, SuperposedParams(alpha=0.0))
+            elif method == "top-k x greedy":
+                run = run_top_first(state, k, rules)
+            elif method == "nucleus x k":
+                run = run_nucleus(state, k, rules, args.nucleus_temperature, args.top_p, seed=1000 * n)
+            elif method == "beam k":
+                run = beam_search(state, k, rules)
+            else:
+                raise SystemExit(f"unknown method {method!r}; use {args.methods}")
+            sync(args.device)
+            runs[method].append(run)
+        if (n + 1) % 10 == 0:
+            print(f"  {n + 1}/{len(cases)} targets", flush=True)
+
+    expected = [c[1]["expected"] for c in cases]
+    greedy_ms = sum(r.ms for r in runs["greedy"]) if "greedy" in runs else None
+    greedy_em = None
+    rows, payload = [], {}
+    for method, rs in runs.items():
+        best_em = 100 * np.mean([max(exact_match(t, e) for t in r.texts) if r.texts else 0.0
+                                 for r, e in zip(rs, expected, strict=True)])
+        best_es = 100 * np.mean([max(edit_similarity(t, e) for t in r.texts) if r.texts else 0.0
+                                 for r, e in zip(rs, expected, strict=True)])
+        first_em = 100 * np.mean([exact_match(r.texts[0], e) if r.texts else 0.0
+                                  for r, e in zip(rs, expected, strict=True)])
+        first_es = 100 * np.mean([edit_similarity(r.texts[0], e) if r.texts else 0.0
+                                  for r, e in zip(rs, expected, strict=True)])
+        distinct = np.mean([len({t.rstrip() for t in r.texts}) for r in rs])
+        spread = np.mean([pairwise_distance(r.texts) for r in rs])
+        ms = sum(r.ms for r in rs)
+        if method == "greedy":
+            greedy_em = best_em
+        ratio = f"{ms / greedy_ms:.2f}x" if greedy_ms else "-"
+        rows.append([method, np.mean([r.ms for r in rs]), statistics.median(r.ms for r in rs), ratio,
+                     np.mean([r.forwards for r in rs]), best_em, best_es, first_em, first_es, distinct, spread])
+        payload[method] = {"ms_mean": ms / len(rs), "ms_vs_greedy": ms / greedy_ms if greedy_ms else None,
+                           "forwards": float(np.mean([r.forwards for r in rs])), "best_em": best_em,
+                           "best_es": best_es, "first_em": first_em, "first_es": first_es,
+                           "distinct": float(distinct), "pairwise_edit_distance": float(spread),
+                           "texts": [r.texts for r in rs], "ms": [r.ms for r in rs],
+                           "forwards_per_target": [r.forwards for r in rs]}
+    print(table(["method", "ms/target", "median ms", "time vs greedy", "forwards", f"best-of-{k} EM",
+                 f"best-of-{k} ES", "first EM", "first ES", "distinct drafts", "pairwise edit dist"], rows,
+                title=f"{len(cases)} targets, decode time only (prefill {np.mean(side['prefill_ms']):.0f} ms/target "
+                      f"shared by all methods)"))
+    if "superposed" in runs:
+        sp = runs["superposed"]
+        sp_ms = sum(r.ms for r in sp)
+        steps = sum(r.extra["steps"] for r in sp)
+        lookups = sum(r.extra["ngram_lookups"] for r in sp)
+        ngram_ms = sum(r.extra["ngram_ms"] for r in sp)
+        forward_ms = sum(r.extra["forward_ms"] for r in sp)
+        forwards = sum(r.forwards for r in sp)
+        lines = [["superposed vs greedy latency", f"{sp_ms / greedy_ms:.2f}x" if greedy_ms else "-", "<= 1.3x"]]
+        separate = [m for m in ("top-k x greedy", "nucleus x k") if m in runs]
+        for m in separate:
+            lines.append([f"speed-up vs {m}", f"{sum(r.ms for r in runs[m]) / sp_ms:.2f}x", ">= 2x"])
+        if greedy_em is not None:
+            lines.append(["best-of-k EM - greedy EM", f"{payload['superposed']['best_em'] - greedy_em:+.1f} points",
+                          ">= +3"])
+        lines += [
+            ["resets per target", f"{np.mean([r.extra['resets'] for r in sp]):.2f}", ""],
+            ["n-gram lookup per draft", f"{1000 * ngram_ms / max(lookups, 1):.0f} us", ""],
+            ["n-gram time per step / forward time per forward",
+             f"{ngram_ms / max(steps, 1):.2f} ms / {forward_ms / max(forwards, 1):.2f} ms "
+             f"({100 * ngram_ms / max(forward_ms, 1e-9):.1f}%)", ""],
+            ["workspace index build", f"{np.mean(side['index_build_ms']):.1f} ms for "
+                                      f"{np.mean(side['index_tokens']):.0f} tokens", ""],
+            ["workspace index one-token edit", f"{np.mean(side['edit_us']):.0f} us", ""],
+            ["workspace index memory", f"{np.mean(side['index_bytes_per_token']):.0f} bytes/token", ""],
+        ]
+        print(table(["superposed", "measured", "target"], lines))
+    write_json(args.json, {"results": payload, "side": {k: float(np.mean(v)) for k, v in side.items()},
+                           "targets": len(cases), "view": args.view, "k": k, "machine": machine(args.device),
+                           "ids": [c[0]["id"] + f":{c[1]['line']}" for c in cases]})
+
+
+if __name__ == "__main__":
+    main()
