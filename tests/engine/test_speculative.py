@@ -1,0 +1,442 @@
+"""Lossless speculation: greedy output equals plain decoding, sampling keeps the target distribution.
+
+Greedy equality runs the trained default model on realedits contexts in both edit_cache views
+(multi-line completions, token healing at the cursor). The sampling rules are checked exactly on
+`verify` (synthetic target and draft distributions, chi-square against the target) and end to end
+on a tiny random model (empirical distribution of the first two tokens against the model's own).
+"""
+
+import gzip
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from edit_cache.document import Document
+from edit_cache.positions import line_starts
+from edit_cache.views import fill_in_middle, left_to_right
+from engine.decoding import ModelTable, PromptLookup, Reference, SpecCounters, SpeculationConfig, Speculator
+from engine.decoding.drafters import TokenHistory
+from engine.decoding.speculative import expected_accepted, verify
+from engine.generate import DecodeState, StopRules, decode
+from engine.loading import load_model
+from engine.model import Span
+from engine.prompting import doc_start_ids
+from engine.sampling import SamplingParams, sampling_probs
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "realedits" / "dev.jsonl.gz"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The machine is shared; one thread keeps these runs from starving other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _check_counters(out) -> SpecCounters:
+    """Acceptance accounting: every chosen token is the first, an accepted draft or a bonus."""
+    c = SpecCounters.read(out.stats.extra)
+    assert 0 <= c.accepted <= c.drafted
+    assert c.bonus == c.forwards == out.stats.forwards
+    assert c.rows <= c.forwards * 16
+    assert len(out.ids) + c.discarded == 1 + c.accepted + c.bonus
+    assert sum(d for d, _ in c.by_source.values()) == c.drafted
+    assert sum(a for _, a in c.by_source.values()) == c.accepted
+    return c
+
+
+def _same(plain, spec):
+    assert (spec.ids, spec.text, spec.stop_reason) == (plain.ids, plain.text, plain.stop_reason)
+    assert spec.logprob == pytest.approx(plain.logprob, abs=1e-3 * max(1, len(plain.ids)))
+
+
+# ---- verify: the acceptance rules on synthetic distributions ---------------------------------
+
+
+def test_verify_greedy_accepts_longest_matching_prefix_plus_bonus():
+    argmax = [[5, 6, 7, 8]]
+    v = verify([[5, 6, 9]], argmax=argmax)
+    assert (v.row, v.accepted, v.token) == (0, 2, 7)
+    v = verify([[5, 6, 7]], argmax=argmax)
+    assert (v.accepted, v.token) == (3, 8)  # all accepted: the last row position gives the bonus
+    v = verify([[1, 6, 7]], argmax=argmax)
+    assert (v.accepted, v.token) == (0, 5)
+    v = verify([[]], argmax=[[4]])
+    assert (v.accepted, v.token) == (0, 4)
+
+
+def test_verify_tree_rows_follow_the_target_path():
+    # rows share the context up to where they differ; each row has its own target argmax
+    drafts = [[5, 1, 1], [5, 6, 2], [5, 6, 7]]
+    argmax = [[5, 6, 0, 0], [5, 6, 7, 0], [5, 6, 7, 3]]
+    v = verify(drafts, argmax=argmax)
+    assert (v.row, v.accepted, v.token) == (2, 3, 3)
+    v = verify(drafts, argmax=[[5, 9, 0, 0], [5, 9, 0, 0], [5, 9, 0, 0]])
+    assert (v.row, v.accepted, v.token) == (0, 1, 9)
+
+
+def _chi2_critical(dof: int, z: float = 3.29) -> float:
+    """Upper critical value of chi-square (Wilson-Hilferty), z = 3.29: about alpha = 5e-4."""
+    k = max(dof, 1)
+    return k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+
+
+def _chi2(counts: Counter, law: dict, n: int, min_expected: float = 5.0) -> tuple[float, int]:
+    """Chi-square statistic and degrees of freedom of `counts` against `law` (outcome -> probability).
+
+    Outcomes expected fewer than `min_expected` times, and outcomes the law lacks, are pooled.
+    """
+    big = [k for k, p in law.items() if n * p >= min_expected]
+    stat = sum((counts.get(k, 0) - n * law[k]) ** 2 / (n * law[k]) for k in big)
+    rest_observed = n - sum(counts.get(k, 0) for k in big)
+    rest_expected = n - sum(n * law[k] for k in big)
+    cells = len(big)
+    if rest_expected >= min_expected:
+        stat += (rest_observed - rest_expected) ** 2 / rest_expected
+        cells += 1
+    elif rest_observed > rest_expected + 4 * math.sqrt(max(rest_expected, 1.0)) + 5:
+        stat = float("inf")  # mass where the target has (almost) none
+    return stat, cells - 1
+
+
+def _point_mass_law(draft, probs):
+    """Law of the emitted (first, second) tokens: a target sample; the second only after the draft."""
+    p0, p1 = probs[0, 0], probs[0, 1]
+    law = {}
+    for a in range(probs.shape[-1]):
+        if a == draft[0]:
+            for b in range(probs.shape[-1]):
+                law[(a, b)] = float(p0[a] * p1[b])
+        else:
+            law[(a, None)] = float(p0[a])
+    return law
+
+
+def _paths(draft, probs, n, q=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    counts = Counter()
+    for _ in range(n):
+        d = draft
+        if q is not None:  # a stochastic drafter draws its tokens from q
+            d = [int(torch.multinomial(qj, 1, generator=gen)) for qj in q]
+        v = verify([d], probs=probs, q=q, generator=gen)
+        path = [*d[: v.accepted], v.token]
+        counts[(path[0], path[1] if len(path) > 1 else None)] += 1
+    return counts
+
+
+def _synthetic(v=5, t=3, seed=1, temperature=1.0, top_p=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, t, v, generator=gen) * 1.5
+    return sampling_probs(logits, SamplingParams(temperature=temperature, top_p=top_p))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_verify_point_mass_sampling_keeps_the_target_distribution(top_p):
+    probs = _synthetic(top_p=top_p)
+    draft = [int(probs[0, 0].argmax()), 2]
+    n = 6000
+    stat, dof = _chi2(_paths(draft, probs, n), _point_mass_law(draft, probs), n)
+    assert stat < _chi2_critical(dof), (stat, dof)
+
+
+def test_verify_sampled_tree_rows_keep_the_target_distribution():
+    """Two rows with different first drafts: the path samples p0, then the matching row's p1."""
+    gen = torch.Generator().manual_seed(4)
+    shared = torch.softmax(torch.randn(5, generator=gen) * 1.5, -1)
+    probs = torch.stack([torch.stack([shared, torch.softmax(torch.randn(5, generator=gen) * 1.5, -1)])
+                         for _ in range(2)])  # [2 rows, 2 positions, 5]; position 0 is shared context
+    drafts = [[0], [1]]
+    n = 6000
+    counts = Counter()
+    for _ in range(n):
+        v = verify(drafts, probs=probs, generator=gen)
+        path = [*drafts[v.row][: v.accepted], v.token]
+        counts[(path[0], path[1] if len(path) > 1 else None)] += 1
+    law = {}
+    for a in range(5):
+        if a in (0, 1):
+            for b in range(5):
+                law[(a, b)] = float(shared[a] * probs[a, 1, b])
+        else:
+            law[(a, None)] = float(shared[a])
+    stat, dof = _chi2(counts, law, n)
+    assert stat < _chi2_critical(dof), (stat, dof)
+
+
+def test_verify_stochastic_drafts_keep_the_target_distribution():
+    """Drafts d ~ q accepted with min(1, p/q), residual resampling: (x1, x2) ~ p0(x1) p1(x2 | x1)."""
+    probs = _synthetic(v=4, seed=5)
+    q_gen = torch.Generator().manual_seed(2)
+    q = [torch.softmax(torch.randn(4, generator=q_gen) * 2.0, -1) for _ in range(2)]
+    n = 8000
+    counts = _paths(None, probs, n, q=q)
+    p0, p1, q0 = probs[0, 0], probs[0, 1], q[0]
+    law = {}
+    for a in range(4):
+        # the first token is the accepted draft with prob q0(a) min(1, p0(a)/q0(a)); only then do
+        # the rows after it exist and the second token follows p1; otherwise it was resampled
+        accepted = float(torch.minimum(q0[a], p0[a]))
+        for b in range(4):
+            law[(a, b)] = accepted * float(p1[b])
+        law[(a, None)] = float(p0[a]) - accepted
+    stat, dof = _chi2(counts, law, n)
+    assert stat < _chi2_critical(dof), (stat, dof)
+    # the check has power: emitting the drafts unverified (x1 ~ q0) is rejected
+    first = Counter()
+    for (a, _), k in counts.items():
+        first[a] += k
+    wrong = Counter({a: round(n * float(q0[a])) for a in range(4)})
+    assert _chi2(wrong, {a: float(p0[a]) for a in range(4)}, n)[0] > _chi2_critical(3)
+    assert _chi2(first, {a: float(p0[a]) for a in range(4)}, n)[0] < _chi2_critical(3)
+
+
+# ---- drafters ----------------------------------------------------------------------------------
+
+
+def test_prompt_lookup_prefers_longest_match_then_history_then_latest():
+    history = TokenHistory([1, 2, 3, 9, 9, 7, 2, 3, 8, 8, 1, 2, 3])
+    ref = Reference.of("suffix", [0, 1, 2, 3, 4, 4])
+    cands = PromptLookup(max_match=4).propose(history, [ref], max_len=3, max_candidates=3)
+    # tail (8, 1, 2, 3): "1 2 3" is the longest match (3 tokens, history at 0 and the reference)
+    assert cands[0].source == "history" and cands[0].tokens == [9, 9, 7]
+    assert cands[1].source == "suffix" and cands[1].tokens == [4, 4]
+    assert cands[2].tokens == [8, 8, 1]  # "2 3" later in the history
+    assert [k[2] for k in cands[0].keys] == [3, 3, 3] and [k[3] for k in cands[0].keys] == [0, 1, 2]
+
+
+def test_model_table_keeps_running_means_per_context():
+    table = ModelTable(orders=(2, 1), top_k=2, keep=4)
+    table.update([1, 2], [5, 6], [0.6, 0.3])
+    table.update([9, 2], [5, 7], [0.2, 0.7])
+    order, dist = table.lookup([1, 2])
+    assert order == 2 and dist == pytest.approx({5: 0.6, 6: 0.3})
+    order, dist = table.lookup([4, 2])  # unseen pair: falls back to the last token
+    assert order == 1 and dist == pytest.approx({5: 0.4, 6: 0.15, 7: 0.35})
+    assert table.lookup([3]) is None
+    (cand,) = table.propose([1, 2], max_len=3)
+    assert cand.tokens[0] == 5 and cand.priors[0] == pytest.approx(0.6)
+
+
+def test_expected_accepted_of_chains_and_trees():
+    assert expected_accepted([([1, 2], [0.5, 0.5])]) == pytest.approx(0.75)
+    # a second branch at the root adds its own mass; shared prefixes count once
+    assert expected_accepted([([1, 2], [0.5, 0.5]), ([3], [0.25])]) == pytest.approx(1.0)
+    assert expected_accepted([([1, 2], [0.5, 0.5]), ([1, 4], [0.5, 0.25])]) == pytest.approx(0.875)
+    assert expected_accepted([([1], [0.9]), ([2], [0.9])]) == pytest.approx(1.0)  # siblings exclude
+
+
+# ---- a tiny random model: greedy trees, stop rules, sampled distributions -----------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Document.create_simulated("")
+
+
+def _state(doc, text):
+    ids = doc.head + doc.tokenizer.encode(text)
+    return DecodeState.from_prompt(doc.model, doc.tokenizer, ids, max_new_tokens=8)
+
+
+def _plain(state, **kw):
+    return decode(state.model, state.tokenizer, state.first_logits, context=state.context,
+                  next_position=state.next_position, scratch=state.scratch, scratch_used=state.scratch_used,
+                  heal=state.heal, **kw)
+
+
+PROMPT = "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\n" * 2 + "def g(y):\n    return"
+
+
+def test_greedy_tree_rows_equal_plain_decoding(tiny):
+    state = _state(tiny, PROMPT)
+    rules = StopRules(max_tokens=24, max_lines=None)
+    plain = _plain(state, rules=rules)
+    # references holding the true continuation and decoys make several candidate rows
+    refs = [Reference.of("recent", plain.ids[i:] + [7, 7]) for i in range(0, 6, 2)]
+    refs += [Reference.of("workspace", [plain.ids[0], 3, 4, 5]), Reference.of("suffix", plain.ids[:3] + [9, 9])]
+    spec = Speculator(SpeculationConfig(max_rows=4, measure_cost=False, row_cost=0.01, threshold=0.99))
+    for _ in range(3):
+        out = spec.decode(state, rules=rules, references=refs)
+        _same(plain, out)
+        c = _check_counters(out)
+    assert c.rows > c.forwards, "no step verified several rows"
+    assert c.accepted > 0 and out.stats.forwards < plain.stats.forwards
+
+
+@pytest.mark.parametrize("rules", [
+    StopRules(max_tokens=12, max_lines=1),
+    StopRules(max_tokens=1, max_lines=None),
+    StopRules(max_tokens=9, max_lines=None),
+])
+def test_greedy_stop_rules_match(tiny, rules):
+    state = _state(tiny, PROMPT)
+    plain = _plain(state, rules=rules)
+    spec = Speculator(SpeculationConfig(measure_cost=False))
+    refs = [Reference.of("recent", plain.ids * 2)]
+    for _ in range(2):
+        out = spec.decode(state, rules=rules, references=refs)
+        _same(plain, out)
+        _check_counters(out)
+
+
+def test_stop_token_and_cancellation(tiny):
+    state = _state(tiny, PROMPT)
+    first = _plain(state, rules=StopRules(max_tokens=4, max_lines=None))
+    spec = Speculator(SpeculationConfig(measure_cost=False))
+    stop = StopRules(max_tokens=4, max_lines=None, stop_ids=frozenset({first.ids[0]}))
+    out = spec.decode(state, rules=stop)
+    assert out.ids == [] and out.stop_reason == "stop_token"
+    assert SpecCounters.read(out.stats.extra).discarded == 1
+    # a stop token inside accepted drafts cuts the output there, like plain decoding
+    stop_later = StopRules(max_tokens=20, max_lines=None, stop_ids=frozenset({first.ids[2]}))
+    _same(_plain(state, rules=stop_later), spec.decode(state, rules=stop_later,
+                                                       references=[Reference.of("recent", first.ids)]))
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) >= 2
+
+    out = spec.decode(state, rules=StopRules(max_tokens=30, max_lines=None, should_stop=cancel))
+    assert out.stop_reason in ("cancelled", "stop_token")
+    if out.stop_reason == "cancelled":
+        assert out.stats.forwards == 1
+    _check_counters(out)
+
+
+def _target_law(state, params):
+    """Exact law of the first two output tokens (a stop token ends the output), and p(x2 | x1)."""
+    model = state.model
+    stop = state.tokenizer.stop_ids
+    p0 = sampling_probs(state.first_logits, params)[0]
+    law, after = {}, {}
+    for a in torch.nonzero(p0 > 1e-4).flatten().tolist():
+        if a in stop:
+            law[()] = law.get((), 0.0) + float(p0[a])
+            continue
+        cache = model.new_cache(1)
+        logits = model(torch.tensor([[a]]), torch.tensor([state.next_position]), write=cache, write_at=0,
+                       context=state.context, logits="last")
+        after[a] = p1 = sampling_probs(logits, params)[0]
+        for b in torch.nonzero(p1 > 1e-4).flatten().tolist():
+            key = (a,) if b in stop else (a, b)
+            law[key] = law.get(key, 0.0) + float(p0[a] * p1[b])
+    return law, after
+
+
+@pytest.mark.parametrize("drafters", [("lookup",), ("table",)])
+def test_sampling_keeps_the_distribution_end_to_end(tiny, drafters):
+    """Drafts that are often wrong, through the real forward path, leave the output law unchanged.
+
+    lookup: point-mass drafts of the second most likely token (sample-and-compare rule).
+    table: a frozen table whose q favours unlikely tokens (min(1, p/q) + residual resampling).
+    """
+    params = SamplingParams(temperature=0.15, top_p=0.95)
+    state = _state(tiny, PROMPT)
+    law, after = _target_law(state, params)
+    rules = StopRules(max_tokens=3, max_lines=None)
+    spec = Speculator(SpeculationConfig(drafters=drafters, measure_cost=False, threshold=0.99))
+    refs = []
+    for a, p1 in after.items():
+        top = p1.topk(5)
+        if "lookup" in drafters:
+            refs.append(Reference.of("recent", [*state.prompt_ids[-6:], a, int(top.indices[1])]))
+        else:
+            q = torch.linspace(0.1, 0.3, 5)  # the least likely of the five gets the most mass
+            spec.table.update([*state.prompt_ids, a], top.indices.tolist(), q.tolist())
+    spec.learn = lambda *args: None  # keep q wrong
+    n = 700
+    counts = Counter()
+    totals = SpecCounters()
+    for seed in range(n):
+        out = spec.decode(state, params=SamplingParams(0.15, 0.95, seed=seed), rules=rules, references=refs)
+        c = _check_counters(out)
+        totals.drafted += c.drafted
+        totals.accepted += c.accepted
+        counts[tuple(out.ids[:2])] += 1
+    stat, dof = _chi2(counts, law, n)
+    assert stat < _chi2_critical(dof), (stat, dof, counts.most_common(5))
+    assert totals.drafted > n // 2 and 0 < totals.accepted < totals.drafted / 2, totals
+
+
+# ---- the trained default model on realedits contexts, both views -----------------------------
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return load_model(None)
+
+
+def _realedits_contexts(n, max_file_chars):
+    if not DEFAULT_DATA.exists():
+        pytest.skip(f"realedits data not found at {DEFAULT_DATA}")
+    out = []
+    with gzip.open(DEFAULT_DATA, "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if len(rec["after"]) > max_file_chars:
+                continue
+            for target in rec["targets"]:
+                text = rec["after"]
+                start = line_starts(text)[target["line"]]
+                cursor = start + len(target["prefix"])
+                deleted = text[:cursor] + text[cursor + len(target["expected"]):]
+                out.append((deleted, cursor))
+                break  # one target per record: more files
+            if len(out) >= n:
+                return out
+    return out
+
+
+def _greedy_identical(trained, n, max_file_chars, rules_for):
+    tok = trained.tokenizer
+    head = doc_start_ids(tok, trained.config)
+    chain = Speculator()
+    tree = Speculator(SpeculationConfig(max_rows=3, measure_cost=False, row_cost=0.3))
+    healed = multi_line = accepted = 0
+    for i, (text, cursor) in enumerate(_realedits_contexts(n, max_file_chars)):
+        doc = Document(trained.model, tok, text, head=head)
+        rules = rules_for(i)
+        suffix = [Reference.of("suffix", tok.encode(text[cursor : cursor + 4000]))]
+        for view, spec, refs in ((left_to_right(doc, cursor, max_new_tokens=rules.max_tokens), chain, suffix),
+                                 (fill_in_middle(doc, cursor, suffix="next_line",
+                                                 max_new_tokens=rules.max_tokens), tree, [])):
+            plain = view.decode(rules=rules)
+            out = spec.decode(view.state(), rules=rules, references=refs)
+            _same(plain, out)
+            accepted += _check_counters(out).accepted
+            healed += bool(view.heal)
+            multi_line += "\n" in out.text
+    assert healed > 0 and multi_line > 0 and accepted > 0
+    return accepted
+
+
+def test_greedy_identical_on_realedits_both_views(trained):
+    _greedy_identical(trained, 10, 3000,
+                      lambda i: StopRules(max_tokens=24, max_lines=None if i % 2 else 2))
+
+
+@pytest.mark.slow
+def test_greedy_identical_on_realedits_many_contexts(trained):
+    _greedy_identical(trained, 40, 8000,
+                      lambda i: StopRules(max_tokens=64, max_lines=None if i % 3 else 1))
+
+
+def test_verification_rows_reuse_the_views_spans(trained):
+    """The first verification attends to the view's spans + its scratch, like plain decoding's steps."""
+    tok = trained.tokenizer
+    text = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
+    doc = Document(trained.model, tok, text, head=doc_start_ids(tok, trained.config))
+    cursor = text.index("return a - b") + len("return a ")
+    view = fill_in_middle(doc, cursor)
+    state = view.state()
+    assert all(isinstance(s, Span) for s in state.context)
+    rules = StopRules(max_tokens=8, max_lines=1)
+    _same(view.decode(rules=rules), Speculator().decode(state, rules=rules))
