@@ -1,0 +1,296 @@
+"""AdaDec: greedy decoding that reranks by lookahead where the model is unsure (ALGORITHMS.md).
+
+Data flow: DecodeState -> `adadec_decode` -> Completion, with greedy's stop rules, token
+healing and Completion contract. At each step the logits greedy would take the argmax of give
+an entropy H (engine.calibrate.entropy). H < tau: the argmax, exactly as greedy. H >= tau (the
+gate fires): `Lookahead.rerank` takes the top-B candidates, extends each by an L-token greedy
+rollout, and commits the first token of the candidate with the best
+`(log p(c) + sum log p(rollout)) / (len + 1)`.
+
+Rollouts run batched on forked KV, without re-prefill: the context the step sees (document
+spans, view tokens and the tokens generated so far, all batch 1) is shared by broadcast, and
+only the B rollouts' own tokens go to a batch-B rollout cache, one forward per rollout step
+for all B rows. The winner's rollout is kept as a draft: the committed token's K/V is copied
+from its row instead of being recomputed, and while the following steps stay below tau (so
+greedy picks exactly the draft's tokens) they reuse its logits and K/V too.
+
+While token healing constrains a step, the gate measures the entropy of the masked
+distribution the token is chosen from, and each rollout row keeps spelling out its own
+remaining healed bytes.
+
+Composing with n-gram speculation: `Gate` is the step-level component, and it needs only a
+position's logits and the batch-1 spans before it. A speculative verifier scores its drafts with
+one forward that yields logits at every drafted position; `gate.fires(logits)` marks the
+uncertain ones; drafts are accepted as now (equal to the argmax) up to the first position that
+fires, and there `gate.choose(logits, spans + accepted prefix, position)` picks the token in
+place of the argmax (the bonus token). Below tau nothing changes, so speculation keeps its
+speed on confident stretches and the output is what adadec_decode gives. Not wired into
+engine/decoding/speculative.py yet (another change owns that file).
+
+This module refuses to know about documents, views and files: tau comes in an AdaDecConfig
+(`AdaDecConfig.for_model` reads what `editkv calibrate` stored).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.calibrate import entropy, load_calibration
+from engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules
+from engine.healing import TokenHealer, healer_for
+from engine.model import KVCache, Span, Transformer
+
+NUM_CANDIDATES = 2  # B (paper: 3); bench/adadec.py found no config that helps, 2x2 costs least
+LOOKAHEAD = 2  # L (paper: 5)
+
+
+@dataclass(frozen=True)
+class AdaDecConfig:
+    """The gate (`tau`, nats; +inf = plain greedy) and the lookahead's width B and depth L."""
+
+    tau: float
+    num_candidates: int = NUM_CANDIDATES
+    lookahead: int = LOOKAHEAD
+
+    def __post_init__(self) -> None:
+        if self.num_candidates < 1 or self.lookahead < 1:
+            raise ValueError(f"num_candidates and lookahead must be >= 1, got {self.num_candidates}, {self.lookahead}")
+
+    @classmethod
+    def for_model(cls, spec: str | Path | None, **overrides) -> AdaDecConfig:
+        """The calibrated tau of a model (None = the embedded default model)."""
+        return cls(load_calibration(spec).tau, **overrides)
+
+
+@dataclass
+class AdaDecCounters:
+    """What the gate did in one completion."""
+
+    steps: int = 0  # tokens chosen (stop tokens included)
+    gate_fires: int = 0
+    changed: int = 0  # gate fires whose winner is not the argmax
+    extra_forwards: int = 0  # batch-B rollout forwards
+    rollout_tokens: int = 0  # tokens generated in rollouts, all rows
+    reused_steps: int = 0  # greedy forwards skipped by reusing the winner's rollout
+
+
+@dataclass
+class Rerank:
+    """One gate decision: candidates, their rollouts and scores, and the winner's draft."""
+
+    token: int
+    candidates: list[int]
+    scores: list[float]
+    rollouts: list[list[int]]  # each candidate's rollout tokens (a stop token ends one)
+    forwards: int
+    row: int  # the winner's row in the rollout cache
+    draft_logits: list[torch.Tensor]  # [1, V] after the winner and each of its rollout tokens
+
+
+class Lookahead:
+    """Batched greedy rollouts of the top-B candidates at one position over shared batch-1 context."""
+
+    def __init__(self, model: Transformer, num_candidates: int, lookahead: int, stop_ids: frozenset[int],
+                 healer: TokenHealer | None = None) -> None:
+        self.model = model
+        self.num_candidates = num_candidates
+        self.lookahead = lookahead
+        self.stop_ids = stop_ids
+        self.healer = healer
+        self.cache = model.new_cache(lookahead, batch=num_candidates)  # rollout tokens, slot j = depth j
+
+    def rerank(
+        self,
+        logits: torch.Tensor,  # [1, V]: the distribution the token is chosen from (healing mask applied)
+        context: Sequence[Span],  # batch-1 spans the position attends to
+        position: int,
+        remaining: bytes = b"",  # healing bytes still to spell out at this position
+    ) -> Rerank:
+        """Score the top-B candidates by length-normalised log-probability of candidate + rollout."""
+        assert logits.dim() == 2 and logits.shape[0] == 1, "rerank takes one position's logits [1, V]"
+        model, dev = self.model, self.model.device
+        logp = torch.log_softmax(logits[0].float(), -1)
+        num = min(self.num_candidates, int(torch.isfinite(logp).sum()))
+        top = torch.topk(logp, num)
+        candidates = top.indices.tolist()
+        totals = top.values.double().tolist()
+        lengths = [1] * num
+        alive = [c not in self.stop_ids for c in candidates]
+        heal = [self._advance(remaining, c) for c in candidates]
+        rollouts: list[list[int]] = [[] for _ in range(num)]
+        row_logits: list[torch.Tensor] = []
+        tokens = candidates + [candidates[0]] * (self.num_candidates - num)  # pad rows are ignored
+        forwards = 0
+        for depth in range(self.lookahead):
+            if not any(alive):
+                break
+            out = model(torch.tensor(tokens, device=dev)[:, None], torch.tensor([position + depth], device=dev),
+                        write=self.cache, write_at=depth,
+                        context=[*context, Span(self.cache, 0, depth)], logits="last")  # [B, V]
+            forwards += 1
+            row_logits.append(out)
+            for i in range(num):
+                if not alive[i]:
+                    continue
+                row = out[i : i + 1]
+                if heal[i]:
+                    row = self.healer.mask(row, heal[i])
+                row_logp = torch.log_softmax(row[0].float(), -1)
+                token = int(row_logp.argmax())
+                heal[i] = self._advance(heal[i], token)
+                totals[i] += float(row_logp[token])
+                lengths[i] += 1
+                rollouts[i].append(token)
+                tokens[i] = token
+                alive[i] = token not in self.stop_ids
+        scores = [t / n for t, n in zip(totals, lengths, strict=True)]
+        best = max(range(num), key=lambda i: (scores[i], -i))  # ties go to the higher-ranked candidate
+        draft = [out[best : best + 1] for out in row_logits][: len(rollouts[best])]
+        return Rerank(candidates[best], candidates, scores, rollouts, forwards, best, draft)
+
+    def _advance(self, remaining: bytes, token: int) -> bytes:
+        return self.healer.advance(remaining, token) if remaining else b""
+
+
+class Gate:
+    """The step-level AdaDec component: entropy gate, lookahead rerank, counters.
+
+    Any decoder that chooses greedy tokens can call it: `adadec_decode` at every step, a
+    speculative verifier at the positions its one forward scored (`fires` on all of them, then
+    `choose` at the first that fires).
+    """
+
+    def __init__(self, model: Transformer, config: AdaDecConfig, stop_ids: frozenset[int],
+                 healer: TokenHealer | None = None) -> None:
+        self.config = config
+        self.counters = AdaDecCounters()
+        self.lookahead = Lookahead(model, config.num_candidates, config.lookahead, stop_ids, healer) \
+            if config.tau < math.inf else None
+
+    def fires(self, logits: torch.Tensor) -> torch.Tensor:  # [N, V] -> [N] bool
+        """Where H >= tau (never with tau = +inf)."""
+        if self.lookahead is None:
+            return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        return entropy(logits) >= self.config.tau
+
+    def choose(
+        self,
+        logits: torch.Tensor,  # [1, V]: the distribution greedy would take the argmax of (healing applied)
+        context: Sequence[Span],  # batch-1 spans before this position
+        position: int,
+        remaining: bytes = b"",
+    ) -> tuple[int, Rerank | None]:
+        """The token to commit here: the argmax below tau, the rerank's winner at or above it."""
+        self.counters.steps += 1
+        if not bool(self.fires(logits)[0]):
+            return int(logits.argmax()), None
+        decision = self.lookahead.rerank(logits, context, position, remaining)
+        c = self.counters
+        c.gate_fires += 1
+        c.extra_forwards += decision.forwards
+        c.rollout_tokens += sum(len(r) for r in decision.rollouts)
+        c.changed += decision.token != int(logits.argmax())
+        return decision.token, decision
+
+
+def adadec_decode(
+    state: DecodeState,
+    config: AdaDecConfig,
+    rules: StopRules | None = None,
+    stats: DecodeStats | None = None,
+    *,
+    stop_text: Callable[[str], int | None] | None = None,
+) -> Completion:
+    """Greedy decoding from `state`, reranked by lookahead wherever H >= `config.tau`.
+
+    Follows engine.generate.decode (stop rules, healing, text cut); with tau = +inf it is
+    greedy, token for token. `stop_text(text)` may end a completion early: it returns where
+    to cut the text (None = go on), for stops the line rule can't express (a new top-level
+    `def` after a function body). Counters go to `stats.extra` as `adadec_*`.
+    """
+    model, tokenizer = state.model, state.tokenizer
+    stats = stats or DecodeStats()
+    rules = rules or StopRules()
+    scratch: KVCache = state.scratch
+    used = state.scratch_used
+    scratch.ensure_capacity(used + rules.max_tokens + 1, keep=used)
+    stop_ids = rules.stop_ids | tokenizer.stop_ids
+    stopper = LineStopper(tokenizer, rules.max_lines)
+    healer = healer_for(tokenizer) if state.heal else None  # rollouts need it only while healing
+    gate = Gate(model, config, stop_ids, healer)
+    counters = gate.counters
+    draft: Rerank | None = None  # the last winner's rollout while greedy follows it
+    draft_depth = 0
+    ids: list[int] = []
+    logprob = 0.0
+    logits = state.first_logits
+    text, reason = "", "max_tokens"
+    remaining = state.heal
+    started = time.perf_counter()
+    while True:
+        choose_from = healer.mask(logits, remaining) if remaining else logits
+        step = len(ids)
+        token, decision = gate.choose(choose_from, [*state.context, Span(scratch, 0, used + step)],
+                                      state.next_position + step, remaining)
+        if decision is not None:
+            stats.forwards += decision.forwards
+        if remaining:
+            remaining = healer.advance(remaining, token)
+        if token in stop_ids:
+            reason = "stop_token"
+            break
+        logprob += float(torch.log_softmax(logits[0].float(), -1)[token])
+        ids.append(token)
+        text, hit = stopper.cut(ids)
+        if hit:
+            reason = "lines"
+            break
+        if stop_text is not None and (cut := stop_text(text)) is not None:
+            text, reason = text[:cut], "stop_text"
+            break
+        if len(ids) >= rules.max_tokens:
+            break
+        if rules.should_stop is not None and rules.should_stop():
+            reason = "cancelled"
+            break
+        if decision is not None:
+            draft, draft_depth = decision, 0
+        elif draft is not None and draft_depth < len(draft.rollouts[draft.row]) \
+                and token == draft.rollouts[draft.row][draft_depth]:
+            draft_depth += 1
+        else:
+            draft = None
+        slot = used + step
+        if draft is not None and draft_depth < len(draft.draft_logits):
+            # The token's K/V and the next distribution were computed by the winner's rollout.
+            scratch.k[:, 0, :, slot] = gate.lookahead.cache.k[:, draft.row, :, draft_depth]
+            scratch.v[:, 0, :, slot] = gate.lookahead.cache.v[:, draft.row, :, draft_depth]
+            logits = draft.draft_logits[draft_depth]
+            counters.reused_steps += 1
+            continue
+        draft = None
+        logits = model(
+            torch.tensor([[token]], device=model.device),
+            torch.tensor([state.next_position + step], device=model.device),
+            write=scratch,
+            write_at=slot,
+            context=[*state.context, Span(scratch, 0, slot)],
+            logits="last",
+        )
+        stats.forwards += 1
+    if reason == "stop_token":
+        text = stopper.cut(ids)[0]
+    healed = state.heal.decode("utf-8", errors="replace")
+    text = text[len(healed):] if text.startswith(healed) else text
+    stats.decode_tokens += len(ids)
+    stats.decode_ms += 1000 * (time.perf_counter() - started)
+    for name, value in vars(counters).items():
+        stats.extra[f"adadec_{name}"] = stats.extra.get(f"adadec_{name}", 0) + value
+    return Completion(ids, text, reason, stats, logprob)
+
