@@ -258,6 +258,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
     from engine.generate import DecodeStats, StopRules, decode, prefill
     from engine.loading import load_model
+    from engine.model import Span
     from engine.prompting import healed_fim_ids, healed_left_to_right_ids
     from engine.sampling import SamplingParams
 
@@ -291,7 +292,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     stats.forwards += -(-len(ids) // 512)
     rules = StopRules(max_tokens=args.max_tokens, max_lines=args.lines or None)
     result = decode(
-        loaded.model, tok, logits, context=[_whole(cache, len(ids))], next_position=len(ids),
+        loaded.model, tok, logits, context=[Span(cache, 0, len(ids))], next_position=len(ids),
         params=params, rules=rules, stats=stats, heal=heal,
     )
     if args.json:
@@ -313,12 +314,6 @@ def _cmd_complete(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def _whole(cache, n):  # noqa: ANN001, ANN202 - tiny local helper
-    from engine.model import Span
-
-    return Span(cache, 0, n)
 
 
 if __name__ == "__main__":
