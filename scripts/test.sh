@@ -20,5 +20,19 @@ if ! command -v nvim >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     >/dev/null 2>&1 || echo "scripts/test.sh: could not install neovim; its test will be skipped" >&2
 fi
 # --- end lsp_server block ---
+# --- vscode-extension ---
+# Build, lint and test the VS Code extension; its integration test runs .venv/bin/editkv.
+if command -v npm >/dev/null 2>&1; then
+  (
+    cd vscode-extension
+    npm ci --no-audit --no-fund --loglevel=error
+    npm run -s build
+    npm run -s lint
+    EDITKV_COMMAND="$PWD/../.venv/bin/editkv" npm run -s test
+  )
+else
+  echo "scripts/test.sh: npm not found; skipping the VS Code extension (vscode-extension/)" >&2
+fi
+# --- end vscode-extension ---
 export TRITON_INTERPRET=1
 exec .venv/bin/python -m pytest -q "$@"

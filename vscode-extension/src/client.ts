@@ -1,0 +1,66 @@
+/**
+ * The language client for one `editkv lsp` process: how it is started and what passes
+ * through it. Inline completions use vscode-languageclient's built-in LSP 3.18 support;
+ * the middleware here wraps it to time requests, respect the on/off switch, and hand each
+ * answer to the suggestion tracker (which rewrites the accept commands of inline items).
+ */
+
+import * as vscode from 'vscode';
+import { LanguageClient, type LanguageClientOptions, type ServerOptions } from 'vscode-languageclient/node';
+
+import { claimItem, inlineItems, type Suggestion } from './inline';
+import type { ResolvedCommand } from './serverCommand';
+import { configurationAnswers, initializationOptions, type ExtensionConfig } from './settings';
+
+/** What the client needs from the extension, read at the time of each call. */
+export interface ClientHooks {
+  config(): ExtensionConfig;
+  /** An inline answer with suggestions arrived (after `ms` ms) for `document` at `position`. */
+  onInlineAnswer(document: vscode.TextDocument, position: vscode.Position, suggestions: Suggestion[], ms: number): void;
+}
+
+export function createServer(resolved: ResolvedCommand, log: vscode.LogOutputChannel, hooks: ClientHooks): LanguageClient {
+  const serverOptions: ServerOptions = {
+    command: resolved.command,
+    args: resolved.args,
+    options: { env: resolved.env },
+  };
+  const clientOptions: LanguageClientOptions = {
+    documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
+    initializationOptions: initializationOptions(hooks.config().userSet),
+    outputChannel: log,
+    traceOutputChannel: log,
+    middleware: {
+      provideInlineCompletionItems: async (document, position, context, token, next) => {
+        if (!hooks.config().enable) {
+          return undefined;
+        }
+        const started = performance.now();
+        const result = await next(document, position, context, token);
+        if (token.isCancellationRequested || result === null || result === undefined) {
+          return result;
+        }
+        const suggestions = inlineItems(result).flatMap((item) => claimItem(item) ?? []);
+        hooks.onInlineAnswer(document, position, suggestions, performance.now() - started);
+        return result;
+      },
+      provideCompletionItem: (document, position, context, token, next) => {
+        return hooks.config().enable ? next(document, position, context, token) : undefined;
+      },
+      workspace: {
+        configuration: async (params, token, next) => {
+          const ours = configurationAnswers(params.items.map((item) => item.section), hooks.config().userSet);
+          if (ours.every((answer) => answer !== undefined)) {
+            return ours;
+          }
+          const theirs = await next(params, token);
+          if (!Array.isArray(theirs)) {
+            return theirs;
+          }
+          return ours.map((answer, i): unknown => answer ?? theirs[i]);
+        },
+      },
+    },
+  };
+  return new LanguageClient('editkv', 'editkv', serverOptions, clientOptions);
+}
