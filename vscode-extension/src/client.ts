@@ -27,7 +27,8 @@ export function createServer(resolved: ResolvedCommand, log: vscode.LogOutputCha
   };
   const clientOptions: LanguageClientOptions = {
     documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
-    initializationOptions: initializationOptions(hooks.config().userSet),
+    // A function, so that a server the client restarts after a crash gets the current settings.
+    initializationOptions: () => initializationOptions(hooks.config().userSet),
     outputChannel: log,
     traceOutputChannel: log,
     middleware: {
