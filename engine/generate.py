@@ -4,7 +4,9 @@ prefill: ids -> slots `[start, start+n)` of a cache, chunked so memory stays bou
 decode: from the logits after a context, sample tokens one forward at a time into a scratch
 cache until a stop rule fires (EOS/stop token, N line ends, max tokens, or a callback, which
 is how a cancelled request stops at its next step). Other strategies (speculation, AdaDec,
-superposed drafts) build on the same pieces.
+superposed drafts) build on the same pieces; a strategy that only changes which token greedy
+decoding commits at a step (AdaDec's gate) plugs into `decode` as a `TokenChooser` instead of
+copying its loop.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -55,7 +58,7 @@ class Completion:
 
     ids: list[int]
     text: str
-    stop_reason: str  # "stop_token" | "lines" | "max_tokens" | "cancelled"
+    stop_reason: str  # "stop_token" | "lines" | "max_tokens" | "cancelled" | "stop_text"
     stats: DecodeStats
     logprob: float = 0.0
 
@@ -152,6 +155,21 @@ class LineStopper:
         return text[:pos], True
 
 
+class TokenChooser(Protocol):
+    """Chooses each token of a greedy decode in place of the argmax (AdaDec's gate plugs in here).
+
+    `choose` sees the distribution greedy would take the argmax of (healing mask applied), the
+    batch-1 spans before the position and the healing bytes still to spell out. After the
+    stop rules let the token through, `reuse` may write that token's K/V into `scratch[slot]`
+    itself (it computed them already, e.g. in a lookahead rollout) and return the next
+    logits [1, V]; None means decode runs the forward.
+    """
+
+    def choose(self, logits: torch.Tensor, context: Sequence[Span], position: int, remaining: bytes) -> int: ...
+
+    def reuse(self, token: int, scratch: KVCache, slot: int) -> torch.Tensor | None: ...
+
+
 def decode(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -165,18 +183,25 @@ def decode(
     scratch_used: int = 0,
     stats: DecodeStats | None = None,
     heal: bytes = b"",
+    chooser: TokenChooser | None = None,
+    stop_text: Callable[[str], int | None] | None = None,
 ) -> Completion:
     """Plain autoregressive decoding after `context`; generated K/V go to a scratch cache.
 
     `scratch_used` slots of `scratch` already hold view tokens (attended to, kept). `heal`
     is the text of a prompt token dropped by token healing: the first tokens must spell it
-    out again, and it is cut from the returned text.
+    out again, and it is cut from the returned text. `chooser` (greedy only) picks each token
+    in place of the argmax. `stop_text(text)` may end a completion early: it returns where to
+    cut the text (None = go on), for stops the line rule can't express (a new top-level `def`
+    after a function body); the reason is then "stop_text".
     """
     stats = stats or DecodeStats()
     params = params or SamplingParams()
     rules = rules or StopRules()
     scratch = scratch or model.new_cache(rules.max_tokens + 1)
     scratch.ensure_capacity(scratch_used + rules.max_tokens + 1, keep=scratch_used)
+    if chooser is not None and not params.greedy:
+        raise ValueError("a TokenChooser replaces greedy's argmax; it does not combine with sampling")
     stop_ids = rules.stop_ids | tokenizer.stop_ids
     stopper = LineStopper(tokenizer, rules.max_lines)
     generator = make_generator(params, model.device)
@@ -189,7 +214,12 @@ def decode(
     started = time.perf_counter()
     while True:
         choose_from = healer.mask(logits, remaining) if remaining else logits
-        token = int(next_token(choose_from, params, generator)[0])
+        step = len(ids)
+        if chooser is None:
+            token = int(next_token(choose_from, params, generator)[0])
+        else:
+            token = chooser.choose(choose_from, [*context, Span(scratch, 0, scratch_used + step)],
+                                   next_position + step, remaining)
         if remaining:
             remaining = healer.advance(remaining, token)
         if token in stop_ids:
@@ -201,18 +231,25 @@ def decode(
         if hit:
             reason = "lines"
             break
+        if stop_text is not None and (cut := stop_text(text)) is not None:
+            text, reason = text[:cut], "stop_text"
+            break
         if len(ids) >= rules.max_tokens:
             break
         if rules.should_stop is not None and rules.should_stop():
             reason = "cancelled"
             break
-        step = len(ids) - 1
+        slot = scratch_used + step
+        reused = chooser.reuse(token, scratch, slot) if chooser is not None else None
+        if reused is not None:
+            logits = reused
+            continue
         logits = model(
             torch.tensor([[token]], device=model.device),
             torch.tensor([next_position + step], device=model.device),
             write=scratch,
-            write_at=scratch_used + step,
-            context=[*context, Span(scratch, 0, scratch_used + step)],
+            write_at=slot,
+            context=[*context, Span(scratch, 0, slot)],
             logits="last",
         )
         stats.forwards += 1

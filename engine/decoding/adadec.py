@@ -1,10 +1,11 @@
 """AdaDec: greedy decoding that reranks by lookahead where the model is unsure (ALGORITHMS.md).
 
-Data flow: DecodeState -> `adadec_decode` -> Completion, with greedy's stop rules, token
-healing and Completion contract. At each step the logits greedy would take the argmax of give
-an entropy H (engine.calibrate.entropy). H < tau: the argmax, exactly as greedy. H >= tau (the
-gate fires): `Lookahead.rerank` takes the top-B candidates, extends each by an L-token greedy
-rollout, and commits the first token of the candidate with the best
+Data flow: DecodeState -> `adadec_decode` -> Completion. adadec_decode is
+engine.generate.decode's loop (stop rules, token healing, Completion contract) with a
+`GatedChoice` as its token chooser: at each step the logits greedy would take the argmax of
+give an entropy H (engine.calibrate.entropy). H < tau: the argmax, exactly as greedy. H >= tau
+(the gate fires): `Lookahead.rerank` takes the top-B candidates, extends each by an L-token
+greedy rollout, and commits the first token of the candidate with the best
 `(log p(c) + sum log p(rollout)) / (len + 1)`.
 
 Rollouts run batched on forked KV, without re-prefill: the context the step sees (document
@@ -18,14 +19,14 @@ While token healing constrains a step, the gate measures the entropy of the mask
 distribution the token is chosen from, and each rollout row keeps spelling out its own
 remaining healed bytes.
 
-Composing with n-gram speculation: `Gate` is the step-level component, and it needs only a
-position's logits and the batch-1 spans before it. A speculative verifier scores its drafts with
-one forward that yields logits at every drafted position; `gate.fires(logits)` marks the
-uncertain ones; drafts are accepted as now (equal to the argmax) up to the first position that
-fires, and there `gate.choose(logits, spans + accepted prefix, position)` picks the token in
-place of the argmax (the bonus token). Below tau nothing changes, so speculation keeps its
-speed on confident stretches and the output is what adadec_decode gives. Not wired into
-engine/decoding/speculative.py yet (another change owns that file).
+Composing with n-gram speculation: `Gate` is the step-level component; it needs only a
+position's logits and the batch-1 spans before it. engine/decoding/speculative.py's verifier
+scores its drafts with one forward that yields logits at every drafted position,
+`gate.fires` marks the uncertain ones, drafts are accepted as before (equal to the argmax) up
+to the first position that fires, and there `gate.rerank` picks the token in place of the
+argmax; the winner's rollout becomes the next step's draft. Below tau nothing changes, so
+speculation keeps its speed on confident stretches, and the output is adadec_decode's
+(tests/engine/test_adadec.py).
 
 This module refuses to know about documents, views and files: tau comes in an AdaDecConfig
 (`AdaDecConfig.for_model` reads what `editkv calibrate` stored).
@@ -34,7 +35,6 @@ This module refuses to know about documents, views and files: tau comes in an Ad
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from engine.calibrate import entropy, load_calibration
-from engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules
+from engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode
 from engine.healing import TokenHealer, healer_for
 from engine.model import KVCache, Span, Transformer
 
@@ -78,6 +78,11 @@ class AdaDecCounters:
     extra_forwards: int = 0  # batch-B rollout forwards
     rollout_tokens: int = 0  # tokens generated in rollouts, all rows
     reused_steps: int = 0  # greedy forwards skipped by reusing the winner's rollout
+
+    def write(self, extra: dict[str, float]) -> None:
+        """Add these counts to `DecodeStats.extra` (keys `adadec_<name>`)."""
+        for name, value in vars(self).items():
+            extra[f"adadec_{name}"] = extra.get(f"adadec_{name}", 0) + value
 
 
 @dataclass
@@ -190,6 +195,16 @@ class Gate:
         self.counters.steps += 1
         if not bool(self.fires(logits)[0]):
             return int(logits.argmax()), None
+        return self.rerank(logits, context, position, remaining)
+
+    def rerank(
+        self,
+        logits: torch.Tensor,  # [1, V]: a position where the gate fired (healing applied)
+        context: Sequence[Span],
+        position: int,
+        remaining: bytes = b"",
+    ) -> tuple[int, Rerank]:
+        """The lookahead's winner at a position the caller found firing; counted as a gate fire."""
         decision = self.lookahead.rerank(logits, context, position, remaining)
         c = self.counters
         c.gate_fires += 1
@@ -197,6 +212,41 @@ class Gate:
         c.rollout_tokens += sum(len(r) for r in decision.rollouts)
         c.changed += decision.token != int(logits.argmax())
         return decision.token, decision
+
+
+class GatedChoice:
+    """A `TokenChooser` for engine.generate.decode: the gate's token at each step, and the winner's
+    rollout reused while greedy follows it (its K/V and logits instead of a forward)."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.decision: Rerank | None = None  # this step's rerank, if the gate fired
+        self.draft: Rerank | None = None  # the last winner's rollout while greedy follows it
+        self.depth = 0  # tokens of the draft committed so far (the winner is depth 0)
+
+    def choose(self, logits: torch.Tensor, context: Sequence[Span], position: int, remaining: bytes) -> int:
+        token, self.decision = self.gate.choose(logits, context, position, remaining)
+        return token
+
+    def reuse(self, token: int, scratch: KVCache, slot: int) -> torch.Tensor | None:
+        draft = self.draft
+        if self.decision is not None:
+            draft, self.depth = self.decision, 0
+        elif draft is not None and self.depth < len(draft.rollouts[draft.row]) \
+                and token == draft.rollouts[draft.row][self.depth]:
+            self.depth += 1
+        else:
+            draft = None
+        self.draft = draft
+        if draft is None or self.depth >= len(draft.draft_logits):
+            self.draft = None
+            return None
+        # The token's K/V and the next distribution were computed by the winner's rollout.
+        rollout_cache = self.gate.lookahead.cache
+        scratch.k[:, 0, :, slot] = rollout_cache.k[:, draft.row, :, self.depth]
+        scratch.v[:, 0, :, slot] = rollout_cache.v[:, draft.row, :, self.depth]
+        self.gate.counters.reused_steps += 1
+        return draft.draft_logits[self.depth]
 
 
 def adadec_decode(
@@ -209,88 +259,18 @@ def adadec_decode(
 ) -> Completion:
     """Greedy decoding from `state`, reranked by lookahead wherever H >= `config.tau`.
 
-    Follows engine.generate.decode (stop rules, healing, text cut); with tau = +inf it is
-    greedy, token for token. `stop_text(text)` may end a completion early: it returns where
-    to cut the text (None = go on), for stops the line rule can't express (a new top-level
-    `def` after a function body). Counters go to `stats.extra` as `adadec_*`.
+    engine.generate.decode's loop (stop rules, healing, text cut) with a `GatedChoice`; with
+    tau = +inf it is greedy, token for token. `stop_text` as decode takes it. Counters go to
+    `stats.extra` as `adadec_*`; rollout forwards count in `stats.forwards`.
     """
-    model, tokenizer = state.model, state.tokenizer
     stats = stats or DecodeStats()
-    rules = rules or StopRules()
-    scratch: KVCache = state.scratch
-    used = state.scratch_used
-    scratch.ensure_capacity(used + rules.max_tokens + 1, keep=used)
-    stop_ids = rules.stop_ids | tokenizer.stop_ids
-    stopper = LineStopper(tokenizer, rules.max_lines)
-    healer = healer_for(tokenizer) if state.heal else None  # rollouts need it only while healing
-    gate = Gate(model, config, stop_ids, healer)
-    counters = gate.counters
-    draft: Rerank | None = None  # the last winner's rollout while greedy follows it
-    draft_depth = 0
-    ids: list[int] = []
-    logprob = 0.0
-    logits = state.first_logits
-    text, reason = "", "max_tokens"
-    remaining = state.heal
-    started = time.perf_counter()
-    while True:
-        choose_from = healer.mask(logits, remaining) if remaining else logits
-        step = len(ids)
-        token, decision = gate.choose(choose_from, [*state.context, Span(scratch, 0, used + step)],
-                                      state.next_position + step, remaining)
-        if decision is not None:
-            stats.forwards += decision.forwards
-        if remaining:
-            remaining = healer.advance(remaining, token)
-        if token in stop_ids:
-            reason = "stop_token"
-            break
-        logprob += float(torch.log_softmax(logits[0].float(), -1)[token])
-        ids.append(token)
-        text, hit = stopper.cut(ids)
-        if hit:
-            reason = "lines"
-            break
-        if stop_text is not None and (cut := stop_text(text)) is not None:
-            text, reason = text[:cut], "stop_text"
-            break
-        if len(ids) >= rules.max_tokens:
-            break
-        if rules.should_stop is not None and rules.should_stop():
-            reason = "cancelled"
-            break
-        if decision is not None:
-            draft, draft_depth = decision, 0
-        elif draft is not None and draft_depth < len(draft.rollouts[draft.row]) \
-                and token == draft.rollouts[draft.row][draft_depth]:
-            draft_depth += 1
-        else:
-            draft = None
-        slot = used + step
-        if draft is not None and draft_depth < len(draft.draft_logits):
-            # The token's K/V and the next distribution were computed by the winner's rollout.
-            scratch.k[:, 0, :, slot] = gate.lookahead.cache.k[:, draft.row, :, draft_depth]
-            scratch.v[:, 0, :, slot] = gate.lookahead.cache.v[:, draft.row, :, draft_depth]
-            logits = draft.draft_logits[draft_depth]
-            counters.reused_steps += 1
-            continue
-        draft = None
-        logits = model(
-            torch.tensor([[token]], device=model.device),
-            torch.tensor([state.next_position + step], device=model.device),
-            write=scratch,
-            write_at=slot,
-            context=[*state.context, Span(scratch, 0, slot)],
-            logits="last",
-        )
-        stats.forwards += 1
-    if reason == "stop_token":
-        text = stopper.cut(ids)[0]
-    healed = state.heal.decode("utf-8", errors="replace")
-    text = text[len(healed):] if text.startswith(healed) else text
-    stats.decode_tokens += len(ids)
-    stats.decode_ms += 1000 * (time.perf_counter() - started)
-    for name, value in vars(counters).items():
-        stats.extra[f"adadec_{name}"] = stats.extra.get(f"adadec_{name}", 0) + value
-    return Completion(ids, text, reason, stats, logprob)
-
+    stop_ids = (rules or StopRules()).stop_ids | state.tokenizer.stop_ids
+    healer = healer_for(state.tokenizer) if state.heal else None  # rollouts need it only while healing
+    gate = Gate(state.model, config, stop_ids, healer)
+    out = decode(state.model, state.tokenizer, state.first_logits, context=state.context,
+                 next_position=state.next_position, rules=rules, scratch=state.scratch,
+                 scratch_used=state.scratch_used, stats=stats, heal=state.heal, chooser=GatedChoice(gate),
+                 stop_text=stop_text)
+    stats.forwards += gate.counters.extra_forwards
+    gate.counters.write(stats.extra)
+    return out

@@ -13,6 +13,11 @@ with probability min(1, p/q), resampling from norm(max(p - q, 0)) on rejection -
 drafts and the target's own next token (the bonus) go through the same stop rules, healing and
 line cut as engine.generate.decode, so greedy output is token-for-token the same.
 
+AdaDec (greedy): the kept row's positions are gated in order; drafts are accepted up to the
+first position whose entropy reaches tau, where the lookahead rerank chooses the token in place
+of the argmax, and the winner's rollout is a draft candidate for the next step (`Speculator.plan`
+takes it as an `extra` chain). The output is then adadec_decode's.
+
 KV: row tokens are written at the scratch slots that follow the emitted ones; the next write
 position only advances by the tokens kept, so rejected drafts' K/V is overwritten later. With
 several rows they go to a batch-B side buffer and the kept row's slots are copied over.
@@ -23,6 +28,7 @@ beyond the tokenizer's stop ids, token bytes and the line rule.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.decoding.adadec import AdaDecConfig, Gate, Rerank
 from engine.decoding.drafters import (
     AcceptanceEstimator,
     Candidate,
@@ -256,19 +263,22 @@ class Speculator:
         self.recent: deque[Reference] = deque(maxlen=cfg.recent)
 
     def decode(self, state: DecodeState, *, params: SamplingParams | None = None, rules: StopRules | None = None,
-               references: Sequence[Reference] = (), stats: DecodeStats | None = None) -> Completion:
+               references: Sequence[Reference] = (), stats: DecodeStats | None = None,
+               adadec: AdaDecConfig | None = None) -> Completion:
         """`speculative_decode` with this speculator."""
-        return speculative_decode(state, self, params=params, rules=rules, references=references, stats=stats)
+        return speculative_decode(state, self, params=params, rules=rules, references=references, stats=stats,
+                                  adadec=adadec)
 
     def plan(self, history: TokenHistory, references: Sequence[Reference], budget: int, *, greedy: bool,
              temperature: float = 1.0, generator: torch.Generator | None = None,
-             cut: _DraftCut | None = None) -> Plan:
-        """Candidate chains from every drafter, cut by SpecDec++'s rule; the best by expected tokens
-        per unit of forward cost, plus tree rows while they raise it."""
+             cut: _DraftCut | None = None, extra: Sequence[Candidate] = ()) -> Plan:
+        """Candidate chains from every drafter (and `extra` ones the decoder has, e.g. AdaDec's
+        winning rollout), cut by SpecDec++'s rule; the best by expected tokens per unit of
+        forward cost, plus tree rows while they raise it."""
         cfg = self.config
         if budget <= 0:
             return Plan()
-        candidates: list[Candidate] = []
+        candidates: list[Candidate] = [c.truncate(budget) for c in extra if c.tokens]
         if "lookup" in cfg.drafters:
             candidates += self.lookup.propose(history, references, budget, max_candidates=cfg.max_rows + 1)
         if "table" in cfg.drafters:
@@ -356,15 +366,20 @@ class _DraftCut:
     lines_left: int | None
 
     def length(self, tokens: Sequence[int]) -> int:
+        end = self.ends_at(tokens)
+        return len(tokens) if end is None else end + 1
+
+    def ends_at(self, tokens: Sequence[int]) -> int | None:
+        """Index of the first token that ends the output (a stop token, the last line's end)."""
         lines = 0
         for j, t in enumerate(tokens):
             if t in self.stop_ids:
-                return j + 1
+                return j
             if self.lines_left is not None:
                 lines += self.token_bytes.get(t, b"").count(b"\n")
                 if lines >= self.lines_left:
-                    return j + 1
-        return len(tokens)
+                    return j
+        return None
 
 
 class _Output:
@@ -465,6 +480,7 @@ def speculative_decode(
     rules: StopRules | None = None,
     references: Sequence[Reference] = (),
     stats: DecodeStats | None = None,
+    adadec: AdaDecConfig | None = None,
 ) -> Completion:
     """Decode from `state` like engine.generate.decode, verifying drafts in each forward.
 
@@ -472,6 +488,12 @@ def speculative_decode(
     left-to-right view, other open documents, shown suggestions). Counters go to
     `stats.extra` (`SpecCounters.read`). Cancellation (`should_stop`) is polled before each
     forward, so a cancelled request may hold more tokens than plain decoding's.
+
+    `adadec` (greedy only) gates each position the verification scored: drafts are accepted
+    up to the first position whose entropy reaches tau, and there the lookahead rerank picks
+    the token (and its winning rollout becomes the next step's draft). The output is then
+    adadec_decode's; gate counters go to `stats.extra` as `adadec_*`, rollout forwards count
+    in `stats.forwards` (not in `spec.forwards`).
     """
     params = params or SamplingParams()
     rules = rules or StopRules()
@@ -493,6 +515,11 @@ def speculative_decode(
         generator = torch.Generator().manual_seed(params.seed)
     rows_cache = None
     order = speculator.table.max_order
+    gate = None
+    if adadec is not None and adadec.tau < math.inf:
+        if not greedy:
+            raise ValueError("AdaDec reranks greedy decoding; it does not combine with sampling")
+        gate = Gate(model, adadec, out.stop_ids, out.healer if state.heal else None)
     started = time.perf_counter()
 
     # The first token comes from the state's logits: no forward, no drafts.
@@ -507,8 +534,26 @@ def speculative_decode(
         if forward_started is not None:  # _judge waited for the forward's results
             speculator.cost.record(len(drafts), 1 + max(len(d) for d in drafts),
                                    1000 * (time.perf_counter() - forward_started))
-        r, accepted = verdict.row, verdict.accepted
-        path = [*drafts[r][:accepted], verdict.token]
+        r, accepted, token = verdict.row, verdict.accepted, verdict.token
+        rerank: Rerank | None = None
+        fired = None  # AdaDec: the first uncertain position on the kept path decides there
+        if gate is not None:
+            fired = _first_fire(gate, logits[r], drafts[r][:accepted], out)
+            if fired is not None:
+                accepted = fired
+        if len(drafts) > 1:  # keep the chosen row's K/V: the emitted token and accepted drafts
+            slot = used + len(out.ids) - 1
+            for name in ("k", "v"):
+                getattr(scratch, name)[:, 0, :, slot : slot + accepted + 1] = \
+                    getattr(rows_cache, name)[:, r, :, : accepted + 1]
+        if fired is not None:
+            at = logits[r, fired : fired + 1]  # [1, V]
+            choose_from = out.healer.mask(at, out.remaining) if out.remaining else at
+            n = len(out.ids) + fired  # the output index this position chooses
+            token, rerank = gate.rerank(choose_from, [*state.context, Span(scratch, 0, used + n)],
+                                        state.next_position + n, out.remaining)
+            logprobs = [*logprobs[:fired], float(torch.log_softmax(at[0].float(), -1)[token])]
+        path = [*drafts[r][:accepted], token]
         if top_k:
             speculator.learn(tail, drafts[r], top_ids, top_probs)
         if plan.rows:
@@ -519,13 +564,10 @@ def speculative_decode(
             for cand in plan.rows:
                 counters.by_source.setdefault(cand.source, [0, 0])[0] += len(cand.tokens)
             counters.by_source[plan.rows[r].source][1] += accepted
-        if len(drafts) > 1:  # keep the chosen row's K/V: the emitted token and accepted drafts
-            slot = used + len(out.ids) - 1
-            for name in ("k", "v"):
-                getattr(scratch, name)[:, 0, :, slot : slot + accepted + 1] = \
-                    getattr(rows_cache, name)[:, r, :, : accepted + 1]
         appended = out.emit(path, logprobs)
         counters.discarded += len(path) - appended
+        if gate is not None:
+            gate.counters.steps += appended + (out.reason == "stop_token")
         if out.reason is not None:
             break
         history.extend(path)
@@ -536,8 +578,9 @@ def speculative_decode(
         # Draft, then verify the last emitted token + drafts in one forward.
         n = len(out.ids)
         budget = 0 if out.remaining else min(cfg.max_draft, rules.max_tokens - n - 1)
+        extra = [_rollout_candidate(rerank)] if rerank is not None else []
         plan = speculator.plan(history, refs, budget, greedy=greedy, temperature=params.temperature,
-                               generator=generator, cut=out.cut())
+                               generator=generator, cut=out.cut(), extra=extra)
         rows = [[out.ids[-1], *d] for d in plan.drafts]
         width = max(len(row) for row in rows)
         rows = [row + [row[-1]] * (width - len(row)) for row in rows]  # padding is never accepted
@@ -560,8 +603,33 @@ def speculative_decode(
     stats.decode_tokens += len(out.ids)
     stats.decode_ms += 1000 * (time.perf_counter() - started)
     counters.write(stats.extra)
+    if gate is not None:
+        stats.forwards += gate.counters.extra_forwards
+        gate.counters.write(stats.extra)
     speculator.remember(out.ids)
     return Completion(out.ids, out.text(state.heal), out.reason, stats, out.logprob)
+
+
+def _first_fire(gate: Gate, row_logits: torch.Tensor, accepted: Sequence[int], out: _Output) -> int | None:
+    """The first position of the kept row (0..len(accepted)) where the gate fires, or None.
+
+    `row_logits` [T, V]: position j gives the token after `accepted[:j]`. Positions after a
+    token that ends the output are never emitted, so they are not gated.
+    """
+    end = out.cut().ends_at(accepted)
+    last = len(accepted) if end is None else end
+    scored = row_logits[: last + 1]
+    if out.remaining:  # healing: no drafts, one position, gated on the masked distribution
+        scored = out.healer.mask(scored, out.remaining)
+    fires = gate.fires(scored).tolist()
+    return fires.index(True) if True in fires else None
+
+
+def _rollout_candidate(rerank: Rerank) -> Candidate:
+    """The rerank winner's greedy rollout: what greedy will most likely emit after the winner."""
+    tokens = list(rerank.rollouts[rerank.row])
+    keys = [("rerank", min(j, 8)) for j in range(len(tokens))]
+    return Candidate("rerank", tokens, keys, [0.9] * len(tokens))
 
 
 def _dense(dist: dict[int, float], vocab: int) -> torch.Tensor:  # -> [V] fp32

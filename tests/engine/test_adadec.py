@@ -1,7 +1,7 @@
-"""AdaDec: calibration fit and storage, the gate, batched rollouts vs a slow reference, real model views."""
+"""AdaDec: calibration fit and storage, the gate, batched rollouts vs a slow reference, real model views,
+and AdaDec composed with n-gram speculation (the same output as adadec_decode, greedy's at tau = +inf)."""
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ from engine.calibrate import (
     load_calibration,
     teacher_force,
 )
+from engine.decoding import Reference, SpecCounters, SpeculationConfig, Speculator
 from engine.decoding.adadec import AdaDecConfig, Gate, Lookahead, adadec_decode
 from engine.errors import EngineError
 from engine.generate import DecodeState, StopRules, decode, prefill
@@ -222,19 +223,6 @@ def test_draft_reuse_does_not_change_the_output(tiny, monkeypatch):
     assert with_reuse.ids == without.ids and with_reuse.text == without.text
 
 
-def test_beam_search_of_width_one_is_greedy(tiny):
-    sys.path.insert(0, str(DEFAULT_MODEL_DIR.parent.parent / "bench"))
-    from adadec import beam_search
-
-    rules = StopRules(max_tokens=10, max_lines=1)
-    for prefix in ("def add(a, b):\n", "for name in os.li"):
-        state = _state(tiny, prefix)
-        greedy = decode(tiny.model, tiny.tokenizer, state.first_logits, context=state.context,
-                        next_position=state.next_position, rules=rules, heal=state.heal)
-        beam = beam_search(_state(tiny, prefix), 1, rules)
-        assert beam.text == greedy.text
-
-
 def test_gate_is_a_step_level_component(tiny):
     """What a speculative verifier would call: `fires` over many positions, `choose` at one."""
     state = _state(tiny, "def add(a, b):\n", heal=False)
@@ -248,6 +236,94 @@ def test_gate_is_a_step_level_component(tiny):
     assert decision is not None and token == decision.token in decision.candidates
     token, decision = gate.choose(state.first_logits, state.context, state.next_position)
     assert decision is None and token == int(state.first_logits.argmax()) and gate.counters.steps == 1
+
+
+def test_stop_text_ends_the_completion_where_it_says(tiny):
+    rules = StopRules(max_tokens=12, max_lines=None)
+    full = adadec_decode(_state(tiny, "x = ", heal=False), AdaDecConfig(math.inf), rules)
+    assert len(full.text) > 2
+    cut = adadec_decode(_state(tiny, "x = ", heal=False), AdaDecConfig(math.inf), rules,
+                        stop_text=lambda text: 2 if len(text) >= 2 else None)
+    assert cut.stop_reason == "stop_text" and cut.text == full.text[:2]
+
+
+# --- AdaDec composed with n-gram speculation ----------------------------------------------
+
+def _same_output(a, b):
+    assert (a.ids, a.text, a.stop_reason) == (b.ids, b.text, b.stop_reason)
+    assert a.logprob == pytest.approx(b.logprob, abs=1e-3 * max(1, len(a.ids)))
+
+
+def _speculate(state, rules, config, refs=(), **spec):
+    speculator = Speculator(SpeculationConfig(measure_cost=False, **spec))
+    out = speculator.decode(state, rules=rules, references=refs, adadec=config)
+    c = SpecCounters.read(out.stats.extra)
+    assert len(out.ids) + c.discarded == 1 + c.accepted + c.bonus  # every token: first, accepted or bonus
+    assert out.stats.forwards == c.forwards + out.stats.extra.get("adadec_extra_forwards", 0)
+    return out, c
+
+
+@pytest.mark.parametrize("prefix", ["def add(a, b):\n", "for name in os.li", "x = "])
+def test_speculation_with_infinite_tau_is_greedy(tiny, prefix):
+    rules = StopRules(max_tokens=14, max_lines=None)
+    greedy = decode(tiny.model, tiny.tokenizer, _state(tiny, prefix).first_logits,
+                    context=_state(tiny, prefix).context, next_position=_state(tiny, prefix).next_position,
+                    rules=rules, heal=_state(tiny, prefix).heal)
+    refs = [Reference.of("recent", greedy.ids * 2)]  # drafts that are right
+    out, c = _speculate(_state(tiny, prefix), rules, AdaDecConfig(math.inf), refs)
+    _same_output(out, greedy)
+    assert c.accepted > 0 and "adadec_gate_fires" not in out.stats.extra
+
+
+def _median_tau(loaded, prefix, n=12):
+    """A tau at the median entropy of a greedy run: the gate fires at about half the positions."""
+    state = _state(loaded, prefix)
+    out = decode(state.model, state.tokenizer, state.first_logits, context=state.context,
+                 next_position=state.next_position, rules=StopRules(max_tokens=n, max_lines=None), heal=state.heal)
+    ids = state.prompt_ids + out.ids
+    logits = prefill(loaded.model, ids, loaded.model.new_cache(len(ids)), logits="all")[0, len(state.prompt_ids) - 1:]
+    return float(entropy(logits).median())
+
+
+@pytest.mark.parametrize("prefix", ["def add(a, b):\n", "for name in os.li"])
+@pytest.mark.parametrize("max_rows", [1, 3])
+def test_speculation_with_gating_equals_adadec_decode(tiny, prefix, max_rows):
+    config = AdaDecConfig(_median_tau(tiny, prefix), num_candidates=3, lookahead=3)
+    rules = StopRules(max_tokens=14, max_lines=None)
+    ref = adadec_decode(_state(tiny, prefix), config, rules)
+    assert 0 < ref.stats.extra["adadec_gate_fires"] < ref.stats.extra["adadec_steps"]
+    state = _state(tiny, prefix)
+    plain = decode(tiny.model, tiny.tokenizer, state.first_logits, context=state.context,
+                   next_position=state.next_position, rules=rules, heal=state.heal)
+    assert plain.ids != ref.ids, "the gate should change this output, or the test shows nothing"
+    # drafts of the gated output (right) and of plain greedy (accepted by the argmax where the
+    # gate must cut them off), both long enough to span gated positions
+    refs = [Reference.of("recent", ref.ids * 2), Reference.of("workspace", plain.ids * 2)]
+    out, c = _speculate(_state(tiny, prefix), rules, config, refs, max_rows=max_rows, row_cost=0.01,
+                        threshold=0.99)
+    _same_output(out, ref)
+    extra = out.stats.extra
+    assert c.accepted > 0 and extra["adadec_gate_fires"] >= 1
+    for name in ("gate_fires", "changed", "steps"):  # the gate saw the same positions
+        assert extra[f"adadec_{name}"] == ref.stats.extra[f"adadec_{name}"], name
+    # without references too (drafts from the history, the table and the winners' rollouts)
+    _same_output(_speculate(_state(tiny, prefix), rules, config)[0], ref)
+
+
+def test_speculation_with_gating_follows_healing(tiny):
+    prefix = "for name in os.li"
+    state = _state(tiny, prefix)
+    assert state.heal
+    config = AdaDecConfig(0.0, num_candidates=2, lookahead=2)
+    rules = StopRules(max_tokens=8, max_lines=1)
+    _same_output(_speculate(_state(tiny, prefix), rules, config)[0], adadec_decode(state, config, rules))
+
+
+def test_speculation_refuses_gating_with_sampling(tiny):
+    from engine.sampling import SamplingParams
+
+    with pytest.raises(ValueError, match="greedy"):
+        Speculator().decode(_state(tiny, "x = "), params=SamplingParams(temperature=0.5), adadec=AdaDecConfig(0.0))
 
 
 # --- the real default model through both views ------------------------------------------
@@ -309,6 +385,9 @@ def test_default_model_views(default_model):
         fired += ours.stats.extra["adadec_gate_fires"]
         always = adadec_decode(build(doc, cursor).state(), AdaDecConfig(0.0, lookahead=3), rules)
         assert always.stats.extra["adadec_gate_fires"] >= 1 and "\n" not in always.text
+        for gated, ref in ((config, ours), (AdaDecConfig(0.0, lookahead=3), always)):
+            spec = Speculator().decode(build(doc, cursor).state(), rules=rules, adadec=gated)
+            _same_output(spec, ref)
     # the healed cursor token (indentation / partial word) is spelled out, then cut from the text
     cursor = SOURCE.index("out.append") + len("out.app")
     view = left_to_right(doc, cursor)
