@@ -5,7 +5,8 @@ with the target line's text after its indentation removed, the cursor after the 
 token healing, stop at the end of the line). The prompt is prefilled once per target (timed
 once); every method then decodes from the same DecodeState: greedy (engine.generate.decode),
 AdaDec (one row per `--configs` entry, B x L, with the calibrated tau or `--tau`), beam search
-with `--beams` beams (below: batched over beams on one forked batch-B cache). Targets: an
+with `--beams` beams (engine.decoding.beam: batched over beams on one forked batch-B cache;
+the best beam by mean log-prob per token, search ends once `--beams` beams finished). Targets: an
 evenly spread subset (`--subset N --offset K`: every len/N-th target starting at K).
 
 humaneval: plain continuation of each problem's prompt (the default model gets its
@@ -44,79 +45,12 @@ from default_model import _prompt
 
 from edit_cache.positions import line_starts
 from engine.decoding.adadec import AdaDecConfig, adadec_decode
-from engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules, decode, prefill
+from engine.decoding.beam import beam_search
+from engine.generate import Completion, DecodeState, StopRules, decode, prefill
 from engine.healing import healer_for
 from engine.loading import DEFAULT_MODEL_DIR, load_model
 from engine.model import Span
 from engine.prompting import doc_start_ids
-
-# --- beam search baseline -----------------------------------------------------------------
-
-def beam_search(state: DecodeState, num_beams: int, rules: StopRules) -> Completion:
-    """Length-normalised beam search, all beams in one batched forward per step.
-
-    Beams share the prompt's batch-1 spans; their own tokens live in a batch-`num_beams`
-    cache that is re-ordered by parent at each step. A beam ends at a stop token or when the
-    line rule fires; search ends once `num_beams` beams ended (or at max_tokens).
-    """
-    model, tok = state.model, state.tokenizer
-    dev = model.device
-    stop_ids = rules.stop_ids | tok.stop_ids
-    stopper = LineStopper(tok, rules.max_lines)
-    healer = healer_for(tok) if state.heal else None
-    cache = model.new_cache(rules.max_tokens + 1, batch=num_beams)
-    base = [*state.context, Span(state.scratch, 0, state.scratch_used)]
-    stats = DecodeStats()
-    started = time.perf_counter()
-    beams: list[tuple[list[int], float, bytes]] = [([], 0.0, state.heal)]  # ids, sum log p, heal bytes left
-    logits = state.first_logits  # [alive, V]
-    finished: list[tuple[float, list[int], str, str, float]] = []  # score, ids, text, reason, log p
-    for step in range(rules.max_tokens):
-        proposals = []
-        for b, (_ids, total, rem) in enumerate(beams):
-            row = healer.mask(logits[b : b + 1], rem) if rem else logits[b : b + 1]
-            top = torch.topk(torch.log_softmax(row[0].float(), -1), 2 * num_beams)
-            proposals += [(total + float(v), b, int(t)) for v, t in zip(top.values, top.indices, strict=True)]
-        proposals.sort(key=lambda p: -p[0])
-        alive = []
-        for total, b, token in proposals:
-            if not math.isfinite(total):
-                continue
-            ids = beams[b][0] + [token]
-            if token in stop_ids:
-                finished.append((total / len(ids), beams[b][0], stopper.cut(beams[b][0])[0], "stop_token", total))
-                continue
-            text, hit = stopper.cut(ids)
-            if hit or len(ids) >= rules.max_tokens:
-                finished.append((total / len(ids), ids, text, "lines" if hit else "max_tokens", total))
-                continue
-            rem = beams[b][2]
-            alive.append((ids, total, healer.advance(rem, token) if rem else b"", b))
-            if len(alive) == num_beams:
-                break
-        if len(finished) >= num_beams or not alive:
-            break
-        parents = [a[3] for a in alive] + [alive[0][3]] * (num_beams - len(alive))
-        tokens = [a[0][-1] for a in alive] + [alive[0][0][-1]] * (num_beams - len(alive))
-        if step:
-            index = torch.tensor(parents, device=dev)
-            cache.k[:, :, :, :step] = cache.k[:, index, :, :step]
-            cache.v[:, :, :, :step] = cache.v[:, index, :, :step]
-        logits = model(torch.tensor(tokens, device=dev)[:, None],
-                       torch.tensor([state.next_position + step], device=dev), write=cache, write_at=step,
-                       context=[*base, Span(cache, 0, step)], logits="last")[: len(alive)]
-        stats.forwards += 1
-        beams = [(ids, total, rem) for ids, total, rem, _ in alive]
-    if not finished:  # nothing ended: take the best running beam
-        finished = [(total / max(len(ids), 1), ids, stopper.cut(ids)[0], "max_tokens", total)
-                    for ids, total, _ in beams]
-    _score, ids, text, reason, logprob = max(finished, key=lambda f: f[0])
-    healed = state.heal.decode("utf-8", errors="replace")
-    text = text[len(healed):] if text.startswith(healed) else text
-    stats.decode_tokens = len(ids)
-    stats.decode_ms = 1000 * (time.perf_counter() - started)
-    return Completion(ids, text, reason, stats, logprob)
-
 
 # --- methods ------------------------------------------------------------------------------
 
@@ -144,7 +78,8 @@ def run_methods(state, methods, rules, stop_text=None) -> dict[str, Completion]:
                                next_position=state.next_position, rules=rules, scratch=state.scratch,
                                scratch_used=state.scratch_used, heal=state.heal)
         elif isinstance(method, int):
-            out[name] = beam_search(fresh(state), method, rules)
+            out[name] = beam_search(fresh(state), method, rules, length_normalize=True, early_stopping=True,
+                                    keep_empty=True).best()
         else:
             out[name] = adadec_decode(fresh(state), method, rules, stop_text=stop_text)
     return out

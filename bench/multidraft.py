@@ -13,7 +13,7 @@ Methods:
   superposed-no-ng  the same with alpha = 0 (model alone), an ablation
   top-k x greedy    k greedy decodes, each forced to start with one of the k best first tokens
   nucleus x k       k sampled decodes (--nucleus-temperature, top-p --top-p)
-  beam k            beam search, k beams batched in one forward per step
+  beam k            beam search (engine.decoding.beam), k beams batched in one forward per step
 Quality: best-of-k EM/ES (any draft right), first-draft EM/ES, distinct drafts per target and
 their mean pairwise edit distance (characters). The workspace index holds the document only
 (other files of the repository may be later versions that contain the answer).
@@ -46,12 +46,12 @@ from common import (
 from default_model import build_cases
 
 from edit_cache.tokens import TokenEdit
+from engine.decoding.beam import beam_search
 from engine.decoding.ngram_index import NgramIndex
 from engine.decoding.superposed import SuperposedParams, superposed_drafts
-from engine.generate import DecodeState, DecodeStats, LineStopper, StopRules, decode
+from engine.generate import DecodeState, DecodeStats, StopRules, decode
 from engine.healing import healer_for
 from engine.loading import DEFAULT_MODEL_DIR, load_model
-from engine.model import Span
 from engine.ngram import NgramTable
 from engine.prompting import doc_start_ids
 from engine.sampling import SamplingParams
@@ -118,92 +118,11 @@ def run_nucleus(state: DecodeState, k: int, rules: StopRules, temperature: float
     return Run(texts, 1000 * (time.perf_counter() - t0), stats.forwards)
 
 
-@dataclass
-class _Beam:
-    ids: list[int]
-    score: float
-    remaining: bytes
-    parent: int = 0
-    text: str = ""
-
-
-def beam_search(state: DecodeState, num_beams: int, rules: StopRules) -> Run:
-    """Beam search with `num_beams` beams batched in one forward per step (their own scratch rows).
-
-    Scores are summed log-probs; a finished beam (stop token, line end, max tokens) goes to
-    a pool unless it is empty (as superposed drafts); search ends when the pool holds
-    `num_beams` beams that no live beam can beat.
-    """
+def run_beam(state: DecodeState, num_beams: int, rules: StopRules) -> Run:
+    """engine.decoding.beam: summed log-probs, distinct non-empty finished beams, best first."""
     t0 = time.perf_counter()
-    model, tok = state.model, state.tokenizer
-    dev = model.device
-    stop_ids = rules.stop_ids | tok.stop_ids
-    stopper = LineStopper(tok, rules.max_lines)
-    healer = healer_for(tok) if state.heal else None
-    cache = model.new_cache(rules.max_tokens + 1, batch=num_beams)
-    context = [*state.context, Span(state.scratch, 0, state.scratch_used)]
-    beams = [_Beam([], 0.0, state.heal)]
-    logits = state.first_logits
-    pool: list[_Beam] = []
-    forwards = 0
-    step = 0
-    healed = state.heal.decode("utf-8", errors="replace")
-
-    def add(beam: _Beam) -> None:
-        key = beam.text.rstrip()
-        if not key[len(healed):].strip() or any(p.text.rstrip() == key for p in pool):  # empty or seen
-            return
-        pool.append(beam)
-        pool.sort(key=lambda b: -b.score)
-        del pool[num_beams:]
-
-    while True:
-        logp = torch.log_softmax(logits.float(), -1)  # [rows, V]
-        candidates = []
-        for b, beam in enumerate(beams):
-            row = healer.mask(logp[b : b + 1], beam.remaining)[0] if beam.remaining else logp[b]
-            top = row.topk(2 * num_beams)
-            for s, t in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-                if s > float("-inf"):
-                    candidates.append((beam.score + s, b, t))
-        candidates.sort(key=lambda c: -c[0])
-        live: list[_Beam] = []
-        seen = set()
-        for score, b, t in candidates:
-            parent = beams[b]
-            remaining = healer.advance(parent.remaining, t) if parent.remaining else b""
-            if t in stop_ids:
-                add(_Beam(parent.ids, score, remaining, b, stopper.cut(parent.ids)[0]))
-                continue
-            ids = [*parent.ids, t]
-            text, hit = stopper.cut(ids)
-            if hit or len(ids) >= rules.max_tokens:
-                add(_Beam(ids, score, remaining, b, text))
-            elif text not in seen:
-                seen.add(text)
-                live.append(_Beam(ids, score, remaining, b, text))
-                if len(live) == num_beams:
-                    break
-        if not live or (len(pool) >= num_beams and live[0].score <= pool[-1].score):
-            break
-        rows = [beam.parent for beam in live] + [live[0].parent] * (num_beams - len(live))
-        if step:
-            index = torch.tensor(rows, device=dev)
-            cache.k[:, :, :, :step] = cache.k[:, :, :, :step].index_select(1, index)
-            cache.v[:, :, :, :step] = cache.v[:, :, :, :step].index_select(1, index)
-        tokens = [beam.ids[-1] for beam in live] + [live[0].ids[-1]] * (num_beams - len(live))
-        position = torch.tensor([state.next_position + step], device=dev)
-        logits = model(torch.tensor(tokens, device=dev)[:, None], position,
-                       write=cache, write_at=step, context=[*context, Span(cache, 0, step)], logits="last")
-        forwards += 1
-        step += 1
-        beams = live
-    for beam in live:
-        if len(pool) >= num_beams:
-            break
-        add(beam)
-    texts = [b.text[len(healed):] if healed and b.text.startswith(healed) else b.text for b in pool]
-    return Run(texts, 1000 * (time.perf_counter() - t0), forwards)
+    result = beam_search(state, num_beams, rules)
+    return Run([b.text for b in result.beams], 1000 * (time.perf_counter() - t0), result.stats.forwards)
 
 
 def run_superposed(state, k, rules, index, corpus, params) -> Run:
@@ -295,7 +214,7 @@ def main() -> None:
             elif method == "nucleus x k":
                 run = run_nucleus(state, k, rules, args.nucleus_temperature, args.top_p, seed=1000 * n)
             elif method == "beam k":
-                run = beam_search(state, k, rules)
+                run = run_beam(state, k, rules)
             else:
                 raise SystemExit(f"unknown method {method!r}; use {args.methods}")
             sync(args.device)

@@ -1,0 +1,177 @@
+"""Beam search from a DecodeState, all beams batched in one forward per step.
+
+The baseline the benchmarks hold AdaDec (bench/adadec.py: the best beam) and superposed
+decoding (bench/multidraft.py: k distinct drafts) against.
+
+Data flow of a step: live beams (ids, summed log-prob, healing bytes left) -> each beam's top
+`2 * num_beams` next tokens by log-probability (under token healing, among the tokens that
+spell the cut text; not renormalised, so a beam's score is the model's probability of its
+tokens whichever way they split the healed text, as greedy's `logprob`) -> extensions a stop rule ends
+(stop token, line rule, max tokens) go to a pool of finished beams, distinct by text and
+non-empty unless `keep_empty`; the best `num_beams` others, distinct by text, live on -> one
+batch-`num_beams` forward of their last tokens.
+
+KV: beams share the state's batch-1 spans (document, view tokens) by broadcast; their own
+tokens live in a batch-`num_beams` cache whose rows are re-ordered by parent at every step.
+
+Ranking: summed log-prob, or with `length_normalize` the mean per chosen token (a stop token
+counts). Search ends when no beam is live, or the pool holds `num_beams` beams and either
+`early_stopping` is set (HF's `early_stopping=True`) or no live beam's score beats the
+pool's worst (exact for summed scores, which only fall; HF's heuristic for means). `should_stop`
+is polled before every forward; live beams then fill the pool as "cancelled".
+
+Knows nothing about documents or LSP: a DecodeState in, beams out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules
+from engine.healing import healer_for
+from engine.model import Span
+
+
+@dataclass
+class Beam:
+    """One hypothesis: its text (healed prefix cut), ids, summed log-prob, ranking score, why it ended."""
+
+    text: str
+    ids: list[int]
+    logprob: float
+    score: float
+    stop_reason: str  # "stop_token" | "lines" | "max_tokens" | "cancelled" | "" (still live when search ended)
+
+
+@dataclass
+class BeamResult:
+    """Up to `num_beams` beams, best first, and what the search cost."""
+
+    beams: list[Beam]
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+    def best(self) -> Completion:
+        """The best beam as a Completion (empty when there is none)."""
+        if not self.beams:
+            return Completion([], "", "max_tokens", self.stats, 0.0)
+        b = self.beams[0]
+        return Completion(b.ids, b.text, b.stop_reason or "max_tokens", self.stats, b.logprob)
+
+
+@dataclass
+class _Hyp:
+    ids: list[int]
+    logprob: float
+    remaining: bytes
+    text: str
+    parent: int = 0
+    chosen: int = 0  # tokens chosen, a final stop token included
+
+
+def beam_search(
+    state: DecodeState,
+    num_beams: int,
+    rules: StopRules | None = None,
+    *,
+    length_normalize: bool = False,
+    early_stopping: bool = False,
+    keep_empty: bool = False,
+    stats: DecodeStats | None = None,
+) -> BeamResult:
+    """Beam search continuing `state` under `rules` (stop ids, line limit, max tokens, should_stop)."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    started = time.perf_counter()
+    rules = rules or StopRules()
+    stats = stats or DecodeStats()
+    model, tok = state.model, state.tokenizer
+    dev = model.device
+    stop_ids = rules.stop_ids | tok.stop_ids
+    stopper = LineStopper(tok, rules.max_lines)
+    healer = healer_for(tok) if state.heal else None
+    healed = state.heal.decode("utf-8", errors="replace")
+    cache = model.new_cache(rules.max_tokens + 1, batch=num_beams)
+    context = [*state.context, Span(state.scratch, 0, state.scratch_used)]
+
+    def strip(text: str) -> str:
+        return text[len(healed):] if healed and text.startswith(healed) else text
+
+    def score(h: _Hyp) -> float:
+        return h.logprob / max(h.chosen, 1) if length_normalize else h.logprob
+
+    pool: list[tuple[_Hyp, str]] = []  # (finished beam, why), best first
+
+    def finish(h: _Hyp, reason: str) -> None:
+        key = strip(h.text).rstrip()
+        if not keep_empty and not key.strip():
+            return
+        for i, (other, _) in enumerate(pool):
+            if strip(other.text).rstrip() == key:
+                if score(other) >= score(h):
+                    return
+                del pool[i]
+                break
+        pool.append((h, reason))
+        pool.sort(key=lambda p: -score(p[0]))
+        del pool[num_beams:]
+
+    live = [_Hyp([], 0.0, state.heal, "")]
+    logits = state.first_logits  # [live, V]
+    step = 0
+    unfinished = ""
+    while True:
+        logp = torch.log_softmax(logits.float(), -1)  # [live, V]
+        candidates = []
+        for b, beam in enumerate(live):
+            row = healer.mask(logp[b : b + 1], beam.remaining)[0] if beam.remaining else logp[b]
+            top = row.topk(2 * num_beams)
+            candidates += [(beam.logprob + s, b, t) for s, t in zip(top.values.tolist(), top.indices.tolist(),
+                                                                   strict=True) if s > float("-inf")]
+        candidates.sort(key=lambda c: -c[0])
+        children: list[_Hyp] = []
+        seen: set[str] = set()
+        for logprob, b, token in candidates:
+            parent = live[b]
+            remaining = healer.advance(parent.remaining, token) if parent.remaining else b""
+            if token in stop_ids:
+                finish(_Hyp(parent.ids, logprob, remaining, parent.text, b, parent.chosen + 1), "stop_token")
+                continue
+            ids = [*parent.ids, token]
+            text, hit = stopper.cut(ids)
+            child = _Hyp(ids, logprob, remaining, text, b, parent.chosen + 1)
+            if hit or len(ids) >= rules.max_tokens:
+                finish(child, "lines" if hit else "max_tokens")
+            elif text not in seen:
+                seen.add(text)
+                children.append(child)
+                if len(children) == num_beams:
+                    break
+        live = children
+        if not live or (len(pool) >= num_beams
+                        and (early_stopping or max(score(h) for h in live) <= score(pool[-1][0]))):
+            break
+        if rules.should_stop is not None and rules.should_stop():
+            unfinished = "cancelled"
+            break
+        pad = num_beams - len(live)
+        if step:
+            index = torch.tensor([h.parent for h in live] + [live[0].parent] * pad, device=dev)
+            cache.k[:, :, :, :step] = cache.k[:, :, :, :step].index_select(1, index)
+            cache.v[:, :, :, :step] = cache.v[:, :, :, :step].index_select(1, index)
+        tokens = [h.ids[-1] for h in live] + [live[0].ids[-1]] * pad  # pad rows are ignored
+        position = torch.tensor([state.next_position + step], device=dev)
+        logits = model(torch.tensor(tokens, device=dev)[:, None], position, write=cache, write_at=step,
+                       context=[*context, Span(cache, 0, step)], logits="last")[: len(live)]  # [live, V]
+        stats.forwards += 1
+        step += 1
+    for h in sorted(live, key=lambda h: -score(h)):  # only when the search was cut short
+        if len(pool) >= num_beams:
+            break
+        finish(h, unfinished)
+    beams = [Beam(strip(h.text), h.ids, h.logprob, score(h), reason) for h, reason in pool]
+    stats.decode_tokens += len(beams[0].ids) if beams else 0
+    stats.decode_ms += 1000 * (time.perf_counter() - started)
+    return BeamResult(beams, stats)

@@ -1,0 +1,103 @@
+"""Beam search (engine.decoding.beam): batched beams score what a fresh forward scores, ranking, stop rules."""
+
+import math
+
+import pytest
+import torch
+from helpers import make_checkpoint
+
+from engine.decoding.beam import beam_search
+from engine.generate import DecodeState, StopRules, decode, prefill
+from engine.loading import load_model
+from engine.prompting import healed_left_to_right_ids, left_to_right_ids
+
+PREFIXES = ["def add(a, b):\n", "for name in os.li", "class Point:\n    def __init__(self, x, y):\n        self."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_model(make_checkpoint(tmp_path_factory.mktemp("m"), "llama"))
+
+
+def _state(loaded, prefix, *, heal=False, max_new_tokens=16):
+    tok, cfg = loaded.tokenizer, loaded.config
+    ids, healed = healed_left_to_right_ids(tok, cfg, prefix) if heal else (left_to_right_ids(tok, cfg, prefix), b"")
+    return DecodeState.from_prompt(loaded.model, tok, ids, heal=healed, max_new_tokens=max_new_tokens)
+
+
+def _teacher_forced_logprobs(loaded, prompt, ids, stop_ids=()):
+    """Sum of log p(ids[i] | prompt + ids[:i]) from one fresh prefill; with `stop_ids`, one sum per
+    stop token that may end them."""
+    seq = prompt + ids
+    logits = prefill(loaded.model, seq, loaded.model.new_cache(len(seq)), logits="all")[0]  # [T, V]
+    logp = torch.log_softmax(logits.float(), -1)
+    total = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(ids))
+    return [total + float(logp[-1, s]) for s in stop_ids] if stop_ids else [total]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("num_beams", [2, 3])
+def test_beams_score_what_a_fresh_forward_scores(tiny, prefix, num_beams):
+    """Re-ordering the batch-B cache by parent keeps each beam's own K/V: its log-prob is exact."""
+    rules = StopRules(max_tokens=6, max_lines=None)
+    state = _state(tiny, prefix)
+    result = beam_search(state, num_beams, rules)
+    assert 1 <= len(result.beams) <= num_beams
+    for beam in result.beams:
+        stops = tiny.tokenizer.stop_ids if beam.stop_reason == "stop_token" else ()
+        expect = _teacher_forced_logprobs(tiny, state.prompt_ids, beam.ids, stops)
+        assert any(beam.logprob == pytest.approx(e, abs=1e-3) for e in expect), (beam, expect)
+        assert beam.score == beam.logprob and beam.text == tiny.tokenizer.decode(beam.ids)
+        assert beam.stop_reason == "stop_token" or len(beam.ids) == rules.max_tokens
+    scores = [b.score for b in result.beams]
+    assert scores == sorted(scores, reverse=True)
+    assert len({b.text.rstrip() for b in result.beams}) == len(result.beams)
+    assert result.stats.forwards <= rules.max_tokens
+
+
+def test_summed_search_finds_at_least_the_greedy_score_when_greedy_survives(tiny):
+    """With as many beams as the search ever keeps, the greedy path is never pruned."""
+    rules = StopRules(max_tokens=3, max_lines=None)
+    state = _state(tiny, PREFIXES[0])
+    greedy = decode(tiny.model, tiny.tokenizer, state.first_logits, context=state.context,
+                    next_position=state.next_position, rules=rules)
+    best = beam_search(_state(tiny, PREFIXES[0]), 8, rules).beams[0]
+    assert best.logprob >= greedy.logprob - 1e-4
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_width_one_is_greedy(tiny, prefix):
+    rules = StopRules(max_tokens=10, max_lines=1)
+    state = _state(tiny, prefix, heal=True)
+    greedy = decode(tiny.model, tiny.tokenizer, state.first_logits, context=state.context,
+                    next_position=state.next_position, rules=rules, heal=state.heal)
+    for kw in ({}, {"length_normalize": True, "early_stopping": True, "keep_empty": True}):
+        best = beam_search(_state(tiny, prefix, heal=True), 1, rules, **kw).best()
+        assert (best.ids, best.text) == (greedy.ids, greedy.text), kw
+
+
+def test_line_rule_healing_and_mean_scores(tiny):
+    prefix = "for name in os.li"
+    state = _state(tiny, prefix, heal=True)
+    assert state.heal
+    rules = StopRules(max_tokens=12, max_lines=1)
+    result = beam_search(state, 3, rules, length_normalize=True)
+    healed = state.heal.decode()
+    for beam in result.beams:
+        assert "\n" not in beam.text
+        assert tiny.tokenizer.decode(beam.ids).startswith(healed) and beam.text.strip()
+        assert beam.score == pytest.approx(beam.logprob / (len(beam.ids) + (beam.stop_reason == "stop_token")))
+    assert [b.score for b in result.beams] == sorted((b.score for b in result.beams), reverse=True)
+
+
+def test_cancellation_returns_live_beams_and_stops_forwards(tiny):
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    result = beam_search(_state(tiny, PREFIXES[1]), 3, StopRules(max_tokens=30, max_lines=None, should_stop=stop))
+    assert result.stats.forwards == 2
+    assert result.beams and all(b.stop_reason in ("cancelled", "stop_token") for b in result.beams)
+    assert math.isfinite(result.best().logprob)
