@@ -35,6 +35,7 @@ from engine.tokenizer import Tokenizer
 from kernels.rerotate import move_rerotate
 
 MODES = ("pie", "conflict", "prefix_reuse")
+SPARE_SLOTS = 256  # free slots kept after a document's last one: views' scratch windows live there
 
 
 @dataclass
@@ -161,6 +162,17 @@ class Document:
     def is_encoded(self) -> bool:
         return self.cache is not None
 
+    def scratch_window(self, size: int) -> KVCache:
+        """`size` free slots right after the document's last slot, for a view's own tokens.
+
+        They are spare capacity of the document's cache, so a view's decode steps attend to
+        one buffer (and replay as CUDA graphs); the document's slots are never written. The
+        slot after the window stays free too (see engine/static_decode.py).
+        """
+        end = self.h + len(self.ids)
+        self.cache.ensure_capacity(end + size + 1)
+        return self.cache.window(end, size)
+
     def kv_bytes(self) -> int:
         return self.cache.nbytes() if self.cache is not None else 0
 
@@ -184,10 +196,11 @@ class Document:
     def _full_prefill(self) -> None:
         started = time.perf_counter()
         ids = self.head + self.ids
-        self.cache = self.model.new_cache(max(len(ids), 16))
+        self.cache = self.model.new_cache(len(ids) + SPARE_SLOTS)
         if ids:
             prefill(self.model, ids, self.cache, chunk=self.options.prefill_chunk, logits="none")
         self.runs = [_Run(0, len(self.ids))] if self.ids else []
+        self.cache.extent = len(ids) + SPARE_SLOTS
         self.slot_positions = np.arange(len(ids), dtype=np.int64)
         self.stale = np.zeros(len(self.ids), dtype=bool)
         self.pending_edits = 0
@@ -212,7 +225,7 @@ class Document:
         h = self.h
         n = len(self.ids)
         cache = self.cache
-        cache.ensure_capacity(h + n)
+        cache.ensure_capacity(h + n + 1)  # a free last slot lets small writes replay as CUDA graphs
         # Where each run lands: (run, new start).
         placed = []
         pos = 0
@@ -260,8 +273,9 @@ class Document:
         self.stats.repairs += 1
         self.stats.edits += self.pending_edits
         self.pending_edits = 0
-        if cache.capacity > 2 * (h + n) + 256:
-            cache.shrink(h + n + 64)
+        if cache.capacity > 2 * (h + n) + 2 * SPARE_SLOTS:
+            cache.shrink(h + n + SPARE_SLOTS)
+        cache.extent = h + n + SPARE_SLOTS
         self.stats.repair_ms += 1000 * (time.perf_counter() - started)
 
     def _move(self, run: _Run, delta: int, rotate: bool) -> None:

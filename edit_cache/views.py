@@ -1,8 +1,9 @@
 """Context views: what a completion at a cursor attends to, built on a document's cache.
 
-A view never mutates the document's cache. It names document slots to attend to (`Span`s)
-and encodes the few tokens no cached slot holds into a per-request scratch cache; the
-decoding strategy then writes generated tokens into the same scratch.
+A view never mutates the document's slots. It names document slots to attend to (`Span`s)
+and encodes the few tokens no cached slot holds into a scratch window (free slots of the
+document's cache after its last one); the decoding strategy then writes generated tokens
+into the same scratch. With everything in one buffer, the steps replay as CUDA graphs.
 
 left-to-right: `<start> text[:cursor]`. Cached slots up to a safe cut point before the
 cursor (the start of the cursor's line, or of an earlier non-blank line, which is a token
@@ -29,6 +30,7 @@ from engine.healing import healer_for
 from engine.model import KVCache, Span
 from engine.sampling import SamplingParams
 
+DRAFT_SLOTS = 33  # scratch beyond max_new_tokens: a speculative draft verified at the last step
 _CONTENT = re.compile(r"[ \t\f\v]*[^\s]")
 _TERMINATOR = re.compile(r"\r\n|\r|\n")
 
@@ -169,7 +171,7 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> Co
         fresh = [(doc.head + doc.ids)[used]]
         first_position = _position_after(doc, used)
     model = doc.model
-    scratch = model.new_cache(len(fresh) + max_new_tokens + 1)
+    scratch = doc.scratch_window(len(fresh) + max_new_tokens + DRAFT_SLOTS)
     context = [Span(doc.cache, 0, used)] if used else []
     logits = model(torch.tensor([fresh], device=model.device),
                    torch.arange(first_position, first_position + len(fresh), device=model.device),
@@ -200,7 +202,7 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     h, n = doc.h, len(doc.ids)
     head_ids = fresh_prefix + [fim.suffix] + fresh_suffix
     model = doc.model
-    scratch = model.new_cache(len(head_ids) + max_new_tokens + 2)
+    scratch = doc.scratch_window(len(head_ids) + 1 + max_new_tokens + DRAFT_SLOTS)
     context = [Span(doc.cache, 0, used)] if used else []
     dev = model.device
     model(torch.tensor([head_ids], device=dev),

@@ -98,6 +98,16 @@ def load_model(
     return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view)
 
 
+def model_from_weights(
+    hf_config: dict, state: dict[str, torch.Tensor], *, device: str | None = "cpu",
+    dtype: torch.dtype | str | None = None, source: str = "weights in memory",
+) -> Transformer:
+    """Our model over HF-named weights already in memory (tensors on the target device and
+    dtype are shared, not copied): benches run it beside a transformers model of the same weights."""
+    dev = resolve_device(device)
+    return _build(ModelConfig.from_hf(hf_config), state, dev, _resolve_dtype(dtype, dev), source=source)
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, dev: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -254,4 +264,6 @@ def _build(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = Rotary(config, device)
+    if device.type == "cuda":
+        model.enable_graphs()  # small batch-1 forwards replay as CUDA graphs
     return model.eval()

@@ -37,6 +37,12 @@ class KVCache:
 
     k: torch.Tensor
     v: torch.Tensor
+    base: KVCache | None = None  # set on a window into another cache's slots (`window`)
+    offset: int = 0  # this cache's slot 0 is `base`'s slot `offset`
+    # Slots in use, as a hint for static-shape forwards (engine/static_decode.py): attending
+    # to this many slots (rounded up) lets one captured graph serve every small write into
+    # the buffer, wherever it lands. None: only the slots a forward names.
+    extent: int | None = None
 
     @classmethod
     def allocate(
@@ -77,10 +83,24 @@ class KVCache:
         """Bytes one slot takes across layers, keys and values."""
         return self.nbytes() // max(self.capacity, 1)
 
+    def window(self, offset: int, size: int) -> KVCache:
+        """Slots `[offset, offset + size)` of this cache as a cache of their own (same memory).
+
+        A view's scratch is such a window into the spare slots after its document, so that a
+        decode step's keys all live in one buffer (what CUDA-graph replay needs).
+        """
+        assert 0 <= offset and offset + size <= self.capacity
+        end = offset + size
+        return KVCache(self.k[:, :, :, offset:end], self.v[:, :, :, offset:end], self, offset)
+
     def ensure_capacity(self, needed: int, *, keep: int | None = None) -> None:
-        """Grow (x1.5, or to `needed`) so that `needed` slots fit; copies the first `keep` slots."""
+        """Grow (x1.5, or to `needed`) so that `needed` slots fit; copies the first `keep` slots.
+
+        A window that grows becomes a cache of its own (its base is left as it was).
+        """
         if needed <= self.capacity:
             return
+        self.base, self.offset = None, 0
         new_capacity = max(needed, int(self.capacity * 1.5) + 16)
         keep = self.capacity if keep is None else min(keep, self.capacity)
         for name in ("k", "v"):
@@ -95,6 +115,7 @@ class KVCache:
         if capacity < self.capacity:
             self.k = self.k[:, :, :, :capacity].clone()
             self.v = self.v[:, :, :, :capacity].clone()
+            self.base, self.offset = None, 0
 
 
 @dataclass(frozen=True)
@@ -169,11 +190,31 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q0, k, v, is_causal=num_new > 1, scale=self.scale, enable_gqa=c.num_groups > 1
             )
+        elif _own_prefix(context, write, write_at):
+            # The common prefill/repair shape: the new tokens continue their own buffer's
+            # slots [0, write_at). One fused attention call over [0, write_at + T) with a
+            # causal mask aligned to the end (rows are (group, token), as above).
+            keys = write.k[layer, :, :, : write_at + num_new]
+            values = write.v[layer, :, :, : write_at + num_new]
+            rows = torch.arange(write_at, write_at + num_new, device=x.device)
+            mask = torch.arange(write_at + num_new, device=x.device)[None] <= rows[:, None]
+            out = F.scaled_dot_product_attention(
+                q_by_shift[0].to(write.dtype), keys, values, attn_mask=mask.repeat(c.num_groups, 1), scale=self.scale
+            )
+            out = out.view(bsz, c.num_heads, num_new, c.head_dim)
         else:
             out = _attend_spans(q_by_shift, k, v, context, layer, self.scale, c.num_groups)
             out = out.view(bsz, c.num_heads, num_new, c.head_dim)
         out = out.transpose(1, 2).reshape(bsz, num_new, c.num_heads * c.head_dim)
         return self.o_proj(out.to(x.dtype))
+
+
+def _own_prefix(context: Sequence[Span], write: KVCache, write_at: int) -> bool:
+    """Whether the context is exactly the write buffer's slots before the new tokens."""
+    if len(context) != 1:
+        return False
+    span = context[0]
+    return span.cache is write and span.start == 0 and span.end == write_at and span.shift == 0
 
 
 def _attend_spans(
@@ -262,6 +303,16 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config)
+        self.static = None  # engine.static_decode.StaticForward, once enable_graphs() is called
+
+    def enable_graphs(self, **options) -> None:
+        """Run batch-1 forwards of few tokens as replayed CUDA graphs where their spans allow it.
+
+        See engine/static_decode.py; other forwards (and every forward on the CPU) stay eager.
+        """
+        from engine.static_decode import StaticForward
+
+        self.static = StaticForward(self, **options)
 
     @property
     def device(self) -> torch.device:
@@ -301,6 +352,10 @@ class Transformer(nn.Module):
         assert write.batch == bsz, f"write cache batch {write.batch} != input batch {bsz}"
         for span in context:
             assert span.cache.batch in (1, bsz), "context span batch must be 1 or the input's"
+        if self.static is not None and input_embeds is None:
+            handled, out = self.static.forward(input_ids, positions, write, write_at, context, logits)
+            if handled:
+                return out
         if positions.dim() == 1:
             positions = positions[None]
         positions = positions.to(self.device)

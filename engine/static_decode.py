@@ -1,32 +1,43 @@
-"""Decode steps with static shapes over a materialised view, replayed as CUDA graphs.
+"""Static-shape forwards over one KV buffer, captured once and replayed as CUDA graphs.
 
-A view (edit_cache/views.py) attends to spans of several buffers, some with a position
-shift. That is what lets it leave the document's cache untouched, but every decode step
-then has new shapes and launches a few hundred small kernels from Python: at batch 1 the
-GPU waits on the host. The `StaticDecoder` instead copies the view once into an *arena*, a
-batch-1 buffer of its own in which every key already sits at the position it acts at (a
-shifted span is re-rotated on the way in, as PIE moves keys), and runs each step over a
-fixed-length bucket of the arena. Which slots a new token sees is computed on the device
-from the slots it is written to (every earlier slot, and itself), so the step has no
-host-side shapes or indices and can be captured: on CUDA each (bucket, width) pair is
-captured once and replayed after that.
+At batch 1, a decode step of a 1.5B model reads ~3 GB of weights (about 1 ms on an H100),
+but launched op by op from Python it takes tens of milliseconds: the GPU waits on the host.
+The remedy is to capture the step once as a CUDA graph and replay it, which needs every
+shape, and every index the kernels read, to be fixed or to live in device memory.
 
-Steps of several tokens (verifying a speculative draft) use the same forward with width
-rounded up to a power of two; padding tokens are written after the real ones, where no real
-token can see them, and are overwritten by the next step.
+`StaticForward` recognises the forwards the hot path makes — a PIE repair encoding a few
+new tokens, a view encoding the text before the cursor, a decode step, a speculative
+verification — when they write a few tokens into one buffer (a document's cache, or the
+scratch window after its last slot) and attend to slots of that same buffer in this shape:
+
+    [0, prefix_end)                 at their positions          (the document before the cursor)
+    [suffix_start, suffix_end)      acting `shift` positions on (the FIM view's suffix)
+    [scratch_start, own slot]       causally                    (view tokens, generated tokens)
+
+Those five numbers, the tokens' ids, positions and slots are copied into static device
+tensors; attention reads the buffer's first `bucket` slots (a multiple of 1024 covering the
+buffer's `extent`, the slots its owner has in use) and masks the rest on the device, so a
+repair near the top of a file replays the same graph as one near its end. One graph per
+(buffer, bucket, width) is captured on first use and replayed after; the width is the token
+count rounded up to a power of two, and padding rows write into the buffer's last slot,
+which the caller keeps free. Anything else — larger writes (a whole-file prefill), batched
+rows, input embeddings, several shifted spans, dynamic RoPE scaling, the CPU — returns
+`handled=False` and runs eagerly.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from engine.generate import DecodeState
 from engine.model import Attention, KVCache, Span, Transformer
 from engine.rope import apply_rotary
-from kernels.rerotate import rerotate_ref
+
+BUCKET = 1024
+MAX_WIDTH = 64
+MAX_GRAPHS = 96
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -37,149 +48,199 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-class StaticDecoder:
-    """One batch-1 arena, static-shape steps over it, CUDA graphs per (bucket, width).
+def visibility(write: KVCache, write_at: int, count: int,
+               context: Sequence[Span]) -> tuple[KVCache, list[int]] | None:
+    """(buffer, [write slot, prefix_end, suffix_start, suffix_end, shift, scratch_start]) or None.
 
-    `load(state)` materialises a decode state (a view) into the arena; `step(ids, positions)`
-    encodes tokens after everything loaded or stepped so far and returns their logits;
-    `rewind(n)` forgets slots past `n` (rejected draft tokens). One decoder serves one
-    request at a time; reuse it across requests so its graphs are captured once.
+    None when the spans are not of the one-buffer shape described in the module docstring.
     """
+    base = write.base or write
+    at = write.offset + write_at
+    zero, shifted = [], []
+    for span in context:
+        if span.end == span.start:
+            continue
+        if (span.cache.base or span.cache) is not base:
+            return None
+        lo, hi = span.cache.offset + span.start, span.cache.offset + span.end
+        (shifted if span.shift else zero).append((lo, hi, span.shift))
+    if len(shifted) > 1:
+        return None
+    zero.sort()
+    merged: list[list[int]] = []
+    for lo, hi, _ in zero:
+        if merged and merged[-1][1] == lo:
+            merged[-1][1] = hi
+        else:
+            merged.append([lo, hi])
+    prefix_end, scratch_start = 0, at
+    for lo, hi in merged:
+        if hi == at:
+            scratch_start = lo
+        elif lo == 0 and prefix_end == 0:
+            prefix_end = hi
+        else:
+            return None
+    if scratch_start == 0:  # one span from slot 0 right up to the new tokens
+        prefix_end = 0
+    suffix_start, suffix_end, shift = shifted[0] if shifted else (0, 0, 0)
+    if at + count > base.capacity - 1:  # the last slot takes the padding rows' writes
+        return None
+    return base, [at, prefix_end, suffix_start, suffix_end, shift, scratch_start]
 
-    def __init__(self, model: Transformer, capacity: int, *, bucket: int = 1024, max_width: int = 16,
-                 graphs: bool | None = None) -> None:
+
+class StaticForward:
+    """CUDA-graph replay of one model's small batch-1 forwards (see the module docstring)."""
+
+    def __init__(self, model: Transformer, *, bucket: int = BUCKET, max_width: int = MAX_WIDTH,
+                 max_graphs: int = MAX_GRAPHS, mode: str = "auto") -> None:
+        """`mode`: "graphs" (capture and replay), "static" (the same static-shape forward run
+        eagerly: tests on the CPU), "off", or "auto" (graphs on CUDA, off elsewhere)."""
+        if mode not in ("auto", "graphs", "static", "off"):
+            raise ValueError(f"mode must be auto, graphs, static or off, not {mode!r}")
         self.model = model
         self.bucket = bucket
         self.max_width = _next_power_of_two(max_width)
-        dynamic_rope = model.config.rope.rope_type == "dynamic"  # its frequencies need a host sync
-        self.use_graphs = (model.device.type == "cuda" and not dynamic_rope) if graphs is None else graphs
-        if self.use_graphs and (model.device.type != "cuda" or dynamic_rope):
+        self.max_graphs = max_graphs
+        dynamic = model.config.rope.rope_type == "dynamic"  # its frequencies need a host sync
+        if mode == "auto":
+            mode = "graphs" if model.device.type == "cuda" and not dynamic else "off"
+        if mode == "graphs" and (model.device.type != "cuda" or dynamic):
             raise ValueError("CUDA graphs need a CUDA model without dynamic RoPE scaling")
+        if mode == "static" and dynamic:
+            raise ValueError("the static forward does not support dynamic RoPE scaling")
+        self.mode = mode
         dev = model.device
         self._ids = torch.zeros(1, self.max_width, dtype=torch.long, device=dev)
         self._positions = torch.zeros(self.max_width, dtype=torch.long, device=dev)
         self._slots = torch.zeros(self.max_width, dtype=torch.long, device=dev)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._meta = torch.zeros(5, dtype=torch.long, device=dev)
+        self._key_index = torch.zeros(0, dtype=torch.long, device=dev)
+        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
-        self.used = 0
+        self.handled = 0  # forwards run here (replayed, or static without graphs)
+        self.replays = 0
         self.captures = 0
-        self._allocate(capacity)
+        self.eager = 0  # forwards this object passed back to the eager path
 
-    def _allocate(self, capacity: int) -> None:
-        capacity = _round_up(capacity + self.max_width, self.bucket)
-        self.arena = self.model.new_cache(capacity)
-        self._key_index = torch.arange(capacity, device=self.model.device)
-        self._graphs.clear()  # they point at the old arena
-
-    @property
-    def capacity(self) -> int:
-        return self.arena.capacity
-
-    def load(self, state: DecodeState, *, reserve: int = 64) -> None:
-        """Copy `state`'s context and prompt slots into the arena, keys at their acting positions."""
-        spans = [*state.context, Span(state.scratch, 0, state.scratch_used)]
-        total = sum(span.end - span.start for span in spans)
-        if total + reserve + self.max_width > self.capacity:
-            self._allocate(max(total + reserve, int(self.capacity * 1.5)))
-        rotary = self.model.rotary
-        rotary_dim = self.model.config.rotary_dim
-        n = 0
-        for span in spans:
-            width = span.end - span.start
-            if width == 0:
-                continue
-            if span.cache.batch != 1:
-                raise ValueError("a static decoder loads batch-1 views only")
-            keys = span.cache.k[:, :, :, span.start : span.end]
-            if span.shift:
-                cos, sin = rotary.delta_cos_sin(span.shift)
-                keys = rerotate_ref(keys, cos[: rotary_dim // 2], sin[: rotary_dim // 2], rotary_dim)
-            self.arena.k[:, :, :, n : n + width] = keys
-            self.arena.v[:, :, :, n : n + width] = span.cache.v[:, :, :, span.start : span.end]
-            n += width
-        self.used = n
-
-    def rewind(self, used: int) -> None:
-        """Forget every slot from `used` on (their contents are overwritten by later steps)."""
-        assert 0 <= used <= self.used
-        self.used = used
-
-    def step(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:  # [T, V] fp32
-        """Encode `ids` at `positions` after the arena's used slots; logits of each."""
-        count = len(ids)
-        assert count == len(positions) and 0 < count <= self.max_width
+    def forward(self, ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
+                context: Sequence[Span], logits: str) -> tuple[bool, torch.Tensor | None]:
+        """(True, what Transformer.forward returns) when replayed; (False, None) to run eagerly."""
+        if self.mode == "off" or ids is None or ids.shape[0] != 1 or write.batch != 1:
+            self.eager += 1
+            return False, None
+        count = ids.shape[1]
+        found = visibility(write, write_at, count, context) if count <= self.max_width else None
+        if found is None:
+            self.eager += 1
+            return False, None
+        base, (at, prefix_end, suffix_start, suffix_end, shift, scratch_start) = found
+        self.handled += 1
         width = _next_power_of_two(count)
-        if self.used + width > self.capacity:
-            raise ValueError(f"the arena holds {self.capacity} slots; load with a larger reserve")
-        bucket = min(_round_up(self.used + width, self.bucket), self.capacity)
-        last = positions[-1]
-        padded_ids = [*ids, *([ids[-1]] * (width - count))]
-        padded_positions = [*positions, *range(last + 1, last + 1 + width - count)]
-        slots = range(self.used, self.used + width)
-        host = torch.tensor([padded_ids, padded_positions, list(slots)], dtype=torch.long)
-        self._ids[0, :width].copy_(host[0], non_blocking=True)
-        self._positions[:width].copy_(host[1], non_blocking=True)
-        self._slots[:width].copy_(host[2], non_blocking=True)
-        if self.use_graphs:
-            graph, out = self._graph(bucket, width)
+        reach = max(prefix_end, suffix_end, at + count, base.extent or 0)
+        bucket = min(_round_up(reach, self.bucket), base.capacity)
+        self._ids[0, :count].copy_(ids[0], non_blocking=True)
+        self._positions[:count].copy_(positions.reshape(-1), non_blocking=True)
+        slots = torch.arange(at, at + width)
+        slots[count:] = base.capacity - 1
+        self._slots[:width].copy_(slots, non_blocking=True)
+        meta = torch.tensor([prefix_end, suffix_start, suffix_end, shift, scratch_start])
+        self._meta.copy_(meta, non_blocking=True)
+        if count < width:  # padding rows: any ids, positions after the last real one
+            self._ids[0, count:width].fill_(0)
+            self._positions[count:width].fill_(0)
+        if self.mode == "graphs":
+            graph, out = self._graph(base, bucket, width)
             graph.replay()
+            self.replays += 1
         else:
-            out = self._forward(bucket, width)
-        self.used += count
-        return out[:count]
+            self._ensure_key_index(base.capacity)
+            out = self._run(base, bucket, width)
+        if logits == "none":
+            return True, None
+        if logits == "last":
+            return True, out[count - 1 : count].clone()
+        return True, out[None, :count].clone()
 
-    def _graph(self, bucket: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        key = (bucket, width)
-        if key not in self._graphs:
-            # Warm-up runs compute exactly the step being asked for (same inputs, same
-            # slots), so their KV writes are the ones the replay makes.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._forward(bucket, width)
-            torch.cuda.current_stream().wait_stream(stream)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self._forward(bucket, width)
-            self._graphs[key] = (graph, out)
-            self.captures += 1
-        return self._graphs[key]
+    def _graph(self, base: KVCache, bucket: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        if self._ensure_key_index(base.capacity):
+            self._graphs.clear()  # they read the old index tensor
+        # The warm-up runs compute the very step being asked for (same inputs, same slots),
+        # so their writes are the ones the replay repeats.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run(base, bucket, width)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._run(base, bucket, width)
+        self._graphs[key] = (graph, out)
+        self.captures += 1
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph, out
+
+    def _ensure_key_index(self, capacity: int) -> bool:
+        """Slot numbers 0..capacity-1 on the device; True when the tensor was reallocated."""
+        if self._key_index.numel() >= capacity:
+            return False
+        self._key_index = torch.arange(max(capacity, 2 * self._key_index.numel()), device=self.model.device)
+        return True
 
     @torch.inference_mode()
-    def _forward(self, bucket: int, width: int) -> torch.Tensor:  # [width, V] fp32
+    def _run(self, base: KVCache, bucket: int, width: int) -> torch.Tensor:  # [width, V] fp32
+        """The forward itself: only device tensors decide what it reads and writes."""
         model = self.model
-        c = model.config
         slots = self._slots[:width]
+        positions = self._positions[:width]
+        prefix_end, suffix_start, suffix_end, shift, scratch_start = self._meta.unbind()
+        keys = self._key_index[:bucket]
+        in_suffix = (keys >= suffix_start) & (keys < suffix_end)  # [bucket]
+        visible = ((keys < prefix_end) | in_suffix)[None] | (
+            (keys[None] >= scratch_start) & (keys[None] <= slots[:, None]))  # [T, bucket]
+        # cos/sin at the tokens' positions, and shifted back for the suffix keys
+        cos, sin = model.rotary.cos_sin(torch.stack((positions, positions - shift)))  # [2, T, rd]
         x = model.embed(self._ids[:, :width])
-        cos, sin = model.rotary.cos_sin(self._positions[:width][None])  # [1, T, rd]
-        cos, sin = cos[:, None], sin[:, None]
-        visible = self._key_index[:bucket][None] <= slots[:, None]  # [T, bucket]
-        mask = visible.repeat(c.num_groups, 1)  # query rows are (group, token)
         for layer, block in enumerate(model.layers):
             h = block.input_layernorm(x)
-            x = x + _attend(block.self_attn, h, cos, sin, self.arena, layer, slots, bucket, mask)
+            x = x + _attend(block.self_attn, h, cos, sin, base, layer, slots, bucket, in_suffix, visible)
             x = x + block.mlp(block.post_attention_layernorm(x))
         return model.lm_head(model.norm(x[0])).float()
 
 
-def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, arena: KVCache,
-            layer: int, slots: torch.Tensor, bucket: int, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of T new tokens over the arena's first `bucket` slots (after writing theirs)."""
+def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: KVCache, layer: int,
+            slots: torch.Tensor, bucket: int, in_suffix: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """T new tokens attend to the buffer's first `bucket` slots (after writing their own K/V)."""
     c = attn.config
     _, count, _ = x.shape
-    q = attn.q_proj(x).view(1, count, c.num_heads, c.head_dim).transpose(1, 2)
+    groups = c.num_groups
+    q = attn.q_proj(x).view(1, count, c.num_heads, c.head_dim).transpose(1, 2)  # [1, H, T, D]
     k = attn.k_proj(x).view(1, count, c.num_kv_heads, c.head_dim).transpose(1, 2)
     v = attn.v_proj(x).view(1, count, c.num_kv_heads, c.head_dim).transpose(1, 2)
-    q = apply_rotary(q, cos, sin, c.rotary_dim)
-    k = apply_rotary(k, cos, sin, c.rotary_dim)
-    arena.k[layer, 0].index_copy_(1, slots, k[0].to(arena.dtype))
-    arena.v[layer, 0].index_copy_(1, slots, v[0].to(arena.dtype))
-    keys = arena.k[layer, :, :, :bucket]
-    values = arena.v[layer, :, :, :bucket]
-    q = q.reshape(1, c.num_kv_heads, c.num_groups * count, c.head_dim).to(arena.dtype)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
+    k = apply_rotary(k, cos[:1, None], sin[:1, None], c.rotary_dim)
+    base.k[layer, 0].index_copy_(1, slots, k[0].to(base.dtype))
+    base.v[layer, 0].index_copy_(1, slots, v[0].to(base.dtype))
+    # queries at their positions and at position - shift, as rows (kv head, group, which, token)
+    q = q[:, :, None].expand(1, c.num_heads, 2, count, c.head_dim)
+    q = apply_rotary(q, cos[None, None], sin[None, None], c.rotary_dim)  # [1, H, 2, T, D]
+    q = q.reshape(1, c.num_kv_heads, groups * 2 * count, c.head_dim).to(base.dtype)
+    keys = base.k[layer, :, :, :bucket]  # [1, KVH, bucket, D]
+    values = base.v[layer, :, :, :bucket]
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # [1, KVH, G*2*T, bucket]
+    scores = scores.view(1, c.num_kv_heads, groups, 2, count, bucket)
+    scores = torch.where(in_suffix, scores[:, :, :, 1], scores[:, :, :, 0])  # [1, KVH, G, T, bucket]
+    # A large finite fill, not -inf: a padding row may see no slot at all, and a NaN there
+    # would reach real rows through the padding slot's K/V.
+    scores = (scores * attn.scale).masked_fill(~visible, -1e30)
+    probs = torch.softmax(scores, dim=-1).to(base.dtype)
+    out = torch.matmul(probs.view(1, c.num_kv_heads, groups * count, bucket), values)  # [1, KVH, G*T, D]
     out = out.view(1, c.num_heads, count, c.head_dim).transpose(1, 2).reshape(1, count, -1)
     return attn.o_proj(out.to(x.dtype))

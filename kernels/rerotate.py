@@ -4,11 +4,12 @@ This is PIE's suffix update: after an edit changes the length of a document by `
 tokens, every slot after the edit moves by `delta` and its (post-RoPE) keys are rotated by
 `delta * inv_freq` in fp64 (rotate_half layout, first `rotary_dim` features); values move unchanged.
 
-Buffers are `[layers, batch, kv_heads, capacity, head_dim]`. Source and destination overlap,
-so the kernel gives each program one (layer, batch, head) row and walks its slots in the safe
-direction (from the end when moving right, from the start when moving left), a block of
-slots at a time with a barrier between the block's loads and stores. Rows never overlap, so
-programs need no coordination.
+Buffers are `[layers, batch, kv_heads, capacity, head_dim]`. Source and destination overlap
+(an insertion moves the suffix by a token or two), so the run's keys are first copied aside
+in one parallel copy; then every (layer, batch, head, block of slots) is its own program,
+which reads the copy and writes rotated keys into place. (An earlier in-place version gave
+each program a whole row to walk in the safe direction: 56 programs for a 1.5B model, each
+looping over thousands of slots, which left the GPU nearly idle.)
 
 `move_rerotate_ref` is the pure-torch reference; `move_rerotate` picks the Triton kernel on
 CUDA and the reference elsewhere.
@@ -62,73 +63,59 @@ def rerotate_ref(
 if triton is not None:
 
     @triton.jit
-    def _move_rerotate_kernel(
-        k_ptr, v_ptr, cos_ptr, sin_ptr,
-        stride_row, stride_slot,
-        start, end, delta,
+    def _rerotate_kernel(
+        src_ptr, dst_ptr, cos_ptr, sin_ptr,
+        src_row, dst_row, stride_slot, count,
         HALF: tl.constexpr, HALF_PAD: tl.constexpr,
         PASS: tl.constexpr, PASS_PAD: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
-        k_row = k_ptr + row * stride_row
-        v_row = v_ptr + row * stride_row
+        block = tl.program_id(1)
+        src = src_ptr + row * src_row
+        dst = dst_ptr + row * dst_row
         h = tl.arange(0, HALF_PAD)
         h_mask = h < HALF
         cos = tl.load(cos_ptr + h, mask=h_mask, other=1.0)[None, :]
         sin = tl.load(sin_ptr + h, mask=h_mask, other=0.0)[None, :]
-        p = tl.arange(0, PASS_PAD)
-        p_mask = p < PASS
-        count = end - start
-        num_blocks = tl.cdiv(count, BLOCK)
-        for i in range(0, num_blocks):
-            # Moving right: walk blocks from the end so no source is overwritten before read.
-            b = tl.where(delta > 0, num_blocks - 1 - i, i)
-            slots = start + b * BLOCK + tl.arange(0, BLOCK)
-            s_mask = slots < end
-            src = slots.to(tl.int64)[:, None] * stride_slot
-            dst = (slots + delta).to(tl.int64)[:, None] * stride_slot
-            m_half = s_mask[:, None] & h_mask[None, :]
-            x1 = tl.load(k_row + src + h[None, :], mask=m_half, other=0.0).to(tl.float64)
-            x2 = tl.load(k_row + src + HALF + h[None, :], mask=m_half, other=0.0).to(tl.float64)
-            v1 = tl.load(v_row + src + h[None, :], mask=m_half, other=0.0)
-            v2 = tl.load(v_row + src + HALF + h[None, :], mask=m_half, other=0.0)
-            if PASS > 0:
-                m_pass = s_mask[:, None] & p_mask[None, :]
-                kp = tl.load(k_row + src + 2 * HALF + p[None, :], mask=m_pass, other=0.0)
-                vp = tl.load(v_row + src + 2 * HALF + p[None, :], mask=m_pass, other=0.0)
-            tl.debug_barrier()  # every load of this block happens before any store
-            out_dtype = k_ptr.dtype.element_ty
-            # via fp32: a direct fp64 -> bf16 conversion is not supported everywhere
-            out1 = (x1 * cos - x2 * sin).to(tl.float32).to(out_dtype)
-            out2 = (x2 * cos + x1 * sin).to(tl.float32).to(out_dtype)
-            tl.store(k_row + dst + h[None, :], out1, mask=m_half)
-            tl.store(k_row + dst + HALF + h[None, :], out2, mask=m_half)
-            tl.store(v_row + dst + h[None, :], v1, mask=m_half)
-            tl.store(v_row + dst + HALF + h[None, :], v2, mask=m_half)
-            if PASS > 0:
-                tl.store(k_row + dst + 2 * HALF + p[None, :], kp, mask=m_pass)
-                tl.store(v_row + dst + 2 * HALF + p[None, :], vp, mask=m_pass)
-            tl.debug_barrier()  # and every store before the next block's loads
+        slots = block * BLOCK + tl.arange(0, BLOCK)
+        s_mask = slots < count
+        at = slots.to(tl.int64)[:, None] * stride_slot
+        m_half = s_mask[:, None] & h_mask[None, :]
+        x1 = tl.load(src + at + h[None, :], mask=m_half, other=0.0).to(tl.float64)
+        x2 = tl.load(src + at + HALF + h[None, :], mask=m_half, other=0.0).to(tl.float64)
+        out_dtype = dst_ptr.dtype.element_ty
+        # via fp32: a direct fp64 -> bf16 conversion is not supported everywhere
+        tl.store(dst + at + h[None, :], (x1 * cos - x2 * sin).to(tl.float32).to(out_dtype), mask=m_half)
+        tl.store(dst + at + HALF + h[None, :], (x2 * cos + x1 * sin).to(tl.float32).to(out_dtype), mask=m_half)
+        if PASS > 0:
+            p = tl.arange(0, PASS_PAD)
+            m_pass = s_mask[:, None] & (p < PASS)[None, :]
+            kp = tl.load(src + at + 2 * HALF + p[None, :], mask=m_pass, other=0.0)
+            tl.store(dst + at + 2 * HALF + p[None, :], kp, mask=m_pass)
 
 
 def move_rerotate_triton(
     k: torch.Tensor, v: torch.Tensor, start: int, end: int, delta: int,
-    cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, block: int = 32,
+    cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, block: int = 64,
 ) -> None:
-    """Launch the fused kernel; same contract as `move_rerotate_ref`."""
+    """Same contract as `move_rerotate_ref`: the source run is copied aside (one parallel copy),
+    then one program per (layer, batch, head, block of slots) rotates it into place."""
     if end <= start:
         return
     assert k.shape == v.shape and k.dim() == 5, "k, v must be [layers, batch, heads, slots, dim]"
     assert k.is_contiguous() and v.is_contiguous(), "KV buffers must be contiguous"
     assert 0 <= start + delta and end + delta <= k.shape[3], "move leaves the buffer"
     layers, batch, heads, slots, dim = k.shape
+    count = end - start
     half = rotary_dim // 2
-    rows = layers * batch * heads
-    _move_rerotate_kernel[(rows,)](
-        k, v, cos.to(torch.float64).contiguous(), sin.to(torch.float64).contiguous(),
-        slots * dim, dim,
-        start, end, delta,
+    source = k[:, :, :, start:end].contiguous()  # a copy: source and destination may overlap
+    v[:, :, :, start + delta : end + delta] = v[:, :, :, start:end].clone()
+    destination = k[:, :, :, start + delta :]
+    grid = (layers * batch * heads, triton.cdiv(count, block))
+    _rerotate_kernel[grid](
+        source, destination, cos.to(torch.float64).contiguous(), sin.to(torch.float64).contiguous(),
+        count * dim, slots * dim, dim, count,
         HALF=half, HALF_PAD=triton.next_power_of_2(half),
         PASS=dim - rotary_dim, PASS_PAD=max(triton.next_power_of_2(max(dim - rotary_dim, 1)), 1),
         BLOCK=block,

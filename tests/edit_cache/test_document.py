@@ -182,10 +182,14 @@ def test_fim_view_error_is_bounded_and_decode_continues(template):
 def test_views_do_not_mutate_the_document_cache(template):
     doc = _doc(template)
     doc.ensure_ready()
-    k, v = doc.cache.k.clone(), doc.cache.v.clone()
-    left_to_right(doc, 30).decode()
-    fill_in_middle(doc, 30).decode()
-    assert torch.equal(k, doc.cache.k) and torch.equal(v, doc.cache.v)
+    used = doc.h + len(doc.ids)
+    k, v = doc.cache.k[:, :, :, :used].clone(), doc.cache.v[:, :, :, :used].clone()
+    views = [left_to_right(doc, 30), fill_in_middle(doc, 30)]
+    for view in views:
+        view.decode()
+        # the scratch is a window of spare slots after the document's last one
+        assert view.scratch.base is doc.cache and view.scratch.offset == used
+    assert torch.equal(k, doc.cache.k[:, :, :, :used]) and torch.equal(v, doc.cache.v[:, :, :, :used])
 
 
 def test_empty_document(template):

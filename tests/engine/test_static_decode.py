@@ -1,4 +1,10 @@
-"""The static-shape decoder computes what the span-based forward computes (CPU, no graphs)."""
+"""The static-shape forward (what CUDA graphs replay) computes what the span forward computes.
+
+On the CPU it runs in "static" mode: the same static-shape code, without capture. The GPU
+test compares replayed graphs with it.
+"""
+
+import random
 
 import pytest
 import torch
@@ -7,11 +13,13 @@ from helpers import make_checkpoint
 from edit_cache.document import Document
 from edit_cache.positions import Range, to_position
 from edit_cache.views import fill_in_middle, left_to_right
+from engine.generate import StopRules
 from engine.loading import load_model
-from engine.model import Span
-from engine.static_decode import StaticDecoder
+from engine.model import KVCache, Span
+from engine.static_decode import StaticForward, visibility
 
 TEXT = "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\r\n    y = [1, 2]  # é ✓\n" * 4
+PIECES = ["x", " = ", "\n", "    ", "return ", "😀", "(1)", "def g():\n    pass\n", ""]
 
 
 @pytest.fixture(scope="module")
@@ -19,116 +27,110 @@ def template():
     return Document.create_simulated(TEXT)
 
 
-def _greedy(decoder, view, steps):
-    """Greedy ids and per-step logits from the static decoder, starting at `view`."""
-    decoder.load(view.state())
-    logits = view.first_logits[0]
-    ids, all_logits = [], []
-    position = view.next_position
-    for _ in range(steps):
-        token = int(logits.argmax())
-        ids.append(token)
-        logits = decoder.step([token], [position])[0]
-        all_logits.append(logits)
-        position += 1
-    return ids, all_logits
+def _edit_session(template, static: StaticForward | None, seed: int = 0):
+    """A document through random edits, repairs and views; what each view decodes."""
+    model = template.model
+    model.static = static
+    try:
+        doc = Document(model, template.tokenizer, TEXT, head=template.head)
+        rng = random.Random(seed)
+        out = []
+        for step in range(6):
+            for _ in range(rng.randint(1, 3)):
+                text = doc.text
+                a = rng.randint(0, len(text))
+                b = min(len(text), a + rng.choice([0, 0, 2, 5]))
+                doc.apply_change(Range(to_position(text, a), to_position(text, b)), rng.choice(PIECES))
+            doc.ensure_ready()
+            cursor = rng.randint(1, len(doc.text))
+            view = (left_to_right if step % 2 else fill_in_middle)(doc, cursor, max_new_tokens=10)
+            completion = view.decode(rules=StopRules(max_tokens=10, max_lines=None))
+            out.append((view.first_logits.clone(), completion.ids, completion.logprob))
+        keys = doc.cache.k[:, :, :, : doc.h + len(doc.ids)].clone()
+        return out, keys
+    finally:
+        model.static = None
 
 
-def _eager(view, steps):
-    """The same from the span-based forward, one step at a time."""
-    model = view.document.model
-    logits = view.first_logits[0]
-    ids, all_logits = [], []
-    used = view.scratch_used
-    view.scratch.ensure_capacity(used + steps + 1, keep=used)
-    for step in range(steps):
-        token = int(logits.argmax())
-        ids.append(token)
-        logits = model(torch.tensor([[token]]), torch.tensor([view.next_position + step]),
-                       write=view.scratch, write_at=used + step,
-                       context=[*view.context, Span(view.scratch, 0, used + step)], logits="last")[0]
-        all_logits.append(logits)
-    return ids, all_logits
-
-
-def _edited(template):
-    doc = Document(template.model, template.tokenizer, TEXT, head=template.head)
-    doc.ensure_ready()
-    text = doc.text
-    at = text.index("class A")
-    doc.apply_change(Range(to_position(text, at), to_position(text, at)), "import os\n")
-    return doc
-
-
-@pytest.mark.parametrize("kind", ["l2r", "fim"])
-def test_static_steps_match_span_forward(template, kind):
-    doc = _edited(template)  # a pending PIE repair, so the views read repaired slots
-    cursor = doc.text.index("pass") + 2
-    make = left_to_right if kind == "l2r" else fill_in_middle
-    view = make(doc, cursor, max_new_tokens=16)
-    if kind == "fim":
-        assert any(span.shift for span in view.context), "the FIM view should attend to a shifted suffix"
-    decoder = StaticDecoder(doc.model, 64, bucket=32, max_width=4)
-    assert not decoder.use_graphs
-    ids, logits = _greedy(decoder, view, 12)
-    want_ids, want_logits = _eager(view, 12)
-    assert ids == want_ids
-    for got, want in zip(logits, want_logits, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-
-
-def test_multi_token_step_and_rewind(template):
-    doc = _edited(template)
-    view = left_to_right(doc, len(doc.text) - 3, max_new_tokens=16)
-    decoder = StaticDecoder(doc.model, 16, bucket=16, max_width=8)
-    decoder.load(view.state())
-    start = decoder.used
-    p = view.next_position
-    draft = [5, 9, 17]  # three tokens, padded to a width of four
-    together = decoder.step(draft, [p, p + 1, p + 2])
-    assert decoder.used == start + 3
-    decoder.rewind(start)
-    one_by_one = torch.stack([decoder.step([t], [p + i])[0] for i, t in enumerate(draft)])
-    torch.testing.assert_close(together, one_by_one, atol=1e-4, rtol=1e-4)
-    # a rejected draft: rewind and step a different token at the same slot
-    decoder.rewind(start + 1)
-    other = decoder.step([11], [p + 1])[0]
-    decoder.rewind(start)
-    decoder.step([5], [p])
-    torch.testing.assert_close(decoder.step([11], [p + 1])[0], other, atol=1e-5, rtol=1e-5)
-
-
-def test_arena_grows_to_fit_a_longer_view(template):
-    doc = Document(template.model, template.tokenizer, TEXT * 3, head=template.head)
-    view = left_to_right(doc, len(doc.text) - 1, max_new_tokens=8)
-    decoder = StaticDecoder(doc.model, 8, bucket=16, max_width=2)
-    small = decoder.capacity
-    ids, logits = _greedy(decoder, view, 4)
-    assert decoder.capacity > small >= 8
-    assert ids == _eager(view, 4)[0]
+def test_static_forward_matches_span_forward_through_edits_and_views(template):
+    static = StaticForward(template.model, bucket=32, max_width=8, mode="static")
+    want, want_keys = _edit_session(template, None)
+    got, got_keys = _edit_session(template, static)
+    assert static.handled > 20, "repairs, views and decode steps should have taken the static path"
+    assert static.eager > 0, "the full prefill (and wide writes) stay eager"
+    torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)  # padding rows wrote nothing live
+    for (g_logits, g_ids, g_lp), (w_logits, w_ids, w_lp) in zip(got, want, strict=True):
+        torch.testing.assert_close(g_logits, w_logits, atol=1e-4, rtol=1e-4)
+        assert g_ids == w_ids
+        assert g_lp == pytest.approx(w_lp, abs=1e-3)
 
 
 @pytest.mark.parametrize("family", ["llama-gqa-tied-linear", "phi3-partial-rotary", "qwen2", "yarn"])
-def test_families_and_shifted_spans(tmp_path, family):
+def test_families_with_a_shifted_span(tmp_path, family):
     loaded = load_model(make_checkpoint(tmp_path / family, family))
     model = loaded.model
     torch.manual_seed(1)
-    ids = torch.randint(5, 300, (1, 40))
-    cache = model.new_cache(40)
-    model(ids, torch.arange(40), write=cache, write_at=0, logits="none")
-    # slots 0..20 at their positions, slots 30..40 acting 7 positions later (a FIM-like gap)
+    cache = model.new_cache(64)
+    model(torch.randint(5, 300, (1, 40)), torch.arange(40), write=cache, write_at=0, logits="none")
+    # slots 0..20 at their positions, 30..40 acting 7 later, a window of scratch at 40
+    scratch = cache.window(40, 8)
+    ids, positions = torch.tensor([[7, 8, 9]]), torch.tensor([47, 48, 49])
     context = [Span(cache, 0, 20), Span(cache, 30, 40, 7)]
-    scratch = model.new_cache(4)
-    want = model(torch.tensor([[7, 8]]), torch.tensor([47, 48]), write=scratch, write_at=0,
-                 context=context, logits="all")[0]
-    from engine.generate import DecodeState
+    want = model(ids, positions, write=scratch, write_at=0, context=context, logits="all")
+    want_kv = cache.k[:, :, :, 40:43].clone()
+    cache.k[:, :, :, 40:].zero_()
+    model.static = StaticForward(model, bucket=16, mode="static")
+    got = model(ids, positions, write=scratch, write_at=0, context=context, logits="all")
+    assert model.static.handled == 1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.k[:, :, :, 40:43], want_kv, atol=1e-5, rtol=1e-5)
+    # one more token after those three, attending to them through the scratch span
+    want = model.static = None
+    want = model(torch.tensor([[11]]), torch.tensor([50]), write=scratch, write_at=3,
+                 context=[*context, Span(scratch, 0, 3)], logits="last")
+    model.static = StaticForward(model, bucket=16, mode="static")
+    got = model(torch.tensor([[11]]), torch.tensor([50]), write=scratch, write_at=3,
+                context=[*context, Span(scratch, 0, 3)], logits="last")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
-    state = DecodeState(model, loaded.tokenizer, want[:1], context, scratch, 0, 47)
-    decoder = StaticDecoder(model, 32, bucket=16, max_width=2)
-    decoder.load(state)
-    torch.testing.assert_close(decoder.step([7, 8], [47, 48]), want, atol=1e-4, rtol=1e-4)
+
+def test_visibility_accepts_the_view_shapes_and_rejects_others(template):
+    config = template.model.config
+    cache = KVCache.allocate(config, 100)
+    scratch = cache.window(60, 20)
+    other = KVCache.allocate(config, 100)
+    # FIM-like: prefix, shifted suffix, scratch; the write lands after the scratch span
+    base, meta = visibility(scratch, 5, 2, [Span(cache, 0, 30), Span(cache, 40, 60, 9), Span(scratch, 0, 5)])
+    assert base is cache and meta == [65, 30, 40, 60, 9, 60]
+    # a repair: one span from 0 to the write slot
+    assert visibility(cache, 30, 3, [Span(cache, 0, 30)])[1] == [30, 0, 0, 0, 0, 0]
+    assert visibility(cache, 30, 3, [])[1] == [30, 0, 0, 0, 0, 30]
+    assert visibility(scratch, 0, 1, [Span(other, 0, 10)]) is None  # another buffer
+    assert visibility(scratch, 0, 1, [Span(cache, 0, 10, 2), Span(cache, 20, 30, 4)]) is None  # two shifts
+    assert visibility(scratch, 0, 1, [Span(cache, 5, 10)]) is None  # a span neither at 0 nor before the write
+    assert visibility(cache, 98, 2, [Span(cache, 0, 98)]) is None  # no free last slot for padding rows
 
 
-def test_graphs_need_cuda(template):
+def test_graph_modes_are_checked(template):
     with pytest.raises(ValueError, match="CUDA"):
-        StaticDecoder(template.model, 16, graphs=True)
+        StaticForward(template.model, mode="graphs")
+    with pytest.raises(ValueError, match="mode"):
+        StaticForward(template.model, mode="fast")
+    assert StaticForward(template.model).mode == "off"  # auto on the CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_static_forward(tmp_path):
+    loaded = load_model(make_checkpoint(tmp_path / "qwen2", "qwen2"), device="cuda", dtype="float32")
+    template = Document(loaded.model, loaded.tokenizer, TEXT, head=[0])
+    static = StaticForward(loaded.model, bucket=32, max_width=8, mode="static")
+    graphs = StaticForward(loaded.model, bucket=32, max_width=8, mode="graphs")
+    want, want_keys = _edit_session(template, static)
+    got, got_keys = _edit_session(template, graphs)
+    assert graphs.replays > 20 and graphs.captures > 0
+    assert graphs.replays > graphs.captures, "graphs should be replayed, not captured every time"
+    torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)
+    for (g_logits, g_ids, _), (w_logits, w_ids, _) in zip(got, want, strict=True):
+        torch.testing.assert_close(g_logits, w_logits, atol=1e-4, rtol=1e-4)
+        assert g_ids == w_ids
