@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edit_cache.positions import Position, PositionError, Range, apply_change, to_offset, to_position
-from lsp_server.backend import Backend, CompletionRequest
+from lsp_server.backend import Backend, CompletionRequest, DecodingOptions
 from lsp_server.postprocess import CursorContext, Suggestion, finish, is_python, wants_multiline
 from lsp_server.settings import Settings
 
@@ -310,7 +310,7 @@ def cache_options(settings: Settings) -> dict:
 
     mode = "pie" if settings.cache_mode == "recompute" else settings.cache_mode
     return {"budget_bytes": settings.budget_bytes, "options": DocumentOptions(mode=mode),
-            "recompute": settings.cache_mode == "recompute"}
+            "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings)}
 
 
 def load_error_message(settings: Settings, err: BaseException) -> str:

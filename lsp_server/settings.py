@@ -36,6 +36,10 @@ class Settings:
     view: str = "auto"  # "auto" (FIM when the model has FIM tokens), "fim", "l2r"
     max_file_kb: int = 1024  # larger files are kept in sync but never modelled
     stats_file: bool = True  # keep suggestion statistics in the user's cache folder
+    speculation: bool = True  # one-draft requests: lossless n-gram speculation (off: plain greedy)
+    superposed: bool = True  # several drafts: superposed decoding (off: a greedy decode per draft)
+    adadec: bool = False  # entropy-gated lookahead reranking of one-draft requests; off: it did not
+    # help on the benchmarks (BENCHMARKS.md, AdaDec), and needs a calibrated model (`editkv calibrate`)
 
     @property
     def model_key(self) -> tuple[str | None, str, str | None]:
@@ -57,6 +61,7 @@ _INT_RANGES = {
 }
 _CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
             "dtype": ("float32", "bfloat16", "float16")}
+_BOOLS = ("stats_file", "speculation", "superposed", "adadec")
 _FIELDS = {f.name for f in fields(Settings)}
 
 
@@ -114,7 +119,7 @@ def _validate(name: str, value: Any) -> tuple[bool, Any, str]:
         if not lo <= value <= hi:
             return False, None, f"expected a whole number from {lo} to {hi}"
         return True, int(value), ""
-    if name == "stats_file":
+    if name in _BOOLS:
         if not isinstance(value, bool):
             return False, None, "expected true or false"
         return True, value, ""

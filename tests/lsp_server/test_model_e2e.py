@@ -68,3 +68,28 @@ async def test_bad_model_path_is_reported_then_a_good_one_loads(client: Language
     stats = await server_stats(client)
     assert stats["backend"]["completed"] == 1 and stats["backend"]["last_request"]["decode_tokens"] > 0
     assert stats["settings"]["cache_mode"] == "recompute"
+
+
+async def test_decoding_strategies_and_their_counters_reach_editkv_stats(client: LanguageClient, tiny_model):
+    """One draft: n-gram speculation; several: superposed decoding; the settings switch both off."""
+    await start(client, "visual-studio-code", {"model": str(tiny_model), "debounceMs": 0, "maxTokens": 6})
+    open_doc(client)
+
+    async def last_request():
+        return (await server_stats(client))["backend"]["last_request"]
+
+    assert await inline(client, 1, 0) is not None  # typing: one draft
+    last = await last_request()
+    assert last["strategy"] == "speculative"
+    assert {"spec_drafted", "spec_accepted", "spec_bonus", "spec_forwards"} <= set(last)
+    assert last["spec_forwards"] == last["forwards"]
+    await complete(client, 1, 0)  # the dropdown: numDrafts suggestions
+    last = await last_request()
+    assert last["strategy"] == "superposed" and last["superposed_steps"] >= 1
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"editkv": {"speculation": False, "superposed": False}}))
+    assert await inline(client, 1, 0) is not None
+    assert (await last_request())["strategy"] == "greedy"
+    await complete(client, 1, 0)
+    assert (await last_request())["strategy"] == "top_first"
+    assert (await server_stats(client))["settings"]["speculation"] is False

@@ -33,3 +33,13 @@ def test_model_key_covers_what_needs_a_reload():
     a = Settings()
     assert parse_settings({"maxTokens": 8}, a)[0].model_key == a.model_key
     assert parse_settings({"device": "cpu"}, a)[0].model_key != a.model_key
+
+
+def test_decoding_switches_are_validated_booleans():
+    s, problems = parse_settings({"speculation": False, "superposed": False, "adadec": True})
+    assert (s.speculation, s.superposed, s.adadec, problems) == (False, False, True, [])
+    assert (Settings().speculation, Settings().superposed, Settings().adadec) == (True, True, False)
+    s, problems = parse_settings({"adadec": "on", "speculation": 1}, Settings(adadec=True))
+    assert s == Settings(adadec=True)
+    assert any("editkv.adadec: expected true or false" in p and "using True" in p for p in problems)
+    assert any("editkv.speculation" in p for p in problems)

@@ -1,0 +1,206 @@
+"""ModelBackend's decoding strategies through the real path: documents -> edit_cache views -> engine.
+
+The trained default model on realedits contexts: one-draft requests give the same text with
+n-gram speculation on and off (speculation is lossless), several drafts come from superposed
+decoding and are distinct, every request reports its counters, and the workspace n-gram
+index follows open / change / close within its bound.
+"""
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_checkpoint
+
+from edit_cache.positions import line_starts, to_position
+from engine.decoding.adadec import AdaDecConfig, adadec_decode
+from engine.loading import load_model
+from lsp_server.backend import CompletionRequest, DecodingOptions, ModelBackend
+from lsp_server.settings import Settings
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "realedits" / "dev.jsonl.gz"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return load_model(None)
+
+
+def _contexts(n, max_file_chars=6000):
+    """(uri, text with the target line's rest deleted, cursor, the deleted text) from realedits."""
+    if not DATA.exists():
+        pytest.skip(f"realedits data not found at {DATA}")
+    out = []
+    with gzip.open(DATA, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            rec = json.loads(line)
+            if len(rec["after"]) > max_file_chars:
+                continue
+            target = rec["targets"][0]
+            text = rec["after"]
+            cursor = line_starts(text)[target["line"]] + len(target["prefix"])
+            deleted = text[:cursor] + text[cursor + len(target["expected"]):]
+            out.append((f"file:///realedits/{i}.py", deleted, cursor, target["expected"]))
+            if len(out) >= n:
+                break
+    return out
+
+
+def _request(uri, text, cursor, **kw):
+    pos = to_position(text, cursor)
+    return CompletionRequest(uri, pos.line, pos.character, **kw)
+
+
+def _type(backend, uri, text, cursor, typed):
+    """Insert `typed` at `cursor` as an editor would (one change per keystroke); the new text and cursor."""
+    for ch in typed:
+        pos = to_position(text, cursor)
+        from edit_cache.positions import Range
+
+        backend.change(uri, [(Range(pos, pos), ch)])
+        text, cursor = text[:cursor] + ch + text[cursor:], cursor + 1
+    return text, cursor
+
+
+def _same_text_with_and_without_speculation(trained, n):
+    fast = ModelBackend(trained)
+    plain = ModelBackend(trained, decoding=DecodingOptions(speculation=False, superposed=False))
+    assert fast.decoding.speculation and not fast.decoding.adadec  # the defaults
+    contexts = _contexts(n)
+    for backend in (fast, plain):
+        for uri, text, _, _ in contexts:
+            backend.open(uri, text)
+    accepted = multi_line = 0
+    for i, (uri, text, cursor, expected) in enumerate(contexts):
+        typed = expected[: i % 3]  # a few keystrokes first: PIE repair and index updates on the way
+        for backend in (fast, plain):
+            now, at = _type(backend, uri, text, cursor, typed)
+        for view in ("l2r", "fim"):
+            kw = {"max_tokens": 32, "max_lines": None if i % 2 else 1, "view": view}
+            a = fast.complete(_request(uri, now, at, **kw))
+            b = plain.complete(_request(uri, now, at, **kw))
+            assert [(d.text, d.stop_reason) for d in a.drafts] == [(d.text, d.stop_reason) for d in b.drafts], \
+                (uri, view)
+            assert a.drafts[0].score == pytest.approx(b.drafts[0].score, abs=1e-3)
+            assert a.stats["strategy"] == "speculative" and b.stats["strategy"] == "greedy"
+            s = a.stats
+            assert 0 <= s["spec_accepted"] <= s["spec_drafted"] and s["spec_forwards"] == s["spec_bonus"]
+            assert s["spec_forwards"] <= b.stats["forwards"] and s["view"] == view
+            accepted += s["spec_accepted"]
+            multi_line += "\n" in a.drafts[0].text
+        assert fast.index.docs[uri].tolist() == fast.cache.get(uri).ids  # the index followed the edits
+    assert accepted > 0 and multi_line > 0
+    return fast
+
+
+def test_speculation_on_and_off_give_the_same_text(trained):
+    fast = _same_text_with_and_without_speculation(trained, 4)
+    recent = 0
+    for uri, _, cursor, _ in _contexts(4):  # asked again: the suggestion just shown is a draft
+        request = _request(uri, fast.text(uri), cursor, max_tokens=16, max_lines=None)
+        first, again = fast.complete(request), fast.complete(request)
+        assert again.drafts[0].text == first.drafts[0].text
+        recent += again.stats["spec_accepted_by_source"].get("recent", 0)
+    assert recent > 0
+
+
+@pytest.mark.slow
+def test_speculation_on_and_off_give_the_same_text_many_contexts(trained):
+    _same_text_with_and_without_speculation(trained, 16)
+
+
+def test_several_drafts_come_from_superposed_decoding(trained):
+    backend = ModelBackend(trained)
+    assert backend.corpus is not None  # the default model ships its corpus n-grams
+    seen_three = 0
+    for uri, text, cursor, _ in _contexts(4):
+        backend.open(uri, text)
+        result = backend.complete(_request(uri, text, cursor, max_tokens=24, num_drafts=3))
+        texts = [d.text for d in result.drafts]
+        assert 1 <= len(texts) <= 3 and len({t.rstrip() for t in texts}) == len(texts)
+        assert all(t.strip() and "\n" not in t for t in texts)
+        scores = [d.score for d in result.drafts]
+        assert scores == sorted(scores, reverse=True) and all(math.isfinite(x) for x in scores)
+        s = result.stats
+        assert s["strategy"] == "superposed" and s["superposed_steps"] >= 1 and s["forwards"] >= s["superposed_steps"]
+        seen_three += len(texts) == 3
+        # shown suggestions become drafts for the next one-draft request
+        shown = [trained.tokenizer.decode(r.ids.tolist()) for r in list(backend.speculator.recent)[-len(texts):]]
+        assert all(t in d for t, d in zip(texts, shown, strict=True))
+    assert seen_three >= 3
+    # the baseline the switch falls back to: one greedy decode per top first token
+    backend.configure(budget_bytes=None, options=backend.cache.options,
+                      decoding=DecodingOptions(superposed=False))
+    result = backend.complete(_request(uri, text, cursor, max_tokens=24, num_drafts=3))
+    assert result.stats["strategy"] == "top_first" and len(result.drafts) >= 2
+
+
+def test_adadec_option_composes_with_speculation(trained):
+    uri, text, cursor, _ = _contexts(1)[0]
+    backend = ModelBackend(trained, decoding=DecodingOptions(adadec=True))
+    backend.open(uri, text)
+    result = backend.complete(_request(uri, text, cursor, max_tokens=24, view="l2r"))
+    s = result.stats
+    assert s["strategy"] == "speculative+adadec" and {"adadec_gate_fires", "adadec_extra_forwards"} <= set(s)
+    assert s["forwards"] == s["spec_forwards"] + s["adadec_extra_forwards"]
+    # the same text as AdaDec alone on the same view
+    from edit_cache.views import left_to_right
+
+    view = left_to_right(backend.cache.prepare(uri), cursor, max_new_tokens=24)
+    from engine.generate import StopRules
+
+    ref = adadec_decode(view.state(), AdaDecConfig.for_model(None), StopRules(max_tokens=24, max_lines=1))
+    assert result.drafts[0].text == ref.text
+    alone = ModelBackend(trained, decoding=DecodingOptions(speculation=False, adadec=True))
+    alone.open(uri, text)
+    out = alone.complete(_request(uri, text, cursor, max_tokens=24, view="l2r"))
+    assert out.stats["strategy"] == "adadec" and out.drafts[0].text == ref.text
+
+
+def test_adadec_without_a_calibration_is_reported_and_serving_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
+    backend = ModelBackend(tiny, decoding=DecodingOptions(adadec=True))
+    assert backend.adadec is None and "editkv calibrate" in backend.adadec_problem
+    backend.open("file:///a.py", "def add(a, b):\n    return a + b\n")
+    result = backend.complete(CompletionRequest("file:///a.py", 1, 4, max_tokens=4))
+    assert result.stats["strategy"] == "speculative" and result.stats["adadec"].startswith("unavailable")
+
+
+def test_workspace_index_follows_documents_within_its_bound(tmp_path):
+    from edit_cache.positions import Position, Range
+
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
+    backend = ModelBackend(tiny, ngram_tokens=60)
+    a = "def add(a, b):\n    return a + b\n"
+    backend.open("file:///a.py", a)
+    backend.open("file:///b.py", "import os\nfor name in os.listdir('.'):\n    print(name)\n")
+    backend.change("file:///a.py", [(Range(Position(1, 11), Position(1, 16)), "a * b"), (None, a + "x = 1\n")])
+    assert backend.index.docs["file:///a.py"].tolist() == backend.cache.get("file:///a.py").ids
+    backend.open("file:///c.py", "class Point:\n    def __init__(self, x, y):\n        self.x = x\n" * 2)
+    assert backend.index.num_tokens <= 60 and "file:///a.py" not in backend.index.docs  # least recently used
+    backend.complete(CompletionRequest("file:///a.py", 0, 4, max_tokens=2, num_drafts=2))
+    assert "file:///a.py" in backend.index.docs  # re-indexed for the request
+    backend.close("file:///a.py")
+    assert "file:///a.py" not in backend.index.docs
+
+
+def test_decoding_settings_reach_the_backend(trained):
+    from lsp_server.scheduler import cache_options
+
+    backend = ModelBackend(trained)
+    settings = Settings(speculation=False, superposed=False, adadec=True)
+    backend.configure(**cache_options(settings))
+    assert backend.decoding == DecodingOptions(speculation=False, superposed=False, adadec=True)
+    assert backend.adadec is not None and math.isfinite(backend.adadec.tau)  # the default model ships one
