@@ -166,9 +166,9 @@ class Lookahead:
 class Gate:
     """The step-level AdaDec component: entropy gate, lookahead rerank, counters.
 
-    Any decoder that chooses greedy tokens can call it: `adadec_decode` at every step, a
-    speculative verifier at the positions its one forward scored (`fires` on all of them, then
-    `choose` at the first that fires).
+    Any decoder that chooses greedy tokens can call it: `adadec_decode` (`choose`) at every
+    step, the speculative verifier at the positions its one forward scored (`fires` on all of
+    them, then `rerank` at the first that fires).
     """
 
     def __init__(self, model: Transformer, config: AdaDecConfig, stop_ids: frozenset[int],
