@@ -101,7 +101,7 @@ class KVCache:
         if needed <= self.capacity:
             return
         self.base, self.offset = None, 0
-        new_capacity = max(needed, int(self.capacity * 1.5) + 16)
+        new_capacity = -(-max(needed, int(self.capacity * 1.5) + 16) // 256) * 256  # static forwards chunk by 256
         keep = self.capacity if keep is None else min(keep, self.capacity)
         for name in ("k", "v"):
             old = getattr(self, name)
@@ -201,7 +201,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q_by_shift[0].to(write.dtype), keys, values, attn_mask=mask.repeat(c.num_groups, 1), scale=self.scale
             )
-            out = out.view(bsz, c.num_heads, num_new, c.head_dim)
+            out = out.reshape(bsz, c.num_heads, num_new, c.head_dim)
         else:
             out = _attend_spans(q_by_shift, k, v, context, layer, self.scale, c.num_groups)
             out = out.view(bsz, c.num_heads, num_new, c.head_dim)

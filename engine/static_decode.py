@@ -29,11 +29,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from engine.model import Attention, KVCache, Span, Transformer
-from engine.rope import apply_rotary
+from kernels.fused import add_rms_norm, rope_write, silu_mul
 
 BUCKET = 1024
 MAX_WIDTH = 64
@@ -110,12 +113,13 @@ class StaticForward:
         if mode == "static" and dynamic:
             raise ValueError("the static forward does not support dynamic RoPE scaling")
         self.mode = mode
+        self._fused = [_fuse(block) for block in model.layers] if mode != "off" else []
         dev = model.device
         self._ids = torch.zeros(1, self.max_width, dtype=torch.long, device=dev)
         self._positions = torch.zeros(self.max_width, dtype=torch.long, device=dev)
         self._slots = torch.zeros(self.max_width, dtype=torch.long, device=dev)
         self._meta = torch.zeros(5, dtype=torch.long, device=dev)
-        self._key_index = torch.zeros(0, dtype=torch.long, device=dev)
+        self._key_index = torch.arange(max(model.config.max_position_embeddings, 32768), device=dev)
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
         self.handled = 0  # forwards run here (replayed, or static without graphs)
@@ -169,6 +173,7 @@ class StaticForward:
             return self._graphs[key]
         if self._ensure_key_index(base.capacity):
             self._graphs.clear()  # they read the old index tensor
+            self._pool = None  # a pool no live graph holds can't be captured into again
         # The warm-up runs compute the very step being asked for (same inputs, same slots),
         # so their writes are the ones the replay repeats.
         stream = torch.cuda.Stream()
@@ -207,40 +212,81 @@ class StaticForward:
         visible = ((keys < prefix_end) | in_suffix)[None] | (
             (keys[None] >= scratch_start) & (keys[None] <= slots[:, None]))  # [T, bucket]
         # cos/sin at the tokens' positions, and shifted back for the suffix keys
-        cos, sin = model.rotary.cos_sin(torch.stack((positions, positions - shift)))  # [2, T, rd]
+        cos, sin = model.rotary.cos_sin(torch.stack((positions, positions - shift)))  # [2, T, rotary_dim]
+        eps = model.config.rms_norm_eps
         x = model.embed(self._ids[:, :width])
+        delta = None
         for layer, block in enumerate(model.layers):
-            h = block.input_layernorm(x)
-            x = x + _attend(block.self_attn, h, cos, sin, base, layer, slots, bucket, in_suffix, visible)
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        return model.lm_head(model.norm(x[0])).float()
+            fused = self._fused[layer]
+            x, h = add_rms_norm(x, delta, block.input_layernorm.weight, eps)
+            attended = _attend(block.self_attn, fused, h, cos, sin, base, layer, slots, bucket, in_suffix, visible)
+            x, h = add_rms_norm(x, attended, block.post_attention_layernorm.weight, eps)
+            mlp = block.mlp
+            delta = F.linear(silu_mul(F.linear(h, fused.gate_up_weight, fused.gate_up_bias)),
+                             mlp.down_proj.weight, mlp.down_proj.bias)
+        _, h = add_rms_norm(x, delta, model.norm.weight, eps)
+        return model.lm_head(h[0]).float()
 
 
-def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: KVCache, layer: int,
-            slots: torch.Tensor, bucket: int, in_suffix: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+@dataclass
+class _Fused:
+    """One layer's projections as single matrices: one GEMM for q, k and v, one for gate and up."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+
+
+def _fuse(block) -> _Fused:
+    """Concatenate a layer's q/k/v and gate/up weights, and point the modules at slices of
+    the result, so the fused copy is the only copy (the eager path keeps working)."""
+    attn, mlp = block.self_attn, block.mlp
+
+    def merge(linears):
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        bias = None
+        if linears[0].bias is not None:
+            bias = torch.cat([lin.bias.detach() for lin in linears])
+        start = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+            start += rows
+        return weight, bias
+
+    qkv_weight, qkv_bias = merge([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up_weight, gate_up_bias = merge([mlp.gate_proj, mlp.up_proj])
+    return _Fused(qkv_weight, qkv_bias, gate_up_weight, gate_up_bias)
+
+
+def _attend(attn: Attention, fused: _Fused, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: KVCache,
+            layer: int, slots: torch.Tensor, bucket: int, in_suffix: torch.Tensor,
+            visible: torch.Tensor) -> torch.Tensor:
     """T new tokens attend to the buffer's first `bucket` slots (after writing their own K/V)."""
     c = attn.config
     _, count, _ = x.shape
     groups = c.num_groups
-    q = attn.q_proj(x).view(1, count, c.num_heads, c.head_dim).transpose(1, 2)  # [1, H, T, D]
-    k = attn.k_proj(x).view(1, count, c.num_kv_heads, c.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(1, count, c.num_kv_heads, c.head_dim).transpose(1, 2)
-    k = apply_rotary(k, cos[:1, None], sin[:1, None], c.rotary_dim)
-    base.k[layer, 0].index_copy_(1, slots, k[0].to(base.dtype))
-    base.v[layer, 0].index_copy_(1, slots, v[0].to(base.dtype))
-    # queries at their positions and at position - shift, as rows (kv head, group, which, token)
-    q = q[:, :, None].expand(1, c.num_heads, 2, count, c.head_dim)
-    q = apply_rotary(q, cos[None, None], sin[None, None], c.rotary_dim)  # [1, H, 2, T, D]
-    q = q.reshape(1, c.num_kv_heads, groups * 2 * count, c.head_dim).to(base.dtype)
-    keys = base.k[layer, :, :, :bucket]  # [1, KVH, bucket, D]
-    values = base.v[layer, :, :, :bucket]
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # [1, KVH, G*2*T, bucket]
-    scores = scores.view(1, c.num_kv_heads, groups, 2, count, bucket)
+    qkv = F.linear(x[0], fused.qkv_weight, fused.qkv_bias)  # [T, (H + 2 KVH) D]
+    # rows (kv head, group, which rotation, token); keys and values go to the buffer's slots
+    q = rope_write(qkv, cos, sin, c.rotary_dim, c.num_heads, base.k[layer, 0], base.v[layer, 0], slots)
+    q = q.view(1, c.num_kv_heads, groups * 2 * count, c.head_dim)
+    # Both products have a long slot dimension and a handful of rows: as single GEMMs cuBLAS
+    # runs them on a few blocks (~250 us a layer at 8k). Split into chunks of slots, batched.
+    chunk = next((n for n in (1024, 256) if bucket % n == 0), bucket)
+    chunks = bucket // chunk
+    keys = base.k[layer, 0, :, :bucket].view(c.num_kv_heads, chunks, chunk, c.head_dim)
+    values = base.v[layer, 0, :, :bucket].view(c.num_kv_heads, chunks, chunk, c.head_dim)
+    scores = torch.matmul(q.view(c.num_kv_heads, 1, -1, c.head_dim), keys.transpose(-1, -2)).float()
+    scores = scores.transpose(1, 2).reshape(1, c.num_kv_heads, groups, 2, count, bucket)
     scores = torch.where(in_suffix, scores[:, :, :, 1], scores[:, :, :, 0])  # [1, KVH, G, T, bucket]
     # A large finite fill, not -inf: a padding row may see no slot at all, and a NaN there
     # would reach real rows through the padding slot's K/V.
     scores = (scores * attn.scale).masked_fill(~visible, -1e30)
-    probs = torch.softmax(scores, dim=-1).to(base.dtype)
-    out = torch.matmul(probs.view(1, c.num_kv_heads, groups * count, bucket), values)  # [1, KVH, G*T, D]
+    probs = torch.softmax(scores, dim=-1).to(base.dtype).view(c.num_kv_heads, groups * count, chunks, chunk)
+    parts = torch.matmul(probs.transpose(1, 2), values)  # [KVH, chunks, G*T, D]
+    out = parts.sum(1, dtype=torch.float32).to(base.dtype)  # [KVH, G*T, D]
     out = out.view(1, c.num_heads, count, c.head_dim).transpose(1, 2).reshape(1, count, -1)
     return attn.o_proj(out.to(x.dtype))
