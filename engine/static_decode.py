@@ -115,10 +115,16 @@ class StaticForward:
         self.mode = mode
         self._fused = [_fuse(block) for block in model.layers] if mode != "off" else []
         dev = model.device
-        self._ids = torch.zeros(1, self.max_width, dtype=torch.long, device=dev)
-        self._positions = torch.zeros(self.max_width, dtype=torch.long, device=dev)
-        self._slots = torch.zeros(self.max_width, dtype=torch.long, device=dev)
-        self._meta = torch.zeros(5, dtype=torch.long, device=dev)
+        # Every static input in one device tensor, filled from one (pinned) host buffer per call:
+        # ids [W], positions [W], slots [W], then the five visibility numbers.
+        w = self.max_width
+        self._inputs = torch.zeros(3 * w + 5, dtype=torch.long, device=dev)
+        self._host = torch.zeros(3 * w + 5, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._host_np = self._host.numpy()
+        self._ids = self._inputs[:w][None]
+        self._positions = self._inputs[w : 2 * w]
+        self._slots = self._inputs[2 * w : 3 * w]
+        self._meta = self._inputs[3 * w :]
         self._key_index = torch.arange(max(model.config.max_position_embeddings, 32768), device=dev)
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
@@ -143,16 +149,19 @@ class StaticForward:
         width = _next_power_of_two(count)
         reach = max(prefix_end, suffix_end, at + count, base.extent or 0)
         bucket = min(_round_up(reach, self.bucket), base.capacity)
+        w = self.max_width
+        host = self._host_np
+        # ids and positions usually arrive on the device already: copied there, not via the host
+        host[: 2 * w] = 0  # padding rows read id 0 at position 0
+        host[2 * w : 2 * w + width] = base.capacity - 1  # padding rows write the spare last slot
+        host[2 * w : 2 * w + count] = range(at, at + count)
+        host[3 * w :] = (prefix_end, suffix_start, suffix_end, shift, scratch_start)
+        if self._host.is_pinned():
+            # the previous call's copy must be done reading the buffer before it is refilled
+            torch.cuda.current_stream().synchronize()
+        self._inputs.copy_(self._host, non_blocking=True)
         self._ids[0, :count].copy_(ids[0], non_blocking=True)
         self._positions[:count].copy_(positions.reshape(-1), non_blocking=True)
-        slots = torch.arange(at, at + width)
-        slots[count:] = base.capacity - 1
-        self._slots[:width].copy_(slots, non_blocking=True)
-        meta = torch.tensor([prefix_end, suffix_start, suffix_end, shift, scratch_start])
-        self._meta.copy_(meta, non_blocking=True)
-        if count < width:  # padding rows: any ids, positions after the last real one
-            self._ids[0, count:width].fill_(0)
-            self._positions[count:width].fill_(0)
         if self.mode == "graphs":
             graph, out = self._graph(base, bucket, width)
             graph.replay()
