@@ -15,9 +15,11 @@ scratch window after its last slot) and attend to slots of that same buffer in t
     [scratch_start, own slot]       causally                    (view tokens, generated tokens)
 
 Those five numbers, the tokens' ids, positions and slots are copied into static device
-tensors; attention reads the buffer's first `bucket` slots (a multiple of 1024 covering the
-buffer's `extent`, the slots its owner has in use) and masks the rest on the device, so a
-repair near the top of a file replays the same graph as one near its end. One graph per
+tensors; attention (kernels/span_attention.py) reads the buffer's first `bucket` slots (a
+multiple of 1024 covering the buffer's `extent`, the slots its owner has in use) and applies
+the visibility rule on the device, so a repair near the top of a file replays the same graph
+as one near its end. Norms, RoPE with the KV write, and SwiGLU are fused kernels
+(kernels/fused.py); q/k/v and gate/up are one GEMM each. One graph per
 (buffer, bucket, width) is captured on first use and replayed after; the width is the token
 count rounded up to a power of two, and padding rows write into the buffer's last slot,
 which the caller keeps free. Anything else — larger writes (a whole-file prefill), batched
@@ -37,6 +39,7 @@ from torch import nn
 
 from engine.model import Attention, KVCache, Span, Transformer
 from kernels.fused import add_rms_norm, rope_write, silu_mul
+from kernels.span_attention import span_attention
 
 BUCKET = 1024
 MAX_WIDTH = 64
@@ -125,7 +128,6 @@ class StaticForward:
         self._positions = self._inputs[w : 2 * w]
         self._slots = self._inputs[2 * w : 3 * w]
         self._meta = self._inputs[3 * w :]
-        self._key_index = torch.arange(max(model.config.max_position_embeddings, 32768), device=dev)
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
         self.handled = 0  # forwards run here (replayed, or static without graphs)
@@ -167,7 +169,6 @@ class StaticForward:
             graph.replay()
             self.replays += 1
         else:
-            self._ensure_key_index(base.capacity)
             out = self._run(base, bucket, width)
         if logits == "none":
             return True, None
@@ -180,9 +181,6 @@ class StaticForward:
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
-        if self._ensure_key_index(base.capacity):
-            self._graphs.clear()  # they read the old index tensor
-            self._pool = None  # a pool no live graph holds can't be captured into again
         # The warm-up runs compute the very step being asked for (same inputs, same slots),
         # so their writes are the ones the replay repeats.
         stream = torch.cuda.Stream()
@@ -202,24 +200,13 @@ class StaticForward:
             self._graphs.popitem(last=False)
         return graph, out
 
-    def _ensure_key_index(self, capacity: int) -> bool:
-        """Slot numbers 0..capacity-1 on the device; True when the tensor was reallocated."""
-        if self._key_index.numel() >= capacity:
-            return False
-        self._key_index = torch.arange(max(capacity, 2 * self._key_index.numel()), device=self.model.device)
-        return True
-
     @torch.inference_mode()
     def _run(self, base: KVCache, bucket: int, width: int) -> torch.Tensor:  # [width, V] fp32
         """The forward itself: only device tensors decide what it reads and writes."""
         model = self.model
         slots = self._slots[:width]
         positions = self._positions[:width]
-        prefix_end, suffix_start, suffix_end, shift, scratch_start = self._meta.unbind()
-        keys = self._key_index[:bucket]
-        in_suffix = (keys >= suffix_start) & (keys < suffix_end)  # [bucket]
-        visible = ((keys < prefix_end) | in_suffix)[None] | (
-            (keys[None] >= scratch_start) & (keys[None] <= slots[:, None]))  # [T, bucket]
+        shift = self._meta[3]
         # cos/sin at the tokens' positions, and shifted back for the suffix keys
         cos, sin = model.rotary.cos_sin(torch.stack((positions, positions - shift)))  # [2, T, rotary_dim]
         eps = model.config.rms_norm_eps
@@ -228,7 +215,7 @@ class StaticForward:
         for layer, block in enumerate(model.layers):
             fused = self._fused[layer]
             x, h = add_rms_norm(x, delta, block.input_layernorm.weight, eps)
-            attended = _attend(block.self_attn, fused, h, cos, sin, base, layer, slots, bucket, in_suffix, visible)
+            attended = _attend(block.self_attn, fused, h, cos, sin, base, layer, slots, self._meta, bucket)
             x, h = add_rms_norm(x, attended, block.post_attention_layernorm.weight, eps)
             mlp = block.mlp
             delta = F.linear(silu_mul(F.linear(h, fused.gate_up_weight, fused.gate_up_bias)),
@@ -272,30 +259,14 @@ def _fuse(block) -> _Fused:
 
 
 def _attend(attn: Attention, fused: _Fused, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: KVCache,
-            layer: int, slots: torch.Tensor, bucket: int, in_suffix: torch.Tensor,
-            visible: torch.Tensor) -> torch.Tensor:
+            layer: int, slots: torch.Tensor, meta: torch.Tensor, bucket: int) -> torch.Tensor:
     """T new tokens attend to the buffer's first `bucket` slots (after writing their own K/V)."""
     c = attn.config
     _, count, _ = x.shape
-    groups = c.num_groups
     qkv = F.linear(x[0], fused.qkv_weight, fused.qkv_bias)  # [T, (H + 2 KVH) D]
-    # rows (kv head, group, which rotation, token); keys and values go to the buffer's slots
+    # queries [KVH, G, 2, T, D] (at their positions, and shifted for suffix keys); the keys and
+    # values go to the buffer's slots
     q = rope_write(qkv, cos, sin, c.rotary_dim, c.num_heads, base.k[layer, 0], base.v[layer, 0], slots)
-    q = q.view(1, c.num_kv_heads, groups * 2 * count, c.head_dim)
-    # Both products have a long slot dimension and a handful of rows: as single GEMMs cuBLAS
-    # runs them on a few blocks (~250 us a layer at 8k). Split into chunks of slots, batched.
-    chunk = next((n for n in (1024, 256) if bucket % n == 0), bucket)
-    chunks = bucket // chunk
-    keys = base.k[layer, 0, :, :bucket].view(c.num_kv_heads, chunks, chunk, c.head_dim)
-    values = base.v[layer, 0, :, :bucket].view(c.num_kv_heads, chunks, chunk, c.head_dim)
-    scores = torch.matmul(q.view(c.num_kv_heads, 1, -1, c.head_dim), keys.transpose(-1, -2)).float()
-    scores = scores.transpose(1, 2).reshape(1, c.num_kv_heads, groups, 2, count, bucket)
-    scores = torch.where(in_suffix, scores[:, :, :, 1], scores[:, :, :, 0])  # [1, KVH, G, T, bucket]
-    # A large finite fill, not -inf: a padding row may see no slot at all, and a NaN there
-    # would reach real rows through the padding slot's K/V.
-    scores = (scores * attn.scale).masked_fill(~visible, -1e30)
-    probs = torch.softmax(scores, dim=-1).to(base.dtype).view(c.num_kv_heads, groups * count, chunks, chunk)
-    parts = torch.matmul(probs.transpose(1, 2), values)  # [KVH, chunks, G*T, D]
-    out = parts.sum(1, dtype=torch.float32).to(base.dtype)  # [KVH, G*T, D]
+    out = span_attention(q, base.k[layer, 0], base.v[layer, 0], meta, slots, attn.scale, bucket)  # [KVH, G, T, D]
     out = out.view(1, c.num_heads, count, c.head_dim).transpose(1, 2).reshape(1, count, -1)
     return attn.o_proj(out.to(x.dtype))
