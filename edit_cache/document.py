@@ -196,7 +196,7 @@ class Document:
     def _full_prefill(self) -> None:
         started = time.perf_counter()
         ids = self.head + self.ids
-        self.cache = self.model.new_cache(-(-(len(ids) + SPARE_SLOTS) // 256) * 256)
+        self.cache = self.model.new_cache(len(ids) + SPARE_SLOTS)
         if ids:
             prefill(self.model, ids, self.cache, chunk=self.options.prefill_chunk, logits="none")
         self.runs = [_Run(0, len(self.ids))] if self.ids else []

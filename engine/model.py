@@ -101,7 +101,7 @@ class KVCache:
         if needed <= self.capacity:
             return
         self.base, self.offset = None, 0
-        new_capacity = -(-max(needed, int(self.capacity * 1.5) + 16) // 256) * 256  # static forwards chunk by 256
+        new_capacity = max(needed, int(self.capacity * 1.5) + 16)
         keep = self.capacity if keep is None else min(keep, self.capacity)
         for name in ("k", "v"):
             old = getattr(self, name)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.rope import apply_rotary
+
 try:
     import triton
     import triton.language as tl
@@ -49,8 +51,6 @@ def rope_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rota
     `v_cache` are one layer's `[KVH, capacity, D]`. Returns the queries `[KVH, G, 2, T, D]` in
     the cache's dtype: row (g, 0, t) rotated by row 0, (g, 1, t) by row 1.
     """
-    from engine.rope import apply_rotary
-
     kv_heads, _, dim = k_cache.shape
     count = qkv.shape[0]
     q, k, v = qkv.split([num_heads * dim, kv_heads * dim, kv_heads * dim], -1)

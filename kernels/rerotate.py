@@ -39,25 +39,14 @@ def move_rerotate_ref(
     """Slots `[start, end)` -> `[start + delta, end + delta)`, keys rotated; in place."""
     if end <= start:
         return
-    rotated = rerotate_ref(k[:, :, :, start:end], cos, sin, rotary_dim)
-    values = v[:, :, :, start:end].clone()
-    k[:, :, :, start + delta : end + delta] = rotated
-    v[:, :, :, start + delta : end + delta] = values
-
-
-def rerotate_ref(
-    keys: torch.Tensor,  # [..., head_dim], post-RoPE
-    cos: torch.Tensor,  # [rotary_dim // 2] fp64
-    sin: torch.Tensor,  # [rotary_dim // 2] fp64
-    rotary_dim: int,
-) -> torch.Tensor:
-    """`keys` rotated further by the angles of `cos`/`sin` (fp64 math), in the keys' dtype."""
     half = rotary_dim // 2
-    x = keys.to(torch.float64)
+    keys = k[:, :, :, start:end].to(torch.float64)
     cos, sin = cos.to(torch.float64), sin.to(torch.float64)
-    x1, x2 = x[..., :half], x[..., half:rotary_dim]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary_dim:]), dim=-1)
-    return out.to(keys.dtype)
+    x1, x2 = keys[..., :half], keys[..., half:rotary_dim]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, keys[..., rotary_dim:]), dim=-1)
+    values = v[:, :, :, start:end].clone()
+    k[:, :, :, start + delta : end + delta] = rotated.to(k.dtype)
+    v[:, :, :, start + delta : end + delta] = values
 
 
 if triton is not None:
