@@ -1,10 +1,12 @@
-"""Builders for tiny random checkpoints of every supported family, written like real ones."""
+"""Builders for tiny random checkpoints of every supported family, and the kernel tests' skip marker."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 SNIPPETS = [
@@ -103,3 +105,16 @@ def hf_model(folder: Path):
 
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+def _triton_runs() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Kernel tests run their Triton kernels on CUDA, or on the CPU under the interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not _triton_runs(), reason="needs CUDA or TRITON_INTERPRET=1")

@@ -85,7 +85,7 @@ def test_families_with_a_shifted_span(tmp_path, family):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cache.k[:, :, :, 40:43], want_kv, atol=1e-5, rtol=1e-5)
     # one more token after those three, attending to them through the scratch span
-    want = model.static = None
+    model.static = None
     want = model(torch.tensor([[11]]), torch.tensor([50]), write=scratch, write_at=3,
                  context=[*context, Span(scratch, 0, 3)], logits="last")
     model.static = StaticForward(model, bucket=16, mode="static")

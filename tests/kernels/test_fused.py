@@ -1,10 +1,10 @@
 """Fused residual+RMSNorm and silu*up kernels vs their torch definitions and the model's modules."""
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import KERNEL_DEVICE, needs_triton
 
 from engine.model import RMSNorm
 from kernels.fused import (
@@ -14,14 +14,9 @@ from kernels.fused import (
     rope_write_triton,
     silu_mul_ref,
     silu_mul_triton,
-    triton,
 )
 
-needs_triton = pytest.mark.skipif(
-    triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = KERNEL_DEVICE
 
 
 def test_reference_norm_is_the_module():

@@ -1,19 +1,15 @@
 """Fused move + re-rotate kernel vs the torch reference, and the reference vs RoPE itself."""
 
-import os
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, needs_triton
 
 from engine.config import ModelConfig
 from engine.rope import Rotary, apply_rotary
-from kernels.rerotate import move_rerotate_ref, move_rerotate_triton, triton
+from kernels.rerotate import move_rerotate_ref, move_rerotate_triton
 
-needs_triton = pytest.mark.skipif(
-    triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = KERNEL_DEVICE
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
 
 

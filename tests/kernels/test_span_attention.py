@@ -1,10 +1,10 @@
 """Split-K span attention vs the torch reference, the reference vs plain softmax attention over a
 gathered key list, the split plan, and (on a GPU) replay inside a CUDA graph."""
 
-import os
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, needs_triton
 
 from kernels.span_attention import (
     plan_splits,
@@ -13,11 +13,7 @@ from kernels.span_attention import (
     triton,
 )
 
-needs_triton = pytest.mark.skipif(
-    triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = KERNEL_DEVICE
 TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
 NUM_KV_HEADS = 2
 CAPACITY, OFFSET, SLOTS, BUCKET = 320, 16, 288, 200  # keys: slots [16, 304) of a 320-slot cache
