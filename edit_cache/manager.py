@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from edit_cache.document import Document, DocumentOptions
 from edit_cache.positions import Range
-from edit_cache.tokens import is_line_local
+from edit_cache.tokens import TokenEdit, is_line_local
 from engine.config import ModelConfig
 from engine.model import Transformer
 from engine.prompting import doc_start_ids
@@ -62,9 +62,9 @@ class DocumentCache:
         except KeyError:
             raise UnknownDocument(key) from None
 
-    def change(self, key: str, rng: Range | None, text: str, encoding: str = "utf-16") -> None:
-        """Apply one content change to an open document."""
-        self.get(key).apply_change(rng, text, encoding)
+    def change(self, key: str, rng: Range | None, text: str, encoding: str = "utf-16") -> TokenEdit | None:
+        """Apply one content change to an open document; the token edit it made (None: no change)."""
+        return self.get(key).apply_change(rng, text, encoding)
 
     def close(self, key: str) -> None:
         """Forget a document and its cache."""

@@ -177,9 +177,8 @@ class ModelBackend:
         self._references.pop(uri, None)
 
     def change(self, uri: str, changes: list[tuple[Range | None, str]], encoding: str = "utf-16") -> None:
-        doc = self.cache.get(uri)
         for rng, text in changes:
-            edit = doc.apply_change(rng, text, encoding)
+            edit = self.cache.change(uri, rng, text, encoding)
             if edit is not None:
                 self.index.apply_edit(uri, edit)
 
