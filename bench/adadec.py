@@ -40,7 +40,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import edit_similarity, exact_match, iter_targets, load_records, machine, parser, table, write_json
+from common import (
+    edit_similarity,
+    exact_match,
+    iter_targets,
+    load_records,
+    machine,
+    parser,
+    spread,
+    table,
+    write_json,
+)
 from default_model import _prompt
 
 from edit_cache.positions import line_starts
@@ -104,10 +114,7 @@ def summarize(name: str, results: list[Completion]) -> dict:
 # --- realedits ----------------------------------------------------------------------------
 
 def realedits_cases(records, subset: int | None, offset: int, limit: int | None):
-    pairs = list(iter_targets(records))
-    if subset:
-        step = max(1, len(pairs) // subset)
-        pairs = pairs[offset::step][:subset]
+    pairs = spread(list(iter_targets(records)), subset, offset)
     pairs = pairs[:limit] if limit is not None else pairs
     cases = []
     for rec, target in pairs:

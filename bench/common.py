@@ -60,6 +60,14 @@ def iter_targets(records: list[dict], limit: int | None = None) -> Iterator[tupl
             n += 1
 
 
+def spread(pairs: list, subset: int | None, offset: int = 0) -> list:
+    """A fixed subset of `subset` items spread evenly over `pairs` (every len/N-th from `offset`)."""
+    if not subset:
+        return list(pairs)
+    step = max(1, len(pairs) // subset)
+    return list(pairs)[offset::step][:subset]
+
+
 def levenshtein(a: str, b: str) -> int:
     """Edit distance between two strings (insert, delete, substitute cost 1)."""
     if len(a) < len(b):

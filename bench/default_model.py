@@ -20,7 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import edit_similarity, exact_match, iter_targets, load_records, machine, parser, sync, table, write_json
+from common import (
+    edit_similarity,
+    exact_match,
+    iter_targets,
+    load_records,
+    machine,
+    parser,
+    spread,
+    sync,
+    table,
+    write_json,
+)
 
 from edit_cache.positions import line_starts
 from engine.generate import StopRules, decode, prefill
@@ -35,10 +46,7 @@ NGRAM_FILE = "ngram.npz"
 
 def build_cases(records, subset: int | None, limit: int | None):
     """(record, target, text before the cursor, text from the next line on) for the chosen targets."""
-    pairs = list(iter_targets(records))
-    if subset:
-        step = max(1, len(pairs) // subset)  # spread evenly over the repos
-        pairs = pairs[::step][:subset]
+    pairs = spread(list(iter_targets(records)), subset)  # spread evenly over the repos
     if limit is not None:
         pairs = pairs[:limit]
     cases = []

@@ -21,9 +21,11 @@ import torch
 from common import (
     edit_similarity,
     exact_match,
+    iter_targets,
     load_records,
     machine,
     parser,
+    spread,
     sync,
     table,
     write_json,
@@ -78,13 +80,18 @@ def run(args) -> dict:
     rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
     line_local = is_line_local(tok)
     head = doc_start_ids(tok, cfg)
+    chosen = {(id(rec), id(t)) for rec, t in spread(list(iter_targets(records)), args.subset)}
     rows = []  # one per (target, method, view)
     n_targets = 0
     started = time.perf_counter()
     for rec in records:
         if args.limit is not None and n_targets >= args.limit:
             break
-        targets = rec["targets"][: max(0, args.limit - n_targets)] if args.limit else rec["targets"]
+        targets = [t for t in rec["targets"] if (id(rec), id(t)) in chosen]
+        if args.limit:
+            targets = targets[: max(0, args.limit - n_targets)]
+        if not targets:
+            continue
         n_targets += len(targets)
         edits = [(Range(_pos(e["range"]["start"]), _pos(e["range"]["end"])), e["text"]) for e in rec["edits"]]
         docs = {}
@@ -216,6 +223,8 @@ def main() -> None:
     p.add_argument("--views", default="l2r,fim", help="comma list of l2r, fim")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--subset", type=int, default=None,
+                   help="a fixed subset of N targets spread evenly over the (size-filtered) data")
     p.add_argument("--max-file-chars", type=int, default=None, help="skip records with larger files")
     p.add_argument("--refresh-window", type=int, default=0, help="PIE: tokens re-encoded after each edit")
     p.add_argument("--progress", action="store_true")

@@ -146,14 +146,19 @@ def stage_tokenize(
         for k in range(args.fim_streams):
             streams.append(tokenize_stream(
                 tok_path, corpus, "train", folder / f"train_e{k}.bin", fim_rate=args.fim_rate,
-                seed=[args.seed, k], shuffle=True, doc_ids=train_ids, workers=args.workers))
+                line_fim_share=args.line_fim_share, seed=[args.seed, k], shuffle=True,
+                doc_ids=train_ids, workers=args.workers))
             log(f"[tokenize] stream {k}: {streams[-1]}")
         val = tokenize_stream(tok_path, corpus, "val", folder / "val.bin", fim_rate=0.0,
                               seed=[args.seed, 10_000], shuffle=False, workers=args.workers)
         val_fim = tokenize_stream(tok_path, corpus, "val", folder / "val_fim.bin", fim_rate=1.0,
                                   seed=[args.seed, 10_001], shuffle=False, workers=args.workers)
+        val_line_fim = tokenize_stream(tok_path, corpus, "val", folder / "val_line_fim.bin",
+                                       fim_rate=1.0, line_fim_share=1.0, seed=[args.seed, 10_002],
+                                       shuffle=False, workers=args.workers)
         meta = {"vocab_size": tok.get_vocab_size(), "train_streams": streams, "val": val,
-                "val_fim": val_fim, "fim_rate": args.fim_rate}
+                "val_fim": val_fim, "val_line_fim": val_line_fim, "fim_rate": args.fim_rate,
+                "line_fim_share": args.line_fim_share}
         write_json(folder / "meta.json", meta)
         s0 = streams[0]
         seconds = sum(s["seconds"] for s in streams) + val["seconds"] + val_fim["seconds"]
@@ -246,6 +251,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer-mb", type=float, help="corpus sample for BPE training")
     p.add_argument("--tokenize-mb", type=float, help="tokenize only a sample of the corpus")
     p.add_argument("--fim-rate", type=float, default=0.5)
+    p.add_argument("--line-fim-share", type=float, default=0.7,
+                   help="share of FIM documents cut into line-aligned samples (the rest: two "
+                        "random character cuts)")
     p.add_argument("--fim-streams", type=int, default=2,
                    help="train streams with independent FIM draws (epoch e reads e mod n)")
     p.add_argument("--seq-len", type=int)

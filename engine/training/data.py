@@ -10,13 +10,17 @@ Document layouts (ids of the pieces are encoded separately, so control ids come 
 here, never from text that happens to contain "<|fim_middle|>"):
   plain: <|fim_prefix|> text <|endoftext|>
   FIM:   <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle <|endoftext|>
+FIM documents are cut either at two random character positions or, for `line_fim_share` of
+them, into up to 4 line-aligned samples shaped like editkv's requests (`line_fim_samples`).
 """
 
 from __future__ import annotations
 
+import bisect
 import multiprocessing
 import multiprocessing.pool
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,27 +35,91 @@ from engine.training.corpus import DocStore
 _DOCS_PER_JOB = 256
 
 
-def fim_cuts(rng: np.random.Generator, num_docs: int, fim_rate: float) -> np.ndarray:
-    """Per document: [is_fim, u1, u2]; the cut points are u * (len + 1), sorted."""  # [N, 3]
-    draws = rng.random((num_docs, 3))
-    draws[:, 0] = draws[:, 0] < fim_rate
+# Line-aligned FIM samples: where the cursor sits in the first line of the middle, and how
+# many lines the middle spans. editkv's FIM prompt cuts at the cursor and resumes the suffix
+# at the next line start, so the middle is "rest of this line (+ more lines)" with its line
+# terminator; most requests are one line, after the indentation.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+LINE_FIM_MAX_SAMPLES = 4  # samples cut from one document (1 per 8,000 chars)
+LINE_FIM_PREFIX_CHARS = (200, 8000)  # prefix window, drawn uniformly
+LINE_FIM_SUFFIX_CHARS = (0, 3000)  # suffix window
+
+
+def fim_cuts(rng: np.random.Generator, num_docs: int, fim_rate: float, line_share: float = 0.0) -> np.ndarray:
+    """Per document: [layout, u1, u2, u3]; layout 0 plain, 1 FIM at two character cuts
+    u1 * (len + 1), u2 * (len + 1), 2 line-aligned FIM samples drawn from seed u3."""  # [N, 4]
+    draws = rng.random((num_docs, 4))
+    is_fim = draws[:, 0] < fim_rate
+    line = rng.random(num_docs) < line_share
+    draws[:, 0] = np.where(is_fim, np.where(line, 2.0, 1.0), 0.0)
     return draws
 
 
-def encode_documents(tok: Tokenizer, texts: Sequence[str], cuts: np.ndarray) -> np.ndarray:
-    """Ids of `texts` in their plain or FIM layouts, concatenated."""  # cuts [N, 3] -> [T]
-    pieces: list[str] = []
-    for text, (is_fim, u1, u2) in zip(texts, cuts, strict=True):
-        if is_fim:
-            lo, hi = sorted((int(u1 * (len(text) + 1)), int(u2 * (len(text) + 1))))
-            pieces += [text[:lo], text[hi:], text[lo:hi]]  # prefix, suffix, middle
+def line_fim_samples(text: str, seed: float) -> list[tuple[str, str, str]]:
+    """(prefix, suffix, middle) triples cut at line boundaries, as editkv's FIM view cuts.
+
+    The middle runs from a cursor in a non-blank line (after its indentation, at the line
+    start, or inside the line) to the end of that line or of a few more lines, terminator
+    included; the suffix starts at the next line. Prefix and suffix are windows of the
+    document that begin and end at line boundaries. Empty when the text has no non-blank line.
+    """
+    rng = np.random.default_rng(int(seed * 2**53))
+    starts = [0] + [m.end() for m in _LINE_BREAK.finditer(text)]
+    if starts[-1] == len(text):
+        starts.pop()  # no line after a final terminator
+    bodies = [_LINE_BREAK.sub("", text[a:b]) for a, b in zip(starts, starts[1:] + [len(text)], strict=True)]
+    candidates = [i for i, body in enumerate(bodies) if body.strip()]
+    if not candidates:
+        return []
+    out = []
+    for _ in range(min(LINE_FIM_MAX_SAMPLES, 1 + len(text) // 8000)):
+        i = int(candidates[rng.integers(len(candidates))])
+        r = rng.random()
+        lines = 1 if r < 0.6 else int(rng.integers(2, 5)) if r < 0.9 else int(rng.integers(5, 11))
+        j = i + lines
+        end = starts[j] if j < len(starts) else len(text)
+        body = bodies[i]
+        indent = len(body) - len(body.lstrip(" \t"))
+        r = rng.random()
+        if r < 0.55:
+            cursor = starts[i] + indent
+        elif r < 0.7:
+            cursor = starts[i]
         else:
+            cursor = starts[i] + indent + int(rng.integers(0, len(body) - indent + 1))
+        lo = max(0, cursor - int(rng.integers(*LINE_FIM_PREFIX_CHARS)))
+        k = bisect.bisect_left(starts, lo)  # snap up to a line start
+        lo = min(starts[k], starts[i]) if k < len(starts) else starts[i]
+        hi = end + int(rng.integers(*LINE_FIM_SUFFIX_CHARS))
+        if hi < len(text):
+            hi = max(starts[bisect.bisect_right(starts, hi) - 1], end)  # snap down to a line start
+        hi = min(hi, len(text))
+        out.append((text[lo:cursor], text[end:hi], text[cursor:end]))
+    return out
+
+
+def encode_documents(tok: Tokenizer, texts: Sequence[str], cuts: np.ndarray) -> np.ndarray:
+    """Ids of `texts` in their plain or FIM layouts, concatenated."""  # cuts [N, 4] -> [T]
+    pieces: list[str] = []
+    layouts: list[int] = []  # per output document: 0 plain, 1 FIM
+    for text, (layout, u1, u2, u3) in zip(texts, cuts, strict=True):
+        samples = []
+        if layout == 1:
+            lo, hi = sorted((int(u1 * (len(text) + 1)), int(u2 * (len(text) + 1))))
+            samples = [(text[:lo], text[hi:], text[lo:hi])]
+        elif layout == 2:
+            samples = line_fim_samples(text, u3)
+        for prefix, suffix, middle in samples:
+            pieces += [prefix, suffix, middle]
+            layouts.append(1)
+        if not samples:
             pieces.append(text)
+            layouts.append(0)
     ids = encode_texts(tok, pieces)
     out: list[int] = []
     k = 0
-    for is_fim, _, _ in cuts:
-        if is_fim:
+    for layout in layouts:
+        if layout:
             prefix, suffix, middle = ids[k:k + 3]
             out += [FIM_PREFIX_ID, *prefix, FIM_SUFFIX_ID, *suffix, FIM_MIDDLE_ID, *middle]
             k += 3
@@ -111,6 +179,7 @@ def tokenize_stream(
     out_path: Path,
     *,
     fim_rate: float,
+    line_fim_share: float = 0.0,
     seed: Sequence[int],
     shuffle: bool,
     doc_ids: Sequence[int] | None = None,
@@ -126,7 +195,7 @@ def tokenize_stream(
     rng = np.random.default_rng(list(seed))
     if shuffle:
         ids = ids[rng.permutation(len(ids))]
-    cuts = fim_cuts(rng, len(ids), fim_rate)
+    cuts = fim_cuts(rng, len(ids), fim_rate, line_fim_share)
     jobs = [
         (ids[i:i + _DOCS_PER_JOB], cuts[i:i + _DOCS_PER_JOB])
         for i in range(0, len(ids), _DOCS_PER_JOB)
@@ -148,7 +217,8 @@ def tokenize_stream(
     tmp.replace(out_path)
     num_bytes = int(np.diff(store.offsets)[ids].sum()) if len(ids) else 0
     return {
-        "path": out_path.name, "docs": len(ids), "fim_docs": int(cuts[:, 0].sum()),
+        "path": out_path.name, "docs": len(ids), "fim_docs": int((cuts[:, 0] > 0).sum()),
+        "line_fim_docs": int((cuts[:, 0] == 2).sum()),
         "tokens": num_tokens, "bytes": num_bytes,
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -264,8 +264,8 @@ def _seconds_to_finish(
         next_step = min(step_times[0], 10.0)
     else:
         next_step = 60.0 if compiling else 1.0
-    if eval_seconds is None:  # forward passes over two validation streams
-        eval_seconds = (1.0 + max(steady[-3:]) * 2 * cfg.eval_tokens / cfg.tokens_per_step / 3
+    if eval_seconds is None:  # forward passes over three validation streams
+        eval_seconds = (1.0 + max(steady[-3:]) * 3 * cfg.eval_tokens / cfg.tokens_per_step / 3
                         if steady else (20.0 if compiling else 2.0))
     return next_step + eval_seconds + ckpt_seconds + 2.0
 
@@ -339,12 +339,15 @@ def train(
         t = time.monotonic()
         result = {"step": state["step"],
                   "val": evaluate(model, data_dir / "val.bin", cfg, token_bytes)}
-        if (data_dir / "val_fim.bin").is_file():
-            result["val_fim"] = evaluate(model, data_dir / "val_fim.bin", cfg, token_bytes)
+        for name in ("val_fim", "val_line_fim"):
+            if (data_dir / f"{name}.bin").is_file():
+                result[name] = evaluate(model, data_dir / f"{name}.bin", cfg, token_bytes)
         eval_seconds = time.monotonic() - t
         log(f"eval step {state['step']}: val loss {result['val']['loss']:.4f} "
             f"bpb {result['val']['bpb']:.4f}"
             + (f", fim val loss {result['val_fim']['loss']:.4f}" if "val_fim" in result else "")
+            + (f", line-fim val loss {result['val_line_fim']['loss']:.4f}"
+               if "val_line_fim" in result else "")
             + f" ({eval_seconds:.1f}s)")
         return result
 
@@ -429,6 +432,7 @@ def train(
         "val_loss": last_eval.get("val", {}).get("loss"),
         "val_bits_per_byte": last_eval.get("val", {}).get("bpb"),
         "val_fim_loss": last_eval.get("val_fim", {}).get("loss"),
+        "val_line_fim_loss": last_eval.get("val_line_fim", {}).get("loss"),
         "train_seconds": round(state["train_seconds"], 1),
         "run_wall_seconds": round(run_seconds, 1),
         "wall_seconds_total": round(state["wall_seconds"], 1),

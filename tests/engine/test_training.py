@@ -30,7 +30,13 @@ from engine.training.corpus import (  # noqa: E402
     classify_licence,
     collect_sources,
 )
-from engine.training.data import PackedStreams, encode_documents, tokenize_stream  # noqa: E402
+from engine.training.data import (  # noqa: E402
+    PackedStreams,
+    encode_documents,
+    fim_cuts,
+    line_fim_samples,
+    tokenize_stream,
+)
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -206,7 +212,7 @@ def test_locality_check_is_zero_for_ours_and_catches_a_merging_pattern(trained_t
 def test_fim_layout_and_packing(trained_tokenizer, tmp_path):
     tok, _ = trained_tokenizer
     texts = [_code_file(1), "s = '<|endoftext|>'\n"]
-    cuts = np.array([[1.0, 0.7, 0.2], [0.0, 0.5, 0.5]])
+    cuts = np.array([[1.0, 0.7, 0.2, 0.0], [0.0, 0.5, 0.5, 0.0]])
     ids = encode_documents(tok, texts, cuts).tolist()
     pre, suf, mid, eot = ids.index(1), ids.index(3), ids.index(2), ids.index(0)
     assert pre == 0 and pre < suf < mid < eot
@@ -229,6 +235,58 @@ def test_fim_layout_and_packing(trained_tokenizer, tmp_path):
     assert (np.diff(epoch0, axis=1) == 1).all() and epoch0.shape == (10, 101)
     assert (data.batch(10, 10)[:, 0] >= 5000).all()  # epoch 1 reads stream b
     assert (PackedStreams([a, b], 100, seed=3).batch(0, 10) == epoch0).all()
+
+
+_LINE_FIM_TEXTS = [
+    _code_file(3, lines=40),
+    "x = 1",  # one line, no terminator
+    "a = 1\r\n\r\n\tif a:\r\n\t\tb = 2\r\n",  # CRLF, tabs, a blank line
+    "# " + "é" * 30 + "\n" + "def f():\n    return 1\n" * 900,  # > 8,000 chars: several samples
+    "\n\n   \n",  # nothing but blank lines: no sample
+]
+
+
+@pytest.mark.parametrize("seed", [0.0, 0.25, 0.5, 0.999])
+def test_line_fim_samples_are_cut_at_line_boundaries(seed):
+    for text in _LINE_FIM_TEXTS:
+        samples = line_fim_samples(text, seed)
+        if not text.strip():
+            assert samples == []
+            continue
+        assert 1 <= len(samples) <= 4
+        assert len(samples) > 1 or len(text) < 8000
+        lines = text.splitlines(keepends=True)
+        starts = {0, *np.cumsum([len(x) for x in lines]).tolist()}
+        for prefix, suffix, middle in samples:
+            lo = text.index(prefix + middle + suffix) if prefix else None
+            # the three pieces are consecutive text of the document, in this order
+            assert (prefix + middle + suffix) in text
+            cursor = (lo if lo is not None else text.index(middle + suffix)) + len(prefix)
+            end = cursor + len(middle)
+            assert end in starts or end == len(text), "the middle ends at a line end, terminator included"
+            assert middle.strip(), "the middle holds the rest of a non-blank line"
+            assert prefix == "" or (cursor - len(prefix)) in starts, "the prefix window starts a line"
+            assert "\n" not in middle.rstrip("\r\n") or middle.count("\n") > 1, "one line unless several"
+
+
+def test_line_fim_layout_is_one_document_per_sample(trained_tokenizer):
+    tok, _ = trained_tokenizer
+    text = _LINE_FIM_TEXTS[3]
+    ids = encode_documents(tok, [text], np.array([[2.0, 0.1, 0.2, 0.3]])).tolist()
+    samples = line_fim_samples(text, 0.3)
+    assert ids.count(0) == len(samples) == ids.count(2) == ids.count(3) > 1
+    docs = np.split(np.array(ids), np.flatnonzero(np.array(ids) == 0)[:-1] + 1)
+    for doc, (prefix, suffix, middle) in zip(docs, samples, strict=True):
+        doc = doc.tolist()
+        suf, mid = doc.index(3), doc.index(2)
+        assert doc[0] == 1 and doc[-1] == 0
+        assert tok.decode(doc[1:suf]) == prefix
+        assert tok.decode(doc[suf + 1:mid]) == suffix
+        assert tok.decode(doc[mid + 1:-1]) == middle
+    # the draws: a fim_rate share is FIM, of which a line_share share is line-aligned
+    cuts = fim_cuts(np.random.default_rng(0), 4000, fim_rate=0.5, line_share=0.7)
+    layouts = np.bincount(cuts[:, 0].astype(int), minlength=3) / 4000
+    assert abs(layouts[0] - 0.5) < 0.04 and abs(layouts[2] - 0.35) < 0.04 and abs(layouts[1] - 0.15) < 0.04
 
 
 # ------------------------------------------------------------------- train and export
@@ -339,10 +397,10 @@ def test_split_embedding_pack_round_trip(tmp_path):
 def test_tokenize_stream_is_reproducible_and_pool_matches_in_process(pipeline_run, tmp_path):
     work = pipeline_run / "work"
     runs = [tokenize_stream(work / "tokenizer" / "tokenizer.json", work / "corpus", "train",
-                            tmp_path / f"s{w}.bin", fim_rate=0.5, seed=[0, 0], shuffle=True,
-                            workers=w) for w in (1, 2)]
+                            tmp_path / f"s{w}.bin", fim_rate=0.5, line_fim_share=0.7, seed=[0, 0],
+                            shuffle=True, workers=w) for w in (1, 2)]
     assert runs[0]["tokens"] == runs[1]["tokens"] > 0
-    assert 0 < runs[0]["fim_docs"] < runs[0]["docs"]
+    assert 0 < runs[0]["line_fim_docs"] < runs[0]["fim_docs"] < runs[0]["docs"]
     assert (tmp_path / "s1.bin").read_bytes() == (tmp_path / "s2.bin").read_bytes()
     # The pipeline's first stream was drawn with the same seed.
     assert (tmp_path / "s1.bin").read_bytes() == (work / "tokens" / "train_e0.bin").read_bytes()
