@@ -39,7 +39,7 @@ from engine.healing import healer_for
 from engine.loading import DEFAULT_MODEL_DIR, load_model
 from engine.model import Span
 from engine.ngram import NgramTable
-from engine.prompting import doc_start_ids
+from engine.prompting import doc_start_ids, fim_layout
 
 NGRAM_FILE = "ngram.npz"
 
@@ -66,8 +66,7 @@ def _prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int, max_
     pre, heal = healer_for(tok).split(tok.encode(prefix)[-max_prefix:])
     if view == "l2r":
         return head + pre, heal
-    suf = tok.encode(suffix)[:max_suffix]
-    return head + pre + [tok.fim.suffix] + suf + [tok.fim.middle], heal
+    return fim_layout(tok, cfg, pre, tok.encode(suffix)[:max_suffix]), heal
 
 
 def model_predictions(loaded, cases, view, args) -> list[tuple[str, float]]:

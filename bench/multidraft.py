@@ -53,7 +53,7 @@ from engine.generate import DecodeState, DecodeStats, StopRules, decode
 from engine.healing import healer_for
 from engine.loading import DEFAULT_MODEL_DIR, load_model
 from engine.ngram import NgramTable
-from engine.prompting import doc_start_ids
+from engine.prompting import doc_start_ids, fim_layout
 from engine.sampling import SamplingParams
 
 
@@ -73,7 +73,7 @@ def build_prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int,
     pre, heal = healer_for(tok).split(tok.encode(prefix)[-max_prefix:])
     if view == "l2r":
         return head + pre, heal
-    return head + pre + [tok.fim.suffix] + tok.encode(suffix)[:max_suffix] + [tok.fim.middle], heal
+    return fim_layout(tok, cfg, pre, tok.encode(suffix)[:max_suffix]), heal
 
 
 def run_greedy(state: DecodeState, rules: StopRules) -> Run:

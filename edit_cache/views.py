@@ -28,6 +28,7 @@ from edit_cache.document import Document
 from engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode
 from engine.healing import healer_for
 from engine.model import KVCache, Span
+from engine.prompting import fim_tail
 from engine.sampling import SamplingParams
 
 DRAFT_SLOTS = 33  # scratch beyond max_new_tokens: a speculative draft verified at the last step
@@ -184,7 +185,11 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> Co
 
 def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
                    max_new_tokens: int = 64) -> ContextView:
-    """View for `<PRE> text[:cursor] <SUF> suffix <MID>` (suffix from the cursor or the next line)."""
+    """View for `<PRE> text[:cursor] <SUF> suffix <MID>` (suffix from the cursor or the next line).
+
+    Models whose layout repeats the prefix's last tokens after `<MID>` (`FimTokens.tail`) get
+    them encoded with `<MID>`, like every other view token.
+    """
     fim = doc.tokenizer.fim
     if fim is None:
         raise ValueError("this model has no fill-in-the-middle tokens; use the left-to-right view")
@@ -202,7 +207,7 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     h, n = doc.h, len(doc.ids)
     head_ids = fresh_prefix + [fim.suffix] + fresh_suffix
     model = doc.model
-    scratch = doc.scratch_window(len(head_ids) + 1 + max_new_tokens + DRAFT_SLOTS)
+    scratch = doc.scratch_window(len(head_ids) + 1 + fim.tail + max_new_tokens + DRAFT_SLOTS)
     context = [Span(doc.cache, 0, used)] if used else []
     dev = model.device
     model(torch.tensor([head_ids], device=dev),
@@ -213,10 +218,14 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
         shift = suffix_position - (h + t_suffix)
         context = [*context, Span(doc.cache, h + t_suffix, h + n, shift)]
     middle_position = suffix_position + (n - t_suffix)
-    logits = model(torch.tensor([[fim.middle]], device=dev), torch.tensor([middle_position], device=dev),
+    # <MID>, then the prefix's last tokens again when the model's layout asks for them
+    middle_ids = [fim.middle] + fim_tail(doc.tokenizer, (doc.head + doc.ids)[h:used] + fresh_prefix)
+    logits = model(torch.tensor([middle_ids], device=dev),
+                   torch.arange(middle_position, middle_position + len(middle_ids), device=dev),
                    write=scratch, write_at=len(head_ids), context=[*context, Span(scratch, 0, len(head_ids))],
                    logits="last")
-    prompt = (doc.head + doc.ids)[:used] + head_ids + doc.ids[t_suffix:] + [fim.middle]
-    return ContextView("fim", doc, context, scratch, len(head_ids) + 1, middle_position + 1, logits, prompt,
-                       heal=heal, cached_tokens=used + n - t_suffix, encoded_tokens=len(head_ids) + 1,
+    prompt = (doc.head + doc.ids)[:used] + head_ids + doc.ids[t_suffix:] + middle_ids
+    encoded = len(head_ids) + len(middle_ids)
+    return ContextView("fim", doc, context, scratch, encoded, middle_position + len(middle_ids), logits, prompt,
+                       heal=heal, cached_tokens=used + n - t_suffix, encoded_tokens=encoded,
                        build_ms=1000 * (time.perf_counter() - started))

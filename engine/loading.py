@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -91,10 +91,17 @@ def load_model(
     model = _build(config, state, dev, dtype, source=spec)
     view = "fim" if tokenizer.fim is not None else "l2r"
     if path.is_dir() and (path / EDITKV_JSON).is_file():
-        # A model folder may say its FIM is not worth using (see engine/default_model/MODEL_CARD.md).
-        view = _read_json(path / EDITKV_JSON).get("preferred_view", view)
+        # A model folder may say which view is worth using and how its FIM prompt ends
+        # (see engine/default_model/MODEL_CARD.md).
+        settings = _read_json(path / EDITKV_JSON)
+        view = settings.get("preferred_view", view)
         if view not in ("fim", "l2r") or (view == "fim" and tokenizer.fim is None):
             raise EngineError(f"{path / EDITKV_JSON}: preferred_view must be 'l2r' or (with FIM tokens) 'fim'")
+        tail = settings.get("fim_tail_tokens", 0)
+        if not isinstance(tail, int) or isinstance(tail, bool) or not 0 <= tail <= 512:
+            raise EngineError(f"{path / EDITKV_JSON}: fim_tail_tokens must be an integer in [0, 512]")
+        if tail and tokenizer.fim is not None:
+            tokenizer.fim = replace(tokenizer.fim, tail=tail)
     return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view)
 
 

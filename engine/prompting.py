@@ -2,7 +2,8 @@
 
 Both layouts start with a *document start* token: the model's FIM prefix marker when it has
 FIM tokens (so the same cached document serves both layouts), else its BOS token if any.
-FIM is prefix-suffix-middle: `<PRE> prefix <SUF> suffix <MID>`, generation follows.
+FIM is prefix-suffix-middle: `<PRE> prefix <SUF> suffix <MID>`, generation follows (a model
+may ask for its prefix's last tokens again after `<MID>`: `FimTokens.tail`).
 """
 
 from __future__ import annotations
@@ -26,18 +27,30 @@ def left_to_right_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: str) ->
     return doc_start_ids(tokenizer, config) + tokenizer.encode(prefix)
 
 
-def fim_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: str, suffix: str) -> list[int]:
-    """`<PRE> prefix <SUF> suffix <MID>`; raises ValueError for a model without FIM tokens."""
+def fim_layout(tokenizer: Tokenizer, config: ModelConfig, prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:
+    """`<PRE> prefix <SUF> suffix <MID> prefix[-tail:]` of token ids (see `FimTokens.tail`)."""
     fim = tokenizer.fim
     if fim is None:
         raise ValueError("this model has no fill-in-the-middle tokens; use the left-to-right view")
     return (
         doc_start_ids(tokenizer, config)
-        + tokenizer.encode(prefix)
+        + prefix_ids
         + [fim.suffix]
-        + tokenizer.encode(suffix)
+        + suffix_ids
         + [fim.middle]
+        + fim_tail(tokenizer, prefix_ids)
     )
+
+
+def fim_tail(tokenizer: Tokenizer, prefix_ids: list[int]) -> list[int]:
+    """The prefix tokens the model expects again after the middle marker (none for most models)."""
+    tail = tokenizer.fim.tail if tokenizer.fim is not None else 0
+    return list(prefix_ids[-tail:]) if tail else []
+
+
+def fim_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: str, suffix: str) -> list[int]:
+    """The FIM prompt of two texts; raises ValueError for a model without FIM tokens."""
+    return fim_layout(tokenizer, config, tokenizer.encode(prefix), tokenizer.encode(suffix))
 
 
 def healed_left_to_right_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: str) -> tuple[list[int], bytes]:
@@ -49,9 +62,7 @@ def healed_left_to_right_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: 
 
 def healed_fim_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: str, suffix: str) -> tuple[list[int], bytes]:
     """`fim_ids` with the cursor's token healed: (ids, bytes to spell out again)."""
-    fim = tokenizer.fim
-    if fim is None:
+    if tokenizer.fim is None:
         raise ValueError("this model has no fill-in-the-middle tokens; use the left-to-right view")
     ids, heal = healer_for(tokenizer).split(tokenizer.encode(prefix))
-    return (doc_start_ids(tokenizer, config) + ids + [fim.suffix] + tokenizer.encode(suffix) + [fim.middle],
-            heal)
+    return fim_layout(tokenizer, config, ids, tokenizer.encode(suffix)), heal

@@ -46,12 +46,20 @@ STOP_TEXTS = (
 
 @dataclass(frozen=True)
 class FimTokens:
-    """Ids of a model's fill-in-the-middle markers."""
+    """Ids of a model's fill-in-the-middle markers, and how its FIM prompt ends.
+
+    `tail`: how many of the prefix's last tokens the model expects repeated after the middle
+    marker (`<PRE> prefix <SUF> suffix <MID> prefix[-tail:]`, generation follows). 0 is the
+    usual layout; editkv's default model is trained with a tail (its editkv.json says so):
+    the repeat puts the cursor's context right before the generated tokens, which a small
+    model cannot find reliably across a long suffix.
+    """
 
     convention: str
     prefix: int
     suffix: int
     middle: int
+    tail: int = 0
 
 
 @dataclass(frozen=True)

@@ -146,19 +146,23 @@ def stage_tokenize(
         for k in range(args.fim_streams):
             streams.append(tokenize_stream(
                 tok_path, corpus, "train", folder / f"train_e{k}.bin", fim_rate=args.fim_rate,
-                line_fim_share=args.line_fim_share, seed=[args.seed, k], shuffle=True,
+                line_fim_share=args.line_fim_share, fim_tail=args.fim_tail, heal_share=args.heal_share,
+                seed=[args.seed, k], shuffle=True,
                 doc_ids=train_ids, workers=args.workers))
             log(f"[tokenize] stream {k}: {streams[-1]}")
         val = tokenize_stream(tok_path, corpus, "val", folder / "val.bin", fim_rate=0.0,
                               seed=[args.seed, 10_000], shuffle=False, workers=args.workers)
         val_fim = tokenize_stream(tok_path, corpus, "val", folder / "val_fim.bin", fim_rate=1.0,
-                                  seed=[args.seed, 10_001], shuffle=False, workers=args.workers)
+                                  fim_tail=args.fim_tail, seed=[args.seed, 10_001], shuffle=False,
+                                  workers=args.workers)
         val_line_fim = tokenize_stream(tok_path, corpus, "val", folder / "val_line_fim.bin",
-                                       fim_rate=1.0, line_fim_share=1.0, seed=[args.seed, 10_002],
+                                       fim_rate=1.0, line_fim_share=1.0, fim_tail=args.fim_tail,
+                                       seed=[args.seed, 10_002],
                                        shuffle=False, workers=args.workers)
         meta = {"vocab_size": tok.get_vocab_size(), "train_streams": streams, "val": val,
                 "val_fim": val_fim, "val_line_fim": val_line_fim, "fim_rate": args.fim_rate,
-                "line_fim_share": args.line_fim_share}
+                "line_fim_share": args.line_fim_share, "fim_tail": args.fim_tail,
+                "heal_share": args.heal_share}
         write_json(folder / "meta.json", meta)
         s0 = streams[0]
         seconds = sum(s["seconds"] for s in streams) + val["seconds"] + val_fim["seconds"]
@@ -210,8 +214,11 @@ def stage_train_and_export(
     stats["locality"] = infos["tokenizer"].get("locality")
     stats["stage_seconds"] = {k: v.get("seconds") for k, v in infos.items()}
     manifest = json.loads((work / "corpus" / "manifest.json").read_text())
-    files = export_model(model, args.out, work / "tokenizer",
-                         {"corpus_manifest.json": manifest, "training_stats.json": stats})
+    extra = {"corpus_manifest.json": manifest, "training_stats.json": stats}
+    tail = json.loads((work / "tokens" / "meta.json").read_text()).get("fim_tail", 0)
+    if tail:  # the FIM layout the tokens were made with; engine/loading.py reads it
+        extra["editkv.json"] = {"fim_tail_tokens": tail}
+    files = export_model(model, args.out, work / "tokenizer", extra)
     summary = f"{len(files)} files in {args.out}"
     if args.pack:
         packed = pack_folder(args.out, args.pack)
@@ -254,6 +261,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--line-fim-share", type=float, default=0.7,
                    help="share of FIM documents cut into line-aligned samples (the rest: two "
                         "random character cuts)")
+    p.add_argument("--fim-tail", type=int, default=32,
+                   help="prefix tokens repeated after <|fim_middle|> (the exported editkv.json's "
+                        "fim_tail_tokens)")
+    p.add_argument("--heal-share", type=float, default=0.5,
+                   help="share of FIM samples cut where token healing cuts")
     p.add_argument("--fim-streams", type=int, default=2,
                    help="train streams with independent FIM draws (epoch e reads e mod n)")
     p.add_argument("--seq-len", type=int)

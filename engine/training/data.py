@@ -98,8 +98,25 @@ def line_fim_samples(text: str, seed: float) -> list[tuple[str, str, str]]:
     return out
 
 
-def encode_documents(tok: Tokenizer, texts: Sequence[str], cuts: np.ndarray) -> np.ndarray:
-    """Ids of `texts` in their plain or FIM layouts, concatenated."""  # cuts [N, 4] -> [T]
+def heal_split(tok: Tokenizer, prefix: str, middle: str) -> tuple[str, str]:
+    """Move the prefix's last pre-token into the middle: the cut editkv's token healing makes
+    (it drops the cursor's token from the prompt and has the model spell it again)."""
+    line_start = max(prefix.rfind("\n", 0, len(prefix) - 1), prefix.rfind("\r", 0, len(prefix) - 1)) + 1
+    pieces = tok.pre_tokenizer.pre_tokenize_str(prefix[line_start:]) if tok.pre_tokenizer else []
+    if not pieces:
+        return prefix, middle
+    cut = line_start + pieces[-1][1][0]
+    return prefix[:cut], prefix[cut:] + middle
+
+
+def encode_documents(
+    tok: Tokenizer, texts: Sequence[str], cuts: np.ndarray, *, fim_tail: int = 0, heal_share: float = 0.0
+) -> np.ndarray:
+    """Ids of `texts` in their plain or FIM layouts, concatenated.
+
+    `fim_tail`: repeat the prefix's last tokens after <|fim_middle|> (see FimTokens.tail);
+    `heal_share`: share of FIM samples cut where token healing cuts (`heal_split`).
+    """  # cuts [N, 4] -> [T]
     pieces: list[str] = []
     layouts: list[int] = []  # per output document: 0 plain, 1 FIM
     for text, (layout, u1, u2, u3) in zip(texts, cuts, strict=True):
@@ -109,7 +126,10 @@ def encode_documents(tok: Tokenizer, texts: Sequence[str], cuts: np.ndarray) -> 
             samples = [(text[:lo], text[hi:], text[lo:hi])]
         elif layout == 2:
             samples = line_fim_samples(text, u3)
+        heal = (u3 * 1024) % 1.0 < heal_share  # independent of the cuts' own draws
         for prefix, suffix, middle in samples:
+            if heal:
+                prefix, middle = heal_split(tok, prefix, middle)
             pieces += [prefix, suffix, middle]
             layouts.append(1)
         if not samples:
@@ -121,7 +141,8 @@ def encode_documents(tok: Tokenizer, texts: Sequence[str], cuts: np.ndarray) -> 
     for layout in layouts:
         if layout:
             prefix, suffix, middle = ids[k:k + 3]
-            out += [FIM_PREFIX_ID, *prefix, FIM_SUFFIX_ID, *suffix, FIM_MIDDLE_ID, *middle]
+            tail = prefix[-fim_tail:] if fim_tail else []
+            out += [FIM_PREFIX_ID, *prefix, FIM_SUFFIX_ID, *suffix, FIM_MIDDLE_ID, *tail, *middle]
             k += 3
         else:
             # <|fim_prefix|> opens every document: it is the document-start token of the
@@ -136,14 +157,15 @@ def encode_documents(tok: Tokenizer, texts: Sequence[str], cuts: np.ndarray) -> 
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path: str, corpus_dir: str, store_name: str) -> None:
+def _init_worker(tokenizer_path: str, corpus_dir: str, store_name: str, layout: dict) -> None:
     _worker["tok"] = Tokenizer.from_file(tokenizer_path)
     _worker["store"] = DocStore(Path(corpus_dir), store_name)
+    _worker["layout"] = layout
 
 
 @contextmanager
 def _worker_pool(
-    workers: int, tokenizer_path: Path, corpus_dir: Path, store_name: str
+    workers: int, tokenizer_path: Path, corpus_dir: Path, store_name: str, layout: dict
 ) -> Iterator[multiprocessing.pool.Pool]:
     """A forked pool of single-threaded tokenizer workers (the pool is the parallelism).
 
@@ -155,7 +177,7 @@ def _worker_pool(
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         pool = multiprocessing.get_context("fork").Pool(
-            workers, _init_worker, (str(tokenizer_path), str(corpus_dir), store_name)
+            workers, _init_worker, (str(tokenizer_path), str(corpus_dir), store_name, layout)
         )
     finally:
         if before is None:
@@ -169,7 +191,7 @@ def _worker_pool(
 def _encode_job(job: tuple[np.ndarray, np.ndarray]) -> bytes:
     doc_ids, cuts = job
     store = _worker["store"]
-    return encode_documents(_worker["tok"], [store[int(i)] for i in doc_ids], cuts).tobytes()
+    return encode_documents(_worker["tok"], [store[int(i)] for i in doc_ids], cuts, **_worker["layout"]).tobytes()
 
 
 def tokenize_stream(
@@ -180,6 +202,8 @@ def tokenize_stream(
     *,
     fim_rate: float,
     line_fim_share: float = 0.0,
+    fim_tail: int = 0,
+    heal_share: float = 0.0,
     seed: Sequence[int],
     shuffle: bool,
     doc_ids: Sequence[int] | None = None,
@@ -200,18 +224,19 @@ def tokenize_stream(
         (ids[i:i + _DOCS_PER_JOB], cuts[i:i + _DOCS_PER_JOB])
         for i in range(0, len(ids), _DOCS_PER_JOB)
     ]
+    layout = {"fim_tail": fim_tail, "heal_share": heal_share}
     num_tokens = 0
     tmp = out_path.with_name(out_path.name + ".tmp")
     with open(tmp, "wb") as f:
         if workers > 1:
-            with _worker_pool(workers, tokenizer_path, corpus_dir, store_name) as pool:
+            with _worker_pool(workers, tokenizer_path, corpus_dir, store_name, layout) as pool:
                 for chunk in pool.imap(_encode_job, jobs):
                     f.write(chunk)
                     num_tokens += len(chunk) // 2
         else:
             tok = Tokenizer.from_file(str(tokenizer_path))
             for doc_ids_, cuts_ in jobs:
-                chunk = encode_documents(tok, [store[int(i)] for i in doc_ids_], cuts_)
+                chunk = encode_documents(tok, [store[int(i)] for i in doc_ids_], cuts_, **layout)
                 f.write(chunk.tobytes())
                 num_tokens += len(chunk)
     tmp.replace(out_path)

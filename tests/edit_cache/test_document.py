@@ -1,6 +1,7 @@
 """PIE repair and views on a CPU document (tiny random Llama model, real forward passes)."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from edit_cache.positions import Range, to_position
 from edit_cache.views import fill_in_middle, left_to_right
 from engine.generate import prefill
 from engine.healing import healer_for
+from engine.prompting import fim_ids
 
 BASE = "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\r\n    y = [1, 2]  # é ✓\n" * 3
 PIECES = ["x", " = ", "\n", "    ", "return ", "😀", "(1)", "\r\n", "\n\n", "def g():\n    pass\n", ""]
@@ -177,6 +179,28 @@ def test_fim_view_error_is_bounded_and_decode_continues(template):
     assert (view.first_logits - exact).abs().max() < 0.5 * scale
     out = view.decode()
     assert out.stats.decode_tokens == len(out.ids)
+
+
+def test_fim_view_repeats_the_prefix_tail_when_the_model_asks(template):
+    doc = _doc(template)
+    doc.ensure_ready()
+    tok = doc.tokenizer
+    plain = fill_in_middle(doc, 40, suffix="next_line")
+    before = tok.fim
+    tok.fim = replace(before, tail=5)
+    try:
+        view = fill_in_middle(doc, 40, suffix="next_line")
+        prefix = plain.prompt_ids[doc.h:plain.prompt_ids.index(tok.fim.suffix)]
+        assert view.prompt_ids == plain.prompt_ids + prefix[-5:]
+        assert fim_ids(tok, doc.model.config, "ab\ncd", "ef")[-6:] == [tok.fim.middle] + tok.encode("ab\ncd")[-5:]
+        exact = _exact_logits(doc, view.prompt_ids)
+        assert (view.first_logits - exact).abs().max() < 0.5 * exact.abs().max()
+        # the tail changes what the model sees last: the first logits are not the plain view's
+        assert not torch.allclose(view.first_logits, plain.first_logits)
+        out = view.decode()
+        assert out.stats.decode_tokens == len(out.ids)
+    finally:
+        tok.fim = before
 
 
 def test_views_do_not_mutate_the_document_cache(template):

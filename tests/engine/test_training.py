@@ -34,6 +34,7 @@ from engine.training.data import (  # noqa: E402
     PackedStreams,
     encode_documents,
     fim_cuts,
+    heal_split,
     line_fim_samples,
     tokenize_stream,
 )
@@ -269,6 +270,26 @@ def test_line_fim_samples_are_cut_at_line_boundaries(seed):
             assert "\n" not in middle.rstrip("\r\n") or middle.count("\n") > 1, "one line unless several"
 
 
+def test_fim_tail_and_heal_cut(trained_tokenizer):
+    tok, _ = trained_tokenizer
+    text = _code_file(4)
+    cut = text.index("total = 0") + len("total = ")
+    u = cut / (len(text) + 1) + 1e-9
+    u_end = (text.index("\n", cut) + 1) / (len(text) + 1) + 1e-9
+    prefix, middle = text[:cut], text[cut:text.index("\n", cut) + 1]
+    assert heal_split(tok, prefix, middle) == (text[:cut - len(" ")], " " + middle)
+    assert heal_split(tok, "    ", "x\n") == ("", "    x\n")
+    for heal_seed, healed in ((0.0, True), (0.5 / 1024 + 0.25, False)):
+        ids = encode_documents(tok, [text], np.array([[1.0, u, u_end, heal_seed]]), fim_tail=4,
+                               heal_share=0.5).tolist()
+        suf, mid = ids.index(3), ids.index(2)
+        pre_ids = ids[1:suf]
+        want_prefix = text[:cut - 1] if healed else prefix
+        assert tok.decode(pre_ids) == want_prefix
+        assert ids[mid + 1:mid + 5] == pre_ids[-4:], "the prefix's last 4 ids follow <|fim_middle|>"
+        assert tok.decode(ids[mid + 5:-1]) == (" " + middle if healed else middle)
+
+
 def test_line_fim_layout_is_one_document_per_sample(trained_tokenizer):
     tok, _ = trained_tokenizer
     text = _LINE_FIM_TEXTS[3]
@@ -345,6 +366,11 @@ def test_pipeline_lowers_loss_and_exports_a_loadable_model(pipeline_run):
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.eos_token_id == tok.pad_token_id == 0
     assert tok.convert_tokens_to_ids(["<|fim_prefix|>", "<|fim_suffix|>"]) == [1, 3]
+    # the FIM layout the tokens were made with travels with the weights
+    assert json.loads((out / "editkv.json").read_text()) == {"fim_tail_tokens": 32}
+    from engine.loading import load_model
+
+    assert load_model(str(out)).tokenizer.fim.tail == 32
 
     # Same logits as the in-memory model: rebuild it from the fp32 checkpoint.
     from engine.training.train import ModelSize, build_model
@@ -397,8 +423,8 @@ def test_split_embedding_pack_round_trip(tmp_path):
 def test_tokenize_stream_is_reproducible_and_pool_matches_in_process(pipeline_run, tmp_path):
     work = pipeline_run / "work"
     runs = [tokenize_stream(work / "tokenizer" / "tokenizer.json", work / "corpus", "train",
-                            tmp_path / f"s{w}.bin", fim_rate=0.5, line_fim_share=0.7, seed=[0, 0],
-                            shuffle=True, workers=w) for w in (1, 2)]
+                            tmp_path / f"s{w}.bin", fim_rate=0.5, line_fim_share=0.7, fim_tail=32,
+                            heal_share=0.5, seed=[0, 0], shuffle=True, workers=w) for w in (1, 2)]
     assert runs[0]["tokens"] == runs[1]["tokens"] > 0
     assert 0 < runs[0]["line_fim_docs"] < runs[0]["fim_docs"] < runs[0]["docs"]
     assert (tmp_path / "s1.bin").read_bytes() == (tmp_path / "s2.bin").read_bytes()
