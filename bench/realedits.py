@@ -7,7 +7,9 @@ stop at end of line) in the left-to-right and the FIM view, compare with `expect
 the line back. A request's cost is the cache repair it triggered plus the view and decode.
 
 Methods: full (fresh prefill of the exact prompt), pie, conflict (PIE without re-rotation),
-prefix_reuse (re-encode from the first changed token: llama.cpp / vLLM prefix caching).
+prefix_reuse (re-encode from the first changed token: llama.cpp / vLLM prefix caching);
+pie_b<N> (PIE that re-encodes the stale tokens once more than N are stale: the staleness
+budget sweep, e.g. --methods full,pie,pie_b1024,pie_b256,pie_b0).
 
     python bench/realedits.py --limit 50 --model engine/default_model --device cpu
 """
@@ -98,8 +100,7 @@ def run(args) -> dict:
         for method in methods:
             if method == "full":
                 continue
-            doc = Document(loaded.model, tok, rec["before"], head=head,
-                           options=DocumentOptions(mode=method, refresh_window=args.refresh_window),
+            doc = Document(loaded.model, tok, rec["before"], head=head, options=_options(method, args),
                            line_local=line_local)
             doc.ensure_ready()
             for rng, text in edits:
@@ -126,6 +127,13 @@ def run(args) -> dict:
             print(f"  {n_targets} targets, {time.perf_counter() - started:.0f}s", flush=True)
     return {"rows": rows, "views": views, "methods": methods, "n_targets": n_targets,
             "seconds": time.perf_counter() - started, "model": loaded.source, "machine": machine(args.device)}
+
+
+def _options(method: str, args) -> DocumentOptions:
+    """Cache options of a method; "pie_b<N>" is PIE that refreshes once more than N tokens are stale."""
+    if method.startswith("pie_b"):
+        return DocumentOptions(mode="pie", refresh_window=args.refresh_window, stale_budget=int(method[5:]))
+    return DocumentOptions(mode=method, refresh_window=args.refresh_window)
 
 
 def _pos(p):
@@ -221,7 +229,7 @@ def summarize(result: dict) -> str:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--views", default="l2r,fim", help="comma list of l2r, fim")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS) + ", pie_b<N>")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--subset", type=int, default=None,
                    help="a fixed subset of N targets spread evenly over the (size-filtered) data")

@@ -92,6 +92,18 @@ class DocumentCache:
                 doc.drop_kv()
                 self.evictions += 1
 
+    def refresh_idle(self, max_tokens: int) -> int:
+        """Re-encode up to `max_tokens` stale tokens of the most recently used document that
+        has any (pending edits are repaired first); returns how many tokens were encoded."""
+        stale = [d for d in self.docs.values() if d.cache is not None and (d.pending_edits or d.num_stale)]
+        if not stale:
+            return 0
+        doc = max(stale, key=lambda d: d.last_used)
+        before = doc.stats.tokens_encoded
+        doc.ensure_encoded_without_refresh()
+        doc.refresh(max_tokens=max_tokens)
+        return doc.stats.tokens_encoded - before
+
     def set_options(self, options: DocumentOptions, budget_bytes: int | None) -> None:
         """New settings apply to every document from its next repair on."""
         self.options = options

@@ -166,6 +166,10 @@ class ModelBackend:
             self.adadec_problem = str(err)
             log.warning("adadec is on but unavailable: %s", err)
 
+    def refresh_idle(self, max_tokens: int = 256) -> int:
+        """Idle work: re-encode some stale tokens of the most recent document; 0 when none are left."""
+        return self.cache.refresh_idle(max_tokens)
+
     def drop_caches(self) -> None:
         """Forget every document's KV (after running out of memory); texts stay."""
         for doc in self.cache.docs.values():

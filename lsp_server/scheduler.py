@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -106,6 +107,13 @@ class EngineWorker:
         self.thread_id: int | None = None
         self.completed = 0
         self.last_stats: dict = {}  # what the backend reported for the last served request
+        # Idle refresh: once no work has come for settings.idle_refresh_ms, stale tokens are
+        # re-encoded in chunks, each its own job, so a request waits for one chunk at most.
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted jobs not finished yet
+        self._last_work = time.monotonic()
+        self._idle_timer: threading.Timer | None = None
+        self.idle_refreshed = 0  # tokens re-encoded while idle
 
     # ---- submission (any thread) ------------------------------------------------------------
 
@@ -115,6 +123,9 @@ class EngineWorker:
             future: Future = Future()
             future.cancel()
             return future
+        with self._lock:
+            self._pending += 1
+            self._last_work = time.monotonic()
         return self._pool.submit(self._on_thread, fn, *args)
 
     def run(self, fn: Callable, *args) -> Future:
@@ -143,13 +154,66 @@ class EngineWorker:
     def stop(self) -> None:
         """Stop taking work; a running decode stops at its next step."""
         self.closing = True
+        with self._lock:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- idle refresh -----------------------------------------------------------------------
+
+    IDLE_CHUNK_TOKENS = 256  # tokens re-encoded per idle job
+
+    def _arm_idle(self, delay_s: float) -> None:
+        """(Re)start the idle timer; called with the lock held."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = None
+        if self.closing or not self.settings.idle_refresh_ms or getattr(self.backend, "refresh_idle", None) is None:
+            return
+        self._idle_timer = threading.Timer(delay_s, self._on_idle_timer)
+        self._idle_timer.daemon = True
+        self._idle_timer.start()
+
+    def _on_idle_timer(self) -> None:
+        with self._lock:
+            if self.closing or self._pending:
+                return  # the job that finishes last re-arms the timer
+            quiet = time.monotonic() - self._last_work
+            wait = self.settings.idle_refresh_ms / 1000 - quiet
+            if wait > 0:
+                self._arm_idle(wait)
+                return
+            self._pending += 1
+        try:
+            self._pool.submit(self._on_thread, self._idle_refresh)
+        except RuntimeError:  # shut down meanwhile
+            pass
+
+    def _idle_refresh(self) -> None:
+        """One chunk of stale tokens re-encoded; the timer comes back at once while some are left."""
+        started = time.monotonic()
+        try:
+            done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS) if self.backend is not None else 0
+        except Exception:  # idle work must never take the server down
+            log.error("idle refresh: %s", traceback.format_exc())
+            done = 0
+        self.idle_refreshed += done
+        with self._lock:
+            if done and self._last_work < started:  # no work came meanwhile: go on without a new wait
+                self._last_work = time.monotonic() - self.settings.idle_refresh_ms / 1000
 
     # ---- on the worker thread ---------------------------------------------------------------
 
     def _on_thread(self, fn: Callable, *args: Any) -> Any:
         self.thread_id = threading.get_ident()
-        return fn(*args)
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._pending -= 1
+                if not self._pending:
+                    quiet = time.monotonic() - self._last_work
+                    self._arm_idle(max(0.0, self.settings.idle_refresh_ms / 1000 - quiet))
 
     def _guarded(self, fn: Callable, *args) -> None:
         try:
@@ -309,7 +373,8 @@ def cache_options(settings: Settings) -> dict:
     from edit_cache.document import DocumentOptions
 
     mode = "pie" if settings.cache_mode == "recompute" else settings.cache_mode
-    return {"budget_bytes": settings.budget_bytes, "options": DocumentOptions(mode=mode),
+    options = DocumentOptions(mode=mode, stale_budget=settings.stale_budget or None)
+    return {"budget_bytes": settings.budget_bytes, "options": options,
             "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings)}
 
 

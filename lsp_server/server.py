@@ -179,6 +179,7 @@ class EditkvServer(LanguageServer):
                 "error": self.worker.load_error, "completed": self.worker.completed,
                 "last_request": self.worker.last_stats,
                 "evictions": getattr(getattr(backend, "cache", None), "evictions", None),
+                "idle_refreshed_tokens": self.worker.idle_refreshed,
             },
             "documents": {uri: {"version": d.version, "edits": d.edits, "pending": sorted(d.pending)}
                           for uri, d in self.docs.items()},

@@ -204,3 +204,37 @@ def test_decoding_settings_reach_the_backend(trained):
     backend.configure(**cache_options(settings))
     assert backend.decoding == DecodingOptions(speculation=False, superposed=False, adadec=True)
     assert backend.adadec is not None and math.isfinite(backend.adadec.tau)  # the default model ships one
+
+
+def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_path):
+    from edit_cache.positions import Position, Range
+    from edit_cache.views import left_to_right
+    from engine.generate import prefill
+
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
+    backend = ModelBackend(tiny)
+    text = "def add(a, b):\n    return a + b\n" * 6
+    for uri in ("file:///a.py", "file:///b.py"):
+        backend.open(uri, text)
+        backend.cache.prepare(uri)
+        backend.change(uri, [(Range(Position(0, 4), Position(0, 7)), "plus")])
+    a, b = backend.cache.get("file:///a.py"), backend.cache.get("file:///b.py")
+    backend.cache.prepare("file:///a.py")  # repaired by PIE: the suffix after the edit is stale
+    assert a.num_stale > 0 and b.pending_edits
+    cursor = len(a.text) - 3
+
+    def error():
+        view = left_to_right(a, cursor)
+        exact = prefill(tiny.model, view.prompt_ids, tiny.model.new_cache(len(view.prompt_ids)))
+        return (view.first_logits - exact).abs().max().item()
+
+    assert error() > 1e-3  # stale keys: close to a fresh prefill, not equal
+    # a was used last (prepared after b's change): it goes first, a chunk at a time
+    assert backend.refresh_idle(8) == 8 and a.num_stale > 0 and b.pending_edits
+    while a.num_stale:
+        assert backend.refresh_idle(8) > 0
+    assert backend.refresh_idle(8) > 0 and not b.pending_edits  # then b: repaired, then refreshed
+    while backend.refresh_idle(8):
+        pass
+    assert a.num_stale == b.num_stale == 0 and backend.refresh_idle(8) == 0
+    assert error() < 1e-4  # refreshed: what a fresh prefill of the text gives

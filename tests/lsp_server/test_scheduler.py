@@ -147,3 +147,43 @@ def test_backend_result_draft_scores_rank_suggestions(worker):
     worker.open(URI, "def f(x):\n    return \n", "python")
     outcome = worker.complete(job(0, 1, 11)).result(10)
     assert [s.text for s in outcome.suggestions] == ["x + 1", "x +"]
+
+
+def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
+    """A real model backend: stale tokens left by PIE are re-encoded once the worker has been
+    idle for idle_refresh_ms, in chunks on the worker thread; busy periods get none of it."""
+    import time
+
+    from helpers import make_checkpoint
+
+    from engine.loading import load_model
+    from lsp_server.backend import ModelBackend
+
+    backend = ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")))
+    refresh_threads = []
+    inner = backend.refresh_idle
+
+    def recording(max_tokens):
+        refresh_threads.append(threading.get_ident())
+        return inner(max_tokens)
+
+    backend.refresh_idle = recording
+    w = EngineWorker(lambda settings: backend, lambda level, text: None)
+    try:
+        assert w.load(Settings(idle_refresh_ms=500)).result(30)[0]
+        text = "def add(a, b):\n    return a + b\n" * 40
+        w.open(URI, text, "python").result(10)
+        w.complete(job(0, line=1, character=4)).result(30)  # encodes the document
+        for i in range(6):  # keep the worker busy: a change every 50 ms
+            w.change(URI, [(at(i, 0), "# \n")], "utf-16").result(10)
+            w.complete(job(i + 1, line=1, character=4)).result(30)
+            time.sleep(0.05)
+        doc = backend.cache.get(URI)
+        assert doc.num_stale > 0 and w.idle_refreshed == 0
+        deadline = time.monotonic() + 30
+        while (doc.num_stale or doc.pending_edits) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert doc.num_stale == 0 and w.idle_refreshed >= len(doc.ids) - 40
+        assert set(refresh_threads) == {w.thread_id}
+    finally:
+        w.stop()

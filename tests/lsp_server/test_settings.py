@@ -43,3 +43,14 @@ def test_decoding_switches_are_validated_booleans():
     assert s == Settings(adadec=True)
     assert any("editkv.adadec: expected true or false" in p and "using True" in p for p in problems)
     assert any("editkv.speculation" in p for p in problems)
+
+
+def test_staleness_settings_reach_the_cache_options():
+    from lsp_server.scheduler import cache_options
+
+    s, problems = parse_settings({"editkv": {"staleBudget": 0, "idleRefreshMs": 250}})
+    assert not problems and s.stale_budget == 0 and s.idle_refresh_ms == 250
+    assert cache_options(s)["options"].stale_budget is None  # 0: never refresh before a request
+    assert cache_options(Settings())["options"].stale_budget == 4096
+    _, problems = parse_settings({"staleBudget": -1, "idleRefreshMs": "soon"})
+    assert len(problems) == 2

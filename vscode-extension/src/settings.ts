@@ -31,6 +31,8 @@ export const SERVER_DEFAULTS = {
   statsFile: true,
   speculation: true,
   superposed: true,
+  staleBudget: 4096,
+  idleRefreshMs: 1000,
   adadec: false,
 } as const;
 
