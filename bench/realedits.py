@@ -36,11 +36,12 @@ from common import (
 from edit_cache.document import Document, DocumentOptions
 from edit_cache.positions import Range, line_starts, to_position
 from edit_cache.tokens import is_line_local
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.generate import StopRules, decode, prefill
+from edit_cache.views import DRAFT_SLOTS, fill_in_middle, left_to_right
+from engine.generate import StopRules, decode, prefill, windowed
+from engine.healing import healer_for
 from engine.loading import load_model
 from engine.model import Span
-from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
+from engine.prompting import doc_start_ids, fim_layout, fim_suffix_budget, healed_left_to_right_ids
 
 METHODS = ("full", "pie", "conflict", "prefix_reuse")
 
@@ -64,11 +65,27 @@ def _next_line_start(text: str, cursor: int) -> int:
 
 
 def _exact(loaded, prompt, heal, rules):
+    """A fresh prefill of `prompt` and a greedy decode, under the model's attention window."""
     model = loaded.model
+    ctx = model.config.max_position_embeddings
     cache = model.new_cache(len(prompt))
-    logits = prefill(model, prompt, cache)
-    return decode(model, loaded.tokenizer, logits, context=[Span(cache, 0, len(prompt))],
-                  next_position=len(prompt), rules=rules, heal=heal)
+    sink = (cache, len(doc_start_ids(loaded.tokenizer, loaded.config)))
+    logits = prefill(model, prompt, cache, window=ctx, sink=sink)
+    context = windowed([Span(cache, 0, len(prompt))], len(prompt) + rules.max_tokens + DRAFT_SLOTS - ctx, sink)
+    return decode(model, loaded.tokenizer, logits, context=context, next_position=len(prompt), rules=rules,
+                  heal=heal)
+
+
+def _exact_fim_ids(loaded, prefix: str, suffix: str, max_tokens: int):
+    """The exact FIM prompt, its suffix cut as the FIM view cuts it for texts over the context."""
+    tok, cfg = loaded.tokenizer, loaded.config
+    ctx = loaded.model.config.max_position_embeddings
+    ids, heal = healer_for(tok).split(tok.encode(prefix))
+    suf = tok.encode(suffix)
+    prompt = fim_layout(tok, cfg, ids, suf)
+    if len(prompt) + max_tokens + DRAFT_SLOTS > ctx:
+        prompt = fim_layout(tok, cfg, ids, suf[: fim_suffix_budget(ctx)])
+    return prompt, heal
 
 
 def run(args) -> dict:
@@ -162,7 +179,8 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, repair, rec, tar
     t0 = time.perf_counter()
     if method == "full":
         if view == "fim":
-            prompt, heal = healed_fim_ids(tok, cfg, deleted[:cursor], deleted[_next_line_start(deleted, cursor):])
+            prompt, heal = _exact_fim_ids(loaded, deleted[:cursor], deleted[_next_line_start(deleted, cursor):],
+                                          rules.max_tokens)
         else:
             prompt, heal = healed_left_to_right_ids(tok, cfg, deleted[:cursor])
         out = _exact(loaded, prompt, heal, rules)

@@ -193,12 +193,21 @@ class Document:
             self.refresh()
         self.last_used = time.monotonic()
 
+    @property
+    def context_size(self) -> int:
+        """The model's context: no query attends further back than this (`engine.generate.windowed`)."""
+        return self.model.config.max_position_embeddings
+
+    def _window(self) -> dict:
+        """prefill() arguments that keep attention within the model's context, the head as its sink."""
+        return {"window": self.context_size, "sink": (self.cache, self.h)}
+
     def _full_prefill(self) -> None:
         started = time.perf_counter()
         ids = self.head + self.ids
         self.cache = self.model.new_cache(len(ids) + SPARE_SLOTS)
         if ids:
-            prefill(self.model, ids, self.cache, chunk=self.options.prefill_chunk, logits="none")
+            prefill(self.model, ids, self.cache, chunk=self.options.prefill_chunk, logits="none", **self._window())
         self.runs = [_Run(0, len(self.ids))] if self.ids else []
         self.cache.extent = len(ids) + SPARE_SLOTS
         self.slot_positions = np.arange(len(ids), dtype=np.int64)
@@ -262,7 +271,7 @@ class Document:
             first_position = h + start  # new tokens at their true positions, in every mode
             context = [Span(cache, 0, h + start)] if h + start > 0 else []
             prefill(self.model, list(run.ids), cache, start=h + start, first_position=first_position,
-                    context=context, chunk=self.options.prefill_chunk, logits="none")
+                    context=context, chunk=self.options.prefill_chunk, logits="none", **self._window())
             new_positions[h + start : h + start + len(run)] = np.arange(
                 first_position, first_position + len(run)
             )
@@ -333,7 +342,7 @@ class Document:
         first_position = h + first
         prefill(self.model, self.ids[first:last], self.cache, start=h + first, first_position=first_position,
                 context=[Span(self.cache, 0, h + first)] if h + first else [], chunk=self.options.prefill_chunk,
-                logits="none")
+                logits="none", **self._window())
         self.slot_positions[h + first : h + last] = np.arange(first_position, first_position + last - first)
         self.stale[first:last] = False
         self.stats.refreshes += 1

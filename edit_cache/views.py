@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from edit_cache.document import Document
-from engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode
+from engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode, windowed
 from engine.healing import healer_for
 from engine.model import KVCache, Span
-from engine.prompting import fim_tail
+from engine.prompting import fim_suffix_budget, fim_tail
 from engine.sampling import SamplingParams
 
 DRAFT_SLOTS = 33  # scratch beyond max_new_tokens: a speculative draft verified at the last step
@@ -174,6 +174,8 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> Co
     model = doc.model
     scratch = doc.scratch_window(len(fresh) + max_new_tokens + DRAFT_SLOTS)
     context = [Span(doc.cache, 0, used)] if used else []
+    # the last position this view may reach, and what it can see from there
+    context = windowed(context, first_position + scratch.capacity - doc.context_size, (doc.cache, doc.h))
     logits = model(torch.tensor([fresh], device=model.device),
                    torch.arange(first_position, first_position + len(fresh), device=model.device),
                    write=scratch, write_at=0, context=context, logits="last")
@@ -208,7 +210,12 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     head_ids = fresh_prefix + [fim.suffix] + fresh_suffix
     model = doc.model
     scratch = doc.scratch_window(len(head_ids) + 1 + fim.tail + max_new_tokens + DRAFT_SLOTS)
+    if used + (n - t_suffix) + scratch.capacity > doc.context_size:
+        # longer than the model's context: a quarter of it for the suffix, the rest for the prefix
+        n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix)))
     context = [Span(doc.cache, 0, used)] if used else []
+    last = first_position + len(head_ids) + (n - t_suffix) + scratch.capacity  # past the last position reached
+    context = windowed(context, last - doc.context_size, (doc.cache, h))
     dev = model.device
     model(torch.tensor([head_ids], device=dev),
           torch.arange(first_position, first_position + len(head_ids), device=dev),
@@ -224,7 +231,7 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
                    torch.arange(middle_position, middle_position + len(middle_ids), device=dev),
                    write=scratch, write_at=len(head_ids), context=[*context, Span(scratch, 0, len(head_ids))],
                    logits="last")
-    prompt = (doc.head + doc.ids)[:used] + head_ids + doc.ids[t_suffix:] + middle_ids
+    prompt = (doc.head + doc.ids)[:used] + head_ids + doc.ids[t_suffix:n] + middle_ids
     encoded = len(head_ids) + len(middle_ids)
     return ContextView("fim", doc, context, scratch, encoded, middle_position + len(middle_ids), logits, prompt,
                        heal=heal, cached_tokens=used + n - t_suffix, encoded_tokens=encoded,

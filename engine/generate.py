@@ -103,9 +103,18 @@ def prefill(
     context: Sequence[Span] = (),
     chunk: int = PREFILL_CHUNK,
     logits: str = "last",
+    window: int | None = None,
+    sink: tuple[KVCache, int] | None = None,
 ) -> torch.Tensor | None:
-    """Encode `ids` into `cache[start:start+n]` at consecutive positions; last (or all) logits."""
+    """Encode `ids` into `cache[start:start+n]` at consecutive positions; last (or all) logits.
+
+    `window`: no query attends to a key more than `window - 1` positions back (the model's
+    context, for texts longer than it): each chunk sees the keys `windowed` keeps, with `sink`
+    (the document start) in front of them.
+    """
     n = len(ids)
+    if window is not None:  # chunks see the keys before them through `windowed`, themselves whole
+        chunk = max(1, min(chunk, window // 4))
     cache.ensure_capacity(start + n)
     tensor = torch.tensor(list(ids), dtype=torch.long, device=model.device)[None]
     outputs = []
@@ -115,6 +124,8 @@ def prefill(
         spans = list(context)
         if lo > 0:
             spans = _extend(spans, Span(cache, start, start + lo))
+        if window is not None:
+            spans = windowed(spans, first_position + hi - window, sink)
         want = logits if logits == "all" else ("last" if hi == n and logits == "last" else "none")
         positions = torch.arange(first_position + lo, first_position + hi, device=model.device)
         out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo,
@@ -123,6 +134,29 @@ def prefill(
             outputs.append(out)
     if logits == "all":
         return torch.cat(outputs, dim=1)
+    return out
+
+
+def windowed(spans: Sequence[Span], keep_from: int, sink: tuple[KVCache, int] | None = None) -> list[Span]:
+    """`spans` without the keys at positions before `keep_from`, for texts longer than the
+    model's context. Spans must be of caches whose slot index is the key's position (a
+    document's cache, a prompt's), acting at index + shift.
+
+    `sink` = (cache, n): slots [0, n) of that cache open every prompt (the document start
+    token); the model leans on them as on a sink, so when anything is dropped they are kept,
+    moved by PIE's rotation to sit right before the first kept key. Nothing changes while
+    every key is at or after `keep_from`.
+    """
+    n_sink = sink[1] if sink is not None else 0
+    if keep_from <= n_sink or all(s.start + s.shift >= keep_from for s in spans if s.end > s.start):
+        return list(spans)
+    out = [Span(sink[0], 0, n_sink, keep_from - n_sink)] if n_sink else []
+    for s in spans:
+        if s.end + s.shift <= keep_from:
+            continue
+        if s.start + s.shift < keep_from:
+            s = Span(s.cache, keep_from - s.shift, s.end, s.shift)
+        out.append(s)
     return out
 
 

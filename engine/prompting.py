@@ -42,6 +42,11 @@ def fim_layout(tokenizer: Tokenizer, config: ModelConfig, prefix_ids: list[int],
     )
 
 
+def fim_suffix_budget(context_size: int) -> int:
+    """Suffix tokens a FIM prompt keeps when prefix + suffix exceed the model's context."""
+    return context_size // 4
+
+
 def fim_tail(tokenizer: Tokenizer, prefix_ids: list[int]) -> list[int]:
     """The prefix tokens the model expects again after the middle marker (none for most models)."""
     tail = tokenizer.fim.tail if tokenizer.fim is not None else 0

@@ -100,3 +100,36 @@ def test_fim_view_close_to_exact_fim_prefill_and_error_grows_with_staleness(load
     # staleness adds error, but boundedly: tolerance grows with the stale fraction
     stale_fraction = edited.num_stale / len(edited.ids)
     assert kl_edited < 0.05 + 0.2 * stale_fraction, (kl_edited, stale_fraction)
+
+
+@pytest.mark.slow
+def test_files_longer_than_the_context_stay_in_distribution(loaded):
+    """A file over twice the trained model's context: with the attention window (and the
+    document start as a sink) the next-token loss at its end is that of a fresh read of its
+    last part; attending to everything, at positions far past what the model was trained on,
+    is worse."""
+    import torch.nn.functional as F
+
+    source = Path(torch.__file__).parent / "nn" / "modules" / "module.py"
+    tok, model = loaded.tokenizer, loaded.model
+    ctx = model.config.max_position_embeddings
+    ids = tok.encode(source.read_text(encoding="utf-8"))
+    assert len(ids) > 2 * ctx, "the probe file must exceed twice the context"
+    ids = ids[: 2 * ctx + 600]
+    head = doc_start_ids(tok, loaded.config)
+    scored = 256  # tokens at the end whose loss is compared
+
+    def loss(prompt, windowed):
+        cache = model.new_cache(len(prompt))
+        window = {"window": ctx, "sink": (cache, len(head))} if windowed else {}
+        logits = prefill(model, prompt, cache, logits="all", **window)[0, -scored - 1:-1].float()
+        return F.cross_entropy(logits, torch.tensor(prompt[-scored:])).item()
+
+    with torch.inference_mode():
+        windowed_loss = loss(head + ids, True)
+        fresh_loss = loss(head + ids[-(ctx - 64):], False)
+        unbounded_loss = loss(head + ids, False)
+    print(f"loss of the last {scored} tokens: windowed {windowed_loss:.3f}, fresh read of the last "
+          f"{ctx - 64} tokens {fresh_loss:.3f}, unbounded {unbounded_loss:.3f}")
+    assert abs(windowed_loss - fresh_loss) < 0.15
+    assert unbounded_loss > windowed_loss + 0.2

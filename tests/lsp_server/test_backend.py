@@ -213,7 +213,7 @@ def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_pa
 
     tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
     backend = ModelBackend(tiny)
-    text = "def add(a, b):\n    return a + b\n" * 6
+    text = "def add(a, b):\n    return a + b\n" * 3  # with a view's room, within the model's context
     for uri in ("file:///a.py", "file:///b.py"):
         backend.open(uri, text)
         backend.cache.prepare(uri)
@@ -224,7 +224,8 @@ def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_pa
     cursor = len(a.text) - 3
 
     def error():
-        view = left_to_right(a, cursor)
+        view = left_to_right(a, cursor, max_new_tokens=4)
+        assert len(view.prompt_ids) + view.scratch.capacity < tiny.config.max_position_embeddings
         exact = prefill(tiny.model, view.prompt_ids, tiny.model.new_cache(len(view.prompt_ids)))
         return (view.first_logits - exact).abs().max().item()
 
