@@ -31,6 +31,8 @@ class Served:
     lines: int
     chars: int
     at: float
+    shown: bool = False
+    accepted: bool = False
 
 
 def default_stats_path() -> Path:
@@ -61,6 +63,8 @@ class Stats:
         self.recent: deque[dict] = deque(maxlen=MAX_EVENTS)
         self.latency_ms: deque[float] = deque(maxlen=MAX_LATENCIES)
         self._next_id = 0
+        self.shown_ids = 0  # served suggestions reported shown (each once)
+        self.accepted_shown_ids = 0  # ... of which were then accepted
         self._dirty = 0
         self._previous = self._load()
 
@@ -87,6 +91,13 @@ class Stats:
         self.events[event] += 1
         if served is not None:
             self.events_by_kind.setdefault(served.kind, Counter())[event] += 1
+            if event == "shown" and not served.shown:
+                served.shown = True
+                self.shown_ids += 1
+                self.accepted_shown_ids += served.accepted  # accepted before its shown event arrived
+            elif event == "accepted" and not served.accepted:
+                served.accepted = True
+                self.accepted_shown_ids += served.shown
         self.recent.append({"id": sid, "event": event, "kind": served.kind if served else None,
                             "lines": served.lines if served else None, "at": round(time.time(), 3)})
         self._dirty += 1
@@ -96,7 +107,6 @@ class Stats:
 
     def snapshot(self) -> dict:
         """Everything, as JSON-able data."""
-        shown = self.events["shown"]
         lat = list(self.latency_ms)
         totals = Counter(self._previous.get("events", {})) + self.events
         return {
@@ -106,7 +116,9 @@ class Stats:
                 "served": self._next_id,
                 **{e: self.events[e] for e in EVENTS},
                 "by_kind": {kind: dict(c) for kind, c in self.events_by_kind.items()},
-                "acceptance_rate": round(self.events["accepted"] / shown, 4) if shown else None,
+                # of the suggestions reported shown, the share accepted (dropdown items are often
+                # accepted without a shown event: they count in "accepted", not here)
+                "acceptance_rate": round(self.accepted_shown_ids / self.shown_ids, 4) if self.shown_ids else None,
                 "unknown_ids": self.unknown_events,
             },
             "all_time": {e: totals[e] for e in EVENTS},

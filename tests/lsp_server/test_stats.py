@@ -37,3 +37,20 @@ def test_memory_is_bounded_and_bad_files_are_ignored(tmp_path):
 def test_percentile():
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile(list(range(1, 101)), 95) == 95
+
+
+def test_acceptance_rate_counts_accepted_among_shown_suggestions_only():
+    stats = Stats(None)
+    ghost = [stats.new_id("inline", "x") for _ in range(4)]
+    for sid in ghost:
+        stats.event(sid, "shown")
+    stats.event(ghost[0], "accepted")
+    stats.event(ghost[0], "accepted")  # a repeated report of the same accept
+    for _ in range(3):  # dropdown items accepted without a shown event
+        stats.event(stats.new_id("completion", "y"), "accepted")
+    late = stats.new_id("inline", "z")
+    stats.event(late, "accepted")
+    stats.event(late, "shown")  # events may arrive out of order
+    snap = stats.snapshot()["suggestions"]
+    assert snap["accepted"] == 6 and snap["shown"] == 5
+    assert snap["acceptance_rate"] == 0.4  # 2 of the 5 shown, never above 1
