@@ -34,14 +34,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_records(path: Path, limit: int | None = None, max_file_chars: int | None = None) -> list[dict]:
-    """realedits records in file order, optionally only those whose files are small."""
+def load_records(
+    path: Path, limit: int | None = None, max_file_chars: int | None = None, min_file_chars: int | None = None
+) -> list[dict]:
+    """realedits records in file order, optionally only those whose files are small (or large)."""
     opener = gzip.open if str(path).endswith(".gz") else open
     out = []
     with opener(path, "rt", encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
             if max_file_chars and max(len(rec["before"]), len(rec["after"])) > max_file_chars:
+                continue
+            if min_file_chars and max(len(rec["before"]), len(rec["after"])) <= min_file_chars:
                 continue
             out.append(rec)
             if limit is not None and len(out) >= limit:

@@ -91,7 +91,7 @@ def _exact_fim_ids(loaded, prefix: str, suffix: str, max_tokens: int):
 def run(args) -> dict:
     loaded = load_model(args.model, device=args.device)
     tok, cfg = loaded.tokenizer, loaded.config
-    records = load_records(args.data, max_file_chars=args.max_file_chars)
+    records = load_records(args.data, max_file_chars=args.max_file_chars, min_file_chars=args.min_file_chars)
     views = [v for v in args.views.split(",") if v]
     if "fim" in views and tok.fim is None:
         views.remove("fim")
@@ -252,6 +252,8 @@ def main() -> None:
     p.add_argument("--subset", type=int, default=None,
                    help="a fixed subset of N targets spread evenly over the (size-filtered) data")
     p.add_argument("--max-file-chars", type=int, default=None, help="skip records with larger files")
+    p.add_argument("--min-file-chars", type=int, default=None,
+                   help="only records with larger files (those beyond a small model's context)")
     p.add_argument("--refresh-window", type=int, default=0, help="PIE: tokens re-encoded after each edit")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()

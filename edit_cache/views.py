@@ -214,7 +214,7 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
         # longer than the model's context: a quarter of it for the suffix, the rest for the prefix
         n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix)))
     context = [Span(doc.cache, 0, used)] if used else []
-    last = first_position + len(head_ids) + (n - t_suffix) + scratch.capacity  # past the last position reached
+    last = first_position + (n - t_suffix) + scratch.capacity  # past the last position a decode step reaches
     context = windowed(context, last - doc.context_size, (doc.cache, h))
     dev = model.device
     model(torch.tensor([head_ids], device=dev),
