@@ -126,7 +126,27 @@ class EngineWorker:
         with self._lock:
             self._pending += 1
             self._last_work = time.monotonic()
-        return self._pool.submit(self._on_thread, fn, *args)
+        return self._submit(fn, *args)
+
+    def _submit(self, fn: Callable, *args) -> Future:
+        """Queue `fn` (counted in `_pending`); the count drops when it ends or is cancelled unrun."""
+        try:
+            future = self._pool.submit(self._on_thread, fn, *args)
+        except RuntimeError:  # shut down meanwhile
+            with self._lock:
+                self._pending -= 1
+            future = Future()
+            future.cancel()
+            return future
+        future.add_done_callback(self._job_done)
+        return future
+
+    def _job_done(self, _future: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+            if not self._pending:
+                quiet = time.monotonic() - self._last_work
+                self._arm_idle(max(0.0, self.settings.idle_refresh_ms / 1000 - quiet))
 
     def run(self, fn: Callable, *args) -> Future:
         """Like `call`, for notifications: failures are logged and reported, never raised."""
@@ -184,10 +204,7 @@ class EngineWorker:
                 self._arm_idle(wait)
                 return
             self._pending += 1
-        try:
-            self._pool.submit(self._on_thread, self._idle_refresh)
-        except RuntimeError:  # shut down meanwhile
-            pass
+        self._submit(self._idle_refresh)
 
     def _idle_refresh(self) -> None:
         """One chunk of stale tokens re-encoded; the timer comes back at once while some are left."""
@@ -206,14 +223,7 @@ class EngineWorker:
 
     def _on_thread(self, fn: Callable, *args: Any) -> Any:
         self.thread_id = threading.get_ident()
-        try:
-            return fn(*args)
-        finally:
-            with self._lock:
-                self._pending -= 1
-                if not self._pending:
-                    quiet = time.monotonic() - self._last_work
-                    self._arm_idle(max(0.0, self.settings.idle_refresh_ms / 1000 - quiet))
+        return fn(*args)
 
     def _guarded(self, fn: Callable, *args) -> None:
         try:

@@ -180,6 +180,10 @@ def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
             time.sleep(0.05)
         doc = backend.cache.get(URI)
         assert doc.num_stale > 0 and w.idle_refreshed == 0
+        # a request cancelled while queued (the editor moved on) must not leave the worker "busy"
+        blocker = w.call(time.sleep, 0.3)
+        queued = w.complete(job(6, line=1, character=4))
+        assert queued.cancel() and blocker.result(10) is None
         deadline = time.monotonic() + 30
         while (doc.num_stale or doc.pending_edits) and time.monotonic() < deadline:
             time.sleep(0.05)
