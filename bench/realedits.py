@@ -148,9 +148,10 @@ def run(args) -> dict:
 
 def _options(method: str, args) -> DocumentOptions:
     """Cache options of a method; "pie_b<N>" is PIE that refreshes once more than N tokens are stale."""
+    common = {"refresh_window": args.refresh_window, "fim_fresh_suffix": args.fim_fresh_suffix}
     if method.startswith("pie_b"):
-        return DocumentOptions(mode="pie", refresh_window=args.refresh_window, stale_budget=int(method[5:]))
-    return DocumentOptions(mode=method, refresh_window=args.refresh_window)
+        return DocumentOptions(mode="pie", stale_budget=int(method[5:]), **common)
+    return DocumentOptions(mode=method, **common)
 
 
 def _pos(p):
@@ -255,6 +256,8 @@ def main() -> None:
     p.add_argument("--min-file-chars", type=int, default=None,
                    help="only records with larger files (those beyond a small model's context)")
     p.add_argument("--refresh-window", type=int, default=0, help="PIE: tokens re-encoded after each edit")
+    p.add_argument("--fim-fresh-suffix", type=int, default=0,
+                   help="FIM views: re-encode this many of the suffix's first cached tokens after <SUF>")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)

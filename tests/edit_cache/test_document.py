@@ -203,6 +203,23 @@ def test_fim_view_repeats_the_prefix_tail_when_the_model_asks(template):
         tok.fim = before
 
 
+def test_fim_fresh_suffix_reencodes_the_suffix_start_after_the_marker(template):
+    doc = _doc(template)
+    doc.ensure_ready()
+    cursor = 40
+    cached = fill_in_middle(doc, cursor, suffix="next_line")
+    exact = _exact_logits(doc, cached.prompt_ids)
+    gap = (cached.first_logits - exact).abs().max()
+    assert gap > 1e-3  # suffix keys cached without <SUF>: close, not equal
+    doc.options.fim_fresh_suffix = 8
+    some = fill_in_middle(doc, cursor, suffix="next_line")
+    assert some.prompt_ids == cached.prompt_ids and some.encoded_tokens == cached.encoded_tokens + 8
+    doc.options.fim_fresh_suffix = len(doc.ids)  # the whole suffix fresh: the exact prompt
+    whole = fill_in_middle(doc, cursor, suffix="next_line")
+    assert whole.prompt_ids == cached.prompt_ids
+    assert (whole.first_logits - exact).abs().max() < 1e-4
+
+
 def test_views_do_not_mutate_the_document_cache(template):
     doc = _doc(template)
     doc.ensure_ready()
