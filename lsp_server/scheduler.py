@@ -383,7 +383,8 @@ def cache_options(settings: Settings) -> dict:
     from edit_cache.document import DocumentOptions
 
     mode = "pie" if settings.cache_mode == "recompute" else settings.cache_mode
-    options = DocumentOptions(mode=mode, stale_budget=settings.stale_budget or None)
+    options = DocumentOptions(mode=mode, stale_budget=settings.stale_budget or None,
+                              fim_fresh_suffix=settings.fim_fresh_suffix)
     return {"budget_bytes": settings.budget_bytes, "options": options,
             "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings)}
 

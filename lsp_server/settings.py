@@ -39,6 +39,7 @@ class Settings:
     speculation: bool = True  # one-draft requests: lossless n-gram speculation (off: plain greedy)
     superposed: bool = True  # several drafts: superposed decoding (off: a greedy decode per draft)
     stale_budget: int = 4096  # re-encode a document's stale tokens before a request once more are stale; 0: never
+    fim_fresh_suffix: int = 64  # FIM views re-encode the suffix's first tokens after <SUF> (real models need it)
     idle_refresh_ms: int = 1000  # after this long without work, re-encode stale tokens in the background; 0: off
     adadec: bool = False  # entropy-gated lookahead reranking of one-draft requests; off: it did not
     # help on the benchmarks (BENCHMARKS.md, AdaDec), and needs a calibrated model (`editkv calibrate`)
@@ -62,6 +63,7 @@ _INT_RANGES = {
     "max_file_kb": (1, 1 << 20),
     "stale_budget": (0, 1 << 24),
     "idle_refresh_ms": (0, 3_600_000),
+    "fim_fresh_suffix": (0, 4096),
 }
 _CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
             "dtype": ("float32", "bfloat16", "float16")}

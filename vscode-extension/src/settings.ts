@@ -32,6 +32,7 @@ export const SERVER_DEFAULTS = {
   speculation: true,
   superposed: true,
   staleBudget: 4096,
+  fimFreshSuffix: 64,
   idleRefreshMs: 1000,
   adadec: false,
 } as const;
