@@ -38,10 +38,9 @@ from edit_cache.positions import Range, line_starts, to_position
 from edit_cache.tokens import is_line_local
 from edit_cache.views import DRAFT_SLOTS, fill_in_middle, left_to_right
 from engine.generate import StopRules, decode, prefill, windowed
-from engine.healing import healer_for
 from engine.loading import load_model
 from engine.model import Span
-from engine.prompting import doc_start_ids, fim_layout, fim_suffix_budget, healed_left_to_right_ids
+from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
 
 METHODS = ("full", "pie", "conflict", "prefix_reuse")
 
@@ -74,18 +73,6 @@ def _exact(loaded, prompt, heal, rules):
     context = windowed([Span(cache, 0, len(prompt))], len(prompt) + rules.max_tokens + DRAFT_SLOTS - ctx, sink)
     return decode(model, loaded.tokenizer, logits, context=context, next_position=len(prompt), rules=rules,
                   heal=heal)
-
-
-def _exact_fim_ids(loaded, prefix: str, suffix: str, max_tokens: int):
-    """The exact FIM prompt, its suffix cut as the FIM view cuts it for texts over the context."""
-    tok, cfg = loaded.tokenizer, loaded.config
-    ctx = loaded.model.config.max_position_embeddings
-    ids, heal = healer_for(tok).split(tok.encode(prefix))
-    suf = tok.encode(suffix)
-    prompt = fim_layout(tok, cfg, ids, suf)
-    if len(prompt) + max_tokens + DRAFT_SLOTS > ctx:
-        prompt = fim_layout(tok, cfg, ids, suf[: fim_suffix_budget(ctx)])
-    return prompt, heal
 
 
 def run(args) -> dict:
@@ -180,8 +167,8 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, repair, rec, tar
     t0 = time.perf_counter()
     if method == "full":
         if view == "fim":
-            prompt, heal = _exact_fim_ids(loaded, deleted[:cursor], deleted[_next_line_start(deleted, cursor):],
-                                          rules.max_tokens)
+            prompt, heal = healed_fim_ids(tok, cfg, deleted[:cursor], deleted[_next_line_start(deleted, cursor):],
+                                          room=rules.max_tokens + DRAFT_SLOTS)
         else:
             prompt, heal = healed_left_to_right_ids(tok, cfg, deleted[:cursor])
         out = _exact(loaded, prompt, heal, rules)

@@ -65,9 +65,19 @@ def healed_left_to_right_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: 
     return head + ids, heal
 
 
-def healed_fim_ids(tokenizer: Tokenizer, config: ModelConfig, prefix: str, suffix: str) -> tuple[list[int], bytes]:
-    """`fim_ids` with the cursor's token healed: (ids, bytes to spell out again)."""
+def healed_fim_ids(
+    tokenizer: Tokenizer, config: ModelConfig, prefix: str, suffix: str, *, room: int | None = None
+) -> tuple[list[int], bytes]:
+    """`fim_ids` with the cursor's token healed: (ids, bytes to spell out again).
+
+    `room`: tokens to keep free for generation; when the prompt and that room exceed the
+    model's context, the suffix is cut to `fim_suffix_budget` tokens, as the FIM view cuts it.
+    """
     if tokenizer.fim is None:
         raise ValueError("this model has no fill-in-the-middle tokens; use the left-to-right view")
     ids, heal = healer_for(tokenizer).split(tokenizer.encode(prefix))
-    return fim_layout(tokenizer, config, ids, tokenizer.encode(suffix)), heal
+    suffix_ids = tokenizer.encode(suffix)
+    prompt = fim_layout(tokenizer, config, ids, suffix_ids)
+    if room is not None and len(prompt) + room > config.max_position_embeddings:
+        prompt = fim_layout(tokenizer, config, ids, suffix_ids[: fim_suffix_budget(config.max_position_embeddings)])
+    return prompt, heal

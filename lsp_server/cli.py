@@ -256,10 +256,10 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     import torch
 
     from engine.errors import EngineError
-    from engine.generate import DecodeStats, StopRules, decode, prefill
+    from engine.generate import DecodeStats, StopRules, decode, prefill, windowed
     from engine.loading import load_model
     from engine.model import Span
-    from engine.prompting import healed_fim_ids, healed_left_to_right_ids
+    from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
     from engine.sampling import SamplingParams
 
     text = _read_source(args.file)
@@ -279,20 +279,24 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     if mode == "fim":
         if tok.fim is None:
             raise EngineError("--mode fim: this model has no fill-in-the-middle tokens")
-        ids, heal = healed_fim_ids(tok, cfg, prefix, suffix)
+        ids, heal = healed_fim_ids(tok, cfg, prefix, suffix, room=args.max_tokens)
     else:
         ids, heal = healed_left_to_right_ids(tok, cfg, prefix)
     stats = DecodeStats(prefill_tokens=len(ids))
     cache = loaded.model.new_cache(len(ids))
+    # files longer than the model's context: attend at most the context back (see windowed)
+    ctx = loaded.model.config.max_position_embeddings
+    sink = (cache, len(doc_start_ids(tok, cfg)))
     started = time.perf_counter()
-    logits = prefill(loaded.model, ids, cache)
+    logits = prefill(loaded.model, ids, cache, window=ctx, sink=sink)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
     stats.prefill_ms = 1000 * (time.perf_counter() - started)
-    stats.forwards += -(-len(ids) // 512)
+    stats.forwards += -(-len(ids) // max(1, min(512, ctx // 4)))  # prefill chunks (see prefill)
     rules = StopRules(max_tokens=args.max_tokens, max_lines=args.lines or None)
     result = decode(
-        loaded.model, tok, logits, context=[Span(cache, 0, len(ids))], next_position=len(ids),
+        loaded.model, tok, logits, context=windowed([Span(cache, 0, len(ids))], len(ids) + args.max_tokens - ctx, sink),
+        next_position=len(ids),
         params=params, rules=rules, stats=stats, heal=heal,
     )
     if args.json:
