@@ -282,6 +282,10 @@ def _cmd_complete(args: argparse.Namespace) -> int:
         ids, heal = healed_fim_ids(tok, cfg, prefix, suffix, room=args.max_tokens)
     else:
         ids, heal = healed_left_to_right_ids(tok, cfg, prefix)
+        head = len(doc_start_ids(tok, cfg))
+        keep = loaded.model.config.max_position_embeddings - args.max_tokens - head
+        if len(ids) - head > keep > 0:  # one-shot: read only what the attention window would reach
+            ids = ids[:head] + ids[len(ids) - keep:]
     stats = DecodeStats(prefill_tokens=len(ids))
     cache = loaded.model.new_cache(len(ids))
     # files longer than the model's context: attend at most the context back (see windowed)

@@ -65,3 +65,17 @@ def test_binary_file_is_refused(ckpt, tmp_path):
 def test_version_and_help():
     assert _run("--version").stdout.startswith("editkv ")
     assert "complete" in _run("--help").stdout
+
+
+def test_files_longer_than_the_context_are_read_within_it(ckpt, tmp_path):
+    path = tmp_path / "long.py"
+    path.write_text("def add(a, b):\n    return a + b\n\n" * 60)  # far over the checkpoint's 128 positions
+    lines = 60 * 3
+    for mode in ("l2r", "fim"):
+        proc = _run("complete", str(path), "--line", str(lines - 20), "--col", "5", "--model", str(ckpt),
+                    "--max-tokens", "6", "--lines", "0", "--json", "--mode", mode)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["decode_tokens"] >= 1
+        if mode == "l2r":  # one-shot left-to-right reads only what the window would reach
+            assert out["prefill_tokens"] + 6 <= 128
