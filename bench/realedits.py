@@ -37,9 +37,8 @@ from edit_cache.document import Document, DocumentOptions
 from edit_cache.positions import Range, line_starts, to_position
 from edit_cache.tokens import is_line_local
 from edit_cache.views import DRAFT_SLOTS, fill_in_middle, left_to_right
-from engine.generate import StopRules, decode, prefill, windowed
+from engine.generate import StopRules, decode, prefill_prompt
 from engine.loading import load_model
-from engine.model import Span
 from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
 
 METHODS = ("full", "pie", "conflict", "prefix_reuse")
@@ -66,11 +65,9 @@ def _next_line_start(text: str, cursor: int) -> int:
 def _exact(loaded, prompt, heal, rules):
     """A fresh prefill of `prompt` and a greedy decode, under the model's attention window."""
     model = loaded.model
-    ctx = model.config.max_position_embeddings
     cache = model.new_cache(len(prompt))
-    sink = (cache, len(doc_start_ids(loaded.tokenizer, loaded.config)))
-    logits = prefill(model, prompt, cache, window=ctx, sink=sink)
-    context = windowed([Span(cache, 0, len(prompt))], len(prompt) + rules.max_tokens + DRAFT_SLOTS - ctx, sink)
+    logits, context = prefill_prompt(model, prompt, cache, sink=len(doc_start_ids(loaded.tokenizer, loaded.config)),
+                                     room=rules.max_tokens + DRAFT_SLOTS)
     return decode(model, loaded.tokenizer, logits, context=context, next_position=len(prompt), rules=rules,
                   heal=heal)
 

@@ -201,9 +201,14 @@ class Document:
         """The model's context: no query attends further back than this (`engine.generate.windowed`)."""
         return self.model.config.max_position_embeddings
 
+    @property
+    def sink(self) -> tuple[KVCache, int]:
+        """The document start (the head's slots): kept in front of every attention window."""
+        return (self.cache, self.h)
+
     def _window(self) -> dict:
         """prefill() arguments that keep attention within the model's context, the head as its sink."""
-        return {"window": self.context_size, "sink": (self.cache, self.h)}
+        return {"window": self.context_size, "sink": self.sink}
 
     def _full_prefill(self) -> None:
         started = time.perf_counter()

@@ -100,8 +100,7 @@ class DocumentCache:
             return 0
         doc = max(stale, key=lambda d: d.last_used)
         before = doc.stats.tokens_encoded
-        doc.ensure_encoded_without_refresh()
-        doc.refresh(max_tokens=max_tokens)
+        doc.refresh(max_tokens=max_tokens)  # repairs pending edits first
         return doc.stats.tokens_encoded - before
 
     def set_options(self, options: DocumentOptions, budget_bytes: int | None) -> None:

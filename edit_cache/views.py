@@ -175,7 +175,7 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> Co
     scratch = doc.scratch_window(len(fresh) + max_new_tokens + DRAFT_SLOTS)
     context = [Span(doc.cache, 0, used)] if used else []
     # the last position this view may reach, and what it can see from there
-    context = windowed(context, first_position + scratch.capacity - doc.context_size, (doc.cache, doc.h))
+    context = windowed(context, first_position + scratch.capacity - doc.context_size, doc.sink)
     logits = model(torch.tensor([fresh], device=model.device),
                    torch.arange(first_position, first_position + len(fresh), device=model.device),
                    write=scratch, write_at=0, context=context, logits="last")
@@ -217,7 +217,7 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
         n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix)))
     context = [Span(doc.cache, 0, used)] if used else []
     last = first_position + (n - t_suffix) + scratch.capacity  # past the last position a decode step reaches
-    context = windowed(context, last - doc.context_size, (doc.cache, h))
+    context = windowed(context, last - doc.context_size, doc.sink)
     dev = model.device
     model(torch.tensor([head_ids], device=dev),
           torch.arange(first_position, first_position + len(head_ids), device=dev),

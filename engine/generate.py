@@ -113,8 +113,7 @@ def prefill(
     (the document start) in front of them.
     """
     n = len(ids)
-    if window is not None:  # chunks see the keys before them through `windowed`, themselves whole
-        chunk = max(1, min(chunk, window // 4))
+    chunk = prefill_chunk(window, chunk)
     cache.ensure_capacity(start + n)
     tensor = torch.tensor(list(ids), dtype=torch.long, device=model.device)[None]
     outputs = []
@@ -135,6 +134,24 @@ def prefill(
     if logits == "all":
         return torch.cat(outputs, dim=1)
     return out
+
+
+def prefill_chunk(window: int | None, chunk: int = PREFILL_CHUNK) -> int:
+    """Tokens per prefill forward: under a window, chunks see the keys before them through
+    `windowed` but themselves whole, so a chunk must be small against the window."""
+    return chunk if window is None else max(1, min(chunk, window // 4))
+
+
+def prefill_prompt(
+    model: Transformer, prompt: Sequence[int], cache: KVCache, *, sink: int, room: int
+) -> tuple[torch.Tensor, list[Span]]:
+    """A whole prompt into `cache` under the model's attention window, its first `sink` ids
+    the document start: (last logits, the context its decode steps see while they generate
+    up to `room` more positions)."""
+    window = model.config.max_position_embeddings
+    sink_span = (cache, sink)
+    logits = prefill(model, prompt, cache, window=window, sink=sink_span)
+    return logits, windowed([Span(cache, 0, len(prompt))], len(prompt) + room - window, sink_span)
 
 
 def windowed(spans: Sequence[Span], keep_from: int, sink: tuple[KVCache, int] | None = None) -> list[Span]:

@@ -256,9 +256,8 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     import torch
 
     from engine.errors import EngineError
-    from engine.generate import DecodeStats, StopRules, decode, prefill, windowed
+    from engine.generate import DecodeStats, StopRules, decode, prefill_chunk, prefill_prompt
     from engine.loading import load_model
-    from engine.model import Span
     from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
     from engine.sampling import SamplingParams
 
@@ -273,6 +272,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     loaded = load_model(_resolve_model(args.model), device=args.device, dtype=args.dtype)
     tok, cfg = loaded.tokenizer, loaded.config
     prefix, suffix = text[:offset], text[offset:]
+    head = len(doc_start_ids(tok, cfg))
     mode = args.mode
     if mode == "auto":
         mode = loaded.preferred_view
@@ -282,25 +282,21 @@ def _cmd_complete(args: argparse.Namespace) -> int:
         ids, heal = healed_fim_ids(tok, cfg, prefix, suffix, room=args.max_tokens)
     else:
         ids, heal = healed_left_to_right_ids(tok, cfg, prefix)
-        head = len(doc_start_ids(tok, cfg))
         keep = loaded.model.config.max_position_embeddings - args.max_tokens - head
         if len(ids) - head > keep > 0:  # one-shot: read only what the attention window would reach
             ids = ids[:head] + ids[len(ids) - keep:]
     stats = DecodeStats(prefill_tokens=len(ids))
     cache = loaded.model.new_cache(len(ids))
-    # files longer than the model's context: attend at most the context back (see windowed)
-    ctx = loaded.model.config.max_position_embeddings
-    sink = (cache, len(doc_start_ids(tok, cfg)))
     started = time.perf_counter()
-    logits = prefill(loaded.model, ids, cache, window=ctx, sink=sink)
+    # files longer than the model's context: attend at most the context back (see windowed)
+    logits, context = prefill_prompt(loaded.model, ids, cache, sink=head, room=args.max_tokens)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
     stats.prefill_ms = 1000 * (time.perf_counter() - started)
-    stats.forwards += -(-len(ids) // max(1, min(512, ctx // 4)))  # prefill chunks (see prefill)
+    stats.forwards += -(-len(ids) // prefill_chunk(loaded.model.config.max_position_embeddings))
     rules = StopRules(max_tokens=args.max_tokens, max_lines=args.lines or None)
     result = decode(
-        loaded.model, tok, logits, context=windowed([Span(cache, 0, len(ids))], len(ids) + args.max_tokens - ctx, sink),
-        next_position=len(ids),
+        loaded.model, tok, logits, context=context, next_position=len(ids),
         params=params, rules=rules, stats=stats, heal=heal,
     )
     if args.json:
