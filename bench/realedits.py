@@ -9,15 +9,19 @@ the line back. A request's cost is the cache repair it triggered plus the view a
 Methods: full (fresh prefill of the exact prompt), pie, conflict (PIE without re-rotation),
 prefix_reuse (re-encode from the first changed token: llama.cpp / vLLM prefix caching);
 pie_b<N> (PIE that re-encodes the stale tokens once more than N are stale: the staleness
-budget sweep, e.g. --methods full,pie,pie_b1024,pie_b256,pie_b0).
+budget sweep, e.g. --methods full,pie,pie_b1024,pie_b256,pie_b0); pie_c<N> (PIE whose views
+re-encode the stale tokens among the N before the cursor).
 
     python bench/realedits.py --limit 50 --model engine/default_model --device cpu
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from common import (
@@ -87,9 +91,12 @@ def run(args) -> dict:
     rows = []  # one per (target, method, view)
     n_targets = 0
     started = time.perf_counter()
-    for rec in records:
+    shard, shards = args.shard
+    for index, rec in enumerate(records):
         if args.limit is not None and n_targets >= args.limit:
             break
+        if index % shards != shard:
+            continue
         targets = [t for t in rec["targets"] if (id(rec), id(t)) in chosen]
         if args.limit:
             targets = targets[: max(0, args.limit - n_targets)]
@@ -101,7 +108,7 @@ def run(args) -> dict:
         for method in methods:
             if method == "full":
                 continue
-            doc = Document(loaded.model, tok, rec["before"], head=head, options=_options(method, args),
+            doc = Document(loaded.model, tok, rec["before"], head=head, options=_options(method, args, loaded),
                            line_local=line_local)
             doc.ensure_ready()
             for rng, text in edits:
@@ -126,16 +133,25 @@ def run(args) -> dict:
                 assert doc.text == text_after
         if args.progress:
             print(f"  {n_targets} targets, {time.perf_counter() - started:.0f}s", flush=True)
+            # what a run cut short leaves: the records done so far
+            write_json(args.json, {"rows": rows, "views": views, "methods": methods, "n_targets": n_targets,
+                                   "seconds": time.perf_counter() - started, "model": loaded.source,
+                                   "machine": machine(args.device), "partial": True})
     return {"rows": rows, "views": views, "methods": methods, "n_targets": n_targets,
             "seconds": time.perf_counter() - started, "model": loaded.source, "machine": machine(args.device)}
 
 
-def _options(method: str, args) -> DocumentOptions:
-    """Cache options of a method; "pie_b<N>" is PIE that refreshes once more than N tokens are stale."""
-    common = {"refresh_window": args.refresh_window, "fim_fresh_suffix": args.fim_fresh_suffix}
+def _options(method: str, args, loaded) -> DocumentOptions:
+    """Cache options of a method, with the model's tuned ones unless the command line sets them;
+    "pie_b<N>": PIE that refreshes once more than N tokens are stale; "pie_c<N>": PIE whose views
+    re-encode the stale tokens among the N before the cursor."""
+    given = {"fim_fresh_suffix": args.fim_fresh_suffix, "refresh_near_cursor": args.refresh_near_cursor}
+    mode, extra = method, {}
     if method.startswith("pie_b"):
-        return DocumentOptions(mode="pie", stale_budget=int(method[5:]), **common)
-    return DocumentOptions(mode=method, **common)
+        mode, extra = "pie", {"stale_budget": int(method[5:])}
+    elif method.startswith("pie_c"):
+        mode, given = "pie", {**given, "refresh_near_cursor": int(method[5:])}
+    return DocumentOptions(mode=mode, refresh_window=args.refresh_window, **extra).tuned(loaded.cache, **given)
 
 
 def _pos(p):
@@ -171,12 +187,13 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, repair, rec, tar
         out = _exact(loaded, prompt, heal, rules)
         recomputed = len(prompt)
     else:
+        before = doc.stats.tokens_encoded  # a view's refresh near the cursor
         if view == "fim":
             v = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens)
         else:
             v = left_to_right(doc, cursor, max_new_tokens=rules.max_tokens)
         out = v.decode(rules=rules)
-        recomputed = repair[1] + v.encoded_tokens
+        recomputed = repair[1] + v.encoded_tokens + doc.stats.tokens_encoded - before
     sync(device)
     ms = 1000 * (time.perf_counter() - t0) + repair[0]
     pred = out.text
@@ -229,6 +246,23 @@ def summarize(result: dict) -> str:
     return "\n".join(out)
 
 
+def _shard(value: str) -> tuple[int, int]:
+    i, n = (int(x) for x in value.split("/"))
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard must be I/N with 0 <= I < N, got {value}")
+    return i, n
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from the --json output of shards of one run (same views and methods)."""
+    first = results[0]
+    for r in results[1:]:
+        if (r["views"], r["methods"]) != (first["views"], first["methods"]):
+            raise SystemExit("--merge: the runs differ in views or methods")
+    return {**first, "rows": [row for r in results for row in r["rows"]],
+            "n_targets": sum(r["n_targets"] for r in results), "seconds": max(r["seconds"] for r in results)}
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--views", default="l2r,fim", help="comma list of l2r, fim")
@@ -240,10 +274,20 @@ def main() -> None:
     p.add_argument("--min-file-chars", type=int, default=None,
                    help="only records with larger files (those beyond a small model's context)")
     p.add_argument("--refresh-window", type=int, default=0, help="PIE: tokens re-encoded after each edit")
-    p.add_argument("--fim-fresh-suffix", type=int, default=0,
-                   help="FIM views: re-encode this many of the suffix's first cached tokens after <SUF>")
+    p.add_argument("--fim-fresh-suffix", type=int, default=None,
+                   help="FIM views: re-encode this many of the suffix's first cached tokens after <SUF> "
+                        "(default: the model's recommendation, as the server does)")
+    p.add_argument("--refresh-near-cursor", type=int, default=None,
+                   help="views: re-encode the stale tokens among this many before the cursor (default: the model's)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="only every N-th record from the I-th (parallel runs; --merge their JSON)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
+    if args.merge:
+        print(summarize(merge([json.loads(f.read_text()) for f in args.merge])))
+        return
     torch.manual_seed(0)
     result = run(args)
     print(f"realedits: {result['n_targets']} targets, model {result['model']}, {result['machine']}, "

@@ -22,7 +22,7 @@ the first changed token (what llama.cpp / vLLM prefix caching do).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -79,6 +79,28 @@ class DocumentOptions:
     # FIM views re-encode this many of the suffix's first cached tokens after <SUF> (they were
     # cached without it; a real model reads a suffix that never saw <SUF> noticeably worse)
     fim_fresh_suffix: int = 0
+    # views re-encode the stale tokens among the last this-many before the cursor (the tokens a
+    # completion attends to most; an edit above the cursor leaves them stale)
+    refresh_near_cursor: int = 0
+
+    def tuned(self, model: dict[str, int], **given: int | None) -> DocumentOptions:
+        """These options with each of `TUNED` taken from `given` (a user's setting), else from
+        the model's own recommendation (`model`: its editkv.json "cache"), else `RECOMMENDED`."""
+        unknown = set(model) - set(TUNED)
+        if unknown:
+            raise ValueError(f"unknown cache options {sorted(unknown)} in the model's editkv.json; known: {TUNED}")
+        values = {}
+        for name in TUNED:
+            value = given.get(name)
+            values[name] = value if value is not None else model.get(name, RECOMMENDED[name])
+        return replace(self, **values)
+
+
+# Options whose best value depends on the model: a model folder's editkv.json may set them under
+# "cache"; models without one (GGUF files, hub checkpoints: real code models) get RECOMMENDED,
+# measured with Qwen2.5-Coder-0.5B on realedits (BENCHMARKS.md, edit cache).
+TUNED = ("fim_fresh_suffix", "refresh_near_cursor")
+RECOMMENDED = {"fim_fresh_suffix": 64, "refresh_near_cursor": 0}
 
 
 class Document:
@@ -345,13 +367,26 @@ class Document:
             return 0
         first = int(stale[0])
         last = len(self.ids) if max_tokens is None else min(len(self.ids), first + max_tokens)
+        return self._encode_range(first, last)
+
+    def refresh_before(self, end: int, count: int) -> int:
+        """Re-encode the stale tokens among `ids[end - count:end]` (and the fresh ones between
+        them); returns how many were encoded."""
+        self.ensure_encoded_without_refresh()
+        end = max(0, min(end, len(self.ids)))
+        stale = np.flatnonzero(self.stale[max(0, end - count) : end])
+        if not len(stale):
+            return 0
+        first = max(0, end - count) + int(stale[0])
+        return self._encode_range(first, end)
+
+    def _encode_range(self, first: int, last: int) -> int:
         h = self.h
         started = time.perf_counter()
-        first_position = h + first
-        prefill(self.model, self.ids[first:last], self.cache, start=h + first, first_position=first_position,
+        prefill(self.model, self.ids[first:last], self.cache, start=h + first, first_position=h + first,
                 context=[Span(self.cache, 0, h + first)] if h + first else [], chunk=self.options.prefill_chunk,
                 logits="none", **self._window())
-        self.slot_positions[h + first : h + last] = np.arange(first_position, first_position + last - first)
+        self.slot_positions[h + first : h + last] = np.arange(h + first, h + last)
         self.stale[first:last] = False
         self.stats.refreshes += 1
         self.stats.tokens_encoded += last - first

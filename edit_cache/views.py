@@ -149,6 +149,8 @@ def _common_suffix(a: list[int], b: list[int]) -> int:
 def _prefix_part(doc: Document, cursor: int) -> tuple[int, list[int], int, bytes]:
     """(cached slots used, fresh ids, position of the first fresh id, healed bytes)."""
     t, fresh = _split_prefix(doc, cursor)
+    if doc.options.refresh_near_cursor:
+        doc.refresh_before(t, doc.options.refresh_near_cursor)
     fresh, heal = healer_for(doc.tokenizer).split(fresh)
     used = doc.h + t
     return used, fresh, _position_after(doc, used), heal

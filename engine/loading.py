@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ class LoadedModel:
     source: str
     load_seconds: float
     preferred_view: str = "l2r"  # what "auto" means for this model: "fim" or "l2r"
+    cache: dict[str, int] = field(default_factory=dict)  # editkv.json "cache": edit-cache options tuned for it
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +91,7 @@ def load_model(
         raise EngineError(f"model path {spec} does not exist (nor is it a hub id like owner/name)")
     model = _build(config, state, dev, dtype, source=spec)
     view = "fim" if tokenizer.fim is not None else "l2r"
+    cache: dict[str, int] = {}
     if path.is_dir() and (path / EDITKV_JSON).is_file():
         # A model folder may say which view is worth using and how its FIM prompt ends
         # (see engine/default_model/MODEL_CARD.md).
@@ -102,7 +104,11 @@ def load_model(
             raise EngineError(f"{path / EDITKV_JSON}: fim_tail_tokens must be an integer in [0, 512]")
         if tail and tokenizer.fim is not None:
             tokenizer.fim = replace(tokenizer.fim, tail=tail)
-    return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view)
+        cache = settings.get("cache", {})
+        if not isinstance(cache, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 20 for v in cache.values()):
+            raise EngineError(f"{path / EDITKV_JSON}: cache must map option names to whole numbers >= 0")
+    return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view, cache)
 
 
 def model_from_weights(

@@ -123,13 +123,16 @@ class ModelBackend:
 
     def __init__(self, loaded: LoadedModel, *, budget_bytes: int | None = None,
                  options: DocumentOptions | None = None, recompute: bool = False,
-                 decoding: DecodingOptions | None = None, ngram_tokens: int = NGRAM_INDEX_TOKENS) -> None:
+                 decoding: DecodingOptions | None = None, ngram_tokens: int = NGRAM_INDEX_TOKENS,
+                 tuned: dict[str, int | None] | None = None) -> None:
+        from edit_cache.document import DocumentOptions
         from edit_cache.manager import DocumentCache
         from engine.decoding.ngram_index import NgramIndex
         from engine.decoding.speculative import Speculator
         from engine.ngram import NgramTable
 
         self.loaded = loaded
+        options = (options or DocumentOptions()).tuned(loaded.cache, **(tuned or {}))
         self.cache = DocumentCache(loaded.model, loaded.tokenizer, loaded.config,
                                    budget_bytes=budget_bytes, options=options)
         self.description = f"{loaded.source} on {loaded.device}"
@@ -145,9 +148,10 @@ class ModelBackend:
         self._set_decoding(decoding or DecodingOptions())
 
     def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
-                  decoding: DecodingOptions | None = None) -> None:
-        """New cache settings, applied from each document's next repair on; new decoding options."""
-        self.cache.set_options(options, budget_bytes)
+                  decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None) -> None:
+        """New cache settings, applied from each document's next repair on; new decoding options.
+        `tuned`: the model-tuned options the user set (None or absent: the model's recommendation)."""
+        self.cache.set_options(options.tuned(self.loaded.cache, **(tuned or {})), budget_bytes)
         self.recompute = recompute
         if decoding is not None:
             self._set_decoding(decoding)

@@ -383,9 +383,10 @@ def cache_options(settings: Settings) -> dict:
     from edit_cache.document import DocumentOptions
 
     mode = "pie" if settings.cache_mode == "recompute" else settings.cache_mode
-    options = DocumentOptions(mode=mode, stale_budget=settings.stale_budget or None,
-                              fim_fresh_suffix=settings.fim_fresh_suffix)
-    return {"budget_bytes": settings.budget_bytes, "options": options,
+    options = DocumentOptions(mode=mode, stale_budget=settings.stale_budget or None)
+    # the model-tuned options as the user set them; the backend fills in its model's for None
+    tuned = {"fim_fresh_suffix": settings.fim_fresh_suffix, "refresh_near_cursor": settings.refresh_near_cursor}
+    return {"budget_bytes": settings.budget_bytes, "options": options, "tuned": tuned,
             "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings)}
 
 

@@ -39,7 +39,9 @@ class Settings:
     speculation: bool = True  # one-draft requests: lossless n-gram speculation (off: plain greedy)
     superposed: bool = True  # several drafts: superposed decoding (off: a greedy decode per draft)
     stale_budget: int = 4096  # re-encode a document's stale tokens before a request once more are stale; 0: never
-    fim_fresh_suffix: int = 64  # FIM views re-encode the suffix's first tokens after <SUF> (real models need it)
+    # None: the model's recommendation (edit_cache.document.TUNED)
+    fim_fresh_suffix: int | None = None  # FIM views re-encode the suffix's first tokens after <SUF>
+    refresh_near_cursor: int | None = None  # views re-encode stale tokens among this many before the cursor
     idle_refresh_ms: int = 1000  # after this long without work, re-encode stale tokens in the background; 0: off
     adadec: bool = False  # entropy-gated lookahead reranking of one-draft requests; off: it did not
     # help on the benchmarks (BENCHMARKS.md, AdaDec), and needs a calibrated model (`editkv calibrate`)
@@ -64,9 +66,11 @@ _INT_RANGES = {
     "stale_budget": (0, 1 << 24),
     "idle_refresh_ms": (0, 3_600_000),
     "fim_fresh_suffix": (0, 4096),
+    "refresh_near_cursor": (0, 1 << 20),
 }
 _CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
             "dtype": ("float32", "bfloat16", "float16")}
+_MODEL_TUNED = ("fim_fresh_suffix", "refresh_near_cursor")  # None: the model's value
 _BOOLS = ("stats_file", "speculation", "superposed", "adadec")
 _FIELDS = {f.name for f in fields(Settings)}
 
@@ -118,6 +122,8 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
 def _validate(name: str, value: Any) -> tuple[bool, Any, str]:
     if name in ("model", "dtype") and (value is None or value == ""):
         return True, None, ""
+    if name in _MODEL_TUNED and value is None:
+        return True, None, ""  # back to the model's recommendation
     if name in _INT_RANGES:
         lo, hi = _INT_RANGES[name]
         if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:

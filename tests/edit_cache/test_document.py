@@ -251,3 +251,42 @@ def test_healing_drops_the_cursor_token_and_spells_it_again(template):
     spelled = doc.tokenizer.decode(out.ids)
     assert spelled.startswith(heal)
     assert out.text == spelled[len(heal):].split("\n")[0]
+
+
+def test_refresh_near_cursor_reencodes_only_the_stale_tokens_before_the_cursor(template):
+    doc = _doc(template)
+    doc.ensure_ready()
+    doc.apply_change(Range(to_position(doc.text, 2), to_position(doc.text, 2)), "ab")  # above everything
+    doc.ensure_ready()
+    cursor = len(doc.text) - 5
+    t = doc.tokens.first_token_at_or_after(cursor)
+    assert doc.stale[:t].sum() > 20  # every token after the edit is stale
+    stale = left_to_right(doc, cursor)
+    exact = _exact_logits(doc, stale.prompt_ids)
+    assert (stale.first_logits - exact).abs().max() > 1e-3
+    doc.options.refresh_near_cursor = 16
+    before = doc.stats.tokens_encoded
+    near = left_to_right(doc, cursor)
+    assert near.prompt_ids == stale.prompt_ids
+    assert doc.stats.tokens_encoded - before == 16  # the 16 tokens before the cursor's cached prefix
+    used = near.cached_tokens - doc.h
+    assert not doc.stale[used - 16 : used].any() and doc.stale[: used - 16].sum() > 0
+    doc.options.refresh_near_cursor = len(doc.ids)  # everything before the cursor: the exact prompt
+    whole = left_to_right(doc, cursor)
+    assert (whole.first_logits - exact).abs().max() < 1e-4
+    before = doc.stats.tokens_encoded
+    fill_in_middle(doc, cursor)  # nothing stale is left before the cursor: nothing to re-encode
+    assert doc.stats.tokens_encoded == before
+
+
+def test_model_tuned_options_come_from_the_user_then_the_model_then_the_recommendation():
+    from edit_cache.document import RECOMMENDED
+
+    base = DocumentOptions(mode="pie", stale_budget=7)
+    assert base.tuned({}).fim_fresh_suffix == RECOMMENDED["fim_fresh_suffix"]
+    assert base.tuned({"fim_fresh_suffix": 0}).fim_fresh_suffix == 0
+    chosen = base.tuned({"fim_fresh_suffix": 0}, fim_fresh_suffix=16, refresh_near_cursor=None)
+    assert chosen.fim_fresh_suffix == 16 and chosen.refresh_near_cursor == RECOMMENDED["refresh_near_cursor"]
+    assert chosen.stale_budget == 7 and chosen.mode == "pie"
+    with pytest.raises(ValueError, match="fim_fresh_sufix"):
+        base.tuned({"fim_fresh_sufix": 3})

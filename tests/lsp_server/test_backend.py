@@ -206,6 +206,23 @@ def test_decoding_settings_reach_the_backend(trained):
     assert backend.adadec is not None and math.isfinite(backend.adadec.tau)  # the default model ships one
 
 
+def test_cache_options_tuned_for_the_model_unless_the_user_sets_them(trained, tmp_path):
+    from edit_cache.document import RECOMMENDED
+    from lsp_server.scheduler import cache_options
+
+    backend = ModelBackend(trained, **cache_options(Settings()))
+    assert trained.cache["fim_fresh_suffix"] == 0  # engine/default_model/editkv.json
+    assert backend.cache.options.fim_fresh_suffix == 0
+    backend.open("file:///a.py", "def add(a, b):\n    return a + b\n")
+    backend.configure(**cache_options(Settings(fim_fresh_suffix=16, refresh_near_cursor=32)))
+    doc = backend.cache.get("file:///a.py")
+    assert doc.options.fim_fresh_suffix == 16 and doc.options.refresh_near_cursor == 32
+    backend.configure(**cache_options(Settings()))  # cleared: the model's again
+    assert doc.options.fim_fresh_suffix == 0
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))  # no editkv.json: a real model's values
+    assert ModelBackend(tiny).cache.options.fim_fresh_suffix == RECOMMENDED["fim_fresh_suffix"]
+
+
 def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_path):
     from edit_cache.positions import Position, Range
     from edit_cache.views import left_to_right

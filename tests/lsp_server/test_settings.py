@@ -51,8 +51,11 @@ def test_staleness_settings_reach_the_cache_options():
     s, problems = parse_settings({"editkv": {"staleBudget": 0, "idleRefreshMs": 250, "fimFreshSuffix": 8}})
     assert not problems and s.stale_budget == 0 and s.idle_refresh_ms == 250
     assert cache_options(s)["options"].stale_budget is None  # 0: never refresh before a request
-    assert cache_options(s)["options"].fim_fresh_suffix == 8
-    assert cache_options(Settings())["options"].fim_fresh_suffix == 64
+    assert cache_options(s)["tuned"]["fim_fresh_suffix"] == 8
+    # unset: the backend takes the model's recommendation
+    assert cache_options(Settings())["tuned"] == {"fim_fresh_suffix": None, "refresh_near_cursor": None}
+    back, problems = parse_settings({"fimFreshSuffix": None, "refreshNearCursor": 128}, s)
+    assert not problems and back.fim_fresh_suffix is None and back.refresh_near_cursor == 128
     assert cache_options(Settings())["options"].stale_budget == 4096
     _, problems = parse_settings({"staleBudget": -1, "idleRefreshMs": "soon"})
     assert len(problems) == 2

@@ -32,7 +32,8 @@ export const SERVER_DEFAULTS = {
   speculation: true,
   superposed: true,
   staleBudget: 4096,
-  fimFreshSuffix: 64,
+  fimFreshSuffix: null, // null: the model's recommendation
+  refreshNearCursor: null,
   idleRefreshMs: 1000,
   adadec: false,
 } as const;
