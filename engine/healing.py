@@ -17,6 +17,7 @@ import torch
 from engine.tokenizer import Tokenizer
 
 _HORIZONTAL_SPACE = b" \t"
+_KEPT_MASKS = 256  # allowed-id tensors a healer keeps, oldest dropped first
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -56,6 +57,7 @@ class TokenHealer:
         self._by_bytes: dict[bytes, list[int]] = {}
         for i, b in self.token_bytes.items():
             self._by_bytes.setdefault(b, []).append(i)
+        self._kept: dict[tuple[bytes, torch.device], torch.Tensor] = {}  # mask's allowed ids [n] int64
 
     def split(self, ids: list[int], *, min_keep: int = 0) -> tuple[list[int], bytes]:
         """Drop the last token if healing it makes sense: (ids, bytes to spell out again).
@@ -90,7 +92,12 @@ class TokenHealer:
 
     def mask(self, logits: torch.Tensor, remaining: bytes) -> torch.Tensor:
         """`logits` [B, V] with every token that disagrees with `remaining` at -inf."""
-        keep = torch.tensor(self.allowed(remaining), dtype=torch.long, device=logits.device)
+        key = (remaining, logits.device)
+        keep = self._kept.get(key)
+        if keep is None:  # a few ms on a large vocabulary: the same indentation heals again and again
+            if len(self._kept) >= _KEPT_MASKS:
+                self._kept.pop(next(iter(self._kept)), None)
+            keep = self._kept[key] = torch.tensor(self.allowed(remaining), dtype=torch.long, device=logits.device)
         out = torch.full_like(logits, float("-inf"))
         out[:, keep] = logits[:, keep]
         return out
