@@ -20,9 +20,11 @@ Drafters know token ids only: no model, no tensors on a device, no text.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -114,71 +116,142 @@ def _lookup_prior(match: int, depth: int) -> float:
 
 
 class PromptLookup:
-    """Copy what followed the longest earlier occurrence of the last tokens (n <= `max_match`)."""
+    """Copy what followed the longest earlier occurrence of the last tokens (n <= `max_match`).
+
+    The history and the references are searched in one pass over one buffer (`_Sources`), made
+    once per request (for a new history or new references); then each step only copies the
+    tokens the history gained. A history only grows, and a reference's ids never change.
+    """
 
     def __init__(self, max_match: int = 8) -> None:
         self.max_match = max_match
+        self._sources: _Sources | None = None
 
     def propose(self, history: TokenHistory, references: Sequence[Reference], max_len: int,
                 max_candidates: int = 1) -> list[Candidate]:
         """Up to `max_candidates` distinct continuations, longest match first, then latest."""
         if max_len <= 0 or len(history) == 0:
             return []
-        tail = np.asarray(history.tail(self.max_match), dtype=np.int64)
-        found = []  # (match length, source order, position, source, array)
-        sources = [("history", history.array)] + [(r.kind, r.ids) for r in references]
-        for order, (kind, src) in enumerate(sources):
-            for length, pos in _matches(src, tail, max_candidates):
-                found.append((length, -order, pos, kind, src))
-        # the history (order 0) wins ties: it is what the model attends to; then the latest match
-        found.sort(key=lambda f: (f[0], f[1], f[2]), reverse=True)
-        out, seen = [], set()
-        for length, _, pos, kind, src in found:
+        sources = self._sources
+        if sources is None or not sources.holds(history, references):
+            self._sources = sources = _Sources(history, references)
+        sources.sync()
+        out, seen, per_source = [], set(), [0] * (len(references) + 1)
+        for length, source, pos in sources.matches(history.tail(self.max_match)):
+            if per_source[source] == max_candidates:  # each source offers its best `max_candidates`
+                continue
+            per_source[source] += 1
+            src = history.array if source == len(references) else references[source].ids
             tokens = src[pos + 1 : pos + 1 + max_len].tolist()
             if not tokens or tuple(tokens) in seen:
                 continue
             seen.add(tuple(tokens))
-            m = min(length, self.max_match)
-            keys = [("lookup", kind, m, min(j, 8)) for j in range(len(tokens))]
-            out.append(Candidate(kind, tokens, keys, [_lookup_prior(m, j) for j in range(len(tokens))]))
+            kind = "history" if source == len(references) else references[source].kind
+            keys, priors = _lookup_chain(kind, min(length, self.max_match), len(tokens))
+            out.append(Candidate(kind, tokens, list(keys), list(priors)))
             if len(out) >= max_candidates:
                 break
         return out
 
 
-def _matches(src: np.ndarray, tail: np.ndarray, limit: int) -> list[tuple[int, int]]:
-    """(match length, end position) of the longest suffix matches of `tail` in `src`, at most `limit`.
+@functools.lru_cache(maxsize=4096)
+def _lookup_chain(kind: str, match: int, n: int) -> tuple[tuple[tuple, ...], tuple[float, ...]]:
+    """Acceptance keys (source, match length, depth in the draft) and priors of n copied tokens."""
+    return (tuple(("lookup", kind, match, min(j, 8)) for j in range(n)),
+            tuple(_lookup_prior(match, j) for j in range(n)))
 
-    A match ends at position i < len(src) - 1 (something follows it) and never is the tail
-    itself when `src` is the history.
-    """
-    if len(src) < 2 or len(tail) == 0:
-        return []
-    cand = np.flatnonzero(src[:-1] == tail[-1])
-    if len(cand) == 0:
-        return []
-    length = np.ones(len(cand), dtype=np.int64)
-    alive = np.ones(len(cand), dtype=bool)
-    for k in range(1, len(tail)):
-        idx = cand - k
-        ok = alive & (idx >= 0)
-        ok[ok] = src[idx[ok]] == tail[-1 - k]
-        if not ok.any():
-            break
-        length += ok
-        alive = ok
-    order = np.lexsort((-cand, -length))[:limit]  # longest, then latest
-    return [(int(length[i]), int(cand[i])) for i in order]
+
+_SEP = -1  # before each source in `_Sources`: equal to no token, so no match spans two sources
+_LAST = -2  # in place of each reference's last token: no match ends there, as nothing follows it
+
+
+class _Sources:
+    """The references, then the history, in one int64 buffer: `[SEP, ref 0, SEP, ref 1, ..., SEP,
+    history]`, each reference's last token replaced by `_LAST`; the history's new tokens are
+    appended by `sync`."""
+
+    def __init__(self, history: TokenHistory, references: Sequence[Reference]) -> None:
+        self.history = history
+        self.arrays = [r.ids for r in references]  # held, so that identity says "the same references"
+        sizes = np.array([1 + len(a) for a in self.arrays] + [1], dtype=np.int64)  # each after a SEP
+        self.starts = np.cumsum(sizes) - sizes + 1  # [n refs + 1]: first token of each, the history last
+        self.orders = np.roll(np.arange(len(sizes)), -1)  # rank: the history first, then the references
+        self.buf = np.full(int(sizes.sum()) + max(64, 2 * len(history)), _SEP, dtype=np.int64)
+        for start, a in zip(self.starts[:-1].tolist(), self.arrays, strict=True):
+            self.buf[start : start + len(a)] = a
+            if len(a):
+                self.buf[start + len(a) - 1] = _LAST
+        self.n = int(self.starts[-1])  # tokens of `buf` in use
+
+    def holds(self, history: TokenHistory, references: Sequence[Reference]) -> bool:
+        return history is self.history and len(references) == len(self.arrays) and all(
+            r.ids is a for r, a in zip(references, self.arrays, strict=True))
+
+    def sync(self) -> None:
+        """Copy in the tokens the history gained since the last call."""
+        have = self.n - int(self.starts[-1])
+        new = self.history.array[have:]
+        if self.n + len(new) > len(self.buf):
+            grown = np.full(2 * (self.n + len(new)), _SEP, dtype=np.int64)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n : self.n + len(new)] = new
+        self.n += len(new)
+
+    def matches(self, tail: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(match length, source, end position in the source) of every suffix match of `tail`,
+        longest first, then the history before the references (it is what the model attends
+        to), then latest.
+
+        A match ends at a position that something of its source follows, so it never is the
+        tail itself in the history.
+        """
+        buf = self.buf[: self.n]
+        cand = np.flatnonzero(buf[:-1] == tail[-1])
+        if len(cand) == 0:
+            return []
+        # [cand, k]: whether the k-th token back from the candidate is the tail's k-th from its
+        # end; a SEP (also at index 0, for k past the buffer's start) ends a match, and so
+        # does the last column (no entry of `buf` is -3)
+        back = np.maximum(cand[:, None] - np.arange(len(tail) + 1), 0)
+        same = buf[back] == np.array([*tail[::-1], -3], dtype=np.int64)
+        length = same.argmin(axis=1)  # the first mismatch
+        source = np.searchsorted(self.starts, cand, side="right") - 1
+        pos = cand - self.starts[source]
+        ranked = np.lexsort((-pos, self.orders[source], -length))
+        return list(zip(length[ranked].tolist(), source[ranked].tolist(), pos[ranked].tolist(), strict=True))
 
 
 class _Entry:
     """Running sums of the top-k probabilities seen after one context, and how many passes."""
 
-    __slots__ = ("count", "sums")
+    __slots__ = ("count", "sums", "_best")
 
     def __init__(self) -> None:
         self.count = 0
         self.sums: dict[int, float] = {}
+        self._best: tuple[int, float] | None = None  # best(), until the next merge
+
+    def merge(self, pairs: Sequence[tuple[int, float]], keep: int) -> None:
+        """Add one pass's (token, probability) pairs; past 2 * `keep` tokens, keep the `keep` largest."""
+        self.count += 1
+        self._best = None
+        sums = self.sums
+        for t, p in pairs:
+            sums[t] = sums.get(t, 0.0) + p
+        if len(sums) > 2 * keep:
+            self.sums = dict(sorted(sums.items(), key=itemgetter(1), reverse=True)[:keep])
+
+    def means(self) -> dict[int, float]:
+        return {t: s / self.count for t, s in self.sums.items()}
+
+    def best(self) -> tuple[int, float]:
+        """The token of the largest mean (the first one seen of equal means) and that mean."""
+        if self._best is None:
+            means = [s / self.count for s in self.sums.values()]
+            best = max(means)
+            self._best = (list(self.sums)[means.index(best)], best)
+        return self._best
 
 
 class ModelTable:
@@ -204,33 +277,42 @@ class ModelTable:
 
     def update(self, context: Sequence[int], ids: Sequence[int], probs: Sequence[float]) -> None:
         """Merge the top-k (`ids`, `probs`) the model gave after `context`."""
-        self.rows_merged += 1
-        for n in self.orders:
-            if len(context) < n:
-                continue
-            key = tuple(context[-n:])
-            entry = self.entries.get(key)
-            if entry is None:
-                entry = self.entries[key] = _Entry()
-                if len(self.entries) > self.max_contexts:
-                    self.entries.popitem(last=False)
-            else:
-                self.entries.move_to_end(key)
-            entry.count += 1
-            sums = entry.sums
-            for t, p in zip(ids, probs, strict=True):
-                sums[t] = sums.get(t, 0.0) + p
-            if len(sums) > 2 * self.keep:
-                entry.sums = dict(sorted(sums.items(), key=lambda kv: kv[1], reverse=True)[: self.keep])
+        self.update_row(context, (), [ids], [probs])
+
+    def update_row(self, tail: Sequence[int], drafts: Sequence[int], top_ids: Sequence[Sequence[int]],
+                   top_probs: Sequence[Sequence[float]]) -> None:
+        """Merge a verification row's top-k: after `tail + drafts[:i]` at its position i."""
+        context = (*tail, *drafts)
+        entries = self.entries
+        for i in range(min(len(drafts) + 1, len(top_ids))):
+            self.rows_merged += 1
+            end = len(tail) + i
+            pairs = list(zip(top_ids[i], top_probs[i], strict=True))
+            for n in self.orders:
+                if end < n:
+                    continue
+                key = context[end - n : end]
+                entry = entries.get(key)
+                if entry is None:
+                    entry = entries[key] = _Entry()
+                    if len(entries) > self.max_contexts:
+                        entries.popitem(last=False)
+                else:
+                    entries.move_to_end(key)
+                entry.merge(pairs, self.keep)
 
     def lookup(self, context: Sequence[int]) -> tuple[int, dict[int, float]] | None:
         """(order, token -> mean probability) for the longest known context, or None."""
+        found = self._find(context)
+        return None if found is None else (found[0], found[1].means())
+
+    def _find(self, context: Sequence[int]) -> tuple[int, _Entry] | None:
         for n in self.orders:
             if len(context) < n:
                 continue
             entry = self.entries.get(tuple(context[-n:]))
             if entry is not None:
-                return n, {t: s / entry.count for t, s in entry.sums.items()}
+                return n, entry
         return None
 
     def propose(self, tail: Sequence[int], max_len: int, *, branches: int = 1,
@@ -253,11 +335,11 @@ class ModelTable:
             cand = Candidate("table", [token], [("table", order, _decile(prob))], [prob])
             ctx = [*tail, token]
             while len(cand.tokens) < max_len:
-                found = self.lookup(ctx[-self.max_order:])
+                found = self._find(ctx[-self.max_order:])
                 if found is None:
                     break
-                order_j, dist_j = found
-                token_j, prob_j = max(dist_j.items(), key=lambda kv: kv[1])
+                order_j, entry = found
+                token_j, prob_j = entry.best()
                 cand.tokens.append(token_j)
                 cand.keys.append(("table", order_j, _decile(prob_j)))
                 cand.priors.append(prob_j)

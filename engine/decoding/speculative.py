@@ -347,9 +347,7 @@ class Speculator:
         """Merge the model's top-k after `tail + drafts[:i]` (row position i) into the table."""
         if "table" not in self.config.drafters:
             return
-        context = list(tail) + list(drafts)
-        for i in range(min(len(drafts) + 1, len(top_ids))):
-            self.table.update(context[: len(tail) + i], top_ids[i], top_probs[i])
+        self.table.update_row(tail, drafts, top_ids, top_probs)
 
     def remember(self, ids: Sequence[int]) -> None:
         """Keep a completion as a reference for the next requests (a re-request after typing)."""
@@ -383,7 +381,13 @@ class _DraftCut:
 
 
 class _Output:
-    """Emitted ids through engine.generate.decode's rules, in its order: heal, stop id, line, length."""
+    """Emitted ids through engine.generate.decode's rules, in its order: heal, stop id, line, length.
+
+    Line ends are counted from each emitted token's bytes, as `_DraftCut` counts them, instead
+    of decoding all ids at each token as `LineStopper.cut` does: the same count, since every
+    line end of the decoded text is a byte of some token (decoding replaces broken UTF-8
+    sequences, never a line end).
+    """
 
     def __init__(self, tokenizer: Tokenizer, rules: StopRules, heal: bytes) -> None:
         self.tokenizer = tokenizer
@@ -393,11 +397,13 @@ class _Output:
         self.healer = healer_for(tokenizer)
         self.remaining = heal
         self.ids: list[int] = []
+        self.lines = 0  # line ends in the emitted ids' text
         self.logprob = 0.0
         self.reason: str | None = None
 
     def emit(self, tokens: Sequence[int], logprobs: Sequence[float]) -> int:
         """Append tokens until a rule fires; returns how many were appended."""
+        max_lines, token_bytes = self.rules.max_lines, self.healer.token_bytes
         for n, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
             if self.remaining:
                 self.remaining = self.healer.advance(self.remaining, token)
@@ -406,18 +412,18 @@ class _Output:
                 return n
             self.logprob += logprob
             self.ids.append(token)
-            if self.rules.max_lines is not None and self.stopper.cut(self.ids)[1]:
-                self.reason = "lines"
-                return n + 1
+            if max_lines is not None:
+                self.lines += token_bytes.get(token, b"").count(b"\n")
+                if self.lines >= max_lines:
+                    self.reason = "lines"
+                    return n + 1
             if len(self.ids) >= self.rules.max_tokens:
                 self.reason = "max_tokens"
                 return n + 1
         return len(tokens)
 
     def cut(self) -> _DraftCut:
-        lines_left = None
-        if self.rules.max_lines is not None:
-            lines_left = self.rules.max_lines - self.tokenizer.decode(self.ids).count("\n")
+        lines_left = None if self.rules.max_lines is None else self.rules.max_lines - self.lines
         return _DraftCut(self.stop_ids, self.healer.token_bytes, lines_left)
 
     def text(self, heal: bytes) -> str:
@@ -442,10 +448,12 @@ def _judge(
         # log-prob and the top-k (ids and probs), packed as floats (ids < 2^24 are exact)
         lse = torch.logsumexp(logits, -1, keepdim=True)
         argmax = logits.argmax(-1, keepdim=True)
-        parts = [argmax.float(), logits.gather(-1, argmax) - lse]
-        if top_k:
+        if top_k:  # the first top value is the max: the argmax's log-prob comes with the top-k
             top = logits.topk(top_k, -1)
-            parts += [top.indices.float(), (top.values - lse).exp()]
+            top_logp = top.values - lse
+            parts = [argmax.float(), top_logp[..., :1], top.indices.float(), top_logp.exp()]
+        else:
+            parts = [argmax.float(), logits.gather(-1, argmax) - lse]
         packed = torch.cat(parts, -1).tolist()  # [B][T][2 + 2k]
         verdict = verify(drafts, argmax=[[int(x[0]) for x in row] for row in packed])
         kept = packed[verdict.row][: len(drafts[verdict.row]) + 1]

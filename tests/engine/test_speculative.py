@@ -9,6 +9,7 @@ on a tiny random model (empirical distribution of the first two tokens against t
 import gzip
 import json
 import math
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from edit_cache.positions import line_starts
 from edit_cache.views import fill_in_middle, left_to_right
 from engine.decoding import ModelTable, PromptLookup, Reference, SpecCounters, SpeculationConfig, Speculator
 from engine.decoding.drafters import TokenHistory
-from engine.decoding.speculative import expected_accepted, verify
-from engine.generate import DecodeState, StopRules, decode
+from engine.decoding.speculative import _Output, expected_accepted, verify
+from engine.generate import DecodeState, LineStopper, StopRules, decode
+from engine.healing import healer_for
 from engine.loading import load_model
 from engine.model import Span
 from engine.prompting import doc_start_ids
@@ -211,6 +213,83 @@ def test_prompt_lookup_prefers_longest_match_then_history_then_latest():
     assert [k[2] for k in cands[0].keys] == [3, 3, 3] and [k[3] for k in cands[0].keys] == [0, 1, 2]
 
 
+def _lookup_by_scan(history, references, max_match, max_len, limit):
+    """PromptLookup's rule, spelled out: (source, tokens, match length) per candidate."""
+    tail = history[-max_match:]
+    found = []
+    for order, (kind, src) in enumerate([("history", history), *references]):
+        ends = []
+        for i in range(len(src) - 1):  # something follows a match; the history's tail is no match
+            n = 0
+            while n < len(tail) and n <= i and src[i - n] == tail[-1 - n]:
+                n += 1
+            if n:
+                ends.append((n, i))
+        ends.sort(reverse=True)  # longest, then latest
+        found += [(n, -order, i, kind, src) for n, i in ends[:limit]]
+    found.sort(key=lambda f: f[:3], reverse=True)
+    out, seen = [], set()
+    for n, _, i, kind, src in found:
+        tokens = src[i + 1 : i + 1 + max_len]
+        if tokens and tuple(tokens) not in seen:
+            seen.add(tuple(tokens))
+            out.append((kind, tokens, min(n, max_match)))
+    return out[:limit]
+
+
+def test_prompt_lookup_equals_a_scan_as_the_history_grows():
+    """The lookup's buffer is made once per history and references, then extended: each step
+    must propose what a scan of the whole history and references finds."""
+    rng = random.Random(0)
+    lookup = PromptLookup(max_match=4)
+    checked = 0
+    for _ in range(150):
+        vocab = rng.choice([2, 3, 6])
+        refs = [(rng.choice(["suffix", "workspace"]), [rng.randrange(vocab) for _ in range(rng.randrange(40))])
+                for _ in range(rng.randrange(4))]
+        references = [Reference.of(kind, ids) for kind, ids in refs]
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 20))]
+        history = TokenHistory(ids)
+        for _ in range(rng.randrange(1, 8)):  # past the buffer's first capacity
+            limit, max_len = rng.choice([1, 2, 4]), rng.choice([1, 3, 16])
+            got = lookup.propose(history, references, max_len, max_candidates=limit)
+            assert [(c.source, c.tokens, c.keys[0][2]) for c in got] == \
+                _lookup_by_scan(ids, refs, 4, max_len, limit)
+            for c in got:
+                assert [k[3] for k in c.keys] == [min(j, 8) for j in range(len(c.tokens))]
+            checked += len(got)
+            new = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+            history.extend(new)
+            ids += new
+    assert checked > 500
+
+
+def test_model_table_row_updates_and_chains_match_single_updates():
+    """`update_row` merges like one `update` per position; chains follow each entry's largest mean."""
+    rng = random.Random(1)
+    batched, single = ModelTable(orders=(3, 2, 1), top_k=3, keep=4), ModelTable(orders=(3, 2, 1), top_k=3, keep=4)
+    for _ in range(300):
+        tail = [rng.randrange(5) for _ in range(rng.randrange(4))]
+        drafts = [rng.randrange(5) for _ in range(rng.randrange(4))]
+        top_ids = [rng.sample(range(8), 3) for _ in range(len(drafts) + 1)]
+        top_probs = [[rng.choice([0.5, 0.25, 0.125, rng.random()]) for _ in range(3)] for _ in top_ids]
+        batched.update_row(tail, drafts, top_ids, top_probs)
+        for i in range(len(drafts) + 1):
+            single.update(tail + drafts[:i], top_ids[i], top_probs[i])
+        start = [rng.randrange(5) for _ in range(3)]
+        chains = [(c.tokens, c.keys, c.priors) for c in batched.propose(start, 8, branches=2)]
+        assert chains == [(c.tokens, c.keys, c.priors) for c in single.propose(start, 8, branches=2)]
+        for tokens, _, priors in chains:  # each next token: the first of the largest means
+            ctx = list(start) + tokens[:1]
+            for token, prior in zip(tokens[1:], priors[1:], strict=True):
+                _, means = single.lookup(ctx)
+                best = max(means.values())
+                assert (token, prior) == (next(t for t, m in means.items() if m == best), best)
+                ctx.append(token)
+    assert [(k, e.count, e.sums) for k, e in batched.entries.items()] == \
+        [(k, e.count, e.sums) for k, e in single.entries.items()]
+
+
 def test_model_table_keeps_running_means_per_context():
     table = ModelTable(orders=(2, 1), top_k=2, keep=4)
     table.update([1, 2], [5, 6], [0.6, 0.3])
@@ -284,6 +363,30 @@ def test_greedy_stop_rules_match(tiny, rules):
         out = spec.decode(state, rules=rules, references=refs)
         _same(plain, out)
         _check_counters(out)
+
+
+@pytest.mark.parametrize("model", ["tiny", "trained"])
+def test_output_counts_line_ends_as_the_decoded_text_does(model, request):
+    """_Output counts line ends from token bytes, once per token: the same count and the same
+    stop as LineStopper's decoding of all ids, with multi-byte characters split across tokens."""
+    tok = request.getfixturevalue(model).tokenizer
+    token_bytes = healer_for(tok).token_bytes
+    for t in range(tok.vocab_size):
+        assert tok.decode([t]).count("\n") == token_bytes.get(t, b"").count(b"\n"), t
+    newline = [t for t, b in token_bytes.items() if b"\n" in b]
+    broken = [t for t, b in token_bytes.items() if b[-1] >= 0x80]  # may end inside a UTF-8 character
+    any_token = [t for t in range(tok.vocab_size) if t not in tok.stop_ids]
+    assert newline and broken
+    rng = random.Random(2)
+    for max_lines in (1, 2, 5):
+        for _ in range(40):
+            out = _Output(tok, StopRules(max_tokens=60, max_lines=max_lines), b"")
+            stopper = LineStopper(tok, max_lines)
+            while out.reason is None:
+                pool = rng.choice([newline, broken, any_token])
+                out.emit([rng.choice(pool)], [0.0])
+                assert out.cut().lines_left == max_lines - tok.decode(out.ids).count("\n")
+                assert (out.reason == "lines") == stopper.cut(out.ids)[1]
 
 
 def test_stop_token_and_cancellation(tiny):
