@@ -98,9 +98,10 @@ class DocumentOptions:
 
 # Options whose best value depends on the model: a model folder's editkv.json may set them under
 # "cache"; models without one (GGUF files, hub checkpoints: real code models) get RECOMMENDED,
-# measured with Qwen2.5-Coder-0.5B on realedits (BENCHMARKS.md, edit cache).
+# measured with Qwen2.5-Coder-0.5B on 100 realedits targets (BENCHMARKS.md, edit cache): with
+# both, PIE's exact matches equal full recompute's in both views (without: -3 l2r, -1 FIM).
 TUNED = ("fim_fresh_suffix", "refresh_near_cursor")
-RECOMMENDED = {"fim_fresh_suffix": 64, "refresh_near_cursor": 0}
+RECOMMENDED = {"fim_fresh_suffix": 64, "refresh_near_cursor": 64}
 
 
 class Document:

@@ -229,7 +229,8 @@ def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_pa
     from engine.generate import prefill
 
     tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
-    backend = ModelBackend(tiny)
+    # views that refresh near the cursor would hide the staleness this test measures
+    backend = ModelBackend(tiny, tuned={"refresh_near_cursor": 0})
     text = "def add(a, b):\n    return a + b\n" * 3  # with a view's room, within the model's context
     for uri in ("file:///a.py", "file:///b.py"):
         backend.open(uri, text)
