@@ -132,6 +132,9 @@ class Document:
         self.pending_edits = 0
         self.version = 0
         self.last_used = time.monotonic()
+        # Bumped whenever the cache's slots change or a view takes the scratch window: a view
+        # built at another epoch must not decode (ContextView.check_current)
+        self.view_epoch = 0
 
     @classmethod
     def create_simulated(cls, text: str = "", **kwargs) -> Document:
@@ -197,6 +200,7 @@ class Document:
         """
         end = self.h + len(self.ids)
         self.cache.ensure_capacity(end + size + 1)
+        self.view_epoch += 1
         return self.cache.window(end, size)
 
     def kv_bytes(self) -> int:
@@ -204,6 +208,7 @@ class Document:
 
     def drop_kv(self) -> None:
         """Forget the cache (memory pressure); the next view rebuilds it by chunked prefill."""
+        self.view_epoch += 1
         self.cache = None
         self.runs = []
         self.pending_edits = 0
@@ -234,6 +239,7 @@ class Document:
         return {"window": self.context_size, "sink": self.sink}
 
     def _full_prefill(self) -> None:
+        self.view_epoch += 1
         started = time.perf_counter()
         ids = self.head + self.ids
         self.cache = self.model.new_cache(len(ids) + SPARE_SLOTS)
@@ -255,6 +261,7 @@ class Document:
             return
         if not self.pending_edits:
             return
+        self.view_epoch += 1
         started = time.perf_counter()
         mode = self.options.mode
         runs = list(self.runs)
@@ -382,6 +389,7 @@ class Document:
         return self._encode_range(first, end)
 
     def _encode_range(self, first: int, last: int) -> int:
+        self.view_epoch += 1
         h = self.h
         started = time.perf_counter()
         prefill(self.model, self.ids[first:last], self.cache, start=h + first, first_position=h + first,

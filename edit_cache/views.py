@@ -36,6 +36,10 @@ _CONTENT = re.compile(r"[ \t\f\v]*[^\s]")
 _TERMINATOR = re.compile(r"\r\n|\r|\n")
 
 
+class StaleView(RuntimeError):
+    """A view used after its document's cache moved on (see ContextView.check_current)."""
+
+
 @dataclass
 class ContextView:
     """Everything a decoding strategy needs to continue at a cursor."""
@@ -53,9 +57,17 @@ class ContextView:
     encoded_tokens: int = 0
     build_ms: float = 0.0
     extra: dict = field(default_factory=dict)
+    epoch: int | None = None  # the document's `view_epoch` when this view was built
+
+    def check_current(self) -> None:
+        """Raise StaleView if the document changed its cache or gave the scratch to a newer view."""
+        if self.epoch is not None and self.epoch != self.document.view_epoch:
+            raise StaleView("this view's document was repaired, or a newer view of it took the scratch "
+                            "slots, since the view was built; build the view again")
 
     def state(self) -> DecodeState:
         """This view as the starting point of any decoding strategy."""
+        self.check_current()
         doc = self.document
         return DecodeState(doc.model, doc.tokenizer, self.first_logits, self.context, self.scratch,
                            self.scratch_used, self.next_position, self.heal, self.prompt_ids)
@@ -67,6 +79,7 @@ class ContextView:
         `first_logits` replaces the view's first distribution (e.g. to force a first token).
         Decodes may run one after another on the same view: each overwrites the last's tokens.
         """
+        self.check_current()
         doc = self.document
         logits = self.first_logits if first_logits is None else first_logits
         return decode(doc.model, doc.tokenizer, logits, context=self.context,
@@ -184,7 +197,7 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> Co
     prompt = (doc.head + doc.ids)[:used] + fresh
     return ContextView("l2r", doc, context, scratch, len(fresh), first_position + len(fresh), logits, prompt,
                        heal=heal, cached_tokens=used, encoded_tokens=len(fresh),
-                       build_ms=1000 * (time.perf_counter() - started))
+                       build_ms=1000 * (time.perf_counter() - started), epoch=doc.view_epoch)
 
 
 def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
@@ -239,4 +252,4 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     encoded = len(head_ids) + len(middle_ids)
     return ContextView("fim", doc, context, scratch, encoded, middle_position + len(middle_ids), logits, prompt,
                        heal=heal, cached_tokens=used + n - t_suffix, encoded_tokens=encoded,
-                       build_ms=1000 * (time.perf_counter() - started))
+                       build_ms=1000 * (time.perf_counter() - started), epoch=doc.view_epoch)

@@ -225,8 +225,8 @@ def test_views_do_not_mutate_the_document_cache(template):
     doc.ensure_ready()
     used = doc.h + len(doc.ids)
     k, v = doc.cache.k[:, :, :, :used].clone(), doc.cache.v[:, :, :, :used].clone()
-    views = [left_to_right(doc, 30), fill_in_middle(doc, 30)]
-    for view in views:
+    for make in (left_to_right, fill_in_middle):
+        view = make(doc, 30)  # each built just before it decodes: views share the scratch slots
         view.decode()
         # the scratch is a window of spare slots after the document's last one
         assert view.scratch.base is doc.cache and view.scratch.offset == used
@@ -290,3 +290,24 @@ def test_model_tuned_options_come_from_the_user_then_the_model_then_the_recommen
     assert chosen.stale_budget == 7 and chosen.mode == "pie"
     with pytest.raises(ValueError, match="fim_fresh_sufix"):
         base.tuned({"fim_fresh_sufix": 3})
+
+
+def test_a_view_refuses_to_decode_once_its_scratch_or_cache_moved_on(template):
+    from edit_cache.views import StaleView
+
+    doc = _doc(template)
+    doc.ensure_ready()
+    older = left_to_right(doc, 30)
+    expected = older.decode().ids
+    newer = fill_in_middle(doc, 30)  # takes the same scratch slots
+    with pytest.raises(StaleView):
+        older.decode()
+    with pytest.raises(StaleView):
+        older.state()
+    newer.decode()
+    again = left_to_right(doc, 30)
+    assert again.decode().ids == expected and again.decode().ids == expected  # decodes may repeat
+    doc.apply_change(Range(to_position(doc.text, 2), to_position(doc.text, 2)), "z")
+    doc.ensure_ready()  # the repair moves slots
+    with pytest.raises(StaleView):
+        again.decode()

@@ -508,9 +508,12 @@ def _greedy_identical(trained, n, max_file_chars, rules_for):
         doc = Document(trained.model, tok, text, head=head)
         rules = rules_for(i)
         suffix = [Reference.of("suffix", tok.encode(text[cursor : cursor + 4000]))]
-        for view, spec, refs in ((left_to_right(doc, cursor, max_new_tokens=rules.max_tokens), chain, suffix),
-                                 (fill_in_middle(doc, cursor, suffix="next_line",
-                                                 max_new_tokens=rules.max_tokens), tree, [])):
+        # each view built right before its decodes: the two share the document's scratch slots
+        for kind, spec, refs in (("l2r", chain, suffix), ("fim", tree, [])):
+            if kind == "l2r":
+                view = left_to_right(doc, cursor, max_new_tokens=rules.max_tokens)
+            else:
+                view = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens)
             plain = view.decode(rules=rules)
             out = spec.decode(view.state(), rules=rules, references=refs)
             _same(plain, out)
