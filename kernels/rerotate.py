@@ -51,7 +51,9 @@ def move_rerotate_ref(
 
 if triton is not None:
 
-    @triton.jit
+    # Triton compiles a variant per "is this int 1 / a multiple of 16"; a run length seen for the
+    # first time in such a class cost a keystroke a ~200 ms compile on the H100 (issue 9's p95)
+    @triton.jit(do_not_specialize=["src_row", "count"])
     def _rerotate_kernel(
         src_ptr, dst_ptr, cos_ptr, sin_ptr,
         src_row, dst_row, stride_slot, count,
