@@ -119,7 +119,12 @@ class Backend(Protocol):
 
 
 class ModelBackend:
-    """Completions from a real model over PIE-repaired per-document caches."""
+    """Completions from a real model over PIE-repaired per-document caches.
+
+    The model-tuned cache options (`edit_cache.document.TUNED`) come from `tuned` (the user's
+    settings; None = unset), else the model's editkv.json, else RECOMMENDED — whatever `options`
+    holds for them is replaced.
+    """
 
     def __init__(self, loaded: LoadedModel, *, budget_bytes: int | None = None,
                  options: DocumentOptions | None = None, recompute: bool = False,
