@@ -91,6 +91,10 @@ def run(args) -> dict:
     rows = []  # one per (target, method, view)
     n_targets = 0
     started = time.perf_counter()
+
+    def result() -> dict:
+        return {"rows": rows, "views": views, "methods": methods, "n_targets": n_targets,
+                "seconds": time.perf_counter() - started, "model": loaded.source, "machine": machine(args.device)}
     shard, shards = args.shard
     for index, rec in enumerate(records):
         if args.limit is not None and n_targets >= args.limit:
@@ -133,12 +137,8 @@ def run(args) -> dict:
                 assert doc.text == text_after
         if args.progress:
             print(f"  {n_targets} targets, {time.perf_counter() - started:.0f}s", flush=True)
-            # what a run cut short leaves: the records done so far
-            write_json(args.json, {"rows": rows, "views": views, "methods": methods, "n_targets": n_targets,
-                                   "seconds": time.perf_counter() - started, "model": loaded.source,
-                                   "machine": machine(args.device), "partial": True})
-    return {"rows": rows, "views": views, "methods": methods, "n_targets": n_targets,
-            "seconds": time.perf_counter() - started, "model": loaded.source, "machine": machine(args.device)}
+            write_json(args.json, {**result(), "partial": True})  # what a run cut short leaves
+    return result()
 
 
 def _options(method: str, args, loaded) -> DocumentOptions:

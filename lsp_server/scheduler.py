@@ -380,12 +380,12 @@ def refusal(uri: str, text: str, max_file_kb: int) -> str | None:
 
 def cache_options(settings: Settings) -> dict:
     """`configure()` keyword arguments of a ModelBackend for `settings`."""
-    from edit_cache.document import DocumentOptions
+    from edit_cache.document import TUNED, DocumentOptions
 
     mode = "pie" if settings.cache_mode == "recompute" else settings.cache_mode
     options = DocumentOptions(mode=mode, stale_budget=settings.stale_budget or None)
     # the model-tuned options as the user set them; the backend fills in its model's for None
-    tuned = {"fim_fresh_suffix": settings.fim_fresh_suffix, "refresh_near_cursor": settings.refresh_near_cursor}
+    tuned = {name: getattr(settings, name) for name in TUNED}
     return {"budget_bytes": settings.budget_bytes, "options": options, "tuned": tuned,
             "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings)}
 
