@@ -46,9 +46,18 @@ try:
 except ImportError:  # Triton is optional on CPU-only installs
     triton = None
 
-TARGET_PROGRAMS = 256  # about two per SM of an H100 (132 SMs)
-MIN_SPLIT_KEYS = 256  # below this a program spends more on its q load and partial write than on keys
+# Split sizes, tuned on an H100 (session 5 sweep over block_n 32-128, split 64-512 keys, 2-4
+# warps, 1-3 stages, at the 1.5B and 7B shapes, 2k-17k keys, 1 and 16 tokens; keys not in L2).
+# One row block (a decode step: a kv head's G query rows padded to 16): many small splits,
+# about four programs per SM; each program's work is one or two key blocks, and the GPU needs
+# the parallelism to keep enough loads in flight. Several row blocks (a verification of 16
+# tokens): every split writes a partial per row, so fewer, longer splits pay.
+TARGET_PROGRAMS = 512
+TARGET_PROGRAMS_MULTI = 256
+MIN_SPLIT_KEYS = 64
+MIN_SPLIT_KEYS_MULTI = 256
 MAX_SPLIT_KEYS = 1024
+NUM_WARPS = 4  # 4 beat 2 and 8 at every swept shape
 MAX_BLOCK_M = 64
 
 
@@ -104,8 +113,10 @@ def plan_splits(num_kv_heads: int, num_groups: int, num_tokens: int, bucket: int
     block_m = min(MAX_BLOCK_M, max(16, _next_power_of_2(num_rows)))
     num_row_blocks = -(-num_rows // block_m)
     if split_keys is None:
-        wanted = -(-bucket * num_kv_heads * num_row_blocks // TARGET_PROGRAMS)
-        split_keys = min(MAX_SPLIT_KEYS, max(MIN_SPLIT_KEYS, _next_power_of_2(wanted)))
+        multi = block_m > 16
+        target, least = (TARGET_PROGRAMS_MULTI, MIN_SPLIT_KEYS_MULTI) if multi else (TARGET_PROGRAMS, MIN_SPLIT_KEYS)
+        wanted = -(-bucket * num_kv_heads * num_row_blocks // target)
+        split_keys = min(MAX_SPLIT_KEYS, max(least, _next_power_of_2(wanted)))
         split_keys = max(split_keys, block_n)
     if split_keys % block_n:
         raise ValueError(f"split_keys={split_keys} must be a multiple of block_n={block_n}")
@@ -257,6 +268,8 @@ def span_attention_triton(
     bucket: int,
     block_n: int = 64,
     split_keys: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:  # [KVH, G, T, D], q's dtype
     """Same contract as `span_attention_ref`: split-K programs write partials, a second kernel combines.
 
@@ -300,7 +313,8 @@ def span_attention_triton(
         # fp32 is the tests' dtype: TF32 would round its inputs to 10 bits
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 or upcast_dot else "tf32",
         UPCAST_DOT=upcast_dot,
-        num_warps=4 if plan.block_m * head_dim_pad <= 16 * 128 else 8,
+        num_warps=num_warps or NUM_WARPS,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     block_s = min(64, triton.next_power_of_2(plan.num_splits))
     _span_attention_combine_kernel[(num_rows, num_kv_heads)](

@@ -142,11 +142,19 @@ def test_reference_equals_softmax_over_gathered_keys(meta, slots):
 
 
 def test_split_plan_fills_the_gpu_at_decode():
-    """T=1 with 6 query heads per kv head, 2 kv heads, 16k keys: still ~100+ programs."""
-    plan = plan_splits(num_kv_heads=2, num_groups=6, num_tokens=1, bucket=16384)
-    programs = plan.num_splits * plan.num_row_blocks * 2
-    assert programs >= 100, plan
-    assert plan.block_m == 16 and plan.split_keys % 64 == 0 and 256 <= plan.split_keys <= 1024
+    """T=1 with 6 query heads per kv head, 2 kv heads: ~4 programs per SM from 8k keys up, and
+    one-block splits for a 2k context (the sizes the H100 sweep found fastest)."""
+    for bucket, split in ((2048, 64), (9216, 64), (17408, 128)):
+        plan = plan_splits(num_kv_heads=2, num_groups=6, num_tokens=1, bucket=bucket)
+        assert plan.block_m == 16 and plan.num_row_blocks == 1 and plan.split_keys == split, (bucket, plan)
+        assert plan.num_splits * 2 >= min(256, bucket * 2 // 64), plan
+
+
+def test_split_plan_uses_longer_splits_for_many_rows():
+    """A 16-token verification (96 rows a kv head): splits of at least 256 keys."""
+    plan = plan_splits(num_kv_heads=2, num_groups=6, num_tokens=16, bucket=9216)
+    assert plan.block_m == 64 and plan.num_row_blocks == 2 and plan.split_keys == 256, plan
+    assert plan_splits(num_kv_heads=4, num_groups=7, num_tokens=16, bucket=9216).split_keys == 512
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 1, 1024), (2, 8, 64, 65536), (32, 8, 64, 65536), (1, 1, 1, 1)])
