@@ -22,6 +22,7 @@ from engine.healing import healer_for
 from engine.model import KVCache, Span, Transformer
 from engine.sampling import SamplingParams, make_generator, next_token
 from engine.tokenizer import Tokenizer
+from kernels.logit_summary import LogitSummary, logit_summary
 
 PREFILL_CHUNK = 512
 
@@ -221,6 +222,26 @@ class TokenChooser(Protocol):
     def reuse(self, token: int, scratch: KVCache, slot: int) -> torch.Tensor | None: ...
 
 
+def _greedy_step(logits: torch.Tensor, choose_from: torch.Tensor) -> tuple[int, float]:
+    """The argmax of `choose_from` [1, V] and its log-probability under `logits`, in one host read.
+
+    `choose_from` is `logits` itself or its healing-masked copy (-inf outside the allowed
+    tokens, the allowed ones unchanged), so the argmax's logit is the same in both.
+    """
+    picked = logit_summary(choose_from, 1)
+    full = picked if choose_from is logits else logit_summary(logits, 1)
+    token, token_logprob = torch.stack((picked.ids[0, 0].double(),
+                                        (picked.values[0, 0] - full.logsumexp[0]).double())).tolist()
+    return int(token), token_logprob
+
+
+def _token_logprob(logits: torch.Tensor, token: int, full: LogitSummary) -> float:
+    """log p(token) under `logits` [1, V] (`full` = logit_summary(logits, 1)), the fp32
+    difference `_greedy_step` takes: a chooser's greedy tokens carry the very logprob plain
+    greedy gives them."""
+    return float(logits[0, token].float() - full.logsumexp[0])
+
+
 def decode(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -266,17 +287,24 @@ def decode(
     while True:
         choose_from = healer.mask(logits, remaining) if remaining else logits
         step = len(ids)
-        if chooser is None:
-            token = int(next_token(choose_from, params, generator)[0])
-        else:
+        token_logprob, full = None, None
+        if chooser is not None:
+            full = logit_summary(logits, 1)  # queued before the chooser's wait; read after it
             token = chooser.choose(choose_from, [*context, Span(scratch, 0, scratch_used + step)],
                                    next_position + step, remaining)
+        elif params.greedy:  # the argmax and its logprob in one host read
+            token, token_logprob = _greedy_step(logits, choose_from)
+        else:
+            token = int(next_token(choose_from, params, generator)[0])
         if remaining:
             remaining = healer.advance(remaining, token)
         if token in stop_ids:
             reason = "stop_token"
             break
-        logprob += float(torch.log_softmax(logits[0].float(), -1)[token])
+        if token_logprob is None:
+            token_logprob = _token_logprob(logits, token, full) if full is not None else \
+                float(torch.log_softmax(logits[0].float(), -1)[token])
+        logprob += token_logprob
         ids.append(token)
         text, hit = stopper.cut(ids)
         if hit:

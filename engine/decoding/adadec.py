@@ -3,7 +3,8 @@
 Data flow: DecodeState -> `adadec_decode` -> Completion. adadec_decode is
 engine.generate.decode's loop (stop rules, token healing, Completion contract) with a
 `GatedChoice` as its token chooser: at each step the logits greedy would take the argmax of
-give an entropy H (engine.calibrate.entropy). H < tau: the argmax, exactly as greedy. H >= tau
+give an entropy H (engine.calibrate.entropy's, read with the argmax from one
+kernels.logit_summary). H < tau: the argmax, exactly as greedy. H >= tau
 (the gate fires): `Lookahead.rerank` takes the top-B candidates, extends each by an L-token
 greedy rollout, and commits the first token of the candidate with the best
 `(log p(c) + sum log p(rollout)) / (len + 1)`.
@@ -41,10 +42,11 @@ from pathlib import Path
 
 import torch
 
-from engine.calibrate import entropy, load_calibration
+from engine.calibrate import load_calibration
 from engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode
 from engine.healing import TokenHealer, healer_for
 from engine.model import KVCache, Span, Transformer
+from kernels.logit_summary import LogitSummary, logit_summary
 
 NUM_CANDIDATES = 2  # B (paper: 3); bench/adadec.py found no config that helps, 2x2 costs least
 LOOKAHEAD = 2  # L (paper: 5)
@@ -116,15 +118,20 @@ class Lookahead:
         context: Sequence[Span],  # batch-1 spans the position attends to
         position: int,
         remaining: bytes = b"",  # healing bytes still to spell out at this position
+        summary: LogitSummary | None = None,  # logit_summary(logits, k >= B), if the caller has it
     ) -> Rerank:
         """Score the top-B candidates by length-normalised log-probability of candidate + rollout."""
         assert logits.dim() == 2 and logits.shape[0] == 1, "rerank takes one position's logits [1, V]"
         model, dev = self.model, self.model.device
-        logp = torch.log_softmax(logits[0].float(), -1)
-        num = min(self.num_candidates, int(torch.isfinite(logp).sum()))
-        top = torch.topk(logp, num)
-        candidates = top.indices.tolist()
-        totals = top.values.double().tolist()
+        width = min(self.num_candidates, logits.shape[-1])
+        if summary is None or summary.ids.shape[-1] < width:
+            summary = logit_summary(logits, width)
+        # the top-B by logit (equal ones in id order: the first is the argmax), as log-probabilities
+        top_logp, top_ids = torch.stack(((summary.values[0, :width] - summary.logsumexp[0]).double(),
+                                         summary.ids[0, :width].double())).tolist()
+        num = sum(map(math.isfinite, top_logp))  # tokens healing masked out are no candidates
+        candidates = [int(c) for c in top_ids[:num]]
+        totals = top_logp[:num]
         lengths = [1] * num
         alive = [c not in self.stop_ids for c in candidates]
         heal = [self._advance(remaining, c) for c in candidates]
@@ -140,16 +147,20 @@ class Lookahead:
                         context=[*context, Span(self.cache, 0, depth)], logits="last")  # [B, V]
             forwards += 1
             row_logits.append(out)
+            rows = out[:num]
+            if any(heal[:num]):
+                rows = torch.cat([self.healer.mask(rows[i : i + 1], heal[i]) if heal[i] else rows[i : i + 1]
+                                  for i in range(num)])
+            # every row's argmax and its log-probability, in one host read
+            step = logit_summary(rows, 1)
+            step_ids, step_logp = torch.stack((step.ids[:, 0].double(),
+                                               (step.values[:, 0] - step.logsumexp).double())).tolist()
             for i in range(num):
                 if not alive[i]:
                     continue
-                row = out[i : i + 1]
-                if heal[i]:
-                    row = self.healer.mask(row, heal[i])
-                row_logp = torch.log_softmax(row[0].float(), -1)
-                token = int(row_logp.argmax())
+                token = int(step_ids[i])
                 heal[i] = self._advance(heal[i], token)
-                totals[i] += float(row_logp[token])
+                totals[i] += step_logp[i]
                 lengths[i] += 1
                 rollouts[i].append(token)
                 tokens[i] = token
@@ -182,7 +193,7 @@ class Gate:
         """Where H >= tau (never with tau = +inf)."""
         if self.lookahead is None:
             return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        return entropy(logits) >= self.config.tau
+        return logit_summary(logits, 1).entropy >= self.config.tau
 
     def choose(
         self,
@@ -193,9 +204,15 @@ class Gate:
     ) -> tuple[int, Rerank | None]:
         """The token to commit here: the argmax below tau, the rerank's winner at or above it."""
         self.counters.steps += 1
-        if not bool(self.fires(logits)[0]):
+        if self.lookahead is None:
             return int(logits.argmax()), None
-        return self.rerank(logits, context, position, remaining)
+        # the gate's entropy, the argmax and (should it fire) the rerank's candidates: one summary
+        summary = logit_summary(logits, min(self.lookahead.num_candidates, logits.shape[-1]))
+        fire, token = torch.stack(((summary.entropy[0] >= self.config.tau).double(),
+                                   summary.ids[0, 0].double())).tolist()
+        if not fire:
+            return int(token), None
+        return self.rerank(logits, context, position, remaining, summary)
 
     def rerank(
         self,
@@ -203,14 +220,15 @@ class Gate:
         context: Sequence[Span],
         position: int,
         remaining: bytes = b"",
+        summary: LogitSummary | None = None,  # logit_summary(logits, k >= B), if the caller has it
     ) -> tuple[int, Rerank]:
         """The lookahead's winner at a position the caller found firing; counted as a gate fire."""
-        decision = self.lookahead.rerank(logits, context, position, remaining)
+        decision = self.lookahead.rerank(logits, context, position, remaining, summary)
         c = self.counters
         c.gate_fires += 1
         c.extra_forwards += decision.forwards
         c.rollout_tokens += sum(len(r) for r in decision.rollouts)
-        c.changed += decision.token != int(logits.argmax())
+        c.changed += decision.token != decision.candidates[0]  # the first candidate is the argmax
         return decision.token, decision
 
 
