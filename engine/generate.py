@@ -12,6 +12,7 @@ copying its loop.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -187,6 +188,16 @@ def _extend(spans: list[Span], span: Span) -> list[Span]:
     return [*spans, span]
 
 
+def _chain_length(chain_steps: int, allowed: int) -> int:
+    """Tokens to ask a chain for: `chain_steps`, or the largest power of two under the tokens
+    still allowed (so a few graphs serve every request)."""
+    if chain_steps <= 0 or allowed <= 0:
+        return 0
+    if allowed >= chain_steps:
+        return chain_steps
+    return 1 << (allowed.bit_length() - 1)
+
+
 class LineStopper:
     """Tracks generated text and says where it must be cut for the line rule."""
 
@@ -284,18 +295,26 @@ def decode(
     healer = healer_for(tokenizer) if heal else None
     remaining = heal
     started = time.perf_counter()
+    # Plain greedy decoding on graphed forwards chains its steps on the device
+    # (StaticForward.chain): `chained` holds the tokens a chain chose, not yet through the
+    # stop rules, with their log-probabilities and whether their K/V are written already.
+    chain_steps = model.static.chain_steps if model.static is not None and chooser is None and params.greedy else 0
+    chained: deque[tuple[int, float, bool]] = deque()
     while True:
-        choose_from = healer.mask(logits, remaining) if remaining else logits
         step = len(ids)
-        token_logprob, full = None, None
-        if chooser is not None:
-            full = logit_summary(logits, 1)  # queued before the chooser's wait; read after it
-            token = chooser.choose(choose_from, [*context, Span(scratch, 0, scratch_used + step)],
-                                   next_position + step, remaining)
-        elif params.greedy:  # the argmax and its logprob in one host read
-            token, token_logprob = _greedy_step(logits, choose_from)
+        token_logprob, written, full = None, False, None
+        if chained:
+            token, token_logprob, written = chained.popleft()
         else:
-            token = int(next_token(choose_from, params, generator)[0])
+            choose_from = healer.mask(logits, remaining) if remaining else logits
+            if chooser is not None:
+                full = logit_summary(logits, 1)  # queued before the chooser's wait; read after it
+                token = chooser.choose(choose_from, [*context, Span(scratch, 0, scratch_used + step)],
+                                       next_position + step, remaining)
+            elif params.greedy:  # the argmax and its logprob in one host read
+                token, token_logprob = _greedy_step(logits, choose_from)
+            else:
+                token = int(next_token(choose_from, params, generator)[0])
         if remaining:
             remaining = healer.advance(remaining, token)
         if token in stop_ids:
@@ -319,10 +338,22 @@ def decode(
             reason = "cancelled"
             break
         slot = scratch_used + step
+        if written:  # a chain encoded this token on its way to the next one
+            continue
         reused = chooser.reuse(token, scratch, slot) if chooser is not None else None
         if reused is not None:
             logits = reused
             continue
+        steps = _chain_length(chain_steps, rules.max_tokens - len(ids))
+        if steps and not remaining:
+            out = model.static.chain(token, next_position + step, scratch, slot,
+                                     [*context, Span(scratch, 0, slot)], steps)
+            if out is not None:
+                chosen, logprobs = out.tolist()
+                for k in range(steps):
+                    chained.append((int(chosen[k]), logprobs[k], k < steps - 1))
+                stats.forwards += steps
+                continue
         logits = model(
             torch.tensor([[token]], device=model.device),
             torch.tensor([next_position + step], device=model.device),

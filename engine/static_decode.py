@@ -10,21 +10,33 @@ new tokens, a view encoding the text before the cursor, a decode step, a specula
 verification — when they write a few tokens into one buffer (a document's cache, or the
 scratch window after its last slot) and attend to slots of that same buffer in this shape:
 
-    [0, prefix_end)                 at their positions          (the document before the cursor)
+    [0, sink_end)                   acting `sink_shift` on      (an attention window's sink)
+    [prefix_start, prefix_end)      at their positions          (the document before the cursor)
     [suffix_start, suffix_end)      acting `shift` positions on (the FIM view's suffix)
     [scratch_start, own slot]       causally                    (view tokens, generated tokens)
 
-Those five numbers, the tokens' ids, positions and slots are copied into static device
-tensors; attention (kernels/span_attention.py) reads the buffer's first `bucket` slots (a
+(The sink and a prefix that starts past slot 0 come from documents longer than the model's
+context: engine.generate.windowed keeps the window of keys a query may see and moves the
+document start in front of it.) Those numbers, the tokens' ids, positions and slots are copied
+into static device tensors; attention (kernels/span_attention.py) reads the buffer's first `bucket` slots (a
 multiple of 1024 covering the buffer's `extent`, the slots its owner has in use) and applies
 the visibility rule on the device, so a repair near the top of a file replays the same graph
 as one near its end. Norms, RoPE with the KV write, and SwiGLU are fused kernels
 (kernels/fused.py); q/k/v and gate/up are one GEMM each. One graph per
 (buffer, bucket, width) is captured on first use and replayed after; the width is the token
 count rounded up to a power of two, and padding rows write into the buffer's last slot,
-which the caller keeps free. Anything else — larger writes (a whole-file prefill), batched
-rows, input embeddings, several shifted spans, dynamic RoPE scaling, the CPU — returns
-`handled=False` and runs eagerly.
+which the caller keeps free.
+
+`chain` runs plain greedy decoding on the device: one graph holds `steps` one-token forwards,
+each fed the argmax of the step before, and hands back the chosen ids with their
+log-probabilities in one small copy. Between two graphed decode steps the host otherwise
+reads the argmax, checks the stop rules and fills the next step's inputs — on a small model
+that is most of a step's time; the caller applies its stop rules to the chain's tokens
+afterwards and drops what follows a stop (their K/V sit in scratch slots past the ones it
+keeps).
+
+Anything else — larger writes (a whole-file prefill), batched rows, input embeddings, a third
+shifted span, dynamic RoPE scaling, the CPU — returns `handled=False` and runs eagerly.
 """
 
 from __future__ import annotations
@@ -39,11 +51,14 @@ from torch import nn
 
 from engine.model import Attention, KVCache, Span, Transformer
 from kernels.fused import add_rms_norm, rope_write, silu_mul
+from kernels.logit_summary import logit_summary
 from kernels.span_attention import span_attention
 
 BUCKET = 1024
 MAX_WIDTH = 64
 MAX_GRAPHS = 96
+MAX_CHAIN = 16
+CHAIN_STEPS = 8  # engine.generate.decode's chain length (0: decode step by step)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -56,52 +71,58 @@ def _next_power_of_two(n: int) -> int:
 
 def visibility(write: KVCache, write_at: int, count: int,
                context: Sequence[Span]) -> tuple[KVCache, list[int]] | None:
-    """(buffer, [write slot, prefix_end, suffix_start, suffix_end, shift, scratch_start]) or None.
+    """(buffer, [write slot, prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start,
+    sink_end, sink_shift]) or None.
 
-    None when the spans are not of the one-buffer shape described in the module docstring.
+    None when the spans are not of the one-buffer shape described in the module docstring. A
+    shifted span from slot 0 is an attention window's sink (engine.generate.windowed); any other
+    shifted span is the FIM view's suffix.
     """
     base = write.base or write
     at = write.offset + write_at
-    zero, shifted = [], []
+    zero, sink, suffix = [], [], []
     for span in context:
         if span.end == span.start:
             continue
         if (span.cache.base or span.cache) is not base:
             return None
         lo, hi = span.cache.offset + span.start, span.cache.offset + span.end
-        (shifted if span.shift else zero).append((lo, hi, span.shift))
-    if len(shifted) > 1:
+        if not span.shift:
+            zero.append((lo, hi))
+        else:
+            (sink if lo == 0 else suffix).append((lo, hi, span.shift))
+    if len(sink) > 1 or len(suffix) > 1:
         return None
     zero.sort()
     merged: list[list[int]] = []
-    for lo, hi, _ in zero:
+    for lo, hi in zero:
         if merged and merged[-1][1] == lo:
             merged[-1][1] = hi
         else:
             merged.append([lo, hi])
-    prefix_end, scratch_start = 0, at
+    prefix_start, prefix_end, scratch_start = 0, 0, at
     for lo, hi in merged:
-        if hi == at:
+        if hi == at:  # the run up to the new tokens (from slot 0 on a plain repair)
             scratch_start = lo
-        elif lo == 0 and prefix_end == 0:
-            prefix_end = hi
+        elif prefix_end == 0:
+            prefix_start, prefix_end = lo, hi
         else:
             return None
-    if scratch_start == 0:  # one span from slot 0 right up to the new tokens
-        prefix_end = 0
-    suffix_start, suffix_end, shift = shifted[0] if shifted else (0, 0, 0)
+    suffix_start, suffix_end, shift = suffix[0] if suffix else (0, 0, 0)
+    _, sink_end, sink_shift = sink[0] if sink else (0, 0, 0)
     if at + count > base.capacity - 1:  # the last slot takes the padding rows' writes
         return None
-    return base, [at, prefix_end, suffix_start, suffix_end, shift, scratch_start]
+    return base, [at, prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start, sink_end, sink_shift]
 
 
 class StaticForward:
     """CUDA-graph replay of one model's small batch-1 forwards (see the module docstring)."""
 
     def __init__(self, model: Transformer, *, bucket: int = BUCKET, max_width: int = MAX_WIDTH,
-                 max_graphs: int = MAX_GRAPHS, mode: str = "auto") -> None:
+                 max_graphs: int = MAX_GRAPHS, mode: str = "auto", chain_steps: int = CHAIN_STEPS) -> None:
         """`mode`: "graphs" (capture and replay), "static" (the same static-shape forward run
-        eagerly: tests on the CPU), "off", or "auto" (graphs on CUDA, off elsewhere)."""
+        eagerly: tests on the CPU), "off", or "auto" (graphs on CUDA, off elsewhere).
+        `chain_steps`: how many greedy tokens engine.generate.decode asks `chain` for at a time."""
         if mode not in ("auto", "graphs", "static", "off"):
             raise ValueError(f"mode must be auto, graphs, static or off, not {mode!r}")
         self.model = model
@@ -116,13 +137,16 @@ class StaticForward:
         if mode == "static" and dynamic:
             raise ValueError("the static forward does not support dynamic RoPE scaling")
         self.mode = mode
+        if not 0 <= chain_steps <= MAX_CHAIN:
+            raise ValueError(f"chain_steps must be in [0, {MAX_CHAIN}], not {chain_steps}")
+        self.chain_steps = chain_steps
         self._fused = [_fuse(block) for block in model.layers] if mode != "off" else []
         dev = model.device
         # Every static input in one device tensor, filled from one (pinned) host buffer per call:
-        # ids [W], positions [W], slots [W], then the five visibility numbers.
+        # ids [W], positions [W], slots [W], then the eight visibility numbers.
         w = self.max_width
-        self._inputs = torch.zeros(3 * w + 5, dtype=torch.long, device=dev)
-        self._host = torch.zeros(3 * w + 5, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._inputs = torch.zeros(3 * w + 8, dtype=torch.long, device=dev)
+        self._host = torch.zeros(3 * w + 8, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._host_np = self._host.numpy()
         self._ids = self._inputs[:w][None]
         self._positions = self._inputs[w : 2 * w]
@@ -130,10 +154,11 @@ class StaticForward:
         self._meta = self._inputs[3 * w :]
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
-        self.handled = 0  # forwards run here (replayed, or static without graphs)
+        self.handled = 0  # forwards run here (replayed, or static without graphs), chained ones included
         self.replays = 0
         self.captures = 0
         self.eager = 0  # forwards this object passed back to the eager path
+        self.chains = 0  # chained greedy runs (each `steps` forwards)
 
     def forward(self, ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
                 context: Sequence[Span], logits: str) -> tuple[bool, torch.Tensor | None]:
@@ -146,10 +171,10 @@ class StaticForward:
         if found is None:
             self.eager += 1
             return False, None
-        base, (at, prefix_end, suffix_start, suffix_end, shift, scratch_start) = found
+        base, (at, *meta) = found
         self.handled += 1
         width = _next_power_of_two(count)
-        reach = max(prefix_end, suffix_end, at + count, base.extent or 0)
+        reach = max(meta[0], meta[2], meta[6], at + count, base.extent or 0)
         bucket = min(_round_up(reach, self.bucket), base.capacity)
         w = self.max_width
         host = self._host_np
@@ -157,7 +182,7 @@ class StaticForward:
         host[: 2 * w] = 0  # padding rows read id 0 at position 0
         host[2 * w : 2 * w + width] = base.capacity - 1  # padding rows write the spare last slot
         host[2 * w : 2 * w + count] = range(at, at + count)
-        host[3 * w :] = (prefix_end, suffix_start, suffix_end, shift, scratch_start)
+        host[3 * w :] = meta
         if self._host.is_pinned():
             # the previous call's copy must be done reading the buffer before it is refilled
             torch.cuda.current_stream().synchronize()
@@ -176,24 +201,66 @@ class StaticForward:
             return True, out[count - 1 : count].clone()
         return True, out[None, :count].clone()
 
-    def _graph(self, base: KVCache, bucket: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width)
+    def chain(self, token: int, position: int, write: KVCache, write_at: int, context: Sequence[Span],
+              steps: int) -> torch.Tensor | None:
+        """Greedy decoding of `steps` tokens on the device, after `token`.
+
+        `token` is encoded at `write_at` (position `position`), then each of the `steps` forwards
+        picks the argmax (the lowest id on ties, as `torch.argmax`; kernels/logit_summary.py) and
+        feeds it to the next one, so the K/V of `token` and of the first `steps - 1` chosen tokens
+        are written. Returns [2, steps]
+        float64 (chosen ids, their log-probabilities under the logits they were chosen from), or None
+        when the write and spans are not of the shape this class serves (decode step by step).
+        """
+        if self.mode == "off" or write.batch != 1 or not 1 <= steps <= MAX_CHAIN:
+            return None
+        found = visibility(write, write_at, steps, context)
+        if found is None:
+            return None
+        base, (at, *meta) = found
+        self.chains += 1
+        self.handled += steps
+        reach = max(meta[0], meta[2], meta[6], at + steps, base.extent or 0)
+        bucket = min(_round_up(reach, self.bucket), base.capacity)
+        w = self.max_width
+        host = self._host_np
+        host[: 2 * w] = 0
+        host[0], host[w] = token, position
+        host[2 * w] = at
+        host[3 * w :] = meta
+        if self._host.is_pinned():
+            torch.cuda.current_stream().synchronize()
+        self._inputs.copy_(self._host, non_blocking=True)
+        if self.mode == "graphs":
+            graph, out = self._graph(base, bucket, 1, chain=steps)
+            graph.replay()
+            self.replays += 1
+            return out
+        return self._run_chain(base, bucket, steps)
+
+    def _graph(self, base: KVCache, bucket: int, width: int,
+               chain: int = 0) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, chain)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
+
+        def run():
+            return self._run_chain(base, bucket, chain) if chain else self._run(base, bucket, width)
+
         # The warm-up runs compute the very step being asked for (same inputs, same slots),
         # so their writes are the ones the replay repeats.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._run(base, bucket, width)
+                run()
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._run(base, bucket, width)
+            out = run()
         self._graphs[key] = (graph, out)
         self.captures += 1
         while len(self._graphs) > self.max_graphs:
@@ -201,16 +268,33 @@ class StaticForward:
         return graph, out
 
     @torch.inference_mode()
-    def _run(self, base: KVCache, bucket: int, width: int) -> torch.Tensor:  # [width, V] fp32
-        """The forward itself: only device tensors decide what it reads and writes."""
+    def _run_chain(self, base: KVCache, bucket: int, steps: int) -> torch.Tensor:  # [2, steps] float64
+        """`steps` one-token forwards, each fed the previous one's argmax (see `chain`)."""
+        token = self._ids[:, :1]
+        position, slot = self._positions[:1], self._slots[:1]
+        chosen, logprobs = [], []
+        for step in range(steps):
+            logits = self._run(base, bucket, 1, token, position + step, slot + step)  # [1, V] fp32
+            # the argmax and its log-probability as engine.generate's greedy step computes them
+            summary = logit_summary(logits, 1)
+            chosen.append(summary.ids[0])
+            logprobs.append(summary.values[0] - summary.logsumexp)
+            token = summary.ids  # [1, 1]
+        return torch.stack((torch.cat(chosen).double(), torch.cat(logprobs).double()))
+
+    @torch.inference_mode()
+    def _run(self, base: KVCache, bucket: int, width: int, ids: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward itself (`[width, V]` fp32 logits): only device tensors decide what it reads and
+        writes; ids `[1, width]`, positions and slots `[width]` default to the static inputs."""
         model = self.model
-        slots = self._slots[:width]
-        positions = self._positions[:width]
-        shift = self._meta[3]
-        # cos/sin at the tokens' positions, and shifted back for the suffix keys
-        cos, sin = model.rotary.cos_sin(torch.stack((positions, positions - shift)))  # [2, T, rotary_dim]
+        slots = self._slots[:width] if slots is None else slots
+        positions = self._positions[:width] if positions is None else positions
+        shift, sink_shift = self._meta[3], self._meta[7]
+        # cos/sin at the tokens' positions, and shifted back for the suffix keys and for the sink's
+        cos, sin = model.rotary.cos_sin(torch.stack((positions, positions - shift, positions - sink_shift)))
         eps = model.config.rms_norm_eps
-        x = model.embed(self._ids[:, :width])
+        x = model.embed(self._ids[:, :width] if ids is None else ids)
         delta = None
         for layer, block in enumerate(model.layers):
             fused = self._fused[layer]
@@ -264,7 +348,7 @@ def _attend(attn: Attention, fused: _Fused, x: torch.Tensor, cos: torch.Tensor, 
     c = attn.config
     _, count, _ = x.shape
     qkv = F.linear(x[0], fused.qkv_weight, fused.qkv_bias)  # [T, (H + 2 KVH) D]
-    # queries [KVH, G, 2, T, D] (at their positions, and shifted for suffix keys); the keys and
+    # queries [KVH, G, 3, T, D] (at their positions, shifted for suffix keys, for sink keys); the keys and
     # values go to the buffer's slots
     q = rope_write(qkv, cos, sin, c.rotary_dim, c.num_heads, base.k[layer, 0], base.v[layer, 0], slots)
     out = span_attention(q, base.k[layer, 0], base.v[layer, 0], meta, slots, attn.scale, bucket)  # [KVH, G, T, D]

@@ -1,5 +1,6 @@
 """Small fused kernels for batch-1 forwards: residual add + RMSNorm, SwiGLU's silu * up, and
-RoPE on the fused q/k/v projection with the new keys and values written into the cache.
+RoPE on the fused q/k/v projection (queries at the tokens' positions and at shifted ones) with the
+new keys and values written into the cache.
 
 A decode step of a 28-layer model at batch 1 is a chain of ~1,500 tiny kernels when every
 elementwise op is its own launch (RMSNorm alone is seven: cast, square, mean, add, rsqrt,
@@ -44,22 +45,24 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rope_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, num_heads: int,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Rotate the queries twice and the keys once; write keys and values to the cache slots.
+    """Rotate the queries R times and the keys once; write keys and values to the cache slots.
 
-    `qkv` `[T, (H + 2 * KVH) * D]`; cos/sin `[2, T, rotary_dim]` fp32: row 0 at the tokens'
-    positions (queries and keys), row 1 at shifted positions (queries only). `k_cache` and
-    `v_cache` are one layer's `[KVH, capacity, D]`. Returns the queries `[KVH, G, 2, T, D]` in
-    the cache's dtype: row (g, 0, t) rotated by row 0, (g, 1, t) by row 1.
+    `qkv` `[T, (H + 2 * KVH) * D]`; cos/sin `[R, T, rotary_dim]` fp32: row 0 at the tokens'
+    positions (queries and keys), rows 1.. at shifted positions (queries only: the FIM view's
+    suffix, an attention window's sink). `k_cache` and `v_cache` are one layer's
+    `[KVH, capacity, D]`. Returns the queries `[KVH, G, R, T, D]` in the cache's dtype: row
+    (g, r, t) rotated by cos/sin row r.
     """
     kv_heads, _, dim = k_cache.shape
     count = qkv.shape[0]
+    rotations = cos.shape[0]
     q, k, v = qkv.split([num_heads * dim, kv_heads * dim, kv_heads * dim], -1)
-    q = q.reshape(count, num_heads, dim).transpose(0, 1)[:, None].expand(num_heads, 2, count, dim)
-    q = apply_rotary(q, cos[None], sin[None], rotary_dim)  # [H, 2, T, D]
+    q = q.reshape(count, num_heads, dim).transpose(0, 1)[:, None].expand(num_heads, rotations, count, dim)
+    q = apply_rotary(q, cos[None], sin[None], rotary_dim)  # [H, R, T, D]
     k = apply_rotary(k.reshape(count, kv_heads, dim).transpose(0, 1), cos[0], sin[0], rotary_dim)
     k_cache.index_copy_(1, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(1, slots, v.reshape(count, kv_heads, dim).transpose(0, 1).to(v_cache.dtype))
-    return q.reshape(kv_heads, num_heads // kv_heads, 2, count, dim).to(k_cache.dtype).contiguous()
+    return q.reshape(kv_heads, num_heads // kv_heads, rotations, count, dim).to(k_cache.dtype).contiguous()
 
 
 if triton is not None:
@@ -68,7 +71,7 @@ if triton is not None:
     def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slots_ptr, q_out_ptr,
                            qkv_stride, count, rd, cache_head_stride, cache_slot_stride,
                            NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
-                           HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
+                           HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, ROTATIONS: tl.constexpr):
         t = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads (which also copy v)
         half = rd // 2
@@ -85,11 +88,11 @@ if triton is not None:
             rest = tl.load(src + d, mask=rest_mask, other=0.0)
             kv = head // (NUM_HEADS // KV_HEADS)
             g = head % (NUM_HEADS // KV_HEADS)
-            for which in tl.static_range(2):
+            for which in tl.static_range(ROTATIONS):
                 c = tl.load(cos_ptr + (which * count + t) * rd + h, mask=h_mask, other=1.0)
                 s = tl.load(sin_ptr + (which * count + t) * rd + h, mask=h_mask, other=0.0)
-                # [KVH, G, 2, T, D] contiguous
-                dst = q_out_ptr + ((((kv * (NUM_HEADS // KV_HEADS) + g) * 2 + which) * count + t) * DIM)
+                # [KVH, G, R, T, D] contiguous
+                dst = q_out_ptr + ((((kv * (NUM_HEADS // KV_HEADS) + g) * ROTATIONS + which) * count + t) * DIM)
                 tl.store(dst + h, (x1 * c - x2 * s).to(dtype), mask=h_mask)
                 tl.store(dst + half + h, (x2 * c + x1 * s).to(dtype), mask=h_mask)
                 tl.store(dst + d, rest.to(dtype), mask=rest_mask)
@@ -180,12 +183,15 @@ def rope_write_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r
     count = qkv.shape[0]
     assert qkv.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     cos, sin = cos.contiguous(), sin.contiguous()
-    q_out = torch.empty((kv_heads, num_heads // kv_heads, 2, count, dim), dtype=k_cache.dtype, device=qkv.device)
+    rotations = cos.shape[0]
+    q_out = torch.empty((kv_heads, num_heads // kv_heads, rotations, count, dim), dtype=k_cache.dtype,
+                        device=qkv.device)
     _rope_write_kernel[(count, num_heads + kv_heads)](
         qkv, cos, sin, k_cache, v_cache, slots, q_out,
         qkv.stride(0), count, rotary_dim, k_cache.stride(0), k_cache.stride(1),
         NUM_HEADS=num_heads, KV_HEADS=kv_heads, DIM=dim,
         HALF_PAD=triton.next_power_of_2(max(rotary_dim // 2, 1)), DIM_PAD=triton.next_power_of_2(dim),
+        ROTATIONS=rotations,
     )
     return q_out
 

@@ -2,20 +2,26 @@
 
 This is the attention of `engine/static_decode.py`'s forwards (decode steps, short speculative
 verifications, PIE repairs) at batch 1. The new tokens' keys and values are already written
-into the buffer; each token sees three runs of its slots:
+into the buffer; each token sees up to four runs of its slots:
 
-    [0, prefix_end)                 keys at their positions, queried by q[:, :, 0]
+    [0, sink_end)                   keys acting `sink_shift` positions later, queried by q[:, :, 2]
+                                    (an attention window's sink: the document start, moved in
+                                    front of the window; only with a third rotation)
+    [prefix_start, prefix_end)      keys at their positions, queried by q[:, :, 0]
     [suffix_start, suffix_end)      keys acting `shift` positions later, queried by q[:, :, 1]
                                     (the query rotated to position - shift, so keys stay put)
     [scratch_start, slots[t]]       causally, queried by q[:, :, 0]
 
-and nothing at or past `bucket`. The five numbers live in `meta` (int64 [5]) and the slots in
+and nothing at or past `bucket`. The numbers live in `meta` (int64: prefix_end, suffix_start,
+suffix_end, shift, scratch_start, then optionally prefix_start, sink_end, sink_shift; the
+shifts themselves are already in q's rotations; a 5-number meta means prefix_start = 0 and no
+sink) and the slots in
 `slots` (int64 [T]), both on the device: nothing on the host reads them, and the grid depends
 only on (kv heads, groups, tokens, bucket), so one launch can be captured in a CUDA graph and
 replayed as the numbers change underneath it.
 
-Layout: q is [KVH, G, 2, T, D] (kv head, query head within the group, which rotation, token,
-feature); keys/values are [KVH, S, D] views into a bigger cache (last dim contiguous, any other
+Layout: q is [KVH, G, R, T, D], R = 2, or 3 with a sink (kv head, query head within the group,
+which rotation, token, feature); keys/values are [KVH, S, D] views into a bigger cache (last dim contiguous, any other
 strides); the output is [KVH, G, T, D] in q's dtype.
 
 Algorithm (split-K, as in flash-decoding). A decode step has one query row per query head but
@@ -62,23 +68,30 @@ MAX_BLOCK_M = 64
 
 
 def span_attention_ref(
-    q: torch.Tensor,  # [KVH, G, 2, T, D]
+    q: torch.Tensor,  # [KVH, G, R, T, D], R = 2, or 3 with a sink
     keys: torch.Tensor,  # [KVH, S, D]
     values: torch.Tensor,  # [KVH, S, D]
-    meta: torch.Tensor,  # int64 [5]: prefix_end, suffix_start, suffix_end, shift (unused), scratch_start
+    meta: torch.Tensor,  # int64 [5] or [8] (see the module docstring)
     slots: torch.Tensor,  # int64 [T]
     scale: float,
     bucket: int,
 ) -> torch.Tensor:  # [KVH, G, T, D], q's dtype
     """The definition, in fp32: softmax over each token's visible keys among the first `bucket`."""
-    prefix_end, suffix_start, suffix_end, _, scratch_start = meta.unbind()
+    _check_meta(q, meta)
+    prefix_end, suffix_start, suffix_end, _, scratch_start = meta[:5].unbind()
+    prefix_start, sink_end = (meta[5], meta[6]) if meta.shape[0] == 8 else (0, 0)
     j = torch.arange(bucket, device=keys.device)
     in_suffix = (j >= suffix_start) & (j < suffix_end)  # [bucket]
-    visible = ((j < prefix_end) | in_suffix)[None] | ((j[None] >= scratch_start) & (j[None] <= slots[:, None]))
+    in_sink = j < sink_end
+    in_prefix = (j >= prefix_start) & (j < prefix_end)
+    visible = (in_prefix | in_suffix | in_sink)[None] | ((j[None] >= scratch_start) & (j[None] <= slots[:, None]))
     k = keys[:, :bucket].float()
     v = values[:, :bucket].float()
-    scores = torch.einsum("hgwtd,hsd->hgwts", q.float(), k) * scale  # [KVH, G, 2, T, bucket]
-    scores = torch.where(in_suffix, scores[:, :, 1], scores[:, :, 0])  # [KVH, G, T, bucket]
+    scores = torch.einsum("hgwtd,hsd->hgwts", q.float(), k) * scale  # [KVH, G, R, T, bucket]
+    picked = torch.where(in_suffix, scores[:, :, 1], scores[:, :, 0])  # [KVH, G, T, bucket]
+    if q.shape[2] == 3:
+        picked = torch.where(in_sink, scores[:, :, 2], picked)
+    scores = picked
     scores = scores.masked_fill(~visible, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
     top = top.masked_fill(top == float("-inf"), 0.0)  # a row that sees nothing: all weights 0
@@ -86,6 +99,13 @@ def span_attention_ref(
     total = weights.sum(dim=-1, keepdim=True)
     out = torch.matmul(weights, v[:, None]) / torch.where(total > 0, total, 1.0)
     return out.to(q.dtype)
+
+
+def _check_meta(q: torch.Tensor, meta: torch.Tensor) -> None:
+    assert q.dim() == 5 and q.shape[2] in (2, 3), "q must be [kv_heads, groups, 2 or 3 rotations, tokens, head_dim]"
+    assert meta.dtype == torch.int64 and meta.dim() == 1 and meta.shape[0] in (5, 8) and meta.is_contiguous(), (
+        "meta must be int64 [5] or [8]")
+    assert q.shape[2] == 2 or meta.shape[0] == 8, "a sink (third rotation) needs the 8-number meta"
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         SPLIT_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        LONG_META: tl.constexpr, HAS_SINK: tl.constexpr,
     ):
         split = tl.program_id(0)
         row_block = tl.program_id(1)
@@ -156,6 +177,11 @@ if triton is not None:
         suffix_start = tl.load(meta_ptr + 1)
         suffix_end = tl.load(meta_ptr + 2)
         scratch_start = tl.load(meta_ptr + 4)
+        prefix_start = 0
+        sink_end = 0
+        if LONG_META:
+            prefix_start = tl.load(meta_ptr + 5)
+            sink_end = tl.load(meta_ptr + 6)
 
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
@@ -171,6 +197,8 @@ if triton is not None:
         q_mask = row_ok[:, None] & d_ok[None, :]
         q_here = tl.load(q_at, mask=q_mask, other=0.0)
         q_shifted = tl.load(q_at + stride_qw, mask=q_mask, other=0.0)
+        if HAS_SINK:
+            q_sink = tl.load(q_at + 2 * stride_qw, mask=q_mask, other=0.0)
 
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -183,7 +211,9 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             touches_suffix = (start < suffix_end) & (start + BLOCK_N > suffix_start)
             touches_scratch = (start <= last_slot) & (start + BLOCK_N > scratch_start)
-            if (start < prefix_end) | touches_suffix | touches_scratch:
+            touches_prefix = (start < prefix_end) & (start + BLOCK_N > prefix_start)
+            touches_sink = start < sink_end
+            if touches_prefix | touches_suffix | touches_scratch | touches_sink:
                 j = start + tl.arange(0, BLOCK_N)
                 key_ok = j < hi
                 kv_mask = key_ok[:, None] & d_ok[None, :]
@@ -195,7 +225,13 @@ if triton is not None:
                 if touches_suffix:
                     shifted = _dot(q_shifted, tl.trans(k), INPUT_PRECISION, UPCAST_DOT)
                     scores = tl.where(in_suffix[None, :], shifted, scores)
-                visible = ((j < prefix_end) | in_suffix)[None, :] | (
+                in_sink = j < sink_end
+                if HAS_SINK:
+                    if touches_sink:
+                        sunk = _dot(q_sink, tl.trans(k), INPUT_PRECISION, UPCAST_DOT)
+                        scores = tl.where(in_sink[None, :], sunk, scores)
+                in_prefix = (j >= prefix_start) & (j < prefix_end)
+                visible = (in_prefix | in_suffix | in_sink)[None, :] | (
                     (j[None, :] >= scratch_start) & (j[None, :] <= slot[:, None]))
                 visible = visible & key_ok[None, :]
                 scores = tl.where(visible, scores * qk_scale, float("-inf"))
@@ -259,10 +295,10 @@ if triton is not None:
 
 
 def span_attention_triton(
-    q: torch.Tensor,  # [KVH, G, 2, T, D]
+    q: torch.Tensor,  # [KVH, G, R, T, D]
     keys: torch.Tensor,  # [KVH, S, D]
     values: torch.Tensor,  # [KVH, S, D]
-    meta: torch.Tensor,  # int64 [5], on q's device
+    meta: torch.Tensor,  # int64 [5] or [8], on q's device
     slots: torch.Tensor,  # int64 [T], on q's device
     scale: float,
     bucket: int,
@@ -275,14 +311,13 @@ def span_attention_triton(
 
     Reads no device value on the host, so the call can be captured in a CUDA graph.
     """
-    assert q.dim() == 5 and q.shape[2] == 2, "q must be [kv_heads, groups, 2, tokens, head_dim]"
-    num_kv_heads, num_groups, _, num_tokens, head_dim = q.shape
+    _check_meta(q, meta)
+    num_kv_heads, num_groups, rotations, num_tokens, head_dim = q.shape
     assert keys.dim() == 3 and keys.shape == values.shape, "keys, values must be [kv_heads, slots, head_dim]"
     assert keys.shape[0] == num_kv_heads and keys.shape[2] == head_dim, (
         f"keys {tuple(keys.shape)} do not match q {tuple(q.shape)}")
     assert q.dtype == keys.dtype == values.dtype, "cast q to the cache's dtype first"
     assert q.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1, "last dim must be contiguous"
-    assert meta.dtype == torch.int64 and meta.shape == (5,) and meta.is_contiguous(), "meta must be int64 [5]"
     assert slots.dtype == torch.int64 and slots.shape == (num_tokens,), "slots must be int64 [tokens]"
     assert meta.device == q.device == slots.device == keys.device, "all tensors must be on one device"
     assert 1 <= bucket <= keys.shape[1], f"bucket {bucket} must be in [1, {keys.shape[1]}]"
@@ -312,7 +347,7 @@ def span_attention_triton(
         SPLIT_KEYS=plan.split_keys, BLOCK_M=plan.block_m, BLOCK_N=block_n,
         # fp32 is the tests' dtype: TF32 would round its inputs to 10 bits
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 or upcast_dot else "tf32",
-        UPCAST_DOT=upcast_dot,
+        UPCAST_DOT=upcast_dot, LONG_META=meta.shape[0] == 8, HAS_SINK=rotations == 3,
         num_warps=num_warps or NUM_WARPS,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )
@@ -328,10 +363,10 @@ def span_attention_triton(
 
 
 def span_attention(
-    q: torch.Tensor,  # [KVH, G, 2, T, D]
+    q: torch.Tensor,  # [KVH, G, R, T, D]
     keys: torch.Tensor,  # [KVH, S, D]
     values: torch.Tensor,  # [KVH, S, D]
-    meta: torch.Tensor,  # int64 [5]
+    meta: torch.Tensor,  # int64 [5] or [8]
     slots: torch.Tensor,  # int64 [T]
     scale: float,
     bucket: int,

@@ -5,6 +5,7 @@ test compares replayed graphs with it.
 """
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from edit_cache.views import fill_in_middle, left_to_right
 from engine.generate import StopRules
 from engine.loading import load_model
 from engine.model import KVCache, Span
+from engine.prompting import doc_start_ids
 from engine.static_decode import StaticForward, visibility
 
 TEXT = "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\r\n    y = [1, 2]  # é ✓\n" * 4
@@ -27,12 +29,12 @@ def template():
     return Document.create_simulated(TEXT)
 
 
-def _edit_session(template, static: StaticForward | None, seed: int = 0):
+def _edit_session(template, static: StaticForward | None, seed: int = 0, text: str = TEXT):
     """A document through random edits, repairs and views; what each view decodes."""
     model = template.model
     model.static = static
     try:
-        doc = Document(model, template.tokenizer, TEXT, head=template.head)
+        doc = Document(model, template.tokenizer, text, head=template.head)
         rng = random.Random(seed)
         out = []
         for step in range(6):
@@ -58,7 +60,25 @@ def test_static_forward_matches_span_forward_through_edits_and_views(template):
     got, got_keys = _edit_session(template, static)
     assert static.handled > 20, "repairs, views and decode steps should have taken the static path"
     assert static.eager > 0, "the full prefill (and wide writes) stay eager"
+    assert static.chains >= 6, "each view's greedy decode should have chained its steps"
     torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)  # padding rows wrote nothing live
+    for (g_logits, g_ids, g_lp), (w_logits, w_ids, w_lp) in zip(got, want, strict=True):
+        torch.testing.assert_close(g_logits, w_logits, atol=1e-4, rtol=1e-4)
+        assert g_ids == w_ids
+        assert g_lp == pytest.approx(w_lp, abs=1e-3)
+
+
+def test_documents_longer_than_the_context_take_the_static_path():
+    """Windowed forwards (a sink moved in front of the window, a prefix from the window start)
+    replay the static forward too, and compute what the span forward computes."""
+    template = Document.create_simulated(TEXT)
+    template.model.config = replace(template.model.config, max_position_embeddings=96)
+    long_text = TEXT * 4  # ~4x the context
+    static = StaticForward(template.model, bucket=32, max_width=8, mode="static")
+    want, want_keys = _edit_session(template, None, text=long_text)
+    got, got_keys = _edit_session(template, static, text=long_text)
+    assert static.handled > 30 and static.chains >= 6
+    torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)
     for (g_logits, g_ids, g_lp), (w_logits, w_ids, w_lp) in zip(got, want, strict=True):
         torch.testing.assert_close(g_logits, w_logits, atol=1e-4, rtol=1e-4)
         assert g_ids == w_ids
@@ -101,13 +121,18 @@ def test_visibility_accepts_the_view_shapes_and_rejects_others(template):
     other = KVCache.allocate(config, 100)
     # FIM-like: prefix, shifted suffix, scratch; the write lands after the scratch span
     base, meta = visibility(scratch, 5, 2, [Span(cache, 0, 30), Span(cache, 40, 60, 9), Span(scratch, 0, 5)])
-    assert base is cache and meta == [65, 30, 40, 60, 9, 60]
+    assert base is cache and meta == [65, 30, 40, 60, 9, 60, 0, 0, 0]
     # a repair: one span from 0 to the write slot
-    assert visibility(cache, 30, 3, [Span(cache, 0, 30)])[1] == [30, 0, 0, 0, 0, 0]
-    assert visibility(cache, 30, 3, [])[1] == [30, 0, 0, 0, 0, 30]
+    assert visibility(cache, 30, 3, [Span(cache, 0, 30)])[1] == [30, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert visibility(cache, 30, 3, [])[1] == [30, 0, 0, 0, 0, 30, 0, 0, 0]
+    # windowed (a document longer than the context): the sink [0, 2) moved on by 20, the window
+    # [22, 30), the suffix, the scratch; and a windowed repair
+    windowed = [Span(cache, 0, 2, 20), Span(cache, 22, 30), Span(cache, 40, 60, 9), Span(scratch, 0, 5)]
+    assert visibility(scratch, 5, 1, windowed)[1] == [65, 30, 40, 60, 9, 60, 22, 2, 20]
+    assert visibility(cache, 30, 3, [Span(cache, 0, 2, 20), Span(cache, 22, 30)])[1] == [30, 0, 0, 0, 0, 22, 0, 2, 20]
     assert visibility(scratch, 0, 1, [Span(other, 0, 10)]) is None  # another buffer
-    assert visibility(scratch, 0, 1, [Span(cache, 0, 10, 2), Span(cache, 20, 30, 4)]) is None  # two shifts
-    assert visibility(scratch, 0, 1, [Span(cache, 5, 10)]) is None  # a span neither at 0 nor before the write
+    assert visibility(scratch, 0, 1, [Span(cache, 3, 10, 2), Span(cache, 20, 30, 4)]) is None  # two suffixes
+    assert visibility(scratch, 0, 1, [Span(cache, 0, 10), Span(cache, 20, 30)]) is None  # two runs before the write
     assert visibility(cache, 98, 2, [Span(cache, 0, 98)]) is None  # no free last slot for padding rows
 
 
@@ -128,9 +153,55 @@ def test_cuda_graph_replay_matches_static_forward(tmp_path):
     graphs = StaticForward(loaded.model, bucket=32, max_width=8, mode="graphs")
     want, want_keys = _edit_session(template, static)
     got, got_keys = _edit_session(template, graphs)
-    assert graphs.replays > 20 and graphs.captures > 0
+    assert graphs.replays > 10 and graphs.captures > 0 and graphs.chains > 0
     assert graphs.replays > graphs.captures, "graphs should be replayed, not captured every time"
     torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)
     for (g_logits, g_ids, _), (w_logits, w_ids, _) in zip(got, want, strict=True):
         torch.testing.assert_close(g_logits, w_logits, atol=1e-4, rtol=1e-4)
         assert g_ids == w_ids
+
+
+# ---- chained greedy steps (StaticForward.chain) on the trained default model ----------------
+
+DEFAULT_TEXT = (
+    "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
+    "        return [line.rstrip() for line in f]\n\n\n"
+    "def write_lines(path, lines):\n    with open(path, 'w') as f:\n        for line in lines:\n"
+    "            f.write(line + '\\n')\n\n\n"
+    "def count_words(path):\n    words = 0\n    for line in read_lines(path):\n"
+    "        words += len(line.split())\n    return words\n"
+)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return load_model(None)
+
+
+@pytest.mark.parametrize("max_tokens,max_lines", [(64, 1), (13, None), (40, 3), (1, None)])
+def test_chained_greedy_decoding_equals_step_by_step(trained, max_tokens, max_lines):
+    """Chains stop mid-way on line ends and stop tokens, end on odd token budgets and start after
+    token healing; their text, ids, stop reason and logprob are step-by-step decoding's."""
+    model, tok = trained.model, trained.tokenizer
+    rules = StopRules(max_tokens=max_tokens, max_lines=max_lines)
+    marks = ("def write_", "        for line in l", "    words = 0\n", "return [li")
+    cursors = [DEFAULT_TEXT.index(s) + len(s) for s in marks]
+    outputs = {}
+    for chain_steps in (0, 4, 8):
+        model.static = StaticForward(model, bucket=64, max_width=8, mode="static", chain_steps=chain_steps)
+        try:
+            doc = Document(model, tok, DEFAULT_TEXT, head=doc_start_ids(tok, trained.config))
+            got = []
+            for cursor in cursors:
+                for build in (left_to_right, fill_in_middle):
+                    view = build(doc, cursor, max_new_tokens=max_tokens)
+                    out = view.decode(rules=rules)
+                    got.append((out.ids, out.text, out.stop_reason, round(out.logprob, 3), view.heal))
+            outputs[chain_steps] = got
+            assert (model.static.chains > 0) == (chain_steps > 0 and max_tokens > 1), model.static.chains
+        finally:
+            model.static = None
+    assert outputs[4] == outputs[0] and outputs[8] == outputs[0]
+    reasons = {r for _, _, r, _, _ in outputs[0]}
+    assert max_tokens == 1 or len(reasons) > 1 or "lines" in reasons, reasons  # stops inside chains happened
+    assert any(heal for *_, heal in outputs[0]), "one cursor should sit inside a token (healing)"

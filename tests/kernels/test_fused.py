@@ -85,12 +85,13 @@ def test_rope_write_reference_is_the_model_attention_rotation():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "rotary_dim"), [(4, 2, 16, 16), (6, 2, 32, 16), (4, 4, 24, 24)])
-def test_rope_write_kernel(dtype, heads, kv_heads, dim, rotary_dim):
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "rotary_dim", "rotations"),
+                         [(4, 2, 16, 16, 2), (6, 2, 32, 16, 3), (4, 4, 24, 24, 3)])
+def test_rope_write_kernel(dtype, heads, kv_heads, dim, rotary_dim, rotations):
     g = torch.Generator(device=DEVICE).manual_seed(3)
     count = 3
     qkv = torch.randn(count, (heads + 2 * kv_heads) * dim, generator=g, device=DEVICE).to(dtype)
-    angles = torch.rand(2, count, rotary_dim // 2, generator=g, device=DEVICE) * 6
+    angles = torch.rand(rotations, count, rotary_dim // 2, generator=g, device=DEVICE) * 6
     angles = torch.cat((angles, angles), -1)
     cos, sin = angles.cos(), angles.sin()
     big = torch.zeros(2, 1, kv_heads, 12, dim, device=DEVICE, dtype=dtype)  # [L, B, KVH, CAP, D]

@@ -43,15 +43,19 @@ def _visibility(pattern, num_tokens, num_slots):
             slots[-2] = num_slots - 1  # past the bucket: sees all of [0, bucket)
     elif pattern == "empty":  # no row sees anything
         meta, slots = [0, 0, 0, 0, 0], torch.full((num_tokens,), -1)
+    elif pattern == "windowed":  # a sink [0, 3) shifted 40 on, the window [75, 110), a shifted suffix, scratch
+        meta, slots = [110, 130, 170, 5, 175, 75, 3, 40], 175 + tokens
+    elif pattern == "windowed_repair":  # sink, then one run from the window start up to the new tokens
+        meta, slots = [0, 0, 0, 0, 90, 0, 2, 60], 150 + tokens
     else:
         raise ValueError(pattern)
     return torch.tensor(meta, dtype=torch.int64), slots.to(torch.int64)
 
 
-def _inputs(num_tokens, num_groups, head_dim, dtype, device=DEVICE, seed=0):
-    """q [KVH, G, 2, T, D] and keys/values as strided [KVH, S, D] views of [L, 1, KVH, CAP, D] caches."""
+def _inputs(num_tokens, num_groups, head_dim, dtype, device=DEVICE, seed=0, rotations=2):
+    """q [KVH, G, R, T, D] and keys/values as strided [KVH, S, D] views of [L, 1, KVH, CAP, D] caches."""
     g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(NUM_KV_HEADS, num_groups, 2, num_tokens, head_dim, generator=g, device=device)
+    q = torch.randn(NUM_KV_HEADS, num_groups, rotations, num_tokens, head_dim, generator=g, device=device)
     caches = [torch.randn(2, 1, NUM_KV_HEADS, CAPACITY, head_dim, generator=g, device=device).to(dtype)
               for _ in range(2)]
     keys, values = (cache[1, 0, :, OFFSET : OFFSET + SLOTS] for cache in caches)
@@ -65,10 +69,11 @@ SHAPES = [  # (tokens, groups, head_dim); 102 rows make two row blocks of 64
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pattern", ["prefix", "mixed", "repair", "empty"])
+@pytest.mark.parametrize("pattern", ["prefix", "mixed", "repair", "empty", "windowed", "windowed_repair"])
 @pytest.mark.parametrize(("num_tokens", "num_groups", "head_dim"), SHAPES)
 def test_kernel_matches_reference(num_tokens, num_groups, head_dim, pattern, dtype):
-    q, keys, values = _inputs(num_tokens, num_groups, head_dim, dtype)
+    rotations = 3 if pattern.startswith("windowed") else 2
+    q, keys, values = _inputs(num_tokens, num_groups, head_dim, dtype, rotations=rotations)
     assert not keys.is_contiguous()
     meta, slots = (t.to(DEVICE) for t in _visibility(pattern, num_tokens, SLOTS))
     scale = head_dim**-0.5
@@ -111,14 +116,16 @@ def test_kernel_with_more_splits_than_one_combine_round():
 
 def _gathered_attention(q, keys, values, meta, slots, scale, bucket):
     """Plain softmax attention in fp64, token by token over an explicit list of visible slots."""
-    prefix_end, suffix_start, suffix_end, _, scratch_start = meta.tolist()
+    numbers = meta.tolist()
+    prefix_end, suffix_start, suffix_end, _, scratch_start = numbers[:5]
+    prefix_start, sink_end = numbers[5:7] if len(numbers) == 8 else (0, 0)
     out = torch.zeros(q.shape[0], q.shape[1], q.shape[3], q.shape[4], dtype=torch.float64)
     for t, slot in enumerate(slots.tolist()):
-        seen = [j for j in range(bucket)
-                if j < prefix_end or suffix_start <= j < suffix_end or scratch_start <= j <= slot]
+        seen = [j for j in range(bucket) if j < sink_end or prefix_start <= j < prefix_end
+                or suffix_start <= j < suffix_end or scratch_start <= j <= slot]
         if not seen:
             continue
-        which = torch.tensor([1 if suffix_start <= j < suffix_end else 0 for j in seen])
+        which = torch.tensor([2 if j < sink_end else 1 if suffix_start <= j < suffix_end else 0 for j in seen])
         k = keys[:, seen].double()  # [KVH, N, D]
         qs = q[:, :, :, t].double()[:, :, which]  # [KVH, G, N, D]: each key's own query rotation
         scores = (qs * k[:, None]).sum(-1) * scale  # [KVH, G, N]
@@ -130,10 +137,12 @@ def _gathered_attention(q, keys, values, meta, slots, scale, bucket):
     ([6, 10, 20, 3, 24], [24, 25, 26, 27, 39]),  # the last slot lies past the bucket
     ([0, 0, 0, 0, 0], [10, 11, -1, 12, 13]),  # repair shape with a padding row that sees nothing
     ([12, 12, 30, 7, 30], [30, 31, 32, 33, 34]),  # suffix right after the prefix, scratch right after it
+    ([14, 20, 28, 2, 30, 8, 2, 6], [30, 31, 32, 33, 34]),  # windowed: sink [0, 2), window [8, 14), suffix
+    ([0, 0, 0, 0, 9, 0, 3, 6], [20, 21, 22, 23, 24]),  # windowed repair: sink, then [9, own slot]
 ])
 def test_reference_equals_softmax_over_gathered_keys(meta, slots):
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 3, 2, 5, 16, generator=g)
+    q = torch.randn(2, 3, 3 if len(meta) == 8 else 2, 5, 16, generator=g)
     keys, values = torch.randn(2, 2, 40, 16, generator=g)
     meta, slots = torch.tensor(meta), torch.tensor(slots)
     ref = span_attention_ref(q, keys, values, meta, slots, 0.3, 36)
