@@ -245,7 +245,8 @@ def _ours(doc: Document, changes, cursor: int, device) -> dict:
 
 
 def _warm(doc: Document, device) -> None:
-    """Capture the graphs a keystroke on this document replays (every width, one bucket)."""
+    """Capture the graphs a keystroke on this document replays (every width, with the last row's
+    logits (views) and without logits (repairs), one bucket; the decode chains)."""
     model = doc.model
     if model.static is None:
         return
@@ -253,9 +254,16 @@ def _warm(doc: Document, device) -> None:
     width = 1
     while width <= model.static.max_width:
         scratch = doc.scratch_window(width + 1)
-        model(torch.zeros(1, width, dtype=torch.long, device=device), torch.arange(used, used + width, device=device),
-              write=scratch, write_at=0, context=[Span(doc.cache, 0, used)], logits="last")
+        for rows in ("last", "none"):
+            model(torch.zeros(1, width, dtype=torch.long, device=device),
+                  torch.arange(used, used + width, device=device),
+                  write=scratch, write_at=0, context=[Span(doc.cache, 0, used)], logits=rows)
         width *= 2
+    steps = model.static.chain_steps
+    while steps:
+        scratch = doc.scratch_window(steps + 1)
+        model.static.chain(0, used, scratch, 0, [Span(doc.cache, 0, used)], steps)
+        steps //= 2
     sync(device)
 
 

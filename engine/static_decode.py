@@ -23,9 +23,10 @@ multiple of 1024 covering the buffer's `extent`, the slots its owner has in use)
 the visibility rule on the device, so a repair near the top of a file replays the same graph
 as one near its end. Norms, RoPE with the KV write, and SwiGLU are fused kernels
 (kernels/fused.py); q/k/v and gate/up are one GEMM each. One graph per
-(buffer, bucket, width) is captured on first use and replayed after; the width is the token
-count rounded up to a power of two, and padding rows write into the buffer's last slot,
-which the caller keeps free.
+(buffer, bucket, width, rows wanted) is captured on first use and replayed after; the width is
+the token count rounded up to a power of two (up to 256), padding rows write into the buffer's
+last slot, which the caller keeps free, and the head runs on the rows the caller wants logits
+of: all (a verification), the last real one (a view), none (a repair).
 
 `chain` runs plain greedy decoding on the device: one graph holds `steps` one-token forwards,
 each fed the argmax of the step before, and hands back the chosen ids with their
@@ -55,7 +56,7 @@ from kernels.logit_summary import logit_summary
 from kernels.span_attention import span_attention
 
 BUCKET = 1024
-MAX_WIDTH = 64
+MAX_WIDTH = 256  # a multi-line paste or a realedits-sized repair (~70 tokens) still replays
 MAX_GRAPHS = 96
 MAX_CHAIN = 16
 CHAIN_STEPS = 8  # engine.generate.decode's chain length (0: decode step by step)
@@ -106,6 +107,8 @@ def visibility(write: KVCache, write_at: int, count: int,
             scratch_start = lo
         elif prefix_end == 0:
             prefix_start, prefix_end = lo, hi
+        elif not suffix:  # a FIM suffix whose view tokens took exactly its slots' count: shift 0
+            suffix.append((lo, hi, 0))
         else:
             return None
     suffix_start, suffix_end, shift = suffix[0] if suffix else (0, 0, 0)
@@ -143,15 +146,16 @@ class StaticForward:
         self._fused = [_fuse(block) for block in model.layers] if mode != "off" else []
         dev = model.device
         # Every static input in one device tensor, filled from one (pinned) host buffer per call:
-        # ids [W], positions [W], slots [W], then the eight visibility numbers.
+        # ids [W], positions [W], slots [W], the eight visibility numbers, the last real row.
         w = self.max_width
-        self._inputs = torch.zeros(3 * w + 8, dtype=torch.long, device=dev)
-        self._host = torch.zeros(3 * w + 8, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._inputs = torch.zeros(3 * w + 9, dtype=torch.long, device=dev)
+        self._host = torch.zeros(3 * w + 9, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._host_np = self._host.numpy()
         self._ids = self._inputs[:w][None]
         self._positions = self._inputs[w : 2 * w]
         self._slots = self._inputs[2 * w : 3 * w]
-        self._meta = self._inputs[3 * w :]
+        self._meta = self._inputs[3 * w : 3 * w + 8]
+        self._last = self._inputs[3 * w + 8 :]
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
         self.handled = 0  # forwards run here (replayed, or static without graphs), chained ones included
@@ -182,7 +186,8 @@ class StaticForward:
         host[: 2 * w] = 0  # padding rows read id 0 at position 0
         host[2 * w : 2 * w + width] = base.capacity - 1  # padding rows write the spare last slot
         host[2 * w : 2 * w + count] = range(at, at + count)
-        host[3 * w :] = meta
+        host[3 * w : 3 * w + 8] = meta
+        host[3 * w + 8] = count - 1
         if self._host.is_pinned():
             # the previous call's copy must be done reading the buffer before it is refilled
             torch.cuda.current_stream().synchronize()
@@ -190,15 +195,15 @@ class StaticForward:
         self._ids[0, :count].copy_(ids[0], non_blocking=True)
         self._positions[:count].copy_(positions.reshape(-1), non_blocking=True)
         if self.mode == "graphs":
-            graph, out = self._graph(base, bucket, width)
+            graph, out = self._graph(base, bucket, width, rows=logits)
             graph.replay()
             self.replays += 1
         else:
-            out = self._run(base, bucket, width)
+            out = self._run(base, bucket, width, rows=logits)
         if logits == "none":
             return True, None
         if logits == "last":
-            return True, out[count - 1 : count].clone()
+            return True, out.clone()
         return True, out[None, :count].clone()
 
     def chain(self, token: int, position: int, write: KVCache, write_at: int, context: Sequence[Span],
@@ -227,7 +232,7 @@ class StaticForward:
         host[: 2 * w] = 0
         host[0], host[w] = token, position
         host[2 * w] = at
-        host[3 * w :] = meta
+        host[3 * w : 3 * w + 8] = meta
         if self._host.is_pinned():
             torch.cuda.current_stream().synchronize()
         self._inputs.copy_(self._host, non_blocking=True)
@@ -238,15 +243,15 @@ class StaticForward:
             return out
         return self._run_chain(base, bucket, steps)
 
-    def _graph(self, base: KVCache, bucket: int, width: int,
-               chain: int = 0) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, chain)
+    def _graph(self, base: KVCache, bucket: int, width: int, chain: int = 0,
+               rows: str = "all") -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, chain, rows)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
 
         def run():
-            return self._run_chain(base, bucket, chain) if chain else self._run(base, bucket, width)
+            return self._run_chain(base, bucket, chain) if chain else self._run(base, bucket, width, rows=rows)
 
         # The warm-up runs compute the very step being asked for (same inputs, same slots),
         # so their writes are the ones the replay repeats.
@@ -284,9 +289,12 @@ class StaticForward:
 
     @torch.inference_mode()
     def _run(self, base: KVCache, bucket: int, width: int, ids: torch.Tensor | None = None,
-             positions: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """The forward itself (`[width, V]` fp32 logits): only device tensors decide what it reads and
-        writes; ids `[1, width]`, positions and slots `[width]` default to the static inputs."""
+             positions: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+             rows: str = "all") -> torch.Tensor | None:
+        """The forward itself: only device tensors decide what it reads and writes; ids `[1, width]`,
+        positions and slots `[width]` default to the static inputs. Returns fp32 logits of every
+        row (`rows="all"`, `[width, V]`), of the last real row (`"last"`, `[1, V]`: the row the
+        static input `_last` names), or nothing (`"none"`: a repair wants only the K/V written)."""
         model = self.model
         slots = self._slots[:width] if slots is None else slots
         positions = self._positions[:width] if positions is None else positions
@@ -304,6 +312,10 @@ class StaticForward:
             mlp = block.mlp
             delta = F.linear(silu_mul(F.linear(h, fused.gate_up_weight, fused.gate_up_bias)),
                              mlp.down_proj.weight, mlp.down_proj.bias)
+        if rows == "none":
+            return None
+        if rows == "last":
+            x, delta = x[:, self._last], delta[:, self._last]  # index by a device tensor: no sync
         _, h = add_rms_norm(x, delta, model.norm.weight, eps)
         return model.lm_head(h[0]).float()
 

@@ -132,7 +132,9 @@ def test_visibility_accepts_the_view_shapes_and_rejects_others(template):
     assert visibility(cache, 30, 3, [Span(cache, 0, 2, 20), Span(cache, 22, 30)])[1] == [30, 0, 0, 0, 0, 22, 0, 2, 20]
     assert visibility(scratch, 0, 1, [Span(other, 0, 10)]) is None  # another buffer
     assert visibility(scratch, 0, 1, [Span(cache, 3, 10, 2), Span(cache, 20, 30, 4)]) is None  # two suffixes
-    assert visibility(scratch, 0, 1, [Span(cache, 0, 10), Span(cache, 20, 30)]) is None  # two runs before the write
+    # a FIM suffix that lands at its own positions (shift 0) is still the suffix
+    assert visibility(scratch, 0, 1, [Span(cache, 0, 10), Span(cache, 20, 30)])[1] == [60, 10, 20, 30, 0, 60, 0, 0, 0]
+    assert visibility(scratch, 0, 1, [Span(cache, 0, 10), Span(cache, 20, 30), Span(cache, 40, 50, 3)]) is None
     assert visibility(cache, 98, 2, [Span(cache, 0, 98)]) is None  # no free last slot for padding rows
 
 
