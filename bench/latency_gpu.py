@@ -251,6 +251,9 @@ def _warm(doc: Document, device) -> None:
     if model.static is None:
         return
     used = doc.h + len(doc.ids)
+    # the widest scratch first: growing the buffer later would leave the graphs captured here
+    # on the old one
+    doc.scratch_window(model.static.max_width + 1)
     width = 1
     while width <= model.static.max_width:
         scratch = doc.scratch_window(width + 1)
