@@ -238,7 +238,7 @@ def _ours(doc: Document, changes, cursor: int, device) -> dict:
     int(view.first_logits[0].argmax())
     t2 = time.perf_counter()
     # the served path: engine.generate.decode, whose greedy steps run as device-side chains
-    ids = view.decode(rules=StopRules(max_tokens=NEW_TOKENS, max_lines=None)).ids
+    ids = view.decode(rules=StopRules(max_tokens=NEW_TOKENS, max_lines=None, ignore_eos=True)).ids
     t3 = time.perf_counter()
     return {"repair_ms": 1000 * (t1 - t0), "ttft_ms": 1000 * (t2 - t0), "total_ms": 1000 * (t3 - t0),
             "decode_ms": 1000 * (t3 - t2), "prompt": view.prompt_ids, "ids": ids, "cursor": cursor}
@@ -293,7 +293,7 @@ def _ms_per_token(view, steps: int, device, graphs: bool, chained: bool = False)
         if not chained:
             _decode(view, n, device)
             return n
-        return view.decode(rules=StopRules(max_tokens=n + 1, max_lines=None)).stats.forwards
+        return view.decode(rules=StopRules(max_tokens=n + 1, max_lines=None, ignore_eos=True)).stats.forwards
 
     try:
         run(steps)

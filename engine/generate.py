@@ -36,6 +36,11 @@ class StopRules:
     max_lines: int | None = 1
     stop_ids: frozenset[int] = frozenset()
     should_stop: Callable[[], bool] | None = None  # polled before every forward
+    ignore_eos: bool = False  # don't stop at the tokenizer's end/stop tokens (benchmarks of fixed length)
+
+    def stop_set(self, tokenizer: Tokenizer) -> frozenset[int]:
+        """The ids that end a completion: `stop_ids`, and the tokenizer's unless `ignore_eos`."""
+        return self.stop_ids if self.ignore_eos else self.stop_ids | tokenizer.stop_ids
 
 
 @dataclass
@@ -285,7 +290,7 @@ def decode(
     scratch.ensure_capacity(scratch_used + rules.max_tokens + 1, keep=scratch_used)
     if chooser is not None and not params.greedy:
         raise ValueError("a TokenChooser replaces greedy's argmax; it does not combine with sampling")
-    stop_ids = rules.stop_ids | tokenizer.stop_ids
+    stop_ids = rules.stop_set(tokenizer)
     stopper = LineStopper(tokenizer, rules.max_lines)
     generator = make_generator(params, model.device)
     ids: list[int] = []

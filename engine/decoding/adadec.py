@@ -282,7 +282,7 @@ def adadec_decode(
     `stats.extra` as `adadec_*`; rollout forwards count in `stats.forwards`.
     """
     stats = stats or DecodeStats()
-    stop_ids = (rules or StopRules()).stop_ids | state.tokenizer.stop_ids
+    stop_ids = (rules or StopRules()).stop_set(state.tokenizer)
     healer = healer_for(state.tokenizer) if state.heal else None  # rollouts need it only while healing
     gate = Gate(state.model, config, stop_ids, healer)
     out = decode(state.model, state.tokenizer, state.first_logits, context=state.context,

@@ -89,7 +89,7 @@ def beam_search(
     stats = stats or DecodeStats()
     model, tok = state.model, state.tokenizer
     dev = model.device
-    stop_ids = rules.stop_ids | tok.stop_ids
+    stop_ids = rules.stop_set(tok)
     stopper = LineStopper(tok, rules.max_lines)
     healer = healer_for(tok) if state.heal else None
     healed = state.heal.decode("utf-8", errors="replace")

@@ -392,7 +392,7 @@ class _Output:
     def __init__(self, tokenizer: Tokenizer, rules: StopRules, heal: bytes) -> None:
         self.tokenizer = tokenizer
         self.rules = rules
-        self.stop_ids = rules.stop_ids | tokenizer.stop_ids
+        self.stop_ids = rules.stop_set(tokenizer)
         self.stopper = LineStopper(tokenizer, rules.max_lines)
         self.healer = healer_for(tokenizer)
         self.remaining = heal

@@ -249,7 +249,7 @@ def superposed_drafts(
     dev = model.device
     run = SuperposedStats()
     m = params.top_tokens or k
-    stop_ids = rules.stop_ids | tok.stop_ids
+    stop_ids = rules.stop_set(tok)
     stopper = LineStopper(tok, rules.max_lines)
     healer = healer_for(tok) if state.heal else None
     allowed_memo: dict[bytes, torch.Tensor] = {}

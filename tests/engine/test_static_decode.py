@@ -207,3 +207,28 @@ def test_chained_greedy_decoding_equals_step_by_step(trained, max_tokens, max_li
     reasons = {r for _, _, r, _, _ in outputs[0]}
     assert max_tokens == 1 or len(reasons) > 1 or "lines" in reasons, reasons  # stops inside chains happened
     assert any(heal for *_, heal in outputs[0]), "one cursor should sit inside a token (healing)"
+
+
+def test_ignore_eos_decodes_past_the_end_token(trained):
+    """A completion that ends at the model's end token goes on with `ignore_eos` (fixed-length
+    benchmarks), the same tokens up to there, chained or step by step."""
+    model, tok = trained.model, trained.tokenizer
+    doc = Document(model, tok, DEFAULT_TEXT, head=doc_start_ids(tok, trained.config))
+    stopped = None
+    for cursor in range(len(DEFAULT_TEXT) - 1, 0, -7):
+        view = fill_in_middle(doc, cursor, max_new_tokens=24)
+        out = view.decode(rules=StopRules(max_tokens=24, max_lines=None))
+        if out.stop_reason == "stop_token":
+            stopped = (cursor, out)
+            break
+    assert stopped is not None, "the default model should end some FIM completion with its end token"
+    cursor, out = stopped
+    for chain_steps in (0, 8):
+        model.static = StaticForward(model, bucket=64, max_width=8, mode="static", chain_steps=chain_steps)
+        try:
+            view = fill_in_middle(doc, cursor, max_new_tokens=24)
+            longer = view.decode(rules=StopRules(max_tokens=24, max_lines=None, ignore_eos=True))
+        finally:
+            model.static = None
+        assert longer.stop_reason == "max_tokens" and len(longer.ids) == 24
+        assert longer.ids[: len(out.ids)] == out.ids and longer.ids[len(out.ids)] in tok.stop_ids
