@@ -246,7 +246,7 @@ def _ours(doc: Document, changes, cursor: int, device) -> dict:
 
 def _warm(doc: Document, device) -> None:
     """Capture the graphs a keystroke on this document replays (every width, with the last row's
-    logits (views) and without logits (repairs), one bucket; the decode chains)."""
+    logits (views) and without logits (repairs), one bucket)."""
     model = doc.model
     if model.static is None:
         return
@@ -262,11 +262,8 @@ def _warm(doc: Document, device) -> None:
                   torch.arange(used, used + width, device=device),
                   write=scratch, write_at=0, context=[Span(doc.cache, 0, used)], logits=rows)
         width *= 2
-    steps = model.static.chain_steps
-    while steps:
-        scratch = doc.scratch_window(steps + 1)
-        model.static.chain(0, used, scratch, 0, [Span(doc.cache, 0, used)], steps)
-        steps //= 2
+    if model.static.chain_steps:  # the decode chains' own small ops (their forwards replay width 1)
+        model.static.chain(0, used, doc.scratch_window(2), 0, [Span(doc.cache, 0, used)], 1)
     sync(device)
 
 

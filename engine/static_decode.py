@@ -28,13 +28,13 @@ the token count rounded up to a power of two (up to 256), padding rows write int
 last slot, which the caller keeps free, and the head runs on the rows the caller wants logits
 of: all (a verification), the last real one (a view), none (a repair).
 
-`chain` runs plain greedy decoding on the device: one graph holds `steps` one-token forwards,
-each fed the argmax of the step before, and hands back the chosen ids with their
-log-probabilities in one small copy. Between two graphed decode steps the host otherwise
-reads the argmax, checks the stop rules and fills the next step's inputs — on a small model
-that is most of a step's time; the caller applies its stop rules to the chain's tokens
-afterwards and drops what follows a stop (their K/V sit in scratch slots past the ones it
-keeps).
+`chain` runs plain greedy decoding on the device: it replays the one-token step `steps` times,
+each fed the argmax of the step before by device ops queued between the replays, and hands
+back the chosen ids with their log-probabilities in one small copy. Between two graphed decode
+steps the host otherwise waits for the argmax, checks the stop rules and fills the next step's
+inputs — on a small model that is most of a step's time; the caller applies its stop rules to
+the chain's tokens afterwards and drops what follows a stop (their K/V sit in scratch slots
+past the ones it keeps).
 
 Anything else — larger writes (a whole-file prefill), batched rows, input embeddings, a third
 shifted span, dynamic RoPE scaling, the CPU — returns `handled=False` and runs eagerly.
@@ -158,6 +158,7 @@ class StaticForward:
         self._last = self._inputs[3 * w + 8 :]
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
+        self._captured_shapes: set[tuple] = set()
         self.handled = 0  # forwards run here (replayed, or static without graphs), chained ones included
         self.replays = 0
         self.captures = 0
@@ -194,16 +195,18 @@ class StaticForward:
         self._inputs.copy_(self._host, non_blocking=True)
         self._ids[0, :count].copy_(ids[0], non_blocking=True)
         self._positions[:count].copy_(positions.reshape(-1), non_blocking=True)
+        # a single row's "last" is its "all": one graph serves decode steps and chains
+        rows = "all" if width == 1 and logits == "last" else logits
         if self.mode == "graphs":
-            graph, out = self._graph(base, bucket, width, rows=logits)
+            graph, out = self._graph(base, bucket, width, rows=rows)
             graph.replay()
             self.replays += 1
         else:
-            out = self._run(base, bucket, width, rows=logits)
+            out = self._run(base, bucket, width, rows=rows)
         if logits == "none":
             return True, None
         if logits == "last":
-            return True, out.clone()
+            return True, out[-1:].clone()
         return True, out[None, :count].clone()
 
     def chain(self, token: int, position: int, write: KVCache, write_at: int, context: Sequence[Span],
@@ -236,30 +239,45 @@ class StaticForward:
         if self._host.is_pinned():
             torch.cuda.current_stream().synchronize()
         self._inputs.copy_(self._host, non_blocking=True)
-        if self.mode == "graphs":
-            graph, out = self._graph(base, bucket, 1, chain=steps)
+        if self.mode != "graphs":
+            return self._run_chain(base, bucket, steps)
+        # The one-token step's graph, replayed `steps` times; between replays a few device ops
+        # choose the token and advance the static inputs. Nothing waits for the GPU, so the host
+        # queues the whole chain while the first steps run, and no graph is captured per chain
+        # length (each would cost a document its first completions' time).
+        graph, out = self._graph(base, bucket, 1, rows="all")
+        result = torch.empty((2, steps), dtype=torch.float64, device=out.device)
+        for step in range(steps):
             graph.replay()
             self.replays += 1
-            return out
-        return self._run_chain(base, bucket, steps)
+            summary = logit_summary(out, 1)
+            result[0, step : step + 1].copy_(summary.ids[0])
+            result[1, step : step + 1].copy_(summary.values[0] - summary.logsumexp)
+            self._ids[0, :1].copy_(summary.ids[0])
+            self._positions[:1] += 1
+            self._slots[:1] += 1
+        return result
 
-    def _graph(self, base: KVCache, bucket: int, width: int, chain: int = 0,
+    def _graph(self, base: KVCache, bucket: int, width: int,
                rows: str = "all") -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
-        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, chain, rows)
+        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
 
         def run():
-            return self._run_chain(base, bucket, chain) if chain else self._run(base, bucket, width, rows=rows)
+            return self._run(base, bucket, width, rows=rows)
 
         # The warm-up runs compute the very step being asked for (same inputs, same slots),
-        # so their writes are the ones the replay repeats.
+        # so their writes are the ones the replay repeats. Two the first time a shape is
+        # captured (compiles, library workspaces); one for the same shape on another buffer.
+        shape = (tuple(base.k.shape[:3]), base.k.shape[4], bucket, width, rows)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
+            for _ in range(1 if shape in self._captured_shapes else 2):
                 run()
+        self._captured_shapes.add(shape)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -274,7 +292,8 @@ class StaticForward:
 
     @torch.inference_mode()
     def _run_chain(self, base: KVCache, bucket: int, steps: int) -> torch.Tensor:  # [2, steps] float64
-        """`steps` one-token forwards, each fed the previous one's argmax (see `chain`)."""
+        """`steps` one-token forwards, each fed the previous one's argmax (see `chain`); the
+        static mode's chain, the same ops as the replayed one."""
         token = self._ids[:, :1]
         position, slot = self._positions[:1], self._slots[:1]
         chosen, logprobs = [], []
