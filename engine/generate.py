@@ -193,7 +193,7 @@ def _extend(spans: list[Span], span: Span) -> list[Span]:
     return [*spans, span]
 
 
-def _chain_length(chain_steps: int, allowed: int) -> int:
+def chain_length(chain_steps: int, allowed: int) -> int:
     """Tokens to ask a chain for: `chain_steps`, or the largest power of two under the tokens
     still allowed (so a few graphs serve every request)."""
     if chain_steps <= 0 or allowed <= 0:
@@ -349,7 +349,7 @@ def decode(
         if reused is not None:
             logits = reused
             continue
-        steps = _chain_length(chain_steps, rules.max_tokens - len(ids))
+        steps = chain_length(chain_steps, rules.max_tokens - len(ids))
         if steps and not remaining:
             out = model.static.chain(token, next_position + step, scratch, slot,
                                      [*context, Span(scratch, 0, slot)], steps)

@@ -259,7 +259,7 @@ class ModelBackend:
             spec = SpecCounters.read(stats.extra)
             counters["strategy"] = "speculative" + ("+adadec" if adadec is not None else "")
             counters.update({f"spec_{name}": getattr(spec, name) for name in ("drafted", "accepted", "bonus",
-                                                                             "forwards")})
+                                                                             "forwards", "chained")})
             counters["spec_accepted_by_source"] = {source: accepted for source, (_, accepted) in
                                                    sorted(spec.by_source.items())}
         elif adadec is not None:

@@ -46,7 +46,7 @@ from engine.decoding.drafters import (
     Reference,
     TokenHistory,
 )
-from engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules
+from engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules, chain_length
 from engine.healing import healer_for
 from engine.model import KVCache, Span
 from engine.sampling import SamplingParams, sampling_probs
@@ -71,6 +71,9 @@ class SpeculationConfig:
     table_contexts: int = 50_000
     stochastic_table: bool = True  # sampling: draft from the table's distribution q (STAND)
     recent: int = 8  # own completions kept as a "recent" reference
+    # greedy on graphed forwards: a step with nothing to draft runs this many plain steps as one
+    # device-side chain (engine.static_decode.StaticForward.chain) instead of one verification
+    chain_steps: int = 4
 
     def __post_init__(self) -> None:
         unknown = set(self.drafters) - set(DRAFTERS)
@@ -80,15 +83,19 @@ class SpeculationConfig:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
         if self.max_draft < 0 or self.max_rows < 1:
             raise ValueError(f"need max_draft >= 0 and max_rows >= 1, got {self.max_draft}, {self.max_rows}")
+        if self.chain_steps < 0:
+            raise ValueError(f"chain_steps must be >= 0, got {self.chain_steps}")
 
 
 @dataclass
 class SpecCounters:
     """One request's speculation, in drafted / accepted / bonus tokens.
 
-    Every token the decoder chose is the first one (from the state's logits), an accepted draft
-    or a bonus token (one per verification forward): `len(ids) + discarded == 1 + accepted + bonus`,
-    where `discarded` counts chosen tokens a stop rule cut (the stop token, tokens past the end).
+    Every token the decoder chose is the first one (from the state's logits), an accepted draft,
+    a bonus token (one per verification forward) or a chained one (plain greedy steps run on the
+    device where there was nothing to draft): `len(ids) + discarded == 1 + accepted + bonus +
+    chained`, where `discarded` counts chosen tokens a stop rule cut (the stop token, tokens past
+    the end).
     """
 
     drafted: int = 0  # draft tokens verified, all rows
@@ -97,9 +104,10 @@ class SpecCounters:
     forwards: int = 0  # verification forwards
     rows: int = 0  # batch rows verified, summed over forwards
     discarded: int = 0
+    chained: int = 0  # tokens chosen by device-side chains of plain steps (one forward each)
     by_source: dict[str, list[int]] = field(default_factory=dict)  # source -> [drafted, accepted]
 
-    NAMES = ("drafted", "accepted", "bonus", "forwards", "rows", "discarded")
+    NAMES = ("drafted", "accepted", "bonus", "forwards", "rows", "discarded", "chained")
 
     @property
     def acceptance(self) -> float:
@@ -493,7 +501,9 @@ def speculative_decode(
     """Decode from `state` like engine.generate.decode, verifying drafts in each forward.
 
     `references`: token sequences to copy from besides the prompt (the suffix in a
-    left-to-right view, other open documents, shown suggestions). Counters go to
+    left-to-right view, other open documents, shown suggestions). Greedy decoding on graphed
+    forwards (`model.static`) runs the steps it has nothing to draft for as device-side chains
+    of `config.chain_steps` plain steps (counted as `chained`, not as verifications). Counters go to
     `stats.extra` (`SpecCounters.read`). Cancellation (`should_stop`) is polled before each
     forward, so a cancelled request may hold more tokens than plain decoding's.
 
@@ -524,6 +534,8 @@ def speculative_decode(
     rows_cache = None
     order = speculator.table.max_order
     gate = None
+    chainable = (greedy and adadec is None and cfg.chain_steps > 0 and model.static is not None
+                 and rules.max_tokens > 0)
     if adadec is not None and adadec.tau < math.inf:
         if not greedy:
             raise ValueError("AdaDec reranks greedy decoding; it does not combine with sampling")
@@ -589,6 +601,33 @@ def speculative_decode(
         extra = [_rollout_candidate(rerank)] if rerank is not None else []
         plan = speculator.plan(history, refs, budget, greedy=greedy, temperature=params.temperature,
                                generator=generator, cut=out.cut(), extra=extra)
+        # Nothing to draft: plain greedy steps chained on the device cost a fraction of a
+        # verification step each (no drafting, no verdict, no wait between them); drafting
+        # resumes after the chain.
+        while chainable and not any(plan.drafts) and not out.remaining:
+            steps = chain_length(cfg.chain_steps, rules.max_tokens - n)
+            slot = used + n - 1
+            chain = model.static.chain(out.ids[-1], state.next_position + n - 1, scratch, slot,
+                                       [*state.context, Span(scratch, 0, slot)], steps) if steps else None
+            if chain is None:
+                break
+            chosen, chain_logprobs = chain.tolist()
+            path = [int(t) for t in chosen]
+            stats.forwards += steps
+            counters.chained += steps
+            appended = out.emit(path, chain_logprobs)
+            counters.discarded += steps - appended
+            if out.reason is None and rules.should_stop is not None and rules.should_stop():
+                out.reason = "cancelled"
+            if out.reason is not None:
+                break
+            history.extend(path)
+            n = len(out.ids)
+            budget = min(cfg.max_draft, rules.max_tokens - n - 1)
+            plan = speculator.plan(history, refs, budget, greedy=greedy, temperature=params.temperature,
+                                   generator=generator, cut=out.cut())
+        if out.reason is not None:
+            break
         rows = [[out.ids[-1], *d] for d in plan.drafts]
         width = max(len(row) for row in rows)
         rows = [row + [row[-1]] * (width - len(row)) for row in rows]  # padding is never accepted

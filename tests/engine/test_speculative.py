@@ -28,6 +28,7 @@ from engine.loading import load_model
 from engine.model import Span
 from engine.prompting import doc_start_ids
 from engine.sampling import SamplingParams, sampling_probs
+from engine.static_decode import StaticForward
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "realedits" / "dev.jsonl.gz"
 
@@ -42,12 +43,13 @@ def _one_thread():
 
 
 def _check_counters(out) -> SpecCounters:
-    """Acceptance accounting: every chosen token is the first, an accepted draft or a bonus."""
+    """Acceptance accounting: every chosen token is the first, an accepted draft, a bonus or a
+    chained one."""
     c = SpecCounters.read(out.stats.extra)
     assert 0 <= c.accepted <= c.drafted
-    assert c.bonus == c.forwards == out.stats.forwards
+    assert c.bonus == c.forwards and out.stats.forwards == c.forwards + c.chained
     assert c.rows <= c.forwards * 16
-    assert len(out.ids) + c.discarded == 1 + c.accepted + c.bonus
+    assert len(out.ids) + c.discarded == 1 + c.accepted + c.bonus + c.chained
     assert sum(d for d, _ in c.by_source.values()) == c.drafted
     assert sum(a for _, a in c.by_source.values()) == c.accepted
     return c
@@ -498,35 +500,50 @@ def _realedits_contexts(n, max_file_chars):
     return out
 
 
-def _greedy_identical(trained, n, max_file_chars, rules_for):
+def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False):
     tok = trained.tokenizer
     head = doc_start_ids(tok, trained.config)
     chain = Speculator()
     tree = Speculator(SpeculationConfig(max_rows=3, measure_cost=False, row_cost=0.3))
-    healed = multi_line = accepted = 0
-    for i, (text, cursor) in enumerate(_realedits_contexts(n, max_file_chars)):
-        doc = Document(trained.model, tok, text, head=head)
-        rules = rules_for(i)
-        suffix = [Reference.of("suffix", tok.encode(text[cursor : cursor + 4000]))]
-        # each view built right before its decodes: the two share the document's scratch slots
-        for kind, spec, refs in (("l2r", chain, suffix), ("fim", tree, [])):
-            if kind == "l2r":
-                view = left_to_right(doc, cursor, max_new_tokens=rules.max_tokens)
-            else:
-                view = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens)
-            plain = view.decode(rules=rules)
-            out = spec.decode(view.state(), rules=rules, references=refs)
-            _same(plain, out)
-            accepted += _check_counters(out).accepted
-            healed += bool(view.heal)
-            multi_line += "\n" in out.text
+    healed = multi_line = accepted = chained_tokens = 0
+    if chained:  # the static forward the GPU replays, run eagerly: steps with no draft chain
+        trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+    try:
+        for i, (text, cursor) in enumerate(_realedits_contexts(n, max_file_chars)):
+            doc = Document(trained.model, tok, text, head=head)
+            rules = rules_for(i)
+            suffix = [Reference.of("suffix", tok.encode(text[cursor : cursor + 4000]))]
+            # each view built right before its decodes: the two share the document's scratch slots
+            for kind, spec, refs in (("l2r", chain, suffix), ("fim", tree, [])):
+                if kind == "l2r":
+                    view = left_to_right(doc, cursor, max_new_tokens=rules.max_tokens)
+                else:
+                    view = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens)
+                plain = view.decode(rules=rules)
+                out = spec.decode(view.state(), rules=rules, references=refs)
+                _same(plain, out)
+                counters = _check_counters(out)
+                accepted += counters.accepted
+                chained_tokens += counters.chained
+                healed += bool(view.heal)
+                multi_line += "\n" in out.text
+    finally:
+        trained.model.static = None
     assert healed > 0 and multi_line > 0 and accepted > 0
+    assert (chained_tokens > 0) == chained
     return accepted
 
 
 def test_greedy_identical_on_realedits_both_views(trained):
     _greedy_identical(trained, 10, 3000,
                       lambda i: StopRules(max_tokens=24, max_lines=None if i % 2 else 2))
+
+
+def test_greedy_identical_with_chained_steps_where_nothing_is_drafted(trained):
+    """On graphed forwards (here their static form on the CPU) a step with nothing to draft runs
+    plain steps as one device-side chain; the output stays plain greedy decoding's."""
+    _greedy_identical(trained, 6, 3000, lambda i: StopRules(max_tokens=24, max_lines=None if i % 2 else 2),
+                      chained=True)
 
 
 @pytest.mark.slow
