@@ -236,6 +236,7 @@ class StepCost:
         self.row_cost = row_cost
         self.alpha = alpha
         self.ms: dict[tuple[int, int], float] = {}
+        self.chain_ms: float | None = None  # measured ms per token of a device-side chain of plain steps
 
     def estimate(self, rows: int, width: int) -> float:
         if not self.measure:
@@ -249,10 +250,16 @@ class StepCost:
         if not self.measure:
             return
         old = self.ms.get((rows, width))
+        self.ms[(rows, width)] = self._blend(old, ms)
+
+    def record_chain(self, ms_per_token: float) -> None:
+        if self.measure:
+            self.chain_ms = self._blend(self.chain_ms, ms_per_token)
+
+    def _blend(self, old: float | None, ms: float) -> float:
         if old is None:
-            self.ms[(rows, width)] = ms
-        else:
-            self.ms[(rows, width)] = old + self.alpha * (min(max(ms, 0.5 * old), 2.0 * old) - old)
+            return ms
+        return old + self.alpha * (min(max(ms, 0.5 * old), 2.0 * old) - old)
 
 
 class Speculator:
@@ -279,13 +286,19 @@ class Speculator:
 
     def plan(self, history: TokenHistory, references: Sequence[Reference], budget: int, *, greedy: bool,
              temperature: float = 1.0, generator: torch.Generator | None = None,
-             cut: _DraftCut | None = None, extra: Sequence[Candidate] = ()) -> Plan:
+             cut: _DraftCut | None = None, extra: Sequence[Candidate] = (), chain: bool = False) -> Plan:
         """Candidate chains from every drafter (and `extra` ones the decoder has, e.g. AdaDec's
         winning rollout), cut by SpecDec++'s rule; the best by expected tokens per unit of
-        forward cost, plus tree rows while they raise it."""
+        forward cost, plus tree rows while they raise it.
+
+        `chain`: the decoder can run plain steps as a device-side chain instead; once its cost per
+        token is measured, a draft must beat that rate, not a one-token verification's."""
         cfg = self.config
         if budget <= 0:
             return Plan()
+        no_draft = self.goodput(0.0, 1, 1)
+        if chain and self.cost.measure and self.cost.chain_ms:
+            no_draft = max(no_draft, 1.0 / self.cost.chain_ms)
         candidates: list[Candidate] = [c.truncate(budget) for c in extra if c.tokens]
         if "lookup" in cfg.drafters:
             candidates += self.lookup.propose(history, references, budget, max_candidates=cfg.max_rows + 1)
@@ -306,7 +319,7 @@ class Speculator:
                 kept *= p
                 accept.append(p)
             # the prefix with the most expected tokens per cost (no draft at all if none beats it)
-            best_len, best_value, reach, expected = 0, self.goodput(0.0, 1, 1), 1.0, 0.0
+            best_len, best_value, reach, expected = 0, no_draft, 1.0, 0.0
             for j, p in enumerate(accept):
                 reach *= p
                 expected += reach
@@ -600,18 +613,20 @@ def speculative_decode(
         budget = 0 if out.remaining else min(cfg.max_draft, rules.max_tokens - n - 1)
         extra = [_rollout_candidate(rerank)] if rerank is not None else []
         plan = speculator.plan(history, refs, budget, greedy=greedy, temperature=params.temperature,
-                               generator=generator, cut=out.cut(), extra=extra)
+                               generator=generator, cut=out.cut(), extra=extra, chain=chainable)
         # Nothing to draft: plain greedy steps chained on the device cost a fraction of a
         # verification step each (no drafting, no verdict, no wait between them); drafting
         # resumes after the chain.
         while chainable and not any(plan.drafts) and not out.remaining:
             steps = chain_length(cfg.chain_steps, rules.max_tokens - n)
             slot = used + n - 1
+            chain_started = time.perf_counter()
             chain = model.static.chain(out.ids[-1], state.next_position + n - 1, scratch, slot,
                                        [*state.context, Span(scratch, 0, slot)], steps) if steps else None
             if chain is None:
                 break
             chosen, chain_logprobs = chain.tolist()
+            speculator.cost.record_chain(1000 * (time.perf_counter() - chain_started) / steps)
             path = [int(t) for t in chosen]
             stats.forwards += steps
             counters.chained += steps
@@ -625,7 +640,7 @@ def speculative_decode(
             n = len(out.ids)
             budget = min(cfg.max_draft, rules.max_tokens - n - 1)
             plan = speculator.plan(history, refs, budget, greedy=greedy, temperature=params.temperature,
-                                   generator=generator, cut=out.cut())
+                                   generator=generator, cut=out.cut(), chain=True)
         if out.reason is not None:
             break
         rows = [[out.ids[-1], *d] for d in plan.drafts]

@@ -563,3 +563,23 @@ def test_verification_rows_reuse_the_views_spans(trained):
     assert all(isinstance(s, Span) for s in state.context)
     rules = StopRules(max_tokens=8, max_lines=1)
     _same(view.decode(rules=rules), Speculator().decode(state, rules=rules))
+
+
+def test_plan_drafts_only_where_it_beats_a_chain_of_plain_steps():
+    """With a measured chain cost per token, a draft must promise more tokens per verification
+    than chaining would give in the same time; without chains the same draft is planned."""
+    spec = Speculator()
+    history = TokenHistory([5, 6, 7, 8] * 6 + [5, 6])  # prompt lookup: "7 8 5 6 ..." follows
+    spec.cost.record(1, 1, 1.0)
+    for width in range(2, 18):
+        spec.cost.record(1, width, 1.1)
+    assert any(spec.plan(history, [], 8, greedy=True).drafts)
+    spec.cost.record_chain(0.9)  # a chained token costs about a verification: drafting still pays
+    assert any(spec.plan(history, [], 8, greedy=True, chain=True).drafts)
+    fast = Speculator()
+    fast.cost.record(1, 1, 1.0)
+    for width in range(2, 18):
+        fast.cost.record(1, width, 1.1)
+    fast.cost.record_chain(0.05)  # 22 chained tokens per verification's time: no draft is worth it
+    assert not any(fast.plan(history, [], 8, greedy=True, chain=True).drafts)
+    assert any(fast.plan(history, [], 8, greedy=True, chain=False).drafts)
