@@ -292,6 +292,8 @@ def decode(
         raise ValueError("a TokenChooser replaces greedy's argmax; it does not combine with sampling")
     stop_ids = rules.stop_set(tokenizer)
     stopper = LineStopper(tokenizer, rules.max_lines)
+    token_bytes = healer_for(tokenizer).token_bytes
+    lines = 0
     generator = make_generator(params, model.device)
     ids: list[int] = []
     logprob = 0.0
@@ -330,7 +332,11 @@ def decode(
                 float(torch.log_softmax(logits[0].float(), -1)[token])
         logprob += token_logprob
         ids.append(token)
-        text, hit = stopper.cut(ids)
+        if stop_text is not None:  # it reads the text: decode it
+            text, hit = stopper.cut(ids)
+        else:  # line ends counted per token (a newline byte is never part of another character)
+            lines += token_bytes.get(token, b"").count(b"\n")
+            hit = rules.max_lines is not None and lines >= rules.max_lines
         if hit:
             reason = "lines"
             break
@@ -368,7 +374,7 @@ def decode(
             logits="last",
         )
         stats.forwards += 1
-    if reason == "stop_token":
+    if reason != "stop_text":
         text = stopper.cut(ids)[0]
     healed = heal.decode("utf-8", errors="replace")
     text = text[len(healed):] if text.startswith(healed) else text
