@@ -73,7 +73,7 @@ class SpeculationConfig:
     recent: int = 8  # own completions kept as a "recent" reference
     # greedy on graphed forwards: a step with nothing to draft runs this many plain steps as one
     # device-side chain (engine.static_decode.StaticForward.chain) instead of one verification
-    chain_steps: int = 4
+    chain_steps: int = 8
 
     def __post_init__(self) -> None:
         unknown = set(self.drafters) - set(DRAFTERS)
@@ -612,6 +612,8 @@ def speculative_decode(
         n = len(out.ids)
         budget = 0 if out.remaining else min(cfg.max_draft, rules.max_tokens - n - 1)
         extra = [_rollout_candidate(rerank)] if rerank is not None else []
+        # a step's cost runs from its drafting to its verdict: what a chain's tokens compete with
+        forward_started = time.perf_counter()
         plan = speculator.plan(history, refs, budget, greedy=greedy, temperature=params.temperature,
                                generator=generator, cut=out.cut(), extra=extra, chain=chainable)
         # Nothing to draft: plain greedy steps chained on the device cost a fraction of a
@@ -639,6 +641,7 @@ def speculative_decode(
             history.extend(path)
             n = len(out.ids)
             budget = min(cfg.max_draft, rules.max_tokens - n - 1)
+            forward_started = time.perf_counter()
             plan = speculator.plan(history, refs, budget, greedy=greedy, temperature=params.temperature,
                                    generator=generator, cut=out.cut(), chain=True)
         if out.reason is not None:
@@ -654,7 +657,6 @@ def speculative_decode(
                 rows_cache = model.new_cache(cfg.max_draft + 1, batch=cfg.max_rows, dtype=scratch.dtype)
             write = KVCache(rows_cache.k[:, : len(rows)], rows_cache.v[:, : len(rows)])
             write_at = 0
-        forward_started = time.perf_counter()
         positions = torch.arange(state.next_position + n - 1, state.next_position + n - 1 + width, device=device)
         logits = model(torch.tensor(rows, device=device), positions, write=write, write_at=write_at,
                        context=context, logits="all")  # [B, T, V]
