@@ -500,7 +500,27 @@ def _realedits_contexts(n, max_file_chars):
     return out
 
 
-def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False):
+def _repo_contexts(n):
+    """Contexts from this repository's own code (present in any clone): a line's text after
+    its indentation deleted, the cursor there, as the realedits targets are made."""
+    root = Path(__file__).resolve().parents[2]
+    out = []
+    for name in ("engine/sampling.py", "engine/healing.py", "edit_cache/tokens.py"):
+        text = (root / name).read_text()
+        starts = line_starts(text)
+        for i in range(12, len(starts) - 1, 9):
+            line = text[starts[i] : starts[i + 1]]
+            body = line.strip()
+            if len(body) < 12:
+                continue
+            cursor = starts[i] + len(line) - len(line.lstrip())
+            out.append((text[:cursor] + text[cursor + len(body):], cursor))
+            if len(out) >= n:
+                return out
+    return out
+
+
+def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False, contexts=None):
     tok = trained.tokenizer
     head = doc_start_ids(tok, trained.config)
     chain = Speculator()
@@ -509,7 +529,7 @@ def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False):
     if chained:  # the static forward the GPU replays, run eagerly: steps with no draft chain
         trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
     try:
-        for i, (text, cursor) in enumerate(_realedits_contexts(n, max_file_chars)):
+        for i, (text, cursor) in enumerate(contexts or _realedits_contexts(n, max_file_chars)):
             doc = Document(trained.model, tok, text, head=head)
             rules = rules_for(i)
             suffix = [Reference.of("suffix", tok.encode(text[cursor : cursor + 4000]))]
@@ -542,8 +562,8 @@ def test_greedy_identical_on_realedits_both_views(trained):
 def test_greedy_identical_with_chained_steps_where_nothing_is_drafted(trained):
     """On graphed forwards (here their static form on the CPU) a step with nothing to draft runs
     plain steps as one device-side chain; the output stays plain greedy decoding's."""
-    _greedy_identical(trained, 6, 3000, lambda i: StopRules(max_tokens=24, max_lines=None if i % 2 else 2),
-                      chained=True)
+    _greedy_identical(trained, 6, 0, lambda i: StopRules(max_tokens=24, max_lines=None if i % 2 else 2),
+                      chained=True, contexts=_repo_contexts(6))
 
 
 @pytest.mark.slow
