@@ -18,8 +18,9 @@ scratch window after its last slot) and attend to slots of that same buffer in t
 (The sink and a prefix that starts past slot 0 come from documents longer than the model's
 context: engine.generate.windowed keeps the window of keys a query may see and moves the
 document start in front of it.) Those numbers, the tokens' ids, positions and slots are copied
-into static device tensors; attention (kernels/span_attention.py) reads the buffer's first `bucket` slots (a
-multiple of 1024 covering the buffer's `extent`, the slots its owner has in use) and applies
+into static device tensors; attention (kernels/span_attention.py) reads the buffer's first
+`bucket` slots (a multiple of 1024 covering the buffer's `extent`, the slots its owner has in
+use) and applies
 the visibility rule on the device, so a repair near the top of a file replays the same graph
 as one near its end. Norms, RoPE with the KV write, and SwiGLU are fused kernels
 (kernels/fused.py); q/k/v and gate/up are one GEMM each. One graph per
@@ -216,9 +217,9 @@ class StaticForward:
         `token` is encoded at `write_at` (position `position`), then each of the `steps` forwards
         picks the argmax (the lowest id on ties, as `torch.argmax`; kernels/logit_summary.py) and
         feeds it to the next one, so the K/V of `token` and of the first `steps - 1` chosen tokens
-        are written. Returns [2, steps]
-        float64 (chosen ids, their log-probabilities under the logits they were chosen from), or None
-        when the write and spans are not of the shape this class serves (decode step by step).
+        are written. Returns [2, steps] float64 (chosen ids, their log-probabilities under the
+        logits they were chosen from), or None when the write and spans are not of the shape this
+        class serves (decode step by step).
         """
         if self.mode == "off" or write.batch != 1 or not 1 <= steps <= MAX_CHAIN:
             return None
