@@ -20,9 +20,8 @@ context: engine.generate.windowed keeps the window of keys a query may see and m
 document start in front of it.) Those numbers, the tokens' ids, positions and slots are copied
 into static device tensors; attention (kernels/span_attention.py) reads the buffer's first
 `bucket` slots (a multiple of 1024 covering the buffer's `extent`, the slots its owner has in
-use) and applies
-the visibility rule on the device, so a repair near the top of a file replays the same graph
-as one near its end. Norms, RoPE with the KV write, and SwiGLU are fused kernels
+use) and applies the visibility rule on the device, so a repair near the top of a file replays
+the same graph as one near its end. Norms, RoPE with the KV write, and SwiGLU are fused kernels
 (kernels/fused.py); q/k/v and gate/up are one GEMM each. One graph per
 (buffer, bucket, width, rows wanted) is captured on first use and replayed after; the width is
 the token count rounded up to a power of two (up to 256), padding rows write into the buffer's
