@@ -179,20 +179,8 @@ class StaticForward:
         base, (at, *meta) = found
         self.handled += 1
         width = _next_power_of_two(count)
-        reach = max(meta[0], meta[2], meta[6], at + count, base.extent or 0)
-        bucket = min(_round_up(reach, self.bucket), base.capacity)
-        w = self.max_width
-        host = self._host_np
+        bucket = self._stage(base, at, meta, count, at + count)
         # ids and positions usually arrive on the device already: copied there, not via the host
-        host[: 2 * w] = 0  # padding rows read id 0 at position 0
-        host[2 * w : 2 * w + width] = base.capacity - 1  # padding rows write the spare last slot
-        host[2 * w : 2 * w + count] = range(at, at + count)
-        host[3 * w : 3 * w + 8] = meta
-        host[3 * w + 8] = count - 1
-        if self._host.is_pinned():
-            # the previous call's copy must be done reading the buffer before it is refilled
-            torch.cuda.current_stream().synchronize()
-        self._inputs.copy_(self._host, non_blocking=True)
         self._ids[0, :count].copy_(ids[0], non_blocking=True)
         self._positions[:count].copy_(positions.reshape(-1), non_blocking=True)
         # a single row's "last" is its "all": one graph serves decode steps and chains
@@ -228,17 +216,7 @@ class StaticForward:
         base, (at, *meta) = found
         self.chains += 1
         self.handled += steps
-        reach = max(meta[0], meta[2], meta[6], at + steps, base.extent or 0)
-        bucket = min(_round_up(reach, self.bucket), base.capacity)
-        w = self.max_width
-        host = self._host_np
-        host[: 2 * w] = 0
-        host[0], host[w] = token, position
-        host[2 * w] = at
-        host[3 * w : 3 * w + 8] = meta
-        if self._host.is_pinned():
-            torch.cuda.current_stream().synchronize()
-        self._inputs.copy_(self._host, non_blocking=True)
+        bucket = self._stage(base, at, meta, 1, at + steps, first=(token, position))
         if self.mode != "graphs":
             return self._run_chain(base, bucket, steps)
         # The one-token step's graph, replayed `steps` times; between replays a few device ops
@@ -257,6 +235,28 @@ class StaticForward:
             self._positions[:1] += 1
             self._slots[:1] += 1
         return result
+
+    def _stage(self, base: KVCache, at: int, meta: list[int], count: int, reach: int,
+               first: tuple[int, int] | None = None) -> int:
+        """Fill the static inputs for `count` tokens written from slot `at` under `meta`; the
+        attention bucket (covering `reach`, the spans and the buffer's extent) is returned. Ids and
+        positions are the caller's to copy, or `first` = (id, position) of a single token."""
+        width = _next_power_of_two(count)
+        reach = max(meta[0], meta[2], meta[6], reach, base.extent or 0)
+        w = self.max_width
+        host = self._host_np
+        host[: 2 * w] = 0  # padding rows read id 0 at position 0
+        if first is not None:
+            host[0], host[w] = first
+        host[2 * w : 2 * w + width] = base.capacity - 1  # padding rows write the spare last slot
+        host[2 * w : 2 * w + count] = range(at, at + count)
+        host[3 * w : 3 * w + 8] = meta
+        host[3 * w + 8] = count - 1
+        if self._host.is_pinned():
+            # the previous call's copy must be done reading the buffer before it is refilled
+            torch.cuda.current_stream().synchronize()
+        self._inputs.copy_(self._host, non_blocking=True)
+        return min(_round_up(reach, self.bucket), base.capacity)
 
     def _graph(self, base: KVCache, bucket: int, width: int,
                rows: str = "all") -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
