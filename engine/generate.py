@@ -209,6 +209,14 @@ class LineStopper:
     def __init__(self, tokenizer: Tokenizer, max_lines: int | None) -> None:
         self.tokenizer = tokenizer
         self.max_lines = max_lines
+        self._token_bytes: dict[int, bytes] | None = None
+
+    def line_ends(self, token: int) -> int:
+        """Line ends in one token's bytes. They add up to `cut`'s count over the decoded text (a
+        newline byte is never part of another character), without decoding all ids per token."""
+        if self._token_bytes is None:
+            self._token_bytes = healer_for(self.tokenizer).token_bytes
+        return self._token_bytes.get(token, b"").count(b"\n")
 
     def cut(self, ids: list[int]) -> tuple[str, bool]:
         """(text to show, whether the line limit was reached)."""
@@ -292,7 +300,6 @@ def decode(
         raise ValueError("a TokenChooser replaces greedy's argmax; it does not combine with sampling")
     stop_ids = rules.stop_set(tokenizer)
     stopper = LineStopper(tokenizer, rules.max_lines)
-    token_bytes = healer_for(tokenizer).token_bytes
     lines = 0
     generator = make_generator(params, model.device)
     ids: list[int] = []
@@ -334,8 +341,8 @@ def decode(
         ids.append(token)
         if stop_text is not None:  # it reads the text: decode it
             text, hit = stopper.cut(ids)
-        else:  # line ends counted per token (a newline byte is never part of another character)
-            lines += token_bytes.get(token, b"").count(b"\n")
+        else:
+            lines += stopper.line_ends(token)
             hit = rules.max_lines is not None and lines >= rules.max_lines
         if hit:
             reason = "lines"

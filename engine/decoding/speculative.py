@@ -404,10 +404,8 @@ class _DraftCut:
 class _Output:
     """Emitted ids through engine.generate.decode's rules, in its order: heal, stop id, line, length.
 
-    Line ends are counted from each emitted token's bytes, as `_DraftCut` counts them, instead
-    of decoding all ids at each token as `LineStopper.cut` does: the same count, since every
-    line end of the decoded text is a byte of some token (decoding replaces broken UTF-8
-    sequences, never a line end).
+    Line ends are counted per emitted token (`LineStopper.line_ends`), as `_DraftCut` counts
+    them, instead of decoding all ids at each token as `LineStopper.cut` does.
     """
 
     def __init__(self, tokenizer: Tokenizer, rules: StopRules, heal: bytes) -> None:
@@ -424,7 +422,7 @@ class _Output:
 
     def emit(self, tokens: Sequence[int], logprobs: Sequence[float]) -> int:
         """Append tokens until a rule fires; returns how many were appended."""
-        max_lines, token_bytes = self.rules.max_lines, self.healer.token_bytes
+        max_lines = self.rules.max_lines
         for n, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
             if self.remaining:
                 self.remaining = self.healer.advance(self.remaining, token)
@@ -434,7 +432,7 @@ class _Output:
             self.logprob += logprob
             self.ids.append(token)
             if max_lines is not None:
-                self.lines += token_bytes.get(token, b"").count(b"\n")
+                self.lines += self.stopper.line_ends(token)
                 if self.lines >= max_lines:
                     self.reason = "lines"
                     return n + 1
