@@ -13,6 +13,8 @@ Methods (greedy; every speculative one must give the baseline's exact output):
   table    the STAND-style table of the model's own top-10 distributions, learnt from its own runs
   combo    both, chosen per step by expected tokens per forward cost
   tree     combo, with up to --tree-rows candidate chains verified as batch rows
+  device   prompt lookup drafted and verified on the device (StaticForward.lookup_chain: graphed
+           forwards only, so CUDA; --device-width tokens a verification, `device:W` for another)
 Each method/view pair has its own Speculator kept across targets (what a server does), so no
 method learns from another's runs. References: the suffix after the cursor (left-to-right view;
 the FIM prompt holds it), --workspace other files of the same repository (other open documents),
@@ -43,14 +45,16 @@ from engine.generate import StopRules
 from engine.loading import load_model
 from engine.prompting import doc_start_ids
 
-METHODS = ("lookup", "table", "combo", "tree")
+METHODS = ("lookup", "table", "combo", "tree", "device")
 
 
 def _config(method: str, args) -> SpeculationConfig:
-    drafters = {"lookup": ("lookup",), "table": ("table",)}.get(method, ("lookup", "table"))
+    name, _, width = method.partition(":")
+    drafters = {"lookup": ("lookup",), "table": ("table",), "device": ("lookup",)}.get(name, ("lookup", "table"))
     return SpeculationConfig(drafters=drafters, threshold=args.threshold, max_draft=args.max_draft,
-                             max_rows=args.tree_rows if method == "tree" else 1,
-                             measure_cost=args.row_cost is None, row_cost=args.row_cost or 0.0)
+                             max_rows=args.tree_rows if name == "tree" else 1,
+                             measure_cost=args.row_cost is None, row_cost=args.row_cost or 0.0,
+                             device_lookup=name == "device", device_width=int(width or args.device_width))
 
 
 def _cursor_text(rec: dict, target: dict) -> tuple[str, int]:
@@ -88,6 +92,8 @@ def run(args) -> dict:
     if "fim" in views and tok.fim is None:
         views.remove("fim")
     methods = [m for m in args.methods.split(",") if m]
+    if model.static is None:  # the device method needs graphed forwards (it would be lookup's host path)
+        methods = [m for m in methods if not m.startswith("device")]
     rules = StopRules(max_tokens=args.max_tokens, max_lines=args.max_lines)
     speculators = {(m, v): Speculator(_config(m, args)) for m in methods for v in views}
     ws_cache: dict = {}
@@ -116,6 +122,10 @@ def run(args) -> dict:
                 # each document's first decode captures its graphs (the one-token step): not
                 # measured, or whichever method ran first would pay for all of them
                 view.decode(rules=rules)
+            for method in methods:
+                if method.startswith("device"):  # its verification graphs, by a throwaway speculator
+                    # (the measured one must not learn this target's completion)
+                    Speculator(_config(method, args)).decode(view.state(), rules=rules)
             sync(device)
             t0 = time.perf_counter()
             plain = view.decode(rules=rules)
@@ -193,6 +203,8 @@ def main() -> None:
                    help="SpecDec++ h (default: %(default)s)")
     p.add_argument("--max-draft", type=int, default=16)
     p.add_argument("--tree-rows", type=int, default=3, help="rows of the tree method")
+    p.add_argument("--device-width", type=int, default=SpeculationConfig.device_width,
+                   help="tokens a device-side verification checks (2, 4, 8, 16)")
     p.add_argument("--row-cost", type=float, default=None,
                    help="plan with a fixed cost model (drafted tokens free, this per extra row) instead of "
                         "measured forward times: what a GPU looks like")

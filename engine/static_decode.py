@@ -36,6 +36,15 @@ inputs — on a small model that is most of a step's time; the caller applies it
 the chain's tokens afterwards and drops what follows a stop (their K/V sit in scratch slots
 past the ones it keeps).
 
+`lookup_chain` is speculative decoding on the same terms: each iteration drafts by prompt
+lookup on the device (the latest, longest match of the last tokens in a search buffer of the
+references and the history, `stage_source`), verifies [last token + drafts] in one forward,
+keeps the drafts up to the first disagreement plus the target's own next token, appends the
+kept tokens to the buffer and advances — one captured graph per iteration (the drafting and
+the verdict are one Triton program each, kernels/lookup_draft.py), no host read until the
+chain ends. Greedy output is plain greedy decoding's: every kept token is the argmax of the
+logits it was verified with. Rejected drafts' K/V sits in slots the next iteration overwrites.
+
 Anything else — larger writes (a whole-file prefill), batched rows, input embeddings, a third
 shifted span, dynamic RoPE scaling, the CPU — returns `handled=False` and runs eagerly.
 """
@@ -46,6 +55,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +63,7 @@ from torch import nn
 from engine.model import Attention, KVCache, Span, Transformer
 from kernels.fused import add_rms_norm, rope_write, silu_mul
 from kernels.logit_summary import logit_summary
+from kernels.lookup_draft import MAX_MATCH, accept, draft
 from kernels.span_attention import span_attention
 
 BUCKET = 1024
@@ -60,6 +71,7 @@ MAX_WIDTH = 256  # a multi-line paste or a realedits-sized repair (~70 tokens) s
 MAX_GRAPHS = 96
 MAX_CHAIN = 16
 CHAIN_STEPS = 8  # engine.generate.decode's chain length (0: decode step by step)
+SOURCE = 16384  # tokens a device-side prompt lookup searches (`lookup_chain`)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -156,6 +168,15 @@ class StaticForward:
         self._slots = self._inputs[2 * w : 3 * w]
         self._meta = self._inputs[3 * w : 3 * w + 8]
         self._last = self._inputs[3 * w + 8 :]
+        # lookup_chain's device state: the search buffer behind MAX_MATCH never-matching slots
+        # (the last slot takes writes that go nowhere), [last token, position, slot, tokens kept,
+        # buffer length, iteration], and per chain the kept ids, their log-probs and accepts
+        self._source = torch.full((MAX_MATCH + SOURCE + 1,), -3, dtype=torch.long, device=dev)
+        self._src = self._source[MAX_MATCH:]
+        self._spec = torch.zeros(6, dtype=torch.long, device=dev)
+        self._spec_host = torch.zeros(6, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._kept = torch.zeros((2, MAX_CHAIN * 16 + 17), dtype=torch.float64, device=dev)  # width <= 16
+        self._accepts = torch.zeros(MAX_CHAIN, dtype=torch.long, device=dev)
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
         self._captured_shapes: set[tuple] = set()
@@ -164,6 +185,7 @@ class StaticForward:
         self.captures = 0
         self.eager = 0  # forwards this object passed back to the eager path
         self.chains = 0  # chained greedy runs (each `steps` forwards)
+        self.lookup_chains = 0  # lookup_chain runs (each `steps` verification forwards)
 
     def forward(self, ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
                 context: Sequence[Span], logits: str) -> tuple[bool, torch.Tensor | None]:
@@ -235,6 +257,93 @@ class StaticForward:
             self._positions[:1] += 1
             self._slots[:1] += 1
         return result
+
+    def stage_source(self, tokens: np.ndarray) -> int:
+        """Load `lookup_chain`'s search buffer: int64 token ids, negative ones separating
+        sources (they match nothing and are never drafted). The history must come last: its end
+        is where the chains append. Returns the buffer length to pass to `lookup_chain`; keep
+        room for the tokens the chains will append (at most SOURCE in all)."""
+        if self.mode == "off":
+            raise RuntimeError("the static forward is off")
+        n = len(tokens)
+        if not 0 < n <= SOURCE:
+            raise ValueError(f"a search buffer holds 1..{SOURCE} tokens, not {n}")
+        host = torch.full((SOURCE + 1,), -1, dtype=torch.long)
+        host[:n] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        self._src.copy_(host.to(self._src.device))
+        return n
+
+    def lookup_chain(self, token: int, position: int, write: KVCache, write_at: int, context: Sequence[Span],
+                     length: int, steps: int, width: int) -> tuple[list[int], list[float], list[int]] | None:
+        """`steps` iterations of greedy speculative decoding on the device after `token`, each
+        verifying `width - 1` tokens drafted by prompt lookup over the staged search buffer (its
+        first `length` tokens; the history ends there and each iteration appends what it kept).
+
+        `token` is encoded at `write_at` (position `position`), as in `chain`. Returns (kept ids,
+        their log-probabilities, drafts accepted per iteration): between `steps` and `steps *
+        width` tokens, every one the argmax of the logits it was verified with. None when the
+        shapes are not of the kind this class serves.
+        """
+        if (self.mode == "off" or write.batch != 1 or not 1 <= steps <= MAX_CHAIN
+                or width not in (2, 4, 8, 16) or not 0 < length <= SOURCE - steps * width):
+            return None
+        found = visibility(write, write_at, steps * width, context)
+        if found is None:
+            return None
+        base, (at, *meta) = found
+        self.lookup_chains += 1
+        self.handled += steps
+        bucket = self._stage(base, at, meta, width, at + steps * width)
+        self._spec_host.copy_(torch.tensor([token, position, at, 0, length, 0]))
+        self._spec.copy_(self._spec_host, non_blocking=True)
+        if self.mode == "graphs":
+            graph = self._lookup_graph(base, bucket, width)
+            for _ in range(steps):
+                graph.replay()
+                self.replays += 1
+        else:
+            for _ in range(steps):
+                self._lookup_step(base, bucket, width)
+        kept = self._kept.shape[1]
+        packed = torch.cat((self._kept.flatten(), self._accepts[:steps].double(), self._spec[3:4].double())).tolist()
+        count = int(packed[-1])
+        return ([int(t) for t in packed[:count]], packed[kept : kept + count],
+                [int(a) for a in packed[2 * kept : 2 * kept + steps]])
+
+    def _lookup_graph(self, base: KVCache, bucket: int, width: int) -> torch.cuda.CUDAGraph:
+        key = ("lookup", base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key][0]
+        # the warm-up runs advance the chain state: put it back before the first replay (what
+        # they wrote past it — K/V, buffer tokens, kept ids — the replays overwrite)
+        start = self._spec.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._lookup_step(base, bucket, width)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._lookup_step(base, bucket, width)
+        self._spec.copy_(start)
+        self._graphs[key] = (graph, None)
+        self.captures += 1
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph
+
+    @torch.inference_mode()
+    def _lookup_step(self, base: KVCache, bucket: int, width: int) -> None:
+        """One `lookup_chain` iteration: device tensors in, device tensors out."""
+        draft(self._source, self._spec, self._ids[0, :width], self._positions[:width], self._slots[:width])
+        logits = self._run(base, bucket, width, rows="all")  # [width, V]
+        summary = logit_summary(logits, 1)
+        accept(summary.ids[:, 0], summary.values[:, 0], summary.logsumexp, self._ids[0, :width], self._source,
+               self._spec, self._kept, self._accepts)
 
     def _stage(self, base: KVCache, at: int, meta: list[int], count: int, reach: int,
                first: tuple[int, int] | None = None) -> int:

@@ -50,6 +50,7 @@ from engine.generate import Completion, DecodeState, DecodeStats, LineStopper, S
 from engine.healing import healer_for
 from engine.model import KVCache, Span
 from engine.sampling import SamplingParams, sampling_probs
+from engine.static_decode import MAX_CHAIN, SOURCE
 from engine.tokenizer import Tokenizer
 
 DRAFTERS = ("lookup", "table")
@@ -74,6 +75,11 @@ class SpeculationConfig:
     # greedy on graphed forwards: a step with nothing to draft runs this many plain steps as one
     # device-side chain (engine.static_decode.StaticForward.chain) instead of one verification
     chain_steps: int = 8
+    # greedy on graphed forwards with prompt lookup among the drafters: draft and verify on the
+    # device instead (StaticForward.lookup_chain), up to `chain_steps` verifications of
+    # `device_width` tokens per host round trip; the model table is then not consulted
+    device_lookup: bool = True
+    device_width: int = 8
 
     def __post_init__(self) -> None:
         unknown = set(self.drafters) - set(DRAFTERS)
@@ -85,6 +91,8 @@ class SpeculationConfig:
             raise ValueError(f"need max_draft >= 0 and max_rows >= 1, got {self.max_draft}, {self.max_rows}")
         if self.chain_steps < 0:
             raise ValueError(f"chain_steps must be >= 0, got {self.chain_steps}")
+        if self.device_width not in (2, 4, 8, 16):
+            raise ValueError(f"device_width must be 2, 4, 8 or 16, got {self.device_width}")
 
 
 @dataclass
@@ -276,6 +284,7 @@ class Speculator:
         self.estimator = AcceptanceEstimator()
         self.cost = StepCost(cfg.measure_cost, cfg.row_cost)
         self.recent: deque[Reference] = deque(maxlen=cfg.recent)
+        self.device_rate = 2.0  # tokens kept per device-side verification (running mean)
 
     def decode(self, state: DecodeState, *, params: SamplingParams | None = None, rules: StopRules | None = None,
                references: Sequence[Reference] = (), stats: DecodeStats | None = None,
@@ -547,6 +556,7 @@ def speculative_decode(
     gate = None
     chainable = (greedy and adadec is None and cfg.chain_steps > 0 and model.static is not None
                  and rules.max_tokens > 0)
+    on_device = chainable and cfg.device_lookup and "lookup" in cfg.drafters
     if adadec is not None and adadec.tau < math.inf:
         if not greedy:
             raise ValueError("AdaDec reranks greedy decoding; it does not combine with sampling")
@@ -605,6 +615,11 @@ def speculative_decode(
         if rules.should_stop is not None and rules.should_stop():
             out.reason = "cancelled"
             break
+
+        if on_device and not out.remaining:
+            if _speculate_on_device(state, speculator, out, history, refs, stats, counters):
+                break
+            on_device = False  # shapes the device chain does not serve: draft on the host
 
         # Draft, then verify the last emitted token + drafts in one forward.
         n = len(out.ids)
@@ -670,6 +685,70 @@ def speculative_decode(
         gate.counters.write(stats.extra)
     speculator.remember(out.ids)
     return Completion(out.ids, out.text(state.heal), out.reason, stats, out.logprob)
+
+
+def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Output, history: TokenHistory,
+                         references: Sequence[Reference], stats: DecodeStats, counters: SpecCounters) -> bool:
+    """Decode the rest greedily by `StaticForward.lookup_chain`: drafting, verification and the
+    next step's inputs stay on the device, and the host reads each chain's kept tokens once and
+    runs them through the stop rules. False, with `out` consistent, when a chain is refused
+    (the request's shapes or scratch room); the caller then drafts on the host."""
+    static = state.model.static
+    cfg = speculator.config
+    rules = out.rules
+    width = cfg.device_width
+    scratch, used = state.scratch, state.scratch_used
+    room = rules.max_tokens + MAX_CHAIN * width
+    buffer = _search_buffer(history, references, SOURCE - room)
+    if buffer is None:
+        return False
+    length = static.stage_source(buffer)
+    while True:
+        n = len(out.ids)
+        slot = used + n - 1
+        fits = (scratch.capacity - 1 - slot) // width
+        steps = min(cfg.chain_steps, MAX_CHAIN, fits, math.ceil((rules.max_tokens - n) / speculator.device_rate))
+        if steps < 1:
+            return False
+        chain = static.lookup_chain(out.ids[-1], state.next_position + n - 1, scratch, slot,
+                                    [*state.context, Span(scratch, 0, slot)], length, steps, width)
+        if chain is None:
+            return False
+        kept, logprobs, accepts = chain
+        length += len(kept)
+        speculator.device_rate += 0.2 * (len(kept) / steps - speculator.device_rate)
+        stats.forwards += steps
+        counters.forwards += steps
+        counters.rows += steps
+        counters.bonus += steps
+        counters.drafted += steps * (width - 1)
+        counters.accepted += sum(accepts)
+        source = counters.by_source.setdefault("device", [0, 0])
+        source[0] += steps * (width - 1)
+        source[1] += sum(accepts)
+        appended = out.emit(kept, logprobs)
+        counters.discarded += len(kept) - appended
+        if out.reason is None and rules.should_stop is not None and rules.should_stop():
+            out.reason = "cancelled"
+        if out.reason is not None:
+            return True
+        history.extend(kept)
+
+
+def _search_buffer(history: TokenHistory, references: Sequence[Reference], limit: int) -> np.ndarray | None:
+    """`lookup_chain`'s search buffer in `limit` tokens: each reference's head after a
+    separator (-1), then a separator and the history's tail (it must come last)."""
+    if limit < 2 or len(history) == 0:
+        return None
+    tail = history.array[-(limit - 1):]
+    parts, left = [], limit - 1 - len(tail)
+    for ref in references:
+        take = min(len(ref.ids), left - 1)
+        if take <= 0:
+            break
+        parts += [np.array([-1]), ref.ids[:take]]
+        left -= take + 1
+    return np.concatenate([*parts, np.array([-1]), tail]).astype(np.int64)
 
 
 def _first_fire(gate: Gate, row_logits: torch.Tensor, accepted: Sequence[int], out: _Output) -> int | None:

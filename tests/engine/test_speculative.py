@@ -520,13 +520,14 @@ def _repo_contexts(n):
     return out
 
 
-def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False, contexts=None):
+def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False, contexts=None, device=False):
     tok = trained.tokenizer
     head = doc_start_ids(tok, trained.config)
-    chain = Speculator()
-    tree = Speculator(SpeculationConfig(max_rows=3, measure_cost=False, row_cost=0.3))
-    healed = multi_line = accepted = chained_tokens = 0
-    if chained:  # the static forward the GPU replays, run eagerly: steps with no draft chain
+    chain = Speculator(SpeculationConfig(device_lookup=device))
+    tree = Speculator(SpeculationConfig(max_rows=3, measure_cost=False, row_cost=0.3, device_lookup=device,
+                                        device_width=4))
+    healed = multi_line = accepted = chained_tokens = device_forwards = 0
+    if chained or device:  # the static forward the GPU replays, run eagerly
         trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
     try:
         for i, (text, cursor) in enumerate(contexts or _realedits_contexts(n, max_file_chars)):
@@ -545,12 +546,14 @@ def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False, cont
                 counters = _check_counters(out)
                 accepted += counters.accepted
                 chained_tokens += counters.chained
+                device_forwards += counters.by_source.get("device", [0, 0])[0]
                 healed += bool(view.heal)
                 multi_line += "\n" in out.text
     finally:
         trained.model.static = None
     assert healed > 0 and multi_line > 0 and accepted > 0
     assert (chained_tokens > 0) == chained
+    assert (device_forwards > 0) == device
     return accepted
 
 
@@ -564,6 +567,13 @@ def test_greedy_identical_with_chained_steps_where_nothing_is_drafted(trained):
     plain steps as one device-side chain; the output stays plain greedy decoding's."""
     _greedy_identical(trained, 6, 0, lambda i: StopRules(max_tokens=24, max_lines=None if i % 2 else 2),
                       chained=True, contexts=_repo_contexts(6))
+
+
+def test_greedy_identical_with_drafting_and_verification_on_the_device(trained):
+    """StaticForward.lookup_chain (prompt lookup, verification and the next inputs on the device,
+    here in its static form on the CPU) keeps plain greedy decoding's output, in both views."""
+    _greedy_identical(trained, 6, 0, lambda i: StopRules(max_tokens=24, max_lines=None if i % 2 else 2),
+                      device=True, contexts=_repo_contexts(6))
 
 
 @pytest.mark.slow
@@ -603,3 +613,25 @@ def test_plan_drafts_only_where_it_beats_a_chain_of_plain_steps():
     fast.cost.record_chain(0.05)  # 22 chained tokens per verification's time: no draft is worth it
     assert not any(fast.plan(history, [], 8, greedy=True, chain=True).drafts)
     assert any(fast.plan(history, [], 8, greedy=True, chain=False).drafts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_speculation_replays_graphs_and_keeps_greedy_output():
+    """On CUDA the device-side chain replays one captured graph per iteration (drafting,
+    verification, the next inputs); in fp32 its output is plain greedy decoding's."""
+    loaded = load_model(None, device="cuda", dtype="float32")
+    tok = loaded.tokenizer
+    head = doc_start_ids(tok, loaded.config)
+    spec = Speculator(SpeculationConfig(drafters=("lookup",)))
+    rules = StopRules(max_tokens=48, max_lines=None)
+    for text, cursor in _repo_contexts(6):
+        doc = Document(loaded.model, tok, text, head=head)
+        for build in (left_to_right, fill_in_middle):
+            view = build(doc, cursor, max_new_tokens=rules.max_tokens)
+            plain = view.decode(rules=rules)
+            out = spec.decode(view.state(), rules=rules, references=[Reference.of("suffix", tok.encode(text[cursor:]))])
+            _same(plain, out)
+            _check_counters(out)
+    chains = loaded.model.static.lookup_chains
+    assert chains > 0 and loaded.model.static.captures < loaded.model.static.replays

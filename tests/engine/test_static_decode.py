@@ -232,3 +232,47 @@ def test_ignore_eos_decodes_past_the_end_token(trained):
             model.static = None
         assert longer.stop_reason == "max_tokens" and len(longer.ids) == 24
         assert longer.ids[: len(out.ids)] == out.ids and longer.ids[len(out.ids)] in tok.stop_ids
+
+
+# ---- speculative decoding on the device (StaticForward.lookup_chain) --------------------------
+
+
+def _lookup_chain_run(model, view, buffer, steps, width):
+    state = view.state()
+    scratch, used = state.scratch, state.scratch_used
+    first = int(state.first_logits.argmax())
+    length = model.static.stage_source(buffer)
+    return model.static.lookup_chain(first, state.next_position, scratch, used,
+                                     [*state.context, Span(scratch, 0, used)], length, steps, width)
+
+
+@pytest.mark.parametrize("width", [4, 8])
+def test_lookup_chain_keeps_greedy_tokens_and_accepts_what_the_buffer_predicts(trained, width):
+    """A search buffer that holds the greedy continuation (after the prompt's last tokens) is
+    drafted from and accepted in full; one that holds nothing useful still gives greedy's
+    tokens, one or more per verification."""
+    model, tok = trained.model, trained.tokenizer
+    cursor = DEFAULT_TEXT.index("    words = 0\n") + 4
+    steps = 3
+    model.static = StaticForward(model, bucket=64, max_width=16, mode="static")
+    try:
+        doc = Document(model, tok, DEFAULT_TEXT, head=doc_start_ids(tok, trained.config))
+        view = left_to_right(doc, cursor, max_new_tokens=64)
+        greedy = view.decode(rules=StopRules(max_tokens=1 + steps * width, max_lines=None, ignore_eos=True)).ids
+        prompt = view.prompt_ids
+        first = greedy[0]
+        knowing = [-1, *prompt[-12:], *greedy, -1, *prompt, first]
+        kept, logprobs, accepts = _lookup_chain_run(model, view, knowing, steps, width)
+        assert accepts == [width - 1] * steps
+        assert kept == greedy[1 : 1 + steps * width] and len(logprobs) == len(kept)
+        assert all(lp <= 0 for lp in logprobs)
+        unknowing = [-1, 7, 7, 7, -1, *prompt, first]
+        kept, _, accepts = _lookup_chain_run(model, view, unknowing, steps, width)
+        assert len(kept) == steps + sum(accepts) and kept == greedy[1 : 1 + len(kept)]
+        # a chain that does not fit the scratch window is refused, not run
+        state = view.state()
+        assert model.static.lookup_chain(first, state.next_position, state.scratch, state.scratch_used,
+                                         [*state.context, Span(state.scratch, 0, state.scratch_used)],
+                                         10, 16, 16) is None
+    finally:
+        model.static = None
