@@ -14,7 +14,8 @@ Methods (greedy; every speculative one must give the baseline's exact output):
   combo    both, chosen per step by expected tokens per forward cost
   tree     combo, with up to --tree-rows candidate chains verified as batch rows
   device   prompt lookup drafted and verified on the device (StaticForward.lookup_chain: graphed
-           forwards only, so CUDA; --device-width tokens a verification, `device:W` for another)
+           forwards only, so CUDA; --device-width tokens a verification, up to --device-steps of
+           them per host round trip; `device:W` or `device:W:S` for others)
 Each method/view pair has its own Speculator kept across targets (what a server does), so no
 method learns from another's runs. References: the suffix after the cursor (left-to-right view;
 the FIM prompt holds it), --workspace other files of the same repository (other open documents),
@@ -49,12 +50,14 @@ METHODS = ("lookup", "table", "combo", "tree", "device")
 
 
 def _config(method: str, args) -> SpeculationConfig:
-    name, _, width = method.partition(":")
+    name, _, shape = method.partition(":")
+    width, _, steps = shape.partition(":")
     drafters = {"lookup": ("lookup",), "table": ("table",), "device": ("lookup",)}.get(name, ("lookup", "table"))
     return SpeculationConfig(drafters=drafters, threshold=args.threshold, max_draft=args.max_draft,
                              max_rows=args.tree_rows if name == "tree" else 1,
                              measure_cost=args.row_cost is None, row_cost=args.row_cost or 0.0,
-                             device_lookup=name == "device", device_width=int(width or args.device_width))
+                             device_lookup=name == "device", device_width=int(width or args.device_width),
+                             device_steps=int(steps or args.device_steps))
 
 
 def _cursor_text(rec: dict, target: dict) -> tuple[str, int]:
@@ -126,6 +129,7 @@ def run(args) -> dict:
                 if method.startswith("device"):  # its verification graphs, by a throwaway speculator
                     # (the measured one must not learn this target's completion)
                     Speculator(_config(method, args)).decode(view.state(), rules=rules)
+            captured = model.static.captures if model.static is not None else 0
             sync(device)
             t0 = time.perf_counter()
             plain = view.decode(rules=rules)
@@ -134,16 +138,19 @@ def run(args) -> dict:
                     "prompt_tokens": len(view.prompt_ids)}
             rows.append({**base, "method": "plain", "ms": 1000 * (time.perf_counter() - t0),
                          "tokens": len(plain.ids), "forwards": plain.stats.forwards, "identical": True,
+                         "captures": (model.static.captures if model.static is not None else 0) - captured,
                          "counters": {}})
             for method in methods:
+                captured = model.static.captures if model.static is not None else 0
                 sync(device)
                 t0 = time.perf_counter()
                 out = speculators[(method, view_name)].decode(view.state(), rules=rules, references=refs)
                 sync(device)
                 ms = 1000 * (time.perf_counter() - t0)
+                captured = (model.static.captures if model.static is not None else 0) - captured
                 c = SpecCounters.read(out.stats.extra)
                 same = (out.ids, out.text, out.stop_reason) == (plain.ids, plain.text, plain.stop_reason)
-                rows.append({**base, "method": method, "ms": ms, "tokens": len(out.ids),
+                rows.append({**base, "method": method, "ms": ms, "tokens": len(out.ids), "captures": captured,
                              "forwards": out.stats.forwards, "identical": same,
                              "counters": {"drafted": c.drafted, "accepted": c.accepted, "bonus": c.bonus,
                                           "rows": c.rows, "chained": c.chained, "by_source": c.by_source}})
@@ -178,10 +185,12 @@ def summarize(result: dict) -> str:
                           statistics.mean(ms), statistics.median(ms), 1000 * tokens / sum(ms),
                           f"{base_ms / sum(ms):.2f}x", forwards / len(g), tokens / max(forwards, 1),
                           drafted / max(forwards, 1),
-                          f"{100 * accepted / drafted:.0f}%" if drafted else "-"])
+                          f"{100 * accepted / drafted:.0f}%" if drafted else "-",
+                          sum(r.get("captures", 0) for r in g)])
         out.append(table(["method", "n", "identical", "ms/req mean", "ms/req p50", "tokens/s",
                           "speedup vs plain", "forwards/req", "tokens/forward", "drafted/forward",
-                          "accepted/drafted"], trows, title=f"### {view} view" if view != "all" else "### both views"))
+                          "accepted/drafted", "graph captures timed"], trows,
+                         title=f"### {view} view" if view != "all" else "### both views"))
     by_source = defaultdict(lambda: [0, 0])
     for r in result["rows"]:
         for source, (d, a) in r["counters"].get("by_source", {}).items():
@@ -205,6 +214,8 @@ def main() -> None:
     p.add_argument("--tree-rows", type=int, default=3, help="rows of the tree method")
     p.add_argument("--device-width", type=int, default=SpeculationConfig.device_width,
                    help="tokens a device-side verification checks (2, 4, 8, 16)")
+    p.add_argument("--device-steps", type=int, default=SpeculationConfig.device_steps,
+                   help="device-side verifications per host round trip (1-16)")
     p.add_argument("--row-cost", type=float, default=None,
                    help="plan with a fixed cost model (drafted tokens free, this per extra row) instead of "
                         "measured forward times: what a GPU looks like")

@@ -293,7 +293,9 @@ class StaticForward:
         base, (at, *meta) = found
         self.lookup_chains += 1
         self.handled += steps
-        bucket = self._stage(base, at, meta, width, at + steps * width)
+        # the bucket covers the longest chain, so that a document's chains of any length replay
+        # the same graph
+        bucket = self._stage(base, at, meta, width, at + MAX_CHAIN * width)
         self._spec_host.copy_(torch.tensor([token, position, at, 0, length, 0]))
         self._spec.copy_(self._spec_host, non_blocking=True)
         if self.mode == "graphs":

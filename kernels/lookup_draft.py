@@ -94,7 +94,7 @@ if triton is not None:
         length = tl.load(state_ptr + 4)
         src_ptr = padded_ptr + M
         best = tl.full((), -1, tl.int64)
-        for lo in range(0, size, BLOCK):
+        for lo in range(0, length, BLOCK):  # only the slots in use (the loop bound is read on the device)
             p = lo + tl.arange(0, BLOCK).to(tl.int64)
             alive = p < length
             run = tl.zeros((BLOCK,), tl.int64)
@@ -143,13 +143,13 @@ if triton is not None:
 
 
 def draft_triton(padded: torch.Tensor, state: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
-                 slots: torch.Tensor, block: int = 1024) -> None:
+                 slots: torch.Tensor, block: int = 2048) -> None:
     """`draft_ref` in one program (a scan over the buffer in blocks of `block` slots)."""
     width = ids.shape[0]
     assert width >= 2 and width & (width - 1) == 0, "the verification width must be a power of two"
     assert ids.is_contiguous() and positions.is_contiguous() and slots.is_contiguous()
     _draft_kernel[(1,)](padded, state, ids, positions, slots, padded.shape[0] - MAX_MATCH,
-                        W=width, M=MAX_MATCH, BLOCK=block, num_warps=4)
+                        W=width, M=MAX_MATCH, BLOCK=block, num_warps=8 if block >= 2048 else 4)
 
 
 def accept_triton(chosen: torch.Tensor, values: torch.Tensor, logsumexp: torch.Tensor, ids: torch.Tensor,
@@ -166,6 +166,7 @@ def accept_triton(chosen: torch.Tensor, values: torch.Tensor, logsumexp: torch.T
 
 def draft(padded: torch.Tensor, state: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
           slots: torch.Tensor) -> None:
+    """The kernel on CUDA, the torch definition elsewhere."""
     if triton is not None and padded.is_cuda:
         return draft_triton(padded, state, ids, positions, slots)
     return draft_ref(padded, state, ids, positions, slots)
@@ -173,6 +174,7 @@ def draft(padded: torch.Tensor, state: torch.Tensor, ids: torch.Tensor, position
 
 def accept(chosen: torch.Tensor, values: torch.Tensor, logsumexp: torch.Tensor, ids: torch.Tensor,
            padded: torch.Tensor, state: torch.Tensor, kept: torch.Tensor, accepts: torch.Tensor) -> None:
+    """The kernel on CUDA, the torch definition elsewhere."""
     if triton is not None and chosen.is_cuda:
         return accept_triton(chosen, values, logsumexp, ids, padded, state, kept, accepts)
     return accept_ref(chosen, values, logsumexp, ids, padded, state, kept, accepts)

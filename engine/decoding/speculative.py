@@ -76,10 +76,11 @@ class SpeculationConfig:
     # device-side chain (engine.static_decode.StaticForward.chain) instead of one verification
     chain_steps: int = 8
     # greedy on graphed forwards with prompt lookup among the drafters: draft and verify on the
-    # device instead (StaticForward.lookup_chain), up to `chain_steps` verifications of
+    # device instead (StaticForward.lookup_chain), up to `device_steps` verifications of
     # `device_width` tokens per host round trip; the model table is then not consulted
     device_lookup: bool = True
     device_width: int = 8
+    device_steps: int = 8
 
     def __post_init__(self) -> None:
         unknown = set(self.drafters) - set(DRAFTERS)
@@ -93,6 +94,8 @@ class SpeculationConfig:
             raise ValueError(f"chain_steps must be >= 0, got {self.chain_steps}")
         if self.device_width not in (2, 4, 8, 16):
             raise ValueError(f"device_width must be 2, 4, 8 or 16, got {self.device_width}")
+        if not 1 <= self.device_steps <= 16:
+            raise ValueError(f"device_steps must be in [1, 16], got {self.device_steps}")
 
 
 @dataclass
@@ -707,7 +710,9 @@ def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Outpu
         n = len(out.ids)
         slot = used + n - 1
         fits = (scratch.capacity - 1 - slot) // width
-        steps = min(cfg.chain_steps, MAX_CHAIN, fits, math.ceil((rules.max_tokens - n) / speculator.device_rate))
+        # enough verifications for the tokens still allowed at the rate seen so far: a stop token
+        # or line end inside the chain wastes what follows it
+        steps = min(cfg.device_steps, MAX_CHAIN, fits, math.ceil((rules.max_tokens - n) / speculator.device_rate))
         if steps < 1:
             return False
         chain = static.lookup_chain(out.ids[-1], state.next_position + n - 1, scratch, slot,
