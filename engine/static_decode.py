@@ -273,6 +273,15 @@ class StaticForward:
         self._src.copy_(host.to(self._src.device))
         return n
 
+    def extend_source(self, tokens: Sequence[int], length: int) -> int:
+        """Append tokens decoded some other way (a `chain`) to the search buffer at `length`;
+        returns the new length."""
+        end = length + len(tokens)
+        if not 0 < length <= end <= SOURCE:
+            raise ValueError(f"the search buffer holds {SOURCE} tokens: cannot append {len(tokens)} at {length}")
+        self._src[length:end].copy_(torch.tensor(list(tokens), dtype=torch.long), non_blocking=False)
+        return end
+
     def lookup_chain(self, token: int, position: int, write: KVCache, write_at: int, context: Sequence[Span],
                      length: int, steps: int, width: int) -> tuple[list[int], list[float], list[int]] | None:
         """`steps` iterations of greedy speculative decoding on the device after `token`, each

@@ -18,6 +18,14 @@ first position whose entropy reaches tau, where the lookahead rerank chooses the
 of the argmax, and the winner's rollout is a draft candidate for the next step (`Speculator.plan`
 takes it as an `extra` chain). The output is then adadec_decode's.
 
+On graphed forwards (CUDA), greedy decoding without AdaDec drafts and verifies on the device
+instead (`config.device_lookup`): `StaticForward.lookup_chain` runs up to `device_steps`
+iterations of prompt lookup over the references and the history, a `device_width`-token
+verification and the verdict as one replayed graph each, and the host reads the kept tokens
+once per chain. On a small model a host-driven step (drafting, the verdict, the wait for it)
+costs several times a chained plain step; on the device a verification costs ~1.5x one.
+Where a chain's drafts do not pay for that, the next chain is plain steps.
+
 KV: row tokens are written at the scratch slots that follow the emitted ones; the next write
 position only advances by the tokens kept, so rejected drafts' K/V is overwritten later. With
 several rows they go to a batch-B side buffer and the kept row's slots are copied over.
@@ -695,9 +703,14 @@ def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Outpu
     """Decode the rest greedily by `StaticForward.lookup_chain`: drafting, verification and the
     next step's inputs stay on the device, and the host reads each chain's kept tokens once and
     runs them through the stop rules. False, with `out` consistent, when a chain is refused
-    (the request's shapes or scratch room); the caller then drafts on the host."""
+    (the request's shapes or scratch room); the caller then drafts on the host.
+
+    Where the drafts stop paying — a chain kept fewer tokens per verification than a chain of
+    plain steps gives in the same time (`StepCost`: both measured as they run; a plain chain is
+    tried once to measure it) — the next chain is one of plain steps, then lookup resumes."""
     static = state.model.static
     cfg = speculator.config
+    cost = speculator.cost
     rules = out.rules
     width = cfg.device_width
     scratch, used = state.scratch, state.scratch_used
@@ -706,31 +719,55 @@ def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Outpu
     if buffer is None:
         return False
     length = static.stage_source(buffer)
+    plain_next = False
     while True:
         n = len(out.ids)
         slot = used + n - 1
-        fits = (scratch.capacity - 1 - slot) // width
-        # enough verifications for the tokens still allowed at the rate seen so far: a stop token
-        # or line end inside the chain wastes what follows it
-        steps = min(cfg.device_steps, MAX_CHAIN, fits, math.ceil((rules.max_tokens - n) / speculator.device_rate))
-        if steps < 1:
-            return False
-        chain = static.lookup_chain(out.ids[-1], state.next_position + n - 1, scratch, slot,
-                                    [*state.context, Span(scratch, 0, slot)], length, steps, width)
-        if chain is None:
-            return False
-        kept, logprobs, accepts = chain
-        length += len(kept)
-        speculator.device_rate += 0.2 * (len(kept) / steps - speculator.device_rate)
-        stats.forwards += steps
-        counters.forwards += steps
-        counters.rows += steps
-        counters.bonus += steps
-        counters.drafted += steps * (width - 1)
-        counters.accepted += sum(accepts)
-        source = counters.by_source.setdefault("device", [0, 0])
-        source[0] += steps * (width - 1)
-        source[1] += sum(accepts)
+        position = state.next_position + n - 1
+        context = [*state.context, Span(scratch, 0, slot)]
+        started = time.perf_counter()
+        if plain_next:
+            steps = chain_length(cfg.chain_steps, rules.max_tokens - n)
+            chain = static.chain(out.ids[-1], position, scratch, slot, context, steps)
+            if chain is None:
+                return False
+            chosen, logprobs = chain.tolist()
+            kept = [int(t) for t in chosen]
+            cost.record_chain(1000 * (time.perf_counter() - started) / steps)
+            length = static.extend_source(kept, length)
+            stats.forwards += steps
+            counters.chained += steps
+            plain_next = False
+        else:
+            fits = (scratch.capacity - 1 - slot) // width
+            # enough verifications for the tokens still allowed at the rate seen so far: a stop
+            # token or line end inside the chain wastes what follows it
+            steps = min(cfg.device_steps, MAX_CHAIN, fits, math.ceil((rules.max_tokens - n) / speculator.device_rate))
+            if steps < 1:
+                return False
+            chain = static.lookup_chain(out.ids[-1], position, scratch, slot, context, length, steps, width)
+            if chain is None:
+                return False
+            kept, logprobs, accepts = chain
+            per_step = 1000 * (time.perf_counter() - started) / steps
+            cost.record(1, width, per_step)
+            length += len(kept)
+            rate = len(kept) / steps
+            speculator.device_rate += 0.2 * (rate - speculator.device_rate)
+            stats.forwards += steps
+            counters.forwards += steps
+            counters.rows += steps
+            counters.bonus += steps
+            counters.drafted += steps * (width - 1)
+            counters.accepted += sum(accepts)
+            source = counters.by_source.setdefault("device", [0, 0])
+            source[0] += steps * (width - 1)
+            source[1] += sum(accepts)
+            if cfg.chain_steps and cost.measure:
+                if cost.chain_ms is None:
+                    plain_next = rate < 1.5  # unmeasured: try plain steps where drafts barely pay
+                else:
+                    plain_next = rate / cost.estimate(1, width) < 1.0 / cost.chain_ms
         appended = out.emit(kept, logprobs)
         counters.discarded += len(kept) - appended
         if out.reason is None and rules.should_stop is not None and rules.should_stop():

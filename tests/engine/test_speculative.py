@@ -552,7 +552,8 @@ def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False, cont
     finally:
         trained.model.static = None
     assert healed > 0 and multi_line > 0 and accepted > 0
-    assert (chained_tokens > 0) == chained
+    if not device:  # the device path may also run plain chains where its drafts do not pay
+        assert (chained_tokens > 0) == chained
     assert (device_forwards > 0) == device
     return accepted
 
@@ -574,6 +575,33 @@ def test_greedy_identical_with_drafting_and_verification_on_the_device(trained):
     here in its static form on the CPU) keeps plain greedy decoding's output, in both views."""
     _greedy_identical(trained, 6, 0, lambda i: StopRules(max_tokens=24, max_lines=None if i % 2 else 2),
                       device=True, contexts=_repo_contexts(6))
+
+
+@pytest.mark.parametrize("plain_costs", [0.001, 1000.0])
+def test_device_speculation_switches_to_plain_chains_where_drafts_do_not_pay(trained, plain_costs):
+    """With plain chained steps measured far cheaper than a device-side verification, each
+    lookup chain is followed by a plain chain; far dearer, none runs. The output is greedy's."""
+    tok = trained.tokenizer
+    head = doc_start_ids(tok, trained.config)
+    spec = Speculator(SpeculationConfig(drafters=("lookup",), device_width=4, device_steps=2, chain_steps=4))
+    spec.cost.record_chain(plain_costs)
+    spec.cost.record(1, 4, 1.0)
+    rules = StopRules(max_tokens=40, max_lines=None)
+    trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+    try:
+        chained = device = 0
+        for text, cursor in _repo_contexts(3):
+            view = left_to_right(Document(trained.model, tok, text, head=head), cursor, max_new_tokens=40)
+            spec.cost.chain_ms = plain_costs  # as measured: the runs' own timings would move it
+            out = spec.decode(view.state(), rules=rules)
+            _same(view.decode(rules=rules), out)
+            counters = _check_counters(out)
+            chained += counters.chained
+            device += counters.forwards
+    finally:
+        trained.model.static = None
+    assert device > 0
+    assert (chained > 0) == (plain_costs < 1)
 
 
 @pytest.mark.slow
