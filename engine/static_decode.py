@@ -173,6 +173,8 @@ class StaticForward:
         # buffer length, iteration], and per chain the kept ids, their log-probs and accepts
         self._source = torch.full((MAX_MATCH + SOURCE + 1,), -3, dtype=torch.long, device=dev)
         self._src = self._source[MAX_MATCH:]
+        self._src_host = torch.zeros(SOURCE + 1, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._src_host_np = self._src_host.numpy()
         self._spec = torch.zeros(6, dtype=torch.long, device=dev)
         self._spec_host = torch.zeros(6, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._kept = torch.zeros((2, MAX_CHAIN * 16 + 17), dtype=torch.float64, device=dev)  # width <= 16
@@ -268,9 +270,12 @@ class StaticForward:
         n = len(tokens)
         if not 0 < n <= SOURCE:
             raise ValueError(f"a search buffer holds 1..{SOURCE} tokens, not {n}")
-        host = torch.full((SOURCE + 1,), -1, dtype=torch.long)
-        host[:n] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-        self._src.copy_(host.to(self._src.device))
+        # only the first n slots are ever read as tokens (matches end before `length`, drafts
+        # come from before it, chains write what they keep after it)
+        if self._src_host.is_pinned():
+            torch.cuda.current_stream().synchronize()  # the last copy is done reading the buffer
+        self._src_host_np[:n] = tokens
+        self._src[:n].copy_(self._src_host[:n], non_blocking=True)
         return n
 
     def extend_source(self, tokens: Sequence[int], length: int) -> int:
