@@ -5,7 +5,9 @@ the target line's text after its indentation deleted, the cursor after the inden
 bench/realedits.py). It is opened once (full prefill, not timed); the left-to-right and the FIM
 view are built at the cursor (not timed); then, from each view's DecodeState, one after the
 other, every method decodes a multi-line completion (up to --max-tokens, no line limit unless
---max-lines): so methods see the same machine state, and latency is decode time only.
+--max-lines): so methods see the same machine state, and latency is decode time only: until
+the GPU is idle again (work queued past a stop counts), and "returned after" until the
+completion was the caller's.
 
 Methods (greedy; every speculative one must give the baseline's exact output):
   plain    engine.generate.decode, one forward per token (the baseline)
@@ -15,7 +17,8 @@ Methods (greedy; every speculative one must give the baseline's exact output):
   tree     combo, with up to --tree-rows candidate chains verified as batch rows
   device   prompt lookup drafted and verified on the device (StaticForward.lookup_chain: graphed
            forwards only, so CUDA; --device-width tokens a verification, up to --device-steps of
-           them per host round trip; `device:W` or `device:W:S` for others)
+           them per host round trip, two chains in flight; `device:W`, `device:W:S` or `device:W:S:F`
+           (F chains in flight, 1 or 2) for others)
 Each method/view pair has its own Speculator kept across targets (what a server does), so no
 method learns from another's runs. References: the suffix after the cursor (left-to-right view;
 the FIM prompt holds it), --workspace other files of the same repository (other open documents),
@@ -51,13 +54,15 @@ METHODS = ("lookup", "table", "combo", "tree", "device")
 
 def _config(method: str, args) -> SpeculationConfig:
     name, _, shape = method.partition(":")
-    width, _, steps = shape.partition(":")
+    width, _, rest = shape.partition(":")
+    steps, _, in_flight = rest.partition(":")
     drafters = {"lookup": ("lookup",), "table": ("table",), "device": ("lookup",)}.get(name, ("lookup", "table"))
     return SpeculationConfig(drafters=drafters, threshold=args.threshold, max_draft=args.max_draft,
                              max_rows=args.tree_rows if name == "tree" else 1,
                              measure_cost=args.row_cost is None, row_cost=args.row_cost or 0.0,
                              device_lookup=name == "device", device_width=int(width or args.device_width),
-                             device_steps=int(steps or args.device_steps))
+                             device_steps=int(steps or args.device_steps),
+                             device_in_flight=int(in_flight or SpeculationConfig.device_in_flight))
 
 
 def _cursor_text(rec: dict, target: dict) -> tuple[str, int]:
@@ -133,10 +138,11 @@ def run(args) -> dict:
             sync(device)
             t0 = time.perf_counter()
             plain = view.decode(rules=rules)
+            returned = 1000 * (time.perf_counter() - t0)
             sync(device)
             base = {"target": n_done, "id": rec["id"], "view": view_name, "healed": bool(view.heal),
                     "prompt_tokens": len(view.prompt_ids)}
-            rows.append({**base, "method": "plain", "ms": 1000 * (time.perf_counter() - t0),
+            rows.append({**base, "method": "plain", "ms": 1000 * (time.perf_counter() - t0), "ms_returned": returned,
                          "tokens": len(plain.ids), "forwards": plain.stats.forwards, "identical": True,
                          "captures": (model.static.captures if model.static is not None else 0) - captured,
                          "counters": {}})
@@ -145,12 +151,14 @@ def run(args) -> dict:
                 sync(device)
                 t0 = time.perf_counter()
                 out = speculators[(method, view_name)].decode(view.state(), rules=rules, references=refs)
-                sync(device)
+                returned = 1000 * (time.perf_counter() - t0)  # the completion is the caller's from here
+                sync(device)  # work still queued (a chain in flight past a stop) counts too
                 ms = 1000 * (time.perf_counter() - t0)
                 captured = (model.static.captures if model.static is not None else 0) - captured
                 c = SpecCounters.read(out.stats.extra)
                 same = (out.ids, out.text, out.stop_reason) == (plain.ids, plain.text, plain.stop_reason)
-                rows.append({**base, "method": method, "ms": ms, "tokens": len(out.ids), "captures": captured,
+                rows.append({**base, "method": method, "ms": ms, "ms_returned": returned, "tokens": len(out.ids),
+                             "captures": captured,
                              "forwards": out.stats.forwards, "identical": same,
                              "counters": {"drafted": c.drafted, "accepted": c.accepted, "bonus": c.bonus,
                                           "rows": c.rows, "chained": c.chained, "by_source": c.by_source}})
@@ -182,12 +190,13 @@ def summarize(result: dict) -> str:
             drafted = sum(r["counters"].get("drafted", 0) for r in g)
             accepted = sum(r["counters"].get("accepted", 0) for r in g)
             trows.append([method, len(g), f"{sum(r['identical'] for r in g)}/{len(g)}",
-                          statistics.mean(ms), statistics.median(ms), 1000 * tokens / sum(ms),
+                          statistics.mean(ms), statistics.mean(r.get("ms_returned", r["ms"]) for r in g),
+                          statistics.median(ms), 1000 * tokens / sum(ms),
                           f"{base_ms / sum(ms):.2f}x", forwards / len(g), tokens / max(forwards, 1),
                           drafted / max(forwards, 1),
                           f"{100 * accepted / drafted:.0f}%" if drafted else "-",
                           sum(r.get("captures", 0) for r in g)])
-        out.append(table(["method", "n", "identical", "ms/req mean", "ms/req p50", "tokens/s",
+        out.append(table(["method", "n", "identical", "ms/req mean", "returned after (mean)", "ms/req p50", "tokens/s",
                           "speedup vs plain", "forwards/req", "tokens/forward", "drafted/forward",
                           "accepted/drafted", "graph captures timed"], trows,
                          title=f"### {view} view" if view != "all" else "### both views"))

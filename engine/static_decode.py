@@ -130,6 +130,26 @@ def visibility(write: KVCache, write_at: int, count: int,
     return base, [at, prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start, sink_end, sink_shift]
 
 
+@dataclass
+class LookupRun:
+    """Chains staged by `StaticForward.lookup_start`: the buffer, the graph, the iterations left."""
+
+    base: KVCache
+    bucket: int
+    width: int
+    room: int
+    graph: torch.cuda.CUDAGraph | None
+
+
+@dataclass(frozen=True)
+class LookupTicket:
+    """A queued chain (`StaticForward.lookup_enqueue`): where its results land, and when."""
+
+    slot: int
+    steps: int
+    event: torch.cuda.Event | None
+
+
 class StaticForward:
     """CUDA-graph replay of one model's small batch-1 forwards (see the module docstring)."""
 
@@ -179,6 +199,13 @@ class StaticForward:
         self._spec_host = torch.zeros(6, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._kept = torch.zeros((2, MAX_CHAIN * 16 + 17), dtype=torch.float64, device=dev)  # width <= 16
         self._accepts = torch.zeros(MAX_CHAIN, dtype=torch.long, device=dev)
+        self._per_chain = torch.tensor([3, 5], device=dev)  # state entries a chain restarts from 0
+        # each chain's results leave in one copy: kept ids and log-probs, accepts, the count; to
+        # one of a few pinned host buffers, so that one chain's copy can land while another's is read
+        pack = 2 * self._kept.shape[1] + MAX_CHAIN + 1
+        self._pack = torch.zeros(pack, dtype=torch.float64, device=dev)
+        self._pack_host = torch.zeros((3, pack), dtype=torch.float64, pin_memory=dev.type == "cuda")
+        self._next_host = 0
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
         self._captured_shapes: set[tuple] = set()
@@ -296,35 +323,73 @@ class StaticForward:
         `token` is encoded at `write_at` (position `position`), as in `chain`. Returns (kept ids,
         their log-probabilities, drafts accepted per iteration): between `steps` and `steps *
         width` tokens, every one the argmax of the logits it was verified with. None when the
-        shapes are not of the kind this class serves.
+        shapes are not of the kind this class serves. (`lookup_start`, `lookup_enqueue` and
+        `lookup_collect` are the same in parts, for a caller that keeps a chain in flight while
+        it reads the one before.)
         """
-        if (self.mode == "off" or write.batch != 1 or not 1 <= steps <= MAX_CHAIN
-                or width not in (2, 4, 8, 16) or not 0 < length <= SOURCE - steps * width):
+        run = self.lookup_start(token, position, write, write_at, context, length, width, steps)
+        if run is None:
             return None
-        found = visibility(write, write_at, steps * width, context)
+        return self.lookup_collect(self.lookup_enqueue(run, steps))
+
+    def lookup_start(self, token: int, position: int, write: KVCache, write_at: int, context: Sequence[Span],
+                     length: int, width: int, room: int) -> LookupRun | None:
+        """Stage the device state for chains that continue from `token` (see `lookup_chain`) for
+        up to `room` iterations in all; None when the shapes are not served."""
+        if (self.mode == "off" or write.batch != 1 or width not in (2, 4, 8, 16) or room < 1
+                or not 0 < length <= SOURCE - room * width):
+            return None
+        found = visibility(write, write_at, room * width, context)
         if found is None:
             return None
         base, (at, *meta) = found
-        self.lookup_chains += 1
-        self.handled += steps
-        # the bucket covers the longest chain, so that a document's chains of any length replay
-        # the same graph
-        bucket = self._stage(base, at, meta, width, at + MAX_CHAIN * width)
+        # the bucket covers two of the longest chains, so that a document's chains of any length
+        # replay the same graph
+        bucket = self._stage(base, at, meta, width, at + 2 * MAX_CHAIN * width)
         self._spec_host.copy_(torch.tensor([token, position, at, 0, length, 0]))
         self._spec.copy_(self._spec_host, non_blocking=True)
-        if self.mode == "graphs":
-            graph = self._lookup_graph(base, bucket, width)
-            for _ in range(steps):
-                graph.replay()
+        graph = self._lookup_graph(base, bucket, width) if self.mode == "graphs" else None
+        return LookupRun(base, bucket, width, room, graph)
+
+    def lookup_enqueue(self, run: LookupRun, steps: int) -> LookupTicket:
+        """Queue `steps` more iterations of `run` and the copy of their results to the host;
+        nothing waits for the GPU (on CUDA)."""
+        if not 1 <= steps <= min(MAX_CHAIN, run.room):
+            raise ValueError(f"steps must be in [1, {min(MAX_CHAIN, run.room)}], not {steps}")
+        run.room -= steps
+        self.lookup_chains += 1
+        self.handled += steps
+        self._spec.index_fill_(0, self._per_chain, 0)  # tokens kept and iterations count per chain
+        for _ in range(steps):
+            if run.graph is not None:
+                run.graph.replay()
                 self.replays += 1
-        else:
-            for _ in range(steps):
-                self._lookup_step(base, bucket, width)
+            else:
+                self._lookup_step(run.base, run.bucket, run.width)
         kept = self._kept.shape[1]
-        packed = torch.cat((self._kept.flatten(), self._accepts[:steps].double(), self._spec[3:4].double())).tolist()
+        pack = self._pack
+        pack[: 2 * kept].copy_(self._kept.flatten())
+        pack[2 * kept : 2 * kept + MAX_CHAIN].copy_(self._accepts)
+        pack[-1:].copy_(self._spec[3:4])
+        slot = self._next_host = (self._next_host + 1) % len(self._pack_host)
+        host = self._pack_host[slot]
+        host.copy_(pack, non_blocking=True)
+        event = None
+        if pack.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return LookupTicket(slot, steps, event)
+
+    def lookup_collect(self, ticket: LookupTicket) -> tuple[list[int], list[float], list[int]]:
+        """Wait for a queued chain; (kept ids, their log-probabilities, drafts accepted per
+        iteration), as `lookup_chain` returns them."""
+        if ticket.event is not None:
+            ticket.event.synchronize()
+        packed = self._pack_host[ticket.slot].tolist()
+        kept = self._kept.shape[1]
         count = int(packed[-1])
         return ([int(t) for t in packed[:count]], packed[kept : kept + count],
-                [int(a) for a in packed[2 * kept : 2 * kept + steps]])
+                [int(a) for a in packed[2 * kept : 2 * kept + ticket.steps]])
 
     def _lookup_graph(self, base: KVCache, bucket: int, width: int) -> torch.cuda.CUDAGraph:
         key = ("lookup", base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width)

@@ -89,6 +89,7 @@ class SpeculationConfig:
     device_lookup: bool = True
     device_width: int = 8
     device_steps: int = 8
+    device_in_flight: int = 2  # chains queued at once (2: the next runs while the host reads one)
 
     def __post_init__(self) -> None:
         unknown = set(self.drafters) - set(DRAFTERS)
@@ -104,6 +105,8 @@ class SpeculationConfig:
             raise ValueError(f"device_width must be 2, 4, 8 or 16, got {self.device_width}")
         if not 1 <= self.device_steps <= 16:
             raise ValueError(f"device_steps must be in [1, 16], got {self.device_steps}")
+        if self.device_in_flight not in (1, 2):
+            raise ValueError(f"device_in_flight must be 1 or 2, got {self.device_in_flight}")
 
 
 @dataclass
@@ -700,10 +703,12 @@ def speculative_decode(
 
 def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Output, history: TokenHistory,
                          references: Sequence[Reference], stats: DecodeStats, counters: SpecCounters) -> bool:
-    """Decode the rest greedily by `StaticForward.lookup_chain`: drafting, verification and the
-    next step's inputs stay on the device, and the host reads each chain's kept tokens once and
-    runs them through the stop rules. False, with `out` consistent, when a chain is refused
-    (the request's shapes or scratch room); the caller then drafts on the host.
+    """Decode the rest greedily by `StaticForward.lookup_chain`'s parts: drafting, verification
+    and the next step's inputs stay on the device, and the host reads each chain's kept tokens
+    once and runs them through the stop rules — while the next chain already runs (the device
+    state needs nothing from the host; after a stop the chain in flight is wasted). False, with
+    `out` consistent, when a chain is refused (the request's shapes or scratch room); the
+    caller then drafts on the host.
 
     Where the drafts stop paying — a chain kept fewer tokens per verification than a chain of
     plain steps gives in the same time (`StepCost`: both measured as they run; a plain chain is
@@ -714,43 +719,63 @@ def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Outpu
     rules = out.rules
     width = cfg.device_width
     scratch, used = state.scratch, state.scratch_used
-    room = rules.max_tokens + MAX_CHAIN * width
+    room = rules.max_tokens + 2 * MAX_CHAIN * width
     buffer = _search_buffer(history, references, SOURCE - room)
     if buffer is None:
         return False
     length = static.stage_source(buffer)
+    run = None  # the device state of the chains in flight (None: restage from the host's)
+    pending: deque = deque()  # (ticket, tokens it is expected to keep)
     plain_next = False
+    last = time.perf_counter()
     while True:
         n = len(out.ids)
         slot = used + n - 1
         position = state.next_position + n - 1
-        context = [*state.context, Span(scratch, 0, slot)]
-        started = time.perf_counter()
-        if plain_next:
+        if plain_next and not pending:
             steps = chain_length(cfg.chain_steps, rules.max_tokens - n)
-            chain = static.chain(out.ids[-1], position, scratch, slot, context, steps)
+            chain = static.chain(out.ids[-1], position, scratch, slot, [*state.context, Span(scratch, 0, slot)], steps)
             if chain is None:
                 return False
             chosen, logprobs = chain.tolist()
             kept = [int(t) for t in chosen]
-            cost.record_chain(1000 * (time.perf_counter() - started) / steps)
+            now = time.perf_counter()
+            cost.record_chain(1000 * (now - last) / steps)
+            last = now
             length = static.extend_source(kept, length)
             stats.forwards += steps
             counters.chained += steps
             plain_next = False
+            run = None
         else:
-            fits = (scratch.capacity - 1 - slot) // width
-            # enough verifications for the tokens still allowed at the rate seen so far: a stop
-            # token or line end inside the chain wastes what follows it
-            steps = min(cfg.device_steps, MAX_CHAIN, fits, math.ceil((rules.max_tokens - n) / speculator.device_rate))
-            if steps < 1:
+            # keep two chains in flight: enough verifications for the tokens still allowed at
+            # the rate seen so far (a stop token or line end inside a chain wastes what follows)
+            while len(pending) < cfg.device_in_flight and not plain_next:
+                left = rules.max_tokens - n - sum(e for _, e in pending)
+                if left <= 0 and pending:
+                    break
+                if run is None:
+                    fits = (scratch.capacity - 1 - slot) // width
+                    run = static.lookup_start(out.ids[-1], position, scratch, slot,
+                                              [*state.context, Span(scratch, 0, slot)], length, width,
+                                              min(fits, 2 * MAX_CHAIN))
+                    if run is None:
+                        return False
+                rate = speculator.device_rate
+                steps = min(cfg.device_steps, MAX_CHAIN, run.room, math.ceil(max(left, 1) / rate))
+                if steps < 1:
+                    break
+                pending.append((static.lookup_enqueue(run, steps), steps * rate))
+            if not pending:
+                if plain_next:
+                    continue
                 return False
-            chain = static.lookup_chain(out.ids[-1], position, scratch, slot, context, length, steps, width)
-            if chain is None:
-                return False
-            kept, logprobs, accepts = chain
-            per_step = 1000 * (time.perf_counter() - started) / steps
-            cost.record(1, width, per_step)
+            ticket, _ = pending.popleft()
+            steps = ticket.steps
+            kept, logprobs, accepts = static.lookup_collect(ticket)
+            now = time.perf_counter()
+            cost.record(1, width, 1000 * (now - last) / steps)  # wall time since the last chain landed
+            last = now
             length += len(kept)
             rate = len(kept) / steps
             speculator.device_rate += 0.2 * (rate - speculator.device_rate)
@@ -768,6 +793,8 @@ def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Outpu
                     plain_next = rate < 1.5  # unmeasured: try plain steps where drafts barely pay
                 else:
                     plain_next = rate / cost.estimate(1, width) < 1.0 / cost.chain_ms
+            if run is not None and run.room < 1 and not pending:
+                run = None  # its room is spent: restage from where the host is
         appended = out.emit(kept, logprobs)
         counters.discarded += len(kept) - appended
         if out.reason is None and rules.should_stop is not None and rules.should_stop():

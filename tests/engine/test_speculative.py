@@ -525,7 +525,7 @@ def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False, cont
     head = doc_start_ids(tok, trained.config)
     chain = Speculator(SpeculationConfig(device_lookup=device))
     tree = Speculator(SpeculationConfig(max_rows=3, measure_cost=False, row_cost=0.3, device_lookup=device,
-                                        device_width=4))
+                                        device_width=4, device_in_flight=1))
     healed = multi_line = accepted = chained_tokens = device_forwards = 0
     if chained or device:  # the static forward the GPU replays, run eagerly
         trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
