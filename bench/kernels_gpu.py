@@ -11,7 +11,7 @@ Shapes: Qwen2.5-Coder-1.5B's (hidden 1536, MLP 8960, 12 query / 2 KV heads of 12
 151,936, 28 layers) by default; `--shape default` for the embedded model. One token (a decode
 step) and 16 (a speculative verification); attention over 2k/9k/17k cached keys with the FIM
 view's shifted suffix; the PIE repair's move + re-rotation of an 8k-slot suffix; the logit
-summary over one and 16 rows.
+summary over one and 16 rows; the device-side speculation's prompt lookup and verdict.
 
     python bench/kernels_gpu.py --device cuda --json kernels.json
 """
@@ -24,6 +24,7 @@ import torch
 from common import machine, parser, table, write_json
 
 from engine.calibrate import entropy
+from engine.static_decode import SOURCE
 from kernels.fused import (
     add_rms_norm_ref,
     add_rms_norm_triton,
@@ -33,6 +34,7 @@ from kernels.fused import (
     silu_mul_triton,
 )
 from kernels.logit_summary import logit_summary_ref, logit_summary_triton
+from kernels.lookup_draft import MAX_MATCH, accept_ref, accept_triton, draft_ref, draft_triton
 from kernels.rerotate import move_rerotate_ref, move_rerotate_triton
 from kernels.span_attention import span_attention_ref, span_attention_triton
 
@@ -123,6 +125,37 @@ def _cases(shape: str, device, dtype):
                [partial(logit_summary_triton, logits[i], 8) for i in range(COPIES)])
 
 
+def _lookup_cases(device):
+    """Device-side speculation (StaticForward.lookup_chain): prompt lookup over the 16k-slot
+    search buffer with 3k tokens in use, and the verdict of an 8-token verification."""
+    g = torch.Generator(device=device).manual_seed(1)
+    size, used, width = SOURCE + 1, 3000, 8
+
+    def buffer():
+        padded = torch.full((MAX_MATCH + size,), -1, dtype=torch.long, device=device)
+        padded[:MAX_MATCH] = -3
+        padded[MAX_MATCH : MAX_MATCH + used] = torch.randint(0, 40, (used,), generator=g, device=device)
+        return padded
+
+    def state():
+        return torch.tensor([5, 100, 40, 0, used, 0], dtype=torch.long, device=device)
+
+    staged = [(buffer(), state(), *torch.zeros((3, width), dtype=torch.long, device=device)) for _ in range(COPIES)]
+    yield ("lookup draft (match, pick, stage)", f"{used} of {SOURCE} slots, {width} rows",
+           [partial(draft_ref, *staged[i]) for i in range(COPIES)],
+           [partial(draft_triton, *staged[i]) for i in range(COPIES)])
+    chosen = torch.randint(0, 40, (width,), generator=g, device=device)
+    ids = torch.cat((chosen[:1], chosen[:3], chosen[3:-1] + 1))  # three drafts agree
+    values = torch.randn(width, generator=g, device=device)
+    lse = values + 1.0
+    judged = [(chosen, values, lse, ids, buffer(), state(),
+               torch.zeros((2, 16 * 16 + 17), dtype=torch.float64, device=device),
+               torch.zeros(16, dtype=torch.long, device=device)) for _ in range(COPIES)]
+    yield ("lookup verdict (accept, keep, advance)", f"{width} rows",
+           [partial(accept_ref, *judged[i]) for i in range(COPIES)],
+           [partial(accept_triton, *judged[i]) for i in range(COPIES)])
+
+
 def _plain_summary(logits: torch.Tensor, k: int):
     """argmax, log-softmax, entropy and top-k as separate torch ops (no tie order)."""
     logp = torch.log_softmax(logits, -1)
@@ -138,7 +171,8 @@ def main() -> None:
         raise SystemExit("bench/kernels_gpu.py times CUDA graphs: run it with --device cuda on a GPU")
     dtype = getattr(torch, args.dtype)
     results = []
-    for name, shape, reference, ours in _cases(args.shape, args.device, dtype):
+    cases = list(_cases(args.shape, args.device, dtype)) + list(_lookup_cases(args.device))
+    for name, shape, reference, ours in cases:
         ref_us, our_us = _graph_us(reference, args.device), _graph_us(ours, args.device)
         results.append({"kernel": name, "shape": shape, "torch_us": ref_us, "ours_us": our_us,
                         "gain": ref_us / our_us})
