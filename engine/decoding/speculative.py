@@ -299,6 +299,7 @@ class Speculator:
         self.cost = StepCost(cfg.measure_cost, cfg.row_cost)
         self.recent: deque[Reference] = deque(maxlen=cfg.recent)
         self.device_rate = 2.0  # tokens kept per device-side verification (running mean)
+        self.line_tokens: float | None = None  # tokens a completed line took (running mean)
 
     def decode(self, state: DecodeState, *, params: SamplingParams | None = None, rules: StopRules | None = None,
                references: Sequence[Reference] = (), stats: DecodeStats | None = None,
@@ -440,6 +441,7 @@ class _Output:
         self.remaining = heal
         self.ids: list[int] = []
         self.lines = 0  # line ends in the emitted ids' text
+        self.in_line = 0  # emitted ids since the last line end (counted under a line rule)
         self.logprob = 0.0
         self.reason: str | None = None
 
@@ -455,7 +457,9 @@ class _Output:
             self.logprob += logprob
             self.ids.append(token)
             if max_lines is not None:
-                self.lines += self.stopper.line_ends(token)
+                ends = self.stopper.line_ends(token)
+                self.lines += ends
+                self.in_line = 0 if ends else self.in_line + 1
                 if self.lines >= max_lines:
                     self.reason = "lines"
                     return n + 1
@@ -698,6 +702,10 @@ def speculative_decode(
         stats.forwards += gate.counters.extra_forwards
         gate.counters.write(stats.extra)
     speculator.remember(out.ids)
+    if out.reason == "lines" and out.lines:  # how long lines run, for sizing device chains
+        tokens = len(out.ids) / out.lines
+        old = speculator.line_tokens
+        speculator.line_tokens = tokens if old is None else old + 0.2 * (tokens - old)
     return Completion(out.ids, out.text(state.heal), out.reason, stats, out.logprob)
 
 
@@ -751,7 +759,7 @@ def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Outpu
             # keep two chains in flight: enough verifications for the tokens still allowed at
             # the rate seen so far (a stop token or line end inside a chain wastes what follows)
             while len(pending) < cfg.device_in_flight and not plain_next:
-                left = rules.max_tokens - n - sum(e for _, e in pending)
+                left = _tokens_left(out, speculator.line_tokens) - sum(e for _, e in pending)
                 if left <= 0 and pending:
                     break
                 if run is None:
@@ -802,6 +810,18 @@ def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Outpu
         if out.reason is not None:
             return True
         history.extend(kept)
+
+
+def _tokens_left(out: _Output, line_tokens: float | None) -> float:
+    """Tokens the request is expected to take still: its token budget, or under a line rule,
+    the lines left at the length lines have been running (`Speculator.line_tokens`); a line
+    already longer than that is expected to run on by half what it has (so a long line costs
+    a few chains, not one per verification)."""
+    left = out.rules.max_tokens - len(out.ids)
+    if out.rules.max_lines is None or line_tokens is None:
+        return left
+    lines_left = out.rules.max_lines - out.lines
+    return min(left, max(1.0, lines_left * line_tokens - out.in_line, out.in_line / 2))
 
 
 def _search_buffer(history: TokenHistory, references: Sequence[Reference], limit: int) -> np.ndarray | None:

@@ -21,7 +21,7 @@ from edit_cache.positions import line_starts
 from edit_cache.views import fill_in_middle, left_to_right
 from engine.decoding import ModelTable, PromptLookup, Reference, SpecCounters, SpeculationConfig, Speculator
 from engine.decoding.drafters import TokenHistory
-from engine.decoding.speculative import _Output, expected_accepted, verify
+from engine.decoding.speculative import _Output, _tokens_left, expected_accepted, verify
 from engine.generate import DecodeState, LineStopper, StopRules, decode
 from engine.healing import healer_for
 from engine.loading import load_model
@@ -602,6 +602,43 @@ def test_device_speculation_switches_to_plain_chains_where_drafts_do_not_pay(tra
         trained.model.static = None
     assert device > 0
     assert (chained > 0) == (plain_costs < 1)
+
+
+def test_device_chains_are_sized_to_the_lines_left(trained):
+    """Under a line rule, device chains ask for about the tokens lines have been taking, so a
+    one-line completion verifies fewer times than with chains sized to the token budget."""
+    tok = trained.tokenizer
+    head = doc_start_ids(tok, trained.config)
+    rules = StopRules(max_tokens=48, max_lines=1)
+    trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+    try:
+        fewer = 0
+        for text, cursor in _repo_contexts(4):
+            view = left_to_right(Document(trained.model, tok, text, head=head), cursor, max_new_tokens=48)
+            forwards = []
+            for line_tokens in (None, 1.0):
+                spec = Speculator(SpeculationConfig(drafters=("lookup",), measure_cost=False))
+                spec.line_tokens = line_tokens
+                out = spec.decode(view.state(), rules=rules)
+                _same(view.decode(rules=rules), out)
+                forwards.append(SpecCounters.read(out.stats.extra).forwards)
+            assert forwards[1] <= forwards[0]
+            fewer += forwards[1] < forwards[0]
+    finally:
+        trained.model.static = None
+    assert fewer > 0
+
+
+def test_tokens_left_under_a_line_rule(trained):
+    out = _Output(trained.tokenizer, StopRules(max_tokens=40, max_lines=2), b"")
+    assert _tokens_left(out, None) == 40
+    out.ids, out.lines, out.in_line = [1] * 13, 1, 3
+    assert _tokens_left(out, 10.0) == 7  # one line left, 3 of its ~10 tokens emitted
+    assert _tokens_left(out, 100.0) == 27  # never past the token budget
+    out.in_line = 30
+    assert _tokens_left(out, 10.0) == 15  # a line running long: half as long again
+    out.in_line = 1
+    assert _tokens_left(out, 1.0) == 1  # at least one token
 
 
 @pytest.mark.slow
