@@ -352,8 +352,9 @@ class Transformer(nn.Module):
         assert write.batch == bsz, f"write cache batch {write.batch} != input batch {bsz}"
         for span in context:
             assert span.cache.batch in (1, bsz), "context span batch must be 1 or the input's"
-        if self.static is not None and input_embeds is None:
-            handled, out = self.static.forward(input_ids, positions, write, write_at, context, logits)
+        if self.static is not None:
+            handled, out = self.static.forward(input_ids, positions, write, write_at, context, logits,
+                                               embeds=input_embeds)
             if handled:
                 return out
         if positions.dim() == 1:

@@ -45,8 +45,10 @@ the verdict are one Triton program each, kernels/lookup_draft.py), no host read 
 chain ends. Greedy output is plain greedy decoding's: every kept token is the argmax of the
 logits it was verified with. Rejected drafts' K/V sits in slots the next iteration overwrites.
 
-Anything else — larger writes (a whole-file prefill), batched rows, input embeddings, a third
-shifted span, dynamic RoPE scaling, the CPU — returns `handled=False` and runs eagerly.
+Input embeddings in place of ids (superposed decoding's weighted sum of the drafts' last
+tokens) take a static embeddings buffer and graphs of their own. Anything else — larger writes
+(a whole-file prefill), batched rows, a third shifted span, dynamic RoPE scaling, the CPU —
+returns `handled=False` and runs eagerly.
 """
 
 from __future__ import annotations
@@ -188,6 +190,9 @@ class StaticForward:
         self._slots = self._inputs[2 * w : 3 * w]
         self._meta = self._inputs[3 * w : 3 * w + 8]
         self._last = self._inputs[3 * w + 8 :]
+        # input embeddings in place of ids (superposed decoding); padding rows read what an earlier
+        # call left, and write only the spare slot
+        self._embeds = torch.zeros((1, w, model.config.hidden_size), dtype=model.dtype, device=dev)
         # lookup_chain's device state: the search buffer behind MAX_MATCH never-matching slots
         # (the last slot takes writes that go nowhere), [last token, position, slot, tokens kept,
         # buffer length, iteration], and per chain the kept ids, their log-probs and accepts
@@ -213,16 +218,21 @@ class StaticForward:
         self.replays = 0
         self.captures = 0
         self.eager = 0  # forwards this object passed back to the eager path
+        self.embedded = 0  # forwards run here from input embeddings instead of ids
         self.chains = 0  # chained greedy runs (each `steps` forwards)
         self.lookup_chains = 0  # lookup_chain runs (each `steps` verification forwards)
 
     def forward(self, ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
-                context: Sequence[Span], logits: str) -> tuple[bool, torch.Tensor | None]:
-        """(True, what Transformer.forward returns) when replayed; (False, None) to run eagerly."""
-        if self.mode == "off" or ids is None or ids.shape[0] != 1 or write.batch != 1:
+                context: Sequence[Span], logits: str,
+                embeds: torch.Tensor | None = None) -> tuple[bool, torch.Tensor | None]:
+        """(True, what Transformer.forward returns) when replayed; (False, None) to run eagerly.
+
+        `embeds` [1, T, hidden] in place of `ids` (superposed decoding's weighted embeddings)."""
+        inputs = embeds if embeds is not None else ids
+        if self.mode == "off" or inputs is None or inputs.shape[0] != 1 or write.batch != 1:
             self.eager += 1
             return False, None
-        count = ids.shape[1]
+        count = inputs.shape[1]
         found = visibility(write, write_at, count, context) if count <= self.max_width else None
         if found is None:
             self.eager += 1
@@ -232,16 +242,21 @@ class StaticForward:
         width = _next_power_of_two(count)
         bucket = self._stage(base, at, meta, count, at + count)
         # ids and positions usually arrive on the device already: copied there, not via the host
-        self._ids[0, :count].copy_(ids[0], non_blocking=True)
+        if embeds is not None:
+            self._embeds[:, :count].copy_(embeds)
+            self.embedded += 1
+        else:
+            self._ids[0, :count].copy_(ids[0], non_blocking=True)
         self._positions[:count].copy_(positions.reshape(-1), non_blocking=True)
         # a single row's "last" is its "all": one graph serves decode steps and chains
         rows = "all" if width == 1 and logits == "last" else logits
+        source = "embeds" if embeds is not None else "ids"
         if self.mode == "graphs":
-            graph, out = self._graph(base, bucket, width, rows=rows)
+            graph, out = self._graph(base, bucket, width, rows=rows, source=source)
             graph.replay()
             self.replays += 1
         else:
-            out = self._run(base, bucket, width, rows=rows)
+            out = self._run(base, bucket, width, rows=rows, source=source)
         if logits == "none":
             return True, None
         if logits == "last":
@@ -448,20 +463,20 @@ class StaticForward:
         self._inputs.copy_(self._host, non_blocking=True)
         return min(_round_up(reach, self.bucket), base.capacity)
 
-    def _graph(self, base: KVCache, bucket: int, width: int,
-               rows: str = "all") -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
-        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows)
+    def _graph(self, base: KVCache, bucket: int, width: int, rows: str = "all",
+               source: str = "ids") -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows, source)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
 
         def run():
-            return self._run(base, bucket, width, rows=rows)
+            return self._run(base, bucket, width, rows=rows, source=source)
 
         # The warm-up runs compute the very step being asked for (same inputs, same slots),
         # so their writes are the ones the replay repeats. Two the first time a shape is
         # captured (compiles, library workspaces); one for the same shape on another buffer.
-        shape = (tuple(base.k.shape[:3]), base.k.shape[4], bucket, width, rows)
+        shape = (tuple(base.k.shape[:3]), base.k.shape[4], bucket, width, rows, source)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -499,7 +514,7 @@ class StaticForward:
     @torch.inference_mode()
     def _run(self, base: KVCache, bucket: int, width: int, ids: torch.Tensor | None = None,
              positions: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-             rows: str = "all") -> torch.Tensor | None:
+             rows: str = "all", source: str = "ids") -> torch.Tensor | None:
         """The forward itself: only device tensors decide what it reads and writes; ids `[1, width]`,
         positions and slots `[width]` default to the static inputs. Returns fp32 logits of every
         row (`rows="all"`, `[width, V]`), of the last real row (`"last"`, `[1, V]`: the row the
@@ -511,7 +526,10 @@ class StaticForward:
         # cos/sin at the tokens' positions, and shifted back for the suffix keys and for the sink's
         cos, sin = model.rotary.cos_sin(torch.stack((positions, positions - shift, positions - sink_shift)))
         eps = model.config.rms_norm_eps
-        x = model.embed(self._ids[:, :width] if ids is None else ids)
+        if source == "embeds":
+            x = self._embeds[:, :width]
+        else:
+            x = model.embed(self._ids[:, :width] if ids is None else ids)
         delta = None
         for layer, block in enumerate(model.layers):
             fused = self._fused[layer]

@@ -24,6 +24,7 @@ from engine.loading import DEFAULT_MODEL_DIR, load_model
 from engine.model import Span
 from engine.ngram import NgramTable, _hash_one
 from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids, left_to_right_ids
+from engine.static_decode import StaticForward
 from engine.tokenizer import Tokenizer
 
 GREEDY = SuperposedParams(alpha=0.0, keep_empty=True)
@@ -326,6 +327,34 @@ def test_default_model_through_document_views(default, view):
     assert out.stats.forwards <= rules.max_tokens + out.stats.resets
 
 
+@pytest.mark.parametrize("view", ["l2r", "fim"])
+def test_superposed_steps_take_the_static_path(default, view):
+    """Superposed forwards from input embeddings run on the static forward the GPU replays
+    (here its static form on the CPU), with the drafts of the eager path."""
+    tok, model = default.tokenizer, default.model
+    text = ("import os\n\n\ndef read(path):\n    with open(path) as f:\n        return f.read()\n\n\n"
+            "def write(path, text):\n    with open(path, 'w') as f:\n        \n")
+    cursor = len(text) - 1
+    make = left_to_right if view == "l2r" else fill_in_middle
+    rules = StopRules(max_tokens=16, max_lines=1)
+    index = NgramIndex()
+    results = []
+    for static in (None, StaticForward(model, bucket=256, max_width=16, mode="static")):
+        model.static = static
+        try:
+            doc = Document(model, tok, text, head=doc_start_ids(tok, default.config))
+            index.add("doc", doc.ids)
+            state = make(doc, cursor).state()
+            eager_before = static.eager if static is not None else 0  # the prefill was wider than 16
+            results.append(superposed_drafts(state, 3, rules, ngram_index=index))
+        finally:
+            model.static = None
+    eager, staticed = results
+    assert [d.ids for d in staticed.drafts] == [d.ids for d in eager.drafts]
+    assert [d.score for d in staticed.drafts] == pytest.approx([d.score for d in eager.drafts], abs=1e-3)
+    assert static.embedded > 0 and static.eager == eager_before  # every decoding forward static
+
+
 def test_latency_budget_returns_partial_drafts_after_finished_ones(tiny):
     rules = StopRules(max_tokens=24, max_lines=1)
     for prefix in PROMPTS:
@@ -336,3 +365,23 @@ def test_latency_budget_returns_partial_drafts_after_finished_ones(tiny):
         free = superposed_drafts(state, 3, rules, params=SuperposedParams(finish_ratio=None))
         assert "budget" not in [d.stop_reason for d in free.drafts]
         assert tight.stats.steps <= free.stats.steps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_superposed_steps_replay_graphs():
+    """On CUDA the superposed forwards replay graphs of their own (input embeddings), with the
+    drafts of the static forward run eagerly (fp32)."""
+    loaded = load_model(None, device="cuda", dtype="float32")
+    tok, model = loaded.tokenizer, loaded.model
+    text = ("import os\n\n\ndef read(path):\n    with open(path) as f:\n        return f.read()\n\n\n"
+            "def write(path, text):\n    with open(path, 'w') as f:\n        \n")
+    rules = StopRules(max_tokens=16, max_lines=1)
+    graphs = model.static
+    out = []
+    for static in (StaticForward(model, mode="static"), graphs):
+        model.static = static
+        doc = Document(model, tok, text, head=doc_start_ids(tok, loaded.config))
+        out.append(superposed_drafts(fill_in_middle(doc, len(text) - 1).state(), 3, rules))
+    assert [d.ids for d in out[1].drafts] == [d.ids for d in out[0].drafts]
+    assert graphs.embedded > 0 and graphs.replays > graphs.captures
