@@ -641,6 +641,32 @@ def test_tokens_left_under_a_line_rule(trained):
     assert _tokens_left(out, 1.0) == 1  # at least one token
 
 
+def test_device_speculation_stops_and_cancels_between_chains(trained):
+    """A stop token inside a device chain cuts the output there (the chain in flight is
+    dropped), and cancellation is polled after each chain: the output is then a prefix of
+    greedy's, and the next request decodes normally."""
+    tok = trained.tokenizer
+    text, cursor = _repo_contexts(1)[0]
+    rules = StopRules(max_tokens=40, max_lines=None)
+    trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+    try:
+        view = left_to_right(Document(trained.model, tok, text, head=doc_start_ids(tok, trained.config)), cursor,
+                             max_new_tokens=40)
+        plain = view.decode(rules=rules)
+        spec = Speculator(SpeculationConfig(drafters=("lookup",), measure_cost=False, device_steps=2))
+        stop = StopRules(max_tokens=40, max_lines=None, stop_ids=frozenset({plain.ids[5]}))
+        _same(view.decode(rules=stop), spec.decode(view.state(), rules=stop))
+        calls = []
+        cancelled = spec.decode(view.state(), rules=StopRules(max_tokens=40, max_lines=None,
+                                                              should_stop=lambda: calls.append(1) or len(calls) >= 2))
+        assert cancelled.stop_reason == "cancelled" and len(calls) == 2
+        assert 0 < len(cancelled.ids) < len(plain.ids) and cancelled.ids == plain.ids[: len(cancelled.ids)]
+        _check_counters(cancelled)
+        _same(plain, spec.decode(view.state(), rules=rules))
+    finally:
+        trained.model.static = None
+
+
 @pytest.mark.slow
 def test_greedy_identical_on_realedits_many_contexts(trained):
     _greedy_identical(trained, 40, 8000,
