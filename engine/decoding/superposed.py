@@ -272,10 +272,18 @@ def superposed_drafts(
         run.forward_ms += 1000 * (time.perf_counter() - t0)
         return out
 
+    def candidates(row: torch.Tensor, logp: torch.Tensor) -> tuple[list[int], list[float]]:
+        """The row's top m allowed ids with their log-probabilities, in one device->host copy."""
+        top = row.topk(min(m, row.shape[0]))
+        packed = torch.stack((top.values.double(), top.indices.double(), logp[top.indices].double())).tolist()
+        kept = [j for j, v in enumerate(packed[0]) if v > float("-inf")]
+        return [int(packed[1][j]) for j in kept], [packed[2][j] for j in kept]
+
     def extend(live: list[_Draft], logits: torch.Tensor) -> list[_Draft]:
         """The k x m children of the live drafts, best first, distinct by (text, finished)."""
         logp = torch.log_softmax(logits[0].float() / params.temperature, -1)  # [V]
         children: dict[tuple[str, bool], _Draft] = {}
+        unmasked = None  # every draft without a healing mask extends from the same row
         for d in live:
             row = logits[0]
             if d.remaining:
@@ -284,11 +292,13 @@ def superposed_drafts(
                     keep = allowed_memo[d.remaining] = torch.tensor(healer.allowed(d.remaining), dtype=torch.long,
                                                                     device=dev)
                 row = torch.full_like(row, float("-inf")).index_copy_(0, keep, row[keep])
-            top = row.topk(min(m, row.shape[0])).indices
-            ids = [t for t in top.tolist() if row[t] > float("-inf")]
+                ids, scores = candidates(row, logp)
+            else:
+                if unmasked is None:
+                    unmasked = candidates(row, logp)
+                ids, scores = list(unmasked[0]), list(unmasked[1])
             if not ids:
                 continue
-            scores = logp[ids].tolist()
             if mixture is not None:
                 t0 = time.perf_counter()
                 p_ng = mixture((left + d.ids)[-mixture.max_context:], ids)
