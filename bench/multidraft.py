@@ -14,6 +14,9 @@ Methods:
   top-k x greedy    k greedy decodes, each forced to start with one of the k best first tokens
   nucleus x k       k sampled decodes (--nucleus-temperature, top-p --top-p)
   beam k            beam search (engine.decoding.beam), k beams batched in one forward per step
+With --served each target's document is opened in the edit cache and every method decodes
+from its view (the whole document, the server's path; on CUDA its forwards replay graphs,
+captured by an untimed run of every method first), instead of a capped prompt.
 Quality: best-of-k EM/ES (any draft right), first-draft EM/ES, distinct drafts per target and
 their mean pairwise edit distance (characters). The workspace index holds the document only
 (other files of the repository may be later versions that contain the answer).
@@ -45,7 +48,9 @@ from common import (
 )
 from default_model import build_cases
 
+from edit_cache.document import Document
 from edit_cache.tokens import TokenEdit
+from edit_cache.views import fill_in_middle, left_to_right
 from engine.decoding.beam import beam_search
 from engine.decoding.ngram_index import NgramIndex
 from engine.decoding.superposed import SuperposedParams, superposed_drafts
@@ -135,6 +140,22 @@ def run_superposed(state, k, rules, index, corpus, params) -> Run:
                 "forward_ms": s.forward_ms, "ngram_lookups": s.ngram_lookups})
 
 
+def _run_method(method: str, state: DecodeState, k: int, rules: StopRules, index, corpus, args, seed: int) -> Run:
+    if method == "greedy":
+        return run_greedy(state, rules)
+    if method == "superposed":
+        return run_superposed(state, k, rules, index, corpus, SuperposedParams())
+    if method == "superposed-no-ng":
+        return run_superposed(state, k, rules, None, None, SuperposedParams(alpha=0.0))
+    if method == "top-k x greedy":
+        return run_top_first(state, k, rules)
+    if method == "nucleus x k":
+        return run_nucleus(state, k, rules, args.nucleus_temperature, args.top_p, seed=seed)
+    if method == "beam k":
+        return run_beam(state, k, rules)
+    raise SystemExit(f"unknown method {method!r}; use {args.methods}")
+
+
 def index_costs(index: NgramIndex, ids: list[int], rng: random.Random) -> dict:
     """Time a few one-token edits (and their undo) on the index."""
     if len(ids) < 2:
@@ -167,6 +188,10 @@ def main() -> None:
     p.add_argument("--no-corpus", action="store_true", help="superposed: workspace n-grams only")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     p.add_argument("--methods", default="greedy,superposed,superposed-no-ng,top-k x greedy,nucleus x k,beam k")
+    p.add_argument("--served", action="store_true",
+                   help="decode from the edit cache's view of the whole document, as the server does (on CUDA "
+                        "its forwards replay graphs; each target's graphs are captured by an untimed run of "
+                        "every method first) instead of a capped prompt prefilled on its own")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     records = load_records(args.data)
@@ -179,7 +204,8 @@ def main() -> None:
     k = args.k
     rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
     methods = args.methods.split(",")
-    print(f"multidraft bench: {len(cases)} targets, k = {k}, {args.view} view, default model "
+    print(f"multidraft bench: {len(cases)} targets, k = {k}, {args.view} view "
+          f"({'served: the edit cache view of the whole document' if args.served else 'capped prompt'}), model "
           f"{'' if args.model is None else args.model}, corpus n-grams {'on' if corpus else 'off'}, "
           f"{machine(args.device)}", flush=True)
     healer_for(tok)  # built once, outside the timings
@@ -199,26 +225,23 @@ def main() -> None:
         side["edit_us"].append(index_costs(index, doc_ids, rng).get("edit_us", 0.0))
         sync(args.device)
         t0 = time.perf_counter()
-        state = DecodeState.from_prompt(model, tok, ids, heal=heal, max_new_tokens=args.max_tokens)
+        if args.served:
+            doc = Document(model, tok, prefix + "\n" + suffix, head=doc_start_ids(tok, cfg))
+            doc.ensure_ready()
+            make = fill_in_middle if args.view == "fim" else left_to_right
+            view = make(doc, len(prefix), max_new_tokens=args.max_tokens)
+            state_of = view.state  # each method decodes into the view's scratch from the same state
+        else:
+            state = DecodeState.from_prompt(model, tok, ids, heal=heal, max_new_tokens=args.max_tokens)
+            state_of = lambda state=state: state  # noqa: E731
         sync(args.device)
         side["prefill_ms"].append(1000 * (time.perf_counter() - t0))
-        for method in methods:
-            if method == "greedy":
-                run = run_greedy(state, rules)
-            elif method == "superposed":
-                run = run_superposed(state, k, rules, index, corpus, SuperposedParams())
-            elif method == "superposed-no-ng":
-                run = run_superposed(state, k, rules, None, None, SuperposedParams(alpha=0.0))
-            elif method == "top-k x greedy":
-                run = run_top_first(state, k, rules)
-            elif method == "nucleus x k":
-                run = run_nucleus(state, k, rules, args.nucleus_temperature, args.top_p, seed=1000 * n)
-            elif method == "beam k":
-                run = run_beam(state, k, rules)
-            else:
-                raise SystemExit(f"unknown method {method!r}; use {args.methods}")
-            sync(args.device)
-            runs[method].append(run)
+        for warm in ((True, False) if args.served and model.static is not None else (False,)):
+            for method in methods:
+                run = _run_method(method, state_of(), k, rules, index, corpus, args, seed=1000 * n)
+                sync(args.device)
+                if not warm:
+                    runs[method].append(run)
         if (n + 1) % 10 == 0:
             print(f"  {n + 1}/{len(cases)} targets", flush=True)
 
