@@ -21,7 +21,7 @@ from edit_cache.positions import line_starts
 from edit_cache.views import fill_in_middle, left_to_right
 from engine.decoding import ModelTable, PromptLookup, Reference, SpecCounters, SpeculationConfig, Speculator
 from engine.decoding.drafters import TokenHistory
-from engine.decoding.speculative import _Output, _tokens_left, expected_accepted, verify
+from engine.decoding.speculative import _Output, _search_buffer, _tokens_left, expected_accepted, verify
 from engine.generate import DecodeState, LineStopper, StopRules, decode
 from engine.healing import healer_for
 from engine.loading import load_model
@@ -627,6 +627,18 @@ def test_device_chains_are_sized_to_the_lines_left(trained):
     finally:
         trained.model.static = None
     assert fewer > 0
+
+
+def test_search_buffer_keeps_the_history_tail_and_reference_heads():
+    history = TokenHistory(list(range(100)))
+    refs = [Reference.of("suffix", [7] * 30), Reference.of("workspace", [8] * 30)]
+    buf = _search_buffer(history, refs, 1000).tolist()
+    assert buf == [-1, *[7] * 30, -1, *[8] * 30, -1, *range(100)]  # the history last: chains append there
+    buf = _search_buffer(history, refs, 120).tolist()
+    assert len(buf) == 120 and buf[-100:] == list(range(100)) and buf[:2] == [-1, 7]  # the suffix's head
+    buf = _search_buffer(TokenHistory(list(range(5000))), refs, 1000).tolist()
+    assert buf == [-1, *range(4001, 5000)]  # a long history: its tail, no room for references
+    assert _search_buffer(TokenHistory([]), refs, 1000) is None
 
 
 def test_tokens_left_under_a_line_rule(trained):
