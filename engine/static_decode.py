@@ -408,28 +408,12 @@ class StaticForward:
 
     def _lookup_graph(self, base: KVCache, bucket: int, width: int) -> torch.cuda.CUDAGraph:
         key = ("lookup", base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width)
-        if key in self._graphs:
-            self._graphs.move_to_end(key)
-            return self._graphs[key][0]
         # the warm-up runs advance the chain state: put it back before the first replay (what
         # they wrote past it — K/V, buffer tokens, kept ids — the replays overwrite)
-        start = self._spec.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._lookup_step(base, bucket, width)
-        torch.cuda.current_stream().wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._lookup_step(base, bucket, width)
-        self._spec.copy_(start)
-        self._graphs[key] = (graph, None)
-        self.captures += 1
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+        start = self._spec.clone() if key not in self._graphs else None
+        graph, _ = self._capture(key, lambda: self._lookup_step(base, bucket, width), warmups=2)
+        if start is not None:
+            self._spec.copy_(start)
         return graph
 
     @torch.inference_mode()
@@ -466,23 +450,26 @@ class StaticForward:
     def _graph(self, base: KVCache, bucket: int, width: int, rows: str = "all",
                source: str = "ids") -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
         key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows, source)
-        if key in self._graphs:
-            self._graphs.move_to_end(key)
-            return self._graphs[key]
-
-        def run():
-            return self._run(base, bucket, width, rows=rows, source=source)
-
         # The warm-up runs compute the very step being asked for (same inputs, same slots),
         # so their writes are the ones the replay repeats. Two the first time a shape is
         # captured (compiles, library workspaces); one for the same shape on another buffer.
         shape = (tuple(base.k.shape[:3]), base.k.shape[4], bucket, width, rows, source)
+        found = self._capture(key, lambda: self._run(base, bucket, width, rows=rows, source=source),
+                              warmups=1 if shape in self._captured_shapes else 2)
+        self._captured_shapes.add(shape)
+        return found
+
+    def _capture(self, key: tuple, run, warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+        """The graph of `run` (with what its capture returned) under `key`: from the cache, or
+        captured after `warmups` runs on a side stream; the least recently used go first."""
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(1 if shape in self._captured_shapes else 2):
+            for _ in range(warmups):
                 run()
-        self._captured_shapes.add(shape)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
