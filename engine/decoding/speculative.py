@@ -653,17 +653,12 @@ def speculative_decode(
         # resumes after the chain.
         while chainable and not any(plan.drafts) and not out.remaining:
             steps = chain_length(cfg.chain_steps, rules.max_tokens - n)
-            slot = used + n - 1
             chain_started = time.perf_counter()
-            chain = model.static.chain(out.ids[-1], state.next_position + n - 1, scratch, slot,
-                                       [*state.context, Span(scratch, 0, slot)], steps) if steps else None
+            chain = _plain_chain(state, out, steps, stats, counters)
             if chain is None:
                 break
-            chosen, chain_logprobs = chain.tolist()
+            path, chain_logprobs = chain
             speculator.cost.record_chain(1000 * (time.perf_counter() - chain_started) / steps)
-            path = [int(t) for t in chosen]
-            stats.forwards += steps
-            counters.chained += steps
             appended = out.emit(path, chain_logprobs)
             counters.discarded += steps - appended
             if out.reason is None and rules.should_stop is not None and rules.should_stop():
@@ -743,17 +738,14 @@ def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Outpu
         position = state.next_position + n - 1
         if plain_next and not pending:
             steps = chain_length(cfg.chain_steps, rules.max_tokens - n)
-            chain = static.chain(out.ids[-1], position, scratch, slot, [*state.context, Span(scratch, 0, slot)], steps)
+            chain = _plain_chain(state, out, steps, stats, counters)
             if chain is None:
                 return False
-            chosen, logprobs = chain.tolist()
-            kept = [int(t) for t in chosen]
+            kept, logprobs = chain
             now = time.perf_counter()
             cost.record_chain(1000 * (now - last) / steps)
             last = now
             length = static.extend_source(kept, length)
-            stats.forwards += steps
-            counters.chained += steps
             plain_next = False
             run = None
         else:
@@ -811,6 +803,26 @@ def _speculate_on_device(state: DecodeState, speculator: Speculator, out: _Outpu
         if out.reason is not None:
             return True
         history.extend(kept)
+
+
+def _plain_chain(state: DecodeState, out: _Output, steps: int, stats: DecodeStats,
+                 counters: SpecCounters) -> tuple[list[int], list[float]] | None:
+    """`steps` plain greedy steps chained on the device after the output's last token
+    (`StaticForward.chain`), counted as chained forwards: (ids, log-probs), or None when the
+    chain is refused (or `steps` is 0)."""
+    if not steps:
+        return None
+    n = len(out.ids)
+    scratch = state.scratch
+    slot = state.scratch_used + n - 1
+    chain = state.model.static.chain(out.ids[-1], state.next_position + n - 1, scratch, slot,
+                                     [*state.context, Span(scratch, 0, slot)], steps)
+    if chain is None:
+        return None
+    chosen, logprobs = chain.tolist()
+    stats.forwards += steps
+    counters.chained += steps
+    return [int(t) for t in chosen], logprobs
 
 
 def _tokens_left(out: _Output, line_tokens: float | None) -> float:
