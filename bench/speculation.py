@@ -65,6 +65,11 @@ def _config(method: str, args) -> SpeculationConfig:
                              device_in_flight=int(in_flight or SpeculationConfig.device_in_flight))
 
 
+def _captures(model) -> int:
+    """CUDA graphs the model's static forward has captured so far."""
+    return model.static.captures if model.static is not None else 0
+
+
 def _cursor_text(rec: dict, target: dict) -> tuple[str, int]:
     text = rec["after"]
     start = line_starts(text)[target["line"]]
@@ -134,7 +139,7 @@ def run(args) -> dict:
                 if method.startswith("device"):  # its verification graphs, by a throwaway speculator
                     # (the measured one must not learn this target's completion)
                     Speculator(_config(method, args)).decode(view.state(), rules=rules)
-            captured = model.static.captures if model.static is not None else 0
+            captured = _captures(model)
             sync(device)
             t0 = time.perf_counter()
             plain = view.decode(rules=rules)
@@ -144,17 +149,17 @@ def run(args) -> dict:
                     "prompt_tokens": len(view.prompt_ids)}
             rows.append({**base, "method": "plain", "ms": 1000 * (time.perf_counter() - t0), "ms_returned": returned,
                          "tokens": len(plain.ids), "forwards": plain.stats.forwards, "identical": True,
-                         "captures": (model.static.captures if model.static is not None else 0) - captured,
+                         "captures": _captures(model) - captured,
                          "counters": {}})
             for method in methods:
-                captured = model.static.captures if model.static is not None else 0
+                captured = _captures(model)
                 sync(device)
                 t0 = time.perf_counter()
                 out = speculators[(method, view_name)].decode(view.state(), rules=rules, references=refs)
                 returned = 1000 * (time.perf_counter() - t0)  # the completion is the caller's from here
                 sync(device)  # work still queued (a chain in flight past a stop) counts too
                 ms = 1000 * (time.perf_counter() - t0)
-                captured = (model.static.captures if model.static is not None else 0) - captured
+                captured = _captures(model) - captured
                 c = SpecCounters.read(out.stats.extra)
                 same = (out.ids, out.text, out.stop_reason) == (plain.ids, plain.text, plain.stop_reason)
                 rows.append({**base, "method": method, "ms": ms, "ms_returned": returned, "tokens": len(out.ids),
