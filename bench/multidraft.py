@@ -10,6 +10,8 @@ Methods:
   greedy            one greedy decode (the baseline for latency and EM)
   superposed        engine.decoding.superposed, k drafts, one forward per step, n-grams from
                     the document's workspace index + the corpus table shipped with the model
+  superposed-host   the same with every step scored on the host (where the static forward serves
+                    the view, superposed steps otherwise run in device chains: --served)
   superposed-no-ng  the same with alpha = 0 (model alone), an ablation
   top-k x greedy    k greedy decodes, each forced to start with one of the k best first tokens
   nucleus x k       k sampled decodes (--nucleus-temperature, top-p --top-p)
@@ -145,6 +147,8 @@ def _run_method(method: str, state: DecodeState, k: int, rules: StopRules, index
         return run_greedy(state, rules)
     if method == "superposed":
         return run_superposed(state, k, rules, index, corpus, SuperposedParams())
+    if method == "superposed-host":  # every step scored on the host (the device chains' baseline)
+        return run_superposed(state, k, rules, index, corpus, SuperposedParams(device_steps=0))
     if method == "superposed-no-ng":
         return run_superposed(state, k, rules, None, None, SuperposedParams(alpha=0.0))
     if method == "top-k x greedy":

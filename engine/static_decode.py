@@ -221,6 +221,9 @@ class StaticForward:
         self.embedded = 0  # forwards run here from input embeddings instead of ids
         self.chains = 0  # chained greedy runs (each `steps` forwards)
         self.lookup_chains = 0  # lookup_chain runs (each `steps` verification forwards)
+        self.superposed_chains = 0  # superposed_chain runs (each `steps` superposed steps)
+        self._superposed: dict[tuple, object] = {}  # (k, m, max tokens) -> SuperposedBuffers
+        self._superposed_refs: dict[int, object] = {}  # token rules and corpus tables graphs read
 
     def forward(self, ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
                 context: Sequence[Span], logits: str,
@@ -405,6 +408,73 @@ class StaticForward:
         count = int(packed[-1])
         return ([int(t) for t in packed[:count]], packed[kept : kept + count],
                 [int(a) for a in packed[2 * kept : 2 * kept + ticket.steps]])
+
+    def superposed_buffers(self, k: int, m: int, max_tokens: int):
+        """The device state for superposed chains of k drafts x m extensions (one per shape)."""
+        from engine.decoding.superposed_device import SuperposedBuffers
+
+        max_t = max(16, _next_power_of_two(max_tokens + 1))
+        key = (k, m, max_t)
+        if key not in self._superposed:
+            self._superposed[key] = SuperposedBuffers(k, m, max_t, self.model.config.vocab_size, self.model.device)
+        return self._superposed[key]
+
+    def superposed_start(self, write: KVCache, write_at: int, context: Sequence[Span],
+                         room: int) -> tuple[KVCache, int, int] | None:
+        """Stage the static inputs for superposed steps whose first forward writes `write_at`
+        and whose later ones the next `room - 1` slots; (buffer, bucket, absolute slot of
+        `write_at`), or None when the shapes are not served."""
+        if self.mode == "off" or write.batch != 1 or room < 1:
+            return None
+        found = visibility(write, write_at, room, context)
+        if found is None:
+            return None
+        base, (at, *meta) = found
+        bucket = self._stage(base, at, meta, 1, at + room)
+        return base, bucket, at
+
+    def superposed_chain(self, buf, base: KVCache, bucket: int, steps: int, rules, corpus, params,
+                         mixed: bool) -> torch.cuda.Event | None:
+        """Queue `steps` superposed steps (engine.decoding.superposed_device: select the drafts from
+        `buf.logits`, mix the next input, run the forward) and the copy of the state to the host;
+        returns what to wait on before `buf.collect`. Nothing waits for the GPU (on CUDA)."""
+        from engine.decoding.superposed_device import MAX_CHAIN, STEPS, next_input, select
+
+        if not 1 <= steps <= MAX_CHAIN:
+            raise ValueError(f"steps must be in [1, {MAX_CHAIN}], not {steps}")
+        buf.meta[STEPS : STEPS + 1].zero_()
+        buf.log_scores.fill_(float("-inf"))
+
+        @torch.inference_mode()
+        def step() -> None:
+            select(buf, rules, corpus, params, mixed)
+            next_input(buf, self.model.embed, params.weight_scale, self._embeds[:, :1], self._positions[:1],
+                       self._slots[:1])
+            buf.logits.copy_(self._run(base, bucket, 1, rows="all", source="embeds"))
+
+        graph = None
+        if self.mode == "graphs":
+            key = ("superposed", base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, buf.k, buf.m,
+                   buf.max_t, buf.stream_length, id(rules), id(corpus), params, mixed)
+            self._superposed_refs[id(rules)], self._superposed_refs[id(corpus)] = rules, corpus
+            # the warm-ups advance the drafts: put every state tensor back before the replays
+            saved = None
+            if key not in self._graphs:
+                saved = [t.clone() for t in buf.state_tensors()]
+            graph, _ = self._capture(key, step, warmups=2)
+            if saved is not None:
+                for t, v in zip(buf.state_tensors(), saved, strict=True):
+                    t.copy_(v)
+        for _ in range(steps):
+            if graph is not None:
+                graph.replay()
+                self.replays += 1
+            else:
+                step()
+        self.handled += steps
+        self.embedded += steps
+        self.superposed_chains += 1
+        return buf.enqueue_read()
 
     def _lookup_graph(self, base: KVCache, bucket: int, width: int) -> torch.cuda.CUDAGraph:
         key = ("lookup", base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width)

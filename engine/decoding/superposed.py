@@ -43,6 +43,20 @@ import numpy as np
 import torch
 
 from engine.decoding.ngram_index import NgramIndex
+from engine.decoding.superposed_device import (
+    BUDGET,
+    BUDGET_AT,
+    COMMITTED,
+    LENGTH,
+    NO_LIVE,
+    POOL_FULL,
+    REASON,
+    RESET,
+    RUNNING,
+    STEPS,
+    device_corpus,
+    token_rules,
+)
 from engine.generate import DecodeState, DecodeStats, LineStopper, StopRules
 from engine.healing import healer_for
 from engine.model import Span, Transformer
@@ -60,6 +74,9 @@ class SuperposedParams:
     ngram_floor: float = 1e-3
     workspace_weight: float = 0.7  # p_n = w p_workspace + (1 - w) p_corpus when both saw the context
     reset_every: int = 10
+    # steps per device chain where the model's static forward serves them (engine.decoding.
+    # superposed_device: no host wait inside a chain); 0 runs every step from the host
+    device_steps: int = 4
     weight_scale: float = 1.0  # gamma = softmax(weight_scale * scores); 1 is the paper's p_i / sum p_j
     keep_empty: bool = False  # an empty draft (after trimming) inserts nothing: not a suggestion
     # Latency budget: when the best draft so far is finished (where greedy decoding would
@@ -103,6 +120,8 @@ class SuperposedStats:
     ngram_ms: float = 0.0
     forward_ms: float = 0.0
     total_ms: float = 0.0
+    device_steps: int = 0  # steps run in device chains (those after a chain's stop included)
+    merged: int = 0  # host steps: children merged with another draft's child of the same text
 
 
 @dataclass
@@ -283,6 +302,7 @@ def superposed_drafts(
         """The k x m children of the live drafts, best first, distinct by (text, finished)."""
         logp = torch.log_softmax(logits[0].float() / params.temperature, -1)  # [V]
         children: dict[tuple[str, bool], _Draft] = {}
+        parent_of: dict[tuple[str, bool], _Draft] = {}
         unmasked = None  # every draft without a healing mask extends from the same row
         for d in live:
             row = logits[0]
@@ -312,8 +332,10 @@ def superposed_drafts(
             for token, s in zip(ids, scores, strict=True):
                 child = _child(d, token, d.score + s - norm)
                 key = (child.text, bool(child.stop_reason))
+                if key in children and (not child.stop_reason or parent_of[key] is not d):
+                    run.merged += 1  # another draft's child spells the same text
                 if key not in children or children[key].score < child.score:
-                    children[key] = child
+                    children[key], parent_of[key] = child, d
         return sorted(children.values(), key=lambda c: -c.score)
 
     def _child(d: _Draft, token: int, score: float) -> _Draft:
@@ -325,6 +347,75 @@ def superposed_drafts(
         reason = "lines" if hit else ("max_tokens" if len(ids) >= rules.max_tokens else "")
         return _Draft(ids, score, remaining, text, reason)
 
+    def on_device(live: list[_Draft], logits: torch.Tensor, committed: int,
+                  budget: int) -> tuple[list[_Draft], str, torch.Tensor, int, int]:
+        """The rest of the decode in chains of device steps (superposed_device); resets between
+        chains. Returns the live drafts, why they stopped early (as the host loop's; "host": the
+        static forward does not serve these shapes, go on on the host), and the host loop's state."""
+        static, token_rules = model.static, device_rules
+        buf = static.superposed_buffers(k, m, rules.max_tokens)
+        dev_corpus = device_corpus(corpus, dev) if mixture is not None and corpus is not None else None
+        buf.stage_stream(ngram_index if mixture is not None else None)
+        while True:
+            length = len(live[0].ids)
+            started = static.superposed_start(scratch, base + length,
+                                              [*state.context, Span(scratch, 0, base + length)],
+                                              rules.max_tokens - length)
+            if started is None:
+                return live, "host", logits, committed, budget
+            buffer, bucket, at = started
+            buf.stage([(d.ids, d.score, bool(_strip_heal(d.text, state.heal).strip())) for d in live], left,
+                      {"length": length, "committed": committed, "budget": budget, "position": state.next_position,
+                       "slot": at - length, "left": len(left), "max_tokens": rules.max_tokens,
+                       "pool": [d.score for d in pool]})
+            buf.logits.copy_(logits)
+            while True:
+                if rules.should_stop is not None and rules.should_stop():
+                    return live, "cancelled", logits, committed, budget
+                chain_length = len(live[0].ids) if live else length
+                out = buf.collect(static.superposed_chain(buf, buffer, bucket, params.device_steps, token_rules,
+                                                          dev_corpus, params, mixture is not None))
+                meta = out["meta"]
+                steps, reason = int(meta[STEPS]), int(meta[REASON])
+                for s in range(steps):  # the pool as the host loop builds it: by text, best first
+                    parents = out["log_ids"][s, :, : chain_length + s].tolist()
+                    tokens = out["log_tokens"][s].tolist()
+                    scored = out["log_scores"][s]
+                    found = [(float(scored[i, c]), i, c) for i in range(k) for c in range(m)
+                             if scored[i, c] > float("-inf")]
+                    for score, i, c in sorted(found, key=lambda f: -f[0]):
+                        child = _child(_Draft(parents[i], 0.0, b""), tokens[c], score)
+                        if params.keep_empty or _strip_heal(child.text, state.heal).strip():
+                            _pool_add(pool, child, k, state.heal)
+                forwards = steps - (reason != RUNNING)
+                run.steps += forwards
+                run.forwards += forwards
+                run.device_steps += steps
+                run.ngram_lookups += steps * k if mixture is not None else 0
+                now = int(meta[LENGTH])
+                live = []
+                for i in range(k):
+                    if out["score"][i] > float("-inf"):
+                        ids = out["ids"][i, :now].tolist()
+                        live.append(_Draft(ids, float(out["score"][i]), b"", stopper.cut(ids)[0]))
+                committed, budget = int(meta[COMMITTED]), int(meta[BUDGET_AT])
+                if reason in (NO_LIVE, POOL_FULL):
+                    return live, "", logits, committed, budget
+                if reason == BUDGET:
+                    return live, "budget", logits, committed, budget
+                if reason == RESET:
+                    break
+            best = live[0]
+            logits = forward(best.ids[committed:], None, committed)
+            run.resets += 1
+            run.reset_tokens += now - committed
+            committed = now
+            live = [best]
+
+    device_rules = None
+    if (model.static is not None and model.static.mode != "off" and params.device_steps > 0 and trace is None
+            and rules.max_tokens < 256):
+        device_rules = token_rules(tok, stop_ids, rules.max_lines, model.config.vocab_size, dev)
     live = [_Draft([], 0.0, state.heal)]
     pool: list[_Draft] = []
     logits = state.first_logits
@@ -332,6 +423,11 @@ def superposed_drafts(
     budget = rules.max_tokens  # tokens a draft may reach; lowered when the first one finishes
     unfinished = ""  # why live drafts stopped early ("cancelled" | "budget")
     while True:
+        if device_rules is not None and not any(d.remaining for d in live):
+            live, unfinished, logits, committed, budget = on_device(live, logits, committed, budget)
+            if unfinished != "host":
+                break
+            device_rules, unfinished = None, ""  # shapes the static forward does not serve
         survivors = []
         for child in extend(live, logits):
             if child.stop_reason:

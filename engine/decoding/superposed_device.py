@@ -1,0 +1,422 @@
+"""Superposed decoding's steps on the device: scoring, selection and the next input, no host wait.
+
+engine.decoding.superposed scores a step's k x m extensions on the host. On a GPU that is a
+wait for every forward: the host reads the top tokens, looks up n-grams, picks the survivors
+and sends the next weighted embedding, while the GPU idles. Here one step is device tensors
+in, device tensors out, so steps queue up behind each other (on CUDA one captured graph each,
+the forward included) and the host reads the drafts once per chain of steps:
+
+  logits [1, V] -> the top m tokens and their log-probabilities at the low temperature ->
+  p_ng of each (draft, token): counts over the workspace's token stream (each draft's last
+  1..5 tokens against every position of the stream) and the shipped corpus table (the context
+  hash computed on the device, one binary search) -> the mixed scores, renormalised over the m
+  -> children: finished ones (a stop id, a line end, the token limit) update the pool that
+  decides when decoding ends, the best k unfinished ones live on -> the score-weighted sum of
+  their last tokens' embeddings, written into the forward's static input -> the forward.
+
+It computes what the host loop computes (tests/engine/test_superposed_device.py holds the
+drafts equal), with three differences in what it sees:
+  - the line rule is per token: a token that holds a newline ends its draft (max_lines 1),
+    and children of one draft that end in the same text are one (the best kept). Two drafts
+    of equal text from different tokenizations are not merged on the device; the host merges
+    them when it builds the returned pool, so at worst decoding runs a step longer;
+  - the workspace stream holds the index's documents, most recently used first, up to
+    STREAM tokens (the host index may hold more: past that, counts differ);
+  - steps that still spell out healed bytes (a mask per draft) run on the host first.
+Resets (re-encoding the best draft after `reset_every` superposed steps), cancellation and
+building the returned drafts' text stay on the host, between chains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.decoding.ngram_index import NgramIndex
+from engine.healing import healer_for
+from engine.ngram import NgramTable
+
+ORDERS = 5  # context lengths 1..5 (n = 2..6), SuperposedParams.lambdas
+STREAM = 65536  # workspace tokens the device counts n-grams over
+NEVER = -7  # pads a draft's context: equals no stream entry (stream pads and separators are -1)
+MAX_CHAIN = 16
+# why a chain stopped: still running, no live draft, the pool is full and no live draft can
+# beat it, the latency budget, a reset is due (the host re-encodes the best draft)
+RUNNING, NO_LIVE, POOL_FULL, BUDGET, RESET = range(5)
+# meta entries: draft length, committed, token budget, reason, steps run, first position,
+# first slot, left context length, max tokens
+LENGTH, COMMITTED, BUDGET_AT, REASON, STEPS, POSITION, SLOT, LEFT, MAX_TOKENS = range(9)
+_MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # engine.ngram's multiplier as a wrapping int64
+_CORPUS_ORDER_BITS = 50  # corpus hashes have 50 bits; the order goes above them
+
+
+@dataclass
+class TokenRules:
+    """Per-vocabulary facts the device applies instead of decoding text."""
+
+    finish_class: torch.Tensor  # [V] long: -1 continues the draft; else the id of the text it leaves
+    is_stop: torch.Tensor  # [V] bool
+    content: torch.Tensor  # [V] bool: the token's bytes hold a non-whitespace byte
+    content_before_end: torch.Tensor  # [V] bool: ... before its first newline
+
+
+_RULES: dict[tuple, tuple[object, TokenRules]] = {}  # with the tokenizer, so that its id stays its own
+_WHITESPACE = frozenset(b" \t\r\n\x0b\x0c")
+
+
+def token_rules(tokenizer, stop_ids: frozenset[int], max_lines: int | None, vocab: int,
+                device: torch.device) -> TokenRules | None:
+    """The rules for `max_lines` None or 1 (None for more lines: the host loop serves those)."""
+    if max_lines not in (None, 1):
+        return None
+    key = (id(tokenizer), stop_ids, max_lines, vocab, str(device))
+    found = _RULES.get(key)
+    if found is not None:
+        return found[1]
+    token_bytes = healer_for(tokenizer).token_bytes
+    finish = np.full(vocab, -1, dtype=np.int64)
+    content = np.zeros(vocab, dtype=bool)
+    before = np.zeros(vocab, dtype=bool)
+    classes = {b"": 0}  # a stop id leaves the draft's text as it was: the class of an empty line end
+    for token, data in token_bytes.items():
+        if token >= vocab:
+            continue
+        content[token] = any(b not in _WHITESPACE for b in data)
+        end = data.find(b"\n")
+        if end >= 0:
+            before[token] = any(b not in _WHITESPACE for b in data[:end])
+            if max_lines == 1:
+                finish[token] = classes.setdefault(data[:end], len(classes))
+        else:
+            before[token] = content[token]
+    stop = np.zeros(vocab, dtype=bool)
+    for token in stop_ids:
+        if 0 <= token < vocab:
+            stop[token], finish[token] = True, 0
+    rules = TokenRules(*(torch.from_numpy(a).to(device) for a in (finish, stop, content, before)))
+    _RULES[key] = (tokenizer, rules)  # a few per server: one per tokenizer, stop set and line rule
+    return rules
+
+
+@dataclass
+class DeviceCorpus:
+    """The corpus table on the device: every order's hashes (order above bit 50), sorted."""
+
+    keys: torch.Tensor  # [N] long
+    next_ids: torch.Tensor  # [N, top] long, -1 = none
+    counts: torch.Tensor  # [N, top] float64
+    max_order: int
+
+
+_CORPORA: dict[tuple, tuple[NgramTable, DeviceCorpus]] = {}  # with the table, so that its id stays its own
+
+
+def device_corpus(corpus: NgramTable, device: torch.device) -> DeviceCorpus:
+    """`corpus` on `device` (built once per table and device)."""
+    key = (id(corpus), str(device))
+    found = _CORPORA.get(key)
+    if found is not None:
+        return found[1]
+    orders = [c for c in range(1, corpus.max_order) if len(corpus.hashes.get(c, ()))]
+    keys = np.concatenate([corpus.hashes[c].astype(np.int64) + (c << _CORPUS_ORDER_BITS) for c in orders]
+                          or [np.zeros(0, np.int64)])
+    ids = np.concatenate([corpus.next_ids[c].astype(np.int64) for c in orders] or [np.zeros((0, 1), np.int64)])
+    counts = np.concatenate([corpus.counts[c].astype(np.float64) for c in orders]
+                            or [np.zeros((0, 1), np.float64)])
+    found = DeviceCorpus(torch.from_numpy(keys).to(device), torch.from_numpy(ids).to(device),
+                         torch.from_numpy(counts).to(device), corpus.max_order)
+    if len(_CORPORA) >= 2:  # a StaticForward keeps the ones its graphs read
+        _CORPORA.pop(next(iter(_CORPORA)))
+    _CORPORA[key] = (corpus, found)
+    return found
+
+
+def _shift_right(h: torch.Tensor, bits: int) -> torch.Tensor:
+    """A logical right shift of int64 values (as uint64 would shift)."""
+    return (h >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def corpus_keys(ctx: torch.Tensor, max_order: int) -> torch.Tensor:
+    """[k, ORDERS] keys into DeviceCorpus.keys of each draft's last c = 1..ORDERS tokens (orders
+    the table lacks get -1); engine.ngram's context hash in wrapping int64 arithmetic."""
+    k = ctx.shape[0]
+    out = torch.full((k, ORDERS), -1, dtype=torch.long, device=ctx.device)
+    for c in range(1, min(max_order, ORDERS + 1)):
+        h = torch.full((k,), c, dtype=torch.long, device=ctx.device)
+        for t in ctx[:, ORDERS - c :].unbind(1):
+            h = (h ^ (t + 1)) * _MULT
+            h = h ^ _shift_right(h, 29)
+        out[:, c - 1] = _shift_right(h * _MULT, 64 - _CORPUS_ORDER_BITS) + (c << _CORPUS_ORDER_BITS)
+    return out
+
+
+class SuperposedBuffers:
+    """The device state of one request's superposed chains (k drafts, m extensions each)."""
+
+    def __init__(self, k: int, m: int, max_t: int, vocab: int, device: torch.device) -> None:
+        self.k, self.m, self.max_t = k, m, max_t
+        self.ids = torch.zeros((k, max_t), dtype=torch.long, device=device)
+        self.score = torch.full((k,), -math.inf, dtype=torch.float64, device=device)
+        self.nonempty = torch.zeros(k, dtype=torch.bool, device=device)
+        self.ctx = torch.full((k, ORDERS), NEVER, dtype=torch.long, device=device)
+        self.pool = torch.full((k,), -math.inf, dtype=torch.float64, device=device)
+        self.meta = torch.zeros(9, dtype=torch.long, device=device)
+        self.logits = torch.zeros((1, vocab), dtype=torch.float32, device=device)
+        # per step of a chain: the drafts extended, the m tokens, the scores of pooled children
+        self.log_ids = torch.zeros((MAX_CHAIN, k, max_t), dtype=torch.long, device=device)
+        self.log_tokens = torch.zeros((MAX_CHAIN, m), dtype=torch.long, device=device)
+        self.log_scores = torch.full((MAX_CHAIN, k, m), -math.inf, dtype=torch.float64, device=device)
+        # the workspace stream behind ORDERS pad slots (a context reaching before the start
+        # matches nothing); the length in use is a power of two >= 1024 (`stream_length`)
+        self.stream = torch.full((ORDERS + STREAM,), -1, dtype=torch.long, device=device)
+        self.stream_length = 1024
+        pinned = device.type == "cuda"
+        self._stream_host = torch.full((STREAM,), -1, dtype=torch.long, pin_memory=pinned)
+        self._state_host = torch.zeros(k * max_t + 9, dtype=torch.long, pin_memory=pinned)
+        self._score_host = torch.zeros(2 * k, dtype=torch.float64, pin_memory=pinned)
+        self.pack = torch.zeros(self.pack_size, dtype=torch.float64, device=device)
+        self.pack_host = torch.zeros(self.pack_size, dtype=torch.float64, pin_memory=pinned)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What a step reads and writes (a graph's warm-ups are undone by copying these back)."""
+        return [self.ids, self.score, self.nonempty, self.ctx, self.pool, self.meta, self.logits, self.log_ids,
+                self.log_tokens, self.log_scores]
+
+    @property
+    def pack_size(self) -> int:
+        k, m, t = self.k, self.m, self.max_t
+        return k * t + k + k + 9 + MAX_CHAIN * (k * t + m + k * m)
+
+    def stage_stream(self, index: NgramIndex | None) -> None:
+        """The index's documents, most recently used first, -1 between them, up to STREAM tokens."""
+        host = self._stream_host.numpy()
+        n = 0
+        if index is not None:
+            for uri in reversed(index.docs):
+                doc = np.frombuffer(index.docs[uri], dtype=np.int64)
+                take = min(len(doc), STREAM - n)
+                if take < len(doc) and n:  # keep whole documents where one more does not fit
+                    break
+                host[n : n + take] = doc[:take]
+                n += take
+                if n < STREAM:
+                    host[n] = -1
+                    n += 1
+                if n >= STREAM:
+                    break
+        length = max(1024, 1 << max(n, 1).bit_length()) if n < STREAM else STREAM
+        length = min(length, STREAM)
+        host[n:length] = -1
+        if self._stream_host.is_pinned():
+            torch.cuda.current_stream().synchronize()  # the last copy from this buffer has landed
+        self.stream[ORDERS : ORDERS + length].copy_(self._stream_host[:length], non_blocking=True)
+        self.stream_length = length
+
+    def stage(self, drafts: list[tuple[list[int], float, bool]], left: list[int], meta: dict[str, int]) -> None:
+        """Load live drafts (ids, score, has content) and the counters; the pool starts from `pool`."""
+        k, t = self.k, self.max_t
+        host = self._state_host.numpy()
+        host[: k * t] = 0
+        scores = self._score_host.numpy()
+        scores[:] = -math.inf
+        ctx = np.full((k, ORDERS), NEVER, dtype=np.int64)
+        nonempty = np.zeros(k, dtype=bool)
+        for i, (ids, score, content) in enumerate(drafts[:k]):
+            host[i * t : i * t + len(ids)] = ids
+            scores[i] = score
+            nonempty[i] = content
+            tail = (left + ids)[-ORDERS:]
+            if tail:
+                ctx[i, ORDERS - len(tail) :] = tail
+        for name, i in (("length", LENGTH), ("committed", COMMITTED), ("budget", BUDGET_AT), ("position", POSITION),
+                        ("slot", SLOT), ("left", LEFT), ("max_tokens", MAX_TOKENS)):
+            host[k * t + i] = meta[name]
+        host[k * t + REASON] = RUNNING
+        host[k * t + STEPS] = 0
+        pool = meta.get("pool", [])
+        scores[k : k + len(pool)] = pool[:k]
+        if self._state_host.is_pinned():
+            torch.cuda.current_stream().synchronize()
+        state = self._state_host.to(self.ids.device, non_blocking=True)
+        self.ids.copy_(state[: k * t].view(k, t))
+        self.meta.copy_(state[k * t :])
+        both = self._score_host.to(self.ids.device, non_blocking=True)
+        self.score.copy_(both[:k])
+        self.pool.copy_(both[k:])
+        self.nonempty.copy_(torch.from_numpy(nonempty))
+        self.ctx.copy_(torch.from_numpy(ctx))
+        self.log_scores.fill_(-math.inf)
+
+    def enqueue_read(self) -> torch.cuda.Event | None:
+        """Queue the copy of the state and the chain's log to the host."""
+        k, m, t = self.k, self.m, self.max_t
+        parts = [self.ids.flatten(), self.score, self.nonempty, self.meta, self.log_ids.flatten(),
+                 self.log_tokens.flatten(), self.log_scores.flatten()]
+        at = 0
+        for part in parts:
+            n = part.numel()
+            self.pack[at : at + n].copy_(part)
+            at += n
+        assert at == k * t + 2 * k + 9 + MAX_CHAIN * (k * t + m + k * m)
+        self.pack_host.copy_(self.pack, non_blocking=True)
+        if self.pack.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            return event
+        return None
+
+    def collect(self, event: torch.cuda.Event | None) -> dict:
+        """Wait for `enqueue_read`'s copy; the state as Python values."""
+        if event is not None:
+            event.synchronize()
+        v = self.pack_host.numpy()
+        k, m, t = self.k, self.m, self.max_t
+        at = 0
+
+        def take(n):
+            nonlocal at
+            at += n
+            return v[at - n : at]
+
+        ids = take(k * t).reshape(k, t).astype(np.int64)
+        score, nonempty, meta = take(k), take(k), take(9).astype(np.int64)
+        log_ids = take(MAX_CHAIN * k * t).reshape(MAX_CHAIN, k, t).astype(np.int64)
+        log_tokens = take(MAX_CHAIN * m).reshape(MAX_CHAIN, m).astype(np.int64)
+        log_scores = take(MAX_CHAIN * k * m).reshape(MAX_CHAIN, k, m)
+        return {"ids": ids, "score": score.copy(), "nonempty": nonempty > 0, "meta": meta, "log_ids": log_ids,
+                "log_tokens": log_tokens, "log_scores": log_scores.copy()}
+
+
+def ngram_probs(buf: SuperposedBuffers, cand: torch.Tensor, corpus: DeviceCorpus | None, lambdas: tuple[float, ...],
+                workspace_weight: float) -> torch.Tensor:
+    """[k, m] float64 p_ng of each draft's candidates (NgramMixture's, on the device)."""
+    k, n = buf.k, buf.stream_length
+    stream = buf.stream
+    nxt = stream[ORDERS : ORDERS + n]  # the token at each position
+    valid = nxt >= 0
+    # runs[c - 1, i, j]: the c tokens before position j are draft i's last c
+    runs = []
+    run = None
+    for c in range(1, ORDERS + 1):
+        eq = stream[ORDERS - c : ORDERS - c + n][None, :] == buf.ctx[:, ORDERS - c, None]  # [k, n]
+        run = eq if run is None else run & eq
+        runs.append(run & valid)
+    runs = torch.stack(runs).to(torch.float32)  # [ORDERS, k, n]
+    hits = (nxt[None, :] == cand[:, None]).to(torch.float32)  # [m, n]
+    totals = runs.sum(-1).double()  # [ORDERS, k]; counts < 2^24 add exactly in float32
+    grams = (runs @ hits.T).double()  # [ORDERS, k, m]
+    seen = totals > 0
+    workspace = grams / totals.clamp(min=1)[..., None]
+    out = torch.zeros((k, cand.shape[0]), dtype=torch.float64, device=cand.device)
+    corpus_p = corpus_seen = None
+    if corpus is not None and len(corpus.keys):
+        keys = corpus_keys(buf.ctx, corpus.max_order)  # [k, ORDERS]
+        at = torch.searchsorted(corpus.keys, keys).clamp(max=len(corpus.keys) - 1)
+        ctx_len = torch.clamp(buf.meta[LEFT] + buf.meta[LENGTH], max=ORDERS)
+        orders = torch.arange(1, ORDERS + 1, device=cand.device)
+        found = (corpus.keys[at] == keys) & (keys >= 0) & (orders[None, :] <= ctx_len)  # [k, ORDERS]
+        ids, counts = corpus.next_ids[at], corpus.counts[at]  # [k, ORDERS, top]
+        total = (counts * (ids >= 0)).sum(-1)  # [k, ORDERS]
+        corpus_seen = found & (total > 0)
+        match = (ids[:, :, None, :] == cand[None, None, :, None]) & (ids >= 0)[:, :, None, :]  # [k, O, m, top]
+        corpus_p = (match * counts[:, :, None, :]).sum(-1) / total.clamp(min=1)[..., None]  # [k, ORDERS, m]
+    w = workspace_weight
+    for c, lam in enumerate(lambdas[:ORDERS], start=1):
+        pw, has_w = workspace[c - 1], seen[c - 1][:, None]  # [k, m], [k, 1]
+        if corpus_p is None:
+            p = torch.where(has_w, pw, 0.0)
+        else:
+            pc, has_c = corpus_p[:, c - 1], corpus_seen[:, c - 1][:, None]
+            p = torch.where(has_w & has_c, w * pw + (1 - w) * pc, torch.where(has_w, pw, torch.where(has_c, pc, 0.0)))
+        out = out + lam * p
+    return out
+
+
+@torch.inference_mode()
+def select(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | None, params, mixed: bool) -> None:
+    """Extend the live drafts by the top tokens of `buf.logits`, update the pool, keep the best k."""
+    k, m = buf.k, buf.m
+    meta = buf.meta
+    length, committed, budget = meta[LENGTH], meta[COMMITTED], meta[BUDGET_AT]
+    running = meta[REASON] == RUNNING
+    row = buf.logits[0]
+    logp = torch.log_softmax(row.float() / params.temperature, -1)
+    cand = row.topk(m).indices  # [m]
+    s = logp[cand].double()[None, :].expand(k, m)
+    if mixed:
+        p = ngram_probs(buf, cand, corpus, params.lambdas, params.workspace_weight)
+        a = params.alpha
+        s = torch.where((p > 0).any(-1, keepdim=True), (1 - a) * s + a * torch.log(p.clamp(min=params.ngram_floor)), s)
+    top = s.max(-1, keepdim=True).values
+    norm = top + torch.log(torch.exp(s - top).sum(-1, keepdim=True))
+    child = buf.score[:, None] + s - norm  # [k, m]; a dead draft's children stay -inf
+    alive = child > -math.inf
+    cls = rules.finish_class[cand]  # [m]
+    stop = rules.is_stop[cand]
+    at_limit = length + 1 >= meta[MAX_TOKENS]
+    finished = (cls >= 0)[None, :] | at_limit
+    # children of one draft that leave the same text are one: the best (the first on a tie)
+    same = (cls[:, None] == cls[None, :]) & (cls >= 0)[:, None]  # [m, m]
+    order = torch.arange(m, device=cand.device)
+    first = (order[None, :] < order[:, None])[None]  # [1, m, m]: c' comes before c
+    beaten = (child[:, None, :] > child[:, :, None]) | ((child[:, None, :] == child[:, :, None]) & first)
+    dup = (same[None] & beaten & ~torch.eye(m, dtype=torch.bool, device=cand.device)[None]).any(-1)  # [k, m]
+    gained = torch.where(cls >= 0, rules.content_before_end[cand], rules.content[cand]) & ~stop
+    nonempty = buf.nonempty[:, None] | gained[None, :]
+    pooled = finished & alive & ~dup & nonempty
+    pooled_scores = torch.where(pooled, child, -math.inf)
+    pool = torch.cat((buf.pool, pooled_scores.flatten())).topk(k).values
+    # survivors: the best k unfinished children, ties in (draft, token) order
+    cont = torch.where(finished | ~alive, -math.inf, child).flatten()
+    picked = torch.sort(cont, descending=True, stable=True).indices[:k]
+    new_score = cont[picked]
+    parent, token = picked // m, cand[picked % m]
+    new_ids = buf.ids[parent].scatter(1, length.expand(k, 1), token[:, None])
+    new_nonempty = nonempty.flatten()[picked]
+    new_ctx = torch.cat((buf.ctx[parent, 1:], token[:, None]), 1)
+    live = new_score > -math.inf
+    n_live = live.sum()
+    now = length + 1
+    best = new_score[0]
+    if params.finish_ratio is not None:
+        lower = (budget == meta[MAX_TOKENS]) & (n_live > 0) & (pool[0] > -math.inf) & (pool[0] >= best)
+        lowered = torch.minimum(budget, torch.maximum(torch.ceil(params.finish_ratio * now.double()).long(),
+                                                      now + params.finish_slack))
+        budget = torch.where(lower, lowered, budget)
+    reason = torch.where(n_live == 0, NO_LIVE, torch.where(
+        (pool[-1] > -math.inf) & (best <= pool[-1]), POOL_FULL, torch.where(
+            now >= budget, BUDGET, torch.where(now - 1 - committed >= params.reset_every, RESET, RUNNING))))
+    # a single live draft is an ordinary token: its slot is real
+    committed = torch.where((reason == RUNNING) & (n_live == 1) & (committed == now - 1), now, committed)
+    # log the pooled children with the drafts they extend (the host rebuilds their text)
+    step = meta[STEPS].clamp(max=MAX_CHAIN - 1)
+    buf.log_ids.index_copy_(0, step[None], torch.where(running, buf.ids, buf.log_ids[step])[None])
+    buf.log_tokens.index_copy_(0, step[None], cand[None])
+    buf.log_scores.index_copy_(0, step[None], torch.where(running, pooled_scores, -math.inf)[None])
+    # nothing changes once a step has stopped the chain
+    buf.ids.copy_(torch.where(running, new_ids, buf.ids))
+    buf.score.copy_(torch.where(running, new_score, buf.score))
+    buf.nonempty.copy_(torch.where(running, new_nonempty, buf.nonempty))
+    buf.ctx.copy_(torch.where(running, new_ctx, buf.ctx))
+    buf.pool.copy_(torch.where(running, pool, buf.pool))
+    update = torch.stack((now, committed, budget, reason, meta[STEPS] + 1))
+    meta[:5].copy_(torch.where(running, update, meta[:5]))
+
+
+@torch.inference_mode()
+def next_input(buf: SuperposedBuffers, embed, weight_scale: float, embeds: torch.Tensor, positions: torch.Tensor,
+               slots: torch.Tensor) -> None:
+    """The live drafts' score-weighted last-token embedding into `embeds` [1, 1, hidden], at the
+    slot and position of the drafts' last token."""
+    meta = buf.meta
+    last = buf.ids.gather(1, (meta[LENGTH] - 1).clamp(min=0).expand(buf.k, 1))[:, 0]
+    live = buf.score > -math.inf
+    scaled = torch.where(live, weight_scale * buf.score, -1e300)  # no live draft: finite weights
+    gamma = torch.softmax(scaled, 0)
+    emb = embed(torch.where(live, last, 0)[None])  # [1, k, hidden]
+    embeds.copy_((gamma.to(emb.dtype)[None, :, None] * emb).sum(1, keepdim=True))
+    positions.copy_((meta[POSITION] + meta[LENGTH] - 1)[None])
+    slots.copy_((meta[SLOT] + meta[LENGTH] - 1)[None])
