@@ -393,9 +393,10 @@ def select(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | Non
     committed = torch.where((reason == RUNNING) & (n_live == 1) & (committed == now - 1), now, committed)
     # log the pooled children with the drafts they extend (the host rebuilds their text)
     step = meta[STEPS].clamp(max=MAX_CHAIN - 1)
-    buf.log_ids.index_copy_(0, step[None], torch.where(running, buf.ids, buf.log_ids[step])[None])
-    buf.log_tokens.index_copy_(0, step[None], cand[None])
-    buf.log_scores.index_copy_(0, step[None], torch.where(running, pooled_scores, -math.inf)[None])
+    at = step[None]  # a one-element index: a 0-dim one would be read on the host
+    buf.log_ids.index_copy_(0, at, torch.where(running, buf.ids, buf.log_ids.index_select(0, at)[0])[None])
+    buf.log_tokens.index_copy_(0, at, cand[None])
+    buf.log_scores.index_copy_(0, at, torch.where(running, pooled_scores, -math.inf)[None])
     # nothing changes once a step has stopped the chain
     buf.ids.copy_(torch.where(running, new_ids, buf.ids))
     buf.score.copy_(torch.where(running, new_score, buf.score))
