@@ -38,6 +38,9 @@ import torch
 from engine.decoding.ngram_index import NgramIndex
 from engine.healing import healer_for
 from engine.ngram import NgramTable
+from kernels.logit_summary import logit_summary
+from kernels.superposed_select import counts_buffer, superposed_select_triton
+from kernels.superposed_select import triton as _triton
 
 ORDERS = 5  # context lengths 1..5 (n = 2..6), SuperposedParams.lambdas
 STREAM = 65536  # workspace tokens the device counts n-grams over
@@ -177,13 +180,20 @@ class SuperposedBuffers:
         self._stream_host = torch.full((STREAM,), -1, dtype=torch.long, pin_memory=pinned)
         self._state_host = torch.zeros(k * max_t + 9, dtype=torch.long, pin_memory=pinned)
         self._score_host = torch.zeros(2 * k, dtype=torch.float64, pin_memory=pinned)
+        self.counts = counts_buffer(k, m, device)  # the select kernel's n-gram counts (kept zeroed)
         self.pack = torch.zeros(self.pack_size, dtype=torch.float64, device=device)
         self.pack_host = torch.zeros(self.pack_size, dtype=torch.float64, pin_memory=pinned)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state by name, as kernels/superposed_select.py takes it."""
+        return {"ids": self.ids, "score": self.score, "nonempty": self.nonempty, "ctx": self.ctx, "pool": self.pool,
+                "meta": self.meta, "log_ids": self.log_ids, "log_tokens": self.log_tokens,
+                "log_scores": self.log_scores}
 
     def state_tensors(self) -> list[torch.Tensor]:
         """What a step reads and writes (a graph's warm-ups are undone by copying these back)."""
         return [self.ids, self.score, self.nonempty, self.ctx, self.pool, self.meta, self.logits, self.log_ids,
-                self.log_tokens, self.log_scores]
+                self.log_tokens, self.log_scores, self.counts]
 
     @property
     def pack_size(self) -> int:
@@ -337,15 +347,26 @@ def ngram_probs(buf: SuperposedBuffers, cand: torch.Tensor, corpus: DeviceCorpus
 
 @torch.inference_mode()
 def select(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | None, params, mixed: bool) -> None:
-    """Extend the live drafts by the top tokens of `buf.logits`, update the pool, keep the best k."""
+    """Extend the live drafts by the top tokens of `buf.logits`, update the pool, keep the best k:
+    kernels/superposed_select.py on CUDA, `select_ref` elsewhere."""
+    summary = logit_summary(buf.logits / params.temperature, buf.m)
+    if buf.logits.is_cuda and _triton is not None:
+        superposed_select_triton(summary.values[0], summary.ids[0], summary.logsumexp, buf.counts, buf.stream,
+                                 buf.stream_length, corpus, rules, buf.tensors(), params, mixed)
+    else:
+        select_ref(buf, rules, corpus, params, mixed, summary)
+
+
+def select_ref(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | None, params, mixed: bool,
+               summary) -> None:
+    """The definition of a step's selection, in torch ops: `summary` is logit_summary of
+    `buf.logits / temperature` with the m top candidates."""
     k, m = buf.k, buf.m
     meta = buf.meta
     length, committed, budget = meta[LENGTH], meta[COMMITTED], meta[BUDGET_AT]
     running = meta[REASON] == RUNNING
-    row = buf.logits[0]
-    logp = torch.log_softmax(row.float() / params.temperature, -1)
-    cand = row.topk(m).indices  # [m]
-    s = logp[cand].double()[None, :].expand(k, m)
+    cand = summary.ids[0]  # [m]
+    s = (summary.values[0] - summary.logsumexp).double()[None, :].expand(k, m)
     if mixed:
         p = ngram_probs(buf, cand, corpus, params.lambdas, params.workspace_weight)
         a = params.alpha

@@ -73,7 +73,9 @@ def _same(host, device):
     assert [d.ids for d in device.drafts] == [d.ids for d in host.drafts]
     assert [d.text for d in device.drafts] == [d.text for d in host.drafts]
     assert [d.stop_reason for d in device.drafts] == [d.stop_reason for d in host.drafts]
-    assert [d.score for d in device.drafts] == pytest.approx([d.score for d in host.drafts], abs=1e-9)
+    # the device takes log-probabilities from logit_summary, the host from log_softmax: at T = 0.06 the
+    # fp32 rounding of logits / T shows in the fifth decimal
+    assert [d.score for d in device.drafts] == pytest.approx([d.score for d in host.drafts], abs=1e-4)
 
 
 def _corpus_from(rng, vocab, n=3000):
