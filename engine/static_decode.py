@@ -434,10 +434,10 @@ class StaticForward:
         return base, bucket, at
 
     def superposed_chain(self, buf, base: KVCache, bucket: int, steps: int, rules, corpus, params,
-                         mixed: bool) -> torch.cuda.Event | None:
+                         mixed: bool) -> tuple[int, torch.cuda.Event | None]:
         """Queue `steps` superposed steps (engine.decoding.superposed_device: select the drafts from
         `buf.logits`, mix the next input, run the forward) and the copy of the state to the host;
-        returns what to wait on before `buf.collect`. Nothing waits for the GPU (on CUDA)."""
+        returns the ticket `buf.collect` waits on. Nothing waits for the GPU (on CUDA)."""
         from engine.decoding.superposed_device import MAX_CHAIN, STEPS, next_input, select
 
         if not 1 <= steps <= MAX_CHAIN:

@@ -77,6 +77,7 @@ class SuperposedParams:
     # steps per device chain where the model's static forward serves them (engine.decoding.
     # superposed_device: no host wait inside a chain); 0 runs every step from the host
     device_steps: int = 4
+    device_in_flight: int = 2  # device chains queued at a time (1: each waits for the one before)
     weight_scale: float = 1.0  # gamma = softmax(weight_scale * scores); 1 is the paper's p_i / sum p_j
     keep_empty: bool = False  # an empty draft (after trimming) inserts nothing: not a suggestion
     # Latency budget: when the best draft so far is finished (where greedy decoding would
@@ -369,12 +370,22 @@ def superposed_drafts(
                        "slot": at - length, "left": len(left), "max_tokens": rules.max_tokens,
                        "pool": [d.score for d in pool]})
             buf.logits.copy_(logits)
-            while True:
+
+            def next_chain(buffer=buffer, bucket=bucket):
                 if rules.should_stop is not None and rules.should_stop():
-                    return live, "cancelled", logits, committed, budget
-                chain_length = len(live[0].ids) if live else length
-                out = buf.collect(static.superposed_chain(buf, buffer, bucket, params.device_steps, token_rules,
-                                                          dev_corpus, params, mixture is not None))
+                    return None
+                return static.superposed_chain(buf, buffer, bucket, params.device_steps, token_rules, dev_corpus,
+                                               params, mixture is not None)
+
+            ticket = next_chain()
+            if ticket is None:
+                return live, "cancelled", logits, committed, budget
+            chain_length = length
+            while True:
+                # the next chain is queued before this one is read: the GPU goes on while the host
+                # reads (if this one stopped, the next one's steps change nothing)
+                ahead = next_chain() if params.device_in_flight > 1 else "later"
+                out = buf.collect(ticket)
                 meta = out["meta"]
                 steps, reason = int(meta[STEPS]), int(meta[REASON])
                 for s in range(steps):  # the pool as the host loop builds it: by text, best first
@@ -392,7 +403,7 @@ def superposed_drafts(
                 run.forwards += forwards
                 run.device_steps += steps
                 run.ngram_lookups += steps * k if mixture is not None else 0
-                now = int(meta[LENGTH])
+                now = chain_length = int(meta[LENGTH])
                 live = []
                 for i in range(k):
                     if out["score"][i] > float("-inf"):
@@ -405,6 +416,11 @@ def superposed_drafts(
                     return live, "budget", logits, committed, budget
                 if reason == RESET:
                     break
+                if ahead == "later":
+                    ahead = next_chain()
+                if ahead is None:
+                    return live, "cancelled", logits, committed, budget
+                ticket = ahead
             best = live[0]
             logits = forward(best.ids[committed:], None, committed)
             run.resets += 1

@@ -178,11 +178,13 @@ class SuperposedBuffers:
         self.stream_length = 1024
         pinned = device.type == "cuda"
         self._stream_host = torch.full((STREAM,), -1, dtype=torch.long, pin_memory=pinned)
-        self._state_host = torch.zeros(k * max_t + 9, dtype=torch.long, pin_memory=pinned)
+        self._state_host = torch.zeros(k * max_t + 9 + k * ORDERS + k, dtype=torch.long, pin_memory=pinned)
         self._score_host = torch.zeros(2 * k, dtype=torch.float64, pin_memory=pinned)
         self.counts = counts_buffer(k, m, device)  # the select kernel's n-gram counts (kept zeroed)
-        self.pack = torch.zeros(self.pack_size, dtype=torch.float64, device=device)
-        self.pack_host = torch.zeros(self.pack_size, dtype=torch.float64, pin_memory=pinned)
+        # a ring of two result buffers: one chain's copy lands while the host reads the one before
+        self.pack = torch.zeros((2, self.pack_size), dtype=torch.float64, device=device)
+        self.pack_host = torch.zeros((2, self.pack_size), dtype=torch.float64, pin_memory=pinned)
+        self._next_pack = 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state by name, as kernels/superposed_select.py takes it."""
@@ -226,14 +228,19 @@ class SuperposedBuffers:
         self.stream_length = length
 
     def stage(self, drafts: list[tuple[list[int], float, bool]], left: list[int], meta: dict[str, int]) -> None:
-        """Load live drafts (ids, score, has content) and the counters; the pool starts from `pool`."""
+        """Load live drafts (ids, score, has content) and the counters (`meta`: length, committed,
+        budget, position, slot, left, max_tokens, and the pool's scores), in two copies."""
         k, t = self.k, self.max_t
         host = self._state_host.numpy()
+        if self._state_host.is_pinned():
+            torch.cuda.current_stream().synchronize()  # the last copy from these buffers has landed
         host[: k * t] = 0
         scores = self._score_host.numpy()
         scores[:] = -math.inf
-        ctx = np.full((k, ORDERS), NEVER, dtype=np.int64)
-        nonempty = np.zeros(k, dtype=bool)
+        ctx = host[k * t + 9 : k * t + 9 + k * ORDERS].reshape(k, ORDERS)
+        ctx[:] = NEVER
+        nonempty = host[k * t + 9 + k * ORDERS :]
+        nonempty[:] = 0
         for i, (ids, score, content) in enumerate(drafts[:k]):
             host[i * t : i * t + len(ids)] = ids
             scores[i] = score
@@ -248,41 +255,40 @@ class SuperposedBuffers:
         host[k * t + STEPS] = 0
         pool = meta.get("pool", [])
         scores[k : k + len(pool)] = pool[:k]
-        if self._state_host.is_pinned():
-            torch.cuda.current_stream().synchronize()
         state = self._state_host.to(self.ids.device, non_blocking=True)
         self.ids.copy_(state[: k * t].view(k, t))
-        self.meta.copy_(state[k * t :])
+        self.meta.copy_(state[k * t : k * t + 9])
+        self.ctx.copy_(state[k * t + 9 : k * t + 9 + k * ORDERS].view(k, ORDERS))
+        self.nonempty.copy_(state[k * t + 9 + k * ORDERS :] > 0)
         both = self._score_host.to(self.ids.device, non_blocking=True)
         self.score.copy_(both[:k])
         self.pool.copy_(both[k:])
-        self.nonempty.copy_(torch.from_numpy(nonempty))
-        self.ctx.copy_(torch.from_numpy(ctx))
         self.log_scores.fill_(-math.inf)
 
-    def enqueue_read(self) -> torch.cuda.Event | None:
-        """Queue the copy of the state and the chain's log to the host."""
-        k, m, t = self.k, self.m, self.max_t
+    def enqueue_read(self) -> tuple[int, torch.cuda.Event | None]:
+        """Queue the copy of the state and the chain's log to the host (the next ring slot)."""
+        slot = self._next_pack = (self._next_pack + 1) % 2
+        pack = self.pack[slot]
         parts = [self.ids.flatten(), self.score, self.nonempty, self.meta, self.log_ids.flatten(),
                  self.log_tokens.flatten(), self.log_scores.flatten()]
         at = 0
         for part in parts:
             n = part.numel()
-            self.pack[at : at + n].copy_(part)
+            pack[at : at + n].copy_(part)
             at += n
-        assert at == k * t + 2 * k + 9 + MAX_CHAIN * (k * t + m + k * m)
-        self.pack_host.copy_(self.pack, non_blocking=True)
-        if self.pack.is_cuda:
+        self.pack_host[slot].copy_(pack, non_blocking=True)
+        if pack.is_cuda:
             event = torch.cuda.Event()
             event.record()
-            return event
-        return None
+            return slot, event
+        return slot, None
 
-    def collect(self, event: torch.cuda.Event | None) -> dict:
+    def collect(self, ticket: tuple[int, torch.cuda.Event | None]) -> dict:
         """Wait for `enqueue_read`'s copy; the state as Python values."""
+        slot, event = ticket
         if event is not None:
             event.synchronize()
-        v = self.pack_host.numpy()
+        v = self.pack_host[slot].numpy()
         k, m, t = self.k, self.m, self.max_t
         at = 0
 

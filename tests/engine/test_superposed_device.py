@@ -164,7 +164,7 @@ def test_token_rules_classes(default):
 
 
 PARAMS = (SuperposedParams(reset_every=3, device_steps=2), SuperposedParams(finish_ratio=None),
-          SuperposedParams(alpha=0.0, device_steps=5, keep_empty=True))
+          SuperposedParams(alpha=0.0, device_steps=5, keep_empty=True, device_in_flight=1))
 
 
 @pytest.mark.parametrize("max_lines", [1, None])
