@@ -90,14 +90,19 @@ class TokenHealer:
             out.extend(self._by_bytes.get(remaining[:k], ()))
         return out
 
-    def mask(self, logits: torch.Tensor, remaining: bytes) -> torch.Tensor:
-        """`logits` [B, V] with every token that disagrees with `remaining` at -inf."""
-        key = (remaining, logits.device)
+    def allowed_ids(self, remaining: bytes, device: torch.device) -> torch.Tensor:
+        """`allowed(remaining)` as an int64 tensor on `device`, kept for the next request."""
+        key = (remaining, device)
         keep = self._kept.get(key)
         if keep is None:  # a few ms on a large vocabulary: the same indentation heals again and again
             if len(self._kept) >= _KEPT_MASKS:
                 self._kept.pop(next(iter(self._kept)), None)
-            keep = self._kept[key] = torch.tensor(self.allowed(remaining), dtype=torch.long, device=logits.device)
+            keep = self._kept[key] = torch.tensor(self.allowed(remaining), dtype=torch.long, device=device)
+        return keep
+
+    def mask(self, logits: torch.Tensor, remaining: bytes) -> torch.Tensor:
+        """`logits` [B, V] with every token that disagrees with `remaining` at -inf."""
+        keep = self.allowed_ids(remaining, logits.device)
         out = torch.full_like(logits, float("-inf"))
         out[:, keep] = logits[:, keep]
         return out

@@ -272,7 +272,6 @@ def superposed_drafts(
     stop_ids = rules.stop_set(tok)
     stopper = LineStopper(tok, rules.max_lines)
     healer = healer_for(tok) if state.heal else None
-    allowed_memo: dict[bytes, torch.Tensor] = {}
     mixture = None
     if params.alpha > 0 and (ngram_index is not None or corpus is not None):
         mixture = NgramMixture(ngram_index, corpus, params.lambdas, params.workspace_weight)
@@ -308,10 +307,7 @@ def superposed_drafts(
         for d in live:
             row = logits[0]
             if d.remaining:
-                keep = allowed_memo.get(d.remaining)
-                if keep is None:
-                    keep = allowed_memo[d.remaining] = torch.tensor(healer.allowed(d.remaining), dtype=torch.long,
-                                                                    device=dev)
+                keep = healer.allowed_ids(d.remaining, logits.device)
                 row = torch.full_like(row, float("-inf")).index_copy_(0, keep, row[keep])
                 ids, scores = candidates(row, logp)
             else:
