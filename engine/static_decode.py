@@ -438,7 +438,7 @@ class StaticForward:
         """Queue `steps` superposed steps (engine.decoding.superposed_device: select the drafts from
         `buf.logits`, mix the next input, run the forward) and the copy of the state to the host;
         returns the ticket `buf.collect` waits on. Nothing waits for the GPU (on CUDA)."""
-        from engine.decoding.superposed_device import MAX_CHAIN, STEPS, next_input, select
+        from engine.decoding.superposed_device import MAX_CHAIN, STEPS, advance
 
         if not 1 <= steps <= MAX_CHAIN:
             raise ValueError(f"steps must be in [1, {MAX_CHAIN}], not {steps}")
@@ -447,9 +447,8 @@ class StaticForward:
 
         @torch.inference_mode()
         def step() -> None:
-            select(buf, rules, corpus, params, mixed)
-            next_input(buf, self.model.embed, params.weight_scale, self._embeds[:, :1], self._positions[:1],
-                       self._slots[:1])
+            advance(buf, rules, corpus, params, mixed, self.model.embed, self._embeds[:, :1], self._positions[:1],
+                    self._slots[:1])
             buf.logits.copy_(self._run(base, bucket, 1, rows="all", source="embeds"))
 
         graph = None

@@ -38,6 +38,7 @@ except ImportError:  # Triton is optional on CPU-only installs
     triton = None
 
 ORDERS = 5
+PROBES = 32  # keys a round of the corpus search reads at once
 MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # engine.ngram's hash multiplier as a wrapping int64
 
 if triton is not None:
@@ -71,18 +72,20 @@ if triton is not None:
                        keys_ptr, next_ptr, ccounts_ptr, n_keys,
                        finish_ptr, stop_ptr, content_ptr, before_ptr,
                        ids_ptr, score_ptr, nonempty_ptr, ctx_ptr, pool_ptr, meta_ptr,
-                       log_ids_ptr, log_tokens_ptr, log_scores_ptr,
+                       log_ids_ptr, log_tokens_ptr, log_scores_ptr, mix_ids_ptr, mix_w_ptr, pos_ptr, slot_ptr,
                        mult, fparams_ptr, slack, reset_every,
                        K: tl.constexpr, M: tl.constexpr, K_PAD: tl.constexpr, M_PAD: tl.constexpr,
                        MAX_T: tl.constexpr, ORD: tl.constexpr, ORD_PAD: tl.constexpr, MAX_CHAIN: tl.constexpr,
                        MIXED: tl.constexpr, CORPUS_ORDERS: tl.constexpr, TOP: tl.constexpr,
-                       SEARCH: tl.constexpr, HAS_RATIO: tl.constexpr, ZERO_PAD: tl.constexpr):
+                       SEARCH: tl.constexpr, PROBES: tl.constexpr, HAS_RATIO: tl.constexpr,
+                       ZERO_PAD: tl.constexpr):
         NEG = float("-inf")
         # float64 parameters (a float argument would arrive as float32)
         alpha = tl.load(fparams_ptr + 0)
         floor = tl.load(fparams_ptr + 1)
         weight = tl.load(fparams_ptr + 2)
         ratio = tl.load(fparams_ptr + 3)
+        weight_scale = tl.load(fparams_ptr + 9)
         kk = tl.arange(0, K_PAD)
         p = kk[:, None]  # [K_PAD, 1] drafts
         x = tl.arange(0, M_PAD)[None, :]  # [1, M_PAD] candidates
@@ -116,14 +119,16 @@ if triton is not None:
                         h = (h ^ (t + 1)) * mult
                         h = h ^ _shr(h, 29)
                     key = _shr(h * mult, 14) + (c << 50)
+                    # the first key >= `key`: each round probes PROBES keys of [lo, hi) at once
                     lo = tl.zeros([K_PAD, 1], tl.int64)
                     hi = tl.zeros([K_PAD, 1], tl.int64) + n_keys
-                    for _ in tl.static_range(SEARCH):  # the first key >= `key`
-                        open_ = lo < hi
-                        mid = (lo + hi) // 2
-                        below = tl.load(keys_ptr + mid, mask=open_ & pm, other=0) < key
-                        lo = tl.where(open_ & below, mid + 1, lo)
-                        hi = tl.where(open_ & ~below, mid, hi)
+                    j = tl.arange(1, PROBES + 1)[None, :].to(tl.int64)
+                    for _ in tl.static_range(SEARCH):
+                        probe = lo + ((hi - lo) * j) // (PROBES + 1)  # [K_PAD, PROBES], inside [lo, hi)
+                        inside = (probe < hi) & pm
+                        below = (tl.load(keys_ptr + probe, mask=inside, other=0) < key) & inside
+                        lo = tl.maximum(lo, tl.max(tl.where(below, probe + 1, 0), axis=1)[:, None])
+                        hi = tl.minimum(hi, tl.min(tl.where(inside & ~below, probe, n_keys), axis=1)[:, None])
                     found = ((lo < n_keys) & pm & (ctx_len >= c)) != 0  # (the interpreter widens a & of bools)
                     found = found & (tl.load(keys_ptr + lo, mask=found, other=-1) == key)
                     ctotal = tl.zeros([K_PAD, 1], tl.float64)
@@ -229,6 +234,16 @@ if triton is not None:
         reason = tl.where(n_live == 0, 1, tl.where((pool_last > NEG) & (best <= pool_last), 2, tl.where(
             now >= budget, 3, tl.where(now - 1 - committed >= reset_every, 4, 0))))
         committed = tl.where((reason == 0) & (n_live == 1) & (committed == now - 1), now, committed)
+        # the next input: the live drafts' last tokens, weighted by softmax(weight_scale * score)
+        # (a stopped chain's steps change nothing: token 0 at weight 1, at the last slot)
+        scaled = tl.where(live, weight_scale * new_score, -1e300)
+        gamma = tl.exp(scaled - tl.max(scaled, axis=0))
+        gamma = gamma / tl.sum(tl.where(kk < K, gamma, 0.0), axis=0)
+        mix_ids = tl.where(live & running, token, 0)
+        mix_w = tl.where(running, gamma, tl.where(kk == 0, 1.0, 0.0))
+        last = tl.where(running, now, length)
+        position = tl.load(meta_ptr + 5) + last - 1
+        slot_at = tl.load(meta_ptr + 6) + last - 1
         step = tl.minimum(steps, MAX_CHAIN - 1)
         tl.debug_barrier()  # every old value is read before any is overwritten
         tl.store(log_tokens_ptr + step * M + x, cand, mask=xm)
@@ -244,6 +259,10 @@ if triton is not None:
         tl.store(meta_ptr + 2, budget, mask=running)
         tl.store(meta_ptr + 3, reason, mask=running)
         tl.store(meta_ptr + 4, steps + 1, mask=running)
+        tl.store(mix_ids_ptr + kk, mix_ids, mask=kk < K)
+        tl.store(mix_w_ptr + kk, mix_w, mask=kk < K)
+        tl.store(pos_ptr, position)
+        tl.store(slot_ptr, slot_at)
 
 
 def _pad(n: int) -> int:
@@ -254,14 +273,15 @@ _FLOAT_PARAMS: dict[tuple, torch.Tensor] = {}
 
 
 def _float_params(params, device: torch.device) -> torch.Tensor:
-    """[alpha, floor, workspace weight, finish ratio, lambda_1..5] float64 on `device` (made once:
+    """[alpha, floor, workspace weight, finish ratio, lambda_1..5, weight scale] float64 on `device` (made once:
     a copy inside a graph capture is not allowed)."""
     key = (params.alpha, params.ngram_floor, params.workspace_weight, params.finish_ratio, params.lambdas,
-           str(device))
+           params.weight_scale, str(device))
     found = _FLOAT_PARAMS.get(key)
     if found is None:
         lam = list(params.lambdas[:ORDERS]) + [0.0] * (ORDERS - len(params.lambdas))
-        values = [params.alpha, params.ngram_floor, params.workspace_weight, params.finish_ratio or 1.0, *lam]
+        values = [params.alpha, params.ngram_floor, params.workspace_weight, params.finish_ratio or 1.0, *lam,
+                  params.weight_scale]
         found = _FLOAT_PARAMS[key] = torch.tensor(values, dtype=torch.float64, device=device)
     return found
 
@@ -273,10 +293,11 @@ def counts_buffer(k: int, m: int, device: torch.device) -> torch.Tensor:
 
 def superposed_select_triton(values: torch.Tensor, cand: torch.Tensor, lse: torch.Tensor, counts: torch.Tensor,
                              stream: torch.Tensor, stream_length: int, corpus, rules, state: dict, params,
-                             mixed: bool, block: int = 1024) -> None:
+                             mixed: bool, positions: torch.Tensor, slots: torch.Tensor, block: int = 1024) -> None:
     """One step's selection (see the module docstring): `values` [m] top logits / T, `cand` [m]
     their ids, `lse` [1] the log-sum-exp of logits / T; `state` the SuperposedBuffers tensors
-    (ids, score, nonempty, ctx, pool, meta, log_ids, log_tokens, log_scores)."""
+    (ids, score, nonempty, ctx, pool, meta, log_ids, log_tokens, log_scores, and the next input's
+    mix_ids and mix_w); the next forward's position and slot go to `positions[0]`, `slots[0]`."""
     k, max_t = state["ids"].shape
     m = cand.shape[0]
     if k > 8 or m > 8 or max_t & (max_t - 1):
@@ -296,10 +317,11 @@ def superposed_select_triton(values: torch.Tensor, cand: torch.Tensor, lse: torc
         rules.finish_class, rules.is_stop.view(torch.int8), rules.content.view(torch.int8),
         rules.content_before_end.view(torch.int8),
         state["ids"], state["score"], state["nonempty"].view(torch.int8), state["ctx"], state["pool"], state["meta"],
-        state["log_ids"], state["log_tokens"], state["log_scores"],
+        state["log_ids"], state["log_tokens"], state["log_scores"], state["mix_ids"], state["mix_w"], positions, slots,
         MULT, fparams, int(params.finish_slack), int(params.reset_every),
         K=k, M=m, K_PAD=_pad(k), M_PAD=_pad(m), MAX_T=max_t, ORD=ORDERS, ORD_PAD=8,
         MAX_CHAIN=state["log_ids"].shape[0], MIXED=mixed, CORPUS_ORDERS=corpus_orders, TOP=top,
-        SEARCH=max(1, math.ceil(math.log2(n_keys + 1)) + 1), HAS_RATIO=params.finish_ratio is not None,
+        SEARCH=max(1, math.ceil(math.log(n_keys + 1) / math.log(PROBES + 1)) + 1), PROBES=PROBES,
+        HAS_RATIO=params.finish_ratio is not None,
         ZERO_PAD=_pad(ORDERS * (1 + _pad(m))),
     )

@@ -181,6 +181,8 @@ class SuperposedBuffers:
         self._state_host = torch.zeros(k * max_t + 9 + k * ORDERS + k, dtype=torch.long, pin_memory=pinned)
         self._score_host = torch.zeros(2 * k, dtype=torch.float64, pin_memory=pinned)
         self.counts = counts_buffer(k, m, device)  # the select kernel's n-gram counts (kept zeroed)
+        self.mix_ids = torch.zeros(k, dtype=torch.long, device=device)  # the select kernel's next input
+        self.mix_w = torch.zeros(k, dtype=torch.float64, device=device)
         # a ring of two result buffers: one chain's copy lands while the host reads the one before
         self.pack = torch.zeros((2, self.pack_size), dtype=torch.float64, device=device)
         self.pack_host = torch.zeros((2, self.pack_size), dtype=torch.float64, pin_memory=pinned)
@@ -190,12 +192,12 @@ class SuperposedBuffers:
         """The state by name, as kernels/superposed_select.py takes it."""
         return {"ids": self.ids, "score": self.score, "nonempty": self.nonempty, "ctx": self.ctx, "pool": self.pool,
                 "meta": self.meta, "log_ids": self.log_ids, "log_tokens": self.log_tokens,
-                "log_scores": self.log_scores}
+                "log_scores": self.log_scores, "mix_ids": self.mix_ids, "mix_w": self.mix_w}
 
     def state_tensors(self) -> list[torch.Tensor]:
         """What a step reads and writes (a graph's warm-ups are undone by copying these back)."""
         return [self.ids, self.score, self.nonempty, self.ctx, self.pool, self.meta, self.logits, self.log_ids,
-                self.log_tokens, self.log_scores, self.counts]
+                self.log_tokens, self.log_scores, self.counts, self.mix_ids, self.mix_w]
 
     @property
     def pack_size(self) -> int:
@@ -352,15 +354,21 @@ def ngram_probs(buf: SuperposedBuffers, cand: torch.Tensor, corpus: DeviceCorpus
 
 
 @torch.inference_mode()
-def select(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | None, params, mixed: bool) -> None:
-    """Extend the live drafts by the top tokens of `buf.logits`, update the pool, keep the best k:
-    kernels/superposed_select.py on CUDA, `select_ref` elsewhere."""
+def advance(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | None, params, mixed: bool, embed,
+            embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+    """One step before its forward: extend the live drafts by the top tokens of `buf.logits`,
+    update the pool, keep the best k, and write the next input (`embeds` [1, 1, hidden], the
+    position and slot) — kernels/superposed_select.py on CUDA, `select_ref` and `next_input`
+    elsewhere."""
     summary = logit_summary(buf.logits / params.temperature, buf.m)
     if buf.logits.is_cuda and _triton is not None:
         superposed_select_triton(summary.values[0], summary.ids[0], summary.logsumexp, buf.counts, buf.stream,
-                                 buf.stream_length, corpus, rules, buf.tensors(), params, mixed)
+                                 buf.stream_length, corpus, rules, buf.tensors(), params, mixed, positions, slots)
+        emb = embed(buf.mix_ids[None])  # [1, k, hidden]
+        embeds.copy_((buf.mix_w.to(emb.dtype)[None, :, None] * emb).sum(1, keepdim=True))
     else:
         select_ref(buf, rules, corpus, params, mixed, summary)
+        next_input(buf, embed, params.weight_scale, embeds, positions, slots)
 
 
 def select_ref(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | None, params, mixed: bool,

@@ -18,6 +18,7 @@ from engine.decoding.superposed_device import (
     SuperposedBuffers,
     TokenRules,
     device_corpus,
+    next_input,
     select_ref,
 )
 from engine.ngram import NgramTable
@@ -72,6 +73,11 @@ def test_select_kernel_matches_definition(k, m, mixed, with_corpus):
     table = NgramTable.build(np.array([rng.randrange(VOCAB) for _ in range(4000)], dtype=np.int64), max_order=4)
     corpus = device_corpus(table, DEVICE) if with_corpus else None
     params = SuperposedParams(reset_every=rng.choice([3, 10]))
+    eye = torch.eye(VOCAB, dtype=torch.float64, device=DEVICE)
+
+    def one_hot(ids):  # an embedding whose mixture shows the ids and weights
+        return eye[ids]
+
     changed = 0
     for trial in range(12):
         rules = _rules(rng)
@@ -82,8 +88,18 @@ def test_select_kernel_matches_definition(k, m, mixed, with_corpus):
         before = [t.clone() for t in ref.state_tensors()]
         summary = logit_summary(ref.logits / params.temperature, m)
         select_ref(ref, rules, corpus, params, mixed, summary)
+        positions, slots = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long,
+                                                                                     device=DEVICE)
         superposed_select_triton(summary.values[0], summary.ids[0], summary.logsumexp, ker.counts, ker.stream,
-                                 ker.stream_length, corpus, rules, ker.tensors(), params, mixed)
+                                 ker.stream_length, corpus, rules, ker.tensors(), params, mixed, positions, slots)
+        # the next input as next_input computes it from the state (a running step only)
+        embeds, want_pos, want_slot = torch.zeros(1, 1, VOCAB, dtype=torch.float64, device=DEVICE), positions * 0, \
+            slots * 0
+        next_input(ref, one_hot, params.weight_scale, embeds, want_pos, want_slot)
+        assert positions == want_pos and slots == want_slot
+        if int(before[5][3]) == RUNNING:
+            mixed_in = torch.zeros(VOCAB, dtype=torch.float64, device=DEVICE).index_add_(0, ker.mix_ids, ker.mix_w)
+            torch.testing.assert_close(mixed_in, embeds[0, 0], rtol=1e-12, atol=1e-12)
         for name in ("ids", "nonempty", "ctx", "meta", "log_ids", "log_tokens", "counts"):
             assert torch.equal(getattr(ker, name), getattr(ref, name)), (trial, name)
         for name in ("score", "pool", "log_scores"):
