@@ -44,9 +44,9 @@ from engine.prompting import doc_start_ids, fim_layout
 NGRAM_FILE = "ngram.npz"
 
 
-def build_cases(records, subset: int | None, limit: int | None):
+def build_cases(records, subset: int | None, limit: int | None, offset: int = 0):
     """(record, target, text before the cursor, text from the next line on) for the chosen targets."""
-    pairs = spread(list(iter_targets(records)), subset)  # spread evenly over the repos
+    pairs = spread(list(iter_targets(records)), subset, offset)  # spread evenly over the repos
     if limit is not None:
         pairs = pairs[:limit]
     cases = []

@@ -145,12 +145,13 @@ def run_superposed(state, k, rules, index, corpus, params) -> Run:
 def _run_method(method: str, state: DecodeState, k: int, rules: StopRules, index, corpus, args, seed: int) -> Run:
     if method == "greedy":
         return run_greedy(state, rules)
+    tuned = {"top_tokens": args.top_tokens, "finish_ratio": args.finish_ratio or None}
     if method == "superposed":
-        return run_superposed(state, k, rules, index, corpus, SuperposedParams())
+        return run_superposed(state, k, rules, index, corpus, SuperposedParams(**tuned))
     if method == "superposed-host":  # every step scored on the host (the device chains' baseline)
-        return run_superposed(state, k, rules, index, corpus, SuperposedParams(device_steps=0))
+        return run_superposed(state, k, rules, index, corpus, SuperposedParams(device_steps=0, **tuned))
     if method == "superposed-no-ng":
-        return run_superposed(state, k, rules, None, None, SuperposedParams(alpha=0.0))
+        return run_superposed(state, k, rules, None, None, SuperposedParams(alpha=0.0, **tuned))
     if method == "top-k x greedy":
         return run_top_first(state, k, rules)
     if method == "nucleus x k":
@@ -183,6 +184,10 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--subset", type=int, default=None, help="a fixed subset of N targets spread over the data")
+    p.add_argument("--offset", type=int, default=0, help="the subset starts at this target (another subset: tuning)")
+    p.add_argument("--top-tokens", type=int, default=None, help="superposed: extensions per draft (default k)")
+    p.add_argument("--finish-ratio", type=float, default=1.5,
+                   help="superposed: latency budget after the first finished draft (0: until k finish)")
     p.add_argument("--view", choices=("fim", "l2r"), default="fim")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--max-prefix-tokens", type=int, default=1024)
@@ -199,7 +204,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     records = load_records(args.data)
-    cases = build_cases(records, args.subset, args.limit)
+    cases = build_cases(records, args.subset, args.limit, args.offset)
     loaded = load_model(args.model, device=args.device)
     tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR

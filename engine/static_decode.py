@@ -46,7 +46,11 @@ chain ends. Greedy output is plain greedy decoding's: every kept token is the ar
 logits it was verified with. Rejected drafts' K/V sits in slots the next iteration overwrites.
 
 Input embeddings in place of ids (superposed decoding's weighted sum of the drafts' last
-tokens) take a static embeddings buffer and graphs of their own. Anything else — larger writes
+tokens) take a static embeddings buffer and graphs of their own. `superposed_chain` runs
+superposed decoding's steps on the same terms: one captured graph per step scores the k x m
+extensions, updates the drafts and writes the next mixed embedding (engine/decoding/
+superposed_device.py, kernels/superposed_select.py) before the forward; the host reads the
+drafts once per chain. Anything else — larger writes
 (a whole-file prefill), batched rows, a third shifted span, dynamic RoPE scaling, the CPU —
 returns `handled=False` and runs eagerly.
 """
