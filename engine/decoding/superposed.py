@@ -97,6 +97,10 @@ class SuperposedParams:
             raise ValueError(f"ngram_floor must be in (0, 1), got {self.ngram_floor}")
         if self.reset_every < 1:
             raise ValueError(f"reset_every must be >= 1, got {self.reset_every}")
+        if not 0 <= self.device_steps <= 16:
+            raise ValueError(f"device_steps must be in [0, 16], got {self.device_steps}")
+        if self.device_in_flight not in (1, 2):
+            raise ValueError(f"device_in_flight must be 1 or 2, got {self.device_in_flight}")
 
 
 @dataclass
@@ -426,7 +430,7 @@ def superposed_drafts(
 
     device_rules = None
     if (model.static is not None and model.static.mode != "off" and params.device_steps > 0 and trace is None
-            and rules.max_tokens < 256):
+            and rules.max_tokens < 256 and k <= 8 and m <= 8):  # the select kernel's sizes
         device_rules = token_rules(tok, stop_ids, rules.max_lines, model.config.vocab_size, dev)
     live = [_Draft([], 0.0, state.heal)]
     pool: list[_Draft] = []
