@@ -139,7 +139,7 @@ def run_superposed(state, k, rules, index, corpus, params) -> Run:
     s = result.stats
     return Run([d.text for d in result.drafts], ms, s.forwards,
                {"steps": s.steps, "resets": s.resets, "reset_tokens": s.reset_tokens, "ngram_ms": s.ngram_ms,
-                "forward_ms": s.forward_ms, "ngram_lookups": s.ngram_lookups})
+                "forward_ms": s.forward_ms, "ngram_lookups": s.ngram_lookups, "device_steps": s.device_steps})
 
 
 def _run_method(method: str, state: DecodeState, k: int, rules: StopRules, index, corpus, args, seed: int) -> Run:
@@ -302,10 +302,16 @@ def main() -> None:
                           ">= +3"])
         lines += [
             ["resets per target", f"{np.mean([r.extra['resets'] for r in sp]):.2f}", ""],
-            ["n-gram lookup per draft", f"{1000 * ngram_ms / max(lookups, 1):.0f} us", ""],
-            ["n-gram time per step / forward time per forward",
-             f"{ngram_ms / max(steps, 1):.2f} ms / {forward_ms / max(forwards, 1):.2f} ms "
-             f"({100 * ngram_ms / max(forward_ms, 1e-9):.1f}%)", ""],
+            ["steps run in device chains", f"{np.mean([r.extra['device_steps'] for r in sp]):.1f} per target", ""],
+        ]
+        if not any(r.extra["device_steps"] for r in sp):  # host-scored steps: their n-gram time is the host's
+            lines += [
+                ["n-gram lookup per draft", f"{1000 * ngram_ms / max(lookups, 1):.0f} us", ""],
+                ["n-gram time per step / forward time per forward",
+                 f"{ngram_ms / max(steps, 1):.2f} ms / {forward_ms / max(forwards, 1):.2f} ms "
+                 f"({100 * ngram_ms / max(forward_ms, 1e-9):.1f}%)", ""],
+            ]
+        lines += [
             ["workspace index build", f"{np.mean(side['index_build_ms']):.1f} ms for "
                                       f"{np.mean(side['index_tokens']):.0f} tokens", ""],
             ["workspace index one-token edit", f"{np.mean(side['edit_us']):.0f} us", ""],
