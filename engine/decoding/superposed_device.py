@@ -14,6 +14,10 @@ the forward included) and the host reads the drafts once per chain of steps:
   decides when decoding ends, the best k unfinished ones live on -> the score-weighted sum of
   their last tokens' embeddings, written into the forward's static input -> the forward.
 
+`select_ref` and `next_input` define a step in torch ops (the CPU's static mode runs them); on
+CUDA `advance` runs kernels/superposed_select.py instead (two Triton programs in place of ~150
+small kernels; tests/kernels/test_superposed_select.py holds them to the definition).
+
 It computes what the host loop computes (tests/engine/test_superposed_device.py holds the
 drafts equal), with three differences in what it sees:
   - the line rule is per token: a token that holds a newline ends its draft (max_lines 1),
