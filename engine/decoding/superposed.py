@@ -348,6 +348,14 @@ def superposed_drafts(
         reason = "lines" if hit else ("max_tokens" if len(ids) >= rules.max_tokens else "")
         return _Draft(ids, score, remaining, text, reason)
 
+    def commit(best: _Draft, committed: int) -> torch.Tensor:
+        """A reset: re-encode the best draft's tokens since the last commit over the superposed
+        slots; the logits after them."""
+        logits = forward(best.ids[committed:], None, committed)
+        run.resets += 1
+        run.reset_tokens += len(best.ids) - committed
+        return logits
+
     def on_device(live: list[_Draft], logits: torch.Tensor, committed: int,
                   budget: int) -> tuple[list[_Draft], str, torch.Tensor, int, int]:
         """The rest of the decode in chains of device steps (superposed_device); resets between
@@ -422,9 +430,7 @@ def superposed_drafts(
                     return live, "cancelled", logits, committed, budget
                 ticket = ahead
             best = live[0]
-            logits = forward(best.ids[committed:], None, committed)
-            run.resets += 1
-            run.reset_tokens += now - committed
+            logits = commit(best, committed)
             committed = now
             live = [best]
 
@@ -466,11 +472,8 @@ def superposed_drafts(
             unfinished = "budget"
             break
         if length - 1 - committed >= params.reset_every:
-            # Commit the best draft: re-encode its tokens over the superposed slots.
             best = live[0]
-            logits = forward(best.ids[committed:], None, committed)
-            run.resets += 1
-            run.reset_tokens += length - committed
+            logits = commit(best, committed)
             committed = length
             live = [best]
             continue
