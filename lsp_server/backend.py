@@ -309,7 +309,8 @@ class ModelBackend:
                                    stats=stats)
         run = result.stats
         counters.update({"strategy": "superposed", "superposed_steps": run.steps, "superposed_resets": run.resets,
-                         "superposed_forwards": run.forwards, "ngram_ms": round(run.ngram_ms, 3)})
+                         "superposed_forwards": run.forwards, "superposed_device_steps": run.device_steps,
+                         "ngram_ms": round(run.ngram_ms, 3)})
         drafts: list[Draft] = []
         for d in result.drafts:
             score = d.score if not drafts else min(d.score, drafts[-1].score)

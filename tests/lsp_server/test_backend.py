@@ -134,6 +134,7 @@ def test_several_drafts_come_from_superposed_decoding(trained):
         assert scores == sorted(scores, reverse=True) and all(math.isfinite(x) for x in scores)
         s = result.stats
         assert s["strategy"] == "superposed" and s["superposed_steps"] >= 1 and s["forwards"] >= s["superposed_steps"]
+        assert s["superposed_device_steps"] == 0  # the CPU scores every step on the host (no static forward)
         seen_three += len(texts) == 3
         # shown suggestions become drafts for the next one-draft request
         shown = [trained.tokenizer.decode(r.ids.tolist()) for r in list(backend.speculator.recent)[-len(texts):]]
