@@ -321,7 +321,7 @@ def superposed_select_triton(values: torch.Tensor, cand: torch.Tensor, lse: torc
         MULT, fparams, int(params.finish_slack), int(params.reset_every),
         K=k, M=m, K_PAD=_pad(k), M_PAD=_pad(m), MAX_T=max_t, ORD=ORDERS, ORD_PAD=8,
         MAX_CHAIN=state["log_ids"].shape[0], MIXED=mixed, CORPUS_ORDERS=corpus_orders, TOP=top,
-        SEARCH=max(1, math.ceil(math.log(n_keys + 1) / math.log(PROBES + 1)) + 1), PROBES=PROBES,
+        SEARCH=max(1, math.ceil(math.log(n_keys + 1) / math.log(PROBES + 1)) + 2), PROBES=PROBES,
         HAS_RATIO=params.finish_ratio is not None,
         ZERO_PAD=_pad(ORDERS * (1 + _pad(m))),
     )
