@@ -458,7 +458,7 @@ class StaticForward:
         graph = None
         if self.mode == "graphs":
             key = ("superposed", base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, buf.k, buf.m,
-                   buf.max_t, buf.stream_length, id(rules), id(corpus), params, mixed)
+                   buf.max_t, buf.stream_length, buf.rows, id(rules), id(corpus), params, mixed)
             self._superposed_refs[id(rules)], self._superposed_refs[id(corpus)] = rules, corpus
             # the warm-ups advance the drafts: put every state tensor back before the replays
             saved = None

@@ -51,7 +51,7 @@ if triton is not None:
         inside = offs < size
         nxt = tl.load(stream_ptr + ORD + offs, mask=inside, other=-1)
         slots = tl.arange(0, M_PAD)
-        cands = tl.load(cand_ptr + slots, mask=slots < M, other=-2)
+        cands = tl.load(cand_ptr + i * M + slots, mask=slots < M, other=-2)
         hits = nxt[:, None] == cands[None, :]  # [BLOCK, M_PAD]
         run = nxt >= 0
         for c in tl.static_range(1, ORD + 1):
@@ -70,12 +70,13 @@ if triton is not None:
     @triton.jit
     def _select_kernel(values_ptr, cand_ptr, lse_ptr, counts_ptr,
                        keys_ptr, next_ptr, ccounts_ptr, n_keys,
-                       finish_ptr, stop_ptr, content_ptr, before_ptr,
-                       ids_ptr, score_ptr, nonempty_ptr, ctx_ptr, pool_ptr, meta_ptr,
+                       finish_ptr, gain_ptr, length_ptr, vocab,
+                       ids_ptr, score_ptr, nonempty_ptr, ctx_ptr, pool_ptr, meta_ptr, heal_at_ptr,
                        log_ids_ptr, log_tokens_ptr, log_scores_ptr, mix_ids_ptr, mix_w_ptr, pos_ptr, slot_ptr,
                        mult, fparams_ptr, slack, reset_every,
                        K: tl.constexpr, M: tl.constexpr, K_PAD: tl.constexpr, M_PAD: tl.constexpr,
                        MAX_T: tl.constexpr, ORD: tl.constexpr, ORD_PAD: tl.constexpr, MAX_CHAIN: tl.constexpr,
+                       ROWS: tl.constexpr,
                        MIXED: tl.constexpr, CORPUS_ORDERS: tl.constexpr, TOP: tl.constexpr,
                        SEARCH: tl.constexpr, PROBES: tl.constexpr, HAS_RATIO: tl.constexpr,
                        ZERO_PAD: tl.constexpr):
@@ -99,9 +100,12 @@ if triton is not None:
         steps = tl.load(meta_ptr + 4)
         left = tl.load(meta_ptr + 7)
         max_tokens = tl.load(meta_ptr + 8)
-        cand = tl.load(cand_ptr + x, mask=xm, other=0)  # [1, M_PAD]
+        heal_len = tl.load(meta_ptr + 9)
+        spelled = tl.load(heal_at_ptr + p, mask=pm, other=0)  # [K_PAD, 1] healed bytes spelled
+        row = tl.where(spelled < heal_len, spelled, ROWS - 1)  # the draft's healing row
+        cand = tl.load(cand_ptr + p * M + x, mask=both, other=0)  # [K_PAD, M_PAD] each draft's top m
         lse = tl.load(lse_ptr)
-        s = (tl.load(values_ptr + x, mask=xm, other=0.0) - lse).to(tl.float64) + tl.zeros([K_PAD, M_PAD], tl.float64)
+        s = (tl.load(values_ptr + p * M + x, mask=both, other=0.0) - lse).to(tl.float64)
         if MIXED:
             out = tl.zeros([K_PAD, M_PAD], tl.float64)
             ctx_len = tl.minimum(left + length, ORD)
@@ -143,6 +147,7 @@ if triton is not None:
                     pick = tl.where(has_w & has_c, weight * pw + (1 - weight) * pc,
                                     tl.where(has_w, pw, tl.where(has_c, pc, 0.0)))
                 out = out + tl.load(fparams_ptr + 3 + c) * pick
+            out = tl.where(s > NEG, out, 0.0)  # a candidate its healing row does not allow has none
             seen = tl.max(tl.where(both & (out > 0), 1, 0), axis=1)[:, None] > 0  # [K_PAD, 1]
             mixed = (1 - alpha) * s + alpha * tl.log(tl.maximum(out, floor))
             s = tl.where(seen, mixed, s)
@@ -156,8 +161,7 @@ if triton is not None:
         score = tl.load(score_ptr + p, mask=pm, other=NEG)  # [K_PAD, 1]
         child = tl.where(both, score + s - norm, NEG)
         alive = child > NEG
-        cls = tl.load(finish_ptr + cand, mask=xm, other=-1)  # [1, M_PAD]
-        stop = tl.load(stop_ptr + cand, mask=xm, other=0) != 0
+        cls = tl.load(finish_ptr + cand, mask=both, other=-1)  # [K_PAD, M_PAD]
         finished = (cls >= 0) | (length + 1 >= max_tokens)
         # children of one draft that leave the same text: the best (the first on a tie) is kept
         c3 = child[:, :, None]
@@ -168,8 +172,7 @@ if triton is not None:
         cls_o = cls[:, None, :]
         beaten = (o3 > c3) | ((o3 == c3) & (xo < xc))
         dup = tl.max(tl.where((cls_c == cls_o) & (cls_c >= 0) & beaten & (xo != xc) & (xo < M), 1, 0), axis=2) > 0
-        gained = tl.where(cls >= 0, tl.load(before_ptr + cand, mask=xm, other=0) != 0,
-                          tl.load(content_ptr + cand, mask=xm, other=0) != 0) & ~stop
+        gained = tl.load(gain_ptr + row * vocab + cand, mask=both, other=0) != 0  # past the healed text
         had = tl.load(nonempty_ptr + p, mask=pm, other=0) != 0  # [K_PAD, 1]
         pooled = finished & alive & ~dup & (had | gained)
         pooled_scores = tl.where(pooled, child, NEG)  # [K_PAD, M_PAD]
@@ -208,11 +211,13 @@ if triton is not None:
             new_score = tl.where(kk == r, best, new_score)
             parent = tl.where(kk == r, first // M, parent)
             slot = tl.where(kk == r, first % M, slot)
-        token = tl.load(cand_ptr + slot)  # [K_PAD]
-        tcls = tl.load(finish_ptr + token)
-        tgained = tl.where(tcls >= 0, tl.load(before_ptr + token) != 0, tl.load(content_ptr + token) != 0)
-        tgained = tgained & (tl.load(stop_ptr + token) == 0)
+        token = tl.load(cand_ptr + parent * M + slot)  # [K_PAD]
+        parent_spelled = tl.load(heal_at_ptr + parent)
+        parent_row = tl.where(parent_spelled < heal_len, parent_spelled, ROWS - 1)
+        tgained = tl.load(gain_ptr + parent_row * vocab + token) != 0
         new_nonempty = (tl.load(nonempty_ptr + parent, mask=kk < K, other=0) != 0) | tgained
+        new_spelled = tl.where(parent_spelled < heal_len,
+                               tl.minimum(parent_spelled + tl.load(length_ptr + token), heal_len), parent_spelled)
         cols = tl.arange(0, MAX_T)[None, :]
         old_ids = tl.load(ids_ptr + p * MAX_T + cols, mask=pm, other=0)  # [K_PAD, MAX_T]
         new_ids = tl.load(ids_ptr + parent[:, None] * MAX_T + cols, mask=pm, other=0)
@@ -246,13 +251,14 @@ if triton is not None:
         slot_at = tl.load(meta_ptr + 6) + last - 1
         step = tl.minimum(steps, MAX_CHAIN - 1)
         tl.debug_barrier()  # every old value is read before any is overwritten
-        tl.store(log_tokens_ptr + step * M + x, cand, mask=xm)
+        tl.store(log_tokens_ptr + step * K * M + p * M + x, cand, mask=both)
         tl.store(log_scores_ptr + step * K * M + p * M + x, tl.where(running, pooled_scores, NEG), mask=both)
         tl.store(log_ids_ptr + step * K * MAX_T + p * MAX_T + cols, old_ids, mask=(pm & running) != 0)
         tl.store(ids_ptr + p * MAX_T + cols, new_ids, mask=(pm & running) != 0)
         tl.store(ctx_ptr + p * ORD + oc, new_ctx, mask=(pm & (oc < ORD) & running) != 0)
         tl.store(score_ptr + kk, new_score, mask=((kk < K) & running) != 0)
         tl.store(nonempty_ptr + kk, new_nonempty.to(tl.int8), mask=((kk < K) & running) != 0)
+        tl.store(heal_at_ptr + kk, new_spelled, mask=((kk < K) & running) != 0)
         tl.store(pool_ptr + kk, pool, mask=((kk < K) & running) != 0)
         tl.store(meta_ptr + 0, now, mask=running)
         tl.store(meta_ptr + 1, committed, mask=running)
@@ -292,14 +298,17 @@ def counts_buffer(k: int, m: int, device: torch.device) -> torch.Tensor:
 
 
 def superposed_select_triton(values: torch.Tensor, cand: torch.Tensor, lse: torch.Tensor, counts: torch.Tensor,
-                             stream: torch.Tensor, stream_length: int, corpus, rules, state: dict, params,
-                             mixed: bool, positions: torch.Tensor, slots: torch.Tensor, block: int = 1024) -> None:
-    """One step's selection (see the module docstring): `values` [m] top logits / T, `cand` [m]
-    their ids, `lse` [1] the log-sum-exp of logits / T; `state` the SuperposedBuffers tensors
-    (ids, score, nonempty, ctx, pool, meta, log_ids, log_tokens, log_scores, and the next input's
-    mix_ids and mix_w); the next forward's position and slot go to `positions[0]`, `slots[0]`."""
+                             stream: torch.Tensor, stream_length: int, corpus, rules, gain: torch.Tensor, state: dict,
+                             params, mixed: bool, positions: torch.Tensor, slots: torch.Tensor,
+                             block: int = 1024) -> None:
+    """One step's selection (see the module docstring): `cand` [k, m] each draft's top m tokens
+    under its healing row, `values` their logits / T, `lse` [1] the log-sum-exp of logits / T,
+    `gain` [rows, V] whether a token adds content to a draft at each healing row (the last row:
+    past the healed text); `state` the SuperposedBuffers tensors (ids, score, nonempty, ctx, pool,
+    meta, heal_at, log_ids, log_tokens, log_scores, and the next input's mix_ids and mix_w); the
+    next forward's position and slot go to `positions[0]`, `slots[0]`."""
     k, max_t = state["ids"].shape
-    m = cand.shape[0]
+    m = cand.shape[1]
     if k > 8 or m > 8 or max_t & (max_t - 1):
         raise ValueError("the select kernel serves k, m <= 8 and a power-of-two token capacity")
     if mixed:
@@ -314,13 +323,13 @@ def superposed_select_triton(values: torch.Tensor, cand: torch.Tensor, lse: torc
     fparams = _float_params(params, values.device)
     _select_kernel[(1,)](
         values, cand, lse, counts, keys, nxt, ccounts, n_keys,
-        rules.finish_class, rules.is_stop.view(torch.int8), rules.content.view(torch.int8),
-        rules.content_before_end.view(torch.int8),
+        rules.finish_class, gain.view(torch.int8), rules.length, gain.shape[1],
         state["ids"], state["score"], state["nonempty"].view(torch.int8), state["ctx"], state["pool"], state["meta"],
+        state["heal_at"],
         state["log_ids"], state["log_tokens"], state["log_scores"], state["mix_ids"], state["mix_w"], positions, slots,
         MULT, fparams, int(params.finish_slack), int(params.reset_every),
         K=k, M=m, K_PAD=_pad(k), M_PAD=_pad(m), MAX_T=max_t, ORD=ORDERS, ORD_PAD=8,
-        MAX_CHAIN=state["log_ids"].shape[0], MIXED=mixed, CORPUS_ORDERS=corpus_orders, TOP=top,
+        MAX_CHAIN=state["log_ids"].shape[0], ROWS=gain.shape[0], MIXED=mixed, CORPUS_ORDERS=corpus_orders, TOP=top,
         SEARCH=max(1, math.ceil(math.log(n_keys + 1) / math.log(PROBES + 1)) + 2), PROBES=PROBES,
         HAS_RATIO=params.finish_ratio is not None,
         ZERO_PAD=_pad(ORDERS * (1 + _pad(m))),

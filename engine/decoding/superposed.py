@@ -364,7 +364,10 @@ def superposed_drafts(
         static, token_rules = model.static, device_rules
         buf = static.superposed_buffers(k, m, rules.max_tokens)
         dev_corpus = device_corpus(corpus, dev) if mixture is not None and corpus is not None else None
+        if not buf.stage_heal(token_rules, state.heal):
+            return live, "host", logits, committed, budget  # healed text too long for the tables
         buf.stage_stream(ngram_index if mixture is not None else None)
+        heal = state.heal
         while True:
             length = len(live[0].ids)
             started = static.superposed_start(scratch, base + length,
@@ -373,9 +376,10 @@ def superposed_drafts(
             if started is None:
                 return live, "host", logits, committed, budget
             buffer, bucket, at = started
-            buf.stage([(d.ids, d.score, bool(_strip_heal(d.text, state.heal).strip())) for d in live], left,
+            buf.stage([(d.ids, d.score, bool(_strip_heal(d.text, heal).strip()), len(heal) - len(d.remaining))
+                       for d in live], left,
                       {"length": length, "committed": committed, "budget": budget, "position": state.next_position,
-                       "slot": at - length, "left": len(left), "max_tokens": rules.max_tokens,
+                       "slot": at - length, "left": len(left), "max_tokens": rules.max_tokens, "heal": len(heal),
                        "pool": [d.score for d in pool]})
             buf.logits.copy_(logits)
 
@@ -398,12 +402,12 @@ def superposed_drafts(
                 steps, reason = int(meta[STEPS]), int(meta[REASON])
                 for s in range(steps):  # the pool as the host loop builds it: by text, best first
                     parents = out["log_ids"][s, :, : chain_length + s].tolist()
-                    tokens = out["log_tokens"][s].tolist()
+                    tokens = out["log_tokens"][s].tolist()  # [k][m]: each draft's candidates
                     scored = out["log_scores"][s]
                     found = [(float(scored[i, c]), i, c) for i in range(k) for c in range(m)
                              if scored[i, c] > float("-inf")]
                     for score, i, c in sorted(found, key=lambda f: -f[0]):
-                        child = _child(_Draft(parents[i], 0.0, b""), tokens[c], score)
+                        child = _child(_Draft(parents[i], 0.0, b""), tokens[i][c], score)
                         if params.keep_empty or _strip_heal(child.text, state.heal).strip():
                             _pool_add(pool, child, k, state.heal)
                 forwards = steps - (reason != RUNNING)
@@ -416,7 +420,8 @@ def superposed_drafts(
                 for i in range(k):
                     if out["score"][i] > float("-inf"):
                         ids = out["ids"][i, :now].tolist()
-                        live.append(_Draft(ids, float(out["score"][i]), b"", stopper.cut(ids)[0]))
+                        live.append(_Draft(ids, float(out["score"][i]), heal[int(out["heal_at"][i]) :],
+                                           stopper.cut(ids)[0]))
                 committed, budget = int(meta[COMMITTED]), int(meta[BUDGET_AT])
                 if reason in (NO_LIVE, POOL_FULL):
                     return live, "", logits, committed, budget
@@ -445,7 +450,7 @@ def superposed_drafts(
     budget = rules.max_tokens  # tokens a draft may reach; lowered when the first one finishes
     unfinished = ""  # why live drafts stopped early ("cancelled" | "budget")
     while True:
-        if device_rules is not None and not any(d.remaining for d in live):
+        if device_rules is not None:
             live, unfinished, logits, committed, budget = on_device(live, logits, committed, budget)
             if unfinished != "host":
                 break

@@ -54,8 +54,10 @@ MAX_CHAIN = 16
 # beat it, the latency budget, a reset is due (the host re-encodes the best draft)
 RUNNING, NO_LIVE, POOL_FULL, BUDGET, RESET = range(5)
 # meta entries: draft length, committed, token budget, reason, steps run, first position,
-# first slot, left context length, max tokens
-LENGTH, COMMITTED, BUDGET_AT, REASON, STEPS, POSITION, SLOT, LEFT, MAX_TOKENS = range(9)
+# first slot, left context length, max tokens, healed bytes to spell out (from the draft start)
+LENGTH, COMMITTED, BUDGET_AT, REASON, STEPS, POSITION, SLOT, LEFT, MAX_TOKENS, HEAL = range(10)
+META = 10
+MAX_HEAL_ROWS = 32  # healing tables: one row per byte offset into the healed text, and a last row
 _MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # engine.ngram's multiplier as a wrapping int64
 _CORPUS_ORDER_BITS = 50  # corpus hashes have 50 bits; the order goes above them
 
@@ -68,6 +70,9 @@ class TokenRules:
     is_stop: torch.Tensor  # [V] bool
     content: torch.Tensor  # [V] bool: the token's bytes hold a non-whitespace byte
     content_before_end: torch.Tensor  # [V] bool: ... before its first newline
+    length: torch.Tensor  # [V] long: the token's bytes
+    gain: torch.Tensor  # [V] bool: the token adds content to a draft's (line-cut) text
+    tokenizer: object = None
 
 
 _RULES: dict[tuple, tuple[object, TokenRules]] = {}  # with the tokenizer, so that its id stays its own
@@ -103,9 +108,56 @@ def token_rules(tokenizer, stop_ids: frozenset[int], max_lines: int | None, voca
     for token in stop_ids:
         if 0 <= token < vocab:
             stop[token], finish[token] = True, 0
-    rules = TokenRules(*(torch.from_numpy(a).to(device) for a in (finish, stop, content, before)))
+    length = np.zeros(vocab, dtype=np.int64)
+    for token, data in token_bytes.items():
+        if token < vocab:
+            length[token] = len(data)
+    gain = np.where(finish >= 0, before, content) & ~stop
+    rules = TokenRules(*(torch.from_numpy(a).to(device) for a in (finish, stop, content, before, length, gain)),
+                       tokenizer=tokenizer)
     _RULES[key] = (tokenizer, rules)  # a few per server: one per tokenizer, stop set and line rule
     return rules
+
+
+_HEAL_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def heal_rows(heal: bytes) -> int | None:
+    """Rows of the healing tables for `heal` (a power of two > its length), None past MAX_HEAL_ROWS."""
+    rows = 1 << len(heal).bit_length()
+    return rows if rows <= MAX_HEAL_ROWS else None
+
+
+def heal_tables(rules: TokenRules, heal: bytes, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, V] allowed, [rows, V] adds content): row o < len(heal) is for a draft with
+    heal[o:] still to spell out (the healing mask; whether a token adds content past the healed
+    text, up to a line end), the others for a draft past it (every token; `rules.gain`)."""
+    key = (id(rules), heal, rows)
+    found = _HEAL_TABLES.get(key)
+    if found is not None:
+        return found
+    vocab, device = rules.gain.shape[0], rules.gain.device
+    masks = torch.ones((rows, vocab), dtype=torch.bool, device=device)
+    gain = rules.gain[None].repeat(rows, 1)
+    healer = healer_for(rules.tokenizer)
+    for o in range(len(heal)):
+        remaining = heal[o:]
+        allowed = healer.allowed(remaining)
+        row = np.zeros(vocab, dtype=bool)
+        adds = np.zeros(vocab, dtype=bool)
+        for token in allowed:
+            if token >= vocab:
+                continue
+            row[token] = True
+            extra = healer.token_bytes.get(token, b"")[len(remaining):]
+            end = extra.find(b"\n")
+            adds[token] = any(b not in _WHITESPACE for b in (extra[:end] if end >= 0 else extra))
+        masks[o] = torch.from_numpy(row).to(device)
+        gain[o] = torch.from_numpy(adds).to(device)
+    if len(_HEAL_TABLES) >= 64:
+        _HEAL_TABLES.pop(next(iter(_HEAL_TABLES)))
+    _HEAL_TABLES[key] = (masks, gain)
+    return masks, gain
 
 
 @dataclass
@@ -170,11 +222,14 @@ class SuperposedBuffers:
         self.nonempty = torch.zeros(k, dtype=torch.bool, device=device)
         self.ctx = torch.full((k, ORDERS), NEVER, dtype=torch.long, device=device)
         self.pool = torch.full((k,), -math.inf, dtype=torch.float64, device=device)
-        self.meta = torch.zeros(9, dtype=torch.long, device=device)
+        self.meta = torch.zeros(META, dtype=torch.long, device=device)
+        self.heal_at = torch.zeros(k, dtype=torch.long, device=device)  # bytes of the healed text spelled
+        self.rows = 1  # healing table rows of this request (their static buffers: `heal_table`)
+        self._heal_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.logits = torch.zeros((1, vocab), dtype=torch.float32, device=device)
         # per step of a chain: the drafts extended, the m tokens, the scores of pooled children
         self.log_ids = torch.zeros((MAX_CHAIN, k, max_t), dtype=torch.long, device=device)
-        self.log_tokens = torch.zeros((MAX_CHAIN, m), dtype=torch.long, device=device)
+        self.log_tokens = torch.zeros((MAX_CHAIN, k, m), dtype=torch.long, device=device)
         self.log_scores = torch.full((MAX_CHAIN, k, m), -math.inf, dtype=torch.float64, device=device)
         # the workspace stream behind ORDERS pad slots (a context reaching before the start
         # matches nothing); the length in use is a power of two >= 1024 (`stream_length`)
@@ -182,7 +237,7 @@ class SuperposedBuffers:
         self.stream_length = 1024
         pinned = device.type == "cuda"
         self._stream_host = torch.full((STREAM,), -1, dtype=torch.long, pin_memory=pinned)
-        self._state_host = torch.zeros(k * max_t + 9 + k * ORDERS + k, dtype=torch.long, pin_memory=pinned)
+        self._state_host = torch.zeros(k * max_t + META + k * ORDERS + 2 * k, dtype=torch.long, pin_memory=pinned)
         self._score_host = torch.zeros(2 * k, dtype=torch.float64, pin_memory=pinned)
         self.counts = counts_buffer(k, m, device)  # the select kernel's n-gram counts (kept zeroed)
         self.mix_ids = torch.zeros(k, dtype=torch.long, device=device)  # the select kernel's next input
@@ -196,17 +251,38 @@ class SuperposedBuffers:
         """The state by name, as kernels/superposed_select.py takes it."""
         return {"ids": self.ids, "score": self.score, "nonempty": self.nonempty, "ctx": self.ctx, "pool": self.pool,
                 "meta": self.meta, "log_ids": self.log_ids, "log_tokens": self.log_tokens,
-                "log_scores": self.log_scores, "mix_ids": self.mix_ids, "mix_w": self.mix_w}
+                "log_scores": self.log_scores, "mix_ids": self.mix_ids, "mix_w": self.mix_w, "heal_at": self.heal_at}
 
     def state_tensors(self) -> list[torch.Tensor]:
         """What a step reads and writes (a graph's warm-ups are undone by copying these back)."""
         return [self.ids, self.score, self.nonempty, self.ctx, self.pool, self.meta, self.logits, self.log_ids,
-                self.log_tokens, self.log_scores, self.counts, self.mix_ids, self.mix_w]
+                self.log_tokens, self.log_scores, self.counts, self.mix_ids, self.mix_w, self.heal_at]
+
+    def heal_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static [rows, V] healing tables the steps read (filled by `stage_heal`)."""
+        found = self._heal_buffers.get(self.rows)
+        if found is None:
+            vocab, device = self.logits.shape[1], self.logits.device
+            found = self._heal_buffers[self.rows] = (torch.ones((self.rows, vocab), dtype=torch.bool, device=device),
+                                                     torch.zeros((self.rows, vocab), dtype=torch.bool, device=device))
+        return found
+
+    def stage_heal(self, rules: TokenRules, heal: bytes) -> bool:
+        """Load the healing tables for `heal`; False when it is too long for them."""
+        rows = heal_rows(heal)
+        if rows is None:
+            return False
+        masks, gain = heal_tables(rules, heal, rows)
+        self.rows = rows
+        table_masks, table_gain = self.heal_table()
+        table_masks.copy_(masks)
+        table_gain.copy_(gain)
+        return True
 
     @property
     def pack_size(self) -> int:
         k, m, t = self.k, self.m, self.max_t
-        return k * t + k + k + 9 + MAX_CHAIN * (k * t + m + k * m)
+        return k * t + k + k + k + META + MAX_CHAIN * (k * t + k * m + k * m)
 
     def stage_stream(self, index: NgramIndex | None) -> None:
         """The index's documents, most recently used first, -1 between them, up to STREAM tokens."""
@@ -233,9 +309,10 @@ class SuperposedBuffers:
         self.stream[ORDERS : ORDERS + length].copy_(self._stream_host[:length], non_blocking=True)
         self.stream_length = length
 
-    def stage(self, drafts: list[tuple[list[int], float, bool]], left: list[int], meta: dict[str, int]) -> None:
-        """Load live drafts (ids, score, has content) and the counters (`meta`: length, committed,
-        budget, position, slot, left, max_tokens, and the pool's scores), in two copies."""
+    def stage(self, drafts: list[tuple[list[int], float, bool, int]], left: list[int], meta: dict[str, int]) -> None:
+        """Load live drafts (ids, score, has content, healed bytes spelled) and the counters (`meta`:
+        length, committed, budget, position, slot, left, max_tokens, heal, and the pool's scores),
+        in two copies."""
         k, t = self.k, self.max_t
         host = self._state_host.numpy()
         if self._state_host.is_pinned():
@@ -243,29 +320,34 @@ class SuperposedBuffers:
         host[: k * t] = 0
         scores = self._score_host.numpy()
         scores[:] = -math.inf
-        ctx = host[k * t + 9 : k * t + 9 + k * ORDERS].reshape(k, ORDERS)
+        at = k * t + META
+        ctx = host[at : at + k * ORDERS].reshape(k, ORDERS)
         ctx[:] = NEVER
-        nonempty = host[k * t + 9 + k * ORDERS :]
+        nonempty = host[at + k * ORDERS : at + k * ORDERS + k]
         nonempty[:] = 0
-        for i, (ids, score, content) in enumerate(drafts[:k]):
+        heal_at = host[at + k * ORDERS + k :]
+        heal_at[:] = meta.get("heal", 0)
+        for i, (ids, score, content, spelled) in enumerate(drafts[:k]):
             host[i * t : i * t + len(ids)] = ids
             scores[i] = score
             nonempty[i] = content
+            heal_at[i] = spelled
             tail = (left + ids)[-ORDERS:]
             if tail:
                 ctx[i, ORDERS - len(tail) :] = tail
         for name, i in (("length", LENGTH), ("committed", COMMITTED), ("budget", BUDGET_AT), ("position", POSITION),
-                        ("slot", SLOT), ("left", LEFT), ("max_tokens", MAX_TOKENS)):
-            host[k * t + i] = meta[name]
+                        ("slot", SLOT), ("left", LEFT), ("max_tokens", MAX_TOKENS), ("heal", HEAL)):
+            host[k * t + i] = meta.get(name, 0)
         host[k * t + REASON] = RUNNING
         host[k * t + STEPS] = 0
         pool = meta.get("pool", [])
         scores[k : k + len(pool)] = pool[:k]
         state = self._state_host.to(self.ids.device, non_blocking=True)
         self.ids.copy_(state[: k * t].view(k, t))
-        self.meta.copy_(state[k * t : k * t + 9])
-        self.ctx.copy_(state[k * t + 9 : k * t + 9 + k * ORDERS].view(k, ORDERS))
-        self.nonempty.copy_(state[k * t + 9 + k * ORDERS :] > 0)
+        self.meta.copy_(state[k * t : at])
+        self.ctx.copy_(state[at : at + k * ORDERS].view(k, ORDERS))
+        self.nonempty.copy_(state[at + k * ORDERS : at + k * ORDERS + k] > 0)
+        self.heal_at.copy_(state[at + k * ORDERS + k :])
         both = self._score_host.to(self.ids.device, non_blocking=True)
         self.score.copy_(both[:k])
         self.pool.copy_(both[k:])
@@ -275,7 +357,7 @@ class SuperposedBuffers:
         """Queue the copy of the state and the chain's log to the host (the next ring slot)."""
         slot = self._next_pack = (self._next_pack + 1) % 2
         pack = self.pack[slot]
-        parts = [self.ids.flatten(), self.score, self.nonempty, self.meta, self.log_ids.flatten(),
+        parts = [self.ids.flatten(), self.score, self.nonempty, self.heal_at, self.meta, self.log_ids.flatten(),
                  self.log_tokens.flatten(), self.log_scores.flatten()]
         at = 0
         for part in parts:
@@ -304,17 +386,18 @@ class SuperposedBuffers:
             return v[at - n : at]
 
         ids = take(k * t).reshape(k, t).astype(np.int64)
-        score, nonempty, meta = take(k), take(k), take(9).astype(np.int64)
+        score, nonempty, heal_at, meta = take(k), take(k), take(k).astype(np.int64), take(META).astype(np.int64)
         log_ids = take(MAX_CHAIN * k * t).reshape(MAX_CHAIN, k, t).astype(np.int64)
-        log_tokens = take(MAX_CHAIN * m).reshape(MAX_CHAIN, m).astype(np.int64)
+        log_tokens = take(MAX_CHAIN * k * m).reshape(MAX_CHAIN, k, m).astype(np.int64)
         log_scores = take(MAX_CHAIN * k * m).reshape(MAX_CHAIN, k, m)
-        return {"ids": ids, "score": score.copy(), "nonempty": nonempty > 0, "meta": meta, "log_ids": log_ids,
+        return {"ids": ids, "score": score.copy(), "nonempty": nonempty > 0, "heal_at": heal_at, "meta": meta,
+                "log_ids": log_ids,
                 "log_tokens": log_tokens, "log_scores": log_scores.copy()}
 
 
 def ngram_probs(buf: SuperposedBuffers, cand: torch.Tensor, corpus: DeviceCorpus | None, lambdas: tuple[float, ...],
                 workspace_weight: float) -> torch.Tensor:
-    """[k, m] float64 p_ng of each draft's candidates (NgramMixture's, on the device)."""
+    """[k, m] float64 p_ng of each draft's candidates `cand` [k, m] (NgramMixture's, on the device)."""
     k, n = buf.k, buf.stream_length
     stream = buf.stream
     nxt = stream[ORDERS : ORDERS + n]  # the token at each position
@@ -327,12 +410,12 @@ def ngram_probs(buf: SuperposedBuffers, cand: torch.Tensor, corpus: DeviceCorpus
         run = eq if run is None else run & eq
         runs.append(run & valid)
     runs = torch.stack(runs).to(torch.float32)  # [ORDERS, k, n]
-    hits = (nxt[None, :] == cand[:, None]).to(torch.float32)  # [m, n]
+    hits = (nxt[None, None, :] == cand[:, :, None]).to(torch.float32)  # [k, m, n]
     totals = runs.sum(-1).double()  # [ORDERS, k]; counts < 2^24 add exactly in float32
-    grams = (runs @ hits.T).double()  # [ORDERS, k, m]
+    grams = torch.einsum("okn,kmn->okm", runs, hits).double()  # [ORDERS, k, m]
     seen = totals > 0
     workspace = grams / totals.clamp(min=1)[..., None]
-    out = torch.zeros((k, cand.shape[0]), dtype=torch.float64, device=cand.device)
+    out = torch.zeros((k, cand.shape[1]), dtype=torch.float64, device=cand.device)
     corpus_p = corpus_seen = None
     if corpus is not None and len(corpus.keys):
         keys = corpus_keys(buf.ctx, corpus.max_order)  # [k, ORDERS]
@@ -343,7 +426,7 @@ def ngram_probs(buf: SuperposedBuffers, cand: torch.Tensor, corpus: DeviceCorpus
         ids, counts = corpus.next_ids[at], corpus.counts[at]  # [k, ORDERS, top]
         total = (counts * (ids >= 0)).sum(-1)  # [k, ORDERS]
         corpus_seen = found & (total > 0)
-        match = (ids[:, :, None, :] == cand[None, None, :, None]) & (ids >= 0)[:, :, None, :]  # [k, O, m, top]
+        match = (ids[:, :, None, :] == cand[:, None, :, None]) & (ids >= 0)[:, :, None, :]  # [k, O, m, top]
         corpus_p = (match * counts[:, :, None, :]).sum(-1) / total.clamp(min=1)[..., None]  # [k, ORDERS, m]
     w = workspace_weight
     for c, lam in enumerate(lambdas[:ORDERS], start=1):
@@ -364,47 +447,59 @@ def advance(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | No
     update the pool, keep the best k, and write the next input (`embeds` [1, 1, hidden], the
     position and slot) — kernels/superposed_select.py on CUDA, `select_ref` and `next_input`
     elsewhere."""
-    summary = logit_summary(buf.logits / params.temperature, buf.m)
+    summary, cand, values, lse = candidates(buf, params.temperature)
     if buf.logits.is_cuda and _triton is not None:
-        superposed_select_triton(summary.values[0], summary.ids[0], summary.logsumexp, buf.counts, buf.stream,
-                                 buf.stream_length, corpus, rules, buf.tensors(), params, mixed, positions, slots)
+        masks, gain = buf.heal_table()
+        superposed_select_triton(values, cand, lse, buf.counts, buf.stream, buf.stream_length, corpus, rules, gain,
+                                 buf.tensors(), params, mixed, positions, slots)
         emb = embed(buf.mix_ids[None])  # [1, k, hidden]
         embeds.copy_((buf.mix_w.to(emb.dtype)[None, :, None] * emb).sum(1, keepdim=True))
     else:
-        select_ref(buf, rules, corpus, params, mixed, summary)
+        select_ref(buf, rules, corpus, params, mixed, cand, values, lse)
         next_input(buf, embed, params.weight_scale, embeds, positions, slots)
 
 
+def candidates(buf: SuperposedBuffers, temperature: float):
+    """(summary, [k, m] candidates, their logits / T, [1] log-sum-exp of logits / T): each draft's
+    top m of the logits under its healing row (all tokens once its healed text is spelled)."""
+    masks, _ = buf.heal_table()
+    rows = torch.where(masks, buf.logits / temperature, float("-inf"))  # [rows, V]
+    summary = logit_summary(rows, buf.m)
+    row = torch.where(buf.heal_at < buf.meta[HEAL], buf.heal_at, buf.rows - 1)  # [k]
+    return summary, summary.ids[row], summary.values[row], summary.logsumexp[buf.rows - 1 :]
+
+
 def select_ref(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | None, params, mixed: bool,
-               summary) -> None:
-    """The definition of a step's selection, in torch ops: `summary` is logit_summary of
-    `buf.logits / temperature` with the m top candidates."""
+               cand: torch.Tensor, values: torch.Tensor, lse: torch.Tensor) -> None:
+    """The definition of a step's selection, in torch ops: `cand` [k, m] each draft's top m
+    tokens (masked by its healing row), `values` their logits / T, `lse` [1] the log-sum-exp of
+    logits / T (`candidates`)."""
     k, m = buf.k, buf.m
     meta = buf.meta
     length, committed, budget = meta[LENGTH], meta[COMMITTED], meta[BUDGET_AT]
     running = meta[REASON] == RUNNING
-    cand = summary.ids[0]  # [m]
-    s = (summary.values[0] - summary.logsumexp).double()[None, :].expand(k, m)
+    s = (values - lse).double()  # [k, m]; -inf where a healing row allows fewer than m tokens
     if mixed:
-        p = ngram_probs(buf, cand, corpus, params.lambdas, params.workspace_weight)
+        p = torch.where(s > -math.inf, ngram_probs(buf, cand, corpus, params.lambdas, params.workspace_weight), 0.0)
         a = params.alpha
         s = torch.where((p > 0).any(-1, keepdim=True), (1 - a) * s + a * torch.log(p.clamp(min=params.ngram_floor)), s)
-    top = s.max(-1, keepdim=True).values
+    top = s.max(-1, keepdim=True).values.clamp(min=-1e300)  # a row of nothing allowed stays -inf
     norm = top + torch.log(torch.exp(s - top).sum(-1, keepdim=True))
     child = buf.score[:, None] + s - norm  # [k, m]; a dead draft's children stay -inf
     alive = child > -math.inf
-    cls = rules.finish_class[cand]  # [m]
-    stop = rules.is_stop[cand]
+    cls = rules.finish_class[cand]  # [k, m]
     at_limit = length + 1 >= meta[MAX_TOKENS]
-    finished = (cls >= 0)[None, :] | at_limit
+    finished = (cls >= 0) | at_limit
     # children of one draft that leave the same text are one: the best (the first on a tie)
-    same = (cls[:, None] == cls[None, :]) & (cls >= 0)[:, None]  # [m, m]
+    same = (cls[:, :, None] == cls[:, None, :]) & (cls >= 0)[:, :, None]  # [k, m, m]
     order = torch.arange(m, device=cand.device)
     first = (order[None, :] < order[:, None])[None]  # [1, m, m]: c' comes before c
     beaten = (child[:, None, :] > child[:, :, None]) | ((child[:, None, :] == child[:, :, None]) & first)
-    dup = (same[None] & beaten & ~torch.eye(m, dtype=torch.bool, device=cand.device)[None]).any(-1)  # [k, m]
-    gained = torch.where(cls >= 0, rules.content_before_end[cand], rules.content[cand]) & ~stop
-    nonempty = buf.nonempty[:, None] | gained[None, :]
+    dup = (same & beaten & ~torch.eye(m, dtype=torch.bool, device=cand.device)[None]).any(-1)  # [k, m]
+    _, gain = buf.heal_table()
+    row = torch.where(buf.heal_at < meta[HEAL], buf.heal_at, buf.rows - 1)  # [k]
+    gained = gain[row[:, None], cand]  # past the healed text, up to a line end
+    nonempty = buf.nonempty[:, None] | gained
     pooled = finished & alive & ~dup & nonempty
     pooled_scores = torch.where(pooled, child, -math.inf)
     pool = torch.cat((buf.pool, pooled_scores.flatten())).topk(k).values
@@ -412,10 +507,12 @@ def select_ref(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus |
     cont = torch.where(finished | ~alive, -math.inf, child).flatten()
     picked = torch.sort(cont, descending=True, stable=True).indices[:k]
     new_score = cont[picked]
-    parent, token = picked // m, cand[picked % m]
+    parent, token = picked // m, cand.flatten()[picked]
     new_ids = buf.ids[parent].scatter(1, length.expand(k, 1), token[:, None])
     new_nonempty = nonempty.flatten()[picked]
     new_ctx = torch.cat((buf.ctx[parent, 1:], token[:, None]), 1)
+    spelled = buf.heal_at[parent]
+    new_heal_at = torch.where(spelled < meta[HEAL], torch.clamp(spelled + rules.length[token], max=meta[HEAL]), spelled)
     live = new_score > -math.inf
     n_live = live.sum()
     now = length + 1
@@ -434,13 +531,14 @@ def select_ref(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus |
     step = meta[STEPS].clamp(max=MAX_CHAIN - 1)
     at = step[None]  # a one-element index: a 0-dim one would be read on the host
     buf.log_ids.index_copy_(0, at, torch.where(running, buf.ids, buf.log_ids.index_select(0, at)[0])[None])
-    buf.log_tokens.index_copy_(0, at, cand[None])
+    buf.log_tokens.index_copy_(0, at, cand[None])  # [k, m] per step
     buf.log_scores.index_copy_(0, at, torch.where(running, pooled_scores, -math.inf)[None])
     # nothing changes once a step has stopped the chain
     buf.ids.copy_(torch.where(running, new_ids, buf.ids))
     buf.score.copy_(torch.where(running, new_score, buf.score))
     buf.nonempty.copy_(torch.where(running, new_nonempty, buf.nonempty))
     buf.ctx.copy_(torch.where(running, new_ctx, buf.ctx))
+    buf.heal_at.copy_(torch.where(running, new_heal_at, buf.heal_at))
     buf.pool.copy_(torch.where(running, pool, buf.pool))
     update = torch.stack((now, committed, budget, reason, meta[STEPS] + 1))
     meta[:5].copy_(torch.where(running, update, meta[:5]))

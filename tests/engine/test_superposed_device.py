@@ -74,8 +74,8 @@ def _same(host, device):
     assert [d.text for d in device.drafts] == [d.text for d in host.drafts]
     assert [d.stop_reason for d in device.drafts] == [d.stop_reason for d in host.drafts]
     # the device takes log-probabilities from logit_summary, the host from log_softmax: at T = 0.06 the
-    # fp32 rounding of logits / T shows in the fifth decimal
-    assert [d.score for d in device.drafts] == pytest.approx([d.score for d in host.drafts], abs=1e-4)
+    # fp32 rounding of logits / T shows in the fifth decimal, and adds up over a draft's steps
+    assert [d.score for d in device.drafts] == pytest.approx([d.score for d in host.drafts], abs=2e-3)
 
 
 def _corpus_from(rng, vocab, n=3000):
@@ -113,14 +113,14 @@ def test_ngram_probs_are_the_host_mixture(seed):
     for _ in range(20):
         left = [rng.randrange(vocab) for _ in range(rng.randrange(0, 3))]
         length = rng.randrange(0, 5)
-        drafts = [([rng.randrange(vocab) for _ in range(length)], 0.0, True) for _ in range(k)]
+        drafts = [([rng.randrange(vocab) for _ in range(length)], 0.0, True, 0) for _ in range(k)]
         buf.stage(drafts, left, {"length": length, "committed": 0, "budget": 32, "position": 0, "slot": 0,
                                  "left": len(left), "max_tokens": 32})
         assert int(buf.meta[LENGTH]) == length and int(buf.meta[LEFT]) == len(left)
-        cand = torch.tensor(rng.sample(range(vocab), m))
+        cand = torch.tensor([rng.sample(range(vocab), m) for _ in range(k)])  # each draft its own
         got = ngram_probs(buf, cand, dc, params.lambdas, params.workspace_weight)
-        for i, (ids, _, _) in enumerate(drafts):
-            want = mixture((left + ids)[-ORDERS:], cand.tolist())
+        for i, (ids, _, _, _) in enumerate(drafts):
+            want = mixture((left + ids)[-ORDERS:], cand[i].tolist())
             assert got[i].tolist() == pytest.approx(want, abs=1e-12)
         seen += int((got > 0).sum())
     assert seen > 50  # not vacuous: most contexts were seen
@@ -248,7 +248,8 @@ def test_default_model_views_on_the_device(default, view):
         assert len(device.drafts) == 3 and static.superposed_chains > 0 and static.eager == 0
 
 
-def test_healing_steps_run_on_the_host_first(tiny):
+def test_healing_steps_run_on_the_device(tiny):
+    """Drafts still spelling out the healed text take their candidates from its healing rows."""
     tok, cfg = tiny.tokenizer, tiny.config
     text = "import os\nfor name in os.li"
     assert healed_left_to_right_ids(tok, cfg, text)[1]
@@ -259,9 +260,11 @@ def test_healing_steps_run_on_the_host_first(tiny):
         assert view.state().heal
         return view.state()
 
-    host, device, _ = _both(tiny, make, 3, StopRules(max_tokens=12, max_lines=1), SuperposedParams())
-    _same(host, device)
-    assert device.stats.device_steps > 0
+    host, device, _ = _both(tiny, make, 1, StopRules(max_tokens=12, max_lines=1), SuperposedParams())
+    _same(host, device)  # one draft: no text merges on the host, the drafts must be equal
+    # every forward but resets ran in a device chain, the first ones while spelling the healed text
+    assert device.stats.forwards == device.stats.steps + device.stats.resets
+    assert device.stats.device_steps >= device.stats.steps > 0
 
 
 def test_cancel_between_chains(tiny):

@@ -17,12 +17,12 @@ from engine.decoding.superposed_device import (
     RUNNING,
     SuperposedBuffers,
     TokenRules,
+    candidates,
     device_corpus,
     next_input,
     select_ref,
 )
 from engine.ngram import NgramTable
-from kernels.logit_summary import logit_summary
 from kernels.superposed_select import superposed_select_triton
 
 DEVICE = torch.device(KERNEL_DEVICE)
@@ -35,26 +35,33 @@ def _rules(rng: random.Random) -> TokenRules:
     finish = [0 if s else f for f, s in zip(finish, stop, strict=True)]
     content = [rng.random() < 0.7 for _ in range(VOCAB)]
     before = [c and rng.random() < 0.8 for c in content]
-    return TokenRules(torch.tensor(finish, device=DEVICE), torch.tensor(stop, device=DEVICE),
-                      torch.tensor(content, device=DEVICE), torch.tensor(before, device=DEVICE))
+    length = [rng.randrange(1, 4) for _ in range(VOCAB)]
+    gain = [(b if f >= 0 else c) and not s for f, s, c, b in zip(finish, stop, content, before, strict=True)]
+    return TokenRules(*(torch.tensor(v, device=DEVICE) for v in (finish, stop, content, before, length, gain)))
 
 
-def _state(rng: random.Random, k: int, m: int, index: NgramIndex) -> SuperposedBuffers:
+def _state(rng: random.Random, k: int, m: int, index: NgramIndex, heal: int) -> SuperposedBuffers:
+    """A random state; drafts may still be spelling `heal` healed bytes (random healing tables)."""
     buf = SuperposedBuffers(k, m, 32, VOCAB, DEVICE)
     buf.stage_stream(index)
+    buf.rows = 1 << heal.bit_length()
+    masks, gain = buf.heal_table()
+    masks.copy_(torch.rand(masks.shape, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) < 0.3)
+    masks[heal:] = True  # past the healed text every token is allowed
+    gain.copy_(torch.rand(gain.shape, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) < 0.5)
     length = rng.randrange(0, 20)
     max_tokens = rng.choice([length + 1, length + 2, 30])
     drafts = []
     for i in range(k):
         alive = i == 0 or rng.random() < 0.8
         drafts.append(([rng.randrange(VOCAB) for _ in range(length)], -rng.random() * 5 if alive else -math.inf,
-                       rng.random() < 0.5))
+                       rng.random() < 0.5, rng.randrange(0, heal + 1)))
     drafts.sort(key=lambda d: -d[1])
     pool = sorted((-rng.random() * 6 for _ in range(rng.randrange(0, k + 1))), reverse=True)
     left = [rng.randrange(VOCAB) for _ in range(rng.randrange(0, 4))]
     buf.stage(drafts, left, {"length": length, "committed": rng.randrange(0, length + 1),
                              "budget": rng.choice([max_tokens, max(length + 1, 2)]), "position": 7, "slot": 3,
-                             "left": len(left), "max_tokens": max_tokens, "pool": pool})
+                             "left": len(left), "max_tokens": max_tokens, "heal": heal, "pool": pool})
     buf.meta[4] = rng.randrange(0, 5)  # steps already run in this chain
     if rng.random() < 0.15:
         buf.meta[3] = rng.randrange(1, 5)  # a stopped chain: nothing may change but the log
@@ -81,17 +88,21 @@ def test_select_kernel_matches_definition(k, m, mixed, with_corpus):
     changed = 0
     for trial in range(12):
         rules = _rules(rng)
-        ref = _state(rng, k, m, index)
-        ker = _state(random.Random(0), k, m, index)
+        heal = rng.choice([0, 0, 1, 3, 6])
+        ref = _state(rng, k, m, index, heal)
+        ker = _state(random.Random(0), k, m, index, heal)
+        ker.rows = ref.rows
+        for a, b in zip(ker.heal_table(), ref.heal_table(), strict=True):
+            a.copy_(b)
         for a, b in zip(ker.state_tensors(), ref.state_tensors(), strict=True):
             a.copy_(b)
         before = [t.clone() for t in ref.state_tensors()]
-        summary = logit_summary(ref.logits / params.temperature, m)
-        select_ref(ref, rules, corpus, params, mixed, summary)
+        _, cand, values, lse = candidates(ref, params.temperature)
+        select_ref(ref, rules, corpus, params, mixed, cand, values, lse)
         positions, slots = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long,
                                                                                      device=DEVICE)
-        superposed_select_triton(summary.values[0], summary.ids[0], summary.logsumexp, ker.counts, ker.stream,
-                                 ker.stream_length, corpus, rules, ker.tensors(), params, mixed, positions, slots)
+        superposed_select_triton(values, cand, lse, ker.counts, ker.stream, ker.stream_length, corpus, rules,
+                                 ker.heal_table()[1], ker.tensors(), params, mixed, positions, slots)
         # the next input as next_input computes it from the state (a running step only)
         embeds, want_pos, want_slot = torch.zeros(1, 1, VOCAB, dtype=torch.float64, device=DEVICE), positions * 0, \
             slots * 0
@@ -100,7 +111,7 @@ def test_select_kernel_matches_definition(k, m, mixed, with_corpus):
         if int(before[5][3]) == RUNNING:
             mixed_in = torch.zeros(VOCAB, dtype=torch.float64, device=DEVICE).index_add_(0, ker.mix_ids, ker.mix_w)
             torch.testing.assert_close(mixed_in, embeds[0, 0], rtol=1e-12, atol=1e-12)
-        for name in ("ids", "nonempty", "ctx", "meta", "log_ids", "log_tokens", "counts"):
+        for name in ("ids", "nonempty", "ctx", "meta", "heal_at", "log_ids", "log_tokens", "counts"):
             assert torch.equal(getattr(ker, name), getattr(ref, name)), (trial, name)
         for name in ("score", "pool", "log_scores"):
             torch.testing.assert_close(getattr(ker, name), getattr(ref, name), rtol=1e-12, atol=1e-12,
@@ -125,13 +136,13 @@ def test_ngram_counts_kernel_counts_every_order():
     buf.stage_stream(index)
     ctx = [[NEVER] * (ORDERS - 2) + [1, 2], [rng.randrange(6) for _ in range(ORDERS)], [NEVER] * ORDERS]
     buf.ctx.copy_(torch.tensor(ctx))
-    cand = torch.tensor([0, 3, 5], device=DEVICE)
+    cand = torch.tensor([[0, 3, 5], [1, 2, 4], [0, 3, 5]], device=DEVICE)  # each draft its own
     _ngram_counts_kernel[(k, -(-buf.stream_length // 256))](buf.stream, buf.ctx, cand, buf.counts, buf.stream_length,
                                                              ORD=ORDERS, M=m, M_PAD=_pad(m), BLOCK=256)
     for i, row in enumerate(ctx):
         for c in range(1, ORDERS + 1):
             want = [p for p in range(c, len(tokens)) if tokens[p - c : p] == row[ORDERS - c :]]
             assert buf.counts[i, c - 1, 0] == len(want)
-            for j, x in enumerate(cand.tolist()):
+            for j, x in enumerate(cand[i].tolist()):
                 assert buf.counts[i, c - 1, 1 + j] == sum(tokens[p] == x for p in want)
     assert buf.counts[0, 1, 0] > 0  # the short context was seen
