@@ -9,16 +9,20 @@ ngram_counts   grid (draft, block of the workspace stream). For every stream pos
                first) and whether the token at p is each candidate; counts of contexts seen
                (the token at p exists) and of (context, candidate) n-grams are added per order
                into `counts` [k, 5, 1 + M_PAD] (int32 atomics; the select kernel zeroes them).
-select         one program. Per (draft, candidate): the candidate's log-probability, p_ng from
-               the counts and the corpus table (its context hash in wrapping int64 arithmetic, a
-               binary search over the sorted keys), the mixed score renormalised over the
-               draft's candidates, the child's score; which children finish (stop id, line end,
-               token limit), which of one draft's finished children leave the same text (the
-               best is kept), which add content. Then the pool's top k of itself and the pooled
-               children, the k best unfinished children in (draft, candidate) order (stable, as
-               torch.sort), their ids, contexts and content flags, the latency budget, the
-               reason a chain stops, the committed count, and the chain's log. Nothing changes
-               once the state's reason is not "running" except the log's candidates and scores.
+select         one program. Each draft has its own m candidates (the top tokens of its healing
+               row, engine/decoding/superposed_device.candidates). Per (draft, candidate): the
+               candidate's log-probability, p_ng from the counts and the corpus table (its
+               context hash in wrapping int64 arithmetic, a search over the sorted keys that
+               reads 32 at a time), the mixed score renormalised over the draft's candidates,
+               the child's score; which children finish (stop id, line end, token limit), which
+               of one draft's finished children leave the same text (the best is kept), which
+               add content past the healed text (a [rows, V] table). Then the pool's top k of
+               itself and the pooled children, the k best unfinished children in (draft,
+               candidate) order (stable, as torch.sort), their ids, contexts, content flags and
+               healed bytes spelled, the latency budget, the reason a chain stops, the
+               committed count, the chain's log, and the next input's ids and weights. Nothing
+               changes once the state's reason is not "running" except the log's candidates
+               and scores.
 
 All state is in device tensors (engine/decoding/superposed_device.SuperposedBuffers); nothing
 is read on the host, so both kernels sit in the step's CUDA graph. Scores are float64, as the

@@ -6,7 +6,9 @@ and sends the next weighted embedding, while the GPU idles. Here one step is dev
 in, device tensors out, so steps queue up behind each other (on CUDA one captured graph each,
 the forward included) and the host reads the drafts once per chain of steps:
 
-  logits [1, V] -> the top m tokens and their log-probabilities at the low temperature ->
+  logits [1, V] -> each draft's top m tokens under its healing row (token healing: one masked
+  row per byte offset into the healed text, `heal_tables`; a draft past it takes the unmasked
+  last row) and their log-probabilities at the low temperature ->
   p_ng of each (draft, token): counts over the workspace's token stream (each draft's last
   1..5 tokens against every position of the stream) and the shipped corpus table (the context
   hash computed on the device, one binary search) -> the mixed scores, renormalised over the m
@@ -19,14 +21,14 @@ CUDA `advance` runs kernels/superposed_select.py instead (two Triton programs in
 small kernels; tests/kernels/test_superposed_select.py holds them to the definition).
 
 It computes what the host loop computes (tests/engine/test_superposed_device.py holds the
-drafts equal), with three differences in what it sees:
+drafts equal), with two differences in what it sees:
   - the line rule is per token: a token that holds a newline ends its draft (max_lines 1),
     and children of one draft that end in the same text are one (the best kept). Two drafts
     of equal text from different tokenizations are not merged on the device; the host merges
     them when it builds the returned pool, so at worst decoding runs a step longer;
   - the workspace stream holds the index's documents, most recently used first, up to
-    STREAM tokens (the host index may hold more: past that, counts differ);
-  - steps that still spell out healed bytes (a mask per draft) run on the host first.
+    STREAM tokens (the host index may hold more: past that, counts differ).
+Healed text longer than MAX_HEAL_ROWS - 1 bytes leaves the request to the host loop.
 Resets (re-encoding the best draft after `reset_every` superposed steps), cancellation and
 building the returned drafts' text stay on the host, between chains.
 """
