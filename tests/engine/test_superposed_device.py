@@ -306,3 +306,29 @@ def test_device_chains_replay_graphs():
     _same(out[0], out[1])
     _same(out[0], out[2])
     assert graphs.superposed_chains > 0 and graphs.replays > graphs.captures
+
+
+def test_heal_tables_rows(default):
+    """One masked row per byte offset into the healed text (the healer's allowed tokens), every
+    token allowed past it; a token adds content only past the healed bytes; 32 bytes and more
+    leave the request to the host loop."""
+    from engine.decoding.superposed_device import heal_rows, heal_tables
+    from engine.healing import healer_for
+
+    tok = default.tokenizer
+    rules = token_rules(tok, frozenset(tok.stop_ids), 1, default.config.vocab_size, torch.device("cpu"))
+    healer = healer_for(tok)
+    heal = b"    ret"
+    rows = heal_rows(heal)
+    assert rows == 8 and heal_rows(b" " * 31) == 32 and heal_rows(b" " * 32) is None
+    masks, gain = heal_tables(rules, heal, rows)
+    for o in range(len(heal)):
+        assert set(torch.nonzero(masks[o]).flatten().tolist()) == set(healer.allowed(heal[o:]))
+    assert masks[len(heal) :].all() and torch.equal(gain[-1], rules.gain)
+    by_bytes = {b: t for t, b in healer.token_bytes.items()}
+    spaces, ret, word = by_bytes[b"    "], by_bytes[b"ret"], by_bytes[b"return"]
+    assert masks[0, spaces] and not gain[0, spaces]  # spells healed bytes only
+    assert masks[4, ret] and not gain[4, ret] and masks[4, word] and gain[4, word]  # "urn" is past them
+    assert not masks[0, word] and not masks[5, ret]
+    buf = SuperposedBuffers(3, 3, 16, default.config.vocab_size, torch.device("cpu"))
+    assert not buf.stage_heal(rules, b" " * 40) and buf.stage_heal(rules, heal) and buf.rows == 8
