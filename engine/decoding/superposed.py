@@ -30,7 +30,9 @@ The contract is engine.generate.decode's: StopRules (stop ids, line limit, max t
 `state.heal`, which is cut from its text). Embedding scaling: the mixture goes through
 `Transformer.embed`, the one place a family that scales embeddings would do it; the sum is
 linear, so scaling each E_i or the sum is the same. The families we load scale nothing.
-Knows nothing about documents or LSP: a DecodeState in, drafts out.
+Where the model's static forward serves the state (CUDA graphs: the server's views), the steps
+run in chains on the device instead (engine.decoding.superposed_device, `device_steps` per host
+read), with the same drafts. Knows nothing about documents or LSP: a DecodeState in, drafts out.
 """
 
 from __future__ import annotations
