@@ -460,14 +460,8 @@ class StaticForward:
             key = ("superposed", base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, buf.k, buf.m,
                    buf.max_t, buf.stream_length, buf.rows, id(rules), id(corpus), params, mixed)
             self._superposed_refs[id(rules)], self._superposed_refs[id(corpus)] = rules, corpus
-            # the warm-ups advance the drafts: put every state tensor back before the replays
-            saved = None
-            if key not in self._graphs:
-                saved = [t.clone() for t in buf.state_tensors()]
-            graph, _ = self._capture(key, step, warmups=2)
-            if saved is not None:
-                for t, v in zip(buf.state_tensors(), saved, strict=True):
-                    t.copy_(v)
+            # the warm-ups advance the drafts
+            graph, _ = self._capture(key, step, warmups=2, restore=buf.state_tensors())
         for _ in range(steps):
             if graph is not None:
                 graph.replay()
@@ -481,12 +475,9 @@ class StaticForward:
 
     def _lookup_graph(self, base: KVCache, bucket: int, width: int) -> torch.cuda.CUDAGraph:
         key = ("lookup", base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width)
-        # the warm-up runs advance the chain state: put it back before the first replay (what
-        # they wrote past it — K/V, buffer tokens, kept ids — the replays overwrite)
-        start = self._spec.clone() if key not in self._graphs else None
-        graph, _ = self._capture(key, lambda: self._lookup_step(base, bucket, width), warmups=2)
-        if start is not None:
-            self._spec.copy_(start)
+        # the warm-up runs advance the chain state (what they wrote past it — K/V, buffer tokens,
+        # kept ids — the replays overwrite)
+        graph, _ = self._capture(key, lambda: self._lookup_step(base, bucket, width), warmups=2, restore=[self._spec])
         return graph
 
     @torch.inference_mode()
@@ -532,12 +523,16 @@ class StaticForward:
         self._captured_shapes.add(shape)
         return found
 
-    def _capture(self, key: tuple, run, warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+    def _capture(self, key: tuple, run, warmups: int,
+                 restore: Sequence[torch.Tensor] = ()) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
         """The graph of `run` (with what its capture returned) under `key`: from the cache, or
-        captured after `warmups` runs on a side stream; the least recently used go first."""
+        captured after `warmups` runs on a side stream; the least recently used go first.
+        `restore`: state `run` advances, put back as it was before the warm-ups, so that the
+        first replay starts where they did."""
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
+        saved = [t.clone() for t in restore]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -549,6 +544,8 @@ class StaticForward:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = run()
+        for tensor, value in zip(restore, saved, strict=True):
+            tensor.copy_(value)
         self._graphs[key] = (graph, out)
         self.captures += 1
         while len(self._graphs) > self.max_graphs:
