@@ -136,6 +136,43 @@ def visibility(write: KVCache, write_at: int, count: int,
     return base, [at, prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start, sink_end, sink_shift]
 
 
+class Readback:
+    """Device results to the host in one copy each: packed into one float64 device buffer, then
+    copied to the next of a ring of pinned host buffers, so that one batch can land while the
+    host reads the one before. `send` queues (nothing waits for the GPU on CUDA); `receive`
+    waits for that copy only."""
+
+    def __init__(self, size: int, ring: int, device: torch.device) -> None:
+        self._pack = torch.zeros(size, dtype=torch.float64, device=device)
+        self._host = torch.zeros((ring, size), dtype=torch.float64, pin_memory=device.type == "cuda")
+        self._next = 0
+
+    def send(self, parts: Sequence[torch.Tensor]) -> tuple[int, torch.cuda.Event | None]:
+        """Queue the copy of `parts` (flattened, in order, filling the buffer); the ticket."""
+        at = 0
+        for part in parts:
+            n = part.numel()
+            self._pack[at : at + n].copy_(part.flatten())
+            at += n
+        if at != self._pack.numel():
+            raise ValueError(f"parts hold {at} values, the buffer {self._pack.numel()}")
+        slot = self._next = (self._next + 1) % len(self._host)
+        self._host[slot].copy_(self._pack, non_blocking=True)
+        event = None
+        if self._pack.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return slot, event
+
+    def receive(self, ticket: tuple[int, torch.cuda.Event | None]) -> np.ndarray:
+        """Wait for a sent batch; its values (a view of the host buffer, valid until the ring
+        comes round to it again)."""
+        slot, event = ticket
+        if event is not None:
+            event.synchronize()
+        return self._host[slot].numpy()
+
+
 @dataclass
 class LookupRun:
     """Chains staged by `StaticForward.lookup_start`: the buffer, the graph, the iterations left."""
@@ -149,11 +186,10 @@ class LookupRun:
 
 @dataclass(frozen=True)
 class LookupTicket:
-    """A queued chain (`StaticForward.lookup_enqueue`): where its results land, and when."""
+    """A queued chain (`StaticForward.lookup_enqueue`): its readback ticket and its length."""
 
-    slot: int
+    readback: tuple[int, torch.cuda.Event | None]
     steps: int
-    event: torch.cuda.Event | None
 
 
 class StaticForward:
@@ -209,12 +245,8 @@ class StaticForward:
         self._kept = torch.zeros((2, MAX_CHAIN * 16 + 17), dtype=torch.float64, device=dev)  # width <= 16
         self._accepts = torch.zeros(MAX_CHAIN, dtype=torch.long, device=dev)
         self._per_chain = torch.tensor([3, 5], device=dev)  # state entries a chain restarts from 0
-        # each chain's results leave in one copy: kept ids and log-probs, accepts, the count; to
-        # one of a few pinned host buffers, so that one chain's copy can land while another's is read
-        pack = 2 * self._kept.shape[1] + MAX_CHAIN + 1
-        self._pack = torch.zeros(pack, dtype=torch.float64, device=dev)
-        self._pack_host = torch.zeros((3, pack), dtype=torch.float64, pin_memory=dev.type == "cuda")
-        self._next_host = 0
+        # each chain's results leave in one copy: kept ids and log-probs, accepts, the count
+        self._readback = Readback(2 * self._kept.shape[1] + MAX_CHAIN + 1, 3, dev)
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
         self._captured_shapes: set[tuple] = set()
@@ -388,26 +420,12 @@ class StaticForward:
                 self.replays += 1
             else:
                 self._lookup_step(run.base, run.bucket, run.width)
-        kept = self._kept.shape[1]
-        pack = self._pack
-        pack[: 2 * kept].copy_(self._kept.flatten())
-        pack[2 * kept : 2 * kept + MAX_CHAIN].copy_(self._accepts)
-        pack[-1:].copy_(self._spec[3:4])
-        slot = self._next_host = (self._next_host + 1) % len(self._pack_host)
-        host = self._pack_host[slot]
-        host.copy_(pack, non_blocking=True)
-        event = None
-        if pack.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        return LookupTicket(slot, steps, event)
+        return LookupTicket(self._readback.send([self._kept, self._accepts, self._spec[3:4]]), steps)
 
     def lookup_collect(self, ticket: LookupTicket) -> tuple[list[int], list[float], list[int]]:
         """Wait for a queued chain; (kept ids, their log-probabilities, drafts accepted per
         iteration), as `lookup_chain` returns them."""
-        if ticket.event is not None:
-            ticket.event.synchronize()
-        packed = self._pack_host[ticket.slot].tolist()
+        packed = self._readback.receive(ticket.readback).tolist()
         kept = self._kept.shape[1]
         count = int(packed[-1])
         return ([int(t) for t in packed[:count]], packed[kept : kept + count],

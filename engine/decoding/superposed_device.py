@@ -44,6 +44,7 @@ import torch
 from engine.decoding.ngram_index import NgramIndex
 from engine.healing import healer_for
 from engine.ngram import NgramTable
+from engine.static_decode import Readback
 from kernels.logit_summary import logit_summary
 from kernels.superposed_select import counts_buffer, superposed_select_triton
 from kernels.superposed_select import triton as _triton
@@ -244,10 +245,8 @@ class SuperposedBuffers:
         self.counts = counts_buffer(k, m, device)  # the select kernel's n-gram counts (kept zeroed)
         self.mix_ids = torch.zeros(k, dtype=torch.long, device=device)  # the select kernel's next input
         self.mix_w = torch.zeros(k, dtype=torch.float64, device=device)
-        # a ring of two result buffers: one chain's copy lands while the host reads the one before
-        self.pack = torch.zeros((2, self.pack_size), dtype=torch.float64, device=device)
-        self.pack_host = torch.zeros((2, self.pack_size), dtype=torch.float64, pin_memory=pinned)
-        self._next_pack = 0
+        # a ring of two: one chain's results land while the host reads the one before
+        self._readback = Readback(self.pack_size, 2, device)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state by name, as kernels/superposed_select.py takes it."""
@@ -356,29 +355,13 @@ class SuperposedBuffers:
         self.log_scores.fill_(-math.inf)
 
     def enqueue_read(self) -> tuple[int, torch.cuda.Event | None]:
-        """Queue the copy of the state and the chain's log to the host (the next ring slot)."""
-        slot = self._next_pack = (self._next_pack + 1) % 2
-        pack = self.pack[slot]
-        parts = [self.ids.flatten(), self.score, self.nonempty, self.heal_at, self.meta, self.log_ids.flatten(),
-                 self.log_tokens.flatten(), self.log_scores.flatten()]
-        at = 0
-        for part in parts:
-            n = part.numel()
-            pack[at : at + n].copy_(part)
-            at += n
-        self.pack_host[slot].copy_(pack, non_blocking=True)
-        if pack.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-            return slot, event
-        return slot, None
+        """Queue the copy of the state and the chain's log to the host."""
+        return self._readback.send([self.ids, self.score, self.nonempty, self.heal_at, self.meta, self.log_ids,
+                                    self.log_tokens, self.log_scores])
 
     def collect(self, ticket: tuple[int, torch.cuda.Event | None]) -> dict:
         """Wait for `enqueue_read`'s copy; the state as Python values."""
-        slot, event = ticket
-        if event is not None:
-            event.synchronize()
-        v = self.pack_host[slot].numpy()
+        v = self._readback.receive(ticket)
         k, m, t = self.k, self.m, self.max_t
         at = 0
 
@@ -393,8 +376,7 @@ class SuperposedBuffers:
         log_tokens = take(MAX_CHAIN * k * m).reshape(MAX_CHAIN, k, m).astype(np.int64)
         log_scores = take(MAX_CHAIN * k * m).reshape(MAX_CHAIN, k, m)
         return {"ids": ids, "score": score.copy(), "nonempty": nonempty > 0, "heal_at": heal_at, "meta": meta,
-                "log_ids": log_ids,
-                "log_tokens": log_tokens, "log_scores": log_scores.copy()}
+                "log_ids": log_ids, "log_tokens": log_tokens, "log_scores": log_scores.copy()}
 
 
 def ngram_probs(buf: SuperposedBuffers, cand: torch.Tensor, corpus: DeviceCorpus | None, lambdas: tuple[float, ...],
