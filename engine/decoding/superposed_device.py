@@ -431,9 +431,9 @@ def advance(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | No
     update the pool, keep the best k, and write the next input (`embeds` [1, 1, hidden], the
     position and slot) — kernels/superposed_select.py on CUDA, `select_ref` and `next_input`
     elsewhere."""
-    summary, cand, values, lse = candidates(buf, params.temperature)
+    cand, values, lse = candidates(buf, params.temperature)
     if buf.logits.is_cuda and _triton is not None:
-        masks, gain = buf.heal_table()
+        _, gain = buf.heal_table()
         superposed_select_triton(values, cand, lse, buf.counts, buf.stream, buf.stream_length, corpus, rules, gain,
                                  buf.tensors(), params, mixed, positions, slots)
         emb = embed(buf.mix_ids[None])  # [1, k, hidden]
@@ -443,14 +443,14 @@ def advance(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | No
         next_input(buf, embed, params.weight_scale, embeds, positions, slots)
 
 
-def candidates(buf: SuperposedBuffers, temperature: float):
-    """(summary, [k, m] candidates, their logits / T, [1] log-sum-exp of logits / T): each draft's
+def candidates(buf: SuperposedBuffers, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([k, m] candidates, their logits / T, [1] log-sum-exp of logits / T): each draft's
     top m of the logits under its healing row (all tokens once its healed text is spelled)."""
     masks, _ = buf.heal_table()
     rows = torch.where(masks, buf.logits / temperature, float("-inf"))  # [rows, V]
     summary = logit_summary(rows, buf.m)
     row = torch.where(buf.heal_at < buf.meta[HEAL], buf.heal_at, buf.rows - 1)  # [k]
-    return summary, summary.ids[row], summary.values[row], summary.logsumexp[buf.rows - 1 :]
+    return summary.ids[row], summary.values[row], summary.logsumexp[buf.rows - 1 :]
 
 
 def select_ref(buf: SuperposedBuffers, rules: TokenRules, corpus: DeviceCorpus | None, params, mixed: bool,

@@ -97,7 +97,7 @@ def test_select_kernel_matches_definition(k, m, mixed, with_corpus):
         for a, b in zip(ker.state_tensors(), ref.state_tensors(), strict=True):
             a.copy_(b)
         before = [t.clone() for t in ref.state_tensors()]
-        _, cand, values, lse = candidates(ref, params.temperature)
+        cand, values, lse = candidates(ref, params.temperature)
         select_ref(ref, rules, corpus, params, mixed, cand, values, lse)
         positions, slots = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long,
                                                                                      device=DEVICE)
