@@ -146,6 +146,8 @@ def _run_method(method: str, state: DecodeState, k: int, rules: StopRules, index
     if method == "greedy":
         return run_greedy(state, rules)
     tuned = {"top_tokens": args.top_tokens, "finish_ratio": args.finish_ratio or None}
+    if args.temperature is not None:
+        tuned["temperature"] = args.temperature
     if method == "superposed":
         return run_superposed(state, k, rules, index, corpus, SuperposedParams(**tuned))
     if method == "superposed-host":  # every step scored on the host (the device chains' baseline)
@@ -186,6 +188,8 @@ def main() -> None:
     p.add_argument("--subset", type=int, default=None, help="a fixed subset of N targets spread over the data")
     p.add_argument("--offset", type=int, default=0, help="the subset starts at this target (another subset: tuning)")
     p.add_argument("--top-tokens", type=int, default=None, help="superposed: extensions per draft (default k)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="superposed: the model distribution's temperature (default SuperposedParams')")
     p.add_argument("--finish-ratio", type=float, default=1.5,
                    help="superposed: latency budget after the first finished draft (0: until k finish)")
     p.add_argument("--view", choices=("fim", "l2r"), default="fim")
