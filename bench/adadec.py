@@ -43,17 +43,14 @@ import torch
 from common import (
     edit_similarity,
     exact_match,
-    iter_targets,
     load_records,
     machine,
     parser,
-    spread,
     table,
     write_json,
 )
-from default_model import _prompt
+from default_model import build_cases, build_prompt
 
-from edit_cache.positions import line_starts
 from engine.decoding.adadec import AdaDecConfig, adadec_decode
 from engine.decoding.beam import beam_search
 from engine.generate import Completion, DecodeState, StopRules, decode, prefill
@@ -113,22 +110,9 @@ def summarize(name: str, results: list[Completion]) -> dict:
 
 # --- realedits ----------------------------------------------------------------------------
 
-def realedits_cases(records, subset: int | None, offset: int, limit: int | None):
-    pairs = spread(list(iter_targets(records)), subset, offset)
-    pairs = pairs[:limit] if limit is not None else pairs
-    cases = []
-    for rec, target in pairs:
-        text = rec["after"]
-        starts = line_starts(text)
-        cursor = starts[target["line"]] + len(target["prefix"])
-        nxt = starts[target["line"] + 1] if target["line"] + 1 < len(starts) else len(text)
-        cases.append((rec, target, text[:cursor], text[nxt:]))
-    return cases
-
-
 def bench_realedits(args, loaded, methods) -> dict:
     tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
-    cases = realedits_cases(load_records(args.data), args.subset, args.offset, args.limit)
+    cases = build_cases(load_records(args.data), args.subset, args.limit, args.offset)
     rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
     print(f"realedits: {len(cases)} targets (subset {args.subset}, offset {args.offset}), views {args.views}, "
           f"{machine(args.device)}", flush=True)
@@ -137,7 +121,7 @@ def bench_realedits(args, loaded, methods) -> dict:
         per_method: dict[str, list[Completion]] = {name: [] for name in methods}
         prefill_ms = []
         for i, (_rec, _target, prefix, suffix) in enumerate(cases):
-            prompt, heal = _prompt(tok, cfg, prefix, suffix, view, args.max_prefix_tokens, args.max_suffix_tokens)
+            prompt, heal = build_prompt(tok, cfg, prefix, suffix, view, args.max_prefix_tokens, args.max_suffix_tokens)
             t0 = time.perf_counter()
             state = DecodeState.from_prompt(model, tok, prompt, heal=heal, max_new_tokens=args.max_tokens)
             prefill_ms.append(1000 * (time.perf_counter() - t0))

@@ -60,7 +60,7 @@ def build_cases(records, subset: int | None, limit: int | None, offset: int = 0)
     return cases
 
 
-def _prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int, max_suffix: int):
+def build_prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int, max_suffix: int):
     """(prompt ids, healed bytes): the prefix's last max_prefix tokens, the suffix's first max_suffix."""
     head = doc_start_ids(tok, cfg)
     pre, heal = healer_for(tok).split(tok.encode(prefix)[-max_prefix:])
@@ -74,7 +74,7 @@ def model_predictions(loaded, cases, view, args) -> list[tuple[str, float]]:
     rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
     out = []
     for _rec, _target, prefix, suffix in cases:
-        prompt, heal = _prompt(tok, cfg, prefix, suffix, view, args.max_prefix_tokens, args.max_suffix_tokens)
+        prompt, heal = build_prompt(tok, cfg, prefix, suffix, view, args.max_prefix_tokens, args.max_suffix_tokens)
         sync(loaded.device)
         t0 = time.perf_counter()
         cache = model.new_cache(len(prompt))

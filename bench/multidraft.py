@@ -48,7 +48,7 @@ from common import (
     table,
     write_json,
 )
-from default_model import build_cases
+from default_model import build_cases, build_prompt
 
 from edit_cache.document import Document
 from edit_cache.tokens import TokenEdit
@@ -60,7 +60,7 @@ from engine.generate import DecodeState, DecodeStats, StopRules, decode
 from engine.healing import healer_for
 from engine.loading import DEFAULT_MODEL_DIR, load_model
 from engine.ngram import NgramTable
-from engine.prompting import doc_start_ids, fim_layout
+from engine.prompting import doc_start_ids
 from engine.sampling import SamplingParams
 
 
@@ -72,15 +72,6 @@ class Run:
     ms: float
     forwards: int
     extra: dict = field(default_factory=dict)
-
-
-def build_prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int, max_suffix: int):
-    """(prompt ids, healed bytes), as bench/default_model.py builds them."""
-    head = doc_start_ids(tok, cfg)
-    pre, heal = healer_for(tok).split(tok.encode(prefix)[-max_prefix:])
-    if view == "l2r":
-        return head + pre, heal
-    return fim_layout(tok, cfg, pre, tok.encode(suffix)[:max_suffix]), heal
 
 
 def run_greedy(state: DecodeState, rules: StopRules) -> Run:
