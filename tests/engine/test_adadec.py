@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import make_checkpoint
 
 from edit_cache.document import Document
 from edit_cache.views import fill_in_middle, left_to_right
@@ -26,11 +25,6 @@ from engine.generate import DecodeState, StopRules, decode, prefill
 from engine.healing import healer_for
 from engine.loading import DEFAULT_MODEL_DIR, load_model
 from engine.prompting import doc_start_ids, healed_left_to_right_ids, left_to_right_ids
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_model(make_checkpoint(tmp_path_factory.mktemp("m"), "llama"))
 
 
 def _state(loaded, prefix, *, heal=True, max_new_tokens=16):

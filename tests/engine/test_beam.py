@@ -4,19 +4,12 @@ import math
 
 import pytest
 import torch
-from helpers import make_checkpoint
 
 from engine.decoding.beam import beam_search
 from engine.generate import DecodeState, StopRules, decode, prefill
-from engine.loading import load_model
 from engine.prompting import healed_left_to_right_ids, left_to_right_ids
 
 PREFIXES = ["def add(a, b):\n", "for name in os.li", "class Point:\n    def __init__(self, x, y):\n        self."]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_model(make_checkpoint(tmp_path_factory.mktemp("m"), "llama"))
 
 
 def _state(loaded, prefix, *, heal=False, max_new_tokens=16):

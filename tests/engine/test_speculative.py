@@ -33,15 +33,6 @@ from engine.static_decode import StaticForward
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "realedits" / "dev.jsonl.gz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared; one thread keeps these runs from starving other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _check_counters(out) -> SpecCounters:
     """Acceptance accounting: every chosen token is the first, an accepted draft, a bonus or a
     chained one."""

@@ -6,7 +6,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from helpers import make_checkpoint
 
 from edit_cache.document import Document
 from edit_cache.tokens import TokenEdit, TokenizedText
@@ -29,27 +28,6 @@ from engine.tokenizer import Tokenizer
 
 GREEDY = SuperposedParams(alpha=0.0, keep_empty=True)
 PROMPTS = ["def add(a, b):\n", "import os\nfor name in", "class Point:\n    def __init__(self, x, y):\n        self."]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-1 decode steps are too small to split; on a busy machine extra threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_model(make_checkpoint(tmp_path_factory.mktemp("m"), "llama"))
-
-
-@pytest.fixture(scope="module")
-def default():
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        pytest.skip("no default model")
-    return load_model(None)
 
 
 def _state(loaded, prefix, *, heal=True, max_new_tokens=32):

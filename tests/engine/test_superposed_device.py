@@ -5,7 +5,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import make_checkpoint
 
 from edit_cache.document import Document
 from edit_cache.views import fill_in_middle, left_to_right
@@ -29,26 +28,6 @@ from engine.static_decode import StaticForward
 
 HOST = 0  # SuperposedParams.device_steps that keeps every step on the host
 PROMPTS = ["def add(a, b):\n", "import os\nfor name in", "class Point:\n    def __init__(self, x, y):\n        self."]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_model(make_checkpoint(tmp_path_factory.mktemp("m"), "llama"))
-
-
-@pytest.fixture(scope="module")
-def default():
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        pytest.skip("no default model")
-    return load_model(None)
 
 
 def _both(loaded, make_state, k, rules, params, **kwargs):

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import make_checkpoint
 
 from edit_cache.positions import line_starts, to_position
@@ -22,14 +21,6 @@ from lsp_server.backend import CompletionRequest, DecodingOptions, ModelBackend
 from lsp_server.settings import Settings
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "realedits" / "dev.jsonl.gz"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
