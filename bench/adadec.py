@@ -50,14 +50,13 @@ from common import (
     write_json,
 )
 from default_model import build_cases, build_prompt
-
-from engine.decoding.adadec import AdaDecConfig, adadec_decode
-from engine.decoding.beam import beam_search
-from engine.generate import Completion, DecodeState, StopRules, decode, prefill
-from engine.healing import healer_for
-from engine.loading import DEFAULT_MODEL_DIR, load_model
-from engine.model import Span
-from engine.prompting import doc_start_ids
+from editkv.engine.decoding.adadec import AdaDecConfig, adadec_decode
+from editkv.engine.decoding.beam import beam_search
+from editkv.engine.generate import Completion, DecodeState, StopRules, decode, prefill
+from editkv.engine.healing import healer_for
+from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
+from editkv.engine.model import Span
+from editkv.engine.prompting import doc_start_ids
 
 # --- methods ------------------------------------------------------------------------------
 
@@ -162,8 +161,8 @@ def bench_tokens(args, loaded, methods) -> dict:
     """
     import random
 
-    from engine.calibrate import entropy, python_files
-    from engine.decoding.adadec import Lookahead
+    from editkv.engine.calibrate import entropy, python_files
+    from editkv.engine.decoding.adadec import Lookahead
 
     tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
     files = python_files(args.code)

@@ -32,14 +32,13 @@ from common import (
     table,
     write_json,
 )
-
-from edit_cache.positions import line_starts
-from engine.generate import StopRules, decode, prefill
-from engine.healing import healer_for
-from engine.loading import DEFAULT_MODEL_DIR, load_model
-from engine.model import Span
-from engine.ngram import NgramTable
-from engine.prompting import doc_start_ids, fim_layout
+from editkv.edit_cache.positions import line_starts
+from editkv.engine.generate import StopRules, decode, prefill
+from editkv.engine.healing import healer_for
+from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
+from editkv.engine.model import Span
+from editkv.engine.ngram import NgramTable
+from editkv.engine.prompting import doc_start_ids, fim_layout
 
 NGRAM_FILE = "ngram.npz"
 

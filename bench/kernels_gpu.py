@@ -22,10 +22,9 @@ from functools import partial
 
 import torch
 from common import machine, parser, table, write_json
-
-from engine.calibrate import entropy
-from engine.static_decode import SOURCE
-from kernels.fused import (
+from editkv.engine.calibrate import entropy
+from editkv.engine.static_decode import SOURCE
+from editkv.kernels.fused import (
     add_rms_norm_ref,
     add_rms_norm_triton,
     rope_write_ref,
@@ -33,10 +32,10 @@ from kernels.fused import (
     silu_mul_ref,
     silu_mul_triton,
 )
-from kernels.logit_summary import logit_summary_ref, logit_summary_triton
-from kernels.lookup_draft import MAX_MATCH, accept_ref, accept_triton, draft_ref, draft_triton
-from kernels.rerotate import move_rerotate_ref, move_rerotate_triton
-from kernels.span_attention import span_attention_ref, span_attention_triton
+from editkv.kernels.logit_summary import logit_summary_ref, logit_summary_triton
+from editkv.kernels.lookup_draft import MAX_MATCH, accept_ref, accept_triton, draft_ref, draft_triton
+from editkv.kernels.rerotate import move_rerotate_ref, move_rerotate_triton
+from editkv.kernels.span_attention import span_attention_ref, span_attention_triton
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, head dim, vocab, layers
     "qwen-1.5b": (1536, 8960, 12, 2, 128, 151936, 28),

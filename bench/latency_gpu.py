@@ -37,14 +37,13 @@ import time
 
 import torch
 from common import load_records, machine, parser, sync, table, write_json
-
-from edit_cache.document import Document
-from edit_cache.positions import Range, to_position
-from edit_cache.views import fill_in_middle
-from engine.generate import StopRules
-from engine.loading import DEFAULT_MODEL_DIR, load_model, model_from_weights
-from engine.model import Span
-from engine.prompting import doc_start_ids
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.positions import Range, to_position
+from editkv.edit_cache.views import fill_in_middle
+from editkv.engine.generate import StopRules
+from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model, model_from_weights
+from editkv.engine.model import Span
+from editkv.engine.prompting import doc_start_ids
 
 SHAPES = {
     "qwen-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -199,7 +198,7 @@ def _events(doc_text: str, record: dict, rng: random.Random, count: int):
 
 
 def _range(e):
-    from edit_cache.positions import Position
+    from editkv.edit_cache.positions import Position
 
     s, t = e["range"]["start"], e["range"]["end"]
     return Range(Position(s["line"], s["character"]), Position(t["line"], t["character"]))

@@ -23,9 +23,8 @@ import sys
 import time
 
 from common import load_records, machine, parser, table, write_json
-
-from lsp_server.lsp_client import LspClient, LspError, server_command, server_env
-from lsp_server.replay import record_session, summarize, type_session
+from editkv.lsp_server.lsp_client import LspClient, LspError, server_command, server_env
+from editkv.lsp_server.replay import record_session, summarize, type_session
 
 
 def _args():

@@ -49,19 +49,18 @@ from common import (
     write_json,
 )
 from default_model import build_cases, build_prompt
-
-from edit_cache.document import Document
-from edit_cache.tokens import TokenEdit
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.decoding.beam import beam_search
-from engine.decoding.ngram_index import NgramIndex
-from engine.decoding.superposed import SuperposedParams, superposed_drafts
-from engine.generate import DecodeState, DecodeStats, StopRules, decode
-from engine.healing import healer_for
-from engine.loading import DEFAULT_MODEL_DIR, load_model
-from engine.ngram import NgramTable
-from engine.prompting import doc_start_ids
-from engine.sampling import SamplingParams
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.tokens import TokenEdit
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.decoding.beam import beam_search
+from editkv.engine.decoding.ngram_index import NgramIndex
+from editkv.engine.decoding.superposed import SuperposedParams, superposed_drafts
+from editkv.engine.generate import DecodeState, DecodeStats, StopRules, decode
+from editkv.engine.healing import healer_for
+from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
+from editkv.engine.ngram import NgramTable
+from editkv.engine.prompting import doc_start_ids
+from editkv.engine.sampling import SamplingParams
 
 
 @dataclass

@@ -36,14 +36,13 @@ from common import (
     table,
     write_json,
 )
-
-from edit_cache.document import Document, DocumentOptions
-from edit_cache.positions import Range, line_starts, to_position
-from edit_cache.tokens import is_line_local
-from edit_cache.views import DRAFT_SLOTS, fill_in_middle, left_to_right
-from engine.generate import StopRules, decode, prefill_prompt
-from engine.loading import load_model
-from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
+from editkv.edit_cache.document import Document, DocumentOptions
+from editkv.edit_cache.positions import Range, line_starts, to_position
+from editkv.edit_cache.tokens import is_line_local
+from editkv.edit_cache.views import DRAFT_SLOTS, fill_in_middle, left_to_right
+from editkv.engine.generate import StopRules, decode, prefill_prompt
+from editkv.engine.loading import load_model
+from editkv.engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
 
 METHODS = ("full", "pie", "conflict", "prefix_reuse")
 
@@ -155,7 +154,7 @@ def _options(method: str, args, loaded) -> DocumentOptions:
 
 
 def _pos(p):
-    from edit_cache.positions import Position
+    from editkv.edit_cache.positions import Position
 
     return Position(p["line"], p["character"])
 

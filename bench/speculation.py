@@ -40,14 +40,13 @@ from collections import defaultdict
 
 import torch
 from common import iter_targets, load_records, machine, parser, sync, table, write_json
-
-from edit_cache.document import Document
-from edit_cache.positions import line_starts
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.decoding import Reference, SpecCounters, SpeculationConfig, Speculator
-from engine.generate import StopRules
-from engine.loading import load_model
-from engine.prompting import doc_start_ids
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.positions import line_starts
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.decoding import Reference, SpecCounters, SpeculationConfig, Speculator
+from editkv.engine.generate import StopRules
+from editkv.engine.loading import load_model
+from editkv.engine.prompting import doc_start_ids
 
 METHODS = ("lookup", "table", "combo", "tree", "device")
 

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-
-from edit_cache.positions import Range, apply_change
-from edit_cache.tokens import TokenEdit, TokenizedText
-from engine.generate import prefill
-from engine.model import KVCache, Span, Transformer
-from engine.tokenizer import Tokenizer
-from kernels.rerotate import move_rerotate
+from editkv.edit_cache.positions import Range, apply_change
+from editkv.edit_cache.tokens import TokenEdit, TokenizedText
+from editkv.engine.generate import prefill
+from editkv.engine.model import KVCache, Span, Transformer
+from editkv.engine.tokenizer import Tokenizer
+from editkv.kernels.rerotate import move_rerotate
 
 MODES = ("pie", "conflict", "prefix_reuse")
 SPARE_SLOTS = 256  # free slots kept after a document's last one: views' scratch windows live there
@@ -139,11 +138,11 @@ class Document:
     @classmethod
     def create_simulated(cls, text: str = "", **kwargs) -> Document:
         """A CPU document over a tiny random Llama model, for tests that need no real weights."""
-        from engine.config import ModelConfig
+        from editkv.engine.config import ModelConfig
 
         config = ModelConfig(family="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                              num_layers=2, num_heads=4, num_kv_heads=2)
-        from engine.training.bpe import train_tokenizer
+        from editkv.engine.training.bpe import train_tokenizer
 
         torch.manual_seed(0)
         model = Transformer(config).eval()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from edit_cache.document import Document, DocumentOptions
-from edit_cache.positions import Range
-from edit_cache.tokens import TokenEdit, is_line_local
-from engine.config import ModelConfig
-from engine.model import Transformer
-from engine.prompting import doc_start_ids
-from engine.tokenizer import Tokenizer
+from editkv.edit_cache.document import Document, DocumentOptions
+from editkv.edit_cache.positions import Range
+from editkv.edit_cache.tokens import TokenEdit, is_line_local
+from editkv.engine.config import ModelConfig
+from editkv.engine.model import Transformer
+from editkv.engine.prompting import doc_start_ids
+from editkv.engine.tokenizer import Tokenizer
 
 
 class UnknownDocument(KeyError):

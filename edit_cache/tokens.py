@@ -15,8 +15,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-
-from engine.tokenizer import Tokenizer
+from editkv.engine.tokenizer import Tokenizer
 
 _CONTENT_LINE = re.compile(r"(?:\r\n|\r|\n)(?=[ \t\f\v]*[^\s])")
 _HAS_CONTENT = re.compile(r"[ \t\f\v]*[^\s]")

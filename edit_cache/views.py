@@ -23,13 +23,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
-from edit_cache.document import Document
-from engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode, windowed
-from engine.healing import healer_for
-from engine.model import KVCache, Span
-from engine.prompting import fim_suffix_budget, fim_tail
-from engine.sampling import SamplingParams
+from editkv.edit_cache.document import Document
+from editkv.engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode, windowed
+from editkv.engine.healing import healer_for
+from editkv.engine.model import KVCache, Span
+from editkv.engine.prompting import fim_suffix_budget, fim_tail
+from editkv.engine.sampling import SamplingParams
 
 DRAFT_SLOTS = 33  # scratch beyond max_new_tokens: a speculative draft verified at the last step
 _CONTENT = re.compile(r"[ \t\f\v]*[^\s]")

@@ -9,9 +9,9 @@ Data flow: a checkpoint folder / hub id / GGUF file -> `load_model` -> `LoadedMo
 `Transformer.forward(ids, positions, write=..., context=[Span, ...])` -> logits.
 """
 
-from engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from engine.errors import EngineError
-from engine.model import KVCache, Span, Transformer
+from editkv.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from editkv.engine.errors import EngineError
+from editkv.engine.model import KVCache, Span, Transformer
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from engine.errors import EngineError
-from engine.model import Span, Transformer
-from engine.tokenizer import Tokenizer
+from editkv.engine.errors import EngineError
+from editkv.engine.model import Span, Transformer
+from editkv.engine.tokenizer import Tokenizer
 
 FORMAT = "editkv-adadec/1"
 FILE_NAME = "adadec.json"  # next to a model folder's weights
@@ -325,8 +324,8 @@ def run(model_spec: str | None, data: Sequence[str | Path], *, out: Path | None 
         dtype: str | None = None, max_files: int = 200, max_file_tokens: int = 1024, max_tokens: int = 100_000,
         seed: int = 0) -> tuple[Calibration, Path]:
     """`editkv calibrate`: load the model, calibrate it on `data`, store the result (returns where)."""
-    from engine.loading import load_model
-    from engine.prompting import doc_start_ids
+    from editkv.engine.loading import load_model
+    from editkv.engine.prompting import doc_start_ids
 
     files = python_files(data)
     loaded = load_model(model_spec, device=device, dtype=dtype)

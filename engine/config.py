@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import EngineError
+from editkv.engine.errors import EngineError
 
 # HF architecture name -> the family whose weight names and conventions we follow.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {

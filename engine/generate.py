@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-
-from engine.healing import healer_for
-from engine.model import KVCache, Span, Transformer
-from engine.sampling import SamplingParams, make_generator, next_token
-from engine.tokenizer import Tokenizer
-from kernels.logit_summary import LogitSummary, logit_summary
+from editkv.engine.healing import healer_for
+from editkv.engine.model import KVCache, Span, Transformer
+from editkv.engine.sampling import SamplingParams, make_generator, next_token
+from editkv.engine.tokenizer import Tokenizer
+from editkv.kernels.logit_summary import LogitSummary, logit_summary
 
 PREFILL_CHUNK = 512
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import bisect
 
 import torch
-
-from engine.tokenizer import Tokenizer
+from editkv.engine.tokenizer import Tokenizer
 
 _HORIZONTAL_SPACE = b" \t"
 _KEPT_MASKS = 256  # allowed-id tensors a healer keeps, oldest dropped first

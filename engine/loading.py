@@ -16,12 +16,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-
-from engine.config import ModelConfig
-from engine.errors import EngineError
-from engine.model import Transformer
-from engine.rope import Rotary
-from engine.tokenizer import Tokenizer
+from editkv.engine.config import ModelConfig
+from editkv.engine.errors import EngineError
+from editkv.engine.model import Transformer
+from editkv.engine.rope import Rotary
+from editkv.engine.tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 EDITKV_JSON = "editkv.json"  # optional per-model settings of ours beside the weights

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from editkv.engine.config import ModelConfig
+from editkv.engine.rope import Rotary, apply_rotary
 from torch import nn
-
-from engine.config import ModelConfig
-from engine.rope import Rotary, apply_rotary
 
 
 @dataclass
@@ -310,7 +309,7 @@ class Transformer(nn.Module):
 
         See engine/static_decode.py; other forwards (and every forward on the CPU) stay eager.
         """
-        from engine.static_decode import StaticForward
+        from editkv.engine.static_decode import StaticForward
 
         self.static = StaticForward(self, **options)
 

@@ -139,7 +139,7 @@ class NgramTable:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m engine.ngram TOKENS OUT.npz`: build a table from a uint16 token file."""
+    """`python -m editkv.engine.ngram TOKENS OUT.npz`: build a table from a uint16 token file."""
     import argparse
     import time
 

@@ -8,9 +8,9 @@ may ask for its prefix's last tokens again after `<MID>`: `FimTokens.tail`).
 
 from __future__ import annotations
 
-from engine.config import ModelConfig
-from engine.healing import healer_for
-from engine.tokenizer import Tokenizer
+from editkv.engine.config import ModelConfig
+from editkv.engine.healing import healer_for
+from editkv.engine.tokenizer import Tokenizer
 
 
 def doc_start_ids(tokenizer: Tokenizer, config: ModelConfig) -> list[int]:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from engine.config import ModelConfig
+from editkv.engine.config import ModelConfig
 
 
 class Rotary:

@@ -64,13 +64,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from editkv.engine.model import Attention, KVCache, Span, Transformer
+from editkv.kernels.fused import add_rms_norm, rope_write, silu_mul
+from editkv.kernels.logit_summary import logit_summary
+from editkv.kernels.lookup_draft import MAX_MATCH, accept, draft
+from editkv.kernels.span_attention import span_attention
 from torch import nn
-
-from engine.model import Attention, KVCache, Span, Transformer
-from kernels.fused import add_rms_norm, rope_write, silu_mul
-from kernels.logit_summary import logit_summary
-from kernels.lookup_draft import MAX_MATCH, accept, draft
-from kernels.span_attention import span_attention
 
 BUCKET = 1024
 MAX_WIDTH = 256  # a multi-line paste or a realedits-sized repair (~70 tokens) still replays
@@ -433,7 +432,7 @@ class StaticForward:
 
     def superposed_buffers(self, k: int, m: int, max_tokens: int):
         """The device state for superposed chains of k drafts x m extensions (one per shape)."""
-        from engine.decoding.superposed_device import SuperposedBuffers
+        from editkv.engine.decoding.superposed_device import SuperposedBuffers
 
         max_t = max(16, _next_power_of_two(max_tokens + 1))
         key = (k, m, max_t)
@@ -460,7 +459,7 @@ class StaticForward:
         """Queue `steps` superposed steps (engine.decoding.superposed_device: select the drafts from
         `buf.logits`, mix the next input, run the forward) and the copy of the state to the host;
         returns the ticket `buf.collect` waits on. Nothing waits for the GPU (on CUDA)."""
-        from engine.decoding.superposed_device import MAX_CHAIN, STEPS, advance
+        from editkv.engine.decoding.superposed_device import MAX_CHAIN, STEPS, advance
 
         if not 1 <= steps <= MAX_CHAIN:
             raise ValueError(f"steps must be in [1, {MAX_CHAIN}], not {steps}")

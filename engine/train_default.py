@@ -1,8 +1,8 @@
 """Build editkv's embedded default model: corpus -> tokenizer -> tokens -> train -> export.
 
-    python -m engine.train_default --work W --out O --train-minutes 14 --max-minutes 9
-    python -m engine.train_default --work W --out O --resume --max-minutes 9.5
-    python -m engine.train_default unpack --pack P --out O
+    python -m editkv.engine.train_default --work W --out O --train-minutes 14 --max-minutes 9
+    python -m editkv.engine.train_default --work W --out O --resume --max-minutes 9.5
+    python -m editkv.engine.train_default unpack --pack P --out O
 
 Stages write their outputs under --work (corpus/, tokenizer/, tokens/, checkpoint.pt,
 train.log) and a done.json last; a stage whose done.json exists is skipped, so a second
@@ -44,7 +44,7 @@ class Logger:
 
 def _run_stage(name: str, folder: Path, log: Logger, build) -> dict:
     """Run `build() -> (info, summary)` unless folder/done.json exists; return the info."""
-    from engine.training.corpus import write_json
+    from editkv.engine.training.corpus import write_json
 
     done = folder / "done.json"
     if done.is_file():
@@ -62,7 +62,7 @@ def _run_stage(name: str, folder: Path, log: Logger, build) -> dict:
 
 def stage_corpus(args: argparse.Namespace, folder: Path, log: Logger) -> dict:
     """Permissively licensed .py files -> corpus/{train,val}.{bin,idx.npy}, manifest.json."""
-    from engine.training.corpus import build_corpus, collect_sources
+    from editkv.engine.training.corpus import build_corpus, collect_sources
 
     def build():
         stdlib = False if args.stdlib == "none" else (Path(args.stdlib) if args.stdlib else True)
@@ -79,15 +79,15 @@ def stage_corpus(args: argparse.Namespace, folder: Path, log: Logger) -> dict:
 
 def stage_tokenizer(args: argparse.Namespace, corpus: Path, folder: Path, log: Logger) -> dict:
     """Train (or, with --init-from, take over) the BPE tokenizer; check locality + loading."""
-    from engine.training.bpe import (
+    from editkv.engine.training.bpe import (
         check_locality,
         encode_texts,
         load_tokenizer,
         save_tokenizer,
         train_tokenizer,
     )
-    from engine.training.corpus import DocStore, write_json
-    from engine.training.export import TOKENIZER_FILES
+    from editkv.engine.training.corpus import DocStore, write_json
+    from editkv.engine.training.export import TOKENIZER_FILES
 
     def build():
         store = DocStore(corpus, "train")
@@ -130,10 +130,9 @@ def stage_tokenize(
 ) -> dict:
     """Corpus -> tokens/train_e*.bin (FIM redrawn per stream), val.bin, val_fim.bin, meta."""
     import numpy as np
-
-    from engine.training.bpe import load_tokenizer, token_byte_lengths
-    from engine.training.corpus import DocStore, write_json
-    from engine.training.data import tokenize_stream
+    from editkv.engine.training.bpe import load_tokenizer, token_byte_lengths
+    from editkv.engine.training.corpus import DocStore, write_json
+    from editkv.engine.training.data import tokenize_stream
 
     def build():
         tok_path = tokenizer / "tokenizer.json"
@@ -180,9 +179,8 @@ def stage_train_and_export(
 ) -> dict:
     """Train within the time budget, checkpoint, then export (and pack) the model."""
     import torch
-
-    from engine.training.export import export_model, pack_folder
-    from engine.training.train import TINY_SIZE, ModelSize, TrainConfig, train
+    from editkv.engine.training.export import export_model, pack_folder
+    from editkv.engine.training.train import TINY_SIZE, ModelSize, TrainConfig, train
 
     ckpt = work / "checkpoint.pt"
     if ckpt.is_file() and not args.resume:
@@ -229,7 +227,7 @@ def stage_train_and_export(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line; --tiny fills unset sizes with test-sized ones."""
-    p = argparse.ArgumentParser(prog="python -m engine.train_default", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m editkv.engine.train_default", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", nargs="?", default="all",
                    choices=["all", "corpus", "tokenizer", "tokenize", "unpack"],
@@ -306,14 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the pipeline stages in order; see the module docstring."""
     args = parse_args(argv)
     if args.stage == "unpack":
-        from engine.training.export import unpack_folder
+        from editkv.engine.training.export import unpack_folder
 
         files = unpack_folder(args.pack, args.out)
         print(f"unpacked {len(files)} files into {args.out}")
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     log = Logger(args.work / "train.log")
-    log(f"python -m engine.train_default {' '.join(sys.argv[1:] if argv is None else argv)}")
+    log(f"python -m editkv.engine.train_default {' '.join(sys.argv[1:] if argv is None else argv)}")
     infos = {"corpus": stage_corpus(args, args.work / "corpus", log)}
     if args.stage == "corpus":
         return 0

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from engine.rope import apply_rotary
+from editkv.engine.rope import apply_rotary
 
 try:
     import triton

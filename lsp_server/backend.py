@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from edit_cache.positions import Position, Range, to_offset
+from editkv.edit_cache.positions import Position, Range, to_offset
 
 if TYPE_CHECKING:  # the model stack (torch) is imported when a ModelBackend is made, not before
-    from edit_cache.document import Document, DocumentOptions
-    from edit_cache.views import ContextView
-    from engine.decoding.drafters import Reference
-    from engine.generate import DecodeStats, StopRules
-    from engine.loading import LoadedModel
-    from lsp_server.settings import Settings
+    from editkv.edit_cache.document import Document, DocumentOptions
+    from editkv.edit_cache.views import ContextView
+    from editkv.engine.decoding.drafters import Reference
+    from editkv.engine.generate import DecodeStats, StopRules
+    from editkv.engine.loading import LoadedModel
+    from editkv.lsp_server.settings import Settings
 
 log = logging.getLogger(__name__)
 NGRAM_INDEX_TOKENS = 300_000  # workspace n-gram index bound (~100 bytes a token: ~30 MB)
@@ -130,11 +130,11 @@ class ModelBackend:
                  options: DocumentOptions | None = None, recompute: bool = False,
                  decoding: DecodingOptions | None = None, ngram_tokens: int = NGRAM_INDEX_TOKENS,
                  tuned: dict[str, int | None] | None = None) -> None:
-        from edit_cache.document import DocumentOptions
-        from edit_cache.manager import DocumentCache
-        from engine.decoding.ngram_index import NgramIndex
-        from engine.decoding.speculative import Speculator
-        from engine.ngram import NgramTable
+        from editkv.edit_cache.document import DocumentOptions
+        from editkv.edit_cache.manager import DocumentCache
+        from editkv.engine.decoding.ngram_index import NgramIndex
+        from editkv.engine.decoding.speculative import Speculator
+        from editkv.engine.ngram import NgramTable
 
         self.loaded = loaded
         options = (options or DocumentOptions()).tuned(loaded.cache, **(tuned or {}))
@@ -165,8 +165,8 @@ class ModelBackend:
         self.decoding = decoding
         if not decoding.adadec or self.adadec is not None:
             return
-        from engine.decoding.adadec import AdaDecConfig
-        from engine.errors import EngineError
+        from editkv.engine.decoding.adadec import AdaDecConfig
+        from editkv.engine.errors import EngineError
 
         try:
             self.adadec = AdaDecConfig.for_model(self.loaded.source)
@@ -204,8 +204,8 @@ class ModelBackend:
         return self.cache.get(uri).text
 
     def complete(self, request: CompletionRequest, should_stop: Callable[[], bool] = lambda: False) -> CompletionResult:
-        from edit_cache.views import fill_in_middle, left_to_right
-        from engine.generate import DecodeStats, StopRules
+        from editkv.edit_cache.views import fill_in_middle, left_to_right
+        from editkv.engine.generate import DecodeStats, StopRules
 
         started = time.perf_counter()
         doc = self.cache.get(request.uri)
@@ -247,8 +247,8 @@ class ModelBackend:
     def _one_draft(self, uri: str, doc: Document, cursor: int, view: ContextView, rules: StopRules,
                    stats: DecodeStats, counters: dict) -> list[Draft]:
         """Speculative greedy decoding (gated by AdaDec when on); plain greedy when speculation is off."""
-        from engine.decoding.adadec import adadec_decode
-        from engine.decoding.speculative import SpecCounters
+        from editkv.engine.decoding.adadec import adadec_decode
+        from editkv.engine.decoding.speculative import SpecCounters
 
         adadec = self.adadec if self.decoding.adadec else None
         if self.decoding.adadec and adadec is None:
@@ -276,7 +276,7 @@ class ModelBackend:
     def _references_for(self, uri: str, doc: Document, cursor: int, view: ContextView) -> list[Reference]:
         """What speculation may copy from besides the prompt: the text after the cursor when the
         view does not hold it, then the other open documents, most recently used first."""
-        from engine.decoding.drafters import Reference
+        from editkv.engine.decoding.drafters import Reference
 
         refs = []
         if view.kind == "l2r":
@@ -303,7 +303,7 @@ class ModelBackend:
         if not self.decoding.superposed:
             counters["strategy"] = "top_first"
             return self._top_first_drafts(view, rules, num_drafts, stats)
-        from engine.decoding.superposed import superposed_drafts
+        from editkv.engine.decoding.superposed import superposed_drafts
 
         result = superposed_drafts(view.state(), num_drafts, rules, ngram_index=self.index, corpus=self.corpus,
                                    stats=stats)
@@ -323,7 +323,7 @@ class ModelBackend:
         """k greedy decodes, each forced to start with one of the k best first tokens."""
         first = view.first_logits
         if view.heal:  # only first tokens that spell the healed text out again
-            from engine.healing import healer_for
+            from editkv.engine.healing import healer_for
 
             first = healer_for(view.document.tokenizer).mask(first, view.heal)
         top = [t for t in first[0].topk(num_drafts).indices.tolist() if first[0, t] > float("-inf")]
@@ -358,10 +358,10 @@ class FakeBackend:
         self.texts[uri] = text
 
     def change(self, uri: str, changes: list[tuple[Range | None, str]], encoding: str = "utf-16") -> None:
-        from edit_cache.positions import apply_change
+        from editkv.edit_cache.positions import apply_change
 
         if uri not in self.texts:
-            from edit_cache.manager import UnknownDocument  # imports torch: only on this error path
+            from editkv.edit_cache.manager import UnknownDocument  # imports torch: only on this error path
 
             raise UnknownDocument(uri)
         for rng, text in changes:
@@ -372,7 +372,7 @@ class FakeBackend:
 
     def text(self, uri: str) -> str:
         if uri not in self.texts:
-            from edit_cache.manager import UnknownDocument  # imports torch: only on this error path
+            from editkv.edit_cache.manager import UnknownDocument  # imports torch: only on this error path
 
             raise UnknownDocument(uri)
         return self.texts[uri]

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         # engine.errors imports torch (engine/__init__); `editkv lsp --fake` never needs it
-        errors = sys.modules.get("engine.errors")
+        errors = sys.modules.get("editkv.engine.errors")
         if errors is not None and isinstance(err, errors.EngineError):
             print(f"editkv: error: {err}", file=sys.stderr)
             return 2
@@ -142,7 +142,7 @@ def _add_calibrate_parser(sub) -> None:  # noqa: ANN001 - argparse's private sub
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from engine.calibrate import run
+    from editkv.engine.calibrate import run
 
     result, path = run(args.model, args.data, out=args.out, device=args.device, dtype=args.dtype,
                        max_files=args.max_files, max_file_tokens=args.max_file_tokens,
@@ -179,8 +179,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve_model(spec: str | None) -> str:
-    from engine.errors import EngineError
-    from engine.loading import DEFAULT_MODEL_DIR
+    from editkv.engine.errors import EngineError
+    from editkv.engine.loading import DEFAULT_MODEL_DIR
 
     if spec:
         return spec
@@ -192,7 +192,7 @@ def _resolve_model(spec: str | None) -> str:
 
 
 def _read_source(path: Path) -> str:
-    from engine.errors import EngineError
+    from editkv.engine.errors import EngineError
 
     try:
         data = path.read_bytes()
@@ -207,7 +207,7 @@ def _read_source(path: Path) -> str:
 
 
 def _cursor_offset(text: str, line: int, col: int) -> int:
-    from engine.errors import EngineError
+    from editkv.engine.errors import EngineError
 
     lines = text.split("\n")
     if not 1 <= line <= len(lines):
@@ -221,8 +221,8 @@ def _cursor_offset(text: str, line: int, col: int) -> int:
 def _cmd_lsp(args: argparse.Namespace) -> int:
     import logging
 
-    from lsp_server.server import create_server, fake_factory, model_factory
-    from lsp_server.settings import Settings, parse_settings
+    from editkv.lsp_server.server import create_server, fake_factory, model_factory
+    from editkv.lsp_server.settings import Settings, parse_settings
 
     base, problems = parse_settings({"model": args.model, "device": args.device, "dtype": args.dtype}, Settings())
     if problems:
@@ -247,19 +247,18 @@ def _cmd_lsp(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lsp_server.demo import run_demo
+    from editkv.lsp_server.demo import run_demo
 
     return run_demo(args)
 
 
 def _cmd_complete(args: argparse.Namespace) -> int:
     import torch
-
-    from engine.errors import EngineError
-    from engine.generate import DecodeStats, StopRules, decode, prefill_chunk, prefill_prompt
-    from engine.loading import load_model
-    from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
-    from engine.sampling import SamplingParams
+    from editkv.engine.errors import EngineError
+    from editkv.engine.generate import DecodeStats, StopRules, decode, prefill_chunk, prefill_prompt
+    from editkv.engine.loading import load_model
+    from editkv.engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
+    from editkv.engine.sampling import SamplingParams
 
     text = _read_source(args.file)
     offset = _cursor_offset(text, args.line, args.col)

@@ -1,6 +1,6 @@
 """`editkv demo`: watch `editkv lsp` serve an editing session, keystroke by keystroke.
 
-Starts `editkv lsp` (this Python, `-m lsp_server.cli lsp`) as a subprocess, initializes it as
+Starts `editkv lsp` (this Python, `-m editkv.lsp_server.cli lsp`) as a subprocess, initializes it as
 an editor would, waits for the model (the server reports loading with `$/progress`), types
 an edit one keystroke at a time with an inline-completion request after each (see
 `replay.py`), then asks once explicitly (several drafts, for cycling) and once for dropdown
@@ -15,8 +15,16 @@ import asyncio
 import json
 import sys
 
-from lsp_server.lsp_client import LspClient, LspError, server_command
-from lsp_server.replay import KeyRecord, Session, example_session, load_records, record_session, summarize, type_session
+from editkv.lsp_server.lsp_client import LspClient, LspError, server_command
+from editkv.lsp_server.replay import (
+    KeyRecord,
+    Session,
+    example_session,
+    load_records,
+    record_session,
+    summarize,
+    type_session,
+)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -105,7 +113,7 @@ async def _explicit(client: LspClient, session: Session, max_keys: int) -> None:
 
 
 def _apply(text: str, keys: list) -> str:
-    from edit_cache.positions import Position, Range, apply_change
+    from editkv.edit_cache.positions import Position, Range, apply_change
 
     for key in keys:
         rng = Range(Position(*key.start), Position(*key.end))

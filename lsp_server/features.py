@@ -16,14 +16,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from editkv.edit_cache.positions import Position, PositionError, Range
+from editkv.lsp_server.protocol import choose_encoding
+from editkv.lsp_server.scheduler import Job, Outcome, UnknownDocumentError
+from editkv.lsp_server.server import DocState, EditkvServer, Pending
+from editkv.lsp_server.settings import SECTION, parse_settings, section_of
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams, JsonRpcServerNotInitialized
-
-from edit_cache.positions import Position, PositionError, Range
-from lsp_server.protocol import choose_encoding
-from lsp_server.scheduler import Job, Outcome, UnknownDocumentError
-from lsp_server.server import DocState, EditkvServer, Pending
-from lsp_server.settings import SECTION, parse_settings, section_of
 
 log = logging.getLogger(__name__)
 HANDLERS: list[tuple[str, Any, Callable]] = []

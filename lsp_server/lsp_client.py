@@ -45,7 +45,7 @@ class LspError(Exception):
 
 def server_command(*args: str) -> list[str]:
     """`editkv lsp ARGS` with this interpreter, runnable from any folder."""
-    return [sys.executable, "-m", "lsp_server.cli", "lsp", *args]
+    return [sys.executable, "-m", "editkv.lsp_server.cli", "lsp", *args]
 
 
 def server_env() -> dict[str, str]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lsp_server.lsp_client import LspClient, LspError
+from editkv.lsp_server.lsp_client import LspClient, LspError
 
 CANCELLED = -32800
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "inventory.py"
@@ -184,7 +184,7 @@ def _finish(client: LspClient, future: asyncio.Future, msg_id: int, sent: float,
 
 def summarize(records: list[KeyRecord]) -> dict:
     """Counts per outcome and latency percentiles of the answered (shown or empty) requests."""
-    from lsp_server.stats import percentile
+    from editkv.lsp_server.stats import percentile
 
     answered = [r.latency_ms for r in records if r.outcome in ("shown", "empty") and r.latency_ms is not None]
     shown = [r.latency_ms for r in records if r.outcome == "shown" and r.latency_ms is not None]

@@ -28,10 +28,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from edit_cache.positions import Position, PositionError, Range, apply_change, to_offset, to_position
-from lsp_server.backend import Backend, CompletionRequest, DecodingOptions
-from lsp_server.postprocess import CursorContext, Suggestion, finish, is_python, wants_multiline
-from lsp_server.settings import Settings
+from editkv.edit_cache.positions import Position, PositionError, Range, apply_change, to_offset, to_position
+from editkv.lsp_server.backend import Backend, CompletionRequest, DecodingOptions
+from editkv.lsp_server.postprocess import CursorContext, Suggestion, finish, is_python, wants_multiline
+from editkv.lsp_server.settings import Settings
 
 log = logging.getLogger(__name__)
 Notify = Callable[[str, str], None]  # (level: "error" | "warning" | "info", message)
@@ -92,7 +92,9 @@ class Outcome:
 class EngineWorker:
     """Runs every backend call, in submission order, on one thread."""
 
-    def __init__(self, factory: BackendFactory, notify: Notify) -> None:
+    def __init__(self, factory: BackendFactory, notify: Notify,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock  # what "idle for idle_refresh_ms" is measured with (tests pass their own)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="editkv-engine")
         self.factory = factory
         self.factory_is_fake = bool(getattr(factory, "fake", False))
@@ -111,9 +113,14 @@ class EngineWorker:
         # re-encoded in chunks, each its own job, so a request waits for one chunk at most.
         self._lock = threading.Lock()
         self._pending = 0  # submitted jobs not finished yet
-        self._last_work = time.monotonic()
+        self._last_work = clock()
+        self._work_count = 0  # jobs submitted through call(); idle work compares it, not times
+        # after an idle chunk: "more" (it did work and nothing came meanwhile: the next chunk
+        # goes at once), "done" (nothing was stale: no timer until new work comes), else None
+        self._idle_next: str | None = None
         self._idle_timer: threading.Timer | None = None
         self.idle_refreshed = 0  # tokens re-encoded while idle
+        self.idle_runs = 0  # idle jobs run
 
     # ---- submission (any thread) ------------------------------------------------------------
 
@@ -125,7 +132,9 @@ class EngineWorker:
             return future
         with self._lock:
             self._pending += 1
-            self._last_work = time.monotonic()
+            self._last_work = self._clock()
+            self._work_count += 1
+            self._idle_next = None
         return self._submit(fn, *args)
 
     def _submit(self, fn: Callable, *args) -> Future:
@@ -144,9 +153,10 @@ class EngineWorker:
     def _job_done(self, _future: Future) -> None:
         with self._lock:
             self._pending -= 1
-            if not self._pending:
-                quiet = time.monotonic() - self._last_work
-                self._arm_idle(max(0.0, self.settings.idle_refresh_ms / 1000 - quiet))
+            if not self._pending and self._idle_next != "done":
+                quiet = self._clock() - self._last_work
+                wait = self.settings.idle_refresh_ms / 1000 - quiet
+                self._arm_idle(0.0 if self._idle_next == "more" else max(0.0, wait))
 
     def run(self, fn: Callable, *args) -> Future:
         """Like `call`, for notifications: failures are logged and reported, never raised."""
@@ -198,26 +208,28 @@ class EngineWorker:
         with self._lock:
             if self.closing or self._pending:
                 return  # the job that finishes last re-arms the timer
-            quiet = time.monotonic() - self._last_work
-            wait = self.settings.idle_refresh_ms / 1000 - quiet
-            if wait > 0:
-                self._arm_idle(wait)
-                return
+            if self._idle_next is None:
+                wait = self.settings.idle_refresh_ms / 1000 - (self._clock() - self._last_work)
+                if wait > 0:
+                    self._arm_idle(wait)
+                    return
             self._pending += 1
-        self._submit(self._idle_refresh)
+            work_before = self._work_count
+        self._submit(self._idle_refresh, work_before)
 
-    def _idle_refresh(self) -> None:
-        """One chunk of stale tokens re-encoded; the timer comes back at once while some are left."""
-        started = time.monotonic()
+    def _idle_refresh(self, work_before: int) -> None:
+        """One chunk of stale tokens re-encoded; the timer comes back at once while some are left,
+        and not at all once none are (until new work comes)."""
+        self.idle_runs += 1
         try:
             done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS) if self.backend is not None else 0
         except Exception:  # idle work must never take the server down
             log.error("idle refresh: %s", traceback.format_exc())
             done = 0
         self.idle_refreshed += done
-        with self._lock:
-            if done and self._last_work < started:  # no work came meanwhile: go on without a new wait
-                self._last_work = time.monotonic() - self.settings.idle_refresh_ms / 1000
+        with self._lock:  # no work came meanwhile: the next chunk goes without a new wait
+            if self._work_count == work_before:
+                self._idle_next = "more" if done else "done"
 
     # ---- on the worker thread ---------------------------------------------------------------
 
@@ -380,7 +392,7 @@ def refusal(uri: str, text: str, max_file_kb: int) -> str | None:
 
 def cache_options(settings: Settings) -> dict:
     """`configure()` keyword arguments of a ModelBackend for `settings`."""
-    from edit_cache.document import TUNED, DocumentOptions
+    from editkv.edit_cache.document import TUNED, DocumentOptions
 
     mode = "pie" if settings.cache_mode == "recompute" else settings.cache_mode
     options = DocumentOptions(mode=mode, stale_budget=settings.stale_budget or None)

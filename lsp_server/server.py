@@ -17,14 +17,13 @@ from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from editkv.lsp_server.backend import Backend
+from editkv.lsp_server.protocol import PARSE_ERROR, EditkvProtocol
+from editkv.lsp_server.scheduler import BackendFactory, EngineWorker, Job, cache_options
+from editkv.lsp_server.settings import Settings
+from editkv.lsp_server.stats import Stats, default_stats_path
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
-
-from lsp_server.backend import Backend
-from lsp_server.protocol import PARSE_ERROR, EditkvProtocol
-from lsp_server.scheduler import BackendFactory, EngineWorker, Job, cache_options
-from lsp_server.settings import Settings
-from lsp_server.stats import Stats, default_stats_path
 
 log = logging.getLogger(__name__)
 MESSAGE_REPEAT_S = 10.0  # the same message is shown at most this often
@@ -70,7 +69,7 @@ class EditkvServer(LanguageServer):
     """editkv's language server: documents, settings, the engine worker, statistics."""
 
     def __init__(self, *, base_settings: Settings, factory: BackendFactory, stats_path: Path | None = None) -> None:
-        from lsp_server.cli import _version
+        from editkv.lsp_server.cli import _version
 
         super().__init__("editkv", _version(), protocol_cls=EditkvProtocol,
                          text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
@@ -198,7 +197,7 @@ def fake_factory(delay_s: float = 0.0, load_s: float = 0.0) -> BackendFactory:
     """Backends that answer `<fake line:col>` (protocol tests, debugging)."""
 
     def make(settings: Settings) -> Backend:
-        from lsp_server.backend import FakeBackend
+        from editkv.lsp_server.backend import FakeBackend
 
         time.sleep(load_s)
         return FakeBackend(delay_s)
@@ -211,9 +210,9 @@ def model_factory() -> BackendFactory:
     """Backends over a real model: `settings.model` or the embedded default."""
 
     def make(settings: Settings) -> Backend:
-        from engine.loading import load_model
-        from lsp_server.backend import ModelBackend
-        from lsp_server.cli import _resolve_model
+        from editkv.engine.loading import load_model
+        from editkv.lsp_server.backend import ModelBackend
+        from editkv.lsp_server.cli import _resolve_model
 
         loaded = load_model(_resolve_model(settings.model), device=settings.device, dtype=settings.dtype)
         return ModelBackend(loaded, **cache_options(settings))
@@ -223,7 +222,7 @@ def model_factory() -> BackendFactory:
 
 def create_server(base_settings: Settings, factory: BackendFactory, *, stats: bool = True) -> EditkvServer:
     """A server with every editkv feature registered."""
-    from lsp_server import features
+    from editkv.lsp_server import features
 
     path = default_stats_path() if stats and base_settings.stats_file else None
     server = EditkvServer(base_settings=base_settings, factory=factory, stats_path=path)

@@ -10,8 +10,10 @@ fi
 # torch first and pinned, so pip takes the CPU wheel on disk instead of a CUDA build.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,gguf]" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import torch, transformers, pygls, triton" # fail early if the install did not work
-.venv/bin/ruff check engine edit_cache kernels lsp_server bench tests
+.venv/bin/python -c "import torch, transformers, pygls, triton, editkv.lsp_server.cli" # fail early if the install did not work
+.venv/bin/ruff check __init__.py engine edit_cache kernels lsp_server bench tests
+# a non-editable install of the wheel, in a fresh venv, answers `editkv complete` from elsewhere
+bash scripts/check_wheel.sh
 # --- lsp_server: headless Neovim for tests/lsp_server/test_neovim.py (skipped without nvim) ---
 if ! command -v nvim >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   SUDO=""

@@ -7,8 +7,8 @@ superposed: k drafts from one forward per step, scored with workspace/corpus n-g
 beam: beam search, the baseline the benchmarks compare against.
 """
 
-from engine.decoding.drafters import ModelTable, PromptLookup, Reference
-from engine.decoding.speculative import SpecCounters, SpeculationConfig, Speculator, speculative_decode
+from editkv.engine.decoding.drafters import ModelTable, PromptLookup, Reference
+from editkv.engine.decoding.speculative import SpecCounters, SpeculationConfig, Speculator, speculative_decode
 
 __all__ = [
     "ModelTable",

@@ -41,12 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from engine.calibrate import load_calibration
-from engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode
-from engine.healing import TokenHealer, healer_for
-from engine.model import KVCache, Span, Transformer
-from kernels.logit_summary import LogitSummary, logit_summary
+from editkv.engine.calibrate import load_calibration
+from editkv.engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode
+from editkv.engine.healing import TokenHealer, healer_for
+from editkv.engine.model import KVCache, Span, Transformer
+from editkv.kernels.logit_summary import LogitSummary, logit_summary
 
 NUM_CANDIDATES = 2  # B (paper: 3); bench/adadec.py found no config that helps, 2x2 costs least
 LOOKAHEAD = 2  # L (paper: 5)

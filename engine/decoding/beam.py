@@ -29,10 +29,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
-from engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules
-from engine.healing import healer_for
-from engine.model import Span
+from editkv.engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules
+from editkv.engine.healing import healer_for
+from editkv.engine.model import Span
 
 
 @dataclass

@@ -27,8 +27,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
-
-from edit_cache.tokens import TokenEdit
+from editkv.edit_cache.tokens import TokenEdit
 
 _MASK = (1 << 64) - 1
 _MULT = 0x9E3779B97F4A7C15

@@ -45,9 +45,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from engine.decoding.adadec import AdaDecConfig, Gate, Rerank
-from engine.decoding.drafters import (
+from editkv.engine.decoding.adadec import AdaDecConfig, Gate, Rerank
+from editkv.engine.decoding.drafters import (
     AcceptanceEstimator,
     Candidate,
     ModelTable,
@@ -55,12 +54,12 @@ from engine.decoding.drafters import (
     Reference,
     TokenHistory,
 )
-from engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules, chain_length
-from engine.healing import healer_for
-from engine.model import KVCache, Span
-from engine.sampling import SamplingParams, sampling_probs
-from engine.static_decode import MAX_CHAIN, SOURCE
-from engine.tokenizer import Tokenizer
+from editkv.engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules, chain_length
+from editkv.engine.healing import healer_for
+from editkv.engine.model import KVCache, Span
+from editkv.engine.sampling import SamplingParams, sampling_probs
+from editkv.engine.static_decode import MAX_CHAIN, SOURCE
+from editkv.engine.tokenizer import Tokenizer
 
 DRAFTERS = ("lookup", "table")
 

@@ -43,9 +43,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from engine.decoding.ngram_index import NgramIndex
-from engine.decoding.superposed_device import (
+from editkv.engine.decoding.ngram_index import NgramIndex
+from editkv.engine.decoding.superposed_device import (
     BUDGET,
     BUDGET_AT,
     COMMITTED,
@@ -59,10 +58,10 @@ from engine.decoding.superposed_device import (
     device_corpus,
     token_rules,
 )
-from engine.generate import DecodeState, DecodeStats, LineStopper, StopRules
-from engine.healing import healer_for
-from engine.model import Span, Transformer
-from engine.ngram import NgramTable
+from editkv.engine.generate import DecodeState, DecodeStats, LineStopper, StopRules
+from editkv.engine.healing import healer_for
+from editkv.engine.model import Span, Transformer
+from editkv.engine.ngram import NgramTable
 
 
 @dataclass(frozen=True)

@@ -40,14 +40,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from engine.decoding.ngram_index import NgramIndex
-from engine.healing import healer_for
-from engine.ngram import NgramTable
-from engine.static_decode import Readback
-from kernels.logit_summary import logit_summary
-from kernels.superposed_select import counts_buffer, superposed_select_triton
-from kernels.superposed_select import triton as _triton
+from editkv.engine.decoding.ngram_index import NgramIndex
+from editkv.engine.healing import healer_for
+from editkv.engine.ngram import NgramTable
+from editkv.engine.static_decode import Readback
+from editkv.kernels.logit_summary import logit_summary
+from editkv.kernels.superposed_select import counts_buffer, superposed_select_triton
+from editkv.kernels.superposed_select import triton as _triton
 
 ORDERS = 5  # context lengths 1..5 (n = 2..6), SuperposedParams.lambdas
 STREAM = 65536  # workspace tokens the device counts n-grams over

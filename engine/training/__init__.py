@@ -6,6 +6,6 @@ data.py     documents + tokenizer -> packed uint16 token streams (with fill-in-t
 train.py    token streams -> Llama weights (time-budgeted, resumable)
 export.py   weights -> Hugging Face folder (bf16 safetensors) and a transfer pack
 
-`python -m engine.train_default` runs the stages in order. Nothing in the serving path
+`python -m editkv.engine.train_default` runs the stages in order. Nothing in the serving path
 imports this package.
 """

@@ -27,10 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from editkv.engine.training.bpe import EOT_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, encode_texts
+from editkv.engine.training.corpus import DocStore
 from tokenizers import Tokenizer
-
-from engine.training.bpe import EOT_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, encode_texts
-from engine.training.corpus import DocStore
 
 _DOCS_PER_JOB = 256
 

@@ -18,11 +18,10 @@ import json
 from pathlib import Path
 
 import torch
+from editkv.engine.training.corpus import write_json
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
-
-from engine.training.corpus import write_json
 
 SHARD_SIZE = "15MB"
 PACK_FILE_BYTES = 16 * 2**20 - 2**16  # 16 MiB less room for the safetensors header

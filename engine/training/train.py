@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from editkv.engine.training.bpe import EOT_ID
+from editkv.engine.training.data import PackedStreams, eval_windows
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from engine.training.bpe import EOT_ID
-from engine.training.data import PackedStreams, eval_windows
 
 Log = Callable[[str], None]
 

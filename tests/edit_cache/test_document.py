@@ -5,13 +5,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from edit_cache.document import Document, DocumentOptions
-from edit_cache.positions import Range, to_position
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.generate import prefill
-from engine.healing import healer_for
-from engine.prompting import fim_ids
+from editkv.edit_cache.document import Document, DocumentOptions
+from editkv.edit_cache.positions import Range, to_position
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.generate import prefill
+from editkv.engine.healing import healer_for
+from editkv.engine.prompting import fim_ids
 
 BASE = "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\r\n    y = [1, 2]  # é ✓\n" * 3
 PIECES = ["x", " = ", "\n", "    ", "return ", "😀", "(1)", "\r\n", "\n\n", "def g():\n    pass\n", ""]
@@ -280,7 +279,7 @@ def test_refresh_near_cursor_reencodes_only_the_stale_tokens_before_the_cursor(t
 
 
 def test_model_tuned_options_come_from_the_user_then_the_model_then_the_recommendation():
-    from edit_cache.document import RECOMMENDED
+    from editkv.edit_cache.document import RECOMMENDED
 
     base = DocumentOptions(mode="pie", stale_budget=7)
     assert base.tuned({}).fim_fresh_suffix == RECOMMENDED["fim_fresh_suffix"]
@@ -293,7 +292,7 @@ def test_model_tuned_options_come_from_the_user_then_the_model_then_the_recommen
 
 
 def test_a_view_refuses_to_decode_once_its_scratch_or_cache_moved_on(template):
-    from edit_cache.views import StaleView
+    from editkv.edit_cache.views import StaleView
 
     doc = _doc(template)
     doc.ensure_ready()

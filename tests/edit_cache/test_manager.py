@@ -1,10 +1,9 @@
 """The document manager keeps all KV caches under one memory budget, evicting LRU documents."""
 
 import pytest
-
-from edit_cache.document import Document
-from edit_cache.manager import DocumentCache, UnknownDocument
-from edit_cache.views import left_to_right
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.manager import DocumentCache, UnknownDocument
+from editkv.edit_cache.views import left_to_right
 
 TEXT = "def f(x):\n    return x + 1\n" * 8
 
@@ -15,7 +14,7 @@ def simulated():
 
 
 def _manager(simulated, budget):
-    from engine.config import ModelConfig
+    from editkv.engine.config import ModelConfig
 
     config = ModelConfig(family="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2)

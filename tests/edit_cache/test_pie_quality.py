@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from edit_cache.document import Document, DocumentOptions
-from edit_cache.positions import Range, to_position
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.generate import prefill
-from engine.loading import DEFAULT_MODEL_DIR, load_model
-from engine.prompting import doc_start_ids
+from editkv.edit_cache.document import Document, DocumentOptions
+from editkv.edit_cache.positions import Range, to_position
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.generate import prefill
+from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
+from editkv.engine.prompting import doc_start_ids
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "lsp_server" / "examples" / "inventory.py"
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no default model")

@@ -3,13 +3,12 @@
 import json
 
 import pytest
+from editkv.edit_cache.positions import Position, Range, apply_change, line_starts, to_offset, to_position
+from editkv.edit_cache.tokens import TokenizedText, is_line_local
+from editkv.engine.tokenizer import Tokenizer
 from helpers import SNIPPETS, tiny_tokenizer_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from edit_cache.positions import Position, Range, apply_change, line_starts, to_offset, to_position
-from edit_cache.tokens import TokenizedText, is_line_local
-from engine.tokenizer import Tokenizer
 
 
 def _tokenizer(gpt2_style=False):
@@ -110,7 +109,7 @@ def test_utf16_positions_count_surrogate_pairs():
 
 
 def test_out_of_range_line_is_an_error():
-    from edit_cache.positions import PositionError
+    from editkv.edit_cache.positions import PositionError
 
     with pytest.raises(PositionError, match="past the end"):
         to_offset("a\nb", Position(5, 0))

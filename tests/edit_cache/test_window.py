@@ -6,19 +6,18 @@ import random
 from dataclasses import replace
 
 import pytest
-
-from edit_cache.document import Document
-from edit_cache.positions import Range, to_position
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.generate import prefill, windowed
-from engine.model import KVCache, Span
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.positions import Range, to_position
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.generate import prefill, windowed
+from editkv.engine.model import KVCache, Span
 
 CONTEXT = 96
 LINE = "def f(x):\n    return x + 1\n"
 
 
 def _cache(slots=64):
-    from engine.config import ModelConfig
+    from editkv.engine.config import ModelConfig
 
     config = ModelConfig(family="llama", vocab_size=32, hidden_size=8, intermediate_size=8, num_layers=1,
                          num_heads=1, num_kv_heads=1)

@@ -2,9 +2,8 @@
 (one of each per test module, as module-scoped fixtures)."""
 
 import pytest
+from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
 from helpers import make_checkpoint
-
-from engine.loading import DEFAULT_MODEL_DIR, load_model
 
 
 @pytest.fixture(scope="module")

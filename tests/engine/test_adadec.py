@@ -6,10 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from edit_cache.document import Document
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.calibrate import (
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.calibrate import (
     Calibration,
     calibration_path,
     choose_threshold,
@@ -18,13 +17,13 @@ from engine.calibrate import (
     load_calibration,
     teacher_force,
 )
-from engine.decoding import Reference, SpecCounters, SpeculationConfig, Speculator
-from engine.decoding.adadec import AdaDecConfig, Gate, Lookahead, adadec_decode
-from engine.errors import EngineError
-from engine.generate import DecodeState, StopRules, decode, prefill
-from engine.healing import healer_for
-from engine.loading import DEFAULT_MODEL_DIR, load_model
-from engine.prompting import doc_start_ids, healed_left_to_right_ids, left_to_right_ids
+from editkv.engine.decoding import Reference, SpecCounters, SpeculationConfig, Speculator
+from editkv.engine.decoding.adadec import AdaDecConfig, Gate, Lookahead, adadec_decode
+from editkv.engine.errors import EngineError
+from editkv.engine.generate import DecodeState, StopRules, decode, prefill
+from editkv.engine.healing import healer_for
+from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
+from editkv.engine.prompting import doc_start_ids, healed_left_to_right_ids, left_to_right_ids
 
 
 def _state(loaded, prefix, *, heal=True, max_new_tokens=16):
@@ -203,7 +202,7 @@ def test_draft_reuse_does_not_change_the_output(tiny, monkeypatch):
     config = AdaDecConfig(min(h) - 1e-3, num_candidates=2, lookahead=3)
     rules = StopRules(max_tokens=10, max_lines=None)
     with_reuse = adadec_decode(_state(tiny, "x = "), config, rules)
-    import engine.decoding.adadec as module
+    import editkv.engine.decoding.adadec as module
 
     real = module.Lookahead.rerank
 
@@ -314,7 +313,7 @@ def test_speculation_with_gating_follows_healing(tiny):
 
 
 def test_speculation_refuses_gating_with_sampling(tiny):
-    from engine.sampling import SamplingParams
+    from editkv.engine.sampling import SamplingParams
 
     with pytest.raises(ValueError, match="greedy"):
         Speculator().decode(_state(tiny, "x = "), params=SamplingParams(temperature=0.5), adadec=AdaDecConfig(0.0))
@@ -347,7 +346,7 @@ def default_model():
 
 
 def test_calibrate_command_on_the_default_model(tmp_path, capsys):
-    from lsp_server.cli import main
+    from editkv.lsp_server.cli import main
 
     code = tmp_path / "code"
     code.mkdir()

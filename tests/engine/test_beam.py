@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-
-from engine.decoding.beam import beam_search
-from engine.generate import DecodeState, StopRules, decode, prefill
-from engine.prompting import healed_left_to_right_ids, left_to_right_ids
+from editkv.engine.decoding.beam import beam_search
+from editkv.engine.generate import DecodeState, StopRules, decode, prefill
+from editkv.engine.prompting import healed_left_to_right_ids, left_to_right_ids
 
 PREFIXES = ["def add(a, b):\n", "for name in os.li", "class Point:\n    def __init__(self, x, y):\n        self."]
 

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from editkv.engine.generate import StopRules, decode, prefill
+from editkv.engine.loading import load_model
+from editkv.engine.model import Span
+from editkv.engine.prompting import fim_ids, left_to_right_ids
+from editkv.engine.sampling import SamplingParams, next_token, sampling_probs
 from helpers import make_checkpoint
-
-from engine.generate import StopRules, decode, prefill
-from engine.loading import load_model
-from engine.model import Span
-from engine.prompting import fim_ids, left_to_right_ids
-from engine.sampling import SamplingParams, next_token, sampling_probs
 
 
 @pytest.fixture(scope="module")

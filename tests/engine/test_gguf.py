@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine.loading import load_model
+from editkv.engine.loading import load_model
 
 GGUF = Path(os.environ.get(
     "EDITKV_QWEN_GGUF", Path.home() / ".cache/editkv/qwen2.5-coder-0.5b-instruct-q4.gguf"))

@@ -5,10 +5,9 @@ import shutil
 
 import pytest
 import torch
+from editkv.engine.errors import EngineError
+from editkv.engine.loading import load_model, resolve_device
 from helpers import make_checkpoint
-
-from engine.errors import EngineError
-from engine.loading import load_model, resolve_device
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,7 @@
 from collections import Counter
 
 import numpy as np
-
-from engine.ngram import NgramTable
+from editkv.engine.ngram import NgramTable
 
 
 def _brute(tokens, c, sep=None):

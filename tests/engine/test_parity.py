@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from editkv.engine.generate import prefill
+from editkv.engine.loading import load_model
+from editkv.engine.model import Span
 from helpers import FAMILIES, hf_model, make_checkpoint
-
-from engine.generate import prefill
-from engine.loading import load_model
-from engine.model import Span
 
 TOL = 1e-4
 

@@ -15,20 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from edit_cache.document import Document
-from edit_cache.positions import line_starts
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.decoding import ModelTable, PromptLookup, Reference, SpecCounters, SpeculationConfig, Speculator
-from engine.decoding.drafters import TokenHistory
-from engine.decoding.speculative import _Output, _search_buffer, _tokens_left, expected_accepted, verify
-from engine.generate import DecodeState, LineStopper, StopRules, decode
-from engine.healing import healer_for
-from engine.loading import load_model
-from engine.model import Span
-from engine.prompting import doc_start_ids
-from engine.sampling import SamplingParams, sampling_probs
-from engine.static_decode import StaticForward
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.positions import line_starts
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.decoding import ModelTable, PromptLookup, Reference, SpecCounters, SpeculationConfig, Speculator
+from editkv.engine.decoding.drafters import TokenHistory
+from editkv.engine.decoding.speculative import _Output, _search_buffer, _tokens_left, expected_accepted, verify
+from editkv.engine.generate import DecodeState, LineStopper, StopRules, decode
+from editkv.engine.healing import healer_for
+from editkv.engine.loading import load_model
+from editkv.engine.model import Span
+from editkv.engine.prompting import doc_start_ids
+from editkv.engine.sampling import SamplingParams, sampling_probs
+from editkv.engine.static_decode import StaticForward
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "realedits" / "dev.jsonl.gz"
 

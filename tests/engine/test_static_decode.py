@@ -9,16 +9,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.positions import Range, to_position
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.generate import StopRules
+from editkv.engine.loading import load_model
+from editkv.engine.model import KVCache, Span
+from editkv.engine.prompting import doc_start_ids
+from editkv.engine.static_decode import StaticForward, visibility
 from helpers import make_checkpoint
-
-from edit_cache.document import Document
-from edit_cache.positions import Range, to_position
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.generate import StopRules
-from engine.loading import load_model
-from engine.model import KVCache, Span
-from engine.prompting import doc_start_ids
-from engine.static_decode import StaticForward, visibility
 
 TEXT = "def f(x):\n    return x + 1\n\n\nclass A:\n\tpass\r\n    y = [1, 2]  # é ✓\n" * 4
 PIECES = ["x", " = ", "\n", "    ", "return ", "😀", "(1)", "def g():\n    pass\n", ""]

@@ -6,25 +6,24 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
-from edit_cache.document import Document
-from edit_cache.tokens import TokenEdit, TokenizedText
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.decoding.ngram_index import NgramIndex
-from engine.decoding.superposed import (
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.tokens import TokenEdit, TokenizedText
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.decoding.ngram_index import NgramIndex
+from editkv.engine.decoding.superposed import (
     SuperposedParams,
     _corpus_distribution,
     corpus_context_hash,
     left_context,
     superposed_drafts,
 )
-from engine.generate import DecodeState, DecodeStats, StopRules, decode
-from engine.loading import DEFAULT_MODEL_DIR, load_model
-from engine.model import Span
-from engine.ngram import NgramTable, _hash_one
-from engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids, left_to_right_ids
-from engine.static_decode import StaticForward
-from engine.tokenizer import Tokenizer
+from editkv.engine.generate import DecodeState, DecodeStats, StopRules, decode
+from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
+from editkv.engine.model import Span
+from editkv.engine.ngram import NgramTable, _hash_one
+from editkv.engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids, left_to_right_ids
+from editkv.engine.static_decode import StaticForward
+from editkv.engine.tokenizer import Tokenizer
 
 GREEDY = SuperposedParams(alpha=0.0, keep_empty=True)
 PROMPTS = ["def add(a, b):\n", "import os\nfor name in", "class Point:\n    def __init__(self, x, y):\n        self."]

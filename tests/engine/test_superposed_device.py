@@ -5,12 +5,11 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from edit_cache.document import Document
-from edit_cache.views import fill_in_middle, left_to_right
-from engine.decoding.ngram_index import NgramIndex
-from engine.decoding.superposed import NgramMixture, SuperposedParams, corpus_context_hash, superposed_drafts
-from engine.decoding.superposed_device import (
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.decoding.ngram_index import NgramIndex
+from editkv.engine.decoding.superposed import NgramMixture, SuperposedParams, corpus_context_hash, superposed_drafts
+from editkv.engine.decoding.superposed_device import (
     LEFT,
     LENGTH,
     ORDERS,
@@ -20,11 +19,11 @@ from engine.decoding.superposed_device import (
     ngram_probs,
     token_rules,
 )
-from engine.generate import StopRules
-from engine.loading import DEFAULT_MODEL_DIR, load_model
-from engine.ngram import NgramTable
-from engine.prompting import doc_start_ids, healed_left_to_right_ids
-from engine.static_decode import StaticForward
+from editkv.engine.generate import StopRules
+from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
+from editkv.engine.ngram import NgramTable
+from editkv.engine.prompting import doc_start_ids, healed_left_to_right_ids
+from editkv.engine.static_decode import StaticForward
 
 HOST = 0  # SuperposedParams.device_steps that keeps every step on the host
 PROMPTS = ["def add(a, b):\n", "import os\nfor name in", "class Point:\n    def __init__(self, x, y):\n        self."]
@@ -117,7 +116,7 @@ def test_stream_keeps_recent_documents_whole():
 
 
 def test_token_rules_classes(default):
-    from engine.healing import healer_for
+    from editkv.engine.healing import healer_for
 
     tok = default.tokenizer
     rules = token_rules(tok, frozenset(tok.stop_ids), 1, default.config.vocab_size, torch.device("cpu"))
@@ -291,8 +290,8 @@ def test_heal_tables_rows(default):
     """One masked row per byte offset into the healed text (the healer's allowed tokens), every
     token allowed past it; a token adds content only past the healed bytes; 32 bytes and more
     leave the request to the host loop."""
-    from engine.decoding.superposed_device import heal_rows, heal_tables
-    from engine.healing import healer_for
+    from editkv.engine.decoding.superposed_device import heal_rows, heal_tables
+    from editkv.engine.healing import healer_for
 
     tok = default.tokenizer
     rules = token_rules(tok, frozenset(tok.stop_ids), 1, default.config.vocab_size, torch.device("cpu"))

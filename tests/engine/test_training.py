@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # plain `pytest` does not put the repo root on the path
     sys.path.insert(0, str(REPO))
 
-from engine.training import bpe  # noqa: E402
-from engine.training.corpus import (  # noqa: E402
+from editkv.engine.training import bpe  # noqa: E402
+from editkv.engine.training.corpus import (  # noqa: E402
     COPYLEFT,
     PERMISSIVE,
     UNKNOWN,
@@ -30,7 +30,7 @@ from engine.training.corpus import (  # noqa: E402
     classify_licence,
     collect_sources,
 )
-from engine.training.data import (  # noqa: E402
+from editkv.engine.training.data import (  # noqa: E402
     PackedStreams,
     encode_documents,
     fim_cuts,
@@ -325,7 +325,7 @@ def _pipeline(tmp_path: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     """The whole pipeline through its entry point on a tiny repetitive corpus."""
-    from engine import train_default
+    from editkv.engine import train_default
 
     tmp = tmp_path_factory.mktemp("pipeline")
     stdlib, site = tmp / "stdlib", tmp / "site"
@@ -368,12 +368,12 @@ def test_pipeline_lowers_loss_and_exports_a_loadable_model(pipeline_run):
     assert tok.convert_tokens_to_ids(["<|fim_prefix|>", "<|fim_suffix|>"]) == [1, 3]
     # the FIM layout the tokens were made with travels with the weights
     assert json.loads((out / "editkv.json").read_text()) == {"fim_tail_tokens": 32}
-    from engine.loading import load_model
+    from editkv.engine.loading import load_model
 
     assert load_model(str(out)).tokenizer.fim.tail == 32
 
     # Same logits as the in-memory model: rebuild it from the fp32 checkpoint.
-    from engine.training.train import ModelSize, build_model
+    from editkv.engine.training.train import ModelSize, build_model
 
     ckpt = torch.load(pipeline_run / "work" / "checkpoint.pt", weights_only=False)
     ref = build_model(ModelSize(**ckpt["size"]), torch.device("cpu"), seed=0)
@@ -387,9 +387,8 @@ def test_pipeline_lowers_loss_and_exports_a_loadable_model(pipeline_run):
 
 
 def test_pack_fits_device_limits_and_unpacks_exactly(pipeline_run, tmp_path):
+    from editkv.engine.training.export import unpack_folder
     from safetensors.torch import load_file
-
-    from engine.training.export import unpack_folder
 
     pack = sorted((pipeline_run / "pack").iterdir())
     assert len(pack) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in pack)
@@ -403,9 +402,8 @@ def test_pack_fits_device_limits_and_unpacks_exactly(pipeline_run, tmp_path):
 
 def test_split_embedding_pack_round_trip(tmp_path):
     import torch
+    from editkv.engine.training.export import pack_folder, unpack_folder
     from safetensors.torch import load_file, save_file
-
-    from engine.training.export import pack_folder, unpack_folder
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -434,8 +432,7 @@ def test_tokenize_stream_is_reproducible_and_pool_matches_in_process(pipeline_ru
 
 def test_resume_continues_exactly_and_time_budget_stops_cleanly(pipeline_run, tmp_path):
     import torch
-
-    from engine.training.train import TINY_SIZE, TrainConfig, train
+    from editkv.engine.training.train import TINY_SIZE, TrainConfig, train
 
     tokens = pipeline_run / "work" / "tokens"
     size = replace(TINY_SIZE, vocab_size=320)
@@ -464,7 +461,7 @@ def test_resume_continues_exactly_and_time_budget_stops_cleanly(pipeline_run, tm
 
 
 def test_second_invocation_skips_built_stages_and_needs_resume(pipeline_run, tmp_path, capsys):
-    from engine import train_default
+    from editkv.engine import train_default
 
     shutil.copytree(pipeline_run, tmp_path, dirs_exist_ok=True)
     capsys.readouterr()
@@ -482,14 +479,14 @@ def test_second_invocation_skips_built_stages_and_needs_resume(pipeline_run, tmp
 def test_entry_point_help_runs():
     import subprocess
 
-    result = subprocess.run([sys.executable, "-m", "engine.train_default", "--help"],
+    result = subprocess.run([sys.executable, "-m", "editkv.engine.train_default", "--help"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--max-minutes" in result.stdout
     assert "--init-from" in result.stdout
 
 
 def test_init_from_export_reuses_its_tokenizer_and_step(pipeline_run, tmp_path, capsys):
-    from engine import train_default
+    from editkv.engine import train_default
 
     for name in ("stdlib", "site"):
         shutil.copytree(pipeline_run / name, tmp_path / name)

@@ -4,10 +4,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import KERNEL_DEVICE, needs_triton
-
-from engine.model import RMSNorm
-from kernels.fused import (
+from editkv.engine.model import RMSNorm
+from editkv.kernels.fused import (
     add_rms_norm_ref,
     add_rms_norm_triton,
     rope_write_ref,
@@ -15,6 +13,7 @@ from kernels.fused import (
     silu_mul_ref,
     silu_mul_triton,
 )
+from helpers import KERNEL_DEVICE, needs_triton
 
 DEVICE = KERNEL_DEVICE
 
@@ -63,8 +62,8 @@ def test_silu_mul_kernel(dtype, inner):
 
 
 def test_rope_write_reference_is_the_model_attention_rotation():
-    from engine.config import ModelConfig
-    from engine.rope import Rotary, apply_rotary
+    from editkv.engine.config import ModelConfig
+    from editkv.engine.rope import Rotary, apply_rotary
 
     config = ModelConfig(family="llama", vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1,
                          num_heads=4, num_kv_heads=2, head_dim=16, partial_rotary_factor=0.5)

@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
+from editkv.engine.calibrate import entropy
+from editkv.kernels.logit_summary import LogitSummary, logit_summary, logit_summary_ref, logit_summary_triton
 from helpers import KERNEL_DEVICE, needs_triton
-
-from engine.calibrate import entropy
-from kernels.logit_summary import LogitSummary, logit_summary, logit_summary_ref, logit_summary_triton
 
 DEVICE = KERNEL_DEVICE
 INF = float("-inf")

@@ -5,9 +5,8 @@ import random
 
 import pytest
 import torch
+from editkv.kernels.lookup_draft import MAX_MATCH, accept_ref, accept_triton, draft_ref, draft_triton
 from helpers import KERNEL_DEVICE, needs_triton
-
-from kernels.lookup_draft import MAX_MATCH, accept_ref, accept_triton, draft_ref, draft_triton
 
 DEVICE = KERNEL_DEVICE
 

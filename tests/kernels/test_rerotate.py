@@ -3,11 +3,10 @@
 
 import pytest
 import torch
+from editkv.engine.config import ModelConfig
+from editkv.engine.rope import Rotary, apply_rotary
+from editkv.kernels.rerotate import move_rerotate_ref, move_rerotate_triton
 from helpers import KERNEL_DEVICE, needs_triton
-
-from engine.config import ModelConfig
-from engine.rope import Rotary, apply_rotary
-from kernels.rerotate import move_rerotate_ref, move_rerotate_triton
 
 DEVICE = KERNEL_DEVICE
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}

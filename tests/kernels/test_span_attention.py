@@ -4,14 +4,13 @@ gathered key list, the split plan, and (on a GPU) replay inside a CUDA graph."""
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, needs_triton
-
-from kernels.span_attention import (
+from editkv.kernels.span_attention import (
     plan_splits,
     span_attention_ref,
     span_attention_triton,
     triton,
 )
+from helpers import KERNEL_DEVICE, needs_triton
 
 DEVICE = KERNEL_DEVICE
 TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}

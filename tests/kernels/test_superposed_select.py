@@ -7,11 +7,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, needs_triton
-
-from engine.decoding.ngram_index import NgramIndex
-from engine.decoding.superposed import SuperposedParams
-from engine.decoding.superposed_device import (
+from editkv.engine.decoding.ngram_index import NgramIndex
+from editkv.engine.decoding.superposed import SuperposedParams
+from editkv.engine.decoding.superposed_device import (
     NEVER,
     ORDERS,
     RUNNING,
@@ -22,8 +20,9 @@ from engine.decoding.superposed_device import (
     next_input,
     select_ref,
 )
-from engine.ngram import NgramTable
-from kernels.superposed_select import superposed_select_triton
+from editkv.engine.ngram import NgramTable
+from editkv.kernels.superposed_select import superposed_select_triton
+from helpers import KERNEL_DEVICE, needs_triton
 
 DEVICE = torch.device(KERNEL_DEVICE)
 VOCAB = 24  # small: contexts repeat in the stream and the corpus, so every order is exercised
@@ -125,7 +124,7 @@ def test_select_kernel_matches_definition(k, m, mixed, with_corpus):
 @needs_triton
 def test_ngram_counts_kernel_counts_every_order():
     """The stream counts the select kernel reads: per order, contexts seen and n-grams, by definition."""
-    from kernels.superposed_select import _ngram_counts_kernel, _pad
+    from editkv.kernels.superposed_select import _ngram_counts_kernel, _pad
 
     rng = random.Random(5)
     tokens = [rng.randrange(6) for _ in range(500)]

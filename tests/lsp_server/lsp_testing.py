@@ -26,4 +26,4 @@ SOURCE = (
 
 
 def lsp_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lsp_server.cli", "lsp", *args]
+    return [sys.executable, "-m", "editkv.lsp_server.cli", "lsp", *args]

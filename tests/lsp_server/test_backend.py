@@ -12,13 +12,12 @@ import math
 from pathlib import Path
 
 import pytest
+from editkv.edit_cache.positions import line_starts, to_position
+from editkv.engine.decoding.adadec import AdaDecConfig, adadec_decode
+from editkv.engine.loading import load_model
+from editkv.lsp_server.backend import CompletionRequest, DecodingOptions, ModelBackend
+from editkv.lsp_server.settings import Settings
 from helpers import make_checkpoint
-
-from edit_cache.positions import line_starts, to_position
-from engine.decoding.adadec import AdaDecConfig, adadec_decode
-from engine.loading import load_model
-from lsp_server.backend import CompletionRequest, DecodingOptions, ModelBackend
-from lsp_server.settings import Settings
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "realedits" / "dev.jsonl.gz"
 
@@ -57,7 +56,7 @@ def _type(backend, uri, text, cursor, typed):
     """Insert `typed` at `cursor` as an editor would (one change per keystroke); the new text and cursor."""
     for ch in typed:
         pos = to_position(text, cursor)
-        from edit_cache.positions import Range
+        from editkv.edit_cache.positions import Range
 
         backend.change(uri, [(Range(pos, pos), ch)])
         text, cursor = text[:cursor] + ch + text[cursor:], cursor + 1
@@ -147,10 +146,10 @@ def test_adadec_option_composes_with_speculation(trained):
     assert s["strategy"] == "speculative+adadec" and {"adadec_gate_fires", "adadec_extra_forwards"} <= set(s)
     assert s["forwards"] == s["spec_forwards"] + s["adadec_extra_forwards"]
     # the same text as AdaDec alone on the same view
-    from edit_cache.views import left_to_right
+    from editkv.edit_cache.views import left_to_right
 
     view = left_to_right(backend.cache.prepare(uri), cursor, max_new_tokens=24)
-    from engine.generate import StopRules
+    from editkv.engine.generate import StopRules
 
     ref = adadec_decode(view.state(), AdaDecConfig.for_model(None), StopRules(max_tokens=24, max_lines=1))
     assert result.drafts[0].text == ref.text
@@ -171,7 +170,7 @@ def test_adadec_without_a_calibration_is_reported_and_serving_goes_on(tmp_path, 
 
 
 def test_workspace_index_follows_documents_within_its_bound(tmp_path):
-    from edit_cache.positions import Position, Range
+    from editkv.edit_cache.positions import Position, Range
 
     tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
     backend = ModelBackend(tiny, ngram_tokens=60)
@@ -189,7 +188,7 @@ def test_workspace_index_follows_documents_within_its_bound(tmp_path):
 
 
 def test_decoding_settings_reach_the_backend(trained):
-    from lsp_server.scheduler import cache_options
+    from editkv.lsp_server.scheduler import cache_options
 
     backend = ModelBackend(trained)
     settings = Settings(speculation=False, superposed=False, adadec=True)
@@ -199,8 +198,8 @@ def test_decoding_settings_reach_the_backend(trained):
 
 
 def test_cache_options_tuned_for_the_model_unless_the_user_sets_them(trained, tmp_path):
-    from edit_cache.document import RECOMMENDED
-    from lsp_server.scheduler import cache_options
+    from editkv.edit_cache.document import RECOMMENDED
+    from editkv.lsp_server.scheduler import cache_options
 
     backend = ModelBackend(trained, **cache_options(Settings()))
     assert trained.cache["fim_fresh_suffix"] == 0  # engine/default_model/editkv.json
@@ -216,9 +215,9 @@ def test_cache_options_tuned_for_the_model_unless_the_user_sets_them(trained, tm
 
 
 def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_path):
-    from edit_cache.positions import Position, Range
-    from edit_cache.views import left_to_right
-    from engine.generate import prefill
+    from editkv.edit_cache.positions import Position, Range
+    from editkv.edit_cache.views import left_to_right
+    from editkv.engine.generate import prefill
 
     tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
     # views that refresh near the cursor would hide the staleness this test measures

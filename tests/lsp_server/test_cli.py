@@ -9,7 +9,7 @@ from helpers import make_checkpoint
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "lsp_server.cli", *args],
+    return subprocess.run([sys.executable, "-m", "editkv.lsp_server.cli", *args],
                           capture_output=True, text=True, timeout=120)
 
 

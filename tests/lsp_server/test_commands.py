@@ -17,7 +17,7 @@ def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 def test_demo_types_the_bundled_example():
-    proc = run("-m", "lsp_server.cli", "demo", "--fake", "--interval-ms", "0", "--max-keys", "12")
+    proc = run("-m", "editkv.lsp_server.cli", "demo", "--fake", "--interval-ms", "0", "--max-keys", "12")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "server ready: fake backend" in out and "inventory.py: 12 keystrokes" in out
@@ -26,14 +26,14 @@ def test_demo_types_the_bundled_example():
 
 
 def test_demo_on_a_real_model(tiny_model):
-    proc = run("-m", "lsp_server.cli", "demo", "--model", str(tiny_model), "--device", "cpu",
+    proc = run("-m", "editkv.lsp_server.cli", "demo", "--model", str(tiny_model), "--device", "cpu",
                "--interval-ms", "0", "--max-keys", "8")
     assert proc.returncode == 0, proc.stderr
     assert f"server ready: {tiny_model} on cpu" in proc.stdout and "keystrokes" in proc.stdout
 
 
 def test_demo_with_a_bad_model_is_one_clear_line(tmp_path):
-    proc = run("-m", "lsp_server.cli", "demo", "--model", str(tmp_path / "nope"), "--device", "cpu")
+    proc = run("-m", "editkv.lsp_server.cli", "demo", "--model", str(tmp_path / "nope"), "--device", "cpu")
     assert proc.returncode == 2
     assert "editkv: error: could not load the model" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -51,7 +51,7 @@ def records(tmp_path):
 
 
 def test_demo_replays_realedits_records(records):
-    proc = run("-m", "lsp_server.cli", "demo", "--fake", "--data", str(records), "--interval-ms", "0")
+    proc = run("-m", "editkv.lsp_server.cli", "demo", "--fake", "--data", str(records), "--interval-ms", "0")
     assert proc.returncode == 0, proc.stderr
     assert "example/repo@abc1234:tool.py: 21 keystrokes" in proc.stdout  # 1 deletion + 20 characters
     assert "<del>" in proc.stdout
@@ -102,7 +102,7 @@ async def _tcp_initialize(port: int) -> dict:
 
 
 def test_lsp_help_documents_the_flags():
-    proc = run("-m", "lsp_server.cli", "lsp", "--help")
+    proc = run("-m", "editkv.lsp_server.cli", "lsp", "--help")
     assert proc.returncode == 0
     for flag in ("--tcp", "--host", "--port", "--model", "--device", "--fake"):
         assert flag in proc.stdout

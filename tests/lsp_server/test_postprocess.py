@@ -1,8 +1,7 @@
 """Drafts -> suggestions: line/block ends, overlap with the text after the cursor, ranking."""
 
 import pytest
-
-from lsp_server.postprocess import CursorContext, error_count, finish, trim, wants_multiline
+from editkv.lsp_server.postprocess import CursorContext, error_count, finish, trim, wants_multiline
 
 
 def ctx(marked: str, *, multiline: bool = False, python: bool = True, max_lines: int = 8) -> CursorContext:

@@ -11,9 +11,8 @@ import time
 
 import pytest
 import pytest_asyncio
+from editkv.lsp_server.lsp_client import LspClient, LspError
 from lsp_testing import SERVER_ENV, lsp_command
-
-from lsp_server.lsp_client import LspClient, LspError
 
 pytestmark = pytest.mark.asyncio
 A = "file:///work/a.py"

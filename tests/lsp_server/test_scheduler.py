@@ -5,11 +5,10 @@ import threading
 from concurrent.futures import wait
 
 import pytest
-
-from edit_cache.positions import Position, Range
-from lsp_server.backend import CompletionResult, Draft, FakeBackend
-from lsp_server.scheduler import EngineWorker, Job
-from lsp_server.settings import Settings
+from editkv.edit_cache.positions import Position, Range
+from editkv.lsp_server.backend import CompletionResult, Draft, FakeBackend
+from editkv.lsp_server.scheduler import EngineWorker, Job
+from editkv.lsp_server.settings import Settings
 
 URI = "file:///w/a.py"
 
@@ -151,14 +150,21 @@ def test_backend_result_draft_scores_rank_suggestions(worker):
 
 def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
     """A real model backend: stale tokens left by PIE are re-encoded once the worker has been
-    idle for idle_refresh_ms, in chunks on the worker thread; busy periods get none of it."""
+    idle for idle_refresh_ms, in chunks on the worker thread; busy periods get none of it.
+    Idleness is measured on a clock the test moves, so a slow machine can't make it idle."""
     import time
 
+    from editkv.engine.loading import load_model
+    from editkv.lsp_server.backend import ModelBackend
     from helpers import make_checkpoint
 
-    from engine.loading import load_model
-    from lsp_server.backend import ModelBackend
+    class Clock:
+        now = 1000.0
 
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
     backend = ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")))
     refresh_threads = []
     inner = backend.refresh_idle
@@ -168,26 +174,37 @@ def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
         return inner(max_tokens)
 
     backend.refresh_idle = recording
-    w = EngineWorker(lambda settings: backend, lambda level, text: None)
+    w = EngineWorker(lambda settings: backend, lambda level, text: None, clock=clock)
     try:
-        assert w.load(Settings(idle_refresh_ms=500)).result(30)[0]
+        assert w.load(Settings(idle_refresh_ms=20)).result(30)[0]
         text = "def add(a, b):\n    return a + b\n" * 40
         w.open(URI, text, "python").result(10)
         w.complete(job(0, line=1, character=4)).result(30)  # encodes the document
-        for i in range(6):  # keep the worker busy: a change every 50 ms
+        for i in range(6):  # busy: a change and a request every 10 ms of the worker's clock
             w.change(URI, [(at(i, 0), "# \n")], "utf-16").result(10)
             w.complete(job(i + 1, line=1, character=4)).result(30)
-            time.sleep(0.05)
+            clock.now += 0.01
+            time.sleep(0.05)  # real time passes (timers fire), the worker's clock says not idle
         doc = backend.cache.get(URI)
-        assert doc.num_stale > 0 and w.idle_refreshed == 0
+        assert doc.num_stale > 0 and w.idle_refreshed == 0 and not refresh_threads
         # a request cancelled while queued (the editor moved on) must not leave the worker "busy"
         blocker = w.call(time.sleep, 0.3)
         queued = w.complete(job(6, line=1, character=4))
         assert queued.cancel() and blocker.result(10) is None
-        deadline = time.monotonic() + 30
+        time.sleep(0.1)
+        assert w.idle_refreshed == 0 and not refresh_threads  # still not idle on its clock
+        clock.now += 1.0  # now idle for 50x idle_refresh_ms
+        deadline = time.monotonic() + 60
         while (doc.num_stale or doc.pending_edits) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert doc.num_stale == 0 and w.idle_refreshed >= len(doc.ids) - 40
         assert set(refresh_threads) == {w.thread_id}
+        # nothing stale is left: the worker stops looking until new work comes (no busy loop)
+        while not (w._idle_next == "done" and not w._pending) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        runs = w.idle_runs
+        clock.now += 10.0
+        time.sleep(0.3)
+        assert w.idle_runs == runs
     finally:
         w.stop()

@@ -2,7 +2,7 @@
 
 import json
 
-from lsp_server.stats import MAX_TRACKED, Stats, percentile
+from editkv.lsp_server.stats import MAX_TRACKED, Stats, percentile
 
 
 def test_events_are_counted_per_kind_and_saved(tmp_path):

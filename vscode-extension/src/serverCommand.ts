@@ -1,6 +1,6 @@
 /**
  * `editkv.server.*` settings -> the process to start: `<command> lsp <args>`, or
- * `<python> -m lsp_server.cli lsp <args>` when a Python interpreter is given.
+ * `<python> -m editkv.lsp_server.cli lsp <args>` when a Python interpreter is given.
  *
  * Variables are expanded the way VS Code users expect in paths (`~`, `${userHome}`,
  * `${workspaceFolder}`, `${env:NAME}`). An unknown variable or a `${workspaceFolder}`
@@ -21,7 +21,7 @@ export interface ServerLaunch {
 export const DEFAULT_LAUNCH: ServerLaunch = { command: 'editkv', python: '', args: [], env: {} };
 
 /** The module `python -m` runs: lsp_server/cli.py has a `__main__` guard. */
-export const PYTHON_MODULE = 'lsp_server.cli';
+export const PYTHON_MODULE = 'editkv.lsp_server.cli';
 
 export interface LaunchContext {
   /** The environment the server inherits (the extension host's). */

@@ -196,7 +196,7 @@ describe('editkv lsp, driven with the extension\'s logic', { skip: SKIP }, () =>
     assert.deepEqual(server().problems(), []);
   });
 
-  test('editkv.server.python: `<python> -m lsp_server.cli lsp` is a working entry point', (t) => {
+  test('editkv.server.python: `<python> -m editkv.lsp_server.cli lsp` is a working entry point', (t) => {
     const python = path.join(path.dirname(COMMAND), process.platform === 'win32' ? 'python.exe' : 'python');
     if (!existsSync(python)) {
       t.skip(`no python beside ${COMMAND}`);

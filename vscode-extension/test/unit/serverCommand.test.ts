@@ -21,7 +21,7 @@ describe('resolveServerCommand', () => {
   test('a Python interpreter runs the CLI module and wins over the command', () => {
     const resolved = resolveServerCommand({ ...DEFAULT_LAUNCH, command: '/x/editkv', python: '${workspaceFolder}/.venv/bin/python', args: ['--fake'] }, context);
     assert.equal(resolved.command, '/ws/.venv/bin/python');
-    assert.deepEqual(resolved.args, ['-m', 'lsp_server.cli', 'lsp', '--fake']);
+    assert.deepEqual(resolved.args, ['-m', 'editkv.lsp_server.cli', 'lsp', '--fake']);
   });
 
   test('a blank command falls back to editkv', () => {
@@ -52,5 +52,5 @@ describe('resolveServerCommand', () => {
 });
 
 test('describeCommand quotes arguments with spaces', () => {
-  assert.equal(describeCommand({ command: '/a b/python', args: ['-m', 'lsp_server.cli', 'lsp'] }), '"/a b/python" -m lsp_server.cli lsp');
+  assert.equal(describeCommand({ command: '/a b/python', args: ['-m', 'editkv.lsp_server.cli', 'lsp'] }), '"/a b/python" -m editkv.lsp_server.cli lsp');
 });
