@@ -22,7 +22,7 @@ from editkv.lsp_server.scheduler import Job, Outcome, UnknownDocumentError
 from editkv.lsp_server.server import DocState, EditkvServer, Pending
 from editkv.lsp_server.settings import SECTION, parse_settings, section_of
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInvalidParams, JsonRpcServerNotInitialized
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcServerNotInitialized
 
 log = logging.getLogger(__name__)
 HANDLERS: list[tuple[str, Any, Callable]] = []
@@ -32,6 +32,7 @@ SUGGESTION_EVENT = "editkv/suggestionEvent"
 STATS_REQUEST = "editkv/stats"
 COMPLETION_TRIGGERS = [".", "(", "[", ","]
 LABEL_CHARS = 60
+REQUEST_FAILED = -32803  # LSP's RequestFailed: a valid request the server could not serve
 
 
 def handles(method: str, options: Any = None) -> Callable:
@@ -179,6 +180,9 @@ async def _serve(ls: EditkvServer, kind: str, uri: str, position: types.Position
         ls.stats.count(kind, "dropped")
         return None
     ls.stats.count(kind, outcome.status)
+    if outcome.status == "out_of_sync":
+        raise JsonRpcException(code=REQUEST_FAILED, message=f"editkv: {outcome.stats['reason']}; send the "
+                               "document's whole text (a full-text didChange or a new didOpen) to resync it")
     if outcome.status == "served":
         ls.stats.latency_ms.append(1000 * (time.perf_counter() - started))
     return outcome
