@@ -151,6 +151,7 @@ class ModelBackend:
         self.adadec = None  # AdaDecConfig once `decoding.adadec` is on and the model is calibrated
         self.adadec_problem: str | None = None
         self._set_decoding(decoding or DecodingOptions())
+        self.encoded_tokens = 0  # tokens complete() has run through the model (cache and views), all documents
 
     def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
                   decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None) -> None:
@@ -213,6 +214,7 @@ class ModelBackend:
         if self.recompute:
             doc.drop_kv()
         repair_ms_before = doc.stats.repair_ms
+        encoded_before = doc.stats.tokens_encoded
         doc = self.cache.prepare(request.uri)
         if request.uri in self.index.docs:
             self.index.touch(request.uri)
@@ -233,11 +235,14 @@ class ModelBackend:
                 drafts = self._one_draft(request.uri, doc, cursor, view, rules, stats, counters)
             else:
                 drafts = self._drafts(view, rules, request.num_drafts, stats, counters)
+        encoded = doc.stats.tokens_encoded - encoded_before + (view.encoded_tokens if view is not None else 0)
+        self.encoded_tokens += encoded
         return CompletionResult(drafts, {
             "repair_ms": doc.stats.repair_ms - repair_ms_before,
             "view": "fim" if use_fim else "l2r",
             "view_ms": view.build_ms if view is not None else 0.0,
             "view_encoded_tokens": view.encoded_tokens if view is not None else 0,
+            "encoded_tokens": encoded,  # prefill, repair, refreshes and view tokens of this request
             "decode_tokens": stats.decode_tokens,
             "forwards": stats.forwards,
             **counters,
