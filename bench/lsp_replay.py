@@ -68,6 +68,10 @@ WARM_URI = "file:///lsp_replay/warm_up.py"
 WARM_TEXT = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
 
 
+class BenchError(Exception):
+    """Something the user has to fix (a model that does not load, a bad setting)."""
+
+
 @dataclass(frozen=True)
 class Method:
     """A name for a set of server settings (initializationOptions)."""
@@ -244,13 +248,27 @@ async def start_server(args, method: Method, cache_home: str) -> LspClient:
         await client.wait_ready()
     except LspError as err:
         await client.close()
-        sys.exit(f"lsp_replay: the server could not load the model: {err.message}")
+        raise BenchError(f"the server could not load the model: {err.message}") from None
     problems = [m["message"] for m in client.messages() if "editkv." in m.get("message", "")]
     if problems:
         await client.close()
-        sys.exit(f"lsp_replay: method {method.name} {json.dumps(method.settings)}: {problems[0]}")
+        raise BenchError(f"method {method.name} {json.dumps(method.settings)}: {problems[0]}")
     await settle(client)
     return client
+
+
+async def start_servers(args, methods: list[Method], cache_home: str) -> dict[str, LspClient]:
+    """One server per method, started side by side (loading overlaps); all or none."""
+    for method in methods:
+        print(f"starting editkv lsp for {method.name} {json.dumps(method.settings)} ...", file=sys.stderr)
+    started = await asyncio.gather(*(start_server(args, m, cache_home) for m in methods), return_exceptions=True)
+    failed = [s for s in started if isinstance(s, BaseException)]
+    if failed:
+        for client in started:
+            if isinstance(client, LspClient):
+                await client.close()
+        raise failed[0]
+    return {m.name: c for m, c in zip(methods, started, strict=True)}
 
 
 async def settle(client: LspClient, timeout_s: float = 600.0) -> None:
@@ -448,9 +466,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lsp_replay_") as cache_home:
         try:
-            for method in methods:
-                print(f"starting editkv lsp for {method.name} {json.dumps(method.settings)} ...", file=sys.stderr)
-                clients[method.name] = await start_server(args, method, cache_home)
+            clients = await start_servers(args, methods, cache_home)
             description = (await clients[methods[0].name].request("editkv/stats"))["backend"]["description"]
             for pace in paces:
                 for i, case in enumerate(cases):
@@ -488,7 +504,10 @@ def main() -> None:
              for name in PACES if args.pace in (name, "both")]
     records = load_records(args.data, args.limit if args.order == "file" else None)
     cases = build_cases(records, token_counter(None if args.fake else args.model), args.limit, args.order)
-    result = asyncio.run(run(args, methods, paces, cases))
+    try:
+        result = asyncio.run(run(args, methods, paces, cases))
+    except BenchError as err:
+        sys.exit(f"lsp_replay: {err}")
     print_tables(result)
     write_json(args.json, result)
 
