@@ -237,7 +237,7 @@ def build_cases(records: list[dict], count: Callable[[list[str]], list[int]], li
 
 
 async def start_server(args, method: Method, cache_home: str) -> LspClient:
-    """`editkv lsp` with `method`'s settings, model loaded and warmed up; exits on bad settings."""
+    """`editkv lsp` with `method`'s settings, model loaded and warmed up; BenchError on bad settings."""
     flags = ["--device", args.device] + (["--model", args.model] if args.model else [])
     flags += (["--dtype", args.dtype] if args.dtype else []) + (["--fake"] if args.fake else [])
     env = server_env()
@@ -423,6 +423,9 @@ def _args():
     p.add_argument("--method-settings", action="append", default=[], metavar="NAME=JSON",
                    help="define (or override) a method's settings, e.g. nobudget='{\"staleBudget\": 0}'; "
                         "it joins --methods if not listed")
+    p.add_argument("--settings", default=None, metavar="JSON",
+                   help="settings for every method, under each method's own, e.g. '{\"maxTokens\": 8}'")
+    p.add_argument("--max-file-chars", type=int, default=None, help="leave out records with larger files")
     p.add_argument("--pace", choices=("service", "human", "both"), default="both")
     p.add_argument("--interval-ms", type=float, default=100.0, help="human pace: between keystrokes (100)")
     p.add_argument("--hunk-pause-ms", type=float, default=1500.0, help="human pace: before each later hunk (1500)")
@@ -436,8 +439,8 @@ def _args():
     return p.parse_args()
 
 
-def parse_methods(names: str, overrides: Iterable[str]) -> list[Method]:
-    """--methods and --method-settings as Methods, in the order given."""
+def parse_methods(names: str, overrides: Iterable[str], common: str | None = None) -> list[Method]:
+    """--methods, --method-settings and --settings (under every method's own) as Methods, in order."""
     settings = {name: dict(value) for name, value in METHODS.items()}
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     for item in overrides:
@@ -456,7 +459,13 @@ def parse_methods(names: str, overrides: Iterable[str]) -> list[Method]:
         raise ValueError(f"unknown method(s) {unknown}: known {sorted(settings)}; define one with --method-settings")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"--methods lists a method twice: {chosen}")
-    return [Method(n, settings[n]) for n in chosen]
+    try:
+        shared = json.loads(common) if common else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--settings {common!r}: not JSON ({err})") from None
+    if not isinstance(shared, dict):
+        raise ValueError(f"--settings {common!r}: expected a JSON object of settings")
+    return [Method(n, {**shared, **settings[n]}) for n in chosen]
 
 
 async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case]) -> dict:
@@ -497,12 +506,12 @@ def main() -> None:
     if not args.data.exists():
         sys.exit(f"lsp_replay: no data at {args.data}; pass --data PATH (a realedits .jsonl.gz)")
     try:
-        methods = parse_methods(args.methods, args.method_settings)
+        methods = parse_methods(args.methods, args.method_settings, args.settings)
     except ValueError as err:
         sys.exit(f"lsp_replay: {err}")
     paces = [Pace(name, args.interval_ms if name == "human" else 0.0, args.hunk_pause_ms if name == "human" else 0.0)
              for name in PACES if args.pace in (name, "both")]
-    records = load_records(args.data, args.limit if args.order == "file" else None)
+    records = load_records(args.data, args.limit if args.order == "file" else None, args.max_file_chars)
     cases = build_cases(records, token_counter(None if args.fake else args.model), args.limit, args.order)
     try:
         result = asyncio.run(run(args, methods, paces, cases))

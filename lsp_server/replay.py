@@ -18,6 +18,7 @@ request ended, when it was sent and how long it took.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import re
@@ -327,9 +328,10 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
     open_requests: list[tuple[int, asyncio.Future, KeyRecord]] = []
     keys = session.keys[:max_keys] if max_keys else session.keys
     if prime_timeout_s > 0 and keys:
-        await client.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": uri}, "position": _position(keys[0].start), "context": {"triggerKind": 2}},
-            timeout=prime_timeout_s)
+        with contextlib.suppress(TimeoutError, LspError):  # typing goes on; the first keystrokes wait longer
+            await client.request("textDocument/inlineCompletion", {
+                "textDocument": {"uri": uri}, "position": _position(keys[0].start), "context": {"triggerKind": 2}},
+                timeout=prime_timeout_s)
     for i, key in enumerate(keys):
         if i and hunk_pause_s > 0 and key.hunk != keys[i - 1].hunk:  # from the last keystroke (or answer)
             since = records[-1].sent_at if interval_s > 0 else time.perf_counter()

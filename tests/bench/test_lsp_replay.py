@@ -85,6 +85,9 @@ def test_methods_from_the_command_line():
     methods = parse_methods("full,default", ['nobudget={"staleBudget": 0}', 'full={"maxTokens": 8}'])
     assert [(m.name, m.settings) for m in methods] == [
         ("full", {"cacheMode": "recompute", "maxTokens": 8}), ("default", {}), ("nobudget", {"staleBudget": 0})]
+    methods = parse_methods("full,default", [], '{"maxTokens": 8, "cacheMode": "pie"}')
+    assert [m.settings for m in methods] == [{"maxTokens": 8, "cacheMode": "recompute"},
+                                            {"maxTokens": 8, "cacheMode": "pie"}]
     with pytest.raises(ValueError, match="unknown method"):
         parse_methods("full,fast", [])
     with pytest.raises(ValueError, match="not JSON"):

@@ -248,3 +248,23 @@ def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_pa
         pass
     assert a.num_stale == b.num_stale == 0 and backend.refresh_idle(8) == 0
     assert error() < 1e-4  # refreshed: what a fresh prefill of the text gives
+
+
+def test_every_request_reports_the_tokens_it_encoded(tmp_path):
+    from editkv.edit_cache.positions import Position, Range
+
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
+    backend = ModelBackend(tiny)
+    uri, text = "file:///a.py", "def add(a, b):\n    return a + b\n"
+    backend.open(uri, text)
+    doc = backend.cache.get(uri)
+    request = _request(uri, text, len(text) - 1, max_tokens=2)
+    first = backend.complete(request).stats
+    # the first request reads the file (its start token, then every token) and encodes the view's own
+    assert first["encoded_tokens"] == doc.h + len(doc.ids) + first["view_encoded_tokens"]
+    backend.change(uri, [(Range(Position(0, 4), Position(0, 7)), "plus")])
+    second = backend.complete(request).stats
+    assert 0 < second["encoded_tokens"] < len(doc.ids)  # the edit's tokens, not the file
+    assert backend.encoded_tokens == first["encoded_tokens"] + second["encoded_tokens"]
+    backend.recompute = True  # cacheMode "recompute": the whole file again
+    assert backend.complete(request).stats["encoded_tokens"] >= doc.h + len(doc.ids)
