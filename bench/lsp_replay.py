@@ -18,6 +18,15 @@ Paces: "service" sends each keystroke once the last one is answered (service tim
 types one every --interval-ms and pauses --hunk-pause-ms before each later hunk, so the
 server's debounce, dropping and idle refresh do their work as in an editor.
 
+Reported per pace, method and group: keystrokes; answered (a suggestion, or an empty answer),
+dropped (the server answered null: a newer keystroke superseded the request), cancelled
+(RequestCancelled after our $/cancelRequest), late (answered after the next keystroke was
+sent: the editor had moved on and showed nothing); latency from keystroke sent to answer,
+answered requests only; tokens per keystroke: what the server ran through the model between
+this keystroke's and the next one's (prefill, repair, refreshes, idle refresh, the view's own
+tokens; generated tokens not included), from `editkv/stats` (backend.encoded_tokens +
+backend.idle_refreshed_tokens); "vs full": full's value / this method's, same pace and group.
+
 Quality: at each LineProbe (the cursor at the end of a typed line's indentation, see
 replay.editor_session) the ghost text the editor would show, i.e. the first line of the answer
 to that keystroke's request if it came before the next keystroke (else nothing), against the
@@ -29,9 +38,10 @@ lines are not scored.
 Default subset (--order spread): records round-robin over the size buckets (< 4k, 4k-16k,
 > 16k tokens); the k-th record of bucket b (b = 0, 1, 2) is the first one at position (top,
 middle, bottom third)[(k + b) % 3] if the bucket has one left, else its first, so 9 records
-cover every bucket x position; "first" in sha256(id) order (mixes the repositories), records
-whose first edit typed adds lines (a line break and 20+ characters: lines to score early on)
-before the others. --order file takes records in file order.
+cover every bucket x position the data has (dev.jsonl.gz: 234 / 363 / 3 records per bucket);
+"first" in sha256(id) order (mixes the repositories), records whose first edit typed adds
+lines (a line break and 20+ characters: lines to score early on) before the others.
+--order file takes records in file order.
 
     python bench/lsp_replay.py --limit 6 --max-keys 40 --pace human --methods full,default --timeout 60
 """
