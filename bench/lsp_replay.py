@@ -23,9 +23,11 @@ dropped (the server answered null: a newer keystroke superseded the request), ca
 (RequestCancelled after our $/cancelRequest), late (answered after the next keystroke was
 sent: the editor had moved on and showed nothing); latency from keystroke sent to answer,
 answered requests only; tokens per keystroke: what the server ran through the model between
-this keystroke's and the next one's (prefill, repair, refreshes, idle refresh, the view's own
-tokens; generated tokens not included), from `editkv/stats` (backend.encoded_tokens +
-backend.idle_refreshed_tokens); "vs full": full's value / this method's, same pace and group.
+this keystroke's and the next one's (the last one's: until the server is idle again), i.e.
+prefill, repair, refreshes, idle refresh and the view's own tokens, not generated tokens; from
+`editkv/stats` (backend.encoded_tokens + backend.idle_refreshed_tokens, counted when a request
+ends, so a group's mean is exact and a single keystroke's value may include work the one
+before it started); "vs full": full's value / this method's, same pace and group.
 
 Quality: at each LineProbe (the cursor at the end of a typed line's indentation, see
 replay.editor_session) the ghost text the editor would show, i.e. the first line of the answer
@@ -36,11 +38,11 @@ gets right: what accepting it up to its first wrong character saves). Blank and 
 lines are not scored.
 
 Default subset (--order spread): records round-robin over the size buckets (< 4k, 4k-16k,
-> 16k tokens); the k-th record of bucket b (b = 0, 1, 2) is the first one at position (top,
-middle, bottom third)[(k + b) % 3] if the bucket has one left, else its first, so 9 records
-cover every bucket x position the data has (dev.jsonl.gz: 234 / 363 / 3 records per bucket);
-"first" in sha256(id) order (mixes the repositories), records whose first edit typed adds
-lines (a line break and 20+ characters: lines to score early on) before the others.
+> 16k tokens; dev.jsonl.gz has 234 / 363 / 3 records in them). The k-th record of bucket b
+(b = 0, 1, 2) is wanted at position (top, middle, bottom third)[(k + b) % 3], so 9 records
+spread over every bucket x position; it is the bucket's first record, in sha256(id) order
+(mixes the repositories), at that position with a line to score within --max-keys
+keystrokes, else the first with such a line elsewhere, else its first at that position.
 --order file takes records in file order.
 
     python bench/lsp_replay.py --limit 6 --max-keys 40 --pace human --methods full,default --timeout 60
@@ -192,11 +194,13 @@ def position_of(record: dict) -> str:
     return POSITIONS[min(2, 3 * line // lines)]
 
 
-def select_cases(records: list[dict], tokens: list[int], limit: int | None, order: str = "spread") -> list[int]:
-    """Indices of the records to replay (see the module docstring for the rule)."""
+def select_cases(records: list[dict], tokens: list[int], limit: int | None, order: str = "spread",
+                 useful: Callable[[int], bool] = lambda i: True) -> list[int]:
+    """Indices of the records to replay (see the module docstring for the rule); `useful(i)`: record i
+    has a line to score (asked lazily, in preference order)."""
     if order == "file":
         return list(range(len(records)))[:limit]
-    key = {i: (not _adds_lines(r), hashlib.sha256(r["id"].encode()).hexdigest()) for i, r in enumerate(records)}
+    key = {i: hashlib.sha256(r["id"].encode()).hexdigest() for i, r in enumerate(records)}
     left = {name: sorted((i for i in range(len(records)) if bucket_of(tokens[i]) == name), key=key.get)
             for name, _ in BUCKETS}
     taken: dict[str, int] = {name: 0 for name, _ in BUCKETS}
@@ -207,16 +211,12 @@ def select_cases(records: list[dict], tokens: list[int], limit: int | None, orde
             if not left[name] or len(out) >= want:
                 continue
             position = POSITIONS[(taken[name] + b) % 3]
-            pick = next((i for i in left[name] if position_of(records[i]) == position), left[name][0])
+            ranked = sorted(left[name], key=lambda i, p=position: position_of(records[i]) != p)  # stable
+            pick = next((i for i in ranked if useful(i)), ranked[0])
             left[name].remove(pick)
             taken[name] += 1
             out.append(pick)
     return out
-
-
-def _adds_lines(record: dict) -> bool:
-    text = record["edits"][0]["text"]
-    return "\n" in text and len(text) >= 20
 
 
 def token_counter(model: str | None) -> Callable[[list[str]], list[int]]:
@@ -237,10 +237,20 @@ def token_counter(model: str | None) -> Callable[[list[str]], list[int]]:
 
 
 def build_cases(records: list[dict], count: Callable[[list[str]], list[int]], limit: int | None,
-                order: str) -> list[Case]:
+                order: str, max_keys: int | None) -> list[Case]:
     tokens = count([r["before"] for r in records])
-    return [Case(records[i]["id"], editor_session(records[i]), tokens[i], bucket_of(tokens[i]),
-                 position_of(records[i])) for i in select_cases(records, tokens, limit, order)]
+    sessions: dict[int, Session] = {}
+
+    def session(i: int) -> Session:
+        if i not in sessions:
+            sessions[i] = editor_session(records[i])
+        return sessions[i]
+
+    def useful(i: int) -> bool:
+        return any(max_keys is None or p.key < max_keys for p in session(i).probes)
+
+    return [Case(records[i]["id"], session(i), tokens[i], bucket_of(tokens[i]), position_of(records[i]))
+            for i in select_cases(records, tokens, limit, order, useful)]
 
 
 # ---- the servers --------------------------------------------------------------------------------
@@ -307,8 +317,14 @@ async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace,
         client, case.session, interval_s=pace.interval_ms / 1000, max_keys=args.max_keys, timeout_s=args.timeout,
         hunk_pause_s=pace.hunk_pause_ms / 1000, prime_timeout_s=max(args.timeout, 600.0),
         on_key=lambda i: polls.append(client.send_request("editkv/stats")[1]))
+    # work still running for this record (a repair is not interrupted) ends before settle's request
+    # runs; settle's own tokens (the last request the server served) are not this record's
+    await settle(client)
     final = await client.request("editkv/stats", timeout=args.timeout)
-    counts = [_encoded_so_far(s) for s in await asyncio.gather(*polls)] + [_encoded_so_far(final)]
+    end = _encoded_so_far(final)
+    if end is not None:
+        end -= (final["backend"]["last_request"] or {}).get("encoded_tokens", 0)
+    counts = [_encoded_so_far(s) for s in await asyncio.gather(*polls)] + [end]
     where = (pace.name, method.name, case.record_id, case.bucket, case.position)
     keys = []
     for i, r in enumerate(records):
@@ -491,7 +507,6 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                 for i, case in enumerate(cases):
                     for method in methods[i % len(methods):] + methods[: i % len(methods)]:
                         k, ln = await replay_case(clients[method.name], method, case, pace, args)
-                        await settle(clients[method.name])
                         keys += k
                         lines += ln
                         answered = sum(r.outcome in ANSWERED for r in k)
@@ -522,7 +537,8 @@ def main() -> None:
     paces = [Pace(name, args.interval_ms if name == "human" else 0.0, args.hunk_pause_ms if name == "human" else 0.0)
              for name in PACES if args.pace in (name, "both")]
     records = load_records(args.data, args.limit if args.order == "file" else None, args.max_file_chars)
-    cases = build_cases(records, token_counter(None if args.fake else args.model), args.limit, args.order)
+    cases = build_cases(records, token_counter(None if args.fake else args.model), args.limit, args.order,
+                        args.max_keys)
     try:
         result = asyncio.run(run(args, methods, paces, cases))
     except BenchError as err:

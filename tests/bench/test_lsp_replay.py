@@ -69,12 +69,15 @@ def test_selection_spreads_over_buckets_and_positions():
     for bucket_tokens in (100, 5000, 20000):
         for line in (0, 15, 29):  # top, middle, bottom of 30 lines
             for k in range(2):
+                typed = "y = 2\nz = 3\n" if k else "y = 2"  # adds lines, or a word
                 records.append({"id": f"r{bucket_tokens}-{line}-{k}", "before": "x = 1\n" * 30,
-                                "edits": [_edit(line, 0, "y = 2\nz = 3\nw = 4\n")]})
+                                "edits": [_edit(line, 0, typed)]})
                 tokens.append(bucket_tokens)
-    picked = select_cases(records, tokens, 9)
+    picked = select_cases(records, tokens, 9, useful=lambda i: "\n" in records[i]["edits"][0]["text"])
     cells = {(bucket_of(tokens[i]), position_of(records[i])) for i in picked}
     assert len(picked) == 9 == len(cells)  # every bucket x position once
+    assert all("\n" in records[i]["edits"][0]["text"] for i in picked)  # the ones with lines to score
+    assert len(select_cases(records, tokens, 18)) == 18
     first = [bucket_of(tokens[i]) for i in select_cases(records, tokens, 3)]
     assert first == ["<4k", "4-16k", ">16k"]
     assert select_cases(records, tokens, 4, order="file") == [0, 1, 2, 3]
