@@ -10,6 +10,7 @@ import * as vscode from 'vscode';
 import { DidChangeConfigurationNotification, State, type LanguageClient } from 'vscode-languageclient/node';
 
 import { createServer } from './client';
+import { DropdownGate } from './dropdown';
 import { acceptedId, type Suggestion } from './inline';
 import { SuggestionTracker } from './lifecycle';
 import { INLINE_ACCEPT_COMMAND, STATS_REQUEST, SUGGESTION_EVENT, asStatsSnapshot, type StatsSnapshot, type SuggestionEvent } from './protocol';
@@ -37,6 +38,7 @@ class Editkv implements vscode.Disposable {
   private readonly log = vscode.window.createOutputChannel('editkv', { log: true });
   private readonly item = vscode.window.createStatusBarItem('editkv.status', vscode.StatusBarAlignment.Right, 100);
   private readonly tracker = new SuggestionTracker();
+  private readonly dropdown = new DropdownGate();
   private readonly disposables: vscode.Disposable[] = [];
   private config: ExtensionConfig = readConfig();
   private client: LanguageClient | undefined;
@@ -60,6 +62,10 @@ class Editkv implements vscode.Disposable {
       vscode.commands.registerCommand('editkv.showOutput', () => this.log.show()),
       vscode.commands.registerCommand('editkv.showStats', () => this.showStats()),
       vscode.commands.registerCommand('editkv.menu', () => this.menu()),
+      vscode.commands.registerCommand('editkv.suggest', () => {
+        this.dropdown.asked();
+        return vscode.commands.executeCommand('editor.action.triggerSuggest');
+      }),
       vscode.commands.registerCommand(INLINE_ACCEPT_COMMAND, (...args: unknown[]) => {
         const id = acceptedId(args);
         if (id !== undefined) {
@@ -129,6 +135,7 @@ class Editkv implements vscode.Disposable {
     const client = createServer(resolved, this.log, {
       config: () => this.config,
       onInlineAnswer: (document, position, suggestions, ms) => this.inlineAnswer(document, position, suggestions, ms),
+      admitsCompletion: (triggerKind) => this.dropdown.admits(triggerKind),
     });
     this.client = client;
     client.onDidChangeState((e) => {
