@@ -20,6 +20,9 @@ import { fromStats, isSettling, statusText, statusTooltip, type StatusInfo } fro
 
 const POLL_MS = 1000; // how often to ask `editkv/stats` while the server starts or loads a model
 const TOOLTIP_STATS_MS = 5000; // least time between stats refreshes for the tooltip
+// `editkv: Show Statistics` opens this read-only document. Not an untitled one: the language
+// client syncs untitled documents to the server, which would then encode the statistics.
+const STATS_URI = vscode.Uri.from({ scheme: 'editkv', path: 'statistics.json' });
 
 let extension: Editkv | undefined;
 
@@ -45,6 +48,8 @@ class Editkv implements vscode.Disposable {
   private status: StatusInfo = { enabled: true, state: 'stopped' };
   private stats: StatsSnapshot | undefined;
   private statsAt = 0;
+  private statsText = '';
+  private readonly statsChanged = new vscode.EventEmitter<vscode.Uri>();
   private generation = 0; // bumped on every (re)start: stale polls and clients stop there
   private queue: Promise<void> = Promise.resolve(); // starts and stops, one at a time
 
@@ -72,6 +77,11 @@ class Editkv implements vscode.Disposable {
           this.send(this.tracker.accepted(id));
           void this.refreshStats(false);
         }
+      }),
+      this.statsChanged,
+      vscode.workspace.registerTextDocumentContentProvider(STATS_URI.scheme, {
+        onDidChange: this.statsChanged.event,
+        provideTextDocumentContent: () => this.statsText,
       }),
       vscode.workspace.onDidChangeConfiguration((e) => {
         if (e.affectsConfiguration('editkv')) {
@@ -288,8 +298,10 @@ class Editkv implements vscode.Disposable {
       return;
     }
     const stats: unknown = await client.sendRequest(STATS_REQUEST, null);
-    const document = await vscode.workspace.openTextDocument({ language: 'json', content: JSON.stringify(stats, null, 2) });
-    await vscode.window.showTextDocument(document, { preview: true });
+    this.statsText = JSON.stringify(stats, null, 2);
+    this.statsChanged.fire(STATS_URI);
+    const document = await vscode.workspace.openTextDocument(STATS_URI);
+    await vscode.window.showTextDocument(await vscode.languages.setTextDocumentLanguage(document, 'json'), { preview: true });
   }
 
   private async menu(): Promise<void> {
