@@ -206,6 +206,8 @@ async def inline_completion(ls: EditkvServer,
     outcome = await _serve(ls, "inline", params.text_document.uri, params.position, invoked)
     if outcome is None:
         return None
+    if not outcome.suggestions:  # also a refused document (too big, binary): no cursor to place items at
+        return types.InlineCompletionList(items=[])
     at = types.Position(line=params.position.line, character=outcome.cursor.character)
     texts = [s.text for s in outcome.suggestions[: (ls.settings.num_drafts if invoked else 1)]]
     selected = context.selected_completion_info if context is not None else None
