@@ -131,6 +131,19 @@ class KeyRow:
 
 
 @dataclass
+class OpenRow:
+    """The first request after a record's file was opened (untimed among the keystrokes)."""
+
+    pace: str
+    method: str
+    record: str
+    bucket: str
+    position: str
+    tokens: int
+    first_ms: float | None  # didOpen's request at the first keystroke's position -> its answer
+
+
+@dataclass
 class LineRow:
     """One scored line of one replay."""
 
@@ -309,14 +322,17 @@ def _encoded_so_far(stats: dict) -> int | None:
     return backend["encoded_tokens"] + backend.get("idle_refreshed_tokens", 0)
 
 
-async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace, args) -> tuple[list[KeyRow],
-                                                                                               list[LineRow]]:
-    """Type one record into one server at one pace; its keystroke and line rows."""
+async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace, args,
+                      opens: list[OpenRow] | None = None) -> tuple[list[KeyRow], list[LineRow]]:
+    """Type one record into one server at one pace; its keystroke and line rows (the first
+    request after opening goes to `opens`)."""
     polls: list[asyncio.Future] = []
+    where = (pace.name, method.name, case.record_id, case.bucket, case.position)
     records = await type_session(
         client, case.session, interval_s=pace.interval_ms / 1000, max_keys=args.max_keys, timeout_s=args.timeout,
         hunk_pause_s=pace.hunk_pause_ms / 1000, prime_timeout_s=max(args.timeout, 600.0),
-        on_key=lambda i: polls.append(client.send_request("editkv/stats")[1]))
+        on_key=lambda i: polls.append(client.send_request("editkv/stats")[1]),
+        on_prime=lambda ms: opens.append(OpenRow(*where, case.tokens, ms)) if opens is not None else None)
     # work still running for this record (a repair is not interrupted) ends before settle's request
     # runs; settle's own tokens (the last request the server served) are not this record's
     await settle(client)
@@ -325,7 +341,6 @@ async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace,
     if end is not None:
         end -= (final["backend"]["last_request"] or {}).get("encoded_tokens", 0)
     counts = [_encoded_so_far(s) for s in await asyncio.gather(*polls)] + [end]
-    where = (pace.name, method.name, case.record_id, case.bucket, case.position)
     keys = []
     for i, r in enumerate(records):
         late = r.outcome in ANSWERED and _late(records, i)
@@ -394,6 +409,21 @@ def _summary(pace: str, method: str, group: str, keys: list[KeyRow], lines: list
     }
 
 
+def summarize_opens(opens: list[OpenRow]) -> list[dict]:
+    """Time to the first suggestion after opening a file, per pace, method and file-size bucket."""
+    cells: dict[tuple[str, str, str], list[OpenRow]] = {}
+    for row in opens:
+        for group in ("all", f"size {row.bucket}"):
+            cells.setdefault((row.pace, row.method, group), []).append(row)
+    out = []
+    for (pace, method, group), rows in cells.items():
+        ms = [r.first_ms for r in rows if r.first_ms is not None]
+        out.append({"pace": pace, "method": method, "group": group, "files": len(rows), "answered": len(ms),
+                    "p50_ms": percentile(ms, 50), "max_ms": max(ms) if ms else None,
+                    "max_tokens": max(r.tokens for r in rows)})
+    return out
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -423,6 +453,14 @@ def print_tables(result: dict) -> None:
                  f"keystrokes each, through `editkv lsp`\nmodel: {result['model']}; machine: {result['machine']}; "
                  "'vs full' = full's value / this method's (> 1: less than full)")
         print(table(headers, table_rows, title))
+        first = sorted((s for s in result.get("first_suggestion", []) if s["pace"] == pace["name"]),
+                       key=lambda s: (group_order.index(s["group"]), order[s["method"]]))
+        if first:
+            print(table(["group", "method", "files", "answered", "p50 ms", "max ms", "largest file (tokens)"],
+                        [[s["group"], s["method"], s["files"], s["answered"], _fmt(s["p50_ms"], 0),
+                          _fmt(s["max_ms"], 0), s["max_tokens"]] for s in first],
+                        f"first suggestion after opening a file (pace {pace['name']}): didOpen, then one request "
+                        "at the first keystroke's position"))
     print("\nmethods: " + "; ".join(f"{m} = {json.dumps(s)}" for m, s in result["method_settings"].items()))
 
 
@@ -498,6 +536,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
     clients: dict[str, LspClient] = {}
     keys: list[KeyRow] = []
     lines: list[LineRow] = []
+    opens: list[OpenRow] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lsp_replay_") as cache_home:
         try:
@@ -506,7 +545,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
             for pace in paces:
                 for i, case in enumerate(cases):
                     for method in methods[i % len(methods):] + methods[: i % len(methods)]:
-                        k, ln = await replay_case(clients[method.name], method, case, pace, args)
+                        k, ln = await replay_case(clients[method.name], method, case, pace, args, opens)
                         keys += k
                         lines += ln
                         answered = sum(r.outcome in ANSWERED for r in k)
@@ -523,6 +562,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
         "cases": [{"id": c.record_id, "tokens": c.tokens, "bucket": c.bucket, "position": c.position,
                    "keys": len(c.session.keys), "probes": len(c.session.probes)} for c in cases],
         "summary": summarize(keys, lines), "keys": [asdict(k) for k in keys], "lines": [asdict(r) for r in lines],
+        "opens": [asdict(o) for o in opens], "first_suggestion": summarize_opens(opens),
     }
 
 

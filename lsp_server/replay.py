@@ -308,14 +308,16 @@ def _position(p: tuple[int, int]) -> dict:
 async def type_session(client: LspClient, session: Session, *, interval_s: float, max_keys: int | None = None,
                        timeout_s: float = 300.0, hunk_pause_s: float = 0.0, prime_timeout_s: float = 0.0,
                        on_record: Callable[[KeyRecord], None] | None = None,
-                       on_key: Callable[[int], None] | None = None) -> list[KeyRecord]:
+                       on_key: Callable[[int], None] | None = None,
+                       on_prime: Callable[[float | None], None] | None = None) -> list[KeyRecord]:
     """Open `session`'s document, type its keystrokes, close it; one record per keystroke.
 
     `hunk_pause_s`: the wait before the first keystroke of each later hunk (a user moving to
     the next place to edit), instead of `interval_s`. With `prime_timeout_s` > 0, one request
     at the first keystroke's position is answered (waited for up to that long) before typing
     starts: the server has read the file, as an editor's idle server would have by the time
-    the user types; it is not recorded. `on_key(i)` runs right after keystroke
+    the user types; it is not a keystroke's record, `on_prime` gets its latency in ms (None if
+    it failed or timed out): the time to the first suggestion after opening. `on_key(i)` runs right after keystroke
     i's request is sent. A request still open `timeout_s` after the last keystroke (or, with
     interval 0, after its own) is marked timed out and cancelled, as the editor would on
     moving on; the document closes once every request has its answer (or after another
@@ -328,10 +330,15 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
     open_requests: list[tuple[int, asyncio.Future, KeyRecord]] = []
     keys = session.keys[:max_keys] if max_keys else session.keys
     if prime_timeout_s > 0 and keys:
+        primed = time.perf_counter()
+        prime_ms = None
         with contextlib.suppress(TimeoutError, LspError):  # typing goes on; the first keystrokes wait longer
             await client.request("textDocument/inlineCompletion", {
                 "textDocument": {"uri": uri}, "position": _position(keys[0].start), "context": {"triggerKind": 2}},
                 timeout=prime_timeout_s)
+            prime_ms = 1000 * (time.perf_counter() - primed)
+        if on_prime is not None:
+            on_prime(prime_ms)
     for i, key in enumerate(keys):
         if i and hunk_pause_s > 0 and key.hunk != keys[i - 1].hunk:  # from the last keystroke (or answer)
             since = records[-1].sent_at if interval_s > 0 else time.perf_counter()

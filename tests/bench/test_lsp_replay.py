@@ -158,6 +158,10 @@ def test_smoke_on_the_fake_engine(data, tmp_path):
         s = summary["service", method, "all"]
         assert s["answered"] == s["keystrokes"] and s["lines_shown"] == s["lines"] and s["late"] == 0
     assert summary["service", "full", "all"]["p50_ms_vs_full"] == 1.0
+    # one first request per file opened, per pace and method, reported apart from the keystrokes
+    assert len(result["opens"]) == 2 * len(result["methods"]) and all(o["first_ms"] > 0 for o in result["opens"])
+    first = {(f["pace"], f["method"], f["group"]): f for f in result["first_suggestion"]}
+    assert first["human", "default", "all"]["answered"] == 1 and "first suggestion after opening" in proc.stdout
 
 
 def test_smoke_on_a_tiny_model_counts_the_tokens_each_method_encodes(data, tmp_path):
