@@ -103,6 +103,7 @@ def did_change(ls: EditkvServer, params: types.DidChangeTextDocumentParams) -> N
         return
     doc.edits += 1
     doc.version = params.text_document.version
+    doc.changed()
     doc.supersede()
     changes = [(_range(getattr(c, "range", None)), c.text) for c in params.content_changes]
     ls.worker.change(doc.uri, changes, ls.encoding)
@@ -149,7 +150,10 @@ async def _serve(ls: EditkvServer, kind: str, uri: str, position: types.Position
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
     try:
-        if settings.debounce_ms and not invoked:
+        # the debounce holds a request only while keystrokes come faster than it (a burst); at a
+        # typing pace the server keeps up with, it would only add its own length to every answer
+        if settings.debounce_ms and not invoked and doc.in_burst(settings.debounce_ms / 1000):
+            ls.stats.count(kind, "debounced")
             pending.waiting = loop.create_future()
             timer = loop.call_later(settings.debounce_ms / 1000, _resolve, pending.waiting)
             try:

@@ -58,6 +58,17 @@ class DocState:
     version: int
     edits: int = 0  # content changes so far; the worker counts the same ones
     pending: dict[str, Pending] = field(default_factory=dict)  # newest request per kind
+    last_change: float = float("-inf")  # time.monotonic() of the last content change
+    change_gap: float = float("inf")  # seconds between the last two content changes
+
+    def changed(self) -> None:
+        """Note a content change (the debounce asks how fast they come)."""
+        now = time.monotonic()
+        self.change_gap, self.last_change = now - self.last_change, now
+
+    def in_burst(self, window_s: float) -> bool:
+        """Whether keystrokes come faster than `window_s` apart (a burst: wait for its end)."""
+        return self.change_gap < window_s
 
     def supersede(self, kind: str | None = None) -> None:
         for k, p in list(self.pending.items()):

@@ -30,7 +30,7 @@ class Settings:
     multiline: str = "auto"  # "auto": several lines where a block starts; "never"; "always"
     max_lines: int = 8  # most lines of a multi-line suggestion
     num_drafts: int = 3  # suggestions on an explicit invocation and in the dropdown
-    debounce_ms: int = 40
+    debounce_ms: int = 40  # while keystrokes come faster than this (a burst), wait this long after the last
     kv_budget_mb: int = 1024  # KV cache memory of all documents together; 0 = no limit
     cache_mode: str = "pie"  # "recompute" re-reads the whole file for every request (baseline)
     view: str = "auto"  # "auto" (FIM when the model has FIM tokens), "fim", "l2r"

@@ -222,6 +222,8 @@ async def test_newer_request_supersedes_older_one_for_the_same_document(client: 
     await start(client, "visual-studio-code", {"debounceMs": 1000})
     open_doc(client)
     open_doc(client, "other = 1\n", uri="file:///work/other.py")
+    for version, uri in ((1, URI), (2, URI), (1, "file:///work/other.py"), (2, "file:///work/other.py")):
+        type_at(client, 0, 0, " ", version, uri=uri)  # a burst: keystrokes far less than 1 s apart
     started = time.perf_counter()
     first = asyncio.ensure_future(inline(client, 1, 0))
     await asyncio.sleep(0.05)
@@ -235,6 +237,19 @@ async def test_newer_request_supersedes_older_one_for_the_same_document(client: 
     assert (await dropdown).items
     stats = await server_stats(client)
     assert stats["requests"]["inline"]["dropped"] == 1 and stats["backend"]["completed"] == 3
+
+
+async def test_the_debounce_holds_requests_only_in_a_burst_of_keystrokes(client: LanguageClient):
+    await start(client, "visual-studio-code", {"debounceMs": 300})
+    open_doc(client)
+    type_at(client, 0, 0, "#", 1)
+    await asyncio.sleep(0.4)  # slower than the debounce: a typing pace the server keeps up with
+    type_at(client, 0, 1, " ", 2)
+    assert (await inline(client, 0, 2)).items
+    assert "debounced" not in (await server_stats(client))["requests"]["inline"]
+    type_at(client, 0, 2, "a", 3)  # right after the last one: a burst, held for its end
+    assert (await inline(client, 0, 3)).items
+    assert (await server_stats(client))["requests"]["inline"]["debounced"] == 1
 
 
 async def test_edit_during_a_running_decode_drops_its_result(slow_client: LanguageClient):
