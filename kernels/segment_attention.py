@@ -1,0 +1,349 @@
+"""Flash-style attention of T new tokens over runs of cached keys, each seen through its own
+query rotation: the attention of every eager forward (prefill chunks, long repairs, refreshes).
+
+A forward's context is a list of spans (engine/model.py): slot ranges of KV buffers whose keys
+act `shift` positions later. Keys are cached after RoPE at their slots' positions, so a shift is
+applied to the query instead (rotated to position - shift: RoPE scores depend on position
+differences only). Here a span is a *run*: keys and values `[B|1, KVH, S, D]`, the index of the
+query rotation it is scored with, and whether it is causal (the new tokens' own keys: key i of
+the run is seen by tokens i, i+1, ... only). An attention window's sink is a run with its own
+rotation; the window after it is a run at rotation 0.
+
+Every implementation computes, per query head, one softmax over the union of its visible keys,
+with fp32 statistics and without materialising a `[T, S]` score matrix (except the reference):
+
+- `segment_attention_triton` (CUDA): one program per (block of BLOCK_M tokens, batch x query
+  head) walks the runs BLOCK_N keys at a time with an online softmax (base 2). The runs are
+  slot ranges of one buffer (`Segment`s), so one launch covers a whole chunk's context: a
+  document's window, its sink and the new tokens. Key blocks that every row of the program sees
+  take no mask; only a run's last partial block and the causal diagonal do. Query heads index
+  their KV head (GQA) without copying keys.
+- `segment_attention_cpu`: PyTorch's CPU flash kernel once per run (the non-causal ones with no
+  mask at all, the causal one with its own causal flag, which for a square run is ours), each
+  returning its log-sum-exp, and the partial outputs merged by those weights. One call over
+  every key with a `[T, S]` mask is ~40% slower there.
+- `segment_attention_torch`: the reference over blocks of queries, so that its fp32 scores stay
+  a few MB (devices with neither of the above).
+- `segment_attention_ref`: the definition, fp32 scores over every key at once (tests).
+
+q is `[B, H, R, T, D]` (R rotations, any strides with a contiguous last dim); the output is
+`[B, T, H, D]` in q's dtype, the layout the output projection reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # Triton is optional on CPU-only installs
+    triton = None
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim; the usual flash-attention
+# forward shapes for Hopper, to be checked against `bench/prefill.py --sweep` on the H100.
+CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
+QUERY_BLOCK = 256  # tokens per block of `segment_attention_torch`
+MAX_SEGMENTS = 8
+
+
+@dataclass(frozen=True)
+class KeyRun:
+    """Keys and values `[B|1, KVH, S, D]` scored with query rotation `rotation`; `causal`: key i
+    is seen by tokens i, i+1, ... only (a run of the new tokens' own keys)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    rotation: int = 0
+    causal: bool = False
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Slots `[start, end)` of one key buffer as a run (see `KeyRun`)."""
+
+    start: int
+    end: int
+    rotation: int = 0
+    causal: bool = False
+
+    def run(self, keys: torch.Tensor, values: torch.Tensor) -> KeyRun:
+        """This segment of `keys`/`values` `[B|1, KVH, S, D]` as a run."""
+        return KeyRun(keys[:, :, self.start : self.end], values[:, :, self.start : self.end],
+                      self.rotation, self.causal)
+
+
+def _check(q: torch.Tensor, runs: Sequence[KeyRun]) -> None:
+    assert q.dim() == 5, "q must be [batch, heads, rotations, tokens, head_dim]"
+    batch, heads, rotations, _, head_dim = q.shape
+    for run in runs:
+        assert run.keys.dim() == 4 and run.keys.shape == run.values.shape, "keys, values: [B|1, KVH, S, D]"
+        assert run.keys.shape[0] in (1, batch) and run.keys.shape[3] == head_dim, (
+            f"keys {tuple(run.keys.shape)} do not match q {tuple(q.shape)}")
+        assert heads % run.keys.shape[1] == 0, "query heads must be a multiple of KV heads"
+        assert 0 <= run.rotation < rotations, f"rotation {run.rotation} of {rotations}"
+
+
+def segment_attention_ref(
+    q: torch.Tensor,  # [B, H, R, T, D]
+    runs: Sequence[KeyRun],
+    scale: float,
+    first_token: int = 0,
+) -> torch.Tensor:  # [B, T, H, D], q's dtype
+    """The definition, in fp32: one softmax over each token's visible keys of every run.
+
+    `first_token`: q's tokens are tokens first_token, first_token + 1, ... of the forward (a
+    causal run's key i is seen from token i on). A token that sees no key gets zeros.
+    """
+    _check(q, runs)
+    batch, heads, _, num_tokens, head_dim = q.shape
+    tokens = torch.arange(first_token, first_token + num_tokens, device=q.device)
+    scores, values = [], []
+    for run in runs:
+        if run.keys.shape[2] == 0:
+            continue
+        groups = heads // run.keys.shape[1]
+        keys = run.keys.float().repeat_interleave(groups, 1).expand(batch, -1, -1, -1)  # [B, H, S, D]
+        part = torch.matmul(q[:, :, run.rotation].float(), keys.transpose(-1, -2)) * scale  # [B, H, T, S]
+        if run.causal:
+            seen = torch.arange(run.keys.shape[2], device=q.device)[None] <= tokens[:, None]
+            part = part.masked_fill(~seen, float("-inf"))
+        scores.append(part)
+        values.append(run.values.float().repeat_interleave(groups, 1).expand(batch, -1, -1, -1))
+    if not scores:
+        return q.new_zeros(batch, num_tokens, heads, head_dim)
+    scores = torch.cat(scores, dim=-1)
+    top = scores.amax(dim=-1, keepdim=True)
+    top = top.masked_fill(top == float("-inf"), 0.0)
+    weights = torch.exp(scores - top)
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights, torch.cat(values, dim=2)) / torch.where(total > 0, total, 1.0)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def segment_attention_torch(q: torch.Tensor, runs: Sequence[KeyRun], scale: float,
+                            block: int = QUERY_BLOCK) -> torch.Tensor:  # [B, T, H, D]
+    """The reference over blocks of `block` tokens: fp32 scores of one block at a time."""
+    num_tokens = q.shape[3]
+    if num_tokens <= block:
+        return segment_attention_ref(q, runs, scale)
+    return torch.cat([segment_attention_ref(q[:, :, :, lo : lo + block], runs, scale, first_token=lo)
+                      for lo in range(0, num_tokens, block)], dim=1)
+
+
+def _cpu_flash() -> object | None:
+    """PyTorch's CPU flash-attention op, which also returns the log-sum-exp (None if absent)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def segment_attention_cpu(q: torch.Tensor, runs: Sequence[KeyRun], scale: float) -> torch.Tensor:  # [B, T, H, D]
+    """One CPU flash-attention call per run, merged by their log-sum-exps (see the module docstring)."""
+    _check(q, runs)
+    flash = _cpu_flash()
+    runs = [run for run in runs if run.keys.shape[2] > 0]  # the op fails on zero keys
+    if flash is None or not runs or any(r.causal and r.keys.shape[2] > q.shape[3] for r in runs):
+        return segment_attention_torch(q, runs, scale)
+    batch = q.shape[0]
+    outs, lses = [], []
+    for run in runs:
+        keys, values = run.keys, run.values
+        if keys.shape[0] != batch:
+            keys, values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
+        # the op's causal mask is aligned top-left: key i is seen by tokens i.. (ours)
+        out, lse = flash(q[:, :, run.rotation], keys, values, 0.0, run.causal, scale=scale)
+        outs.append(out)  # [B, H, T, D], laid out as [B, T, H, D]
+        lses.append(lse)  # [B, H, T] fp32
+    if len(outs) == 1:
+        return outs[0].transpose(1, 2).to(q.dtype)
+    lse = torch.stack(lses)  # [P, B, H, T]
+    weights = torch.softmax(lse, dim=0).unsqueeze(-1)  # each run's share of the total weight
+    out = outs[0].float() * weights[0]
+    for part, weight in zip(outs[1:], weights[1:], strict=True):
+        out.addcmul_(part.float(), weight)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        if UPCAST:  # Triton's interpreter multiplies bf16 bit patterns (triton#11584); fp32 holds them exactly
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+    @triton.jit
+    def _attend_block(q, k_head, v_head, lo, tokens, row_max, row_sum, acc,
+                      start, last, causal, stride_ks, stride_vs, qk_scale, d, d_ok,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+        """One block of BLOCK_N keys from slot `lo` into the online softmax of the rows."""
+        j = lo + tl.arange(0, BLOCK_N)
+        k_at = k_head + j[:, None] * stride_ks + d[None, :]
+        v_at = v_head + j[:, None] * stride_vs + d[None, :]
+        if MASKED:
+            key_ok = j < last
+            k = tl.load(k_at, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_at, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:  # the hot loop: whole blocks, no mask at all
+            k = tl.load(k_at)
+            v = tl.load(v_at)
+        else:
+            k = tl.load(k_at, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_at, mask=d_ok[None, :], other=0.0)
+        scores = _dot(q, tl.trans(k), INPUT_PRECISION, UPCAST_DOT) * qk_scale
+        if MASKED:
+            seen = key_ok[None, :] & ((causal == 0) | ((j - start)[None, :] <= tokens[:, None]))
+            scores = tl.where(seen, scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            # a row that has seen nothing yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
+            new_max_safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        else:
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            new_max_safe = new_max
+        rescale = tl.exp2(row_max - new_max_safe)
+        p = tl.exp2(scores - new_max_safe[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
+        return new_max, row_sum, acc
+
+    @triton.jit
+    def _segment_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, seg_ptr,
+        stride_qb, stride_qh, stride_qr, stride_qt,
+        stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_ot, stride_oh,
+        num_tokens, num_heads, qk_scale,
+        GROUPS: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ):
+        # the last token blocks (most keys under a causal run) start first
+        m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // num_heads
+        h = bh % num_heads
+        first = m_block * BLOCK_M
+        tokens = first + tl.arange(0, BLOCK_M)
+        t_ok = tokens < num_tokens
+        d = tl.arange(0, HEAD_DIM_PAD)
+        d_ok = d < HEAD_DIM
+        q_at = q_ptr + b * stride_qb + h * stride_qh + tokens[:, None].to(tl.int64) * stride_qt + d[None, :]
+        q_mask = t_ok[:, None] & d_ok[None, :]
+        k_head = k_ptr + b * stride_kb + (h // GROUPS) * stride_kh
+        v_head = v_ptr + b * stride_vb + (h // GROUPS) * stride_vh
+
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        for s in tl.static_range(NUM_SEGMENTS):
+            start = tl.load(seg_ptr + 4 * s)
+            end = tl.load(seg_ptr + 4 * s + 1)
+            rotation = tl.load(seg_ptr + 4 * s + 2)
+            causal = tl.load(seg_ptr + 4 * s + 3)
+            q = tl.load(q_at + rotation * stride_qr, mask=q_mask, other=0.0)
+            # keys every row of this block sees (no mask), then the rest up to `last` (masked):
+            # a causal run's diagonal block(s), or a run's partial last block
+            bulk_end = causal * (start + first) + (1 - causal) * (start + (end - start) // BLOCK_N * BLOCK_N)
+            last = causal * tl.minimum(end, start + first + BLOCK_M) + (1 - causal) * end
+            for lo in range(start, bulk_end, BLOCK_N):
+                row_max, row_sum, acc = _attend_block(
+                    q, k_head, v_head, lo, tokens, row_max, row_sum, acc, start, last, causal,
+                    stride_ks, stride_vs, qk_scale, d, d_ok,
+                    BLOCK_N=BLOCK_N, MASKED=False, EVEN_D=EVEN_D,
+                    INPUT_PRECISION=INPUT_PRECISION, UPCAST_DOT=UPCAST_DOT)
+            for lo in range(bulk_end, last, BLOCK_N):
+                row_max, row_sum, acc = _attend_block(
+                    q, k_head, v_head, lo, tokens, row_max, row_sum, acc, start, last, causal,
+                    stride_ks, stride_vs, qk_scale, d, d_ok,
+                    BLOCK_N=BLOCK_N, MASKED=True, EVEN_D=EVEN_D,
+                    INPUT_PRECISION=INPUT_PRECISION, UPCAST_DOT=UPCAST_DOT)
+
+        out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]  # a row that saw nothing: zeros
+        out_at = out_ptr + b * stride_ob + tokens[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :]
+        tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+    _INTERPRETED = isinstance(_segment_attention_kernel, InterpretedFunction)
+
+
+def config_for(head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim (padded to a power of two)."""
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    return CONFIGS[min(max(padded, 64), 256)]
+
+
+def segment_attention_triton(
+    q: torch.Tensor,  # [B, H, R, T, D]
+    keys: torch.Tensor,  # [B|1, KVH, S, D]: one buffer (a layer's slots)
+    values: torch.Tensor,  # [B|1, KVH, S, D]
+    segments: Sequence[Segment],
+    scale: float,
+    *,
+    segments_on_device: torch.Tensor | None = None,  # int32 [len(segments), 4], when already there
+    config: tuple[int, int, int, int] | None = None,  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+) -> torch.Tensor:  # [B, T, H, D], q's dtype
+    """Same contract as `segment_attention_ref` over `segment.run(keys, values)` of each segment.
+
+    A causal segment must hold exactly the T tokens' keys. `segments_on_device` lets a caller
+    that runs the same segments over many layers copy them to the device once.
+    """
+    batch, heads, _, num_tokens, head_dim = q.shape
+    runs = [s.run(keys, values) for s in segments]
+    _check(q, runs)
+    assert q.dtype == keys.dtype == values.dtype, "cast q to the cache's dtype first"
+    assert q.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1, "last dim must be contiguous"
+    assert 1 <= len(segments) <= MAX_SEGMENTS, f"1 to {MAX_SEGMENTS} segments, not {len(segments)}"
+    for s in segments:
+        assert 0 <= s.start <= s.end <= keys.shape[2], f"segment {s} outside {keys.shape[2]} slots"
+        assert not s.causal or s.end - s.start == num_tokens, "a causal segment holds the T tokens' own keys"
+    assert (keys.shape[2] - 1) * max(keys.stride(2), values.stride(2)) + head_dim < 2**31, (
+        "a head's slots span more than 2**31 elements; the kernel indexes them in int32")
+    block_m, block_n, num_warps, num_stages = config or config_for(head_dim)
+    assert block_m % block_n == 0, "BLOCK_M must be a multiple of BLOCK_N (causal blocks start on one)"
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    if segments_on_device is None:
+        segments_on_device = segment_table(segments, q.device)
+    out = torch.empty((batch, num_tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    upcast_dot = _INTERPRETED and q.dtype == torch.bfloat16
+    grid = (triton.cdiv(num_tokens, block_m), batch * heads)
+    _segment_attention_kernel[grid](
+        q, keys, values, out, segments_on_device,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        keys.stride(0) if keys.shape[0] > 1 else 0, keys.stride(1), keys.stride(2),
+        values.stride(0) if values.shape[0] > 1 else 0, values.stride(1), values.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        num_tokens, heads, float(scale) * math.log2(math.e),
+        GROUPS=heads // keys.shape[1], NUM_SEGMENTS=len(segments),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, EVEN_D=head_dim == head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        # fp32 is the tests' dtype: TF32 would round its inputs to 10 bits
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 or upcast_dot else "tf32",
+        UPCAST_DOT=upcast_dot, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def segment_table(segments: Sequence[Segment], device: torch.device | str) -> torch.Tensor:
+    """The segments as the kernel reads them: int32 `[N, 4]` (start, end, rotation, causal).
+
+    Copied without making the host wait for the device (a pinned staging buffer on CUDA)."""
+    rows = [[s.start, s.end, s.rotation, int(s.causal)] for s in segments]
+    host = torch.tensor(rows, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+def segment_attention(q: torch.Tensor, runs: Sequence[KeyRun], scale: float) -> torch.Tensor:  # [B, T, H, D]
+    """Runs of any buffers: the CPU flash path on the CPU, the blocked reference elsewhere.
+
+    (A CUDA caller whose runs are slots of one buffer calls `segment_attention_triton`.)
+    """
+    if q.device.type == "cpu":
+        return segment_attention_cpu(q, runs, scale)
+    return segment_attention_torch(q, runs, scale)
