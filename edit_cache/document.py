@@ -74,7 +74,7 @@ class DocumentOptions:
     mode: str = "pie"
     refresh_window: int = 0  # tokens after each edit re-encoded with the edit
     stale_budget: int | None = None  # refresh everything stale once more than this many
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None  # tokens per prefill forward (None: the device's default, engine.generate)
     # FIM views re-encode this many of the suffix's first cached tokens after <SUF> (they were
     # cached without it; a real model reads a suffix that never saw <SUF> noticeably worse)
     fim_fresh_suffix: int = 0

@@ -24,7 +24,10 @@ from editkv.engine.sampling import SamplingParams, make_generator, next_token
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.logit_summary import LogitSummary, logit_summary
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 512  # tokens per prefill forward on the CPU
+# On a GPU: a whole file in one forward when it fits (large GEMMs, few launches; attention is
+# flash-style and keeps no [T, S] scores, so memory grows only with T x the MLP's width).
+PREFILL_CHUNK_CUDA = 32768
 
 
 @dataclass(frozen=True)
@@ -107,19 +110,20 @@ def prefill(
     start: int = 0,
     first_position: int = 0,
     context: Sequence[Span] = (),
-    chunk: int = PREFILL_CHUNK,
+    chunk: int | None = None,
     logits: str = "last",
     window: int | None = None,
     sink: tuple[KVCache, int] | None = None,
 ) -> torch.Tensor | None:
     """Encode `ids` into `cache[start:start+n]` at consecutive positions; last (or all) logits.
 
-    `window`: no query attends to a key more than `window - 1` positions back (the model's
-    context, for texts longer than it): each chunk sees the keys `windowed` keeps, with `sink`
-    (the document start) in front of them.
+    `chunk`: tokens per forward (None: the device's default, `prefill_chunk`). `window`: no
+    query attends to a key more than `window - 1` positions back (the model's context, for
+    texts longer than it): each chunk sees the keys `windowed` keeps, with `sink` (the document
+    start) in front of them.
     """
     n = len(ids)
-    chunk = prefill_chunk(window, chunk)
+    chunk = prefill_chunk(window, chunk, device=model.device, end=first_position + n)
     cache.ensure_capacity(start + n)
     tensor = torch.tensor(list(ids), dtype=torch.long, device=model.device)[None]
     outputs = []
@@ -142,10 +146,17 @@ def prefill(
     return out
 
 
-def prefill_chunk(window: int | None, chunk: int = PREFILL_CHUNK) -> int:
-    """Tokens per prefill forward: under a window, chunks see the keys before them through
-    `windowed` but themselves whole, so a chunk must be small against the window."""
-    return chunk if window is None else max(1, min(chunk, window // 4))
+def prefill_chunk(window: int | None, chunk: int | None = None, *, device: torch.device | str | None = None,
+                  end: int | None = None) -> int:
+    """Tokens per prefill forward: `chunk`, or the device's default (`PREFILL_CHUNK`,
+    `PREFILL_CHUNK_CUDA`). Under a window, chunks see the keys before them through `windowed`
+    but themselves whole, so a chunk must be small against the window, unless the positions
+    end (`end`, exclusive) within it, where `windowed` drops nothing whatever the chunk."""
+    if chunk is None:
+        chunk = PREFILL_CHUNK_CUDA if device is not None and torch.device(device).type == "cuda" else PREFILL_CHUNK
+    if window is None or (end is not None and end <= window):
+        return chunk
+    return max(1, min(chunk, window // 4))
 
 
 def prefill_prompt(

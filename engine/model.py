@@ -22,6 +22,16 @@ import torch
 import torch.nn.functional as F
 from editkv.engine.config import ModelConfig
 from editkv.engine.rope import Rotary, apply_rotary
+from editkv.kernels.fused import add_rms_norm, rope_write, silu_mul
+from editkv.kernels.segment_attention import (
+    MAX_SEGMENTS,
+    KeyRun,
+    Segment,
+    segment_attention,
+    segment_attention_triton,
+    segment_table,
+    triton,
+)
 from torch import nn
 
 
@@ -145,6 +155,97 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+@dataclass
+class Fused:
+    """One layer's projections as single matrices: one GEMM for q, k and v, one for gate and up.
+
+    The modules' own weights are slices of these (`Transformer.fused`), so there is one copy."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+
+
+def _fuse(block: Block) -> Fused:
+    """Concatenate a layer's q/k/v and gate/up weights, and point the modules at slices of them."""
+    attn, mlp = block.self_attn, block.mlp
+
+    def merge(linears):
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        bias = None
+        if linears[0].bias is not None:
+            bias = torch.cat([lin.bias.detach() for lin in linears])
+        start = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+            start += rows
+        return weight, bias
+
+    qkv_weight, qkv_bias = merge([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up_weight, gate_up_bias = merge([mlp.gate_proj, mlp.up_proj])
+    return Fused(qkv_weight, qkv_bias, gate_up_weight, gate_up_bias)
+
+
+@dataclass
+class OneBuffer:
+    """A batch-1 forward whose write and context spans are all slots of one buffer (`base`): a
+    prefill chunk, a repair, a view, a decode step. Its attention is one call per layer over
+    `segments` (base slots; the new tokens' own keys last, causal), by `kernel`:
+
+    - "sdpa": only the causal segment (a chunk with nothing before it: a whole prefill), on a
+      CUDA device in half precision: PyTorch's flash attention, transformers' own call;
+    - "triton": kernels/segment_attention.py's flash kernel (CUDA; the CPU under TRITON_INTERPRET=1
+      when a test asks for it), every segment in one launch;
+    - "cpu": the CPU flash op once per segment, merged by log-sum-exp ("torch" on other
+      devices: the reference over blocks of queries).
+
+    RoPE with the K/V write is one fused op over `slots` (the new tokens' base slots)."""
+
+    base: KVCache
+    segments: list[Segment]
+    slots: torch.Tensor  # int64 [T]
+    kernel: str
+    table: torch.Tensor | None = None  # the segments on the device for "triton", shared by every layer
+
+
+def one_buffer(write: KVCache, write_at: int, num_new: int, context: Sequence[Span],
+               rotation: dict[int, int], choice: str = "auto") -> OneBuffer | None:
+    """The forward as a `OneBuffer`, or None when its spans reach other buffers (or batches).
+
+    `choice`: "auto" (see `OneBuffer`), or "triton" for the flash kernel on any device."""
+    base = write.base or write
+    if write.batch != 1 or num_new == 0:
+        return None
+    segments = []
+    for span in context:
+        if span.end == span.start:
+            continue
+        if (span.cache.base or span.cache) is not base:
+            return None
+        off = span.cache.offset
+        segments.append(Segment(off + span.start, off + span.end, rotation[span.shift]))
+    at = write.offset + write_at
+    segments.append(Segment(at, at + num_new, 0, causal=True))
+    if len(segments) > MAX_SEGMENTS:
+        return None
+    device, dtype, head_dim = write.device, write.dtype, write.k.shape[-1]
+    if choice == "triton" and triton is not None:
+        kernel = "triton"
+    elif device.type != "cuda" or triton is None:
+        kernel = "cpu" if device.type == "cpu" else "torch"
+    elif len(segments) == 1 and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 256:
+        kernel = "sdpa"  # flash attention's own conditions; fp32 would fall back to a [H, T, T] math kernel
+    else:
+        kernel = "triton"
+    slots = torch.arange(at, at + num_new, device=device)
+    table = segment_table(segments, device) if kernel == "triton" else None
+    return OneBuffer(base, segments, slots, kernel, table)
+
+
 class Attention(nn.Module):
     """GQA self-attention over caller-owned KV spans."""
 
@@ -166,91 +267,55 @@ class Attention(nn.Module):
         write: KVCache,
         write_at: int,
         context: Sequence[Span],
+        fused: Fused,
+        plan: OneBuffer | None = None,
     ) -> torch.Tensor:  # [B, T, hidden]
         c = self.config
         bsz, num_new, _ = x.shape
-        q = self.q_proj(x).view(bsz, num_new, c.num_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        cos0, sin0 = rope.by_shift[0]
-        k = apply_rotary(k, cos0, sin0, c.rotary_dim)
+        qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)  # [B, T, (H + 2 KVH) D]
+        if plan is not None:
+            out = self._one_buffer(qkv[0], rope, layer, plan)
+        else:
+            out = self._spans(qkv, rope, layer, write, write_at, context)
+        return self.o_proj(out.reshape(bsz, num_new, c.num_heads * c.head_dim).to(x.dtype))
+
+    def _one_buffer(self, qkv: torch.Tensor, rope: RopeInputs, layer: int,
+                    plan: OneBuffer) -> torch.Tensor:  # [1, T, H, D]
+        c = self.config
+        num_new = qkv.shape[0]
+        keys, values = plan.base.k[layer], plan.base.v[layer]  # [1, KVH, capacity, D]
+        # queries [KVH, G, R, T, D] (one rotation per distinct span shift); keys and values to the slots
+        q = rope_write(qkv, rope.cos[:, 0], rope.sin[:, 0], c.rotary_dim, c.num_heads, keys[0], values[0],
+                       plan.slots)
+        q = q.view(1, c.num_heads, len(rope.shifts), num_new, c.head_dim)
+        if plan.kernel == "sdpa":
+            new = plan.segments[0]
+            out = F.scaled_dot_product_attention(
+                q[:, :, 0], keys[:, :, new.start : new.end], values[:, :, new.start : new.end], is_causal=True,
+                scale=self.scale, enable_gqa=c.num_groups > 1)
+            return out.transpose(1, 2)
+        if plan.kernel == "triton":
+            return segment_attention_triton(q, keys, values, plan.segments, self.scale, segments_on_device=plan.table)
+        return segment_attention(q, [s.run(keys, values) for s in plan.segments], self.scale)
+
+    def _spans(self, qkv: torch.Tensor, rope: RopeInputs, layer: int, write: KVCache, write_at: int,
+               context: Sequence[Span]) -> torch.Tensor:  # [B, T, H, D]
+        """Any spans (several buffers, batch-1 context under a batched write): runs of each."""
+        c = self.config
+        bsz, num_new, _ = qkv.shape
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+        q = q.view(bsz, num_new, c.num_heads, c.head_dim).transpose(1, 2)
+        k = k.view(bsz, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(bsz, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        k = apply_rotary(k, rope.cos[0][:, None], rope.sin[0][:, None], c.rotary_dim)
         write.k[layer, :, :, write_at : write_at + num_new] = k
         write.v[layer, :, :, write_at : write_at + num_new] = v
-        k = k.to(write.dtype)
-        v = v.to(write.dtype)
-        # Queries grouped per KV head: [B, kv_heads, groups * T, head_dim], no K/V repeat.
-        q_by_shift = {
-            shift: apply_rotary(q, cos, sin, c.rotary_dim)
-            .reshape(bsz, c.num_kv_heads, c.num_groups * num_new, c.head_dim)
-            for shift, (cos, sin) in rope.by_shift.items()
-        }
-        if not context:
-            q0 = q_by_shift[0].view(bsz, c.num_heads, num_new, c.head_dim)
-            out = F.scaled_dot_product_attention(
-                q0, k, v, is_causal=num_new > 1, scale=self.scale, enable_gqa=c.num_groups > 1
-            )
-        elif _own_prefix(context, write, write_at):
-            # The common prefill/repair shape: the new tokens continue their own buffer's
-            # slots [0, write_at). One fused attention call over [0, write_at + T) with a
-            # causal mask aligned to the end (rows are (group, token), as above).
-            keys = write.k[layer, :, :, : write_at + num_new]
-            values = write.v[layer, :, :, : write_at + num_new]
-            rows = torch.arange(write_at, write_at + num_new, device=x.device)
-            mask = torch.arange(write_at + num_new, device=x.device)[None] <= rows[:, None]
-            out = F.scaled_dot_product_attention(
-                q_by_shift[0].to(write.dtype), keys, values, attn_mask=mask.repeat(c.num_groups, 1), scale=self.scale
-            )
-            out = out.reshape(bsz, c.num_heads, num_new, c.head_dim)
-        else:
-            out = _attend_spans(q_by_shift, k, v, context, layer, self.scale, c.num_groups)
-            out = out.view(bsz, c.num_heads, num_new, c.head_dim)
-        out = out.transpose(1, 2).reshape(bsz, num_new, c.num_heads * c.head_dim)
-        return self.o_proj(out.to(x.dtype))
-
-
-def _own_prefix(context: Sequence[Span], write: KVCache, write_at: int) -> bool:
-    """Whether the context is exactly the write buffer's slots before the new tokens."""
-    if len(context) != 1:
-        return False
-    span = context[0]
-    return span.cache is write and span.start == 0 and span.end == write_at and span.shift == 0
-
-
-def _attend_spans(
-    q_by_shift: dict[int, torch.Tensor],  # shift -> [B, kv_heads, G*T, D]
-    k_new: torch.Tensor,  # [B, kv_heads, T, D]
-    v_new: torch.Tensor,  # [B, kv_heads, T, D]
-    context: Sequence[Span],
-    layer: int,
-    scale: float,
-    groups: int,
-) -> torch.Tensor:  # [B, kv_heads, G*T, D]
-    """Softmax attention over context spans plus causal new tokens, one score row per query."""
-    num_new = k_new.shape[2]
-    scores = []
-    values = []
-    for span in context:
-        if span.end == span.start:
-            continue
-        keys = span.cache.k[layer, :, :, span.start : span.end]
-        q = q_by_shift[span.shift].to(keys.dtype)
-        scores.append(torch.matmul(q, keys.transpose(-1, -2)).float())
-        values.append(span.cache.v[layer, :, :, span.start : span.end])
-    q0 = q_by_shift[0].to(k_new.dtype)
-    new_scores = torch.matmul(q0, k_new.transpose(-1, -2)).float()  # [B, H, G*T, T]
-    causal = torch.ones(num_new, num_new, dtype=torch.bool, device=k_new.device).tril()
-    new_scores = new_scores.masked_fill(~causal.repeat(groups, 1), float("-inf"))
-    scores.append(new_scores)
-    values.append(v_new)
-    probs = torch.softmax(torch.cat(scores, dim=-1) * scale, dim=-1)
-    out = None
-    offset = 0
-    for vals in values:
-        width = vals.shape[2]
-        part = torch.matmul(probs[..., offset : offset + width].to(vals.dtype), vals)
-        out = part if out is None else out + part
-        offset += width
-    return out
+        q = torch.stack([apply_rotary(q, cos[:, None], sin[:, None], c.rotary_dim)
+                         for cos, sin in zip(rope.cos, rope.sin, strict=True)], dim=2).to(write.dtype)
+        runs = [KeyRun(s.cache.k[layer, :, :, s.start : s.end], s.cache.v[layer, :, :, s.start : s.end],
+                       rope.shifts.index(s.shift)) for s in context if s.end > s.start]
+        runs.append(KeyRun(k.to(write.dtype), v.to(write.dtype), causal=True))
+        return segment_attention(q, runs, self.scale)
 
 
 class MLP(nn.Module):
@@ -263,12 +328,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fused: Fused) -> torch.Tensor:  # noqa: D102
+        return self.down_proj(silu_mul(F.linear(x, fused.gate_up_weight, fused.gate_up_bias)))
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer."""
+    """Pre-norm decoder layer (its parts; `Transformer.forward` runs them with fused residual norms)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -277,16 +342,19 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, layer, write, write_at, context):  # noqa: D102
-        x = x + self.self_attn(self.input_layernorm(x), rope, layer, write, write_at, context)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
 
 @dataclass
 class RopeInputs:
-    """cos/sin for the new tokens' positions, per distinct span shift (query at position - shift)."""
+    """cos/sin for the new tokens' positions, one rotation per distinct span shift (query at
+    position - shift); rotation 0 is shift 0 (the new tokens' own keys)."""
 
-    by_shift: dict[int, tuple[torch.Tensor, torch.Tensor]]  # shift -> ([B|1, 1, T, rd], same)
+    shifts: list[int]
+    cos: torch.Tensor  # [R, B|1, T, rd] fp32
+    sin: torch.Tensor  # [R, B|1, T, rd] fp32
+
+    def rotation(self) -> dict[int, int]:
+        """shift -> rotation index."""
+        return {shift: r for r, shift in enumerate(self.shifts)}
 
 
 class Transformer(nn.Module):
@@ -303,6 +371,10 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config)
         self.static = None  # engine.static_decode.StaticForward, once enable_graphs() is called
+        self._fused: list[Fused] | None = None
+        # "auto": each forward's attention kernel by device and shape (`OneBuffer`); "triton": the
+        # flash kernel for every batch-1 one-buffer forward (tests run it on the CPU's interpreter)
+        self.attention = "auto"
 
     def enable_graphs(self, **options) -> None:
         """Run batch-1 forwards of few tokens as replayed CUDA graphs where their spans allow it.
@@ -360,17 +432,31 @@ class Transformer(nn.Module):
             positions = positions[None]
         positions = positions.to(self.device)
         rope = self._rope_inputs(positions, {span.shift for span in context})
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, i, write, write_at, context)
+        plan = one_buffer(write, write_at, num_new, context, rope.rotation(), self.attention) if bsz == 1 else None
+        fused = self.fused()
+        eps = self.config.rms_norm_eps
+        x = x.contiguous()
+        delta = None
+        for i, block in enumerate(self.layers):
+            # residual adds fused into the norms after them: x + delta, norm(x + delta)
+            x, h = add_rms_norm(x, delta, block.input_layernorm.weight, eps)
+            delta = block.self_attn(h, rope, i, write, write_at, context, fused[i], plan)
+            x, h = add_rms_norm(x, delta, block.post_attention_layernorm.weight, eps)
+            delta = block.mlp(h, fused[i])
         if logits == "none":
             return None
         if logits == "last":
-            x = x[:, -1]
-        return self.lm_head(self.norm(x)).float()
+            x, delta = x[:, -1], delta[:, -1]
+        _, h = add_rms_norm(x, delta, self.norm.weight, eps)
+        return self.lm_head(h).float()
+
+    def fused(self) -> list[Fused]:
+        """Each layer's fused projections (made on first use; the modules then hold slices of them)."""
+        if self._fused is None:
+            self._fused = [_fuse(block) for block in self.layers]
+        return self._fused
 
     def _rope_inputs(self, positions: torch.Tensor, shifts: set[int]) -> RopeInputs:
-        by_shift = {}
-        for shift in shifts | {0}:
-            cos, sin = self.rotary.cos_sin(positions - shift)  # [B|1, T, rd]
-            by_shift[shift] = (cos[:, None], sin[:, None])
-        return RopeInputs(by_shift)
+        ordered = [0, *sorted(shifts - {0})]
+        pairs = [self.rotary.cos_sin(positions - shift) for shift in ordered]  # each [B|1, T, rd]
+        return RopeInputs(ordered, torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs]))

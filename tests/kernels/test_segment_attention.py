@@ -6,7 +6,6 @@ import torch
 from editkv.kernels.segment_attention import (
     KeyRun,
     Segment,
-    config_for,
     segment_attention_cpu,
     segment_attention_ref,
     segment_attention_torch,
