@@ -24,7 +24,7 @@ from editkv.engine.sampling import SamplingParams, make_generator, next_token
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.logit_summary import LogitSummary, logit_summary
 
-PREFILL_CHUNK = 512  # tokens per prefill forward on the CPU
+PREFILL_CHUNK = 2048  # tokens per prefill forward on the CPU (a few hundred MB of activations at 7B)
 # On a GPU: a whole file in one forward when it fits (large GEMMs, few launches; attention is
 # flash-style and keeps no [T, S] scores, so memory grows only with T x the MLP's width).
 PREFILL_CHUNK_CUDA = 32768

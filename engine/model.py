@@ -11,6 +11,15 @@ view's suffix at +1 — without copying or mutating the document's cache.
 
 Spans may come from different buffers with different batch sizes (a batch-1 document cache
 under a batch-B scratch cache for forked rollouts): batch 1 broadcasts.
+
+Attention never materialises a `[T, S]` score matrix (kernels/segment_attention.py). A batch-1
+forward whose spans are all slots of its write buffer (`OneBuffer`: prefill chunks, repairs,
+views, decode steps) rotates q and k and writes K/V in one fused op, then attends with one
+flash-style call per layer over the buffer's segments, each with its query rotation; any other
+forward (several buffers, batched forks) attends per run of keys, merged by log-sum-exp.
+Residual adds are fused into the norms after them, and q/k/v and gate/up are one GEMM each
+(`Transformer.fused`). Small batch-1 forwards on a GPU replay CUDA graphs instead
+(engine/static_decode.py).
 """
 
 from __future__ import annotations
@@ -357,6 +366,18 @@ class RopeInputs:
         return {shift: r for r, shift in enumerate(self.shifts)}
 
 
+def _residual_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, RMSNorm of it): the fused kernel on CUDA; on the CPU in fp32, `delta` added into
+    `x` in place (the forward's own residual stream) and torch's rms_norm, which rounds as
+    `RMSNorm` does in fp32: two passes and one new tensor instead of seven and six."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        if delta is not None:
+            x = x.add_(delta)
+        return x, F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return add_rms_norm(x, delta, weight, eps)
+
+
 class Transformer(nn.Module):
     """A RoPE decoder whose KV cache layout, positions and masks belong to the caller."""
 
@@ -435,19 +456,19 @@ class Transformer(nn.Module):
         plan = one_buffer(write, write_at, num_new, context, rope.rotation(), self.attention) if bsz == 1 else None
         fused = self.fused()
         eps = self.config.rms_norm_eps
-        x = x.contiguous()
+        x = x.clone() if input_embeds is not None else x  # the residual stream is this forward's own
         delta = None
         for i, block in enumerate(self.layers):
             # residual adds fused into the norms after them: x + delta, norm(x + delta)
-            x, h = add_rms_norm(x, delta, block.input_layernorm.weight, eps)
+            x, h = _residual_norm(x, delta, block.input_layernorm.weight, eps)
             delta = block.self_attn(h, rope, i, write, write_at, context, fused[i], plan)
-            x, h = add_rms_norm(x, delta, block.post_attention_layernorm.weight, eps)
+            x, h = _residual_norm(x, delta, block.post_attention_layernorm.weight, eps)
             delta = block.mlp(h, fused[i])
         if logits == "none":
             return None
         if logits == "last":
             x, delta = x[:, -1], delta[:, -1]
-        _, h = add_rms_norm(x, delta, self.norm.weight, eps)
+        _, h = _residual_norm(x, delta, self.norm.weight, eps)
         return self.lm_head(h).float()
 
     def fused(self) -> list[Fused]:

@@ -272,10 +272,17 @@ if triton is not None:
     _INTERPRETED = isinstance(_segment_attention_kernel, InterpretedFunction)
 
 
-def config_for(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim (padded to a power of two)."""
+def config_for(head_dim: int, num_tokens: int = 1 << 20) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim (padded to a power of two); a few
+    tokens (an eager decode step) take a block of 16-64 rows instead of 128 mostly empty ones."""
     padded = max(16, 1 << (head_dim - 1).bit_length())
-    return CONFIGS[min(max(padded, 64), 256)]
+    block_m, block_n, num_warps, num_stages = CONFIGS[min(max(padded, 64), 256)]
+    if num_tokens < block_m:
+        block_m = max(16, 1 << (num_tokens - 1).bit_length())
+        block_n = min(block_n, block_m) if block_m < 64 else block_n
+        block_m = max(block_m, block_n)
+        num_warps = 4
+    return block_m, block_n, num_warps, num_stages
 
 
 def segment_attention_triton(
@@ -304,7 +311,7 @@ def segment_attention_triton(
         assert not s.causal or s.end - s.start == num_tokens, "a causal segment holds the T tokens' own keys"
     assert (keys.shape[2] - 1) * max(keys.stride(2), values.stride(2)) + head_dim < 2**31, (
         "a head's slots span more than 2**31 elements; the kernel indexes them in int32")
-    block_m, block_n, num_warps, num_stages = config or config_for(head_dim)
+    block_m, block_n, num_warps, num_stages = config or config_for(head_dim, num_tokens)
     assert block_m % block_n == 0, "BLOCK_M must be a multiple of BLOCK_N (causal blocks start on one)"
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     if segments_on_device is None:
