@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 from editkv.engine.healing import healer_for
-from editkv.engine.model import KVCache, Span, Transformer
+from editkv.engine.model import KVCache, Span, TokenGroup, Transformer
 from editkv.engine.sampling import SamplingParams, make_generator, next_token
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.logit_summary import LogitSummary, logit_summary
@@ -114,31 +114,45 @@ def prefill(
     logits: str = "last",
     window: int | None = None,
     sink: tuple[KVCache, int] | None = None,
+    per_forward: int | None = None,
 ) -> torch.Tensor | None:
     """Encode `ids` into `cache[start:start+n]` at consecutive positions; last (or all) logits.
 
     `chunk`: tokens per forward (None: the device's default, `prefill_chunk`). `window`: no
     query attends to a key more than `window - 1` positions back (the model's context, for
     texts longer than it): each chunk sees the keys `windowed` keeps, with `sink` (the document
-    start) in front of them.
+    start) in front of them. `per_forward`: tokens per forward, several chunks riding in one as
+    token groups (`TokenGroup`), each with its own window; default: one chunk, but on a GPU
+    with the default chunk the device's forward size (a forward costs ~1 ms of host time,
+    whatever its size, and a small model's window chunks take less than that on the GPU).
     """
     n = len(ids)
+    if per_forward is None and chunk is None and model.device.type == "cuda":
+        per_forward = prefill_chunk(None, device=model.device)
     chunk = prefill_chunk(window, chunk, device=model.device, end=first_position + n)
+    per_forward = max(chunk, per_forward or chunk)
     cache.ensure_capacity(start + n)
     tensor = torch.tensor(list(ids), dtype=torch.long, device=model.device)[None]
     outputs = []
     out = None
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        spans = list(context)
-        if lo > 0:
-            spans = _extend(spans, Span(cache, start, start + lo))
-        if window is not None:
-            spans = windowed(spans, first_position + hi - window, sink)
+    for lo in range(0, n, per_forward):
+        hi = min(n, lo + per_forward)
+        groups = []
+        for group_lo in range(lo, hi, chunk):
+            group_hi = min(hi, group_lo + chunk)
+            spans = list(context)
+            if group_lo > 0:
+                spans = _extend(spans, Span(cache, start, start + group_lo))
+            if window is not None:
+                spans = windowed(spans, first_position + group_hi - window, sink)
+            groups.append(TokenGroup(group_hi - group_lo, spans))
         want = logits if logits == "all" else ("last" if hi == n and logits == "last" else "none")
         positions = torch.arange(first_position + lo, first_position + hi, device=model.device)
-        out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo,
-                    context=spans, logits=want)
+        if len(groups) == 1:
+            out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo,
+                        context=groups[0].context, logits=want)
+        else:
+            out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo, groups=groups, logits=want)
         if logits == "all":
             outputs.append(out)
     if logits == "all":

@@ -36,9 +36,11 @@ from editkv.kernels.segment_attention import (
     MAX_SEGMENTS,
     KeyRun,
     Segment,
+    SegmentPlan,
+    config_for,
+    plan_segments,
     segment_attention,
     segment_attention_triton,
-    segment_table,
     triton,
 )
 from torch import nn
@@ -199,60 +201,88 @@ def _fuse(block: Block) -> Fused:
     return Fused(qkv_weight, qkv_bias, gate_up_weight, gate_up_bias)
 
 
+@dataclass(frozen=True)
+class TokenGroup:
+    """`count` consecutive new tokens of a forward that see `context` and, causally, each other:
+    what a forward of their own would see (their spans may include the slots the forward's
+    earlier tokens are written to). A forward of several groups is several prefill chunks at
+    once, each under its own window (engine.generate.prefill on a GPU)."""
+
+    count: int
+    context: Sequence[Span]
+
+
 @dataclass
 class OneBuffer:
     """A batch-1 forward whose write and context spans are all slots of one buffer (`base`): a
-    prefill chunk, a repair, a view, a decode step. Its attention is one call per layer over
-    `segments` (base slots; the new tokens' own keys last, causal), by `kernel`:
+    prefill chunk (or several, as token groups), a repair, a view, a decode step. Its attention
+    is one call per layer over its segments (base slots, each group's own tokens last and causal),
+    by `kernel`:
 
     - "sdpa": only the causal segment (a chunk with nothing before it: a whole prefill), on a
       CUDA device in half precision: PyTorch's flash attention, transformers' own call;
     - "triton": kernels/segment_attention.py's flash kernel (CUDA; the CPU under TRITON_INTERPRET=1
-      when a test asks for it), every segment in one launch;
+      when a test asks for it), every segment of every group in one launch;
     - "cpu": the CPU flash op once per segment, merged by log-sum-exp ("torch" on other
       devices: the reference over blocks of queries).
 
     RoPE with the K/V write is one fused op over `slots` (the new tokens' base slots)."""
 
     base: KVCache
-    segments: list[Segment]
+    segments: list[Segment]  # of the one group ("cpu", "torch", "sdpa")
     slots: torch.Tensor  # int64 [T]
     kernel: str
-    table: torch.Tensor | None = None  # the segments on the device for "triton", shared by every layer
+    plan: SegmentPlan | None = None  # "triton": every group's segments on the device, shared by the layers
 
 
-def one_buffer(write: KVCache, write_at: int, num_new: int, context: Sequence[Span],
-               rotation: dict[int, int], choice: str = "auto") -> OneBuffer | None:
-    """The forward as a `OneBuffer`, or None when its spans reach other buffers (or batches).
+def one_buffer(write: KVCache, write_at: int, groups: Sequence[TokenGroup], rotations: Sequence[dict[int, int]],
+               choice: str = "auto", config: tuple[int, int, int, int] | None = None) -> OneBuffer | None:
+    """The forward as a `OneBuffer`, or None when its spans reach other buffers (or batches), or
+    when its groups are more than one and the flash kernel can't take them.
 
-    `choice`: "auto" (see `OneBuffer`), or "triton" for the flash kernel on any device."""
+    `rotations`: per group, span shift -> query rotation. `choice`: "auto" (see `OneBuffer`), or
+    "triton" for the flash kernel on any device; `config` overrides its launch config."""
     base = write.base or write
+    num_new = sum(g.count for g in groups)
     if write.batch != 1 or num_new == 0:
         return None
-    segments = []
-    for span in context:
-        if span.end == span.start:
-            continue
-        if (span.cache.base or span.cache) is not base:
-            return None
-        off = span.cache.offset
-        segments.append(Segment(off + span.start, off + span.end, rotation[span.shift]))
     at = write.offset + write_at
-    segments.append(Segment(at, at + num_new, 0, causal=True))
-    if len(segments) > MAX_SEGMENTS:
-        return None
+    by_group, first = [], 0
+    for group, rotation in zip(groups, rotations, strict=True):
+        segments = []
+        for span in group.context:
+            if span.end == span.start:
+                continue
+            if (span.cache.base or span.cache) is not base:
+                return None
+            off = span.cache.offset
+            segments.append(Segment(off + span.start, off + span.end, rotation[span.shift]))
+        segments.append(Segment(at + first, at + first + group.count, 0, causal=True, first_token=first))
+        if len(segments) > MAX_SEGMENTS:
+            return None
+        by_group.append(segments)
+        first += group.count
     device, dtype, head_dim = write.device, write.dtype, write.k.shape[-1]
     if choice == "triton" and triton is not None:
         kernel = "triton"
     elif device.type != "cuda" or triton is None:
         kernel = "cpu" if device.type == "cpu" else "torch"
-    elif len(segments) == 1 and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 256:
+    elif len(by_group) == 1 and len(by_group[0]) == 1 and dtype in (torch.bfloat16, torch.float16) \
+            and head_dim % 8 == 0 and head_dim <= 256:
         kernel = "sdpa"  # flash attention's own conditions; fp32 would fall back to a [H, T, T] math kernel
     else:
         kernel = "triton"
+    plan = None
+    if kernel == "triton":
+        config = config or config_for(head_dim, num_new)
+        if any(g.count % config[0] for g in groups[:-1]):
+            return None  # a token block would straddle two groups
+        plan = plan_segments(by_group, num_new, head_dim, device, group_tokens=[g.count for g in groups],
+                             config=config)
+    elif len(by_group) > 1:
+        return None
     slots = torch.arange(at, at + num_new, device=device)
-    table = segment_table(segments, device) if kernel == "triton" else None
-    return OneBuffer(base, segments, slots, kernel, table)
+    return OneBuffer(base, by_group[0], slots, kernel, plan)
 
 
 class Attention(nn.Module):
@@ -296,7 +326,7 @@ class Attention(nn.Module):
         # queries [KVH, G, R, T, D] (one rotation per distinct span shift); keys and values to the slots
         q = rope_write(qkv, rope.cos[:, 0], rope.sin[:, 0], c.rotary_dim, c.num_heads, keys[0], values[0],
                        plan.slots)
-        q = q.view(1, c.num_heads, len(rope.shifts), num_new, c.head_dim)
+        q = q.view(1, c.num_heads, rope.cos.shape[0], num_new, c.head_dim)
         if plan.kernel == "sdpa":
             new = plan.segments[0]
             out = F.scaled_dot_product_attention(
@@ -304,7 +334,7 @@ class Attention(nn.Module):
                 scale=self.scale, enable_gqa=c.num_groups > 1)
             return out.transpose(1, 2)
         if plan.kernel == "triton":
-            return segment_attention_triton(q, keys, values, plan.segments, self.scale, segments_on_device=plan.table)
+            return segment_attention_triton(q, keys, values, plan.plan, self.scale)
         return segment_attention(q, [s.run(keys, values) for s in plan.segments], self.scale)
 
     def _spans(self, qkv: torch.Tensor, rope: RopeInputs, layer: int, write: KVCache, write_at: int,
@@ -361,10 +391,6 @@ class RopeInputs:
     cos: torch.Tensor  # [R, B|1, T, rd] fp32
     sin: torch.Tensor  # [R, B|1, T, rd] fp32
 
-    def rotation(self) -> dict[int, int]:
-        """shift -> rotation index."""
-        return {shift: r for r, shift in enumerate(self.shifts)}
-
 
 def _residual_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,6 +422,7 @@ class Transformer(nn.Module):
         # "auto": each forward's attention kernel by device and shape (`OneBuffer`); "triton": the
         # flash kernel for every batch-1 one-buffer forward (tests run it on the CPU's interpreter)
         self.attention = "auto"
+        self.attention_config: tuple[int, int, int, int] | None = None  # the flash kernel's, when set
 
     def enable_graphs(self, **options) -> None:
         """Run batch-1 forwards of few tokens as replayed CUDA graphs where their spans allow it.
@@ -435,8 +462,17 @@ class Transformer(nn.Module):
         context: Sequence[Span] = (),
         logits: str = "all",
         input_embeds: torch.Tensor | None = None,  # [B, T, hidden], instead of input_ids
+        groups: Sequence[TokenGroup] | None = None,
     ) -> torch.Tensor | None:  # [B, T, V] ("all"), [B, V] ("last"), None ("none")
-        """Encode T new tokens into `write[write_at:write_at+T]` and return their logits."""
+        """Encode T new tokens into `write[write_at:write_at+T]` and return their logits.
+
+        `groups` (instead of `context`): consecutive token groups, each with its own context,
+        as if each were a forward of its own, one after the other (`TokenGroup`)."""
+        if groups is not None:
+            assert not context, "groups carry their own context"
+            assert sum(g.count for g in groups) == positions.shape[-1], "groups must cover the tokens"
+            if len(groups) == 1:
+                context, groups = groups[0].context, None
         x = self.embed(input_ids) if input_embeds is None else input_embeds
         bsz, num_new, _ = x.shape
         assert positions.shape[-1] == num_new, "one position per new token"
@@ -444,7 +480,7 @@ class Transformer(nn.Module):
         assert write.batch == bsz, f"write cache batch {write.batch} != input batch {bsz}"
         for span in context:
             assert span.cache.batch in (1, bsz), "context span batch must be 1 or the input's"
-        if self.static is not None:
+        if self.static is not None and groups is None:
             handled, out = self.static.forward(input_ids, positions, write, write_at, context, logits,
                                                embeds=input_embeds)
             if handled:
@@ -452,8 +488,13 @@ class Transformer(nn.Module):
         if positions.dim() == 1:
             positions = positions[None]
         positions = positions.to(self.device)
-        rope = self._rope_inputs(positions, {span.shift for span in context})
-        plan = one_buffer(write, write_at, num_new, context, rope.rotation(), self.attention) if bsz == 1 else None
+        groups = groups or [TokenGroup(num_new, context)]
+        rotations = [{shift: r for r, shift in enumerate(_shifts(g.context))} for g in groups]
+        plan = one_buffer(write, write_at, groups, rotations, self.attention, self.attention_config) \
+            if bsz == 1 else None
+        if len(groups) > 1 and (plan is None or self.config.rope.rope_type == "dynamic"):
+            return self._one_group_at_a_time(input_ids, positions, write, write_at, groups, logits, input_embeds)
+        rope = self._rope_inputs(positions, groups)
         fused = self.fused()
         eps = self.config.rms_norm_eps
         x = x.clone() if input_embeds is not None else x  # the residual stream is this forward's own
@@ -477,7 +518,38 @@ class Transformer(nn.Module):
             self._fused = [_fuse(block) for block in self.layers]
         return self._fused
 
-    def _rope_inputs(self, positions: torch.Tensor, shifts: set[int]) -> RopeInputs:
-        ordered = [0, *sorted(shifts - {0})]
-        pairs = [self.rotary.cos_sin(positions - shift) for shift in ordered]  # each [B|1, T, rd]
-        return RopeInputs(ordered, torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs]))
+    def _rope_inputs(self, positions: torch.Tensor, groups: Sequence[TokenGroup]) -> RopeInputs:
+        """cos/sin of every rotation; with several groups rotation r of a token is its group's r-th
+        shift (groups have few: 0 and their sink's), so q is rotated R times, not once per shift."""
+        if len(groups) == 1:
+            ordered = _shifts(groups[0].context)
+            pairs = [self.rotary.cos_sin(positions - shift) for shift in ordered]  # each [B|1, T, rd]
+            return RopeInputs(ordered, torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs]))
+        per_group = [_shifts(g.context) for g in groups]
+        rotations = max(len(shifts) for shifts in per_group)
+        shifts = torch.tensor([[g[r] if r < len(g) else 0 for g in per_group] for r in range(rotations)])
+        counts = torch.tensor([g.count for g in groups])
+        table = shifts.repeat_interleave(counts, dim=1).to(positions.device)  # [R, T]: each token's shifts
+        cos, sin = self.rotary.cos_sin(positions[None] - table[:, None])  # [R, B|1, T, rd]
+        return RopeInputs(per_group[0], cos, sin)
+
+    def _one_group_at_a_time(self, input_ids, positions, write, write_at, groups, logits, input_embeds):
+        """`forward` with groups, one forward per group (where one forward can't take them all)."""
+        outs, first = [], 0
+        for i, group in enumerate(groups):
+            last = i == len(groups) - 1
+            want = logits if logits == "all" or last else "none"
+            rows = slice(first, first + group.count)
+            out = self.forward(None if input_ids is None else input_ids[:, rows], positions[..., rows],
+                               write=write, write_at=write_at + first, context=group.context, logits=want,
+                               input_embeds=None if input_embeds is None else input_embeds[:, rows])
+            outs.append(out)
+            first += group.count
+        if logits == "all":
+            return torch.cat(outs, dim=1)
+        return outs[-1]
+
+
+def _shifts(context: Sequence[Span]) -> list[int]:
+    """The distinct shifts of a context's spans, 0 first (rotation 0: the new tokens' own keys)."""
+    return [0, *sorted({span.shift for span in context} - {0})]

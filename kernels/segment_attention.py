@@ -55,12 +55,13 @@ MAX_SEGMENTS = 8
 @dataclass(frozen=True)
 class KeyRun:
     """Keys and values `[B|1, KVH, S, D]` scored with query rotation `rotation`; `causal`: key i
-    is seen by tokens i, i+1, ... only (a run of the new tokens' own keys)."""
+    is seen by tokens first_token + i, first_token + i + 1, ... only (a run of new tokens' own keys)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     rotation: int = 0
     causal: bool = False
+    first_token: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,12 @@ class Segment:
     end: int
     rotation: int = 0
     causal: bool = False
+    first_token: int = 0
 
     def run(self, keys: torch.Tensor, values: torch.Tensor) -> KeyRun:
         """This segment of `keys`/`values` `[B|1, KVH, S, D]` as a run."""
         return KeyRun(keys[:, :, self.start : self.end], values[:, :, self.start : self.end],
-                      self.rotation, self.causal)
+                      self.rotation, self.causal, self.first_token)
 
 
 def _check(q: torch.Tensor, runs: Sequence[KeyRun]) -> None:
@@ -93,16 +95,16 @@ def segment_attention_ref(
     q: torch.Tensor,  # [B, H, R, T, D]
     runs: Sequence[KeyRun],
     scale: float,
-    first_token: int = 0,
+    token_offset: int = 0,
 ) -> torch.Tensor:  # [B, T, H, D], q's dtype
     """The definition, in fp32: one softmax over each token's visible keys of every run.
 
-    `first_token`: q's tokens are tokens first_token, first_token + 1, ... of the forward (a
-    causal run's key i is seen from token i on). A token that sees no key gets zeros.
+    `token_offset`: q's tokens are tokens token_offset, token_offset + 1, ... of the forward
+    (what a causal run's `first_token` counts from). A token that sees no key gets zeros.
     """
     _check(q, runs)
     batch, heads, _, num_tokens, head_dim = q.shape
-    tokens = torch.arange(first_token, first_token + num_tokens, device=q.device)
+    tokens = torch.arange(token_offset, token_offset + num_tokens, device=q.device)
     scores, values = [], []
     for run in runs:
         if run.keys.shape[2] == 0:
@@ -111,7 +113,7 @@ def segment_attention_ref(
         keys = run.keys.float().repeat_interleave(groups, 1).expand(batch, -1, -1, -1)  # [B, H, S, D]
         part = torch.matmul(q[:, :, run.rotation].float(), keys.transpose(-1, -2)) * scale  # [B, H, T, S]
         if run.causal:
-            seen = torch.arange(run.keys.shape[2], device=q.device)[None] <= tokens[:, None]
+            seen = torch.arange(run.keys.shape[2], device=q.device)[None] <= tokens[:, None] - run.first_token
             part = part.masked_fill(~seen, float("-inf"))
         scores.append(part)
         values.append(run.values.float().repeat_interleave(groups, 1).expand(batch, -1, -1, -1))
@@ -132,7 +134,7 @@ def segment_attention_torch(q: torch.Tensor, runs: Sequence[KeyRun], scale: floa
     num_tokens = q.shape[3]
     if num_tokens <= block:
         return segment_attention_ref(q, runs, scale)
-    return torch.cat([segment_attention_ref(q[:, :, :, lo : lo + block], runs, scale, first_token=lo)
+    return torch.cat([segment_attention_ref(q[:, :, :, lo : lo + block], runs, scale, token_offset=lo)
                       for lo in range(0, num_tokens, block)], dim=1)
 
 
@@ -146,7 +148,7 @@ def segment_attention_cpu(q: torch.Tensor, runs: Sequence[KeyRun], scale: float)
     _check(q, runs)
     flash = _cpu_flash()
     runs = [run for run in runs if run.keys.shape[2] > 0]  # the op fails on zero keys
-    if flash is None or not runs or any(r.causal and r.keys.shape[2] > q.shape[3] for r in runs):
+    if flash is None or not runs or any(r.causal and (r.first_token or r.keys.shape[2] > q.shape[3]) for r in runs):
         return segment_attention_torch(q, runs, scale)
     batch = q.shape[0]
     outs, lses = [], []
@@ -179,7 +181,7 @@ if triton is not None:
 
     @triton.jit
     def _attend_block(q, k_head, v_head, lo, tokens, row_max, row_sum, acc,
-                      start, last, causal, stride_ks, stride_vs, qk_scale, d, d_ok,
+                      start, last, causal_from, stride_ks, stride_vs, qk_scale, d, d_ok,
                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
         """One block of BLOCK_N keys from slot `lo` into the online softmax of the rows."""
@@ -198,7 +200,7 @@ if triton is not None:
             v = tl.load(v_at, mask=d_ok[None, :], other=0.0)
         scores = _dot(q, tl.trans(k), INPUT_PRECISION, UPCAST_DOT) * qk_scale
         if MASKED:
-            seen = key_ok[None, :] & ((causal == 0) | ((j - start)[None, :] <= tokens[:, None]))
+            seen = key_ok[None, :] & ((causal_from < 0) | ((j - start)[None, :] <= (tokens - causal_from)[:, None]))
             scores = tl.where(seen, scores, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(scores, axis=1))
             # a row that has seen nothing yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
@@ -214,7 +216,7 @@ if triton is not None:
 
     @triton.jit
     def _segment_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, seg_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, seg_ptr, stride_seg,
         stride_qb, stride_qh, stride_qr, stride_qt,
         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_ot, stride_oh,
@@ -242,25 +244,30 @@ if triton is not None:
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        segs = seg_ptr + m_block * stride_seg  # this token block's segments (stride 0: every block's)
         for s in tl.static_range(NUM_SEGMENTS):
-            start = tl.load(seg_ptr + 4 * s)
-            end = tl.load(seg_ptr + 4 * s + 1)
-            rotation = tl.load(seg_ptr + 4 * s + 2)
-            causal = tl.load(seg_ptr + 4 * s + 3)
+            start = tl.load(segs + 4 * s)
+            end = tl.load(segs + 4 * s + 1)
+            rotation = tl.load(segs + 4 * s + 2)
+            causal_from = tl.load(segs + 4 * s + 3)  # a causal run's first token, or -1
+            causal = (causal_from >= 0).to(tl.int32)
             q = tl.load(q_at + rotation * stride_qr, mask=q_mask, other=0.0)
             # keys every row of this block sees (no mask), then the rest up to `last` (masked):
             # a causal run's diagonal block(s), or a run's partial last block
-            bulk_end = causal * (start + first) + (1 - causal) * (start + (end - start) // BLOCK_N * BLOCK_N)
-            last = causal * tl.minimum(end, start + first + BLOCK_M) + (1 - causal) * end
+            seen_by_all = start + first - causal_from
+            bulk_end = causal * seen_by_all + (1 - causal) * (start + (end - start) // BLOCK_N * BLOCK_N)
+            last = causal * tl.minimum(end, seen_by_all + BLOCK_M) + (1 - causal) * end
+            bulk_end = tl.minimum(tl.maximum(bulk_end, start), end)
+            last = tl.maximum(last, bulk_end)
             for lo in range(start, bulk_end, BLOCK_N):
                 row_max, row_sum, acc = _attend_block(
-                    q, k_head, v_head, lo, tokens, row_max, row_sum, acc, start, last, causal,
+                    q, k_head, v_head, lo, tokens, row_max, row_sum, acc, start, last, causal_from,
                     stride_ks, stride_vs, qk_scale, d, d_ok,
                     BLOCK_N=BLOCK_N, MASKED=False, EVEN_D=EVEN_D,
                     INPUT_PRECISION=INPUT_PRECISION, UPCAST_DOT=UPCAST_DOT)
             for lo in range(bulk_end, last, BLOCK_N):
                 row_max, row_sum, acc = _attend_block(
-                    q, k_head, v_head, lo, tokens, row_max, row_sum, acc, start, last, causal,
+                    q, k_head, v_head, lo, tokens, row_max, row_sum, acc, start, last, causal_from,
                     stride_ks, stride_vs, qk_scale, d, d_ok,
                     BLOCK_N=BLOCK_N, MASKED=True, EVEN_D=EVEN_D,
                     INPUT_PRECISION=INPUT_PRECISION, UPCAST_DOT=UPCAST_DOT)
@@ -285,65 +292,104 @@ def config_for(head_dim: int, num_tokens: int = 1 << 20) -> tuple[int, int, int,
     return block_m, block_n, num_warps, num_stages
 
 
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Segments as the kernel reads them, for one forward's T tokens: an int32 table
+    `[blocks | 1, NUM_SEGMENTS, 4]` (start, end, rotation, a causal run's first token or -1)
+    on the device, one row of segments per block of BLOCK_M tokens (or one for all), and the
+    launch config. Built once per forward and shared by its layers."""
+
+    table: torch.Tensor
+    config: tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    num_tokens: int
+
+
+def plan_segments(
+    segments: Sequence[Segment] | Sequence[Sequence[Segment]],
+    num_tokens: int,
+    head_dim: int,
+    device: torch.device | str,
+    *,
+    group_tokens: Sequence[int] | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> SegmentPlan:
+    """The table for `segments` (every token's), or with `group_tokens` one list of segments
+    per group of consecutive tokens (groups of whole BLOCK_M blocks but the last): a forward
+    that is several prefill chunks at once, each with its own window and sink.
+
+    Copied without making the host wait for the device (a pinned staging buffer on CUDA)."""
+    config = config or config_for(head_dim, num_tokens)
+    block_m, block_n = config[0], config[1]
+    assert block_m % block_n == 0, "BLOCK_M must be a multiple of BLOCK_N (causal blocks start on one)"
+    if group_tokens is None:
+        groups, group_tokens = [list(segments)], [num_tokens]
+    else:
+        groups = [list(g) for g in segments]
+        assert len(groups) == len(group_tokens) and sum(group_tokens) == num_tokens, "one group per token range"
+        assert all(n % block_m == 0 for n in group_tokens[:-1]), f"groups must be whole blocks of {block_m} tokens"
+    width = max(len(g) for g in groups)
+    assert 1 <= width <= MAX_SEGMENTS, f"1 to {MAX_SEGMENTS} segments, not {width}"
+    rows, first = [], 0
+    for group, count in zip(groups, group_tokens, strict=True):
+        row = []
+        for seg in group:
+            assert 0 <= seg.start <= seg.end, f"segment {seg}"
+            if seg.causal:
+                assert first <= seg.first_token and seg.first_token + seg.end - seg.start <= first + count, (
+                    "a causal segment holds keys of its own group's tokens")
+                assert (seg.first_token - first) % block_m == 0 or len(groups) == 1, "causal runs start on a block"
+            row.append([seg.start, seg.end, seg.rotation, seg.first_token if seg.causal else -1])
+        row += [[0, 0, 0, -1]] * (width - len(row))
+        rows += [row] * (1 if len(groups) == 1 else -(-count // block_m))
+        first += count
+    host = torch.tensor(rows, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+    return SegmentPlan(host.to(device, non_blocking=True), config, num_tokens)
+
+
 def segment_attention_triton(
     q: torch.Tensor,  # [B, H, R, T, D]
     keys: torch.Tensor,  # [B|1, KVH, S, D]: one buffer (a layer's slots)
     values: torch.Tensor,  # [B|1, KVH, S, D]
-    segments: Sequence[Segment],
+    segments: Sequence[Segment] | SegmentPlan,
     scale: float,
     *,
-    segments_on_device: torch.Tensor | None = None,  # int32 [len(segments), 4], when already there
     config: tuple[int, int, int, int] | None = None,  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 ) -> torch.Tensor:  # [B, T, H, D], q's dtype
-    """Same contract as `segment_attention_ref` over `segment.run(keys, values)` of each segment.
-
-    A causal segment must hold exactly the T tokens' keys. `segments_on_device` lets a caller
-    that runs the same segments over many layers copy them to the device once.
-    """
+    """Same contract as `segment_attention_ref` over `segment.run(keys, values)` of each segment,
+    or per group of tokens with a `SegmentPlan` (which a forward builds once for its layers)."""
     batch, heads, _, num_tokens, head_dim = q.shape
-    runs = [s.run(keys, values) for s in segments]
-    _check(q, runs)
+    if not isinstance(segments, SegmentPlan):
+        _check(q, [s.run(keys, values) for s in segments])
+        segments = plan_segments(segments, num_tokens, head_dim, q.device, config=config)
+    plan = segments
+    assert plan.num_tokens == num_tokens, "the plan is for another token count"
     assert q.dtype == keys.dtype == values.dtype, "cast q to the cache's dtype first"
     assert q.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1, "last dim must be contiguous"
-    assert 1 <= len(segments) <= MAX_SEGMENTS, f"1 to {MAX_SEGMENTS} segments, not {len(segments)}"
-    for s in segments:
-        assert 0 <= s.start <= s.end <= keys.shape[2], f"segment {s} outside {keys.shape[2]} slots"
-        assert not s.causal or s.end - s.start == num_tokens, "a causal segment holds the T tokens' own keys"
+    assert keys.shape[0] in (1, batch) and heads % keys.shape[1] == 0 and keys.shape[3] == head_dim
     assert (keys.shape[2] - 1) * max(keys.stride(2), values.stride(2)) + head_dim < 2**31, (
         "a head's slots span more than 2**31 elements; the kernel indexes them in int32")
-    block_m, block_n, num_warps, num_stages = config or config_for(head_dim, num_tokens)
-    assert block_m % block_n == 0, "BLOCK_M must be a multiple of BLOCK_N (causal blocks start on one)"
+    block_m, block_n, num_warps, num_stages = plan.config
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    if segments_on_device is None:
-        segments_on_device = segment_table(segments, q.device)
     out = torch.empty((batch, num_tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
     upcast_dot = _INTERPRETED and q.dtype == torch.bfloat16
     grid = (triton.cdiv(num_tokens, block_m), batch * heads)
+    table = plan.table
     _segment_attention_kernel[grid](
-        q, keys, values, out, segments_on_device,
+        q, keys, values, out, table, table.stride(0) if table.shape[0] > 1 else 0,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         keys.stride(0) if keys.shape[0] > 1 else 0, keys.stride(1), keys.stride(2),
         values.stride(0) if values.shape[0] > 1 else 0, values.stride(1), values.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         num_tokens, heads, float(scale) * math.log2(math.e),
-        GROUPS=heads // keys.shape[1], NUM_SEGMENTS=len(segments),
+        GROUPS=heads // keys.shape[1], NUM_SEGMENTS=table.shape[1],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, EVEN_D=head_dim == head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         # fp32 is the tests' dtype: TF32 would round its inputs to 10 bits
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 or upcast_dot else "tf32",
         UPCAST_DOT=upcast_dot, num_warps=num_warps, num_stages=num_stages,
     )
     return out
-
-
-def segment_table(segments: Sequence[Segment], device: torch.device | str) -> torch.Tensor:
-    """The segments as the kernel reads them: int32 `[N, 4]` (start, end, rotation, causal).
-
-    Copied without making the host wait for the device (a pinned staging buffer on CUDA)."""
-    rows = [[s.start, s.end, s.rotation, int(s.causal)] for s in segments]
-    host = torch.tensor(rows, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
-    return host.to(device, non_blocking=True)
 
 
 def segment_attention(q: torch.Tensor, runs: Sequence[KeyRun], scale: float) -> torch.Tensor:  # [B, T, H, D]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from editkv.engine.generate import PREFILL_CHUNK, PREFILL_CHUNK_CUDA, prefill, prefill_chunk
 from editkv.engine.loading import load_model
-from editkv.engine.model import KVCache, Span, one_buffer
+from editkv.engine.model import KVCache, Span, TokenGroup, one_buffer
 from helpers import make_checkpoint, needs_triton
 
 TOL = 1e-4
@@ -59,8 +59,9 @@ def test_one_buffer_forward_equals_the_any_span_forward(gqa):
     ids = torch.tensor([_ids(12, seed=1)])
     positions = torch.arange(95, 107)
     spans = lambda c: [Span(c, 0, 2, 20), Span(c, 22, 60), Span(c, 60, 90, 3)]  # noqa: E731
-    assert one_buffer(cache, 90, 12, spans(cache), {0: 0, 20: 1, 3: 2}) is not None
-    assert one_buffer(cache, 90, 12, spans(other), {0: 0, 20: 1, 3: 2}) is None
+    rotations = [{0: 0, 3: 1, 20: 2}]
+    assert one_buffer(cache, 90, [TokenGroup(12, spans(cache))], rotations) is not None
+    assert one_buffer(cache, 90, [TokenGroup(12, spans(other))], rotations) is None
     got = model(ids, positions, write=cache, write_at=90, context=spans(cache), logits="all")
     want = model(ids, positions, write=other, write_at=90, context=spans(other), logits="all")
     assert (got - want).abs().max() <= TOL
@@ -95,6 +96,40 @@ def test_flash_kernel_through_the_model(gqa, case):
     (auto, auto_k), (flash, flash_k) = results
     assert (auto - flash).abs().max() <= TOL, case
     assert (auto_k - flash_k).abs().max() <= TOL, case
+
+
+@needs_triton
+def test_window_chunks_as_token_groups_of_one_forward(gqa, monkeypatch):
+    """Several window chunks per forward (what a GPU prefill does), through the flash kernel with
+    a segment table per token block and each token's own sink rotation: the logits and cache of
+    one forward per chunk."""
+    model = gqa.model
+    monkeypatch.setattr(model, "_one_group_at_a_time", None)  # grouped forwards must not split
+    ids = _ids(100, seed=6)
+    results = []
+    for per_forward in (None, 48):  # chunks of 16 (window 64 // 4), three to a forward
+        model.attention, model.attention_config = ("triton", (16, 16, 4, 1)) if per_forward else ("auto", None)
+        try:
+            cache = model.new_cache(len(ids))
+            out = prefill(model, ids, cache, logits="all", window=64, sink=(cache, 1), per_forward=per_forward)
+        finally:
+            model.attention, model.attention_config = "auto", None
+        results.append((out, cache.k.clone()))
+    (one, one_k), (grouped, grouped_k) = results
+    assert (one - grouped).abs().max() <= TOL
+    assert (one_k - grouped_k).abs().max() <= TOL
+
+
+def test_token_groups_fall_back_to_one_forward_each(gqa):
+    """Groups the flash kernel can't take (here: the CPU's path) run as forwards of their own."""
+    model = gqa.model
+    ids = torch.tensor([_ids(30, seed=7)])
+    cache, other = model.new_cache(40), model.new_cache(40)
+    groups = lambda c: [TokenGroup(10, [Span(c, 0, 2, 5)]), TokenGroup(20, [Span(c, 0, 10)])]  # noqa: E731
+    got = model(ids, torch.arange(30), write=cache, write_at=0, groups=groups(cache), logits="all")
+    first = model(ids[:, :10], torch.arange(10), write=other, write_at=0, context=[Span(other, 0, 2, 5)])
+    second = model(ids[:, 10:], torch.arange(10, 30), write=other, write_at=10, context=[Span(other, 0, 10)])
+    assert (got - torch.cat([first, second], 1)).abs().max() <= TOL
 
 
 def test_prefill_materialises_no_score_matrix(tmp_path):
@@ -142,6 +177,6 @@ def test_cuda_prefill_matches_the_cpu(tmp_path, dtype):
 def test_cuda_kernel_choice(tmp_path):
     model = load_model(make_checkpoint(tmp_path, "qwen2"), device="cuda", dtype=torch.bfloat16).model
     cache = model.new_cache(64)
-    assert one_buffer(cache, 0, 16, [], {0: 0}).kernel == "sdpa"  # nothing before: transformers' call
-    assert one_buffer(cache, 16, 16, [Span(cache, 0, 16)], {0: 0}).kernel == "triton"
-    assert one_buffer(model.new_cache(64, dtype=torch.float32), 0, 16, [], {0: 0}).kernel == "triton"
+    assert one_buffer(cache, 0, [TokenGroup(16, [])], [{0: 0}]).kernel == "sdpa"  # nothing before: transformers' call
+    assert one_buffer(cache, 16, [TokenGroup(16, [Span(cache, 0, 16)])], [{0: 0}]).kernel == "triton"
+    assert one_buffer(model.new_cache(64, dtype=torch.float32), 0, [TokenGroup(16, [])], [{0: 0}]).kernel == "triton"
