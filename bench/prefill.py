@@ -187,13 +187,14 @@ def run(args) -> dict:
     if "model" in names and not args.model:
         raise SystemExit("--models names 'model' but no --model PATH was given")
     sizes = [int(s) for s in args.sizes.split(",")]
-    results, corpus = [], None
+    results, text, encoded = [], _corpus(args), {}
     rate = None
     for name, model, hf, tokenizer in _models(names, args.model, device, args.dtype):
         if rate is None:
             rate = _gemm_rate(device, model.dtype)
-        if corpus is None or name == "model" or names[0] == "model":
-            corpus = tokenizer.encode(_corpus(args))
+        if id(tokenizer) not in encoded:
+            encoded[id(tokenizer)] = tokenizer.encode(text)
+        corpus = encoded[id(tokenizer)]
         head = doc_start_ids(tokenizer, model.config)
         for size in sizes:
             doc = Document(model, tokenizer, _text(corpus, tokenizer, size - len(head)), head=head)

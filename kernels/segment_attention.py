@@ -302,6 +302,7 @@ class SegmentPlan:
     table: torch.Tensor
     config: tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     num_tokens: int
+    slots: int  # past the last slot any segment names
 
 
 def plan_segments(
@@ -343,7 +344,8 @@ def plan_segments(
         rows += [row] * (1 if len(groups) == 1 else -(-count // block_m))
         first += count
     host = torch.tensor(rows, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
-    return SegmentPlan(host.to(device, non_blocking=True), config, num_tokens)
+    slots = max(seg.end for group in groups for seg in group)
+    return SegmentPlan(host.to(device, non_blocking=True), config, num_tokens, slots)
 
 
 def segment_attention_triton(
@@ -363,6 +365,7 @@ def segment_attention_triton(
         segments = plan_segments(segments, num_tokens, head_dim, q.device, config=config)
     plan = segments
     assert plan.num_tokens == num_tokens, "the plan is for another token count"
+    assert plan.slots <= keys.shape[2], f"segments reach slot {plan.slots}, past the {keys.shape[2]} there are"
     assert q.dtype == keys.dtype == values.dtype, "cast q to the cache's dtype first"
     assert q.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1, "last dim must be contiguous"
     assert keys.shape[0] in (1, batch) and heads % keys.shape[1] == 0 and keys.shape[3] == head_dim

@@ -6,6 +6,7 @@ import torch
 from editkv.kernels.segment_attention import (
     KeyRun,
     Segment,
+    plan_segments,
     segment_attention_cpu,
     segment_attention_ref,
     segment_attention_torch,
@@ -57,11 +58,15 @@ SHAPES = [  # (batch, key batch, tokens, query heads, kv heads, head dim)
 ]
 
 
+PATTERNS = ("first_chunk", "prefix", "windowed", "fim")
+CASES = [(shape, pattern, torch.float32) for shape in SHAPES for pattern in PATTERNS] + [
+    (SHAPES[1], "windowed", torch.bfloat16), (SHAPES[2], "fim", torch.bfloat16), (SHAPES[3], "prefix", torch.float16)]
+
+
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pattern", ["first_chunk", "prefix", "windowed", "fim"])
-@pytest.mark.parametrize(("batch", "key_batch", "num_tokens", "heads", "kv_heads", "head_dim"), SHAPES)
-def test_kernel_matches_reference(batch, key_batch, num_tokens, heads, kv_heads, head_dim, pattern, dtype):
+@pytest.mark.parametrize(("shape", "pattern", "dtype"), CASES)
+def test_kernel_matches_reference(shape, pattern, dtype):
+    batch, key_batch, num_tokens, heads, kv_heads, head_dim = shape
     segments, rotations = _segments(pattern, num_tokens)
     q, keys, values = _inputs(batch, key_batch, num_tokens, heads, kv_heads, head_dim, rotations, dtype)
     scale = head_dim**-0.5
@@ -84,6 +89,29 @@ def test_kernel_with_the_engine_config(dtype, head_dim):
     out = segment_attention_triton(q, keys, values, segments, 0.1)
     ref = segment_attention_ref(q, [s.run(keys, values) for s in segments], 0.1)
     assert (msg := _first_mismatch(out, ref, *TOLERANCES[dtype])) is None, msg
+
+
+@needs_triton
+def test_kernel_with_a_segment_table_per_token_group():
+    """Three groups of tokens (16, 32, 9), each with its own window, sink rotation and causal run:
+    each group's rows equal the reference over that group's own runs."""
+    q, keys, values = _inputs(1, 1, 57, 4, 2, 32, 2, torch.float32, seed=2)
+    groups = [  # (tokens, segments); new keys at [140, 197)
+        (16, [Segment(140, 156, 0, causal=True, first_token=0)]),
+        (32, [Segment(0, 2, 1), Segment(110, 156), Segment(156, 188, 0, causal=True, first_token=16)]),
+        (9, [Segment(0, 2, 1), Segment(130, 188), Segment(188, 197, 0, causal=True, first_token=48)]),
+    ]
+    plan = plan_segments([g for _, g in groups], 57, 32, DEVICE, group_tokens=[n for n, _ in groups],
+                         config=(16, 16, 4, 1))
+    assert plan.table.shape == (1 + 2 + 1, 3, 4)  # one row of segments per 16-token block
+    out = segment_attention_triton(q, keys, values, plan, 0.2)
+    first = 0
+    for count, segments in groups:
+        rows = slice(first, first + count)
+        want = segment_attention_ref(q[:, :, :, rows], [s.run(keys, values) for s in segments], 0.2,
+                                     token_offset=first)
+        assert (msg := _first_mismatch(out[:, rows], want, *TOLERANCES[torch.float32])) is None, (count, msg)
+        first += count
 
 
 @needs_triton
