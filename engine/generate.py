@@ -24,7 +24,7 @@ from editkv.engine.sampling import SamplingParams, make_generator, next_token
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.logit_summary import LogitSummary, logit_summary
 
-PREFILL_CHUNK = 2048  # tokens per prefill forward on the CPU (a few hundred MB of activations at 7B)
+PREFILL_CHUNK = 4096  # tokens per prefill forward on the CPU (~1 GB of activations at 7B)
 # On a GPU: a whole file in one forward when it fits (large GEMMs, few launches; attention is
 # flash-style and keeps no [T, S] scores, so memory grows only with T x the MLP's width).
 PREFILL_CHUNK_CUDA = 32768
@@ -122,12 +122,13 @@ def prefill(
     query attends to a key more than `window - 1` positions back (the model's context, for
     texts longer than it): each chunk sees the keys `windowed` keeps, with `sink` (the document
     start) in front of them. `per_forward`: tokens per forward, several chunks riding in one as
-    token groups (`TokenGroup`), each with its own window; default: one chunk, but on a GPU
-    with the default chunk the device's forward size (a forward costs ~1 ms of host time,
-    whatever its size, and a small model's window chunks take less than that on the GPU).
+    token groups (`TokenGroup`), each with its own window; default: one chunk, or with the
+    default chunk the device's forward size (a window's chunks are small, and every forward
+    costs a fixed overhead: ~1 ms of host time on a GPU, the parallel regions of every op on a
+    CPU, which other processes on a shared machine make expensive).
     """
     n = len(ids)
-    if per_forward is None and chunk is None and model.device.type == "cuda":
+    if per_forward is None and chunk is None:
         per_forward = prefill_chunk(None, device=model.device)
     chunk = prefill_chunk(window, chunk, device=model.device, end=first_position + n)
     per_forward = max(chunk, per_forward or chunk)

@@ -40,6 +40,7 @@ from editkv.kernels.segment_attention import (
     config_for,
     plan_segments,
     segment_attention,
+    segment_attention_groups,
     segment_attention_triton,
     triton,
 )
@@ -229,7 +230,8 @@ class OneBuffer:
     RoPE with the K/V write is one fused op over `slots` (the new tokens' base slots)."""
 
     base: KVCache
-    segments: list[Segment]  # of the one group ("cpu", "torch", "sdpa")
+    segments: list[list[Segment]]  # per group
+    group_tokens: list[int]
     slots: torch.Tensor  # int64 [T]
     kernel: str
     plan: SegmentPlan | None = None  # "triton": every group's segments on the device, shared by the layers
@@ -279,10 +281,8 @@ def one_buffer(write: KVCache, write_at: int, groups: Sequence[TokenGroup], rota
             return None  # a token block would straddle two groups
         plan = plan_segments(by_group, num_new, head_dim, device, group_tokens=[g.count for g in groups],
                              config=config)
-    elif len(by_group) > 1:
-        return None
     slots = torch.arange(at, at + num_new, device=device)
-    return OneBuffer(base, by_group[0], slots, kernel, plan)
+    return OneBuffer(base, by_group, [g.count for g in groups], slots, kernel, plan)
 
 
 class Attention(nn.Module):
@@ -328,14 +328,16 @@ class Attention(nn.Module):
                        plan.slots)
         q = q.view(1, c.num_heads, rope.cos.shape[0], num_new, c.head_dim)
         if plan.kernel == "sdpa":
-            new = plan.segments[0]
+            new = plan.segments[0][0]
             out = F.scaled_dot_product_attention(
                 q[:, :, 0], keys[:, :, new.start : new.end], values[:, :, new.start : new.end], is_causal=True,
                 scale=self.scale, enable_gqa=c.num_groups > 1)
             return out.transpose(1, 2)
         if plan.kernel == "triton":
             return segment_attention_triton(q, keys, values, plan.plan, self.scale)
-        return segment_attention(q, [s.run(keys, values) for s in plan.segments], self.scale)
+        if len(plan.segments) > 1:
+            return segment_attention_groups(q, keys, values, plan.segments, plan.group_tokens, self.scale)
+        return segment_attention(q, [s.run(keys, values) for s in plan.segments[0]], self.scale)
 
     def _spans(self, qkv: torch.Tensor, rope: RopeInputs, layer: int, write: KVCache, write_at: int,
                context: Sequence[Span]) -> torch.Tensor:  # [B, T, H, D]
@@ -395,12 +397,15 @@ class RopeInputs:
 def _residual_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, RMSNorm of it): the fused kernel on CUDA; on the CPU in fp32, `delta` added into
-    `x` in place (the forward's own residual stream) and torch's rms_norm, which rounds as
-    `RMSNorm` does in fp32: two passes and one new tensor instead of seven and six."""
+    `x` in place (the forward's own residual stream), then the norm in three passes (the row
+    norms, x times their inverse, times the weight) and one new tensor: the CPU pays for every
+    pass, and on a shared machine for every parallel region, more than for the arithmetic."""
     if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
         if delta is not None:
             x = x.add_(delta)
-        return x, F.rms_norm(x, (x.shape[-1],), weight, eps)
+        # sqrt(sum x^2) per row in one pass; the per-row arithmetic on [T, 1] is negligible
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        return x, torch.mul(x, rstd).mul_(weight)
     return add_rms_norm(x, delta, weight, eps)
 
 

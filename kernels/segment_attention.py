@@ -17,13 +17,15 @@ with fp32 statistics and without materialising a `[T, S]` score matrix (except t
   slot ranges of one buffer (`Segment`s), so one launch covers a whole chunk's context: a
   document's window, its sink and the new tokens. Key blocks that every row of the program sees
   take no mask; only a run's last partial block and the causal diagonal do. Query heads index
-  their KV head (GQA) without copying keys.
-- `segment_attention_cpu`: PyTorch's CPU flash kernel once per run (the non-causal ones with no
-  mask at all, the causal one with its own causal flag, which for a square run is ours), each
-  returning its log-sum-exp, and the partial outputs merged by those weights. One call over
-  every key with a `[T, S]` mask is ~40% slower there.
+  their KV head (GQA) without copying keys. The segments may differ per block of tokens
+  (`plan_segments` with groups): several prefill chunks, each under its own window, in one launch.
+- `segment_attention_cpu`: PyTorch's CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`,
+  what SDPA dispatches to on the CPU; it also returns the log-sum-exp) once per run (the non-causal ones with no
+  mask at all, the causal one with its own causal flag, which for a square run is ours), the
+  partial outputs merged by their log-sum-exps. One call over every key with a `[T, S]` mask
+  is ~40% slower there. Without the op (another torch), the blocked reference below.
 - `segment_attention_torch`: the reference over blocks of queries, so that its fp32 scores stay
-  a few MB (devices with neither of the above).
+  within `SCORE_BUDGET` (forwards over several buffers on a GPU, devices with neither of the above).
 - `segment_attention_ref`: the definition, fp32 scores over every key at once (tests).
 
 q is `[B, H, R, T, D]` (R rotations, any strides with a contiguous last dim); the output is
@@ -48,7 +50,7 @@ except ImportError:  # Triton is optional on CPU-only installs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim; the usual flash-attention
 # forward shapes for Hopper, to be checked against `bench/prefill.py --sweep` on the H100.
 CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
-QUERY_BLOCK = 256  # tokens per block of `segment_attention_torch`
+SCORE_BUDGET = 1 << 24  # fp32 scores `segment_attention_torch` holds at once (64 MB)
 MAX_SEGMENTS = 8
 
 
@@ -129,9 +131,13 @@ def segment_attention_ref(
 
 
 def segment_attention_torch(q: torch.Tensor, runs: Sequence[KeyRun], scale: float,
-                            block: int = QUERY_BLOCK) -> torch.Tensor:  # [B, T, H, D]
-    """The reference over blocks of `block` tokens: fp32 scores of one block at a time."""
-    num_tokens = q.shape[3]
+                            block: int | None = None) -> torch.Tensor:  # [B, T, H, D]
+    """The reference over blocks of `block` tokens (default: as many as `SCORE_BUDGET` scores
+    allow): fp32 scores of one block at a time."""
+    batch, heads, _, num_tokens, _ = q.shape
+    if block is None:
+        keys = sum(run.keys.shape[2] for run in runs)
+        block = max(1, SCORE_BUDGET // max(1, batch * heads * keys))
     if num_tokens <= block:
         return segment_attention_ref(q, runs, scale)
     return torch.cat([segment_attention_ref(q[:, :, :, lo : lo + block], runs, scale, token_offset=lo)
@@ -162,9 +168,9 @@ def segment_attention_cpu(q: torch.Tensor, runs: Sequence[KeyRun], scale: float)
         lses.append(lse)  # [B, H, T] fp32
     if len(outs) == 1:
         return outs[0].transpose(1, 2).to(q.dtype)
-    lse = torch.stack(lses)  # [P, B, H, T]
+    lse = torch.stack(lses)  # [P, B, H, T]: small, the merge's passes are over the outputs
     weights = torch.softmax(lse, dim=0).unsqueeze(-1)  # each run's share of the total weight
-    out = outs[0].float() * weights[0]
+    out = outs[0].float().mul_(weights[0])  # in place on the op's own output
     for part, weight in zip(outs[1:], weights[1:], strict=True):
         out.addcmul_(part.float(), weight)
     return out.transpose(1, 2).to(q.dtype)
@@ -392,6 +398,27 @@ def segment_attention_triton(
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 or upcast_dot else "tf32",
         UPCAST_DOT=upcast_dot, num_warps=num_warps, num_stages=num_stages,
     )
+    return out
+
+
+def segment_attention_groups(
+    q: torch.Tensor,  # [B, H, R, T, D]
+    keys: torch.Tensor,  # [B|1, KVH, S, D]
+    values: torch.Tensor,  # [B|1, KVH, S, D]
+    segments: Sequence[Sequence[Segment]],
+    group_tokens: Sequence[int],
+    scale: float,
+) -> torch.Tensor:  # [B, T, H, D]
+    """Groups of consecutive tokens, each over its own segments (`plan_segments`' groups), by
+    `segment_attention` once per group: what the flash kernel does in one launch."""
+    batch, heads, _, num_tokens, head_dim = q.shape
+    out = torch.empty((batch, num_tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    first = 0
+    for group, count in zip(segments, group_tokens, strict=True):
+        runs = [KeyRun(keys[:, :, s.start : s.end], values[:, :, s.start : s.end], s.rotation, s.causal,
+                       s.first_token - first) for s in group]
+        out[:, first : first + count] = segment_attention(q[:, :, :, first : first + count], runs, scale)
+        first += count
     return out
 
 

@@ -100,24 +100,27 @@ def test_flash_kernel_through_the_model(gqa, case):
 
 @needs_triton
 def test_window_chunks_as_token_groups_of_one_forward(gqa, monkeypatch):
-    """Several window chunks per forward (what a GPU prefill does), through the flash kernel with
-    a segment table per token block and each token's own sink rotation: the logits and cache of
-    one forward per chunk."""
+    """Several window chunks per forward (what prefill does by default), through the CPU path
+    (one flash call per group and run) and the flash kernel (a segment table per token block,
+    each token's own sink rotation): the logits and cache of one forward per chunk."""
     model = gqa.model
-    monkeypatch.setattr(model, "_one_group_at_a_time", None)  # grouped forwards must not split
     ids = _ids(100, seed=6)
     results = []
-    for per_forward in (None, 48):  # chunks of 16 (window 64 // 4), three to a forward
-        model.attention, model.attention_config = ("triton", (16, 16, 4, 1)) if per_forward else ("auto", None)
+    for per_forward, kernel in ((16, "auto"), (48, "auto"), (48, "triton")):  # chunks of 16 (window 64 // 4)
+        model.attention, model.attention_config = kernel, ((16, 16, 4, 1) if kernel == "triton" else None)
+        if per_forward > 16:  # grouped forwards must not split into one forward per group
+            monkeypatch.setattr(model, "_one_group_at_a_time", None)
         try:
             cache = model.new_cache(len(ids))
             out = prefill(model, ids, cache, logits="all", window=64, sink=(cache, 1), per_forward=per_forward)
         finally:
             model.attention, model.attention_config = "auto", None
+            monkeypatch.undo()
         results.append((out, cache.k.clone()))
-    (one, one_k), (grouped, grouped_k) = results
-    assert (one - grouped).abs().max() <= TOL
-    assert (one_k - grouped_k).abs().max() <= TOL
+    (one, one_k), *grouped = results
+    for out, k in grouped:
+        assert (one - out).abs().max() <= TOL
+        assert (one_k - k).abs().max() <= TOL
 
 
 def test_token_groups_fall_back_to_one_forward_each(gqa):
