@@ -2,26 +2,37 @@
 
 Data flow: LSP content change -> `apply_change` updates the text and, through
 `TokenizedText`, yields the minimal token edit `[a, b) -> new ids`; the edit is recorded as
-pending (the current token sequence is kept as pieces: runs of cached slots and runs of new
-ids). `repair` applies all pending edits at once, left to right:
-  1. cached runs move to their new slots and their keys are re-rotated by the shift (one fused
-     kernel per run, kernels/rerotate.py); prefix runs don't move;
-  2. new runs (plus, optionally, `refresh_window` tokens after each) are encoded by forward
-     passes at their positions, attending to everything before them.
-The cache holds `head` (the model's document-start token, see engine.prompting) then the
-document's tokens: token i lives in slot `h + i`, encoded at position `slot_positions[h + i]`
-(contiguous after a PIE repair).
+pending (the current token sequence is kept as pieces: runs of cached tokens and runs of new
+ids). `repair` applies all pending edits at once.
+
+Layout: a gap buffer. The cache holds `head` (the model's document-start token, see
+engine.prompting) in slots `[0, h)`, then tokens `[0, gap_at)` in slots `h + i`, then `gap`
+free slots, then tokens from `gap_at` on in slots `h + i + gap`. Every key acts at the index
+of the slot it sits in (what engine.generate.windowed and CUDA-graph replay expect), so a span
+of the tokens past the gap acts `-gap` positions from its slots (`spans`). An edit is made at
+the gap: the gap moves to it (the tokens in between cross it, moved and re-rotated: PIE's
+fused kernel, kernels/rerotate.py), new tokens are encoded into it at their positions
+attending to everything before them, deleted tokens widen it, and the tokens after it stay
+where they are; their positions moved by the edit, and so did the gap's size, which is all
+their span's shift says. Typing at one place costs the typed tokens only, whatever the size
+of the file; moving to another place costs the tokens in between, once.
+
+A document is encoded front to back: `frontier` tokens have keys, the rest none yet.
+`ensure_ready(upto)` encodes as far as a request needs (the text before the cursor, in
+chunks that poll a stop flag), `extend` does the rest in the background past the gap.
 
 Cached tokens after an edit never saw the new tokens: they are *stale*. The document counts
-them; `refresh` re-encodes from the first stale token, on demand or when `stale_budget` is
-crossed. Modes other than PIE exist for benchmarks: "conflict" moves slots without
-re-rotating (the suffix keeps stale positions), "prefix_reuse" re-encodes everything from
-the first changed token (what llama.cpp / vLLM prefix caching do).
+them; `refresh` re-encodes them (in the background) and views re-encode the ones right
+before the cursor (`refresh_near_cursor`). Nothing on the request path re-encodes more than
+that. Modes other than PIE exist for benchmarks, in a layout without a gap: "conflict" moves
+slots without re-rotating (the suffix keeps stale positions), "prefix_reuse" re-encodes
+everything from the first changed token (what llama.cpp / vLLM prefix caching do).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -35,6 +46,8 @@ from editkv.kernels.rerotate import move_rerotate
 
 MODES = ("pie", "conflict", "prefix_reuse")
 SPARE_SLOTS = 256  # free slots kept after a document's last one: views' scratch windows live there
+GAP_SLOTS = 256  # free slots a gap is (re)opened with: this many typed tokens before anything moves
+BACKGROUND_CHUNK = 32  # tokens per forward in background encoding: a newer request waits for one at most
 
 
 @dataclass
@@ -73,7 +86,9 @@ class DocumentOptions:
 
     mode: str = "pie"
     refresh_window: int = 0  # tokens after each edit re-encoded with the edit
-    stale_budget: int | None = None  # refresh everything stale once more than this many
+    # more stale tokens than this make background refresh start without waiting for the editor
+    # to go idle (lsp_server/scheduler.py); None: only when idle. Never on the request path.
+    stale_budget: int | None = None
     prefill_chunk: int | None = None  # tokens per prefill forward (None: the device's default, engine.generate)
     # FIM views re-encode this many of the suffix's first cached tokens after <SUF> (they were
     # cached without it; a real model reads a suffix that never saw <SUF> noticeably worse)
@@ -104,7 +119,7 @@ RECOMMENDED = {"fim_fresh_suffix": 64, "refresh_near_cursor": 64}
 
 
 class Document:
-    """Text, tokens and a PIE-repaired KV cache for one open file."""
+    """Text, tokens and a PIE-repaired KV cache for one open file (see the module docstring)."""
 
     def __init__(
         self,
@@ -124,8 +139,11 @@ class Document:
         self.head = list(head or [])
         self.tokens = TokenizedText(tokenizer, text, line_local=line_local)
         self.cache: KVCache | None = None
-        self.runs: list[_Run] = []
-        self.slot_positions = np.zeros(0, dtype=np.int64)
+        self.runs: list[_Run] = []  # tokens [0, frontier) as pieces of the layout before the pending edits
+        self.frontier = 0  # tokens [0, frontier) have keys and values; the rest have none yet
+        self.gap_at = 0  # tokens [0, gap_at) sit in slots h + i; tokens from gap_at on in h + i + gap
+        self.gap = 0  # free slots between them
+        self.slot_positions = np.zeros(0, dtype=np.int64)  # "conflict" mode: the position each slot acts at
         self.stale = np.zeros(0, dtype=bool)
         self.stats = RepairStats()
         self.pending_edits = 0
@@ -166,29 +184,107 @@ class Document:
 
     @property
     def num_stale(self) -> int:
-        return int(self.stale.sum())
+        return int(self.stale[: self.frontier].sum())
+
+    @property
+    def num_unencoded(self) -> int:
+        """Tokens with no keys yet (a document is encoded front to back, the rest in the background)."""
+        return len(self.ids) - self.frontier if self.cache is not None else len(self.ids)
 
     def apply_change(self, rng: Range | None, new_text: str, encoding: str = "utf-16") -> TokenEdit | None:
         """Apply one LSP content change (range None = whole document); KV repair stays pending."""
         text, start, old_end = apply_change(self.text, rng, new_text, encoding)
+        n_before = len(self.ids)
         edit = self.tokens.update(text, start, old_end)
         self.version += 1
-        if edit is not None and self.cache is not None:
-            self._record(edit)
+        if edit is not None:
+            self._resize_stale(edit, n_before)
+            if self.cache is not None:
+                self._record(edit)
         return edit
 
+    def _resize_stale(self, edit: TokenEdit, n_before: int) -> None:
+        """Keep `stale` one flag per token; flags are recomputed from the runs at the next repair."""
+        if len(self.stale) != n_before:
+            return
+        self.stale = np.concatenate([self.stale[: edit.start], np.zeros(len(edit.new_ids), dtype=bool),
+                                     self.stale[edit.end :]])
+
     def _record(self, edit: TokenEdit) -> None:
+        if edit.start >= self.frontier:  # past the keys: nothing of the cache changes
+            return
         left, rest = _split(self.runs, edit.start)
-        _, right = _split(rest, edit.end - edit.start)
-        middle = [_Run(ids=edit.new_ids)] if edit.new_ids else []
-        self.runs = _merge(left + middle + right)
+        if edit.end > self.frontier:  # reaches past the keys: what follows the edit has none
+            self.runs = _merge(left)
+            self.frontier = edit.start
+        else:
+            _, right = _split(rest, edit.end - edit.start)
+            middle = [_Run(ids=edit.new_ids)] if edit.new_ids else []
+            self.runs = _merge(left + middle + right)
+            self.frontier += edit.delta
         self.pending_edits += 1
 
-    # ---- the cache ---------------------------------------------------------------------------
+    # ---- the layout ------------------------------------------------------------------------
 
     @property
     def is_encoded(self) -> bool:
         return self.cache is not None
+
+    @property
+    def end_slot(self) -> int:
+        """The slot after the last token's (the view scratch starts there)."""
+        return self.h + len(self.ids) + self.gap
+
+    def slot(self, i: int) -> int:
+        """The slot of token i (its key acts at that slot's index)."""
+        return self.h + i + (self.gap if i >= self.gap_at else 0)
+
+    def spans(self, a: int, b: int, shift: int = 0) -> list[Span]:
+        """Spans holding tokens `[a, b)` acting at positions `h + a + shift ...` (head excluded;
+        `spans(0, b)` with the head is `head_spans`)."""
+        out = []
+        cut = min(max(self.gap_at, a), b)
+        if cut > a:
+            out.append(Span(self.cache, self.h + a, self.h + cut, shift))
+        if b > cut:
+            out.append(Span(self.cache, self.h + cut + self.gap, self.h + b + self.gap, shift - self.gap))
+        return out
+
+    def head_spans(self, b: int) -> list[Span]:
+        """The head and tokens `[0, b)` at their positions, as spans (one while b <= gap_at)."""
+        spans = self.spans(0, b)
+        if self.h and spans and spans[0].start == self.h and spans[0].shift == 0:
+            spans[0] = Span(self.cache, 0, spans[0].end)
+        elif self.h:
+            spans.insert(0, Span(self.cache, 0, self.h))
+        return spans
+
+    def positions(self) -> np.ndarray:
+        """The position the key of the head and each encoded token acts at, in text order."""
+        n = self.frontier
+        if self.options.mode == "conflict":
+            return self.slot_positions[: self.h + n].copy()
+        return np.arange(self.h + n, dtype=np.int64)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the head and every encoded token in text order, keys rotated to the
+        position each acts at: `[layers, batch, kv_heads, h + frontier, head_dim]` (a copy, for
+        checks against a fresh prefill)."""
+        assert self.cache is not None and self.options.mode != "conflict"
+        n = self.frontier
+        slots = [*range(self.h), *(self.slot(i) for i in range(n))]
+        index = torch.tensor(slots, device=self.cache.device)
+        k = self.cache.k.index_select(3, index)
+        v = self.cache.v.index_select(3, index)
+        if self.gap_at < n and self.gap:  # suffix keys act `gap` positions before their slots
+            half = self.model.config.rotary_dim // 2
+            cos, sin = self.model.rotary.delta_cos_sin(-self.gap)
+            tail = k[:, :, :, self.h + self.gap_at :].contiguous()
+            scratch_v = torch.zeros_like(tail)
+            move_rerotate(tail, scratch_v, 0, tail.shape[3], 0, cos[:half].contiguous(), sin[:half].contiguous(),
+                          self.model.config.rotary_dim)
+            k[:, :, :, self.h + self.gap_at :] = tail
+        return k, v
 
     def scratch_window(self, size: int) -> KVCache:
         """`size` free slots right after the document's last slot, for a view's own tokens.
@@ -197,7 +293,7 @@ class Document:
         one buffer (and replay as CUDA graphs); the document's slots are never written. The
         slot after the window stays free too (see engine/static_decode.py).
         """
-        end = self.h + len(self.ids)
+        end = self.end_slot
         self.cache.ensure_capacity(end + size + 1)
         self.view_epoch += 1
         return self.cache.window(end, size)
@@ -210,18 +306,9 @@ class Document:
         self.view_epoch += 1
         self.cache = None
         self.runs = []
+        self.frontier = self.gap_at = self.gap = 0
         self.pending_edits = 0
-
-    def ensure_ready(self) -> None:
-        """Make the cache match the text: full prefill if there is none, else repair."""
-        if self.cache is None:
-            self._full_prefill()
-        elif self.pending_edits:
-            self.repair()
-        budget = self.options.stale_budget
-        if budget is not None and self.num_stale > budget:
-            self.refresh()
-        self.last_used = time.monotonic()
+        self.stale = np.zeros(len(self.ids), dtype=bool)
 
     @property
     def context_size(self) -> int:
@@ -237,96 +324,125 @@ class Document:
         """prefill() arguments that keep attention within the model's context, the head as its sink."""
         return {"window": self.context_size, "sink": self.sink}
 
-    def _full_prefill(self) -> None:
+    # ---- bringing the cache up to date -------------------------------------------------------
+
+    def ensure_ready(self, upto: int | None = None, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Make the cache match the text for tokens `[0, upto)` (None: all of them): allocate it,
+        apply pending edits, encode what has no keys yet. Stale tokens are left to `refresh`.
+
+        Encoding is chunked and polls `should_stop` between chunks: a stopped call keeps what it
+        encoded and returns False.
+        """
+        n = len(self.ids)
+        upto = n if upto is None or self.options.mode != "pie" else max(0, min(upto, n))
+        if self.cache is None:
+            self._allocate()
+        elif self.pending_edits:
+            self.repair()
+        self.last_used = time.monotonic()
+        if self.frontier < upto:
+            # the request waits for these: append them in order (the gap follows) when nothing
+            # is encoded past the gap, so that the cursor's region stays on the gap's near side
+            return self._extend(upto, should_stop, follow=self.gap_at == self.frontier)
+        return True
+
+    def extend(self, max_tokens: int, should_stop: Callable[[], bool] | None = None) -> int:
+        """Background work: encode up to `max_tokens` tokens with no keys yet (the gap stays put).
+        Returns how many were encoded."""
+        if self.cache is None or self.pending_edits or not self.num_unencoded:
+            return 0
+        before = self.frontier
+        self._extend(min(len(self.ids), self.frontier + max_tokens), should_stop, follow=False)
+        return self.frontier - before
+
+    def _allocate(self) -> None:
+        """An empty cache holding the head; tokens come in with `_extend`."""
         self.view_epoch += 1
-        started = time.perf_counter()
-        ids = self.head + self.ids
-        self.cache = self.model.new_cache(len(ids) + SPARE_SLOTS)
-        if ids:
-            prefill(self.model, ids, self.cache, chunk=self.options.prefill_chunk, logits="none", **self._window())
-        self.runs = [_Run(0, len(self.ids))] if self.ids else []
-        self.cache.extent = len(ids) + SPARE_SLOTS
-        self.slot_positions = np.arange(len(ids), dtype=np.int64)
-        self.stale = np.zeros(len(self.ids), dtype=bool)
+        n = len(self.ids)
+        self.gap = GAP_SLOTS if self.options.mode == "pie" else 0
+        self.cache = self.model.new_cache(self.h + n + self.gap + SPARE_SLOTS)
+        self.cache.extent = self.h + n + self.gap + SPARE_SLOTS
+        if self.head:
+            prefill(self.model, self.head, self.cache, chunk=self.options.prefill_chunk, logits="none",
+                    **self._window())
+            self.stats.tokens_encoded += self.h
+        self.runs, self.frontier, self.gap_at = [], 0, 0
+        self.slot_positions = np.arange(self.h + n, dtype=np.int64)
+        self.stale = np.zeros(n, dtype=bool)
         self.pending_edits = 0
         self.stats.full_prefills += 1
-        self.stats.tokens_encoded += len(ids)
-        self.stats.repair_ms += 1000 * (time.perf_counter() - started)
 
-    def repair(self) -> None:
-        """Apply every pending edit to the cache (PIE, or the benchmark baselines)."""
-        if self.cache is None:
-            self._full_prefill()
-            return
-        if not self.pending_edits:
+    def _extend(self, upto: int, should_stop: Callable[[], bool] | None, *, follow: bool) -> bool:
+        """Encode tokens `[frontier, upto)` in chunks. `follow` (only while nothing is encoded past
+        the gap): they join the gap's near side and the gap moves after them; else they go past
+        the gap, which stays where the last edit left it."""
+        follow = follow and self.gap_at == self.frontier
+        # the request path takes every token in one prefill, which sizes its own forwards
+        step = BACKGROUND_CHUNK if should_stop is not None else self.options.prefill_chunk or max(1, upto)
+        while self.frontier < upto:
+            if should_stop is not None and should_stop():
+                return False
+            hi = min(upto, self.frontier + step)
+            if follow:  # past the frontier nothing is encoded: the gap may simply move on
+                self.gap_at = hi
+            self._encode(self.frontier, hi, grow=True)
+            self.frontier = hi
+            self.runs = [_Run(0, hi)]  # (no edits are pending while encoding)
+        return True
+
+    def _encode(self, first: int, last: int, *, grow: bool = False) -> None:
+        """(Re-)encode tokens `[first, last)` into their slots, each attending to every token before it.
+
+        `grow`: the tokens are new at the frontier (their slots follow the gap rule too).
+        """
+        if last <= first:
             return
         self.view_epoch += 1
         started = time.perf_counter()
-        mode = self.options.mode
-        runs = list(self.runs)
-        if mode == "prefix_reuse":
-            runs = self._from_first_change(runs)
-        elif self.options.refresh_window:
-            runs = self._widen(runs, self.options.refresh_window)
-        h = self.h
-        n = len(self.ids)
-        cache = self.cache
-        cache.ensure_capacity(h + n + 1)  # a free last slot lets small writes replay as CUDA graphs
-        # Where each run lands: (run, new start).
-        placed = []
-        pos = 0
-        for run in runs:
-            placed.append((run, pos))
-            pos += len(run)
-        assert pos == n, (pos, n)
-        old_positions = self.slot_positions.copy()
-        old_stale = self.stale
-        new_positions = np.empty(h + n, dtype=np.int64)
-        new_positions[:h] = old_positions[:h]
-        new_stale = np.zeros(n, dtype=bool)
-        # 1. move cached runs: leftward moves first (ascending), then rightward (descending).
-        moves = [(r, s) for r, s in placed if r.ids is None and s != r.a]
-        rotate = mode != "conflict"
-        for run, start in sorted((m for m in moves if m[1] < m[0].a), key=lambda m: m[0].a):
-            self._move(run, start - run.a, rotate)
-        for run, start in sorted((m for m in moves if m[1] > m[0].a), key=lambda m: -m[0].a):
-            self._move(run, start - run.a, rotate)
-        seen_change = False
-        for run, start in placed:
-            if run.ids is None:
-                shift = start - run.a
-                seen_change = seen_change or shift != 0
-                old_pos = old_positions[h + run.a : h + run.b]
-                new_positions[h + start : h + start + len(run)] = old_pos + (shift if rotate else 0)
-                new_stale[start : start + len(run)] = old_stale[run.a : run.b] | seen_change
-            else:
-                seen_change = True
-        # 2. encode new runs left to right, each attending to everything before it.
-        for run, start in placed:
-            if run.ids is None:
+        h, ids = self.h, self.ids
+        for a, b in ((first, min(last, self.gap_at)), (max(first, self.gap_at), last)):
+            if b <= a:
                 continue
-            first_position = h + start  # new tokens at their true positions, in every mode
-            context = [Span(cache, 0, h + start)] if h + start > 0 else []
-            prefill(self.model, list(run.ids), cache, start=h + start, first_position=first_position,
-                    context=context, chunk=self.options.prefill_chunk, logits="none", **self._window())
-            new_positions[h + start : h + start + len(run)] = np.arange(
-                first_position, first_position + len(run)
-            )
-            self.stats.tokens_encoded += len(run)
-        self.slot_positions = new_positions
-        self.stale = new_stale
-        self.runs = [_Run(0, n)] if n else []
-        self.stats.repairs += 1
-        self.stats.edits += self.pending_edits
-        self.pending_edits = 0
-        if cache.capacity > 2 * (h + n) + 2 * SPARE_SLOTS:
-            cache.shrink(h + n + SPARE_SLOTS)
-        cache.extent = h + n + SPARE_SLOTS
+            at = self.slot(a)
+            if a < self.gap_at or not self.gap:
+                context = [Span(self.cache, 0, at)] if at else []
+            else:  # past the gap: the tokens before it act `gap` positions later, in this frame
+                context = [Span(self.cache, 0, h + self.gap_at, self.gap)]
+                if at > h + self.gap_at + self.gap:
+                    context.append(Span(self.cache, h + self.gap_at + self.gap, at))
+            self.cache.ensure_capacity(self.end_slot + 1)
+            prefill(self.model, ids[a:b], self.cache, start=at, first_position=at, context=context,
+                    chunk=self.options.prefill_chunk, logits="none", **self._window())
+        self.stale[first:last] = False
+        if not grow:
+            self.stats.refreshes += 1
+        self.stats.tokens_encoded += last - first
         self.stats.repair_ms += 1000 * (time.perf_counter() - started)
 
-    def _move(self, run: _Run, delta: int, rotate: bool) -> None:
+    def move_gap(self, at: int) -> None:
+        """Move the gap before token `at` (clamped to the encoded tokens); see `_gap_to`."""
+        self.ensure_encoded_without_refresh()
+        self._gap_to(at)
+
+    def _gap_to(self, at: int) -> None:
+        """Move the gap before token `at` (<= frontier): the tokens between the old and the new
+        place cross it, moved and re-rotated by `gap` slots (PIE's move, over that stretch only)."""
+        at = max(0, min(at, self.frontier))
+        if at == self.gap_at:
+            return
+        if self.gap:
+            if at < self.gap_at:
+                self._move(self.h + at, self.h + self.gap_at, self.gap)
+            else:
+                self._move(self.h + self.gap_at + self.gap, self.h + at + self.gap, -self.gap)
+        self.gap_at = at
+
+    def _move(self, start: int, end: int, delta: int, rotate: bool = True) -> None:
+        """Slots `[start, end)` to `[start + delta, end + delta)`, keys re-rotated by `delta`."""
+        if end <= start:
+            return
+        self.view_epoch += 1
         cache = self.cache
-        h = self.h
         half = self.model.config.rotary_dim // 2
         if rotate:
             cos, sin = self.model.rotary.delta_cos_sin(delta)
@@ -334,76 +450,222 @@ class Document:
         else:
             cos = torch.ones(half, device=cache.device)
             sin = torch.zeros(half, device=cache.device)
-        move_rerotate(cache.k, cache.v, h + run.a, h + run.b, delta, cos, sin, self.model.config.rotary_dim)
-        self.stats.slots_moved += len(run)
+        move_rerotate(cache.k, cache.v, start, end, delta, cos, sin, self.model.config.rotary_dim)
+        self.stats.slots_moved += end - start
 
-    def _widen(self, runs: list[_Run], window: int) -> list[_Run]:
-        """Re-encode `window` cached tokens after each new run together with it."""
-        out: list[_Run] = []
+    def repair(self) -> None:
+        """Apply every pending edit to the cache (PIE, or the benchmark baselines)."""
+        if self.cache is None:
+            self._allocate()
+            return
+        if not self.pending_edits:
+            return
+        self.view_epoch += 1
+        started = time.perf_counter()
+        encoded_before = self.stats.tokens_encoded
+        if self.options.mode == "pie":
+            self._repair_at_gap()
+        else:
+            self._repair_in_place()
+        self.runs = [_Run(0, self.frontier)] if self.frontier else []
+        self.stats.repairs += 1
+        self.stats.edits += self.pending_edits
+        self.pending_edits = 0
+        if self.options.refresh_window:
+            self._refresh_after_edits(encoded_before)
+        self.stats.repair_ms += 1000 * (time.perf_counter() - started)
+
+    def _repair_at_gap(self) -> None:
+        """PIE over the gap buffer: each change is made at the gap, so only the tokens between
+        changes move; the tokens after the last one stay where they are, their shift is the gap's.
+
+        Old token j (of the layout before the edits) sits in slot h + j, or h + j + gap past the
+        gap. The runs are walked in text order: the gap first moves to the first change, then
+        new tokens are written into it, deleted tokens widen it, and cached runs between two
+        changes cross it to its near side.
+        """
+        runs, h = self.runs, self.h
+        self._edit_marks = []
         pos = 0
-        take = 0
-        for run in runs:
-            if run.ids is not None:
-                out.append(run)
-                take = window
-            elif take:
-                k = min(take, len(run))
-                out.append(_Run(ids=tuple(self.ids[pos : pos + k])))
-                if k < len(run):
-                    out.append(run.cut(k, len(run)))
-                take = 0
+        k = 0
+        while k < len(runs) and runs[k].ids is None and runs[k].a == pos:
+            pos += len(runs[k])
+            k += 1
+        if k == len(runs):  # the keys end earlier now (an edit reached past them): nothing moves
+            self.gap_at = min(self.gap_at, pos)
+            self.frontier = pos
+            self._set_stale_from(pos, [])
+            return
+        self._gap_to(pos)  # old and new coordinates agree before the first change
+        offset = self.gap  # old token j >= pos sits in slot h + j + offset
+        old_next = pos  # the first old token not yet kept or dropped
+        fresh: list[tuple[int, int]] = []  # new tokens, [start, end) in new coordinates
+        for r, run in enumerate(runs[k:], start=k):
+            if run.ids is None:
+                old_next = run.a
+                if r == len(runs) - 1:  # the tail stays in place: the gap ends where it starts
+                    break
+                # a run between two changes crosses to the near side of the gap
+                self._move(h + run.a + offset, h + run.b + offset, pos - run.a - offset)
+                pos += len(run)
+                old_next = run.b
             else:
-                out.append(run)
+                m = len(run.ids)
+                room = h + old_next + offset - (h + pos)
+                if room < m:  # the gap is full: the old tokens after it move right
+                    extra = max(m - room, GAP_SLOTS)
+                    old_end = self._old_frontier_end(runs)
+                    self.cache.ensure_capacity(h + max(len(self.ids), old_end) + offset + extra + SPARE_SLOTS)
+                    tail_end = h + old_end + offset
+                    self._move(h + old_next + offset, tail_end, extra)
+                    offset += extra
+                self._encode_new(pos, run.ids)
+                fresh.append((pos, pos + m))
+                pos += m
+        tail = runs[-1] if runs[-1].ids is None and len(runs) - 1 >= k else None
+        if tail is not None:
+            self.gap_at = pos
+            self.gap = h + tail.a + offset - (h + pos)
+            self.frontier = pos + len(tail)
+        else:
+            self.gap_at = self.frontier = pos
+            self.gap = h + old_next + offset - (h + pos)
+        first_change = fresh[0][0] if fresh else self.gap_at
+        self._set_stale_from(first_change, fresh)
+        if self.gap > max(4 * GAP_SLOTS, (h + len(self.ids)) // 2):  # a large deletion: close most of it
+            excess = self.gap - GAP_SLOTS
+            if self.frontier > self.gap_at:
+                self._move(h + self.gap_at + self.gap, self.slot(self.frontier - 1) + 1, -excess)
+            self.gap = GAP_SLOTS
+        if self.cache.capacity > 2 * self.end_slot + 2 * SPARE_SLOTS:
+            self.cache.shrink(self.end_slot + SPARE_SLOTS)
+        self.cache.ensure_capacity(self.end_slot + SPARE_SLOTS)
+        self.cache.extent = self.end_slot + SPARE_SLOTS
+
+    def _old_frontier_end(self, runs: list[_Run]) -> int:
+        """The end of the old encoded tokens (old coordinates) the runs still use."""
+        ends = [r.b for r in runs if r.ids is None]
+        return max(ends) if ends else 0
+
+    def _encode_new(self, pos: int, ids: tuple[int, ...]) -> None:
+        """New tokens at `pos` (the gap's near side), attending to everything before them."""
+        h = self.h
+        at = h + pos
+        prefill(self.model, list(ids), self.cache, start=at, first_position=at,
+                context=[Span(self.cache, 0, at)] if at else [], chunk=self.options.prefill_chunk,
+                logits="none", **self._window())
+        self.stats.tokens_encoded += len(ids)
+        self._edit_marks.append(pos + len(ids))
+
+    def _set_stale_from(self, first_change: int, fresh: list[tuple[int, int]]) -> None:
+        """Every cached token after the first change is stale (it never saw the change); new ones aren't."""
+        n = len(self.ids)
+        stale = np.zeros(n, dtype=bool)
+        old = self.stale if len(self.stale) == n else np.zeros(n, dtype=bool)
+        stale[:first_change] = old[:first_change]
+        stale[first_change : self.frontier] = True
+        for a, b in fresh:
+            stale[a:b] = False
+        self.stale = stale
+
+    def _refresh_after_edits(self, encoded_before: int) -> None:
+        """`refresh_window` tokens after each edit re-encoded with it (a benchmark option)."""
+        marks = getattr(self, "_edit_marks", [])
+        for end in marks:
+            self._encode(end, min(self.frontier, end + self.options.refresh_window))
+
+    def _repair_in_place(self) -> None:
+        """The baselines in a layout without a gap: "conflict" moves slots without re-rotating
+        (the suffix keeps stale positions); "prefix_reuse" re-encodes from the first change."""
+        mode = self.options.mode
+        runs = list(self.runs)
+        self._edit_marks = []
+        if mode == "prefix_reuse":
+            runs = self._from_first_change(runs)
+        h = self.h
+        n = len(self.ids)
+        cache = self.cache
+        cache.ensure_capacity(h + n + 1)  # a free last slot lets small writes replay as CUDA graphs
+        placed = []
+        pos = 0
+        for run in runs:
+            placed.append((run, pos))
             pos += len(run)
-        return _merge(out)
+        old_positions = self.slot_positions.copy()
+        new_positions = np.arange(h + n, dtype=np.int64)
+        new_positions[:h] = old_positions[:h]
+        moves = [(r, s) for r, s in placed if r.ids is None and s != r.a]
+        rotate = mode != "conflict"
+        for run, start in sorted((m for m in moves if m[1] < m[0].a), key=lambda m: m[0].a):
+            self._move(h + run.a, h + run.b, start - run.a, rotate)
+        for run, start in sorted((m for m in moves if m[1] > m[0].a), key=lambda m: -m[0].a):
+            self._move(h + run.a, h + run.b, start - run.a, rotate)
+        fresh = []
+        first_change = None
+        for run, start in placed:
+            if run.ids is None:
+                shift = start - run.a
+                if shift and first_change is None:
+                    first_change = start
+                new_positions[h + start : h + start + len(run)] = old_positions[h + run.a : h + run.b] + (
+                    shift if rotate else 0)
+            else:
+                first_change = start if first_change is None else first_change
+                self._encode_new(start, run.ids)
+                fresh.append((start, start + len(run)))
+        self.frontier = pos
+        self.gap_at = pos
+        self.slot_positions = new_positions
+        self._set_stale_from(len(self.ids) if first_change is None else first_change, fresh)
+        if cache.capacity > 2 * (h + n) + 2 * SPARE_SLOTS:
+            cache.shrink(h + n + SPARE_SLOTS)
+        cache.extent = h + n + SPARE_SLOTS
 
     def _from_first_change(self, runs: list[_Run]) -> list[_Run]:
         """Everything from the first changed token on becomes one new run."""
         pos = 0
         for i, run in enumerate(runs):
             if run.ids is not None or run.a != pos:
-                return runs[:i] + [_Run(ids=tuple(self.ids[pos:]))]
+                return runs[:i] + [_Run(ids=tuple(self.ids[pos : pos + sum(len(r) for r in runs[i:])]))]
             pos += len(run)
         return runs
 
-    def refresh(self, max_tokens: int | None = None) -> int:
-        """Re-encode stale tokens from the first one on (at most `max_tokens`); returns how many."""
+    # ---- staleness ---------------------------------------------------------------------------
+
+    def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
+        """Re-encode stale tokens from the first one on (at most `max_tokens`); returns how many.
+        With `should_stop`, in small chunks that poll it (background work)."""
         self.ensure_encoded_without_refresh()
-        stale = np.flatnonzero(self.stale)
+        stale = np.flatnonzero(self.stale[: self.frontier])
         if not len(stale):
             return 0
         first = int(stale[0])
-        last = len(self.ids) if max_tokens is None else min(len(self.ids), first + max_tokens)
-        return self._encode_range(first, last)
+        last = self.frontier if max_tokens is None else min(self.frontier, first + max_tokens)
+        if should_stop is None:
+            self._encode(first, last)
+            return last - first
+        done = first
+        while done < last and not should_stop():
+            hi = min(last, done + BACKGROUND_CHUNK)
+            self._encode(done, hi)
+            done = hi
+        return done - first
 
     def refresh_before(self, end: int, count: int) -> int:
         """Re-encode the stale tokens among `ids[end - count:end]` (and the fresh ones between
         them); returns how many were encoded."""
         self.ensure_encoded_without_refresh()
-        end = max(0, min(end, len(self.ids)))
+        end = max(0, min(end, self.frontier))
         stale = np.flatnonzero(self.stale[max(0, end - count) : end])
         if not len(stale):
             return 0
         first = max(0, end - count) + int(stale[0])
-        return self._encode_range(first, end)
-
-    def _encode_range(self, first: int, last: int) -> int:
-        self.view_epoch += 1
-        h = self.h
-        started = time.perf_counter()
-        prefill(self.model, self.ids[first:last], self.cache, start=h + first, first_position=h + first,
-                context=[Span(self.cache, 0, h + first)] if h + first else [], chunk=self.options.prefill_chunk,
-                logits="none", **self._window())
-        self.slot_positions[h + first : h + last] = np.arange(h + first, h + last)
-        self.stale[first:last] = False
-        self.stats.refreshes += 1
-        self.stats.tokens_encoded += last - first
-        self.stats.repair_ms += 1000 * (time.perf_counter() - started)
-        return last - first
+        self._encode(first, end)
+        return end - first
 
     def ensure_encoded_without_refresh(self) -> None:
         if self.cache is None:
-            self._full_prefill()
+            self.ensure_ready()
         elif self.pending_edits:
             self.repair()
 

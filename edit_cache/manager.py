@@ -9,6 +9,7 @@ needs it. The document being served is never evicted to make room for itself.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from editkv.edit_cache.document import Document, DocumentOptions
 from editkv.edit_cache.positions import Range
@@ -70,13 +71,15 @@ class DocumentCache:
         """Forget a document and its cache."""
         self.docs.pop(key, None)
 
-    def prepare(self, key: str) -> Document:
-        """Bring `key`'s cache up to date and keep the total under budget."""
+    def prepare(self, key: str, upto: int | None = None,
+                should_stop: Callable[[], bool] | None = None) -> tuple[Document, bool]:
+        """Bring `key`'s cache up to date for its first `upto` tokens (None: all) and keep the
+        total under budget; (the document, False if `should_stop` ended the encoding early)."""
         doc = self.get(key)
         self.docs.move_to_end(key)
-        doc.ensure_ready()
+        ready = doc.ensure_ready(upto, should_stop)
         self.enforce_budget(keep=key)
-        return doc
+        return doc, ready
 
     def total_kv_bytes(self) -> int:
         return sum(doc.kv_bytes() for doc in self.docs.values())
@@ -92,21 +95,39 @@ class DocumentCache:
                 doc.drop_kv()
                 self.evictions += 1
 
-    def refresh_idle(self, max_tokens: int) -> int:
-        """Re-encode up to `max_tokens` stale tokens of the most recently used document that
-        has any (pending edits are repaired first); returns how many tokens were encoded."""
-        stale = [d for d in self.docs.values() if d.cache is not None and (d.pending_edits or d.num_stale)]
-        if not stale:
-            return 0
-        doc = max(stale, key=lambda d: d.last_used)
-        before = doc.stats.tokens_encoded
-        doc.refresh(max_tokens=max_tokens)  # repairs pending edits first
-        return doc.stats.tokens_encoded - before
+    def refresh_idle(self, max_tokens: int, should_stop: Callable[[], bool] | None = None) -> int:
+        """Background work, up to `max_tokens` tokens (in chunks that poll `should_stop`): first
+        the tokens of the most recently used document that have no keys yet, then its stale
+        ones, then other documents'. Returns how many tokens were encoded (0: nothing to do)."""
+        docs = sorted((d for d in self.docs.values() if d.cache is not None), key=lambda d: -d.last_used)
+        for doc in docs:
+            if doc.num_unencoded:
+                doc.ensure_encoded_without_refresh()  # pending edits first
+                done = doc.extend(max_tokens, should_stop)
+                self.enforce_budget()
+                if done or (should_stop is not None and should_stop()):
+                    return done
+        for doc in docs:
+            if doc.pending_edits or doc.num_stale:
+                before = doc.stats.tokens_encoded
+                doc.refresh(max_tokens=max_tokens, should_stop=should_stop)  # repairs pending edits first
+                return doc.stats.tokens_encoded - before
+        return 0
+
+    def urgent_work(self) -> bool:
+        """Whether background work should start without waiting for the editor to go idle: a
+        document has tokens with no keys, or more stale tokens than the options' `stale_budget`."""
+        budget = self.options.stale_budget
+        return any(d.cache is not None and (d.num_unencoded or (budget is not None and d.num_stale > budget))
+                   for d in self.docs.values())
 
     def set_options(self, options: DocumentOptions, budget_bytes: int | None) -> None:
-        """New settings apply to every document from its next repair on."""
+        """New settings apply to every document from its next repair on (a new cache mode drops
+        the caches: the modes lay slots out differently)."""
         self.options = options
         self.budget_bytes = budget_bytes
         for doc in self.docs.values():
+            if doc.options.mode != options.mode:
+                doc.drop_kv()
             doc.options = options
         self.enforce_budget()

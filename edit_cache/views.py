@@ -158,36 +158,44 @@ def _common_suffix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _prefix_part(doc: Document, cursor: int) -> tuple[int, list[int], int, bytes]:
-    """(cached slots used, fresh ids, position of the first fresh id, healed bytes)."""
+def _prefix_part(doc: Document, cursor: int) -> tuple[int, list[int], bytes]:
+    """(document tokens used from the cache, fresh ids, healed bytes); the cache is made ready
+    for those tokens (encoded as far, pending edits repaired, stale ones near the cursor redone)."""
     t, fresh = _split_prefix(doc, cursor)
+    doc.ensure_ready(upto=t)
     if doc.options.refresh_near_cursor:
         doc.refresh_before(t, doc.options.refresh_near_cursor)
     fresh, heal = healer_for(doc.tokenizer).split(fresh)
-    used = doc.h + t
-    return used, fresh, _position_after(doc, used), heal
+    return t, fresh, heal
 
 
-def _position_after(doc: Document, used: int) -> int:
-    # A slot's true position is its index: PIE keeps keys there; "conflict" mode's stale
-    # suffix keys are exactly what that baseline gets wrong.
-    return used
+def _context_before(doc: Document, used: int) -> list[Span]:
+    """The head and document tokens making up the first `used` prompt ids, at their positions."""
+    if used <= doc.h:
+        return [Span(doc.cache, 0, used)] if used else []
+    return doc.head_spans(used - doc.h)
+
+
+def _graphs_on(doc: Document) -> bool:
+    """Whether the model replays CUDA graphs, which want a view's spans in one shape (see
+    engine/static_decode.py): then a FIM view moves the document's gap out of its suffix."""
+    return getattr(doc.model, "static", None) is not None
 
 
 def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> ContextView | None:
     """View for continuing `text[:cursor]`; None when there is nothing to condition on."""
     started = time.perf_counter()
-    doc.ensure_ready()
-    used, fresh, first_position, heal = _prefix_part(doc, cursor)
+    t, fresh, heal = _prefix_part(doc, cursor)
+    used = doc.h + t
     if not fresh:
         if used == 0:
             return None
         used -= 1  # re-encode the last cached token to get its logits
         fresh = [(doc.head + doc.ids)[used]]
-        first_position = _position_after(doc, used)
+    first_position = used  # a key acts at its index in the prompt (the gap's shift says so)
     model = doc.model
     scratch = doc.scratch_window(len(fresh) + max_new_tokens + DRAFT_SLOTS)
-    context = [Span(doc.cache, 0, used)] if used else []
+    context = _context_before(doc, used)
     # the last position this view may reach, and what it can see from there
     context = windowed(context, first_position + scratch.capacity - doc.context_size, doc.sink)
     logits = model(torch.tensor([fresh], device=model.device),
@@ -200,8 +208,11 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> Co
 
 
 def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
-                   max_new_tokens: int = 64) -> ContextView:
+                   max_new_tokens: int = 64, whole_suffix: bool = True) -> ContextView:
     """View for `<PRE> text[:cursor] <SUF> suffix <MID>` (suffix from the cursor or the next line).
+
+    `whole_suffix=False`: the suffix as far as the document has keys (the server's path, where
+    the rest is encoded in the background) instead of encoding the whole document first.
 
     Models whose layout repeats the prefix's last tokens after `<MID>` (`FimTokens.tail`) get
     them encoded with `<MID>`, like every other view token.
@@ -212,24 +223,30 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     if suffix not in ("rest_of_line", "next_line"):
         raise ValueError(f"suffix must be 'rest_of_line' or 'next_line', not {suffix!r}")
     started = time.perf_counter()
-    doc.ensure_ready()
     text = doc.text
-    used, fresh_prefix, first_position, heal = _prefix_part(doc, cursor)
+    if whole_suffix:
+        doc.ensure_ready()
+    t, fresh_prefix, heal = _prefix_part(doc, cursor)
+    used = first_position = doc.h + t
     suffix_start = cursor
     if suffix == "next_line":
         m = _TERMINATOR.search(text, cursor)
         suffix_start = m.end() if m else len(text)
     t_suffix, fresh_suffix = _split_suffix(doc, suffix_start)
-    h, n = doc.h, len(doc.ids)
-    extra = min(doc.options.fim_fresh_suffix, n - t_suffix)
+    h = doc.h
+    extra = min(doc.options.fim_fresh_suffix, len(doc.ids) - t_suffix)
     fresh_suffix, t_suffix = fresh_suffix + doc.ids[t_suffix:t_suffix + extra], t_suffix + extra
+    # the suffix as far as it has keys (a document still being encoded in the background)
+    n = max(t_suffix, min(len(doc.ids), doc.frontier))
+    if _graphs_on(doc) and not t <= doc.gap_at <= t_suffix:
+        doc.move_gap(min(max(doc.gap_at, t), t_suffix))  # prefix and suffix each one span
     head_ids = fresh_prefix + [fim.suffix] + fresh_suffix
     model = doc.model
     scratch = doc.scratch_window(len(head_ids) + 1 + fim.tail + max_new_tokens + DRAFT_SLOTS)
     if used + (n - t_suffix) + scratch.capacity > doc.context_size:
         # longer than the model's context: a quarter of it for the suffix, the rest for the prefix
         n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix)))
-    context = [Span(doc.cache, 0, used)] if used else []
+    context = _context_before(doc, used)
     last = first_position + (n - t_suffix) + scratch.capacity  # past the last position a decode step reaches
     context = windowed(context, last - doc.context_size, doc.sink)
     dev = model.device
@@ -238,8 +255,7 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
           write=scratch, write_at=0, context=context, logits="none")
     suffix_position = first_position + len(head_ids)
     if t_suffix < n:
-        shift = suffix_position - (h + t_suffix)
-        context = [*context, Span(doc.cache, h + t_suffix, h + n, shift)]
+        context = [*context, *doc.spans(t_suffix, n, suffix_position - (h + t_suffix))]
     middle_position = suffix_position + (n - t_suffix)
     # <MID>, then the prefix's last tokens again when the model's layout asks for them
     middle_ids = [fim.middle] + fim_tail(doc.tokenizer, (doc.head + doc.ids)[h:used] + fresh_prefix)

@@ -129,7 +129,7 @@ class ModelBackend:
     def __init__(self, loaded: LoadedModel, *, budget_bytes: int | None = None,
                  options: DocumentOptions | None = None, recompute: bool = False,
                  decoding: DecodingOptions | None = None, ngram_tokens: int = NGRAM_INDEX_TOKENS,
-                 tuned: dict[str, int | None] | None = None) -> None:
+                 tuned: dict[str, int | None] | None = None, background: bool = True) -> None:
         from editkv.edit_cache.document import DocumentOptions
         from editkv.edit_cache.manager import DocumentCache
         from editkv.engine.decoding.ngram_index import NgramIndex
@@ -142,6 +142,9 @@ class ModelBackend:
                                    budget_bytes=budget_bytes, options=options)
         self.description = f"{loaded.source} on {loaded.device}"
         self.recompute = recompute  # baseline: drop the document's KV before every request
+        # requests encode only the text they need (before the cursor); the worker encodes the
+        # rest between requests (`refresh_idle`). Off: every request makes the whole document ready.
+        self.background = background
         self.speculator = Speculator()  # outlives requests: the model table, acceptance estimates, recent drafts
         self.index = NgramIndex(max_tokens=ngram_tokens)  # every open document's n-grams
         corpus = Path(loaded.source) / "ngram.npz"
@@ -151,13 +154,16 @@ class ModelBackend:
         self.adadec = None  # AdaDecConfig once `decoding.adadec` is on and the model is calibrated
         self.adadec_problem: str | None = None
         self._set_decoding(decoding or DecodingOptions())
+        self.encoded_tokens = 0  # tokens complete() has run through the model (cache and views), all documents
 
     def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
-                  decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None) -> None:
+                  decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None,
+                  background: bool = True) -> None:
         """New cache settings, applied from each document's next repair on; new decoding options.
         `tuned`: the model-tuned options the user set (None or absent: the model's recommendation)."""
         self.cache.set_options(options.tuned(self.loaded.cache, **(tuned or {})), budget_bytes)
         self.recompute = recompute
+        self.background = background
         if decoding is not None:
             self._set_decoding(decoding)
 
@@ -175,9 +181,14 @@ class ModelBackend:
             self.adadec_problem = str(err)
             log.warning("adadec is on but unavailable: %s", err)
 
-    def refresh_idle(self, max_tokens: int = 256) -> int:
-        """Idle work: re-encode some stale tokens of the most recent document; 0 when none are left."""
-        return self.cache.refresh_idle(max_tokens)
+    def refresh_idle(self, max_tokens: int = 256, should_stop: Callable[[], bool] | None = None) -> int:
+        """Background work: encode tokens that have no keys yet, then stale ones, most recent
+        document first, stopping between small chunks when `should_stop` says so; 0 when none are left."""
+        return self.cache.refresh_idle(max_tokens, should_stop)
+
+    def urgent_work(self) -> bool:
+        """Whether background work should start as soon as the worker is free (see DocumentCache)."""
+        return self.background and self.cache.urgent_work()
 
     def drop_caches(self) -> None:
         """Forget every document's KV (after running out of memory); texts stay."""
@@ -213,7 +224,17 @@ class ModelBackend:
         if self.recompute:
             doc.drop_kv()
         repair_ms_before = doc.stats.repair_ms
-        doc = self.cache.prepare(request.uri)
+        encoded_before = doc.stats.tokens_encoded
+        moved_before = doc.stats.slots_moved
+        # the text before the cursor; with background work off (or recomputing), all of it
+        upto = doc.tokens.first_token_at_or_after(cursor) if self.background and not self.recompute else None
+        doc, ready = self.cache.prepare(request.uri, upto, should_stop)
+        if not ready:  # cancelled while encoding: what was encoded stays for the next request
+            encoded = doc.stats.tokens_encoded - encoded_before
+            self.encoded_tokens += encoded
+            return CompletionResult([], {"cancelled": True, "encoded_tokens": encoded,
+                                         "document_encoded_tokens": encoded,
+                                         "total_ms": 1000 * (time.perf_counter() - started)})
         if request.uri in self.index.docs:
             self.index.touch(request.uri)
         else:  # evicted from the index by other documents, or too big for it alone
@@ -221,7 +242,8 @@ class ModelBackend:
         view_kind = self.loaded.preferred_view if request.view == "auto" else request.view
         use_fim = view_kind == "fim" and doc.tokenizer.fim is not None
         if use_fim:
-            view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=request.max_tokens)
+            view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=request.max_tokens,
+                                  whole_suffix=not self.background or self.recompute)
         else:
             view = left_to_right(doc, cursor, max_new_tokens=request.max_tokens)
         stats = DecodeStats()
@@ -233,11 +255,20 @@ class ModelBackend:
                 drafts = self._one_draft(request.uri, doc, cursor, view, rules, stats, counters)
             else:
                 drafts = self._drafts(view, rules, request.num_drafts, stats, counters)
+        encoded = doc.stats.tokens_encoded - encoded_before + (view.encoded_tokens if view is not None else 0)
+        self.encoded_tokens += encoded
         return CompletionResult(drafts, {
             "repair_ms": doc.stats.repair_ms - repair_ms_before,
+            # tokens this request encoded into the document (edits, text before the cursor,
+            # stale ones near it) and slots it moved
+            "document_encoded_tokens": doc.stats.tokens_encoded - encoded_before,
+            "slots_moved": doc.stats.slots_moved - moved_before,
+            "unencoded_tokens": doc.num_unencoded,
+            "stale_tokens": doc.num_stale,
             "view": "fim" if use_fim else "l2r",
             "view_ms": view.build_ms if view is not None else 0.0,
             "view_encoded_tokens": view.encoded_tokens if view is not None else 0,
+            "encoded_tokens": encoded,  # prefill, repair, refreshes and view tokens of this request
             "decode_tokens": stats.decode_tokens,
             "forwards": stats.forwards,
             **counters,

@@ -56,6 +56,9 @@ class DocText:
     edits: int = 0  # content changes received, including ones that failed to apply
     modelled: bool = False  # the backend has it
     refused: str | None = None  # why it is not modelled (then its text is not kept either)
+    # why our copy may differ from the editor's (a change that did not fit it): no completions
+    # and no further incremental changes until a full-text change or a new didOpen resyncs it
+    out_of_sync: str | None = None
 
 
 @dataclass
@@ -78,7 +81,8 @@ class Job:
 
 @dataclass
 class Outcome:
-    """What a job produced: `status` is "served", "dropped", "not_ready" or "refused"."""
+    """What a job produced: `status` is one of "served", "dropped", "not_ready", "refused",
+    "out_of_sync"."""
 
     status: str
     suggestions: list[Suggestion] = field(default_factory=list)
@@ -119,8 +123,9 @@ class EngineWorker:
         # goes at once), "done" (nothing was stale: no timer until new work comes), else None
         self._idle_next: str | None = None
         self._idle_timer: threading.Timer | None = None
-        self.idle_refreshed = 0  # tokens re-encoded while idle
-        self.idle_runs = 0  # idle jobs run
+        self.idle_refreshed = 0  # tokens encoded by background work
+        self.idle_runs = 0  # background jobs run
+        self._urgent = False  # the backend has work that need not wait for idle_refresh_ms (see below)
 
     # ---- submission (any thread) ------------------------------------------------------------
 
@@ -154,9 +159,7 @@ class EngineWorker:
         with self._lock:
             self._pending -= 1
             if not self._pending and self._idle_next != "done":
-                quiet = self._clock() - self._last_work
-                wait = self.settings.idle_refresh_ms / 1000 - quiet
-                self._arm_idle(0.0 if self._idle_next == "more" else max(0.0, wait))
+                self._arm_idle(0.0 if self._idle_next == "more" else max(0.0, self._idle_wait_s()))
 
     def run(self, fn: Callable, *args) -> Future:
         """Like `call`, for notifications: failures are logged and reported, never raised."""
@@ -191,7 +194,21 @@ class EngineWorker:
 
     # ---- idle refresh -----------------------------------------------------------------------
 
-    IDLE_CHUNK_TOKENS = 256  # tokens re-encoded per idle job
+    IDLE_CHUNK_TOKENS = 256  # tokens encoded per background job (which stops early when work comes)
+    URGENT_QUIET_MS = 50  # quiet before urgent background work (keys typed in a burst come faster)
+
+    def _idle_wait_s(self) -> float:
+        """How much longer to wait before background work; called with the lock held.
+
+        Tokens with no keys yet (a big file's text after the cursor) or more stale tokens than
+        the stale budget are urgent: they wait for a short quiet spell, not for idle_refresh_ms.
+        Either way the work runs in chunks that stop when a request comes, so a request waits
+        for one small chunk at most.
+        """
+        quiet_ms = self.settings.idle_refresh_ms
+        if self._urgent:
+            quiet_ms = min(quiet_ms, self.URGENT_QUIET_MS)
+        return quiet_ms / 1000 - (self._clock() - self._last_work)
 
     def _arm_idle(self, delay_s: float) -> None:
         """(Re)start the idle timer; called with the lock held."""
@@ -209,7 +226,7 @@ class EngineWorker:
             if self.closing or self._pending:
                 return  # the job that finishes last re-arms the timer
             if self._idle_next is None:
-                wait = self.settings.idle_refresh_ms / 1000 - (self._clock() - self._last_work)
+                wait = self._idle_wait_s()
                 if wait > 0:
                     self._arm_idle(wait)
                     return
@@ -221,8 +238,12 @@ class EngineWorker:
         """One chunk of stale tokens re-encoded; the timer comes back at once while some are left,
         and not at all once none are (until new work comes)."""
         self.idle_runs += 1
+
+        def work_came() -> bool:
+            return self.closing or self._work_count != work_before
+
         try:
-            done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS) if self.backend is not None else 0
+            done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS, work_came) if self.backend is not None else 0
         except Exception:  # idle work must never take the server down
             log.error("idle refresh: %s", traceback.format_exc())
             done = 0
@@ -235,7 +256,14 @@ class EngineWorker:
 
     def _on_thread(self, fn: Callable, *args: Any) -> Any:
         self.thread_id = threading.get_ident()
-        return fn(*args)
+        try:
+            return fn(*args)
+        finally:  # read here, on the thread that owns the documents
+            urgent = getattr(self.backend, "urgent_work", None)
+            try:
+                self._urgent = bool(urgent()) if urgent is not None else False
+            except Exception:
+                self._urgent = False
 
     def _guarded(self, fn: Callable, *args) -> None:
         try:
@@ -273,13 +301,28 @@ class EngineWorker:
         doc.edits += 1
         if doc.refused:
             return
+        if doc.out_of_sync:
+            whole = [i for i, (rng, _) in enumerate(changes) if rng is None]
+            if not whole:
+                return  # an incremental change to a text we don't have: wait for the whole text
+            changes = changes[whole[-1]:]  # the editor's full text, and what it sent after it
         text = doc.text
         try:
             for rng, new_text in changes:
                 text = apply_change(text, rng, new_text, encoding)[0]
         except PositionError as err:
-            self.notify("warning", f"editkv: a change to {_name(uri)} does not fit the document ({err}); "
-                        "it was ignored. Reopen the file if suggestions look wrong.")
+            doc.out_of_sync = f"a change did not fit editkv's copy of {_name(uri)} ({err})"
+            self.notify("error", f"editkv: {doc.out_of_sync}; no suggestions for it until the editor "
+                        "sends its whole text again (close and reopen the file).")
+            return
+        if doc.out_of_sync:  # resynced by a full-text change: start the document over
+            doc.out_of_sync = None
+            doc.text = text
+            if doc.modelled and self.backend is not None:
+                self.backend.close(uri)
+                doc.modelled = False
+            self._admit(uri, doc)
+            self.notify("info", f"editkv: {_name(uri)} is in sync again.")
             return
         doc.text = text
         if any(_NOT_TEXT.search(t) for _, t in changes) or len(text) > self.settings.max_file_kb * 1024:
@@ -337,6 +380,8 @@ class EngineWorker:
             return Outcome("dropped")
         if doc.refused:
             return Outcome("refused")
+        if doc.out_of_sync:
+            return Outcome("out_of_sync", stats={"reason": doc.out_of_sync})
         cursor = to_offset(doc.text, Position(job.line, job.character), job.encoding)
         if self.backend is None or not doc.modelled:
             return Outcome("not_ready")
@@ -399,7 +444,8 @@ def cache_options(settings: Settings) -> dict:
     # the model-tuned options as the user set them; the backend fills in its model's for None
     tuned = {name: getattr(settings, name) for name in TUNED}
     return {"budget_bytes": settings.budget_bytes, "options": options, "tuned": tuned,
-            "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings)}
+            "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings),
+            "background": settings.idle_refresh_ms > 0}
 
 
 def load_error_message(settings: Settings, err: BaseException) -> str:

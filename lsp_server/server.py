@@ -179,6 +179,8 @@ class EditkvServer(LanguageServer):
                 "last_request": self.worker.last_stats,
                 "evictions": getattr(getattr(backend, "cache", None), "evictions", None),
                 "idle_refreshed_tokens": self.worker.idle_refreshed,
+                # every token the requests ran through the model (idle refresh: the line above)
+                "encoded_tokens": getattr(backend, "encoded_tokens", None),
             },
             "documents": {uri: {"version": d.version, "edits": d.edits, "pending": sorted(d.pending)}
                           for uri, d in self.docs.items()},

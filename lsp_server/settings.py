@@ -38,11 +38,16 @@ class Settings:
     stats_file: bool = True  # keep suggestion statistics in the user's cache folder
     speculation: bool = True  # one-draft requests: lossless n-gram speculation (off: plain greedy)
     superposed: bool = True  # several drafts: superposed decoding (off: a greedy decode per draft)
-    stale_budget: int = 4096  # re-encode a document's stale tokens before a request once more are stale; 0: never
+    # more stale tokens than this and background refresh starts after a short quiet spell instead of
+    # waiting for idle_refresh_ms; 0: only when idle. Requests never re-encode stale tokens beyond
+    # refresh_near_cursor (the ones right before the cursor).
+    stale_budget: int = 4096
     # None: the model's recommendation (edit_cache.document.TUNED)
     fim_fresh_suffix: int | None = None  # FIM views re-encode the suffix's first tokens after <SUF>
     refresh_near_cursor: int | None = None  # views re-encode stale tokens among this many before the cursor
-    idle_refresh_ms: int = 1000  # after this long without work, re-encode stale tokens in the background; 0: off
+    # background work: after this long without work, re-encode stale tokens; files are encoded up to
+    # the cursor first and the rest in the background. 0: off (every request encodes whole files)
+    idle_refresh_ms: int = 1000
     adadec: bool = False  # entropy-gated lookahead reranking of one-draft requests; off: it did not
     # help on the benchmarks (BENCHMARKS.md, AdaDec), and needs a calibrated model (`editkv calibrate`)
 

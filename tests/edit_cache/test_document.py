@@ -43,11 +43,19 @@ def _fresh_keys(doc):
     return cache
 
 
+def _keys(doc):
+    """The document's keys and values in text order, acting at their positions."""
+    if doc.options.mode == "conflict":  # no gap: slots in text order, keys where they were left
+        n = doc.h + len(doc.ids)
+        return doc.cache.k[:, :, :, :n], doc.cache.v[:, :, :, :n]
+    return doc.materialize()
+
+
 def _layer0_error(doc):
     doc.ensure_ready()
     fresh = _fresh_keys(doc)
     n = doc.h + len(doc.ids)
-    return (doc.cache.k[0, :, :, :n] - fresh.k[0, :, :, :n]).abs().max().item()
+    return (_keys(doc)[0][0] - fresh.k[0, :, :, :n]).abs().max().item()
 
 
 def test_layer0_keys_equal_fresh_prefill_after_edits(template):
@@ -58,7 +66,7 @@ def test_layer0_keys_equal_fresh_prefill_after_edits(template):
         for _ in range(rng.randint(1, 4)):  # several pending edits per repair
             _random_edit(doc, rng)
         assert _layer0_error(doc) < 1e-5, step
-        assert doc.slot_positions.tolist() == list(range(doc.h + len(doc.ids)))
+        assert doc.positions().tolist() == list(range(doc.h + len(doc.ids)))
 
 
 def test_rotation_error_does_not_accumulate_over_1000_edits(template):
@@ -77,7 +85,7 @@ def test_conflict_mode_keeps_stale_positions_and_wrong_keys(template):
     doc.ensure_ready()
     doc.apply_change(Range(to_position(doc.text, 5), to_position(doc.text, 5)), "abc = 1\n")
     assert _layer0_error(doc) > 1e-3  # suffix keys rotated for their old positions
-    assert doc.slot_positions.tolist() != list(range(doc.h + len(doc.ids)))
+    assert doc.positions().tolist() != list(range(doc.h + len(doc.ids)))
 
 
 def test_prefix_reuse_reencodes_from_the_first_change(template):
@@ -108,11 +116,16 @@ def test_refresh_window_and_stale_budget(template):
     doc.apply_change(Range(to_position(doc.text, 30), to_position(doc.text, 30)), "q")
     doc.ensure_ready()
     assert doc.stats.tokens_encoded - before >= 8
+    # a stale budget is for background work: a request's repair never re-encodes the stale tokens
     budget = _doc(template, stale_budget=5)
     budget.ensure_ready()
+    before = budget.stats.tokens_encoded
     budget.apply_change(Range(to_position(budget.text, 3), to_position(budget.text, 3)), "q")
     budget.ensure_ready()
-    assert budget.num_stale == 0 and budget.stats.refreshes == 1
+    assert budget.num_stale > 5 and budget.stats.refreshes == 0
+    assert budget.stats.tokens_encoded - before <= 4
+    stale = budget.num_stale
+    assert budget.refresh() == stale and budget.num_stale == 0
 
 
 def test_refresh_makes_the_cache_exact(template):
@@ -125,8 +138,9 @@ def test_refresh_makes_the_cache_exact(template):
     doc.refresh()
     fresh = _fresh_keys(doc)
     n = doc.h + len(doc.ids)
-    assert (doc.cache.k[:, :, :, :n] - fresh.k[:, :, :, :n]).abs().max() < 1e-4
-    assert (doc.cache.v[:, :, :, :n] - fresh.v[:, :, :, :n]).abs().max() < 1e-4
+    k, v = _keys(doc)
+    assert (k - fresh.k[:, :, :, :n]).abs().max() < 1e-4
+    assert (v - fresh.v[:, :, :, :n]).abs().max() < 1e-4
 
 
 def _exact_logits(doc, prompt):
@@ -222,13 +236,17 @@ def test_fim_fresh_suffix_reencodes_the_suffix_start_after_the_marker(template):
 def test_views_do_not_mutate_the_document_cache(template):
     doc = _doc(template)
     doc.ensure_ready()
-    used = doc.h + len(doc.ids)
+    doc.apply_change(Range(to_position(doc.text, 50), to_position(doc.text, 50)), "z = 2\n")
+    doc.ensure_ready()  # a gap in the middle of the document
+    assert 0 < doc.gap_at < len(doc.ids) and doc.gap
+    used = doc.end_slot
     k, v = doc.cache.k[:, :, :, :used].clone(), doc.cache.v[:, :, :, :used].clone()
     for make in (left_to_right, fill_in_middle):
-        view = make(doc, 30)  # each built just before it decodes: views share the scratch slots
-        view.decode()
-        # the scratch is a window of spare slots after the document's last one
-        assert view.scratch.base is doc.cache and view.scratch.offset == used
+        for cursor in (30, len(doc.text) - 3):  # before and after the gap
+            view = make(doc, cursor)  # each built just before it decodes: views share the scratch slots
+            view.decode()
+            # the scratch is a window of spare slots after the document's last one
+            assert view.scratch.base is doc.cache and view.scratch.offset == used
     assert torch.equal(k, doc.cache.k[:, :, :, :used]) and torch.equal(v, doc.cache.v[:, :, :, :used])
 
 
@@ -310,3 +328,140 @@ def test_a_view_refuses_to_decode_once_its_scratch_or_cache_moved_on(template):
     doc.ensure_ready()  # the repair moves slots
     with pytest.raises(StaleView):
         again.decode()
+
+
+# ---- the gap buffer and front-to-back encoding ------------------------------------------------
+
+
+def _all_error(doc):
+    """Largest difference of every layer's keys and values from a fresh prefill of the text."""
+    fresh = _fresh_keys(doc)
+    n = doc.h + len(doc.ids)
+    k, v = _keys(doc)
+    assert k.shape[3] == n, "every token must have keys"
+    return max((k - fresh.k[:, :, :, :n]).abs().max().item(), (v - fresh.v[:, :, :, :n]).abs().max().item())
+
+
+def test_typing_at_one_place_moves_nothing_and_encodes_the_typed_tokens_only(template):
+    doc = _doc(template, BASE * 12)
+    doc.ensure_ready()
+    at = 6 * len(BASE) + 7  # the middle of the document
+    doc.apply_change(Range(to_position(doc.text, at), to_position(doc.text, at)), "\n")
+    doc.ensure_ready()
+    moved, encoded = doc.stats.slots_moved, doc.stats.tokens_encoded
+    for i, ch in enumerate("value = compute(x, y) + 1"):
+        pos = at + 1 + i
+        doc.apply_change(Range(to_position(doc.text, pos), to_position(doc.text, pos)), ch)
+        doc.ensure_ready()
+    typed = len("value = compute(x, y) + 1")
+    after = len(doc.ids) - doc.gap_at
+    # the gap was already there: nothing after it moved (a keystroke that merges into the token
+    # before it moves that one token across the gap)
+    assert doc.stats.slots_moved - moved <= typed < after // 4
+    assert doc.stats.tokens_encoded - encoded <= 2 * typed
+    assert doc.positions().tolist() == list(range(doc.h + len(doc.ids)))
+    assert _layer0_error(doc) < 1e-5
+    doc.refresh()
+    assert _all_error(doc) < 1e-4
+
+
+def test_views_on_both_sides_of_the_gap_stand_for_the_exact_prompt(template):
+    doc = _doc(template, BASE * 2)
+    doc.ensure_ready()
+    doc.apply_change(Range(to_position(doc.text, 60), to_position(doc.text, 64)), "total = 0\n")
+    doc.refresh()  # nothing stale: every view must be exact
+    assert 0 < doc.gap_at < len(doc.ids) and doc.gap
+    for cursor in (10, 61, 75, len(doc.text) // 2, len(doc.text)):
+        view = left_to_right(doc, cursor)
+        assert (view.first_logits - _exact_logits(doc, view.prompt_ids)).abs().max() < 1e-4, cursor
+        doc.options.fim_fresh_suffix = 0
+        fim = fill_in_middle(doc, cursor, suffix="next_line")
+        exact = _exact_logits(doc, fim.prompt_ids)
+        assert (fim.first_logits - exact).abs().max() < 0.5 * exact.abs().max(), cursor  # suffix w/o <SUF>
+        doc.options.fim_fresh_suffix = len(doc.ids)
+        whole = fill_in_middle(doc, cursor, suffix="next_line")
+        assert whole.prompt_ids == fim.prompt_ids
+        assert (whole.first_logits - exact).abs().max() < 1e-4, cursor
+        out = whole.decode()
+        assert out.stats.decode_tokens == len(out.ids)
+    doc.options.fim_fresh_suffix = 0
+
+
+def test_a_request_encodes_the_text_before_the_cursor_and_the_rest_comes_later(template):
+    text = BASE * 4
+    doc = _doc(template, text)
+    cursor = len(BASE) + 20
+    view = left_to_right(doc, cursor)
+    needed = doc.tokens.first_token_at_or_after(cursor)
+    assert doc.frontier <= needed < len(doc.ids) and doc.num_unencoded > 0
+    full = _doc(template, text)
+    full.ensure_ready()
+    assert (view.first_logits - left_to_right(full, cursor).first_logits).abs().max() < 1e-5
+    # a FIM view of the server's path uses the suffix as far as it has keys
+    part = fill_in_middle(doc, cursor, whole_suffix=False)
+    assert len(part.prompt_ids) < len(fill_in_middle(full, cursor).prompt_ids)
+    # background work: a stop flag ends it between chunks, what was done stays
+    calls = []
+    assert doc.extend(10_000, should_stop=lambda: len(calls) > 1 or calls.append(1)) > 0
+    assert doc.num_unencoded > 0
+    while doc.extend(64, should_stop=lambda: False):
+        pass
+    assert doc.num_unencoded == 0 and doc.gap_at <= needed  # the gap stayed by the cursor
+    assert _all_error(doc) < 1e-4
+
+
+def test_a_stopped_request_keeps_what_it_encoded():
+    doc = Document.create_simulated(BASE * 6, options=DocumentOptions(prefill_chunk=16))
+    polls = []
+    assert not doc.ensure_ready(should_stop=lambda: len(polls) >= 3 or polls.append(1))
+    assert 0 < doc.frontier < len(doc.ids)
+    assert doc.ensure_ready()
+    assert doc.num_unencoded == 0 and _all_error(doc) < 1e-4
+
+
+def test_a_gap_that_fills_up_grows_and_a_large_deletion_closes(template):
+    from editkv.edit_cache.document import GAP_SLOTS
+
+    doc = _doc(template, BASE * 2)
+    doc.ensure_ready()
+    doc.apply_change(Range(to_position(doc.text, 40), to_position(doc.text, 40)), "q")
+    doc.ensure_ready()
+    big = "def g(a, b):\n    return [a * i + b for i in range(10)]\n" * 20  # more tokens than the gap
+    assert len(doc.tokenizer.encode(big)) > GAP_SLOTS
+    doc.apply_change(Range(to_position(doc.text, 41), to_position(doc.text, 41)), big)
+    doc.ensure_ready()
+    assert _layer0_error(doc) < 1e-5
+    doc.apply_change(Range(to_position(doc.text, 10), to_position(doc.text, 41 + len(big))), "")
+    doc.ensure_ready()
+    assert doc.gap <= max(4 * GAP_SLOTS, (doc.h + len(doc.ids)) // 2)
+    assert doc.text == (BASE * 2)[:10] + (BASE * 2)[40:]
+    doc.refresh()
+    assert _all_error(doc) < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_edits_partial_encoding_and_background_work_keep_the_cache_exact(template, seed):
+    """After any mix of edits, requests at random cursors, background encoding and a final
+    refresh, every layer's keys and values equal a fresh prefill of the text."""
+    rng = random.Random(seed)
+    doc = _doc(template, BASE * 3)
+    for _ in range(25):
+        action = rng.random()
+        if action < 0.55:
+            for _ in range(rng.randint(1, 3)):
+                _random_edit(doc, rng)
+        elif action < 0.75:
+            cursor = rng.randint(0, len(doc.text))
+            view = (left_to_right if rng.random() < 0.5 else fill_in_middle)(doc, cursor)
+            assert view is None or view.prompt_ids
+        elif action < 0.9:
+            doc.ensure_ready()
+            doc.extend(rng.randint(1, 40))
+        else:
+            doc.refresh(max_tokens=rng.randint(1, 30))
+        if doc.is_encoded and not doc.pending_edits:
+            assert doc.positions().tolist() == list(range(doc.h + doc.frontier))
+    doc.ensure_ready()
+    doc.refresh()
+    assert doc.num_unencoded == 0 and doc.num_stale == 0
+    assert _all_error(doc) < 1e-4

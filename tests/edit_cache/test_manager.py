@@ -24,7 +24,7 @@ def _manager(simulated, budget):
 def test_lru_documents_are_evicted_and_rebuilt(simulated):
     probe = _manager(simulated, None)
     probe.open("a", TEXT)
-    one_doc = probe.prepare("a").kv_bytes()
+    one_doc = probe.prepare("a")[0].kv_bytes()
     cache = _manager(simulated, int(2.5 * one_doc))
     for key in "abc":
         cache.open(key, TEXT)
@@ -33,7 +33,7 @@ def test_lru_documents_are_evicted_and_rebuilt(simulated):
     assert not cache.get("a").is_encoded and cache.get("c").is_encoded  # "a" was least recently used
     assert cache.evictions == 1
     # an evicted document still has its text and tokens, and is rebuilt on demand
-    view = left_to_right(cache.prepare("a"), 10)
+    view = left_to_right(cache.prepare("a")[0], 10)
     assert view.prompt_ids[1:] == simulated.tokenizer.encode(TEXT[:10])[: len(view.prompt_ids) - 1]
     assert cache.get("a").is_encoded and cache.total_kv_bytes() <= 2.5 * one_doc
 
@@ -41,7 +41,7 @@ def test_lru_documents_are_evicted_and_rebuilt(simulated):
 def test_the_served_document_is_never_evicted_for_itself(simulated):
     cache = _manager(simulated, 1)  # smaller than any document
     cache.open("big", TEXT)
-    assert cache.prepare("big").is_encoded
+    assert cache.prepare("big")[0].is_encoded
 
 
 def test_unknown_document_is_a_clear_error(simulated):

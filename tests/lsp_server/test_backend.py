@@ -148,7 +148,7 @@ def test_adadec_option_composes_with_speculation(trained):
     # the same text as AdaDec alone on the same view
     from editkv.edit_cache.views import left_to_right
 
-    view = left_to_right(backend.cache.prepare(uri), cursor, max_new_tokens=24)
+    view = left_to_right(backend.cache.prepare(uri)[0], cursor, max_new_tokens=24)
     from editkv.engine.generate import StopRules
 
     ref = adadec_decode(view.state(), AdaDecConfig.for_model(None), StopRules(max_tokens=24, max_lines=1))
@@ -248,3 +248,107 @@ def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_pa
         pass
     assert a.num_stale == b.num_stale == 0 and backend.refresh_idle(8) == 0
     assert error() < 1e-4  # refreshed: what a fresh prefill of the text gives
+
+
+def _big_backend(tmp_path, **settings):
+    from editkv.lsp_server.scheduler import cache_options
+    from editkv.lsp_server.settings import Settings
+
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama", max_position_embeddings=512))
+    backend = ModelBackend(tiny, **cache_options(Settings(**settings)))
+    text = "".join(f"def f{i}(a, b):\n    return a * {i} + b\n\n" for i in range(120))  # ~2,500 tokens
+    backend.open("file:///big.py", text)
+    return backend, text
+
+
+def test_keystrokes_near_the_top_of_a_big_file_encode_the_edit_only(tmp_path):
+    """Default settings except a tiny stale budget: however many tokens are stale, a request
+    re-encodes only what the keystroke changed; nothing moves but the stretch the gap crosses."""
+    from editkv.edit_cache.positions import Position, Range
+
+    backend, text = _big_backend(tmp_path, stale_budget=16)
+    uri = "file:///big.py"
+    end = backend.complete(_request(uri, text, len(text) - 2, max_tokens=4))
+    doc = backend.cache.get(uri)
+    assert end.stats["document_encoded_tokens"] >= len(doc.ids) - 20  # the first request reads the text before it
+    backend.change(uri, [(Range(Position(1, 0), Position(1, 0)), "\n")])
+    text = text.replace("\n", "\n\n", 1)
+    cursor = text.index("\n") + 1
+    first = backend.complete(_request(uri, text, cursor, max_tokens=4))
+    assert first.stats["slots_moved"] > 1000  # the gap moves to the edit once
+    moved = []
+    for ch in "# a comment typed at the top":
+        text, cursor = _type(backend, uri, text, cursor, ch)
+        result = backend.complete(_request(uri, text, cursor, max_tokens=4))
+        assert result.stats["document_encoded_tokens"] <= 4, result.stats  # the edit, never the stale suffix
+        moved.append(result.stats["slots_moved"])
+        assert result.stats["stale_tokens"] > 16  # over the budget, and still not re-encoded here
+    assert max(moved) <= 2 and backend.urgent_work()
+    while backend.refresh_idle(256, lambda: False):
+        pass
+    assert doc.num_stale == 0 and not backend.urgent_work()
+
+
+def test_a_big_file_is_encoded_up_to_the_cursor_first_and_the_rest_in_the_background(tmp_path):
+    backend, text = _big_backend(tmp_path)
+    uri = "file:///big.py"
+    doc = backend.cache.get(uri)
+    cursor = text.index("def f10(")
+    needed = doc.tokens.first_token_at_or_after(cursor)
+    result = backend.complete(_request(uri, text, cursor, max_tokens=4))
+    assert result.drafts and needed - 40 <= result.stats["document_encoded_tokens"] <= needed + 1
+    assert result.stats["unencoded_tokens"] == len(doc.ids) - doc.frontier > 1000
+    assert backend.urgent_work()
+    # background chunks stop as soon as work comes (here: after the first poll)
+    polls = []
+    done = backend.refresh_idle(256, lambda: len(polls) > 0 or polls.append(1))
+    assert 0 < done < 256
+    while backend.refresh_idle(256, lambda: False):
+        pass
+    assert doc.num_unencoded == 0 and not backend.urgent_work()
+    # the same request on a fully encoded cache: the same suggestion
+    assert backend.complete(_request(uri, text, cursor, max_tokens=4)).drafts[0].text == result.drafts[0].text
+
+
+def test_a_cancelled_request_stops_encoding_a_big_file_and_the_next_one_goes_on(tmp_path):
+    backend, text = _big_backend(tmp_path, max_tokens=4)
+    backend.cache.options.prefill_chunk = 64
+    uri = "file:///big.py"
+    doc = backend.cache.get(uri)
+    polls = []
+    result = backend.complete(_request(uri, text, len(text) - 2, max_tokens=4),
+                              should_stop=lambda: len(polls) >= 3 or polls.append(1))
+    assert result.drafts == [] and result.stats["cancelled"]
+    assert 0 < doc.frontier < len(doc.ids) - 100  # stopped early; what it encoded stays
+    kept = doc.frontier
+    again = backend.complete(_request(uri, text, len(text) - 2, max_tokens=4))
+    assert again.drafts and again.stats["document_encoded_tokens"] <= len(doc.ids) - kept + 1
+
+
+def test_background_work_off_makes_every_request_encode_whole_files(tmp_path):
+    backend, text = _big_backend(tmp_path, idle_refresh_ms=0)
+    uri = "file:///big.py"
+    result = backend.complete(_request(uri, text, text.index("def f10("), max_tokens=4))
+    assert result.stats["unencoded_tokens"] == 0 and not backend.urgent_work()
+
+
+def test_every_request_reports_the_tokens_it_encoded(tmp_path):
+    from editkv.edit_cache.positions import Position, Range
+
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
+    backend = ModelBackend(tiny)
+    uri, text = "file:///a.py", "def add(a, b):\n    return a + b\n"
+    backend.open(uri, text)
+    doc = backend.cache.get(uri)
+    request = _request(uri, text, len(text) - 1, max_tokens=2)
+    first = backend.complete(request).stats
+    # the first request reads the file up to the cursor (its start token, then the tokens before
+    # the cursor; the last token, after it, comes in the background) and encodes the view's own
+    assert first["encoded_tokens"] == doc.h + doc.frontier + first["view_encoded_tokens"]
+    assert doc.frontier == len(doc.ids) - 1 == doc.tokens.first_token_at_or_after(len(text) - 1)
+    backend.change(uri, [(Range(Position(0, 4), Position(0, 7)), "plus")])
+    second = backend.complete(request).stats
+    assert 0 < second["encoded_tokens"] < len(doc.ids)  # the edit's tokens, not the file
+    assert backend.encoded_tokens == first["encoded_tokens"] + second["encoded_tokens"]
+    backend.recompute = True  # cacheMode "recompute": the whole file again
+    assert backend.complete(request).stats["encoded_tokens"] >= doc.h + len(doc.ids)

@@ -103,13 +103,33 @@ async def test_positions_out_of_range(client: LspClient):
             await client.request("textDocument/inlineCompletion",
                                  {**inline_params(A, 0, 0), "position": bad})
         assert err.value.code == -32602, bad
-    # a change whose range is not in the document is refused and reported; the text stays as it was
+    # a change whose range is not in the document is reported once; the document is then out of
+    # sync: completions are refused with a reason, incremental changes wait for the whole text
     change(client, A, 1, 40, 0, "zzz")
-    warning = await client.wait_for(lambda m, p: m == "window/showMessage" and "does not fit" in p["message"])
-    assert warning["type"] == 2
-    assert await word_before(client, A, 1, 4) == "beta"
-    change(client, A, 2, 1, 4, "ta")  # and later changes still apply
-    assert await word_before(client, A, 1, 6) == "betata"
+    error = await client.wait_for(lambda m, p: m == "window/showMessage" and "did not fit" in p["message"])
+    assert error["type"] == 1 and "reopen" in error["message"]
+    for method in ("textDocument/inlineCompletion", "textDocument/completion"):
+        with pytest.raises(LspError) as err:
+            await client.request(method, inline_params(A, 1, 4))
+        assert err.value.code == -32803 and "resync" in err.value.message, method
+    change(client, A, 2, 1, 4, "ta")  # applies to a text the server no longer trusts: ignored
+    with pytest.raises(LspError):
+        await word_before(client, A, 1, 6)
+    # the whole text (what editors send for a reload) resyncs it
+    client.notify("textDocument/didChange", {"textDocument": {"uri": A, "version": 3},
+                                             "contentChanges": [{"text": "alpha = 1\nbetamax = 2\n"}]})
+    await client.wait_for(lambda m, p: m == "window/showMessage" and "in sync again" in p["message"])
+    assert await word_before(client, A, 1, 7) == "betamax"
+    change(client, A, 4, 1, 7, "_x")  # and incremental changes apply again
+    assert await word_before(client, A, 1, 9) == "betamax_x"
+    # a failed change inside a batch leaves none of the batch applied; a new didOpen also resyncs
+    client.notify("textDocument/didChange", {"textDocument": {"uri": A, "version": 5}, "contentChanges": [
+        {"range": {"start": {"line": 0, "character": 0}, "end": {"line": 0, "character": 0}}, "text": "x"},
+        {"range": {"start": {"line": 9, "character": 0}, "end": {"line": 9, "character": 0}}, "text": "y"}]})
+    with pytest.raises(LspError):
+        await word_before(client, A, 0, 6)
+    open_doc(client, A, "gamma = 3\n")
+    assert await word_before(client, A, 0, 5) == "gamma"
 
 
 async def test_unknown_uris(client: LspClient):

@@ -2,7 +2,6 @@
 backend, failures (loading, out of memory, bad changes) become messages, not crashes."""
 
 import threading
-from concurrent.futures import wait
 
 import pytest
 from editkv.edit_cache.positions import Position, Range
@@ -84,13 +83,22 @@ def test_jobs_for_an_older_version_or_stopped_never_reach_the_backend(worker):
     assert "complete" not in [name for name, _ in worker.fake.calls]
 
 
-def test_changes_that_do_not_fit_are_reported_and_skipped(worker):
+def test_a_change_that_does_not_fit_puts_the_document_out_of_sync_until_its_whole_text_comes(worker):
     worker.open(URI, "x = 1\n", "python")
     worker.change(URI, [(at(9, 0), "boom")], "utf-16")
-    worker.change(URI, [(at(0, 0), "y")], "utf-16")
-    wait([worker.complete(job(2))])
-    assert worker.docs[URI].text == "yx = 1\n" and worker.fake.texts[URI] == "yx = 1\n"
-    assert worker.messages[0][0] == "warning" and "does not fit" in worker.messages[0][1]
+    worker.change(URI, [(at(0, 0), "y")], "utf-16")  # to a text we no longer trust: not applied
+    outcome = worker.complete(job(2)).result(10)
+    assert outcome.status == "out_of_sync" and "did not fit" in outcome.stats["reason"]
+    assert worker.docs[URI].text == "x = 1\n" and worker.fake.texts[URI] == "x = 1\n"
+    assert [m[0] for m in worker.messages] == ["error"] and "did not fit" in worker.messages[0][1]
+    # a full-text change resyncs; changes after it in the same batch apply on top
+    worker.change(URI, [(at(0, 0), "ignored"), (None, "z = 2\n"), (at(0, 0), "# ")], "utf-16")
+    assert worker.complete(job(3)).result(10).status == "served"
+    assert worker.docs[URI].text == "# z = 2\n" and worker.fake.texts[URI] == "# z = 2\n"
+    assert worker.messages[-1][0] == "info" and "in sync again" in worker.messages[-1][1]
+    worker.change(URI, [(at(0, 2), "w")], "utf-16")
+    assert worker.complete(job(4)).result(10).status == "served"
+    assert worker.fake.texts[URI] == "# wz = 2\n"
 
 
 def test_out_of_memory_while_completing_drops_caches_and_reports(worker):
@@ -169,9 +177,9 @@ def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
     refresh_threads = []
     inner = backend.refresh_idle
 
-    def recording(max_tokens):
+    def recording(max_tokens, should_stop):
         refresh_threads.append(threading.get_ident())
-        return inner(max_tokens)
+        return inner(max_tokens, should_stop)
 
     backend.refresh_idle = recording
     w = EngineWorker(lambda settings: backend, lambda level, text: None, clock=clock)
@@ -206,5 +214,50 @@ def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
         clock.now += 10.0
         time.sleep(0.3)
         assert w.idle_runs == runs
+    finally:
+        w.stop()
+
+
+def test_urgent_background_work_waits_for_a_short_quiet_spell_not_for_idle(tmp_path):
+    """Text past the cursor with no keys yet, or more stale tokens than the stale budget, start
+    background work after URGENT_QUIET_MS of quiet (the worker's clock), not idle_refresh_ms."""
+    import time
+
+    from editkv.engine.loading import load_model
+    from editkv.lsp_server.backend import ModelBackend
+    from editkv.lsp_server.scheduler import cache_options
+    from helpers import make_checkpoint
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    settings = Settings(idle_refresh_ms=600_000, stale_budget=8)
+    backend = ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")), **cache_options(settings))
+    w = EngineWorker(lambda s: backend, lambda level, text: None, clock=clock)
+    try:
+        assert w.load(settings).result(30)[0]
+        w.open(URI, "def add(a, b):\n    return a + b\n" * 20, "python").result(10)
+        w.complete(job(0, line=2, character=4)).result(30)  # encodes the text before the cursor only
+        doc = backend.cache.get(URI)
+        assert doc.num_unencoded > 0
+        time.sleep(0.1)
+        assert w.idle_runs == 0  # no quiet on the worker's clock yet
+        clock.now += (EngineWorker.URGENT_QUIET_MS + 1) / 1000  # far less than idle_refresh_ms
+        deadline = time.monotonic() + 60
+        while doc.num_unencoded and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert doc.num_unencoded == 0 and w.idle_runs > 0
+        # an edit at the top leaves more stale tokens than the budget: urgent again
+        w.change(URI, [(at(0, 0), "# top\n")], "utf-16").result(10)
+        w.complete(job(1, line=1, character=0)).result(30)
+        assert doc.num_stale > 8
+        clock.now += (EngineWorker.URGENT_QUIET_MS + 1) / 1000
+        while doc.num_stale and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert doc.num_stale == 0
     finally:
         w.stop()
