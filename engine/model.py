@@ -242,8 +242,9 @@ def one_buffer(write: KVCache, write_at: int, groups: Sequence[TokenGroup], rota
     """The forward as a `OneBuffer`, or None when its spans reach other buffers (or batches), or
     when its groups are more than one and the flash kernel can't take them.
 
-    `rotations`: per group, span shift -> query rotation. `choice`: "auto" (see `OneBuffer`), or
-    "triton" for the flash kernel on any device; `config` overrides its launch config."""
+    `rotations`: per group, span shift -> query rotation. `choice`: "auto" (see `OneBuffer`),
+    "triton" for the flash kernel on any device, or "sdpa" for SDPA wherever its causal call
+    serves (tests on the CPU); `config` overrides the flash kernel's launch config."""
     base = write.base or write
     num_new = sum(g.count for g in groups)
     if write.batch != 1 or num_new == 0:
@@ -267,10 +268,12 @@ def one_buffer(write: KVCache, write_at: int, groups: Sequence[TokenGroup], rota
     device, dtype, head_dim = write.device, write.dtype, write.k.shape[-1]
     if choice == "triton" and triton is not None:
         kernel = "triton"
+    elif choice == "sdpa" and len(by_group) == 1 and _causal_from_a_short_prefix(by_group[0], num_new):
+        kernel = "sdpa"
     elif device.type != "cuda" or triton is None:
         kernel = "cpu" if device.type == "cpu" else "torch"
-    elif len(by_group) == 1 and len(by_group[0]) == 1 and dtype in (torch.bfloat16, torch.float16) \
-            and head_dim % 8 == 0 and head_dim <= 256:
+    elif len(by_group) == 1 and _causal_from_a_short_prefix(by_group[0], num_new) \
+            and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 256:
         kernel = "sdpa"  # flash attention's own conditions; fp32 would fall back to a [H, T, T] math kernel
     else:
         kernel = "triton"
@@ -283,6 +286,17 @@ def one_buffer(write: KVCache, write_at: int, groups: Sequence[TokenGroup], rota
                              config=config)
     slots = torch.arange(at, at + num_new, device=device)
     return OneBuffer(base, by_group, [g.count for g in groups], slots, kernel, plan)
+
+
+def _causal_from_a_short_prefix(segments: list[Segment], num_new: int) -> bool:
+    """Whether the forward's keys are its own (causal), possibly after a few unshifted slots right
+    before them (a document's head): one causal SDPA call over both, the queries padded in front
+    with as many rows as there are prefix keys (cheap while they are few)."""
+    if len(segments) == 1:
+        return True
+    prefix, new = segments
+    return len(segments) == 2 and prefix.rotation == 0 and prefix.end == new.start and \
+        prefix.end - prefix.start <= max(16, num_new // 16)
 
 
 class Attention(nn.Module):
@@ -328,11 +342,16 @@ class Attention(nn.Module):
                        plan.slots)
         q = q.view(1, c.num_heads, rope.cos.shape[0], num_new, c.head_dim)
         if plan.kernel == "sdpa":
-            new = plan.segments[0][0]
-            out = F.scaled_dot_product_attention(
-                q[:, :, 0], keys[:, :, new.start : new.end], values[:, :, new.start : new.end], is_causal=True,
-                scale=self.scale, enable_gqa=c.num_groups > 1)
-            return out.transpose(1, 2)
+            # transformers' own call (is_causal: query i sees keys 0..i); a short prefix of keys
+            # before the new ones gets as many zero query rows in front, whose outputs are dropped
+            lo, hi = plan.segments[0][0].start, plan.segments[0][-1].end
+            pad = hi - lo - num_new
+            q0 = q[:, :, 0]
+            if pad:
+                q0 = torch.cat([q0.new_zeros(1, c.num_heads, pad, c.head_dim), q0], dim=2)
+            out = F.scaled_dot_product_attention(q0, keys[:, :, lo:hi], values[:, :, lo:hi], is_causal=True,
+                                                 scale=self.scale, enable_gqa=c.num_groups > 1)
+            return out[:, :, pad:].transpose(1, 2)
         if plan.kernel == "triton":
             return segment_attention_triton(q, keys, values, plan.plan, self.scale)
         if len(plan.segments) > 1:
@@ -425,7 +444,8 @@ class Transformer(nn.Module):
         self.static = None  # engine.static_decode.StaticForward, once enable_graphs() is called
         self._fused: list[Fused] | None = None
         # "auto": each forward's attention kernel by device and shape (`OneBuffer`); "triton": the
-        # flash kernel for every batch-1 one-buffer forward (tests run it on the CPU's interpreter)
+        # flash kernel for every batch-1 one-buffer forward (tests run it on the CPU's interpreter);
+        # "sdpa": SDPA's causal call wherever it serves (tests, on the CPU)
         self.attention = "auto"
         self.attention_config: tuple[int, int, int, int] | None = None  # the flash kernel's, when set
 

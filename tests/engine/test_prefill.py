@@ -135,6 +135,29 @@ def test_token_groups_fall_back_to_one_forward_each(gqa):
     assert (got - torch.cat([first, second], 1)).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("head", [0, 1, 3])
+def test_sdpa_call_after_a_short_prefix(gqa, head):
+    """A file's tokens after its head (a few slots encoded before): one causal SDPA call over
+    both, the queries padded in front (what a GPU runs in half precision), equals the CPU path."""
+    model = gqa.model
+    ids = _ids(60, seed=8)
+    outs = []
+    for kernel in ("auto", "sdpa"):
+        model.attention = kernel
+        try:
+            cache = model.new_cache(64)
+            if head:
+                prefill(model, ids[:head], cache, logits="none")
+            context = [Span(cache, 0, head)] if head else []
+            assert (one_buffer(cache, head, [TokenGroup(60 - head, context)], [{0: 0}], kernel).kernel
+                    == ("sdpa" if kernel == "sdpa" else "cpu"))
+            outs.append(prefill(model, ids[head:], cache, start=head, first_position=head, context=context,
+                                logits="all"))
+        finally:
+            model.attention = "auto"
+    assert (outs[0] - outs[1]).abs().max() <= TOL
+
+
 def test_prefill_materialises_no_score_matrix(tmp_path):
     """A 2048-token chunk over 2048 cached keys: no tensor of the forward holds T x S scores
     (the old eager path made [1, KVH, G*T, S] fp32 ones; 8M elements here)."""
