@@ -89,7 +89,7 @@ class DocumentOptions:
     # more stale tokens than this make background refresh start without waiting for the editor
     # to go idle (lsp_server/scheduler.py); None: only when idle. Never on the request path.
     stale_budget: int | None = None
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None  # tokens per prefill forward (None: the device's default, engine.generate)
     # FIM views re-encode this many of the suffix's first cached tokens after <SUF> (they were
     # cached without it; a real model reads a suffix that never saw <SUF> noticeably worse)
     fim_fresh_suffix: int = 0
@@ -377,7 +377,8 @@ class Document:
         the gap): they join the gap's near side and the gap moves after them; else they go past
         the gap, which stays where the last edit left it."""
         follow = follow and self.gap_at == self.frontier
-        step = BACKGROUND_CHUNK if should_stop is not None else self.options.prefill_chunk
+        # the request path takes every token in one prefill, which sizes its own forwards
+        step = BACKGROUND_CHUNK if should_stop is not None else self.options.prefill_chunk or max(1, upto)
         while self.frontier < upto:
             if should_stop is not None and should_stop():
                 return False

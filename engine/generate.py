@@ -19,12 +19,15 @@ from typing import Protocol
 
 import torch
 from editkv.engine.healing import healer_for
-from editkv.engine.model import KVCache, Span, Transformer
+from editkv.engine.model import KVCache, Span, TokenGroup, Transformer
 from editkv.engine.sampling import SamplingParams, make_generator, next_token
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.logit_summary import LogitSummary, logit_summary
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 4096  # tokens per prefill forward on the CPU (~1 GB of activations at 7B)
+# On a GPU: a whole file in one forward when it fits (large GEMMs, few launches; attention is
+# flash-style and keeps no [T, S] scores, so memory grows only with T x the MLP's width).
+PREFILL_CHUNK_CUDA = 32768
 
 
 @dataclass(frozen=True)
@@ -107,34 +110,50 @@ def prefill(
     start: int = 0,
     first_position: int = 0,
     context: Sequence[Span] = (),
-    chunk: int = PREFILL_CHUNK,
+    chunk: int | None = None,
     logits: str = "last",
     window: int | None = None,
     sink: tuple[KVCache, int] | None = None,
+    per_forward: int | None = None,
 ) -> torch.Tensor | None:
     """Encode `ids` into `cache[start:start+n]` at consecutive positions; last (or all) logits.
 
-    `window`: no query attends to a key more than `window - 1` positions back (the model's
-    context, for texts longer than it): each chunk sees the keys `windowed` keeps, with `sink`
-    (the document start) in front of them.
+    `chunk`: tokens per forward (None: the device's default, `prefill_chunk`). `window`: no
+    query attends to a key more than `window - 1` positions back (the model's context, for
+    texts longer than it): each chunk sees the keys `windowed` keeps, with `sink` (the document
+    start) in front of them. `per_forward`: tokens per forward, several chunks riding in one as
+    token groups (`TokenGroup`), each with its own window; default: one chunk, or with the
+    default chunk the device's forward size (a window's chunks are small, and every forward
+    costs a fixed overhead: ~1 ms of host time on a GPU, the parallel regions of every op on a
+    CPU, which other processes on a shared machine make expensive).
     """
     n = len(ids)
-    chunk = prefill_chunk(window, chunk)
+    if per_forward is None and chunk is None:
+        per_forward = prefill_chunk(None, device=model.device)
+    chunk = prefill_chunk(window, chunk, device=model.device, end=first_position + n)
+    per_forward = max(chunk, per_forward or chunk)
     cache.ensure_capacity(start + n)
     tensor = torch.tensor(list(ids), dtype=torch.long, device=model.device)[None]
     outputs = []
     out = None
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        spans = list(context)
-        if lo > 0:
-            spans = _extend(spans, Span(cache, start, start + lo))
-        if window is not None:
-            spans = windowed(spans, first_position + hi - window, sink)
+    for lo in range(0, n, per_forward):
+        hi = min(n, lo + per_forward)
+        groups = []
+        for group_lo in range(lo, hi, chunk):
+            group_hi = min(hi, group_lo + chunk)
+            spans = list(context)
+            if group_lo > 0:
+                spans = _extend(spans, Span(cache, start, start + group_lo))
+            if window is not None:
+                spans = windowed(spans, first_position + group_hi - window, sink)
+            groups.append(TokenGroup(group_hi - group_lo, spans))
         want = logits if logits == "all" else ("last" if hi == n and logits == "last" else "none")
         positions = torch.arange(first_position + lo, first_position + hi, device=model.device)
-        out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo,
-                    context=spans, logits=want)
+        if len(groups) == 1:
+            out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo,
+                        context=groups[0].context, logits=want)
+        else:
+            out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo, groups=groups, logits=want)
         if logits == "all":
             outputs.append(out)
     if logits == "all":
@@ -142,10 +161,17 @@ def prefill(
     return out
 
 
-def prefill_chunk(window: int | None, chunk: int = PREFILL_CHUNK) -> int:
-    """Tokens per prefill forward: under a window, chunks see the keys before them through
-    `windowed` but themselves whole, so a chunk must be small against the window."""
-    return chunk if window is None else max(1, min(chunk, window // 4))
+def prefill_chunk(window: int | None, chunk: int | None = None, *, device: torch.device | str | None = None,
+                  end: int | None = None) -> int:
+    """Tokens per prefill forward: `chunk`, or the device's default (`PREFILL_CHUNK`,
+    `PREFILL_CHUNK_CUDA`). Under a window, chunks see the keys before them through `windowed`
+    but themselves whole, so a chunk must be small against the window, unless the positions
+    end (`end`, exclusive) within it, where `windowed` drops nothing whatever the chunk."""
+    if chunk is None:
+        chunk = PREFILL_CHUNK_CUDA if device is not None and torch.device(device).type == "cuda" else PREFILL_CHUNK
+    if window is None or (end is not None and end <= window):
+        return chunk
+    return max(1, min(chunk, window // 4))
 
 
 def prefill_prompt(

@@ -11,6 +11,15 @@ view's suffix at +1 — without copying or mutating the document's cache.
 
 Spans may come from different buffers with different batch sizes (a batch-1 document cache
 under a batch-B scratch cache for forked rollouts): batch 1 broadcasts.
+
+Attention never materialises a `[T, S]` score matrix (kernels/segment_attention.py). A batch-1
+forward whose spans are all slots of its write buffer (`OneBuffer`: prefill chunks, repairs,
+views, decode steps) rotates q and k and writes K/V in one fused op, then attends with one
+flash-style call per layer over the buffer's segments, each with its query rotation; any other
+forward (several buffers, batched forks) attends per run of keys, merged by log-sum-exp.
+Residual adds are fused into the norms after them, and q/k/v and gate/up are one GEMM each
+(`Transformer.fused`). Small batch-1 forwards on a GPU replay CUDA graphs instead
+(engine/static_decode.py).
 """
 
 from __future__ import annotations
@@ -22,6 +31,19 @@ import torch
 import torch.nn.functional as F
 from editkv.engine.config import ModelConfig
 from editkv.engine.rope import Rotary, apply_rotary
+from editkv.kernels.fused import add_rms_norm, rope_write, silu_mul
+from editkv.kernels.segment_attention import (
+    MAX_SEGMENTS,
+    KeyRun,
+    Segment,
+    SegmentPlan,
+    config_for,
+    plan_segments,
+    segment_attention,
+    segment_attention_groups,
+    segment_attention_triton,
+    triton,
+)
 from torch import nn
 
 
@@ -145,6 +167,138 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+@dataclass
+class Fused:
+    """One layer's projections as single matrices: one GEMM for q, k and v, one for gate and up.
+
+    The modules' own weights are slices of these (`Transformer.fused`), so there is one copy."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+
+
+def _fuse(block: Block) -> Fused:
+    """Concatenate a layer's q/k/v and gate/up weights, and point the modules at slices of them."""
+    attn, mlp = block.self_attn, block.mlp
+
+    def merge(linears):
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        bias = None
+        if linears[0].bias is not None:
+            bias = torch.cat([lin.bias.detach() for lin in linears])
+        start = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+            start += rows
+        return weight, bias
+
+    qkv_weight, qkv_bias = merge([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up_weight, gate_up_bias = merge([mlp.gate_proj, mlp.up_proj])
+    return Fused(qkv_weight, qkv_bias, gate_up_weight, gate_up_bias)
+
+
+@dataclass(frozen=True)
+class TokenGroup:
+    """`count` consecutive new tokens of a forward that see `context` and, causally, each other:
+    what a forward of their own would see (their spans may include the slots the forward's
+    earlier tokens are written to). A forward of several groups is several prefill chunks at
+    once, each under its own window (engine.generate.prefill on a GPU)."""
+
+    count: int
+    context: Sequence[Span]
+
+
+@dataclass
+class OneBuffer:
+    """A batch-1 forward whose write and context spans are all slots of one buffer (`base`): a
+    prefill chunk (or several, as token groups), a repair, a view, a decode step. Its attention
+    is one call per layer over its segments (base slots, each group's own tokens last and causal),
+    by `kernel`:
+
+    - "sdpa": only the causal segment (a chunk with nothing before it: a whole prefill), on a
+      CUDA device in half precision: PyTorch's flash attention, transformers' own call;
+    - "triton": kernels/segment_attention.py's flash kernel (CUDA; the CPU under TRITON_INTERPRET=1
+      when a test asks for it), every segment of every group in one launch;
+    - "cpu": the CPU flash op once per segment, merged by log-sum-exp ("torch" on other
+      devices: the reference over blocks of queries).
+
+    RoPE with the K/V write is one fused op over `slots` (the new tokens' base slots)."""
+
+    base: KVCache
+    segments: list[list[Segment]]  # per group
+    group_tokens: list[int]
+    slots: torch.Tensor  # int64 [T]
+    kernel: str
+    plan: SegmentPlan | None = None  # "triton": every group's segments on the device, shared by the layers
+
+
+def one_buffer(write: KVCache, write_at: int, groups: Sequence[TokenGroup], rotations: Sequence[dict[int, int]],
+               choice: str = "auto", config: tuple[int, int, int, int] | None = None) -> OneBuffer | None:
+    """The forward as a `OneBuffer`, or None when its spans reach other buffers (or batches), or
+    when its groups are more than one and the flash kernel can't take them.
+
+    `rotations`: per group, span shift -> query rotation. `choice`: "auto" (see `OneBuffer`),
+    "triton" for the flash kernel on any device, or "sdpa" for SDPA wherever its causal call
+    serves (tests on the CPU); `config` overrides the flash kernel's launch config."""
+    base = write.base or write
+    num_new = sum(g.count for g in groups)
+    if write.batch != 1 or num_new == 0:
+        return None
+    at = write.offset + write_at
+    by_group, first = [], 0
+    for group, rotation in zip(groups, rotations, strict=True):
+        segments = []
+        for span in group.context:
+            if span.end == span.start:
+                continue
+            if (span.cache.base or span.cache) is not base:
+                return None
+            off = span.cache.offset
+            segments.append(Segment(off + span.start, off + span.end, rotation[span.shift]))
+        segments.append(Segment(at + first, at + first + group.count, 0, causal=True, first_token=first))
+        if len(segments) > MAX_SEGMENTS:
+            return None
+        by_group.append(segments)
+        first += group.count
+    device, dtype, head_dim = write.device, write.dtype, write.k.shape[-1]
+    if choice == "triton" and triton is not None:
+        kernel = "triton"
+    elif choice == "sdpa" and len(by_group) == 1 and _causal_from_a_short_prefix(by_group[0], num_new):
+        kernel = "sdpa"
+    elif device.type != "cuda" or triton is None:
+        kernel = "cpu" if device.type == "cpu" else "torch"
+    elif len(by_group) == 1 and _causal_from_a_short_prefix(by_group[0], num_new) \
+            and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 256:
+        kernel = "sdpa"  # flash attention's own conditions; fp32 would fall back to a [H, T, T] math kernel
+    else:
+        kernel = "triton"
+    plan = None
+    if kernel == "triton":
+        config = config or config_for(head_dim, num_new)
+        if any(g.count % config[0] for g in groups[:-1]):
+            return None  # a token block would straddle two groups
+        plan = plan_segments(by_group, num_new, head_dim, device, group_tokens=[g.count for g in groups],
+                             config=config)
+    slots = torch.arange(at, at + num_new, device=device)
+    return OneBuffer(base, by_group, [g.count for g in groups], slots, kernel, plan)
+
+
+def _causal_from_a_short_prefix(segments: list[Segment], num_new: int) -> bool:
+    """Whether the forward's keys are its own (causal), possibly after a few unshifted slots right
+    before them (a document's head): one causal SDPA call over both, the queries padded in front
+    with as many rows as there are prefix keys (cheap while they are few)."""
+    if len(segments) == 1:
+        return True
+    prefix, new = segments
+    return len(segments) == 2 and prefix.rotation == 0 and prefix.end == new.start and \
+        prefix.end - prefix.start <= max(16, num_new // 16)
+
+
 class Attention(nn.Module):
     """GQA self-attention over caller-owned KV spans."""
 
@@ -166,91 +320,62 @@ class Attention(nn.Module):
         write: KVCache,
         write_at: int,
         context: Sequence[Span],
+        fused: Fused,
+        plan: OneBuffer | None = None,
     ) -> torch.Tensor:  # [B, T, hidden]
         c = self.config
         bsz, num_new, _ = x.shape
-        q = self.q_proj(x).view(bsz, num_new, c.num_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        cos0, sin0 = rope.by_shift[0]
-        k = apply_rotary(k, cos0, sin0, c.rotary_dim)
+        qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)  # [B, T, (H + 2 KVH) D]
+        if plan is not None:
+            out = self._one_buffer(qkv[0], rope, layer, plan)
+        else:
+            out = self._spans(qkv, rope, layer, write, write_at, context)
+        return self.o_proj(out.reshape(bsz, num_new, c.num_heads * c.head_dim).to(x.dtype))
+
+    def _one_buffer(self, qkv: torch.Tensor, rope: RopeInputs, layer: int,
+                    plan: OneBuffer) -> torch.Tensor:  # [1, T, H, D]
+        c = self.config
+        num_new = qkv.shape[0]
+        keys, values = plan.base.k[layer], plan.base.v[layer]  # [1, KVH, capacity, D]
+        # queries [KVH, G, R, T, D] (one rotation per distinct span shift); keys and values to the slots
+        q = rope_write(qkv, rope.cos[:, 0], rope.sin[:, 0], c.rotary_dim, c.num_heads, keys[0], values[0],
+                       plan.slots)
+        q = q.view(1, c.num_heads, rope.cos.shape[0], num_new, c.head_dim)
+        if plan.kernel == "sdpa":
+            # transformers' own call (is_causal: query i sees keys 0..i); a short prefix of keys
+            # before the new ones gets as many zero query rows in front, whose outputs are dropped
+            lo, hi = plan.segments[0][0].start, plan.segments[0][-1].end
+            pad = hi - lo - num_new
+            q0 = q[:, :, 0]
+            if pad:
+                q0 = torch.cat([q0.new_zeros(1, c.num_heads, pad, c.head_dim), q0], dim=2)
+            out = F.scaled_dot_product_attention(q0, keys[:, :, lo:hi], values[:, :, lo:hi], is_causal=True,
+                                                 scale=self.scale, enable_gqa=c.num_groups > 1)
+            return out[:, :, pad:].transpose(1, 2)
+        if plan.kernel == "triton":
+            return segment_attention_triton(q, keys, values, plan.plan, self.scale)
+        if len(plan.segments) > 1:
+            return segment_attention_groups(q, keys, values, plan.segments, plan.group_tokens, self.scale)
+        return segment_attention(q, [s.run(keys, values) for s in plan.segments[0]], self.scale)
+
+    def _spans(self, qkv: torch.Tensor, rope: RopeInputs, layer: int, write: KVCache, write_at: int,
+               context: Sequence[Span]) -> torch.Tensor:  # [B, T, H, D]
+        """Any spans (several buffers, batch-1 context under a batched write): runs of each."""
+        c = self.config
+        bsz, num_new, _ = qkv.shape
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+        q = q.view(bsz, num_new, c.num_heads, c.head_dim).transpose(1, 2)
+        k = k.view(bsz, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(bsz, num_new, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        k = apply_rotary(k, rope.cos[0][:, None], rope.sin[0][:, None], c.rotary_dim)
         write.k[layer, :, :, write_at : write_at + num_new] = k
         write.v[layer, :, :, write_at : write_at + num_new] = v
-        k = k.to(write.dtype)
-        v = v.to(write.dtype)
-        # Queries grouped per KV head: [B, kv_heads, groups * T, head_dim], no K/V repeat.
-        q_by_shift = {
-            shift: apply_rotary(q, cos, sin, c.rotary_dim)
-            .reshape(bsz, c.num_kv_heads, c.num_groups * num_new, c.head_dim)
-            for shift, (cos, sin) in rope.by_shift.items()
-        }
-        if not context:
-            q0 = q_by_shift[0].view(bsz, c.num_heads, num_new, c.head_dim)
-            out = F.scaled_dot_product_attention(
-                q0, k, v, is_causal=num_new > 1, scale=self.scale, enable_gqa=c.num_groups > 1
-            )
-        elif _own_prefix(context, write, write_at):
-            # The common prefill/repair shape: the new tokens continue their own buffer's
-            # slots [0, write_at). One fused attention call over [0, write_at + T) with a
-            # causal mask aligned to the end (rows are (group, token), as above).
-            keys = write.k[layer, :, :, : write_at + num_new]
-            values = write.v[layer, :, :, : write_at + num_new]
-            rows = torch.arange(write_at, write_at + num_new, device=x.device)
-            mask = torch.arange(write_at + num_new, device=x.device)[None] <= rows[:, None]
-            out = F.scaled_dot_product_attention(
-                q_by_shift[0].to(write.dtype), keys, values, attn_mask=mask.repeat(c.num_groups, 1), scale=self.scale
-            )
-            out = out.reshape(bsz, c.num_heads, num_new, c.head_dim)
-        else:
-            out = _attend_spans(q_by_shift, k, v, context, layer, self.scale, c.num_groups)
-            out = out.view(bsz, c.num_heads, num_new, c.head_dim)
-        out = out.transpose(1, 2).reshape(bsz, num_new, c.num_heads * c.head_dim)
-        return self.o_proj(out.to(x.dtype))
-
-
-def _own_prefix(context: Sequence[Span], write: KVCache, write_at: int) -> bool:
-    """Whether the context is exactly the write buffer's slots before the new tokens."""
-    if len(context) != 1:
-        return False
-    span = context[0]
-    return span.cache is write and span.start == 0 and span.end == write_at and span.shift == 0
-
-
-def _attend_spans(
-    q_by_shift: dict[int, torch.Tensor],  # shift -> [B, kv_heads, G*T, D]
-    k_new: torch.Tensor,  # [B, kv_heads, T, D]
-    v_new: torch.Tensor,  # [B, kv_heads, T, D]
-    context: Sequence[Span],
-    layer: int,
-    scale: float,
-    groups: int,
-) -> torch.Tensor:  # [B, kv_heads, G*T, D]
-    """Softmax attention over context spans plus causal new tokens, one score row per query."""
-    num_new = k_new.shape[2]
-    scores = []
-    values = []
-    for span in context:
-        if span.end == span.start:
-            continue
-        keys = span.cache.k[layer, :, :, span.start : span.end]
-        q = q_by_shift[span.shift].to(keys.dtype)
-        scores.append(torch.matmul(q, keys.transpose(-1, -2)).float())
-        values.append(span.cache.v[layer, :, :, span.start : span.end])
-    q0 = q_by_shift[0].to(k_new.dtype)
-    new_scores = torch.matmul(q0, k_new.transpose(-1, -2)).float()  # [B, H, G*T, T]
-    causal = torch.ones(num_new, num_new, dtype=torch.bool, device=k_new.device).tril()
-    new_scores = new_scores.masked_fill(~causal.repeat(groups, 1), float("-inf"))
-    scores.append(new_scores)
-    values.append(v_new)
-    probs = torch.softmax(torch.cat(scores, dim=-1) * scale, dim=-1)
-    out = None
-    offset = 0
-    for vals in values:
-        width = vals.shape[2]
-        part = torch.matmul(probs[..., offset : offset + width].to(vals.dtype), vals)
-        out = part if out is None else out + part
-        offset += width
-    return out
+        q = torch.stack([apply_rotary(q, cos[:, None], sin[:, None], c.rotary_dim)
+                         for cos, sin in zip(rope.cos, rope.sin, strict=True)], dim=2).to(write.dtype)
+        runs = [KeyRun(s.cache.k[layer, :, :, s.start : s.end], s.cache.v[layer, :, :, s.start : s.end],
+                       rope.shifts.index(s.shift)) for s in context if s.end > s.start]
+        runs.append(KeyRun(k.to(write.dtype), v.to(write.dtype), causal=True))
+        return segment_attention(q, runs, self.scale)
 
 
 class MLP(nn.Module):
@@ -263,12 +388,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fused: Fused) -> torch.Tensor:  # noqa: D102
+        return self.down_proj(silu_mul(F.linear(x, fused.gate_up_weight, fused.gate_up_bias)))
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer."""
+    """Pre-norm decoder layer (its parts; `Transformer.forward` runs them with fused residual norms)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -277,16 +402,30 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, layer, write, write_at, context):  # noqa: D102
-        x = x + self.self_attn(self.input_layernorm(x), rope, layer, write, write_at, context)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
 
 @dataclass
 class RopeInputs:
-    """cos/sin for the new tokens' positions, per distinct span shift (query at position - shift)."""
+    """cos/sin for the new tokens' positions, one rotation per distinct span shift (query at
+    position - shift); rotation 0 is shift 0 (the new tokens' own keys)."""
 
-    by_shift: dict[int, tuple[torch.Tensor, torch.Tensor]]  # shift -> ([B|1, 1, T, rd], same)
+    shifts: list[int]
+    cos: torch.Tensor  # [R, B|1, T, rd] fp32
+    sin: torch.Tensor  # [R, B|1, T, rd] fp32
+
+
+def _residual_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, RMSNorm of it): the fused kernel on CUDA; on the CPU in fp32, `delta` added into
+    `x` in place (the forward's own residual stream), then the norm in three passes (the row
+    norms, x times their inverse, times the weight) and one new tensor: the CPU pays for every
+    pass, and on a shared machine for every parallel region, more than for the arithmetic."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        if delta is not None:
+            x = x.add_(delta)
+        # sqrt(sum x^2) per row in one pass; the per-row arithmetic on [T, 1] is negligible
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        return x, torch.mul(x, rstd).mul_(weight)
+    return add_rms_norm(x, delta, weight, eps)
 
 
 class Transformer(nn.Module):
@@ -303,6 +442,12 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config)
         self.static = None  # engine.static_decode.StaticForward, once enable_graphs() is called
+        self._fused: list[Fused] | None = None
+        # "auto": each forward's attention kernel by device and shape (`OneBuffer`); "triton": the
+        # flash kernel for every batch-1 one-buffer forward (tests run it on the CPU's interpreter);
+        # "sdpa": SDPA's causal call wherever it serves (tests, on the CPU)
+        self.attention = "auto"
+        self.attention_config: tuple[int, int, int, int] | None = None  # the flash kernel's, when set
 
     def enable_graphs(self, **options) -> None:
         """Run batch-1 forwards of few tokens as replayed CUDA graphs where their spans allow it.
@@ -342,8 +487,17 @@ class Transformer(nn.Module):
         context: Sequence[Span] = (),
         logits: str = "all",
         input_embeds: torch.Tensor | None = None,  # [B, T, hidden], instead of input_ids
+        groups: Sequence[TokenGroup] | None = None,
     ) -> torch.Tensor | None:  # [B, T, V] ("all"), [B, V] ("last"), None ("none")
-        """Encode T new tokens into `write[write_at:write_at+T]` and return their logits."""
+        """Encode T new tokens into `write[write_at:write_at+T]` and return their logits.
+
+        `groups` (instead of `context`): consecutive token groups, each with its own context,
+        as if each were a forward of its own, one after the other (`TokenGroup`)."""
+        if groups is not None:
+            assert not context, "groups carry their own context"
+            assert sum(g.count for g in groups) == positions.shape[-1], "groups must cover the tokens"
+            if len(groups) == 1:
+                context, groups = groups[0].context, None
         x = self.embed(input_ids) if input_embeds is None else input_embeds
         bsz, num_new, _ = x.shape
         assert positions.shape[-1] == num_new, "one position per new token"
@@ -351,7 +505,7 @@ class Transformer(nn.Module):
         assert write.batch == bsz, f"write cache batch {write.batch} != input batch {bsz}"
         for span in context:
             assert span.cache.batch in (1, bsz), "context span batch must be 1 or the input's"
-        if self.static is not None:
+        if self.static is not None and groups is None:
             handled, out = self.static.forward(input_ids, positions, write, write_at, context, logits,
                                                embeds=input_embeds)
             if handled:
@@ -359,18 +513,68 @@ class Transformer(nn.Module):
         if positions.dim() == 1:
             positions = positions[None]
         positions = positions.to(self.device)
-        rope = self._rope_inputs(positions, {span.shift for span in context})
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, i, write, write_at, context)
+        groups = groups or [TokenGroup(num_new, context)]
+        rotations = [{shift: r for r, shift in enumerate(_shifts(g.context))} for g in groups]
+        plan = one_buffer(write, write_at, groups, rotations, self.attention, self.attention_config) \
+            if bsz == 1 else None
+        if len(groups) > 1 and (plan is None or self.config.rope.rope_type == "dynamic"):
+            return self._one_group_at_a_time(input_ids, positions, write, write_at, groups, logits, input_embeds)
+        rope = self._rope_inputs(positions, groups)
+        fused = self.fused()
+        eps = self.config.rms_norm_eps
+        x = x.clone() if input_embeds is not None else x  # the residual stream is this forward's own
+        delta = None
+        for i, block in enumerate(self.layers):
+            # residual adds fused into the norms after them: x + delta, norm(x + delta)
+            x, h = _residual_norm(x, delta, block.input_layernorm.weight, eps)
+            delta = block.self_attn(h, rope, i, write, write_at, context, fused[i], plan)
+            x, h = _residual_norm(x, delta, block.post_attention_layernorm.weight, eps)
+            delta = block.mlp(h, fused[i])
         if logits == "none":
             return None
         if logits == "last":
-            x = x[:, -1]
-        return self.lm_head(self.norm(x)).float()
+            x, delta = x[:, -1], delta[:, -1]
+        _, h = _residual_norm(x, delta, self.norm.weight, eps)
+        return self.lm_head(h).float()
 
-    def _rope_inputs(self, positions: torch.Tensor, shifts: set[int]) -> RopeInputs:
-        by_shift = {}
-        for shift in shifts | {0}:
-            cos, sin = self.rotary.cos_sin(positions - shift)  # [B|1, T, rd]
-            by_shift[shift] = (cos[:, None], sin[:, None])
-        return RopeInputs(by_shift)
+    def fused(self) -> list[Fused]:
+        """Each layer's fused projections (made on first use; the modules then hold slices of them)."""
+        if self._fused is None:
+            self._fused = [_fuse(block) for block in self.layers]
+        return self._fused
+
+    def _rope_inputs(self, positions: torch.Tensor, groups: Sequence[TokenGroup]) -> RopeInputs:
+        """cos/sin of every rotation; with several groups rotation r of a token is its group's r-th
+        shift (groups have few: 0 and their sink's), so q is rotated R times, not once per shift."""
+        if len(groups) == 1:
+            ordered = _shifts(groups[0].context)
+            pairs = [self.rotary.cos_sin(positions - shift) for shift in ordered]  # each [B|1, T, rd]
+            return RopeInputs(ordered, torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs]))
+        per_group = [_shifts(g.context) for g in groups]
+        rotations = max(len(shifts) for shifts in per_group)
+        shifts = torch.tensor([[g[r] if r < len(g) else 0 for g in per_group] for r in range(rotations)])
+        counts = torch.tensor([g.count for g in groups])
+        table = shifts.repeat_interleave(counts, dim=1).to(positions.device)  # [R, T]: each token's shifts
+        cos, sin = self.rotary.cos_sin(positions[None] - table[:, None])  # [R, B|1, T, rd]
+        return RopeInputs(per_group[0], cos, sin)
+
+    def _one_group_at_a_time(self, input_ids, positions, write, write_at, groups, logits, input_embeds):
+        """`forward` with groups, one forward per group (where one forward can't take them all)."""
+        outs, first = [], 0
+        for i, group in enumerate(groups):
+            last = i == len(groups) - 1
+            want = logits if logits == "all" or last else "none"
+            rows = slice(first, first + group.count)
+            out = self.forward(None if input_ids is None else input_ids[:, rows], positions[..., rows],
+                               write=write, write_at=write_at + first, context=group.context, logits=want,
+                               input_embeds=None if input_embeds is None else input_embeds[:, rows])
+            outs.append(out)
+            first += group.count
+        if logits == "all":
+            return torch.cat(outs, dim=1)
+        return outs[-1]
+
+
+def _shifts(context: Sequence[Span]) -> list[int]:
+    """The distinct shifts of a context's spans, 0 first (rotation 0: the new tokens' own keys)."""
+    return [0, *sorted({span.shift for span in context} - {0})]

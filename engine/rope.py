@@ -15,6 +15,7 @@ import math
 
 import torch
 from editkv.engine.config import ModelConfig
+from editkv.kernels.fused import apply_rotary, rotate_half  # noqa: F401  (the rotation itself lives with its kernel)
 
 
 class Rotary:
@@ -69,24 +70,6 @@ class Rotary:
         angles = delta[..., None] * self.inv_freq.to(torch.float64)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dimension's two halves."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int
-) -> torch.Tensor:
-    """Rotate the first `rotary_dim` features of `x` in fp32; cos/sin broadcast against x."""
-    dtype = x.dtype
-    x_rot = x[..., :rotary_dim].to(torch.float32)
-    out = x_rot * cos + rotate_half(x_rot) * sin
-    if rotary_dim == x.shape[-1]:
-        return out.to(dtype)
-    return torch.cat((out.to(dtype), x[..., rotary_dim:]), dim=-1)
 
 
 def _inv_freq(config: ModelConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:

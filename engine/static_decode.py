@@ -64,12 +64,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from editkv.engine.model import Attention, KVCache, Span, Transformer
+from editkv.engine.model import Attention, Fused, KVCache, Span, Transformer
 from editkv.kernels.fused import add_rms_norm, rope_write, silu_mul
 from editkv.kernels.logit_summary import logit_summary
 from editkv.kernels.lookup_draft import MAX_MATCH, accept, draft
 from editkv.kernels.span_attention import span_attention
-from torch import nn
 
 BUCKET = 1024
 MAX_WIDTH = 256  # a multi-line paste or a realedits-sized repair (~70 tokens) still replays
@@ -216,7 +215,7 @@ class StaticForward:
         if not 0 <= chain_steps <= MAX_CHAIN:
             raise ValueError(f"chain_steps must be in [0, {MAX_CHAIN}], not {chain_steps}")
         self.chain_steps = chain_steps
-        self._fused = [_fuse(block) for block in model.layers] if mode != "off" else []
+        self._fused = model.fused() if mode != "off" else []
         dev = model.device
         # Every static input in one device tensor, filled from one (pinned) host buffer per call:
         # ids [W], positions [W], slots [W], the eight visibility numbers, the last real row.
@@ -621,41 +620,7 @@ class StaticForward:
         return model.lm_head(h[0]).float()
 
 
-@dataclass
-class _Fused:
-    """One layer's projections as single matrices: one GEMM for q, k and v, one for gate and up."""
-
-    qkv_weight: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    gate_up_weight: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-
-
-def _fuse(block) -> _Fused:
-    """Concatenate a layer's q/k/v and gate/up weights, and point the modules at slices of
-    the result, so the fused copy is the only copy (the eager path keeps working)."""
-    attn, mlp = block.self_attn, block.mlp
-
-    def merge(linears):
-        weight = torch.cat([lin.weight.detach() for lin in linears])
-        bias = None
-        if linears[0].bias is not None:
-            bias = torch.cat([lin.bias.detach() for lin in linears])
-        start = 0
-        for lin in linears:
-            rows = lin.weight.shape[0]
-            lin.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
-            if bias is not None:
-                lin.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
-            start += rows
-        return weight, bias
-
-    qkv_weight, qkv_bias = merge([attn.q_proj, attn.k_proj, attn.v_proj])
-    gate_up_weight, gate_up_bias = merge([mlp.gate_proj, mlp.up_proj])
-    return _Fused(qkv_weight, qkv_bias, gate_up_weight, gate_up_bias)
-
-
-def _attend(attn: Attention, fused: _Fused, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: KVCache,
+def _attend(attn: Attention, fused: Fused, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: KVCache,
             layer: int, slots: torch.Tensor, meta: torch.Tensor, bucket: int) -> torch.Tensor:
     """T new tokens attend to the buffer's first `bucket` slots (after writing their own K/V)."""
     c = attn.config

@@ -18,13 +18,30 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from editkv.engine.rope import apply_rotary
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # Triton is optional on CPU-only installs
     triton = None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension's two halves."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int
+) -> torch.Tensor:
+    """Rotate the first `rotary_dim` features of `x` in fp32; cos/sin broadcast against x."""
+    dtype = x.dtype
+    x_rot = x[..., :rotary_dim].to(torch.float32)
+    out = x_rot * cos + rotate_half(x_rot) * sin
+    if rotary_dim == x.shape[-1]:
+        return out.to(dtype)
+    return torch.cat((out.to(dtype), x[..., rotary_dim:]), dim=-1)
 
 
 def add_rms_norm_ref(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
@@ -39,7 +56,7 @@ def add_rms_norm_ref(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, for `gate_up` = [..., 2 * I] holding gate then up."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)  # in place on silu's own output: one fresh tensor, not two
 
 
 def rope_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, num_heads: int,
@@ -62,6 +79,32 @@ def rope_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rota
     k_cache.index_copy_(1, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(1, slots, v.reshape(count, kv_heads, dim).transpose(0, 1).to(v_cache.dtype))
     return q.reshape(kv_heads, num_heads // kv_heads, rotations, count, dim).to(k_cache.dtype).contiguous()
+
+
+def rope_write_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, num_heads: int,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`rope_write_ref`'s contract in fewer passes (the CPU's path, where every pass over a fresh
+    tensor counts): x * cos + rotate_half(x) * sin as x * cos + roll(x) * (sin with its first
+    half negated), the second product accumulated in place."""
+    kv_heads, _, dim = k_cache.shape
+    count = qkv.shape[0]
+    rotations = cos.shape[0]
+    half = rotary_dim // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # [R, T, rd]
+    q, k, v = qkv.split([num_heads * dim, kv_heads * dim, kv_heads * dim], -1)
+
+    def rotate(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+        x_rot = x[..., :rotary_dim].to(torch.float32)
+        out = (x_rot * cos).addcmul_(x_rot.roll(half, -1), signed)
+        if rotary_dim == dim:
+            return out.to(x.dtype)
+        return torch.cat((out.to(x.dtype), x[..., rotary_dim:].expand(*out.shape[:-1], -1)), dim=-1)
+
+    q = rotate(q.reshape(count, num_heads, dim).transpose(0, 1)[:, None], cos[None], signed[None])  # [H, R, T, D]
+    k = rotate(k.reshape(count, kv_heads, dim).transpose(0, 1), cos[0], signed[0])
+    k_cache.index_copy_(1, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(1, slots, v.reshape(count, kv_heads, dim).transpose(0, 1).to(v_cache.dtype))
+    return q.view(kv_heads, num_heads // kv_heads, rotations, count, dim).to(k_cache.dtype)
 
 
 if triton is not None:
@@ -197,10 +240,10 @@ def rope_write_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r
 
 def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, num_heads: int,
                k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The kernel on CUDA, the reference elsewhere."""
+    """The kernel on CUDA, `rope_write_torch` elsewhere."""
     if triton is not None and qkv.is_cuda:
         return rope_write_triton(qkv, cos, sin, rotary_dim, num_heads, k_cache, v_cache, slots)
-    return rope_write_ref(qkv, cos, sin, rotary_dim, num_heads, k_cache, v_cache, slots)
+    return rope_write_torch(qkv, cos, sin, rotary_dim, num_heads, k_cache, v_cache, slots)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

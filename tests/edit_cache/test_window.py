@@ -47,14 +47,18 @@ def _record_reach(doc, reach):
     model = doc.model
     inner = model.forward
 
-    def forward(ids, positions, *args, context=(), **kw):
+    def forward(ids, positions, *args, context=(), groups=None, **kw):
         # a document cache slot's position is its index plus its span's shift; scratch
-        # (a view's own tokens) holds positions after the cursor, never the farthest key
-        keys = [p for s in context if s.end > s.start and s.cache is doc.cache
-                for p in (s.start + s.shift, s.end - 1 + s.shift)]
-        if keys:
-            reach.append(int(positions.max()) - min(keys))
-        return inner(ids, positions, *args, context=context, **kw)
+        # (a view's own tokens) holds positions after the cursor, never the farthest key.
+        # Token groups (several prefill chunks in one forward) each see their own spans.
+        first = 0
+        for count, spans in ([(g.count, g.context) for g in groups] if groups else [(positions.shape[-1], context)]):
+            keys = [p for s in spans if s.end > s.start and s.cache is doc.cache
+                    for p in (s.start + s.shift, s.end - 1 + s.shift)]
+            if keys:
+                reach.append(int(positions[..., first : first + count].max()) - min(keys))
+            first += count
+        return inner(ids, positions, *args, context=context, groups=groups, **kw)
 
     model.forward = forward
 

@@ -9,6 +9,7 @@ from editkv.kernels.fused import (
     add_rms_norm_ref,
     add_rms_norm_triton,
     rope_write_ref,
+    rope_write_torch,
     rope_write_triton,
     silu_mul_ref,
     silu_mul_triton,
@@ -82,10 +83,31 @@ def test_rope_write_reference_is_the_model_attention_rotation():
     assert not k_cache[:, 5:].any() and not k_cache[:, :2].any()
 
 
+ROPE_SHAPES = [(4, 2, 16, 16, 2), (6, 2, 32, 16, 3), (4, 4, 24, 24, 3), (4, 2, 16, 16, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "rotary_dim", "rotations"), ROPE_SHAPES)
+def test_rope_write_torch_matches_reference(dtype, heads, kv_heads, dim, rotary_dim, rotations):
+    """The CPU's path (roll and signed sin, accumulated in place) against the definition."""
+    g = torch.Generator().manual_seed(4)
+    count = 5
+    qkv = torch.randn(count, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    angles = torch.rand(rotations, count, rotary_dim // 2, generator=g) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    caches = [torch.zeros(2, kv_heads, 12, dim, dtype=dtype) for _ in range(2)]
+    slots = torch.tensor([7, 8, 9, 10, 11])
+    want = rope_write_ref(qkv, cos, sin, rotary_dim, heads, caches[0][0], caches[0][1], slots)
+    got = rope_write_torch(qkv, cos, sin, rotary_dim, heads, caches[1][0], caches[1][1], slots)
+    assert got.shape == want.shape == (kv_heads, heads // kv_heads, rotations, count, dim) and got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(caches[1], caches[0], atol=tol, rtol=tol)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "rotary_dim", "rotations"),
-                         [(4, 2, 16, 16, 2), (6, 2, 32, 16, 3), (4, 4, 24, 24, 3)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "rotary_dim", "rotations"), ROPE_SHAPES[:3])
 def test_rope_write_kernel(dtype, heads, kv_heads, dim, rotary_dim, rotations):
     g = torch.Generator(device=DEVICE).manual_seed(3)
     count = 3
