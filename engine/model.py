@@ -24,6 +24,7 @@ Residual adds are fused into the norms after them, and q/k/v and gate/up are one
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,11 @@ from editkv.kernels.segment_attention import (
     triton,
 )
 from torch import nn
+
+log = logging.getLogger(__name__)
+# Why the flash kernel failed in this process (a Triton build this GPU or Triton version can't
+# compile): every later forward takes the torch path instead of failing every request.
+TRITON_FAILED: str | None = None
 
 
 @dataclass
@@ -266,7 +272,7 @@ def one_buffer(write: KVCache, write_at: int, groups: Sequence[TokenGroup], rota
         by_group.append(segments)
         first += group.count
     device, dtype, head_dim = write.device, write.dtype, write.k.shape[-1]
-    if choice == "triton" and triton is not None:
+    if choice == "triton" and triton is not None and TRITON_FAILED is None:
         kernel = "triton"
     elif choice == "sdpa" and len(by_group) == 1 and _causal_from_a_short_prefix(by_group[0], num_new):
         kernel = "sdpa"
@@ -276,7 +282,7 @@ def one_buffer(write: KVCache, write_at: int, groups: Sequence[TokenGroup], rota
             and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 256:
         kernel = "sdpa"  # flash attention's own conditions; fp32 would fall back to a [H, T, T] math kernel
     else:
-        kernel = "triton"
+        kernel = "triton" if TRITON_FAILED is None else "torch"
     plan = None
     if kernel == "triton":
         config = config or config_for(head_dim, num_new)
@@ -353,7 +359,14 @@ class Attention(nn.Module):
                                                  scale=self.scale, enable_gqa=c.num_groups > 1)
             return out[:, :, pad:].transpose(1, 2)
         if plan.kernel == "triton":
-            return segment_attention_triton(q, keys, values, plan.plan, self.scale)
+            try:
+                return segment_attention_triton(q, keys, values, plan.plan, self.scale)
+            except Exception as err:  # compile errors: the torch path below computes the same
+                global TRITON_FAILED
+                if TRITON_FAILED is None:
+                    TRITON_FAILED = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    log.error("the flash attention kernel failed (%s); attention runs through torch from now on",
+                              TRITON_FAILED)
         if len(plan.segments) > 1:
             return segment_attention_groups(q, keys, values, plan.segments, plan.group_tokens, self.scale)
         return segment_attention(q, [s.run(keys, values) for s in plan.segments[0]], self.scale)

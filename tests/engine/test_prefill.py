@@ -206,3 +206,28 @@ def test_cuda_kernel_choice(tmp_path):
     assert one_buffer(cache, 0, [TokenGroup(16, [])], [{0: 0}]).kernel == "sdpa"  # nothing before: transformers' call
     assert one_buffer(cache, 16, [TokenGroup(16, [Span(cache, 0, 16)])], [{0: 0}]).kernel == "triton"
     assert one_buffer(model.new_cache(64, dtype=torch.float32), 0, [TokenGroup(16, [])], [{0: 0}]).kernel == "triton"
+
+
+def test_a_flash_kernel_that_fails_to_build_hands_attention_to_torch(gqa, monkeypatch):
+    """A Triton the GPU can't compile for: the forward that hit it and every later one take the
+    torch path (same logits), once logged, instead of failing every request."""
+    import editkv.engine.model as engine_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed (simulated)")
+
+    model = gqa.model
+    ids = torch.tensor([_ids(20, seed=3)])
+    want = model(ids, torch.arange(20), write=model.new_cache(24), write_at=0, logits="all")
+    monkeypatch.setattr(engine_model, "segment_attention_triton", broken)
+    monkeypatch.setattr(engine_model, "TRITON_FAILED", None)
+    model.attention = "triton"
+    try:
+        cache = model.new_cache(24)
+        assert one_buffer(cache, 0, [TokenGroup(20, [])], [{0: 0}], "triton").kernel == "triton"
+        got = model(ids, torch.arange(20), write=cache, write_at=0, logits="all")
+        assert engine_model.TRITON_FAILED and "PTX" in engine_model.TRITON_FAILED
+        assert (got - want).abs().max() <= TOL
+        assert one_buffer(cache, 0, [TokenGroup(20, [])], [{0: 0}], "triton").kernel != "triton"
+    finally:
+        model.attention = "auto"
