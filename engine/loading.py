@@ -49,11 +49,12 @@ class LoadedModel:
     config: ModelConfig
     source: str
     load_seconds: float
-    preferred_view: str = "l2r"  # what "auto" means for this model: "fim" or "l2r"
+    preferred_view: str = "l2r"  # the model's own view: "fim" or "l2r" (engine.calibrate.auto_view may override)
     cache: dict[str, int] = field(default_factory=dict)  # editkv.json "cache": edit-cache options tuned for it
     # GGUF files: "hit" (read from the conversion cache), "stored" (converted and cached),
     # "converted" (converted, not cached: off or unwritable); "" for other sources
     gguf_cache: str = ""
+    preferred_view_reason: str = ""  # why `preferred_view`, in words
 
     @property
     def device(self) -> torch.device:
@@ -114,12 +115,14 @@ def load_model(
         raise EngineError(f"model path {spec} does not exist (nor is it a hub id like owner/name)")
     model = _build(config, state, dev, dtype, source=spec)
     view = "fim" if tokenizer.fim is not None else "l2r"
+    reason = "the model has FIM tokens" if view == "fim" else "the model has no FIM tokens"
     cache: dict[str, int] = {}
     if path.is_dir() and (path / EDITKV_JSON).is_file():
         # A model folder may say which view is worth using and how its FIM prompt ends
         # (see engine/default_model/MODEL_CARD.md).
         settings = _read_json(path / EDITKV_JSON)
-        view = settings.get("preferred_view", view)
+        if "preferred_view" in settings:
+            view, reason = settings["preferred_view"], f"preferred_view in the model's {EDITKV_JSON}"
         if view not in ("fim", "l2r") or (view == "fim" and tokenizer.fim is None):
             raise EngineError(f"{path / EDITKV_JSON}: preferred_view must be 'l2r' or (with FIM tokens) 'fim'")
         tail = settings.get("fim_tail_tokens", 0)
@@ -131,7 +134,7 @@ def load_model(
         if not isinstance(cache, dict) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 20 for v in cache.values()):
             raise EngineError(f"{path / EDITKV_JSON}: cache must map option names to whole numbers >= 0")
-    return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view, cache, how)
+    return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view, cache, how, reason)
 
 
 def model_from_weights(
