@@ -15,14 +15,22 @@ layouts heal the prompt's last token (engine/healing.py); FIM layouts do not, un
 - fim_repo_next / fim_repo_rest: the same after `<|repo_name|>R\\n<|file_sep|>P\\n`
 - fim_cpp_rest: llama.cpp's header, `<|repo_name|>myproject\\n<|file_sep|>filename\\n`, rest of line
 
+Columns: EM/ES of the line, empty (the model ended the line at once), "copies suffix" (the line
+is one of the next 3 non-blank lines after the cursor's: the model wrote the suffix's start instead
+of the middle), mean prompt tokens.
+
     python bench/fim_prompts.py --model ~/.cache/editkv/qwen2.5-coder-0.5b-instruct-q4.gguf --subset 30 \\
         --max-file-chars 6000
+    (--shard I/N runs every N-th target from the I-th; --merge a.json b.json ... prints them together)
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from common import edit_similarity, exact_match, iter_targets, load_records, machine, parser, spread, table, write_json
@@ -60,12 +68,13 @@ _PLAN = {"l2r_pre": ("pre", None, True), "l2r_raw": ("raw", None, True), "l2r_re
 
 
 def run(args) -> dict:
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     healer = healer_for(tok)
     layouts = [x for x in args.layouts.split(",") if x]
     records = load_records(args.data, max_file_chars=args.max_file_chars)
-    pairs = spread(list(iter_targets(records)), args.subset)[: args.limit]
+    shard, shards = args.shard
+    pairs = spread(list(iter_targets(records)), args.subset)[shard::shards][: args.limit]
     rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
     rows = []
     started = time.perf_counter()
@@ -80,6 +89,7 @@ def run(args) -> dict:
         rest = deleted[cursor:]
         nl = min((i for i in (rest.find("\r\n"), rest.find("\n"), rest.find("\r")) if i >= 0), default=-1)
         next_line = "" if nl < 0 else rest[nl + (2 if rest.startswith("\r\n", nl) else 1):]
+        following = [line.strip() for line in next_line.splitlines() if line.strip()][:3]
         whole_prefix = tok.encode(deleted[:cursor])
         prefix_ids, heal = healer.split(whole_prefix)
         unhealed = whole_prefix[len(prefix_ids):]  # the healed token, kept by unhealed layouts
@@ -114,11 +124,12 @@ def run(args) -> dict:
                                  "pred": out.text, "expected": target["expected"],
                                  "em": exact_match(out.text, target["expected"]),
                                  "es": edit_similarity(out.text, target["expected"]),
-                                 "empty": not out.text.strip(), "prompt_tokens": end,
+                                 "empty": not out.text.strip(), "prompt_tokens": end, "chars": len(text),
+                                 "copies_suffix": bool(out.text.strip()) and out.text.strip() in following,
                                  "decode_tokens": len(out.ids), "ms": 1000 * (time.perf_counter() - t0)})
         if args.progress:
             print(f"  {n + 1}/{len(pairs)} targets, {time.perf_counter() - started:.0f}s", flush=True)
-            write_json(args.json, {"rows": rows, "partial": True})
+            write_json(args.json, {"rows": rows, "layouts": layouts, "partial": True})
     return {"rows": rows, "layouts": layouts, "n_targets": len(pairs), "model": loaded.source,
             "machine": machine(args.device), "seconds": time.perf_counter() - started}
 
@@ -127,6 +138,7 @@ def summarize(result: dict) -> str:
     groups = defaultdict(list)
     for r in result["rows"]:
         groups[r["layout"]].append(r)
+    result = {"layouts": list(groups), **result}
     base = groups.get("fim_next") or groups.get(result["layouts"][0])
     base_em = 100 * sum(r["em"] for r in base) / max(len(base), 1)
     lines = []
@@ -136,8 +148,28 @@ def summarize(result: dict) -> str:
             continue
         em = 100 * sum(r["em"] for r in g) / len(g)
         lines.append([layout, len(g), em, em - base_em, 100 * sum(r["es"] for r in g) / len(g),
-                      100 * sum(r["empty"] for r in g) / len(g), sum(r["prompt_tokens"] for r in g) / len(g)])
-    return table(["layout", "n", "EM", "EM - fim_next", "ES", "empty %", "prompt tokens"], lines)
+                      100 * sum(r["empty"] for r in g) / len(g),
+                      100 * sum(r.get("copies_suffix", False) for r in g) / len(g),
+                      sum(r["prompt_tokens"] for r in g) / len(g)])
+    out = [table(["layout", "n", "EM", "EM - fim_next", "ES", "empty %", "copies suffix %", "prompt tokens"],
+                 lines)]
+    sizes = [("<= 6,000 chars", 0, 6000), ("6,001-16,000", 6001, 16000), ("> 16,000", 16001, 1 << 62)]
+    rows = []
+    for layout in result["layouts"]:
+        line = [layout]
+        for _, lo, hi in sizes:
+            g = [r for r in groups.get(layout, []) if lo <= r.get("chars", 0) <= hi]
+            line.append(f"{100 * sum(r['em'] for r in g) / len(g):.1f} ({len(g)})" if g else "-")
+        rows.append(line)
+    out.append(table(["EM by file size (n)"] + [name for name, _, _ in sizes], rows))
+    return "\n".join(out)
+
+
+def _shard(value: str) -> tuple[int, int]:
+    i, n = (int(x) for x in value.split("/"))
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard must be I/N with 0 <= I < N, got {value}")
+    return i, n
 
 
 def main() -> None:
@@ -147,8 +179,16 @@ def main() -> None:
     p.add_argument("--max-file-chars", type=int, default=None, help="skip records with larger files")
     p.add_argument("--max-suffix-tokens", type=int, default=100_000, help="cut FIM suffixes to this many tokens")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="every N-th target from the I-th")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
+    if args.merge:
+        runs = [json.loads(f.read_text()) for f in args.merge]
+        print(summarize({**runs[0], "rows": [row for r in runs for row in r["rows"]]}))
+        return
     torch.manual_seed(0)
     result = run(args)
     print(f"fim_prompts: {result['n_targets']} targets, model {result['model']}, {result['machine']}, "

@@ -432,12 +432,13 @@ def auto_view(loaded) -> tuple[str, str]:  # noqa: ANN001 - an engine.loading.Lo
         calibrated = load_view_calibration(loaded.source)
     except EngineError as err:
         calibrated = None
-        problem = f" (the stored view calibration is unreadable: {err})"
+        problem = f" (the stored one is unreadable: {err})"
     else:
         problem = ""
     if calibrated is not None and (calibrated.view == "l2r" or has_fim):
         return calibrated.view, calibrated.reason()
-    return loaded.preferred_view, loaded.preferred_view_reason + problem
+    hint = f"; `editkv calibrate --view` measures which view is better{problem}" if has_fim else problem
+    return loaded.preferred_view, loaded.preferred_view_reason + hint
 
 
 def eligible_lines(text: str) -> list[tuple[int, int, int]]:
