@@ -38,7 +38,7 @@ from editkv.engine.healing import healer_for
 from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
 from editkv.engine.model import Span
 from editkv.engine.ngram import NgramTable
-from editkv.engine.prompting import doc_start_ids, fim_layout
+from editkv.engine.prompting import doc_start_ids, fim_layout, split_fim_prefix
 
 NGRAM_FILE = "ngram.npz"
 
@@ -62,9 +62,10 @@ def build_cases(records, subset: int | None, limit: int | None, offset: int = 0)
 def build_prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int, max_suffix: int):
     """(prompt ids, healed bytes): the prefix's last max_prefix tokens, the suffix's first max_suffix."""
     head = doc_start_ids(tok, cfg)
-    pre, heal = healer_for(tok).split(tok.encode(prefix)[-max_prefix:])
     if view == "l2r":
+        pre, heal = healer_for(tok).split(tok.encode(prefix)[-max_prefix:])
         return head + pre, heal
+    pre, heal = split_fim_prefix(tok, tok.encode(prefix)[-max_prefix:])  # healed only with a prefix tail
     return fim_layout(tok, cfg, pre, tok.encode(suffix)[:max_suffix]), heal
 
 

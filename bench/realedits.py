@@ -76,7 +76,7 @@ def _exact(loaded, prompt, heal, rules):
 
 
 def run(args) -> dict:
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     tok, cfg = loaded.tokenizer, loaded.config
     records = load_records(args.data, max_file_chars=args.max_file_chars, min_file_chars=args.min_file_chars)
     views = [v for v in args.views.split(",") if v]
@@ -282,6 +282,7 @@ def main() -> None:
                    help="only every N-th record from the I-th (parallel runs; --merge their JSON)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="print the summary of these runs' --json files together (no model is run)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
     if args.merge:

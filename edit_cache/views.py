@@ -27,7 +27,7 @@ from editkv.edit_cache.document import Document
 from editkv.engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode, windowed
 from editkv.engine.healing import healer_for
 from editkv.engine.model import KVCache, Span
-from editkv.engine.prompting import fim_suffix_budget, fim_tail
+from editkv.engine.prompting import fim_heals, fim_suffix_budget, fim_tail
 from editkv.engine.sampling import SamplingParams
 
 DRAFT_SLOTS = 33  # scratch beyond max_new_tokens: a speculative draft verified at the last step
@@ -158,15 +158,18 @@ def _common_suffix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _prefix_part(doc: Document, cursor: int) -> tuple[int, list[int], bytes]:
+def _prefix_part(doc: Document, cursor: int, *, heal: bool = True) -> tuple[int, list[int], bytes]:
     """(document tokens used from the cache, fresh ids, healed bytes); the cache is made ready
-    for those tokens (encoded as far, pending edits repaired, stale ones near the cursor redone)."""
+    for those tokens (encoded as far, pending edits repaired, stale ones near the cursor redone).
+    `heal`: drop the cursor's token for the model to spell again (engine/healing.py)."""
     t, fresh = _split_prefix(doc, cursor)
     doc.ensure_ready(upto=t)
     if doc.options.refresh_near_cursor:
         doc.refresh_before(t, doc.options.refresh_near_cursor)
-    fresh, heal = healer_for(doc.tokenizer).split(fresh)
-    return t, fresh, heal
+    if not heal:
+        return t, fresh, b""
+    fresh, healed = healer_for(doc.tokenizer).split(fresh)
+    return t, fresh, healed
 
 
 def _context_before(doc: Document, used: int) -> list[Span]:
@@ -215,7 +218,8 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     the rest is encoded in the background) instead of encoding the whole document first.
 
     Models whose layout repeats the prefix's last tokens after `<MID>` (`FimTokens.tail`) get
-    them encoded with `<MID>`, like every other view token.
+    them encoded with `<MID>`, like every other view token, and the cursor's token healed; other
+    FIM layouts are not healed (engine.prompting.fim_heals).
     """
     fim = doc.tokenizer.fim
     if fim is None:
@@ -226,7 +230,8 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     text = doc.text
     if whole_suffix:
         doc.ensure_ready()
-    t, fresh_prefix, heal = _prefix_part(doc, cursor)
+    # a FIM model's middle starts where the prefix's text ends: healed only for layouts with a tail
+    t, fresh_prefix, heal = _prefix_part(doc, cursor, heal=fim_heals(doc.tokenizer))
     used = first_position = doc.h + t
     suffix_start = cursor
     if suffix == "next_line":

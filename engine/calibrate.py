@@ -211,8 +211,9 @@ class Calibration:
 
 def cache_dir() -> Path:
     """Where calibrations of models other than the embedded one live."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "editkv" / "adadec"
+    from editkv.engine.loading import user_cache_dir
+
+    return user_cache_dir() / "adadec"
 
 
 def fingerprint(spec: str | Path) -> str:
@@ -338,3 +339,119 @@ def run(model_spec: str | None, data: Sequence[str | Path], *, out: Path | None 
     result.data["paths"] = [str(p) for p in data]
     path = result.save(out or calibration_path(model_spec))
     return result, path
+
+
+# --- which view `view: auto` serves -----------------------------------------------------
+#
+# `editkv calibrate --view` (lsp_server/calibrate_view.py) masks lines of the user's own files,
+# completes each in both views as the server would, and stores the better view here, keyed by
+# the same model fingerprint as the AdaDec threshold (`~/.cache/editkv/view/<fingerprint>.json`,
+# beside `adadec/<fingerprint>.json`). `auto_view` is what "auto" means for a loaded model.
+
+VIEW_FORMAT = "editkv-view/1"
+VIEWS = ("l2r", "fim")
+
+
+@dataclass
+class ViewScore:
+    """How one view did on the masked lines: exact matches and mean edit similarity, in percent."""
+
+    em: float
+    es: float
+    n: int
+    empty: float = 0.0  # percent of completions that were empty (the model ended the line at once)
+
+
+@dataclass
+class ViewCalibration:
+    """The view that measured better for a model on the user's code, and the measurements."""
+
+    view: str
+    scores: dict[str, ViewScore]
+    model: str = ""
+    fingerprint: str = ""
+    data: dict = field(default_factory=dict)
+    created: str = ""
+    format: str = VIEW_FORMAT
+
+    def reason(self) -> str:
+        """One line for the user: why this view."""
+        parts = ", ".join(f"{v} EM {s.em:.1f}% ES {s.es:.1f}" for v, s in sorted(self.scores.items()))
+        n = max((s.n for s in self.scores.values()), default=0)
+        return f"calibrated on {n} masked lines of your code ({parts}; {self.created})"
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> ViewCalibration:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            if raw.get("format") != VIEW_FORMAT or raw.get("view") not in VIEWS:
+                raise ValueError(f"not an editkv view calibration ({VIEW_FORMAT})")
+            scores = {k: ViewScore(**v) for k, v in raw["scores"].items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+            raise EngineError(f"cannot read view calibration {path} ({err}); run `editkv calibrate --view` "
+                              "again") from None
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw and k != "scores"}
+        return cls(scores=scores, **known)
+
+
+def choose_view(scores: dict[str, ViewScore]) -> str:
+    """The view with more exact matches; equal exact matches: the higher edit similarity; a tie: FIM
+    (it reads the text after the cursor, which the measurement cannot credit on one line)."""
+    return max(VIEWS, key=lambda v: (scores[v].em, scores[v].es, v == "fim")) if set(VIEWS) <= set(scores) \
+        else next(iter(scores))
+
+
+def view_calibration_path(spec: str | Path | None) -> Path:
+    """Where `editkv calibrate --view` stores its choice for `spec` (None = the embedded model):
+    always the user's cache, the embedded model's included (its folder may not be writable)."""
+    from editkv.engine.loading import user_cache_dir
+
+    return user_cache_dir() / "view" / f"{fingerprint(spec or DEFAULT_MODEL_DIR)}.json"
+
+
+def load_view_calibration(spec: str | Path | None) -> ViewCalibration | None:
+    """The stored view choice of a model, None when there is none; EngineError when it is unreadable."""
+    path = view_calibration_path(spec)
+    return ViewCalibration.load(path) if path.is_file() else None
+
+
+def auto_view(loaded) -> tuple[str, str]:  # noqa: ANN001 - an engine.loading.LoadedModel
+    """What `view: auto` serves for a loaded model, and why: the view `editkv calibrate --view`
+    measured better on the user's code, else the model's own preference (its editkv.json, else
+    FIM when it has FIM tokens)."""
+    has_fim = loaded.tokenizer.fim is not None
+    try:
+        calibrated = load_view_calibration(loaded.source)
+    except EngineError as err:
+        calibrated = None
+        problem = f" (the stored one is unreadable: {err})"
+    else:
+        problem = ""
+    if calibrated is not None and (calibrated.view == "l2r" or has_fim):
+        return calibrated.view, calibrated.reason()
+    hint = f"; `editkv calibrate --view` measures which view is better{problem}" if has_fim else problem
+    return loaded.preferred_view, loaded.preferred_view_reason + hint
+
+
+def eligible_lines(text: str) -> list[tuple[int, int, int]]:
+    """Lines worth masking, as realedits picks targets: (line start, cursor after the indentation,
+    end of the line's text) of lines with at least 6 characters after the indentation that are
+    not comments."""
+    out = []
+    start = 0
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\r\n").rstrip()
+        indent = len(body) - len(body.lstrip(" \t\f"))
+        rest = body[indent:]
+        if len(rest) >= 6 and not rest.startswith("#"):
+            out.append((start, start + indent, start + len(body)))
+        start += len(line)
+    return out

@@ -79,9 +79,11 @@ class Tokenizer:
         self.backend = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.fim = _find_fim(backend)
-        stop = {backend.token_to_id(t) for t in STOP_TEXTS} | set(eos_ids)
-        stop.discard(None)
-        self.stop_ids: frozenset[int] = frozenset(stop)
+        # A stop text counts only as a control token (an added token): Qwen's vocabulary also
+        # spells "</s>" as an ordinary BPE token, which is text (HTML in a string), not an end.
+        added = backend.get_added_tokens_decoder()
+        stop = {backend.token_to_id(t) for t in STOP_TEXTS}
+        self.stop_ids: frozenset[int] = frozenset({i for i in stop if i in added} | set(eos_ids))
         self.eos_ids = tuple(eos_ids) or tuple(
             i for i in (backend.token_to_id("<|endoftext|>"),) if i is not None
         )

@@ -56,7 +56,7 @@ class CompletionRequest:
     max_tokens: int = 64
     max_lines: int | None = 1  # None: no line limit (multi-line policy "always")
     num_drafts: int = 1
-    view: str = "auto"  # "auto" (the model's preferred view), "fim", "l2r"
+    view: str = "auto"  # "auto" (ModelBackend.view_choice: calibrated, else the model's own), "fim", "l2r"
     suffix: str = "next_line"  # FIM: "next_line" leaves the rest of the cursor's line out
 
 
@@ -140,7 +140,12 @@ class ModelBackend:
         options = (options or DocumentOptions()).tuned(loaded.cache, **(tuned or {}))
         self.cache = DocumentCache(loaded.model, loaded.tokenizer, loaded.config,
                                    budget_bytes=budget_bytes, options=options)
-        self.description = f"{loaded.source} on {loaded.device}"
+        self.description = f"{loaded.source} on {loaded.device}"  # clients parse "<source> on <device>"
+        from editkv.engine.calibrate import auto_view
+
+        # what `view: auto` serves and why (`editkv calibrate --view`, else the model's preference)
+        auto, why = auto_view(loaded)
+        self.view_choice = {"auto": auto, "why": why}
         self.recompute = recompute  # baseline: drop the document's KV before every request
         # requests encode only the text they need (before the cursor); the worker encodes the
         # rest between requests (`refresh_idle`). Off: every request makes the whole document ready.
@@ -239,7 +244,7 @@ class ModelBackend:
             self.index.touch(request.uri)
         else:  # evicted from the index by other documents, or too big for it alone
             self.index.add(request.uri, doc.ids)
-        view_kind = self.loaded.preferred_view if request.view == "auto" else request.view
+        view_kind = self.view_choice["auto"] if request.view == "auto" else request.view
         use_fim = view_kind == "fim" and doc.tokenizer.fim is not None
         if use_fim:
             view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=request.max_tokens,
@@ -266,6 +271,9 @@ class ModelBackend:
             "unencoded_tokens": doc.num_unencoded,
             "stale_tokens": doc.num_stale,
             "view": "fim" if use_fim else "l2r",
+            "view_why": (f"auto: {self.view_choice['why']}" if request.view == "auto" else
+                         "the view setting asked for FIM, but the model has no FIM tokens"
+                         if request.view == "fim" and not use_fim else "the view setting"),
             "view_ms": view.build_ms if view is not None else 0.0,
             "view_encoded_tokens": view.encoded_tokens if view is not None else 0,
             "encoded_tokens": encoded,  # prefill, repair, refreshes and view tokens of this request

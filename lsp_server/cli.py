@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     complete.add_argument(
         "--mode", choices=("auto", "fim", "l2r"), default="auto",
-        help="fill-in-the-middle with the text after the cursor, left-to-right, or the model's "
-        "preferred one (auto: FIM when the model has FIM tokens, unless its editkv.json says l2r)",
+        help="fill-in-the-middle with the text after the cursor, left-to-right, or auto: the view "
+        "`editkv calibrate --view` measured better for this model, else its editkv.json's preferred_view, "
+        "else FIM when the model has FIM tokens",
     )
     complete.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     complete.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
@@ -123,12 +124,17 @@ def _parser() -> argparse.ArgumentParser:
 def _add_calibrate_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     calibrate = sub.add_parser(
         "calibrate",
-        help="fit a model's AdaDec entropy threshold tau on reference code and store it",
+        help="fit a model's AdaDec entropy threshold tau on reference code and store it; with --view, "
+        "measure which view (left-to-right or FIM) completes your code better",
         description="Teacher-force the model on Python files (--data: folders or files; use code that is "
         "not in your evaluation set), record each position's entropy and whether the true token ranked "
         "first, fit a class-balanced logistic regression and keep the cutoff with the best held-out "
         "accuracy as tau. Stored next to the embedded model's weights, else in "
-        "~/.cache/editkv/adadec/<fingerprint>.json, or at --out.",
+        "~/.cache/editkv/adadec/<fingerprint>.json, or at --out. "
+        "With --view: mask lines of a seeded sample of the files (--view-files files, --view-lines lines "
+        "each), complete each masked line in both views as the server serves them, and store the view "
+        "with more exact matches in ~/.cache/editkv/view/<fingerprint>.json (or at --out); the server's "
+        "`view: auto` then serves it.",
     )
     _model_args(calibrate)
     calibrate.add_argument("--data", action="append", required=True, type=Path,
@@ -138,10 +144,19 @@ def _add_calibrate_parser(sub) -> None:  # noqa: ANN001 - argparse's private sub
     calibrate.add_argument("--max-file-tokens", type=int, default=1024, help="tokens read per file (1024)")
     calibrate.add_argument("--max-tokens", type=int, default=100_000, help="positions recorded in all (100000)")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the file sample (0)")
+    calibrate.add_argument("--view", action="store_true",
+                           help="measure left-to-right vs FIM on masked lines instead, and store the better view")
+    calibrate.add_argument("--view-files", type=int, default=24, help="--view: files sampled from --data (24)")
+    calibrate.add_argument("--view-lines", type=int, default=4, help="--view: lines masked per file (4)")
+    calibrate.add_argument("--view-max-chars", type=int, default=20_000,
+                           help="--view: skip files longer than this many characters (20000)")
+    calibrate.add_argument("--progress", action="store_true", help="--view: print a line per masked line")
     calibrate.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.view:
+        return _cmd_calibrate_view(args)
     from editkv.engine.calibrate import run
 
     result, path = run(args.model, args.data, out=args.out, device=args.device, dtype=args.dtype,
@@ -152,6 +167,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
           f"{fit['heldout_accuracy']:.3f}, balanced {fit['heldout_balanced_accuracy']:.3f}; "
           f"{result.data['positions']} positions from {result.data['files']} files; gate fires at "
           f"{100 * fit['gate_rate_at_tau']:.1f}% of them) -> {path}")
+    return 0
+
+
+def _cmd_calibrate_view(args: argparse.Namespace) -> int:
+    from editkv.lsp_server.calibrate_view import run
+
+    progress = (lambda line: print(line, file=sys.stderr, flush=True)) if args.progress else None
+    result, path = run(args.model, args.data, out=args.out, device=args.device, dtype=args.dtype,
+                       max_files=args.view_files, lines_per_file=args.view_lines, max_chars=args.view_max_chars,
+                       seed=args.seed, progress=progress)
+    scores = ", ".join(f"{view} EM {s.em:.1f}% ES {s.es:.1f} (empty {s.empty:.1f}%)"
+                       for view, s in sorted(result.scores.items()))
+    print(f"view = {result.view} ({scores}; {result.data['lines']} masked lines of {result.data['files']} "
+          f"files) -> {path}")
     return 0
 
 
@@ -274,7 +303,9 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     head = len(doc_start_ids(tok, cfg))
     mode = args.mode
     if mode == "auto":
-        mode = loaded.preferred_view
+        from editkv.engine.calibrate import auto_view
+
+        mode = auto_view(loaded)[0]
     if mode == "fim":
         if tok.fim is None:
             raise EngineError("--mode fim: this model has no fill-in-the-middle tokens")

@@ -157,6 +157,9 @@ class EditkvServer(LanguageServer):
                 log.warning("no progress reporting: %s", err)
                 token = None
         ok, message = await asyncio.wrap_future(self.worker.load(settings))
+        view = getattr(self.worker.backend, "view_choice", None) if ok else None
+        if view is not None:  # which view `view: auto` serves, and why
+            message += f"; view auto = {view['auto']}: {view['why']}"
         if token is not None:
             self.work_done_progress.end(token, types.WorkDoneProgressEnd(
                 message=f"ready: {message}" if ok else "model not loaded"))
@@ -186,6 +189,7 @@ class EditkvServer(LanguageServer):
             "backend": {
                 "ready": backend is not None, "loading": self.worker.loading,
                 "description": backend.description if backend is not None else None,
+                "view": getattr(backend, "view_choice", None),  # what `view: auto` serves, and why
                 "error": self.worker.load_error, "completed": self.worker.completed,
                 "last_request": self.worker.last_stats,
                 "evictions": getattr(getattr(backend, "cache", None), "evictions", None),

@@ -33,7 +33,7 @@ class Settings:
     debounce_ms: int = 40  # while keystrokes come faster than this (a burst), wait this long after the last
     kv_budget_mb: int = 1024  # KV cache memory of all documents together; 0 = no limit
     cache_mode: str = "pie"  # "recompute" re-reads the whole file for every request (baseline)
-    view: str = "auto"  # "auto" (FIM when the model has FIM tokens), "fim", "l2r"
+    view: str = "auto"  # "auto" (calibrated, else the model's own: engine.calibrate.auto_view), "fim", "l2r"
     max_file_kb: int = 1024  # larger files are kept in sync but never modelled
     stats_file: bool = True  # keep suggestion statistics in the user's cache folder
     speculation: bool = True  # one-draft requests: lossless n-gram speculation (off: plain greedy)

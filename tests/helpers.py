@@ -118,3 +118,74 @@ def _triton_runs() -> bool:
 # Kernel tests run their Triton kernels on CUDA, or on the CPU under the interpreter.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not _triton_runs(), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+# HF parameter names of a Qwen2 layer -> llama.cpp's GGUF tensor names (qwen2 needs no permutation)
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def make_gguf(folder: Path, *, seed: int = 0, name: str = "tiny-qwen2.gguf") -> Path:
+    """Write a tiny random Qwen2 checkpoint as a GGUF file (matrices Q8_0-quantized, so loading it
+    dequantizes them; norms and biases F32) with our tiny byte-level BPE tokenizer."""
+    import gguf
+    import numpy as np
+
+    ckpt = make_checkpoint(folder / "hf", "qwen2", seed=seed, tie_word_embeddings=False)
+    config = read_config(ckpt)
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpt / "model.safetensors"))
+    tok = json.loads(tiny_tokenizer_json(config["vocab_size"]))
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert len(tokens) == config["vocab_size"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    specials = {t["content"] for t in tok["added_tokens"]}
+
+    path = folder / name
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_name("tiny-qwen2")
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_rope_freq_base(float(config.get("rope_theta") or config["rope_parameters"]["rope_theta"]))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(vocab["<|endoftext|>"])
+    w.add_add_bos_token(False)
+    for hf_name, tensor in state.items():
+        if hf_name == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif hf_name == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        elif hf_name == "lm_head.weight":
+            gguf_name = "output.weight"
+        else:
+            layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
+            gguf_name = f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+        data = tensor.float().numpy()
+        if data.ndim == 2:
+            w.add_tensor(gguf_name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(gguf_name, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

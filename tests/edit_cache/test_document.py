@@ -164,8 +164,8 @@ def test_views_stand_for_the_exact_prompt(template, seed):
         if prefix or not heal:  # an all-healed prefix re-encodes the head token instead
             assert view.prompt_ids == doc.head + prefix and view.heal == heal
         fim = fill_in_middle(doc, cursor)
-        assert fim.heal == heal
-        assert fim.prompt_ids == (doc.head + prefix + [tok.fim.suffix]
+        assert fim.heal == b""  # a FIM layout without a prefix tail is not healed (engine.prompting.fim_heals)
+        assert fim.prompt_ids == (doc.head + tok.encode(text[:cursor]) + [tok.fim.suffix]
                                   + tok.encode(text[cursor:]) + [tok.fim.middle])
         nxt = fill_in_middle(doc, cursor, suffix="next_line")
         eol = text.find("\n", cursor)
@@ -198,13 +198,18 @@ def test_fim_view_repeats_the_prefix_tail_when_the_model_asks(template):
     doc = _doc(template)
     doc.ensure_ready()
     tok = doc.tokenizer
+    l2r_heal = left_to_right(doc, 40).heal
     plain = fill_in_middle(doc, 40, suffix="next_line")
     before = tok.fim
     tok.fim = replace(before, tail=5)
     try:
         view = fill_in_middle(doc, 40, suffix="next_line")
-        prefix = plain.prompt_ids[doc.h:plain.prompt_ids.index(tok.fim.suffix)]
-        assert view.prompt_ids == plain.prompt_ids + prefix[-5:]
+        # with a tail the cursor's token is healed, as in left-to-right; the plain layout is not
+        assert plain.heal == b"" and view.heal == l2r_heal
+        prefix = view.prompt_ids[doc.h:view.prompt_ids.index(tok.fim.suffix)]
+        assert prefix == plain.prompt_ids[doc.h:doc.h + len(prefix)]
+        suffix = plain.prompt_ids[plain.prompt_ids.index(tok.fim.suffix):]
+        assert view.prompt_ids == doc.head + prefix + suffix + prefix[-5:]
         assert fim_ids(tok, doc.model.config, "ab\ncd", "ef")[-6:] == [tok.fim.middle] + tok.encode("ab\ncd")[-5:]
         exact = _exact_logits(doc, view.prompt_ids)
         assert (view.first_logits - exact).abs().max() < 0.5 * exact.abs().max()

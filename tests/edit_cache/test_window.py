@@ -9,7 +9,7 @@ import pytest
 from editkv.edit_cache.document import Document
 from editkv.edit_cache.positions import Range, to_position
 from editkv.edit_cache.views import fill_in_middle, left_to_right
-from editkv.engine.generate import prefill, windowed
+from editkv.engine.generate import StopRules, prefill, windowed
 from editkv.engine.model import KVCache, Span
 
 CONTEXT = 96
@@ -76,9 +76,10 @@ def test_no_forward_attends_further_back_than_the_context(long_doc):
         doc.apply_change(Range(pos, pos), "y = 2\n")
     doc.ensure_ready()
     doc.refresh()
+    rules = StopRules(max_tokens=8)  # what the views were built for: their window plans for 8 new tokens
     for cursor in (10, len(doc.text) // 2, len(doc.text) - 5):
-        left_to_right(doc, cursor, max_new_tokens=8).decode()
-        fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=8).decode()
+        left_to_right(doc, cursor, max_new_tokens=8).decode(rules=rules)
+        fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=8).decode(rules=rules)
     assert reach and max(reach) < CONTEXT + doc.h  # the sink sits right before the window
     assert max(reach) >= CONTEXT - 1  # and the window is used, not just a few keys
 

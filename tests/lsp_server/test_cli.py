@@ -76,6 +76,7 @@ def test_files_longer_than_the_context_are_read_within_it(ckpt, tmp_path):
                     "--max-tokens", "6", "--lines", "0", "--json", "--mode", mode)
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
-        assert out["decode_tokens"] >= 1
+        # a random model may end a FIM middle at once (an unhealed FIM prompt forces no first token)
+        assert out["decode_tokens"] >= 1 or (mode == "fim" and out["stop_reason"] == "stop_token")
         if mode == "l2r":  # one-shot left-to-right reads only what the window would reach
             assert out["prefill_tokens"] + 6 <= 128

@@ -28,6 +28,8 @@ async def test_completions_from_a_real_model(client: LanguageClient, caps: str, 
     await start(client, caps, {"model": str(tiny_model), "debounceMs": 0, "maxTokens": 8, "multiline": "always"})
     [reports] = client.progress_reports.values()
     assert str(tiny_model) in reports[-1].message and "cpu" in reports[-1].message
+    # which view `view: auto` serves and why: no calibration, so the model's FIM tokens decide
+    assert "view auto = fim: the model has FIM tokens; `editkv calibrate --view`" in reports[-1].message
     open_doc(client)
     type_at(client, 12, 0, "    def norm(self):\n        return ", 1)
     for i, ch in enumerate("sel"):  # keystrokes: each is a pending edit, repaired lazily
@@ -37,6 +39,9 @@ async def test_completions_from_a_real_model(client: LanguageClient, caps: str, 
     stats = await server_stats(client)
     last = stats["backend"]["last_request"]
     assert last["view"] == "fim" and last["decode_tokens"] > 0 and last["forwards"] >= 1
+    assert last["view_why"].startswith("auto: the model has FIM tokens")
+    assert stats["backend"]["view"]["auto"] == "fim"
+    assert stats["backend"]["view"]["why"].startswith("the model has FIM tokens")
     assert stats["requests"]["inline"]["served"] == 1
     # one more keystroke: the cache is repaired (PIE), not rebuilt, before the next view
     type_at(client, 13, 18, "f", 5)
