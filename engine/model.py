@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from editkv.engine import faults
 from editkv.engine.config import ModelConfig
 from editkv.engine.rope import Rotary, apply_rotary
 from torch import nn
@@ -344,6 +345,7 @@ class Transformer(nn.Module):
         input_embeds: torch.Tensor | None = None,  # [B, T, hidden], instead of input_ids
     ) -> torch.Tensor | None:  # [B, T, V] ("all"), [B, V] ("last"), None ("none")
         """Encode T new tokens into `write[write_at:write_at+T]` and return their logits."""
+        faults.hit("forward")
         x = self.embed(input_ids) if input_embeds is None else input_embeds
         bsz, num_new, _ = x.shape
         assert positions.shape[-1] == num_new, "one position per new token"
