@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from editkv.edit_cache.positions import Range, apply_change
 from editkv.edit_cache.tokens import TokenEdit, TokenizedText
+from editkv.engine import faults
 from editkv.engine.generate import prefill
 from editkv.engine.model import KVCache, Span, Transformer
 from editkv.engine.tokenizer import Tokenizer
@@ -496,6 +497,7 @@ class Document:
             self._set_stale_from(pos, [])
             return
         self._gap_to(pos)  # old and new coordinates agree before the first change
+        faults.hit("repair")  # (a fault injected here leaves the cache half repaired, as a real one would)
         offset = self.gap  # old token j >= pos sits in slot h + j + offset
         old_next = pos  # the first old token not yet kept or dropped
         fresh: list[tuple[int, int]] = []  # new tokens, [start, end) in new coordinates
@@ -576,6 +578,7 @@ class Document:
     def _repair_in_place(self) -> None:
         """The baselines in a layout without a gap: "conflict" moves slots without re-rotating
         (the suffix keeps stale positions); "prefix_reuse" re-encodes from the first change."""
+        faults.hit("repair")
         mode = self.options.mode
         runs = list(self.runs)
         self._edit_marks = []

@@ -190,9 +190,95 @@ class ModelBackend:
         return self.background and self.cache.urgent_work()
 
     def drop_caches(self) -> None:
-        """Forget every document's KV (after running out of memory); texts stay."""
+        """Forget every document's KV and the captured graphs (after running out of memory or a
+        device fault); texts stay."""
         for doc in self.cache.docs.values():
             doc.drop_kv()
+        static = self.loaded.model.static
+        if static is not None:
+            static.reset()
+
+    def disable_graphs(self) -> bool:
+        """Run every forward eagerly from now on (after a device fault in the graph path);
+        False if they already were."""
+        static = self.loaded.model.static
+        if static is None:
+            return False
+        static.reset()
+        self.loaded.model.static = None
+        return True
+
+    def release(self) -> None:
+        """Drop everything this backend holds on the device (before the worker forgets it)."""
+        self.drop_caches()
+        self.cache.docs.clear()
+        self.loaded.model.static = None
+        self.index = None
+        self._references.clear()
+
+    def verify_tokens_idle(self) -> int:
+        """Idle work: cross-check one changed document's tokens against a full tokenization
+        (a mismatch reopens it; counted in `token_repairs`); 1 if one was checked, else 0."""
+        checked, reopened = self.cache.verify_tokens()
+        for uri in reopened:
+            self.index.add(uri, self.cache.docs[uri].ids)
+            self._references.pop(uri, None)
+        return checked
+
+    @property
+    def token_repairs(self) -> int:
+        return self.cache.token_repairs
+
+    def debug_document(self, uri: str, kv: bool = False) -> dict:
+        """The backend's state of `uri` for `editkv/debugDocument`: its text's digest, whether its
+        tokens equal a full tokenization, its cache and the memory bounds. `kv`: also re-encode
+        every stale token, then the largest difference of its KV (keys and values, text order)
+        from a fresh prefill of its text (None in "conflict" mode, whose positions are stale by design)."""
+        import hashlib
+
+        doc = self.cache.get(uri)
+        fresh = doc.tokenizer.encode_with_offsets(doc.text)
+        out: dict[str, Any] = {
+            "text_sha256": hashlib.sha256(doc.text.encode("utf-8", errors="surrogatepass")).hexdigest(),
+            "tokens": len(doc.ids), "tokens_fresh": fresh.ids == doc.ids,
+            "starts_fresh": [s for s, _ in fresh.offsets] == doc.tokens.starts.tolist(),
+            "mode": doc.options.mode, "encoded": doc.is_encoded, "unencoded": doc.num_unencoded,
+            "stale": doc.num_stale if doc.is_encoded else 0, "pending_edits": doc.pending_edits,
+        }
+        if kv:
+            out["kv_max_diff"] = self._kv_difference(doc)
+            self.cache.enforce_budget(keep=uri)
+        static = self.loaded.model.static
+        sizes = [d.kv_bytes() for d in self.cache.docs.values()]
+        out.update({
+            "kv_bytes": doc.kv_bytes(), "total_kv_bytes": sum(sizes), "largest_kv_bytes": max(sizes, default=0),
+            "encoded_documents": sum(1 for n in sizes if n), "budget_bytes": self.cache.budget_bytes,
+            "graphs": static.num_graphs if static is not None else None,
+            "max_graphs": static.max_graphs if static is not None else None,
+            "token_repairs": self.cache.token_repairs,
+        })
+        return out
+
+    def _kv_difference(self, doc: Document) -> float | None:
+        """Refresh `doc` whole, then max |KV - fresh prefill's KV| over the head and every token."""
+        from editkv.engine.generate import prefill
+
+        if doc.options.mode == "conflict":
+            return None
+        doc.ensure_ready()
+        while doc.refresh():
+            pass
+        k, v = doc.materialize()  # [L, 1, KVH, h + n, D]
+        model = self.loaded.model
+        ids = doc.head + doc.ids
+        fresh = model.new_cache(len(ids) + 1)
+        if ids:
+            prefill(model, ids, fresh, chunk=doc.options.prefill_chunk, logits="none", window=doc.context_size,
+                    sink=(fresh, doc.h))
+        n = k.shape[3]
+        diff_k = (k.float() - fresh.k[:, :, :, :n].float()).abs().max()
+        diff_v = (v.float() - fresh.v[:, :, :, :n].float()).abs().max()
+        return float(max(diff_k, diff_v)) if n else 0.0
 
     def open(self, uri: str, text: str) -> None:
         doc = self.cache.open(uri, text)
@@ -214,6 +300,14 @@ class ModelBackend:
         return self.cache.get(uri).text
 
     def complete(self, request: CompletionRequest, should_stop: Callable[[], bool] = lambda: False) -> CompletionResult:
+        """Drafts at the request's position (see the module docstring)."""
+        result = self._complete(request, should_stop)
+        static = self.loaded.model.static
+        if static is not None:  # nothing of this request is left running when its answer goes out
+            static.quiesce()
+        return result
+
+    def _complete(self, request: CompletionRequest, should_stop: Callable[[], bool]) -> CompletionResult:
         from editkv.edit_cache.views import fill_in_middle, left_to_right
         from editkv.engine.generate import DecodeStats, StopRules
 
@@ -393,6 +487,12 @@ class FakeBackend:
 
     def close(self, uri: str) -> None:
         self.texts.pop(uri, None)
+
+    def debug_document(self, uri: str, kv: bool = False) -> dict:
+        """The fake's part of `editkv/debugDocument`: the digest of its copy of the text."""
+        import hashlib
+
+        return {"text_sha256": hashlib.sha256(self.text(uri).encode("utf-8", errors="surrogatepass")).hexdigest()}
 
     def text(self, uri: str) -> str:
         if uri not in self.texts:
