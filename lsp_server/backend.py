@@ -302,6 +302,7 @@ class ModelBackend:
     def complete(self, request: CompletionRequest, should_stop: Callable[[], bool] = lambda: False) -> CompletionResult:
         """Drafts at the request's position (see the module docstring)."""
         result = self._complete(request, should_stop)
+        self.cache.enforce_budget(keep=request.uri)  # the view's scratch window may have grown the cache
         static = self.loaded.model.static
         if static is not None:  # nothing of this request is left running when its answer goes out
             static.quiesce()

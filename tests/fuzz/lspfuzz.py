@@ -277,7 +277,7 @@ class Fuzzer:
         self.docs: dict[str, ClientDoc] = {}
         self.closed: list[str] = []
         self.names = 0
-        self.settings: dict[str, Any] = {}
+        self.settings: dict[str, Any] = dict(session.options)  # as the server has them
         self.device = "cpu"
         self.counters = Counters()
         self.log: list[str] = []  # the operations so far (printed on a divergence)
@@ -507,8 +507,7 @@ class Fuzzer:
             change["maxTokens"] = "many"  # a bad value: reported, the current one kept
         self._note("configure", change)
         self.s.client.notify("workspace/didChangeConfiguration", {"settings": {"editkv": change}})
-        if change.get("maxTokens") != "many":
-            self.settings.update(change)
+        self.settings.update({k: v for k, v in change.items() if v != "many"})  # (a bad value changes nothing)
         if self.docs:
             self.check(self.docs[draw.choice(sorted(self.docs))])
 
