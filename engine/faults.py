@@ -3,7 +3,8 @@
 A plan names sites and counts: `EDITKV_FAULTS="replay@3=cuda,repair@5=oom"` makes the 3rd
 static (graph) forward raise a CUDA error and the 5th KV repair raise out-of-memory, each once.
 The plan is read from the environment when this module is first imported (the server reads it
-at startup), or installed with `install` (in-process tests). With no plan, `hit` is one dict
+at startup), or installed with `install` (in-process tests) or, in a server started with
+EDITKV_FAULTS set (e.g. to "none"), by the `editkv/debugFaults` request. With no plan, `hit` is one dict
 lookup on a module global and costs nothing measurable.
 
 Sites (where `hit` is called):
@@ -46,6 +47,8 @@ class FaultPlan:
         """`site@N=kind[,site@N=kind...]` (N counts from 1); ValueError naming what is wrong."""
         plan = cls()
         for part in filter(None, (p.strip() for p in spec.split(","))):
+            if part == "none":  # a server that takes plans later (lsp_server/features.py debug_faults)
+                continue
             m = _SPEC.match(part)
             if m is None:
                 raise ValueError(f"{ENV}: {part!r} is not site@N=kind (e.g. replay@3=cuda)")
