@@ -246,7 +246,7 @@ class ModelBackend:
             "stale": doc.num_stale if doc.is_encoded else 0, "pending_edits": doc.pending_edits,
         }
         if kv:
-            out["kv_max_diff"] = self._kv_difference(doc)
+            out.update(self._kv_difference(doc))
             self.cache.enforce_budget(keep=uri)
         static = self.loaded.model.static
         sizes = [d.kv_bytes() for d in self.cache.docs.values()]
@@ -259,26 +259,35 @@ class ModelBackend:
         })
         return out
 
-    def _kv_difference(self, doc: Document) -> float | None:
-        """Refresh `doc` whole, then max |KV - fresh prefill's KV| over the head and every token."""
+    def _kv_difference(self, doc: Document) -> dict[str, Any]:
+        """Refresh `doc` whole, then its KV against a fresh prefill of its text: `kv_max_diff`, the
+        largest |difference| over every layer, head and token (None in "conflict" mode, whose
+        positions are stale by design, and for a document longer than the model's context, where
+        the attention window is cut per prefill chunk, so the KV depends on how the text was
+        chunked); `kv_layer0_max_diff` over layer 0, whose K/V depend on a token and its
+        position only (exact whatever the length)."""
+        import torch
         from editkv.engine.generate import prefill
 
+        fits = doc.h + len(doc.ids) <= doc.context_size
         if doc.options.mode == "conflict":
-            return None
+            return {"kv_max_diff": None, "kv_layer0_max_diff": None, "fits_context": fits}
         doc.ensure_ready()
         while doc.refresh():
             pass
         k, v = doc.materialize()  # [L, 1, KVH, h + n, D]
+        n = k.shape[3]
+        if not n:
+            return {"kv_max_diff": 0.0, "kv_layer0_max_diff": 0.0, "fits_context": fits}
         model = self.loaded.model
         ids = doc.head + doc.ids
         fresh = model.new_cache(len(ids) + 1)
-        if ids:
-            prefill(model, ids, fresh, chunk=doc.options.prefill_chunk, logits="none", window=doc.context_size,
-                    sink=(fresh, doc.h))
-        n = k.shape[3]
-        diff_k = (k.float() - fresh.k[:, :, :, :n].float()).abs().max()
-        diff_v = (v.float() - fresh.v[:, :, :, :n].float()).abs().max()
-        return float(max(diff_k, diff_v)) if n else 0.0
+        prefill(model, ids, fresh, chunk=doc.options.prefill_chunk, logits="none", window=doc.context_size,
+                sink=(fresh, doc.h))
+        diff = torch.maximum((k.float() - fresh.k[:, :, :, :n].float()).abs().amax(dim=(1, 2, 3, 4)),
+                             (v.float() - fresh.v[:, :, :, :n].float()).abs().amax(dim=(1, 2, 3, 4)))  # [L]
+        return {"kv_max_diff": float(diff.max()) if fits else None, "kv_layer0_max_diff": float(diff[0]),
+                "fits_context": fits}
 
     def open(self, uri: str, text: str) -> None:
         doc = self.cache.open(uri, text)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import tempfile
 import time
@@ -125,12 +126,15 @@ class ClientDoc:
     uri: str
     text: str
     version: int = 0
+    opened: str = ""
     out_of_sync: bool = False
     refused: bool = False
     undo: list[list] = field(default_factory=list)  # inverse changes of the changes applied, last last
+    history: list = field(default_factory=list)  # every didChange since the didOpen (for reproducing a failure)
 
     def receive(self, changes: list) -> None:
         """What the server does with a didChange (lsp_server/scheduler.py `_change`)."""
+        self.history.append(changes)
         if self.refused:
             return
         if self.out_of_sync:
@@ -193,6 +197,7 @@ class Counters:
     ops: int = 0
     checks: int = 0
     kv_checks: int = 0
+    kv_checks_all_layers: int = 0  # of documents within the model's context
     completions: int = 0
     errors_expected: int = 0
     out_of_sync: int = 0
@@ -281,6 +286,7 @@ class Fuzzer:
         self.device = "cpu"
         self.counters = Counters()
         self.log: list[str] = []  # the operations so far (printed on a divergence)
+        self.dump: str | None = os.environ.get("EDITKV_FUZZ_DUMP")  # where a failure writes the documents' stories
 
     # ---- operations ---------------------------------------------------------------------------
 
@@ -324,7 +330,7 @@ class Fuzzer:
             uri = f"{self.prefix}d{self.names}.py"
             self.names += 1
         text = draw.choice(TEXTS) + self._text(draw, 6)
-        doc = self.docs[uri] = ClientDoc(uri, text, version=draw.int(0, 5))
+        doc = self.docs[uri] = ClientDoc(uri, text, version=draw.int(0, 5), opened=text)
         doc.refused = "\x00" in text
         self._note("open", (uri, text))
         self.s.client.notify("textDocument/didOpen", {"textDocument": {
@@ -524,6 +530,11 @@ class Fuzzer:
     # ---- checks -------------------------------------------------------------------------------
 
     def fail(self, message: str) -> None:
+        if self.dump:  # every open document's story, to replay the failure
+            with open(self.dump, "w") as out:
+                json.dump({"message": message, "settings": self.settings, "log": self.log,
+                           "docs": {u: {"opened": d.opened, "history": d.history} for u, d in self.docs.items()}},
+                          out, indent=1)
         raise Divergence(f"{message}\nlast operations:\n  " + "\n  ".join(self.log[-12:]))
 
     def check(self, doc: ClientDoc) -> None:
@@ -555,9 +566,16 @@ class Fuzzer:
                       f"{backend['encoded_documents']} documents encoded")
         if backend["graphs"] is not None and backend["graphs"] > backend["max_graphs"]:
             self.fail(f"{backend['graphs']} graphs held, bound {backend['max_graphs']}")
-        if kv and backend.get("kv_max_diff") is not None:
+        if kv and backend.get("kv_layer0_max_diff") is not None:
             self.counters.kv_checks += 1
+            layer0 = backend["kv_layer0_max_diff"]
+            if not layer0 <= KV_TOLERANCE:
+                self.fail(f"{doc.uri}: layer-0 KV differs from a fresh prefill by {layer0} "
+                          f"({backend['tokens']} tokens)")
             diff = backend["kv_max_diff"]
+            if diff is None:  # longer than the model's context: only layer 0 is exact by design
+                return
+            self.counters.kv_checks_all_layers += 1
             self.counters.max_kv_diff = max(self.counters.max_kv_diff, diff)
             if not diff <= KV_TOLERANCE:
                 self.fail(f"{doc.uri}: KV differs from a fresh prefill by {diff} after refresh "

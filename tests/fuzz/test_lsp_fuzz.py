@@ -178,6 +178,7 @@ def test_long_random_run(tiny_checkpoint, tmp_path):
 def summary(f: Fuzzer, seed: int, started: float, session: Session, *, done: bool) -> dict:
     c = f.counters
     return {"seed": seed, "ops": c.ops, "seconds": round(time.monotonic() - started, 1), "done": done,
-            "checks": c.checks, "kv_checks": c.kv_checks, "max_kv_diff": c.max_kv_diff,
+            "checks": c.checks, "kv_checks": c.kv_checks,
+            "kv_checks_all_layers": c.kv_checks_all_layers, "max_kv_diff": c.max_kv_diff,
             "completions": c.completions, "errors_expected": c.errors_expected, "out_of_sync": c.out_of_sync,
             "by_op": c.by_op, "server_rss_mb": round(session.rss_mb(), 1)}
