@@ -256,6 +256,7 @@ class ModelBackend:
             "graphs": static.num_graphs if static is not None else None,
             "max_graphs": static.max_graphs if static is not None else None,
             "token_repairs": self.cache.token_repairs,
+            "device_allocated": _device_allocated(self.loaded.device),
         })
         return out
 
@@ -466,6 +467,15 @@ class ModelBackend:
             if out.stop_reason == "cancelled":
                 break
         return drafts
+
+
+def _device_allocated(device) -> int | None:
+    """Bytes the CUDA caching allocator has handed out on `device` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.memory_allocated(device)
 
 
 class FakeBackend:

@@ -148,14 +148,20 @@ def test_real_model_fuzz_long(model_session):
 
 
 @pytest.mark.fuzz_long
-def test_long_random_run(tiny_checkpoint, tmp_path):
-    """EDITKV_FUZZ_OPS operations (100,000 by default) from EDITKV_FUZZ_SEED on the real model path
-    (tiny random model, CPU), the invariants after every one and the KV check every 25th;
-    writes a summary to EDITKV_FUZZ_REPORT (JSON) if set."""
+@pytest.mark.parametrize("engine", ["model", "fake"])
+def test_long_random_run(tiny_checkpoint, engine):
+    """EDITKV_FUZZ_OPS operations (100,000 by default) from EDITKV_FUZZ_SEED, the invariants after
+    every one: on the real model path (tiny random model, CPU; the KV check every 25th operation,
+    reloads) or the fake engine (text sync and answers only); writes a summary to
+    EDITKV_FUZZ_REPORT (JSON) if set."""
     ops = int(os.environ.get("EDITKV_FUZZ_OPS", "100000"))
     seed = int(os.environ.get("EDITKV_FUZZ_SEED", "20260101"))
-    session = Session("--device", "cpu", options={"model": str(tiny_checkpoint), **MODEL_OPTIONS})
-    fuzzer = Fuzzer(session, fake=False, prefix="file:///fuzz/long/", kv_every=25, reloads=True)
+    fake = engine == "fake"
+    if fake:
+        session = Session("--fake")
+    else:
+        session = Session("--device", "cpu", options={"model": str(tiny_checkpoint), **MODEL_OPTIONS})
+    fuzzer = Fuzzer(session, fake=fake, prefix="file:///fuzz/long/", kv_every=25, reloads=not fake)
     started = time.monotonic()
     report = os.environ.get("EDITKV_FUZZ_REPORT")
 
@@ -177,7 +183,8 @@ def test_long_random_run(tiny_checkpoint, tmp_path):
 
 def summary(f: Fuzzer, seed: int, started: float, session: Session, *, done: bool) -> dict:
     c = f.counters
-    return {"seed": seed, "ops": c.ops, "seconds": round(time.monotonic() - started, 1), "done": done,
+    return {"engine": "fake" if f.fake else "model", "seed": seed, "ops": c.ops,
+            "seconds": round(time.monotonic() - started, 1), "done": done,
             "checks": c.checks, "kv_checks": c.kv_checks,
             "kv_checks_all_layers": c.kv_checks_all_layers, "max_kv_diff": c.max_kv_diff,
             "completions": c.completions, "errors_expected": c.errors_expected, "out_of_sync": c.out_of_sync,
