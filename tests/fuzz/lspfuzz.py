@@ -211,8 +211,11 @@ class Session:
     def __init__(self, *args: str, options: dict | None = None, env: dict | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.args, self.options = args, {"statsFile": False, "debounceMs": 0, **(options or {})}
-        # suggestion statistics go to a temporary folder, not the user's cache
-        self.env = {**server_env(), "XDG_CACHE_HOME": tempfile.mkdtemp(prefix="editkv-fuzz-"), **(env or {})}
+        # suggestion statistics go to a temporary folder, not the user's cache; one intra-op thread
+        # (as tests/conftest.py sets for the suite): on a busy 2-core machine a second one spinning
+        # makes each tiny forward ten times slower
+        self.env = {**server_env(), "XDG_CACHE_HOME": tempfile.mkdtemp(prefix="editkv-fuzz-"),
+                    "OMP_NUM_THREADS": "1", **(env or {})}
         self.client: LspClient = self.run(self._start())
 
     async def _start(self) -> LspClient:

@@ -137,7 +137,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_short_soak_stays_within_the_kv_budget_and_flat(checkpoint):
-    result = soak(checkpoint, docs=40, ops=160)
+    result = soak(checkpoint, docs=16, ops=48)
     check_flat(result, rss_slack_mb=40)
 
 
