@@ -18,7 +18,8 @@ which the server makes safe to call from this thread.
 Faults: an exception from the backend while it computes (a completion, background work) is
 classified (`fault_kind`): out of memory drops every document's KV; a device error (a CUDA
 fault, e.g. in a graph replay or capture) drops the KV and turns CUDA graphs off, and a second
-one reloads the model; anything else is a bug: that document's KV is dropped. Each fault is
+one reloads the model; anything else is a bug: that document is started over from the
+worker's copy of its text (and the request fails). Each fault is
 logged, reported to the user once, counted (`editkv/stats`), and a completion is tried once more
 after the recovery. A reload frees the old model before building the new one, so it peaks at
 one model's memory. In idle time the backend also cross-checks each changed document's tokens
@@ -476,7 +477,7 @@ class EngineWorker:
 
     def _recover(self, err: BaseException, during: str, uri: str | None = None) -> str | None:
         """Log a backend failure, recover from it, tell the user once; its kind (None: a bug, for
-        which only the document `uri`'s KV is dropped and the caller re-raises)."""
+        which only the document `uri` is started over and the caller re-raises)."""
         kind = fault_kind(err)
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         log.error("%s failed (%s): %s", during, kind or "bug", "".join(traceback.format_exception(err)))
