@@ -154,6 +154,7 @@ class ModelBackend:
         self.adadec = None  # AdaDecConfig once `decoding.adadec` is on and the model is calibrated
         self.adadec_problem: str | None = None
         self._set_decoding(decoding or DecodingOptions())
+        self.encoded_tokens = 0  # tokens complete() has run through the model (cache and views), all documents
 
     def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
                   decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None,
@@ -334,7 +335,10 @@ class ModelBackend:
         upto = doc.tokens.first_token_at_or_after(cursor) if self.background and not self.recompute else None
         doc, ready = self.cache.prepare(request.uri, upto, should_stop)
         if not ready:  # cancelled while encoding: what was encoded stays for the next request
-            return CompletionResult([], {"cancelled": True, "encoded_tokens": doc.stats.tokens_encoded - encoded_before,
+            encoded = doc.stats.tokens_encoded - encoded_before
+            self.encoded_tokens += encoded
+            return CompletionResult([], {"cancelled": True, "encoded_tokens": encoded,
+                                         "document_encoded_tokens": encoded,
                                          "total_ms": 1000 * (time.perf_counter() - started)})
         if request.uri in self.index.docs:
             self.index.touch(request.uri)
@@ -356,17 +360,20 @@ class ModelBackend:
                 drafts = self._one_draft(request.uri, doc, cursor, view, rules, stats, counters)
             else:
                 drafts = self._drafts(view, rules, request.num_drafts, stats, counters)
+        encoded = doc.stats.tokens_encoded - encoded_before + (view.encoded_tokens if view is not None else 0)
+        self.encoded_tokens += encoded
         return CompletionResult(drafts, {
             "repair_ms": doc.stats.repair_ms - repair_ms_before,
             # tokens this request encoded into the document (edits, text before the cursor,
-            # stale ones near it) and slots it moved; the view's own tokens are view_encoded_tokens
-            "encoded_tokens": doc.stats.tokens_encoded - encoded_before,
+            # stale ones near it) and slots it moved
+            "document_encoded_tokens": doc.stats.tokens_encoded - encoded_before,
             "slots_moved": doc.stats.slots_moved - moved_before,
             "unencoded_tokens": doc.num_unencoded,
             "stale_tokens": doc.num_stale,
             "view": "fim" if use_fim else "l2r",
             "view_ms": view.build_ms if view is not None else 0.0,
             "view_encoded_tokens": view.encoded_tokens if view is not None else 0,
+            "encoded_tokens": encoded,  # prefill, repair, refreshes and view tokens of this request
             "decode_tokens": stats.decode_tokens,
             "forwards": stats.forwards,
             **counters,

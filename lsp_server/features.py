@@ -204,21 +204,39 @@ async def inline_completion(ls: EditkvServer,
                             params: types.InlineCompletionParams) -> types.InlineCompletionList | None:
     """Ghost-text suggestions at the cursor; several on an explicit invocation, for cycling."""
     context = params.context
-    if context is not None and context.selected_completion_info is not None:
-        return None  # the editor shows a dropdown item's extension; ours would not extend it
     invoked = context is not None and context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
     outcome = await _serve(ls, "inline", params.text_document.uri, params.position, invoked)
     if outcome is None:
         return None
-    if not outcome.suggestions:
+    if not outcome.suggestions:  # also a refused document (too big, binary): no cursor to place items at
         return types.InlineCompletionList(items=[])
     at = types.Position(line=params.position.line, character=outcome.cursor.character)
-    items = [
-        types.InlineCompletionItem(insert_text=s.text, range=types.Range(start=at, end=at),
-                                   command=_accept(ls.stats.new_id("inline", s.text)))
-        for s in outcome.suggestions[: (ls.settings.num_drafts if invoked else 1)]
-    ]
+    texts = [s.text for s in outcome.suggestions[: (ls.settings.num_drafts if invoked else 1)]]
+    selected = context.selected_completion_info if context is not None else None
+    if selected is None:
+        edits = [(text, types.Range(start=at, end=at)) for text in texts]
+    else:
+        edits = _extending(selected, outcome, at, texts)
+    items = [types.InlineCompletionItem(insert_text=text, range=rng, command=_accept(ls.stats.new_id("inline", text)))
+             for text, rng in edits]
     return types.InlineCompletionList(items=items)
+
+
+def _extending(selected: types.SelectedCompletionInfo, outcome: Outcome, at: types.Position,
+               texts: list[str]) -> list[tuple[str, types.Range]]:
+    """The suggestions that extend the dropdown item the editor has selected, over its range.
+
+    An editor shows ghost text beside an open dropdown only when it starts with the selected
+    item's text and replaces the same range (LSP 3.18 `selectedCompletionInfo`). A suggestion
+    continues the word before the cursor, so it can say so when that range is the word's; any
+    other range would need the document's text, which only the engine worker holds.
+    """
+    start, end, word_start = selected.range.start, selected.range.end, outcome.word_start
+    if word_start is None or (start.line, start.character) != (word_start.line, word_start.character) \
+            or (end.line, end.character) != (at.line, at.character):
+        return []
+    full = [outcome.word + text for text in texts]
+    return [(text, selected.range) for text in full if text.startswith(selected.text) and text != selected.text]
 
 
 @handles(types.TEXT_DOCUMENT_COMPLETION,

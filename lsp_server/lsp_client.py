@@ -18,7 +18,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 EDITOR_CAPABILITIES: dict = {
@@ -49,11 +48,9 @@ def server_command(*args: str) -> list[str]:
 
 
 def server_env() -> dict[str, str]:
-    """This environment, with the folder holding `lsp_server` on PYTHONPATH (works uninstalled)."""
-    root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+    """The environment a server subprocess gets: this one (editkv is imported as installed, from
+    any folder; the repository root on PYTHONPATH would add nothing but bare folder names)."""
+    return dict(os.environ)
 
 
 class LspClient:

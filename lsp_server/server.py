@@ -184,6 +184,8 @@ class EditkvServer(LanguageServer):
                 "last_request": self.worker.last_stats,
                 "evictions": getattr(getattr(backend, "cache", None), "evictions", None),
                 "idle_refreshed_tokens": self.worker.idle_refreshed,
+                # every token the requests ran through the model (idle refresh: the line above)
+                "encoded_tokens": getattr(backend, "encoded_tokens", None),
                 # faults recovered from by kind (oom, device, error), models reloaded after one
                 "faults": dict(self.worker.faults), "reloads": self.worker.reloads,
                 "last_fault": self.worker.last_fault,

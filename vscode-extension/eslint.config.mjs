@@ -3,7 +3,7 @@ import { defineConfig } from 'eslint/config';
 import tseslint from 'typescript-eslint';
 
 // Modules that must run without VS Code (unit tests import them under plain Node).
-const pureModules = ['src/settings.ts', 'src/serverCommand.ts', 'src/inline.ts', 'src/lifecycle.ts', 'src/status.ts', 'src/protocol.ts'];
+const pureModules = ['src/settings.ts', 'src/serverCommand.ts', 'src/inline.ts', 'src/lifecycle.ts', 'src/status.ts', 'src/protocol.ts', 'src/dropdown.ts'];
 
 export default defineConfig(
   { ignores: ['out/', 'dist/', 'node_modules/', '*.mjs'] },

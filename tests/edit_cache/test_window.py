@@ -104,3 +104,37 @@ def test_short_documents_are_not_affected(long_doc):
     view = left_to_right(doc, len(doc.text))
     exact = prefill(doc.model, ids, doc.model.new_cache(len(ids)))
     assert (view.first_logits - exact).abs().max() < 1e-4
+
+
+def test_a_gap_in_a_long_document_keeps_every_key_what_a_windowed_prefill_gives(long_doc):
+    """Edits in the middle of a document 3x the context (the gap stays there), encoding in the
+    background past the gap, then a refresh: every layer's keys and values equal a windowed
+    fresh prefill of the text, wherever they sit."""
+    doc = long_doc
+    left_to_right(doc, len(doc.text) // 2, max_new_tokens=8).decode()  # encodes the first half
+    assert doc.num_unencoded > 0
+    at = len(doc.text) // 3
+    for piece in ("z = 3\n", "w", "= [1, 2]\n"):
+        pos = to_position(doc.text, at)
+        doc.apply_change(Range(pos, pos), piece)
+        at += len(piece)
+        left_to_right(doc, at, max_new_tokens=4).decode()
+    assert 0 < doc.gap_at < doc.frontier
+    while doc.extend(40):
+        pass
+    doc.refresh()
+    ids = doc.head + doc.ids
+    cache = doc.model.new_cache(len(ids))
+    prefill(doc.model, ids, cache, logits="none", window=CONTEXT, sink=(cache, doc.h))
+
+    def error(d):
+        k, v = d.materialize()
+        return max((k - cache.k).abs().max().item(), (v - cache.v).abs().max().item())
+
+    # a window is applied per prefill chunk (a chunk's first query sees a little less), so
+    # encodings chunked differently differ a little: the same text encoded front to back in one
+    # go, with no gap, is the yardstick; a key at a wrong position would be off by far more
+    plain = Document(doc.model, doc.tokenizer, doc.text, head=doc.head)
+    plain.ensure_ready()
+    assert error(doc) <= 2 * error(plain) + 1e-4, (error(doc), error(plain))
+    assert error(plain) < 0.1

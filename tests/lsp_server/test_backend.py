@@ -270,7 +270,7 @@ def test_keystrokes_near_the_top_of_a_big_file_encode_the_edit_only(tmp_path):
     uri = "file:///big.py"
     end = backend.complete(_request(uri, text, len(text) - 2, max_tokens=4))
     doc = backend.cache.get(uri)
-    assert end.stats["encoded_tokens"] >= len(doc.ids) - 20  # the first request reads the text before it
+    assert end.stats["document_encoded_tokens"] >= len(doc.ids) - 20  # the first request reads the text before it
     backend.change(uri, [(Range(Position(1, 0), Position(1, 0)), "\n")])
     text = text.replace("\n", "\n\n", 1)
     cursor = text.index("\n") + 1
@@ -280,7 +280,7 @@ def test_keystrokes_near_the_top_of_a_big_file_encode_the_edit_only(tmp_path):
     for ch in "# a comment typed at the top":
         text, cursor = _type(backend, uri, text, cursor, ch)
         result = backend.complete(_request(uri, text, cursor, max_tokens=4))
-        assert result.stats["encoded_tokens"] <= 4, result.stats  # the edit, never the stale suffix
+        assert result.stats["document_encoded_tokens"] <= 4, result.stats  # the edit, never the stale suffix
         moved.append(result.stats["slots_moved"])
         assert result.stats["stale_tokens"] > 16  # over the budget, and still not re-encoded here
     assert max(moved) <= 2 and backend.urgent_work()
@@ -296,7 +296,7 @@ def test_a_big_file_is_encoded_up_to_the_cursor_first_and_the_rest_in_the_backgr
     cursor = text.index("def f10(")
     needed = doc.tokens.first_token_at_or_after(cursor)
     result = backend.complete(_request(uri, text, cursor, max_tokens=4))
-    assert result.drafts and needed - 40 <= result.stats["encoded_tokens"] <= needed + 1
+    assert result.drafts and needed - 40 <= result.stats["document_encoded_tokens"] <= needed + 1
     assert result.stats["unencoded_tokens"] == len(doc.ids) - doc.frontier > 1000
     assert backend.urgent_work()
     # background chunks stop as soon as work comes (here: after the first poll)
@@ -322,7 +322,7 @@ def test_a_cancelled_request_stops_encoding_a_big_file_and_the_next_one_goes_on(
     assert 0 < doc.frontier < len(doc.ids) - 100  # stopped early; what it encoded stays
     kept = doc.frontier
     again = backend.complete(_request(uri, text, len(text) - 2, max_tokens=4))
-    assert again.drafts and again.stats["encoded_tokens"] <= len(doc.ids) - kept + 1
+    assert again.drafts and again.stats["document_encoded_tokens"] <= len(doc.ids) - kept + 1
 
 
 def test_background_work_off_makes_every_request_encode_whole_files(tmp_path):
@@ -330,3 +330,25 @@ def test_background_work_off_makes_every_request_encode_whole_files(tmp_path):
     uri = "file:///big.py"
     result = backend.complete(_request(uri, text, text.index("def f10("), max_tokens=4))
     assert result.stats["unencoded_tokens"] == 0 and not backend.urgent_work()
+
+
+def test_every_request_reports_the_tokens_it_encoded(tmp_path):
+    from editkv.edit_cache.positions import Position, Range
+
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
+    backend = ModelBackend(tiny)
+    uri, text = "file:///a.py", "def add(a, b):\n    return a + b\n"
+    backend.open(uri, text)
+    doc = backend.cache.get(uri)
+    request = _request(uri, text, len(text) - 1, max_tokens=2)
+    first = backend.complete(request).stats
+    # the first request reads the file up to the cursor (its start token, then the tokens before
+    # the cursor; the last token, after it, comes in the background) and encodes the view's own
+    assert first["encoded_tokens"] == doc.h + doc.frontier + first["view_encoded_tokens"]
+    assert doc.frontier == len(doc.ids) - 1 == doc.tokens.first_token_at_or_after(len(text) - 1)
+    backend.change(uri, [(Range(Position(0, 4), Position(0, 7)), "plus")])
+    second = backend.complete(request).stats
+    assert 0 < second["encoded_tokens"] < len(doc.ids)  # the edit's tokens, not the file
+    assert backend.encoded_tokens == first["encoded_tokens"] + second["encoded_tokens"]
+    backend.recompute = True  # cacheMode "recompute": the whole file again
+    assert backend.complete(request).stats["encoded_tokens"] >= doc.h + len(doc.ids)

@@ -1,4 +1,4 @@
-"""`editkv lsp --tcp`, `editkv demo` and bench/lsp_typing.py as subprocesses."""
+"""`editkv lsp --tcp` and `editkv demo` as subprocesses (bench/lsp_replay.py: tests/bench/)."""
 
 import asyncio
 import gzip
@@ -55,16 +55,6 @@ def test_demo_replays_realedits_records(records):
     assert proc.returncode == 0, proc.stderr
     assert "example/repo@abc1234:tool.py: 21 keystrokes" in proc.stdout  # 1 deletion + 20 characters
     assert "<del>" in proc.stdout
-
-
-def test_bench_lsp_typing_smoke(records, tmp_path):
-    out = tmp_path / "bench.json"
-    proc = run(str(ROOT / "bench" / "lsp_typing.py"), "--fake", "--data", str(records), "--interval-ms", "0",
-               "--json", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert "ratio recompute/pie" in proc.stdout and "p99 ms" in proc.stdout
-    result = json.loads(out.read_text())
-    assert result["summary"]["pie"]["keystrokes"] == result["summary"]["recompute"]["keystrokes"] == 21
 
 
 def test_lsp_over_tcp():

@@ -116,6 +116,29 @@ async def test_inline_completion_one_item_automatic_several_invoked(client: Lang
     assert [i.insert_text for i in invoked.items] == ["<fake 6:4>", "<fake 6:4>#1", "<fake 6:4>#2"]
 
 
+async def test_inline_completion_beside_an_open_dropdown_extends_its_selected_item(client: LanguageClient):
+    await start(client, "visual-studio-code", {"debounceMs": 0})
+    open_doc(client, "x = 1\nprint(na")
+    word = types.Range(start=types.Position(line=1, character=6), end=types.Position(line=1, character=8))
+
+    def beside(selected: types.SelectedCompletionInfo):
+        return client.text_document_inline_completion_async(types.InlineCompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=URI), position=types.Position(line=1, character=8),
+            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic,
+                                                  selected_completion_info=selected)))
+
+    # VS Code shows ghost text beside its dropdown only when it starts with the selected item's
+    # text over the item's range: the suggestion is given from the start of the word
+    for selected in ("na", "na<fake"):
+        result = await beside(types.SelectedCompletionInfo(range=word, text=selected))
+        assert [(i.insert_text, i.range) for i in result.items] == [("na<fake 1:8>", word)]
+        assert result.items[0].command.command == "editkv.suggestionAccepted"
+    # a selected item the suggestion does not extend, or one over another range: nothing to show
+    assert not (await beside(types.SelectedCompletionInfo(range=word, text="name"))).items
+    other = types.Range(start=types.Position(line=1, character=5), end=types.Position(line=1, character=8))
+    assert not (await beside(types.SelectedCompletionInfo(range=other, text="(na"))).items
+
+
 @pytest.mark.parametrize("caps", CLIENTS)
 async def test_completion_items_replace_the_word_and_sort_after_others(client: LanguageClient, caps: str):
     await start(client, caps, {"debounceMs": 0})

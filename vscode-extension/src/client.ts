@@ -2,13 +2,14 @@
  * The language client for one `editkv lsp` process: how it is started and what passes
  * through it. Inline completions use vscode-languageclient's built-in LSP 3.18 support;
  * the middleware here wraps it to time requests, respect the on/off switch, and hand each
- * answer to the suggestion tracker (which rewrites the accept commands of inline items).
+ * answer to the suggestion tracker (which rewrites the accept commands of inline items);
+ * dropdown requests pass only when the user asked for the dropdown (dropdown.ts).
  */
 
 import * as vscode from 'vscode';
 import { LanguageClient, type LanguageClientOptions, type ServerOptions } from 'vscode-languageclient/node';
 
-import { claimItem, inlineItems, type Suggestion } from './inline';
+import { claimItem, inlineItems, textAfterCursor, type Suggestion } from './inline';
 import type { ResolvedCommand } from './serverCommand';
 import { configurationAnswers, initializationOptions, type ExtensionConfig } from './settings';
 
@@ -17,6 +18,8 @@ export interface ClientHooks {
   config(): ExtensionConfig;
   /** An inline answer with suggestions arrived (after `ms` ms) for `document` at `position`. */
   onInlineAnswer(document: vscode.TextDocument, position: vscode.Position, suggestions: Suggestion[], ms: number): void;
+  /** Whether a completion (dropdown) request of this trigger kind goes to the server (dropdown.ts). */
+  admitsCompletion(triggerKind: vscode.CompletionTriggerKind): boolean;
 }
 
 export function createServer(resolved: ResolvedCommand, log: vscode.LogOutputChannel, hooks: ClientHooks): LanguageClient {
@@ -41,12 +44,22 @@ export function createServer(resolved: ResolvedCommand, log: vscode.LogOutputCha
         if (token.isCancellationRequested || result === null || result === undefined) {
           return result;
         }
-        const suggestions = inlineItems(result).flatMap((item) => claimItem(item) ?? []);
+        const suggestions = inlineItems(result).flatMap((item) => {
+          const claimed = claimItem(item);
+          if (claimed === undefined) {
+            return [];
+          }
+          const start = item.range?.start;
+          const typed = start?.isBefore(position) ? document.getText(new vscode.Range(start, position)) : '';
+          return [{ id: claimed.id, text: textAfterCursor(claimed.text, typed) }];
+        });
         hooks.onInlineAnswer(document, position, suggestions, performance.now() - started);
         return result;
       },
       provideCompletionItem: (document, position, context, token, next) => {
-        return hooks.config().enable ? next(document, position, context, token) : undefined;
+        return hooks.config().enable && hooks.admitsCompletion(context.triggerKind)
+          ? next(document, position, context, token)
+          : undefined;
       },
       workspace: {
         configuration: async (params, token, next) => {

@@ -10,6 +10,7 @@ import * as vscode from 'vscode';
 import { DidChangeConfigurationNotification, State, type LanguageClient } from 'vscode-languageclient/node';
 
 import { createServer } from './client';
+import { DropdownGate } from './dropdown';
 import { acceptedId, type Suggestion } from './inline';
 import { SuggestionTracker } from './lifecycle';
 import { INLINE_ACCEPT_COMMAND, STATS_REQUEST, SUGGESTION_EVENT, asStatsSnapshot, type StatsSnapshot, type SuggestionEvent } from './protocol';
@@ -19,6 +20,9 @@ import { fromStats, isSettling, statusText, statusTooltip, type StatusInfo } fro
 
 const POLL_MS = 1000; // how often to ask `editkv/stats` while the server starts or loads a model
 const TOOLTIP_STATS_MS = 5000; // least time between stats refreshes for the tooltip
+// `editkv: Show Statistics` opens this read-only document. Not an untitled one: the language
+// client syncs untitled documents to the server, which would then encode the statistics.
+const STATS_URI = vscode.Uri.from({ scheme: 'editkv', path: 'statistics.json' });
 
 let extension: Editkv | undefined;
 
@@ -37,12 +41,15 @@ class Editkv implements vscode.Disposable {
   private readonly log = vscode.window.createOutputChannel('editkv', { log: true });
   private readonly item = vscode.window.createStatusBarItem('editkv.status', vscode.StatusBarAlignment.Right, 100);
   private readonly tracker = new SuggestionTracker();
+  private readonly dropdown = new DropdownGate();
   private readonly disposables: vscode.Disposable[] = [];
   private config: ExtensionConfig = readConfig();
   private client: LanguageClient | undefined;
   private status: StatusInfo = { enabled: true, state: 'stopped' };
   private stats: StatsSnapshot | undefined;
   private statsAt = 0;
+  private statsText = '';
+  private readonly statsChanged = new vscode.EventEmitter<vscode.Uri>();
   private generation = 0; // bumped on every (re)start: stale polls and clients stop there
   private queue: Promise<void> = Promise.resolve(); // starts and stops, one at a time
 
@@ -60,12 +67,21 @@ class Editkv implements vscode.Disposable {
       vscode.commands.registerCommand('editkv.showOutput', () => this.log.show()),
       vscode.commands.registerCommand('editkv.showStats', () => this.showStats()),
       vscode.commands.registerCommand('editkv.menu', () => this.menu()),
+      vscode.commands.registerCommand('editkv.suggest', () => {
+        this.dropdown.asked();
+        return vscode.commands.executeCommand('editor.action.triggerSuggest');
+      }),
       vscode.commands.registerCommand(INLINE_ACCEPT_COMMAND, (...args: unknown[]) => {
         const id = acceptedId(args);
         if (id !== undefined) {
           this.send(this.tracker.accepted(id));
           void this.refreshStats(false);
         }
+      }),
+      this.statsChanged,
+      vscode.workspace.registerTextDocumentContentProvider(STATS_URI.scheme, {
+        onDidChange: this.statsChanged.event,
+        provideTextDocumentContent: () => this.statsText,
       }),
       vscode.workspace.onDidChangeConfiguration((e) => {
         if (e.affectsConfiguration('editkv')) {
@@ -129,6 +145,7 @@ class Editkv implements vscode.Disposable {
     const client = createServer(resolved, this.log, {
       config: () => this.config,
       onInlineAnswer: (document, position, suggestions, ms) => this.inlineAnswer(document, position, suggestions, ms),
+      admitsCompletion: (triggerKind) => this.dropdown.admits(triggerKind),
     });
     this.client = client;
     client.onDidChangeState((e) => {
@@ -281,8 +298,10 @@ class Editkv implements vscode.Disposable {
       return;
     }
     const stats: unknown = await client.sendRequest(STATS_REQUEST, null);
-    const document = await vscode.workspace.openTextDocument({ language: 'json', content: JSON.stringify(stats, null, 2) });
-    await vscode.window.showTextDocument(document, { preview: true });
+    this.statsText = JSON.stringify(stats, null, 2);
+    this.statsChanged.fire(STATS_URI);
+    const document = await vscode.workspace.openTextDocument(STATS_URI);
+    await vscode.window.showTextDocument(await vscode.languages.setTextDocumentLanguage(document, 'json'), { preview: true });
   }
 
   private async menu(): Promise<void> {

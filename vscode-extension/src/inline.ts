@@ -63,6 +63,15 @@ export function claimItem(item: ItemLike): Suggestion | undefined {
   return { id, text: insertTextOf(item) };
 }
 
+/**
+ * The part of an item's text that goes after the cursor, given `typed`, the document's text
+ * from the start of the item's range to the cursor (an item that extends the dropdown's
+ * selected item starts at the word before the cursor and repeats it).
+ */
+export function textAfterCursor(text: string, typed: string): string {
+  return text.startsWith(typed) ? text.slice(typed.length) : text;
+}
+
 /** The id argument of INLINE_ACCEPT_COMMAND, checked (any extension can run a command). */
 export function acceptedId(args: readonly unknown[]): string | undefined {
   const first = args[0];

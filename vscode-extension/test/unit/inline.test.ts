@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { acceptedId, claimItem, inlineItems, insertTextOf, suggestionId, type ItemLike } from '../../src/inline';
+import { acceptedId, claimItem, inlineItems, insertTextOf, suggestionId, textAfterCursor, type ItemLike } from '../../src/inline';
 import { INLINE_ACCEPT_COMMAND, SERVER_ACCEPT_COMMAND } from '../../src/protocol';
 
 function served(id: string, text: string): ItemLike {
@@ -45,4 +45,10 @@ test('acceptedId checks what the command was called with', () => {
   assert.equal(acceptedId([]), undefined);
   assert.equal(acceptedId(['']), undefined);
   assert.equal(acceptedId([{ id: '1' }]), undefined);
+});
+
+test('textAfterCursor drops the typed word an item beside the dropdown repeats', () => {
+  assert.equal(textAfterCursor('read_lines(path)', 'read_'), 'lines(path)');
+  assert.equal(textAfterCursor('lines(path)', ''), 'lines(path)');
+  assert.equal(textAfterCursor('other', 'read_'), 'other');
 });

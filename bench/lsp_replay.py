@@ -1,0 +1,551 @@
+"""Realedits typed into `editkv lsp` as an editor types them: latency, work and suggestion quality per setting.
+
+Data flow:
+  records ── select_cases: tokens of `before` (the model's tokenizer) -> file-size bucket; line of
+             the first edit typed -> position third; a subset spread over both ──> Case
+  Case ──── replay.editor_session (an editor with auto-indent) ──> keystrokes + LineProbes
+  per pace, per record, per method (one `editkv lsp` process per method, its settings sent as
+  initializationOptions; the method order rotates record by record, so machine noise falls on all):
+      didOpen `before`, one untimed request (the file read once, as idle work would have by the
+      time the user starts typing), then replay.type_session: per keystroke a didChange, an
+      automatic inlineCompletion (triggerKind 2) and `$/cancelRequest` for one still open;
+      `editkv/stats` right after each keystroke reads the server's running count of tokens it
+      ran through the model (requests, plus idle refresh): differences -> tokens per keystroke
+  ──> KeyRow per keystroke, LineRow per scored line ── summarize: per pace, method and group
+  (all, file-size bucket, edit position), ratios against `full` from the same run ──> tables, JSON.
+
+Paces: "service" sends each keystroke once the last one is answered (service time); "human"
+types one every --interval-ms and pauses --hunk-pause-ms before each later hunk, so the
+server's debounce, dropping and idle refresh do their work as in an editor.
+
+Reported per pace, method and group: keystrokes; answered (a suggestion, or an empty answer),
+dropped (the server answered null: a newer keystroke superseded the request), cancelled
+(RequestCancelled after our $/cancelRequest), late (answered after the next keystroke was
+sent: the editor had moved on and showed nothing); latency from keystroke sent to answer,
+answered requests only; tokens per keystroke: what the server ran through the model between
+this keystroke's and the next one's (the last one's: until the server is idle again), i.e.
+prefill, repair, refreshes, idle refresh and the view's own tokens, not generated tokens; from
+`editkv/stats` (backend.encoded_tokens + backend.idle_refreshed_tokens, counted when a request
+ends, so a group's mean is exact and a single keystroke's value may include work the one
+before it started); "vs full": full's value / this method's, same pace and group.
+
+Quality: at each LineProbe (the cursor at the end of a typed line's indentation, see
+replay.editor_session) the ghost text the editor would show, i.e. the first line of the answer
+to that keystroke's request if it came before the next keystroke (else nothing), against the
+rest of the line the user then typed: exact match, edit similarity (1 - Levenshtein / longer
+length, characters) and characters saved (the longest prefix of the typed text the suggestion
+gets right: what accepting it up to its first wrong character saves). Blank and comment-only
+lines are not scored.
+
+Default subset (--order spread): records round-robin over the size buckets (< 4k, 4k-16k,
+> 16k tokens; dev.jsonl.gz has 234 / 363 / 3 records in them). The k-th record of bucket b
+(b = 0, 1, 2) is wanted at position (top, middle, bottom third)[(k + b) % 3], so 9 records
+spread over every bucket x position; it is the bucket's first record, in sha256(id) order
+(mixes the repositories), at that position with a line to score within --max-keys
+keystrokes, else the first with such a line elsewhere, else its first at that position.
+--order file takes records in file order.
+
+    python bench/lsp_replay.py --limit 6 --max-keys 40 --pace human --methods full,default --timeout 60
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common import edit_similarity, exact_match, load_records, machine, parser, table, write_json
+from editkv.lsp_server.lsp_client import LspClient, LspError, server_command, server_env
+from editkv.lsp_server.replay import KeyRecord, Session, editor_session, type_session
+from editkv.lsp_server.stats import percentile
+
+METHODS: dict[str, dict] = {
+    "default": {},  # the server's defaults, whatever they are
+    "full": {"cacheMode": "recompute"},  # the document's KV dropped before every request: the baseline
+    "prefix_reuse": {"cacheMode": "prefix_reuse"},  # re-encode from the first changed token (llama.cpp, vLLM)
+    "pie": {"cacheMode": "pie"},  # PIE repair, pinned even if the default changes
+}
+BASELINE = "full"
+BUCKETS = (("<4k", 4096), ("4-16k", 16384), (">16k", None))  # tokens of `before`, upper bounds exclusive
+POSITIONS = ("top", "middle", "bottom")
+PACES = ("service", "human")
+ANSWERED = ("shown", "empty")
+WARM_URI = "file:///lsp_replay/warm_up.py"
+WARM_TEXT = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
+
+
+class BenchError(Exception):
+    """Something the user has to fix (a model that does not load, a bad setting)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A name for a set of server settings (initializationOptions)."""
+
+    name: str
+    settings: dict
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast keystrokes come: interval 0 = each after the last answer."""
+
+    name: str
+    interval_ms: float
+    hunk_pause_ms: float
+
+
+@dataclass
+class Case:
+    """One record ready to replay."""
+
+    record_id: str
+    session: Session
+    tokens: int
+    bucket: str
+    position: str
+
+
+@dataclass
+class KeyRow:
+    """One keystroke of one replay."""
+
+    pace: str
+    method: str
+    record: str
+    bucket: str
+    position: str
+    index: int
+    label: str
+    outcome: str  # replay.KeyRecord outcomes: shown, empty, dropped, cancelled, error, pending
+    latency_ms: float | None
+    late: bool  # answered after the next keystroke was sent: the editor had moved on
+    timed_out: bool
+    encoded_tokens: int | None  # tokens the server encoded from this keystroke to the next
+
+
+@dataclass
+class LineRow:
+    """One scored line of one replay."""
+
+    pace: str
+    method: str
+    record: str
+    bucket: str
+    position: str
+    key: int
+    expected: str
+    suggestion: str  # the first line of what was shown ("" when nothing was)
+    shown: bool
+    em: float
+    es: float
+    saved: int
+
+
+@dataclass(frozen=True)
+class LineScore:
+    """A suggestion's first line against the rest of the line the user typed."""
+
+    em: float
+    es: float
+    saved: int
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+
+
+def chars_saved(suggestion: str, typed: str) -> int:
+    """Characters of `typed` that accepting `suggestion` up to its first wrong character gives."""
+    n = 0
+    for a, b in zip(suggestion, typed, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def score_line(suggestion: str, typed: str) -> LineScore:
+    """EM, ES and characters saved of a suggestion's first line for the typed rest of a line."""
+    first = suggestion.replace("\r\n", "\n").replace("\r", "\n").split("\n", 1)[0]
+    typed = typed.rstrip()
+    return LineScore(exact_match(first, typed), edit_similarity(first, typed), chars_saved(first.rstrip(), typed))
+
+
+# ---- which records ------------------------------------------------------------------------------
+
+
+def bucket_of(tokens: int) -> str:
+    for name, bound in BUCKETS:
+        if bound is None or tokens < bound:
+            return name
+    raise AssertionError("the last bucket has no bound")
+
+
+def position_of(record: dict) -> str:
+    """Third of `before` (by line) where the first edit typed starts (edits go bottom to top)."""
+    lines = max(1, record["before"].count("\n") + 1)
+    line = record["edits"][0]["range"]["start"]["line"]
+    return POSITIONS[min(2, 3 * line // lines)]
+
+
+def select_cases(records: list[dict], tokens: list[int], limit: int | None, order: str = "spread",
+                 useful: Callable[[int], bool] = lambda i: True) -> list[int]:
+    """Indices of the records to replay (see the module docstring for the rule); `useful(i)`: record i
+    has a line to score (asked lazily, in preference order)."""
+    if order == "file":
+        return list(range(len(records)))[:limit]
+    key = {i: hashlib.sha256(r["id"].encode()).hexdigest() for i, r in enumerate(records)}
+    left = {name: sorted((i for i in range(len(records)) if bucket_of(tokens[i]) == name), key=key.get)
+            for name, _ in BUCKETS}
+    taken: dict[str, int] = {name: 0 for name, _ in BUCKETS}
+    out: list[int] = []
+    want = len(records) if limit is None else min(limit, len(records))
+    while len(out) < want:
+        for b, (name, _) in enumerate(BUCKETS):
+            if not left[name] or len(out) >= want:
+                continue
+            position = POSITIONS[(taken[name] + b) % 3]
+            ranked = sorted(left[name], key=lambda i, p=position: position_of(records[i]) != p)  # stable
+            pick = next((i for i in ranked if useful(i)), ranked[0])
+            left[name].remove(pick)
+            taken[name] += 1
+            out.append(pick)
+    return out
+
+
+def token_counter(model: str | None) -> Callable[[list[str]], list[int]]:
+    """Token counts of texts with `model`'s tokenizer (the embedded model's when None)."""
+    from editkv.engine.loading import DEFAULT_MODEL_DIR
+
+    path = Path(model) if model else DEFAULT_MODEL_DIR
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        from editkv.engine.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        return lambda texts: [len(ids) for ids in tok.encode_batch(texts)]
+    from transformers import AutoTokenizer  # a .gguf file or a hub id
+
+    hf = (AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if path.suffix == ".gguf"
+          else AutoTokenizer.from_pretrained(str(model)))
+    return lambda texts: [len(ids) for ids in hf(texts, add_special_tokens=False)["input_ids"]]
+
+
+def build_cases(records: list[dict], count: Callable[[list[str]], list[int]], limit: int | None,
+                order: str, max_keys: int | None) -> list[Case]:
+    tokens = count([r["before"] for r in records])
+    sessions: dict[int, Session] = {}
+
+    def session(i: int) -> Session:
+        if i not in sessions:
+            sessions[i] = editor_session(records[i])
+        return sessions[i]
+
+    def useful(i: int) -> bool:
+        return any(max_keys is None or p.key < max_keys for p in session(i).probes)
+
+    return [Case(records[i]["id"], session(i), tokens[i], bucket_of(tokens[i]), position_of(records[i]))
+            for i in select_cases(records, tokens, limit, order, useful)]
+
+
+# ---- the servers --------------------------------------------------------------------------------
+
+
+async def start_server(args, method: Method, cache_home: str) -> LspClient:
+    """`editkv lsp` with `method`'s settings, model loaded and warmed up; BenchError on bad settings."""
+    flags = ["--device", args.device] + (["--model", args.model] if args.model else [])
+    flags += (["--dtype", args.dtype] if args.dtype else []) + (["--fake"] if args.fake else [])
+    env = server_env()
+    env["XDG_CACHE_HOME"] = cache_home  # statsFile keeps its default without writing to the user's cache
+    client = await LspClient.start(server_command(*flags), env=env)
+    await client.initialize(options=method.settings or None)
+    try:
+        await client.wait_ready()
+    except LspError as err:
+        await client.close()
+        raise BenchError(f"the server could not load the model: {err.message}") from None
+    problems = [m["message"] for m in client.messages() if "editkv." in m.get("message", "")]
+    if problems:
+        await client.close()
+        raise BenchError(f"method {method.name} {json.dumps(method.settings)}: {problems[0]}")
+    await settle(client)
+    return client
+
+
+async def start_servers(args, methods: list[Method], cache_home: str) -> dict[str, LspClient]:
+    """One server per method, started side by side (loading overlaps); all or none."""
+    for method in methods:
+        print(f"starting editkv lsp for {method.name} {json.dumps(method.settings)} ...", file=sys.stderr)
+    started = await asyncio.gather(*(start_server(args, m, cache_home) for m in methods), return_exceptions=True)
+    failed = [s for s in started if isinstance(s, BaseException)]
+    if failed:
+        for client in started:
+            if isinstance(client, LspClient):
+                await client.close()
+        raise failed[0]
+    return {m.name: c for m, c in zip(methods, started, strict=True)}
+
+
+async def settle(client: LspClient, timeout_s: float = 600.0) -> None:
+    """One request on a small throwaway document: first-call costs land here, and it queues behind
+    whatever the engine worker still does (cancelled requests finish their repair first), so the
+    next replay, on this server or another, starts on an idle one."""
+    client.notify("textDocument/didOpen", {"textDocument": {"uri": WARM_URI, "languageId": "python", "version": 0,
+                                                            "text": WARM_TEXT}})
+    await client.request("textDocument/inlineCompletion", {"textDocument": {"uri": WARM_URI},
+                         "position": {"line": 4, "character": 0}, "context": {"triggerKind": 2}}, timeout=timeout_s)
+    client.notify("textDocument/didClose", {"textDocument": {"uri": WARM_URI}})
+
+
+def _encoded_so_far(stats: dict) -> int | None:
+    backend = stats["backend"]
+    if backend.get("encoded_tokens") is None:  # the fake backend encodes nothing
+        return None
+    return backend["encoded_tokens"] + backend.get("idle_refreshed_tokens", 0)
+
+
+async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace, args) -> tuple[list[KeyRow],
+                                                                                               list[LineRow]]:
+    """Type one record into one server at one pace; its keystroke and line rows."""
+    polls: list[asyncio.Future] = []
+    records = await type_session(
+        client, case.session, interval_s=pace.interval_ms / 1000, max_keys=args.max_keys, timeout_s=args.timeout,
+        hunk_pause_s=pace.hunk_pause_ms / 1000, prime_timeout_s=max(args.timeout, 600.0),
+        on_key=lambda i: polls.append(client.send_request("editkv/stats")[1]))
+    # work still running for this record (a repair is not interrupted) ends before settle's request
+    # runs; settle's own tokens (the last request the server served) are not this record's
+    await settle(client)
+    final = await client.request("editkv/stats", timeout=args.timeout)
+    end = _encoded_so_far(final)
+    if end is not None:
+        end -= (final["backend"]["last_request"] or {}).get("encoded_tokens", 0)
+    counts = [_encoded_so_far(s) for s in await asyncio.gather(*polls)] + [end]
+    where = (pace.name, method.name, case.record_id, case.bucket, case.position)
+    keys = []
+    for i, r in enumerate(records):
+        late = r.outcome in ANSWERED and _late(records, i)
+        tokens = counts[i + 1] - counts[i] if counts[i] is not None and counts[i + 1] is not None else None
+        keys.append(KeyRow(*where, i, r.label, r.outcome, r.latency_ms, late, r.timed_out, tokens))
+    lines = []
+    for probe in case.session.probes:
+        if probe.key >= len(records):
+            continue
+        r = records[probe.key]
+        shown = r.outcome == "shown" and not keys[probe.key].late
+        suggestion = r.suggestions[0] if shown else ""
+        score = score_line(suggestion, probe.expected)
+        lines.append(LineRow(*where, probe.key, probe.expected, suggestion.split("\n", 1)[0], shown,
+                             score.em, score.es, score.saved))
+    return keys, lines
+
+
+def _late(records: list[KeyRecord], i: int) -> bool:
+    r = records[i]
+    if i + 1 >= len(records) or r.latency_ms is None or r.sent_at is None or records[i + 1].sent_at is None:
+        return False
+    return r.sent_at + r.latency_ms / 1000 > records[i + 1].sent_at
+
+
+# ---- summaries ----------------------------------------------------------------------------------
+
+
+def groups_of(row: KeyRow | LineRow) -> list[str]:
+    return ["all", f"size {row.bucket}", f"pos {row.position}"]
+
+
+def summarize(keys: list[KeyRow], lines: list[LineRow]) -> list[dict]:
+    """One summary per (pace, method, group); ratios against BASELINE in the same pace and group."""
+    cells: dict[tuple[str, str, str], tuple[list[KeyRow], list[LineRow]]] = {}
+    for row in keys:
+        for group in groups_of(row):
+            cells.setdefault((row.pace, row.method, group), ([], []))[0].append(row)
+    for row in lines:
+        for group in groups_of(row):
+            cells.setdefault((row.pace, row.method, group), ([], []))[1].append(row)
+    out = {cell: _summary(*cell, *rows) for cell, rows in cells.items()}
+    for (pace, _, group), s in out.items():
+        base = out.get((pace, BASELINE, group))
+        for name in ("p50_ms", "p95_ms", "p99_ms", "tokens_per_key"):  # > 1: this method needs less
+            s[f"{name}_vs_full"] = _ratio(base[name] if base else None, s[name])
+    return list(out.values())
+
+
+def _summary(pace: str, method: str, group: str, keys: list[KeyRow], lines: list[LineRow]) -> dict:
+    answered = [k.latency_ms for k in keys if k.outcome in ANSWERED and k.latency_ms is not None]
+    counts = {o: sum(k.outcome == o for k in keys) for o in ("shown", "empty", "dropped", "cancelled")}
+    tokens = [k.encoded_tokens for k in keys if k.encoded_tokens is not None]
+    typed = sum(len(r.expected) for r in lines)
+    return {
+        "pace": pace, "method": method, "group": group, "keystrokes": len(keys),
+        "answered": counts["shown"] + counts["empty"], **counts,
+        "other": len(keys) - sum(counts.values()),  # errors, or no answer at all
+        "late": sum(k.late for k in keys), "timed_out": sum(k.timed_out for k in keys),
+        "p50_ms": percentile(answered, 50), "p95_ms": percentile(answered, 95), "p99_ms": percentile(answered, 99),
+        "tokens_per_key": sum(tokens) / len(tokens) if tokens else None,
+        "lines": len(lines), "lines_shown": sum(r.shown for r in lines),
+        "em": _mean([r.em for r in lines]), "es": _mean([r.es for r in lines]),
+        "chars_saved": sum(r.saved for r in lines), "chars_typed": typed,
+        "saved_fraction": sum(r.saved for r in lines) / typed if typed else None,
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _ratio(base: float | None, ours: float | None) -> float | None:
+    return base / ours if base is not None and ours else None
+
+
+def print_tables(result: dict) -> None:
+    headers = ["group", "method", "keys", "answered", "dropped", "cancelled", "late", "p50 ms", "p95 ms", "p99 ms",
+               "p50 vs full", "p95 vs full", "tokens/key", "tokens vs full", "lines", "shown", "EM %", "ES %",
+               "saved %"]
+    order = {m: i for i, m in enumerate(result["methods"])}
+    group_order = ["all"] + [f"size {b}" for b, _ in BUCKETS] + [f"pos {p}" for p in POSITIONS]
+    for pace in result["paces"]:
+        rows = sorted((s for s in result["summary"] if s["pace"] == pace["name"]),
+                      key=lambda s: (group_order.index(s["group"]), order[s["method"]]))
+        table_rows = [[s["group"], s["method"], s["keystrokes"], s["answered"], s["dropped"], s["cancelled"],
+                       s["late"], _fmt(s["p50_ms"], 0), _fmt(s["p95_ms"], 0), _fmt(s["p99_ms"], 0),
+                       _x(s["p50_ms_vs_full"]), _x(s["p95_ms_vs_full"]), _fmt(s["tokens_per_key"], 1),
+                       _x(s["tokens_per_key_vs_full"]), s["lines"], s["lines_shown"], _pct(s["em"]), _pct(s["es"]),
+                       _pct(s["saved_fraction"])] for s in rows]
+        how = ("each keystroke after the last answer" if pace["interval_ms"] <= 0 else
+               f"one keystroke every {pace['interval_ms']:.0f} ms, {pace['hunk_pause_ms']:.0f} ms before each "
+               "later hunk")
+        title = (f"pace {pace['name']} ({how}): {result['records']} realedits records, at most {result['max_keys']} "
+                 f"keystrokes each, through `editkv lsp`\nmodel: {result['model']}; machine: {result['machine']}; "
+                 "'vs full' = full's value / this method's (> 1: less than full)")
+        print(table(headers, table_rows, title))
+    print("\nmethods: " + "; ".join(f"{m} = {json.dumps(s)}" for m, s in result["method_settings"].items()))
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def _args():
+    p = parser(__doc__.split("\n\n")[0])
+    p.set_defaults(limit=6)
+    p.add_argument("--methods", default="full,prefix_reuse,default",
+                   help=f"methods to compare (known: {', '.join(METHODS)}; more with --method-settings)")
+    p.add_argument("--method-settings", action="append", default=[], metavar="NAME=JSON",
+                   help="define (or override) a method's settings, e.g. nobudget='{\"staleBudget\": 0}'; "
+                        "it joins --methods if not listed")
+    p.add_argument("--settings", default=None, metavar="JSON",
+                   help="settings for every method, under each method's own, e.g. '{\"maxTokens\": 8}'")
+    p.add_argument("--max-file-chars", type=int, default=None, help="leave out records with larger files")
+    p.add_argument("--pace", choices=("service", "human", "both"), default="both")
+    p.add_argument("--interval-ms", type=float, default=100.0, help="human pace: between keystrokes (100)")
+    p.add_argument("--hunk-pause-ms", type=float, default=1500.0, help="human pace: before each later hunk (1500)")
+    p.add_argument("--max-keys", type=int, default=80, help="keystrokes per record at most (80)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for one answer at service pace, and for the open ones after a record (60)")
+    p.add_argument("--order", choices=("spread", "file"), default="spread",
+                   help="spread: records spread over file sizes and edit positions; file: file order")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--fake", action="store_true", help="smoke test: the server's fake engine, no model")
+    return p.parse_args()
+
+
+def parse_methods(names: str, overrides: Iterable[str], common: str | None = None) -> list[Method]:
+    """--methods, --method-settings and --settings (under every method's own) as Methods, in order."""
+    settings = {name: dict(value) for name, value in METHODS.items()}
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        try:
+            value = json.loads(raw) if sep else None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--method-settings {item!r}: not JSON ({err})") from None
+        if not name or not isinstance(value, dict):
+            raise ValueError(f"--method-settings {item!r}: expected NAME='{{\"setting\": value}}'")
+        settings[name] = {**settings.get(name, {}), **value}
+        if name not in chosen:
+            chosen.append(name)
+    unknown = [n for n in chosen if n not in settings]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}: known {sorted(settings)}; define one with --method-settings")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"--methods lists a method twice: {chosen}")
+    try:
+        shared = json.loads(common) if common else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--settings {common!r}: not JSON ({err})") from None
+    if not isinstance(shared, dict):
+        raise ValueError(f"--settings {common!r}: expected a JSON object of settings")
+    return [Method(n, {**shared, **settings[n]}) for n in chosen]
+
+
+async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case]) -> dict:
+    clients: dict[str, LspClient] = {}
+    keys: list[KeyRow] = []
+    lines: list[LineRow] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lsp_replay_") as cache_home:
+        try:
+            clients = await start_servers(args, methods, cache_home)
+            description = (await clients[methods[0].name].request("editkv/stats"))["backend"]["description"]
+            for pace in paces:
+                for i, case in enumerate(cases):
+                    for method in methods[i % len(methods):] + methods[: i % len(methods)]:
+                        k, ln = await replay_case(clients[method.name], method, case, pace, args)
+                        keys += k
+                        lines += ln
+                        answered = sum(r.outcome in ANSWERED for r in k)
+                        print(f"  {pace.name} {i + 1}/{len(cases)} {method.name:<14} {case.record_id} "
+                              f"({case.tokens} tokens, {case.position}): {len(k)} keys, {answered} answered, "
+                              f"{len(ln)} lines; {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        finally:
+            for client in clients.values():
+                await client.close()
+    return {
+        "model": description, "machine": machine(args.device), "records": len(cases), "max_keys": args.max_keys,
+        "methods": [m.name for m in methods], "method_settings": {m.name: m.settings for m in methods},
+        "paces": [asdict(p) for p in paces],
+        "cases": [{"id": c.record_id, "tokens": c.tokens, "bucket": c.bucket, "position": c.position,
+                   "keys": len(c.session.keys), "probes": len(c.session.probes)} for c in cases],
+        "summary": summarize(keys, lines), "keys": [asdict(k) for k in keys], "lines": [asdict(r) for r in lines],
+    }
+
+
+def main() -> None:
+    args = _args()
+    if not args.data.exists():
+        sys.exit(f"lsp_replay: no data at {args.data}; pass --data PATH (a realedits .jsonl.gz)")
+    try:
+        methods = parse_methods(args.methods, args.method_settings, args.settings)
+    except ValueError as err:
+        sys.exit(f"lsp_replay: {err}")
+    paces = [Pace(name, args.interval_ms if name == "human" else 0.0, args.hunk_pause_ms if name == "human" else 0.0)
+             for name in PACES if args.pace in (name, "both")]
+    records = load_records(args.data, args.limit if args.order == "file" else None, args.max_file_chars)
+    cases = build_cases(records, token_counter(None if args.fake else args.model), args.limit, args.order,
+                        args.max_keys)
+    try:
+        result = asyncio.run(run(args, methods, paces, cases))
+    except BenchError as err:
+        sys.exit(f"lsp_replay: {err}")
+    print_tables(result)
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

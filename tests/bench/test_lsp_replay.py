@@ -1,0 +1,178 @@
+"""bench/lsp_replay.py: its scoring, record selection and method parsing, and smoke runs over a real
+`editkv lsp` (the fake engine, and a tiny model); counts must add up, timings are never asserted."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))
+
+from editkv.lsp_server.replay import editor_session  # noqa: E402
+from lsp_replay import (  # noqa: E402
+    KeyRow,
+    LineRow,
+    bucket_of,
+    chars_saved,
+    parse_methods,
+    position_of,
+    score_line,
+    select_cases,
+    summarize,
+)
+
+BEFORE = "import os\n\n\ndef main():\n    print(os.getcwd())\n    return 0\n"
+
+
+def _edit(line, col, text):
+    return {"range": {"start": {"line": line, "character": col}, "end": {"line": line, "character": col}},
+            "text": text}
+
+
+# bottom to top, insertions only (the document only grows): two hunks, 86 keystrokes, four scored lines
+RECORD = {"id": "example/repo@abc1234:tool.py", "repo": "example/repo", "path": "tool.py", "before": BEFORE,
+          "edits": [_edit(5, 0, "    for name in os.listdir():\n        print(name)\n\n    # done\n"),
+                    _edit(3, 0, "def helper(x):\n    return x * 2\n\n\n")]}
+
+
+def test_chars_saved_is_the_longest_right_prefix():
+    assert chars_saved("return x + 1", "return x * 2") == len("return x ")
+    assert chars_saved("", "return") == 0
+    assert chars_saved("return x", "return x * 2") == len("return x")  # a right but short suggestion
+    assert chars_saved("foo", "bar") == 0
+
+
+def test_score_line_takes_the_suggestion_first_line_against_the_typed_rest():
+    s = score_line("return x * 2\n    y = 3", "return x * 2  ")
+    assert (s.em, s.es, s.saved) == (1.0, 1.0, len("return x * 2"))
+    s = score_line("return x + 2", "return x * 2")
+    assert s.em == 0.0 and s.es == pytest.approx(1 - 1 / 12) and s.saved == len("return x ")
+    s = score_line("", "pass")
+    assert (s.em, s.es, s.saved) == (0.0, 0.0, 0)
+
+
+def test_buckets_and_positions():
+    assert [bucket_of(n) for n in (0, 4095, 4096, 16383, 16384, 10**6)] == ["<4k", "<4k", "4-16k", "4-16k",
+                                                                           ">16k", ">16k"]
+    text = "x = 1\n" * 30  # 31 LSP lines
+    assert [position_of({"before": text, "edits": [_edit(line, 0, "")]}) for line in (0, 10, 11, 29)] == [
+        "top", "top", "middle", "bottom"]
+
+
+def test_selection_spreads_over_buckets_and_positions():
+    records, tokens = [], []
+    for bucket_tokens in (100, 5000, 20000):
+        for line in (0, 15, 29):  # top, middle, bottom of 30 lines
+            for k in range(2):
+                typed = "y = 2\nz = 3\n" if k else "y = 2"  # adds lines, or a word
+                records.append({"id": f"r{bucket_tokens}-{line}-{k}", "before": "x = 1\n" * 30,
+                                "edits": [_edit(line, 0, typed)]})
+                tokens.append(bucket_tokens)
+    picked = select_cases(records, tokens, 9, useful=lambda i: "\n" in records[i]["edits"][0]["text"])
+    cells = {(bucket_of(tokens[i]), position_of(records[i])) for i in picked}
+    assert len(picked) == 9 == len(cells)  # every bucket x position once
+    assert all("\n" in records[i]["edits"][0]["text"] for i in picked)  # the ones with lines to score
+    assert len(select_cases(records, tokens, 18)) == 18
+    first = [bucket_of(tokens[i]) for i in select_cases(records, tokens, 3)]
+    assert first == ["<4k", "4-16k", ">16k"]
+    assert select_cases(records, tokens, 4, order="file") == [0, 1, 2, 3]
+    assert sorted(select_cases(records, tokens, None)) == list(range(len(records)))
+
+
+def test_methods_from_the_command_line():
+    methods = parse_methods("full,default", ['nobudget={"staleBudget": 0}', 'full={"maxTokens": 8}'])
+    assert [(m.name, m.settings) for m in methods] == [
+        ("full", {"cacheMode": "recompute", "maxTokens": 8}), ("default", {}), ("nobudget", {"staleBudget": 0})]
+    methods = parse_methods("full,default", [], '{"maxTokens": 8, "cacheMode": "pie"}')
+    assert [m.settings for m in methods] == [{"maxTokens": 8, "cacheMode": "recompute"},
+                                            {"maxTokens": 8, "cacheMode": "pie"}]
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("full,fast", [])
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_methods("full", ["x={staleBudget: 0}"])
+    with pytest.raises(ValueError, match="expected NAME"):
+        parse_methods("full", ["x=[1]"])
+
+
+def test_summaries_count_and_compare_with_full():
+    def key(method, outcome, latency, tokens):
+        return KeyRow("service", method, "r", "<4k", "top", 0, "a", outcome, latency, False, False, tokens)
+
+    keys = [key("full", "shown", 100.0, 1000), key("full", "dropped", 50.0, 1000),
+            key("pie", "shown", 10.0, 10), key("pie", "cancelled", None, 30)]
+    lines = [LineRow("service", "pie", "r", "<4k", "top", 0, "abcd", "abxx", True, 0.0, 0.5, 2)]
+    by = {(s["method"], s["group"]): s for s in summarize(keys, lines)}
+    pie = by["pie", "all"]
+    assert (pie["keystrokes"], pie["answered"], pie["dropped"], pie["cancelled"], pie["other"]) == (2, 1, 0, 1, 0)
+    assert pie["p50_ms"] == 10.0 and pie["p50_ms_vs_full"] == 10.0  # only answered requests' latencies
+    assert pie["tokens_per_key"] == 20 and pie["tokens_per_key_vs_full"] == 50.0
+    assert pie["lines"] == 1 and pie["es"] == 0.5 and pie["saved_fraction"] == 0.5
+    assert by["full", "all"]["lines"] == 0 and by["full", "all"]["em"] is None
+    assert set(g for _, g in by) == {"all", "size <4k", "pos top"}
+
+
+@pytest.fixture()
+def data(tmp_path):
+    path = tmp_path / "edits.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(RECORD) + "\n")
+    return path
+
+
+def _bench(*args, timeout=240):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "lsp_replay.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_smoke_on_the_fake_engine(data, tmp_path):
+    out = tmp_path / "replay.json"
+    proc = _bench("--fake", "--data", str(data), "--max-keys", "90", "--interval-ms", "5", "--hunk-pause-ms", "20",
+                  "--methods", "full,default", "--method-settings", 'nobudget={"staleBudget": 0}',
+                  "--json", str(out))
+    assert "pace service" in proc.stdout and "pace human" in proc.stdout and "p99 ms" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["methods"] == ["full", "default", "nobudget"]
+    assert result["method_settings"]["nobudget"] == {"staleBudget": 0}
+    session = editor_session(RECORD)
+    played = min(90, len(session.keys))
+    probes = [p for p in session.probes if p.key < played]
+    assert played == 86 and len(probes) == 4 and result["cases"][0]["keys"] == len(session.keys)
+    summary = {(s["pace"], s["method"], s["group"]): s for s in result["summary"]}
+    for pace in ("service", "human"):
+        for method in result["methods"]:
+            s = summary[pace, method, "all"]
+            assert s["keystrokes"] == played
+            assert s["answered"] + s["dropped"] + s["cancelled"] == s["keystrokes"] and s["other"] == 0
+            assert s["lines"] == len(probes) and s["tokens_per_key"] is None  # the fake engine encodes nothing
+            rows = [r for r in result["lines"] if r["pace"] == pace and r["method"] == method]
+            assert sorted(r["expected"] for r in rows) == sorted(p.expected for p in probes)
+            assert summary[pace, method, "size <4k"]["keystrokes"] == played
+    for method in result["methods"]:  # at service pace every answer comes before the next key: all shown
+        s = summary["service", method, "all"]
+        assert s["answered"] == s["keystrokes"] and s["lines_shown"] == s["lines"] and s["late"] == 0
+    assert summary["service", "full", "all"]["p50_ms_vs_full"] == 1.0
+
+
+def test_smoke_on_a_tiny_model_counts_the_tokens_each_method_encodes(data, tmp_path):
+    from helpers import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "tiny", "llama")
+    out = tmp_path / "replay.json"
+    _bench("--model", str(model), "--data", str(data), "--max-keys", "8", "--pace", "service",
+           "--methods", "full,default", "--json", str(out))
+    result = json.loads(out.read_text())
+    file_tokens = result["cases"][0]["tokens"]
+    full = [k for k in result["keys"] if k["method"] == "full"]
+    assert len(full) == 8 and all(k["outcome"] in ("shown", "empty") for k in full)
+    # the whole (growing) file every keystroke, plus the view's own tokens; not a running total
+    assert all(file_tokens <= k["encoded_tokens"] <= 2 * file_tokens for k in full)
+    summary = {(s["method"], s["group"]): s for s in result["summary"]}
+    assert 0 < summary["default", "all"]["tokens_per_key"] < summary["full", "all"]["tokens_per_key"] / 2
+    assert summary["default", "all"]["tokens_per_key_vs_full"] > 2
