@@ -6,9 +6,11 @@ intact (text, tokens, KV against a fresh prefill).
 
 EDITKV_GRAPHS=static runs the CUDA-graph path's static forward on the CPU, so the replay and
 capture sites are reached here; `editkv/debugFaults` installs each fault just before its step.
+On a GPU machine, EDITKV_FAULTS_DEVICE=cuda runs the same steps with real CUDA graphs.
 """
 
 import asyncio
+import os
 
 import pytest
 import pytest_asyncio
@@ -21,8 +23,11 @@ TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(sel
 
 @pytest_asyncio.fixture
 async def client(tiny_model):
-    env = {**SERVER_ENV, "EDITKV_FAULTS": "none", "EDITKV_GRAPHS": "static"}
-    client = await LspClient.start(lsp_command("--device", "cpu"), env=env)
+    device = os.environ.get("EDITKV_FAULTS_DEVICE", "cpu")
+    env = {**SERVER_ENV, "EDITKV_FAULTS": "none", "OMP_NUM_THREADS": "1"}
+    if device == "cpu":
+        env["EDITKV_GRAPHS"] = "static"
+    client = await LspClient.start(lsp_command("--device", device), env=env)
     await client.initialize(options={"model": str(tiny_model), "statsFile": False, "debounceMs": 0,
                                      "maxTokens": 2, "idleRefreshMs": 0, "speculation": False})
     await client.wait_ready(120)
