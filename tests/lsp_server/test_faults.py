@@ -28,7 +28,7 @@ async def client(tiny_model):
     if device == "cpu":
         env["EDITKV_GRAPHS"] = "static"
     client = await LspClient.start(lsp_command("--device", device), env=env)
-    await client.initialize(options={"model": str(tiny_model), "statsFile": False, "debounceMs": 0,
+    await client.initialize(options={"model": str(tiny_model), "dtype": "float32", "statsFile": False, "debounceMs": 0,
                                      "maxTokens": 2, "idleRefreshMs": 0, "speculation": False})
     await client.wait_ready(120)
     yield client
