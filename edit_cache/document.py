@@ -425,6 +425,9 @@ class Document:
         self.stale[first:last] = bool(self.stale[:first].any())
         if len(self.redone) == len(self.stale):
             self.redone[first:last] = True
+        if grow and len(self.slot_positions) < self.h + last:  # ("conflict" mode's table covers new tokens too)
+            self.slot_positions = np.concatenate([self.slot_positions,
+                                                  np.arange(len(self.slot_positions), self.h + last, dtype=np.int64)])
         if not grow:
             self.stats.refreshes += 1
         self.stats.tokens_encoded += last - first

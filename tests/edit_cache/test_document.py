@@ -533,3 +533,19 @@ def test_new_tokens_after_stale_ones_are_stale_until_refreshed(template):
     while doc.refresh():
         pass
     assert _exact_error(doc) < 1e-4
+
+
+def test_conflict_mode_encodes_text_added_after_a_stopped_encoding(template):
+    """Found by tests/fuzz: in "conflict" mode the table of slot positions was sized when the
+    cache was allocated, so tokens encoded later (the rest of a text that grew meanwhile) fell
+    outside it and the next repair failed."""
+    doc = _doc(template, text=BASE * 2, mode="conflict")
+    calls = []
+    assert not doc.ensure_ready(should_stop=lambda: len(calls) > 1 or calls.append(1))  # stopped part way
+    end = to_position(doc.text, len(doc.text))
+    doc.apply_change(Range(end, end), "y = 1\n" * 10)
+    doc.extend(10_000)
+    assert doc.num_unencoded == 0
+    doc.apply_change(Range(to_position(doc.text, 0), to_position(doc.text, 0)), "z")
+    doc.ensure_ready()
+    assert len(doc.positions()) == doc.h + len(doc.ids) and _layer0_error(doc) > 0  # stale positions, by design
