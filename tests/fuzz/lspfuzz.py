@@ -245,7 +245,7 @@ class Session:
         return self.run(race())
 
     def close(self) -> int | None:
-        code = self.run(self.client.close())
+        code = self.run(self.client.close(timeout=60))  # (a loaded 2-core machine tears torch down slowly)
         self.loop.close()
         return code
 
