@@ -9,7 +9,8 @@ over their bound), and the server's memory is sampled: after warm-up it must sta
 The default run is short; `-m fuzz_long` runs the long one: EDITKV_SOAK_DOCS (200),
 EDITKV_SOAK_OPS (6000), EDITKV_SOAK_DEVICE (cpu; "cuda" on a GPU machine: graphs on, and the
 device memory is checked too), EDITKV_SOAK_GRAPHS ("static" exercises the graph bound on the
-CPU; slow there, as Triton's interpreter runs the kernels), EDITKV_SOAK_REPORT (a JSON summary).
+CPU; slow there, as Triton's interpreter runs the kernels), EDITKV_SOAK_SETTINGS (JSON settings
+on top of the soak's), EDITKV_SOAK_REPORT (a JSON summary).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def soak(checkpoint, *, docs: int, ops: int, device: str = "cpu", graphs: str | 
     """Run the replay; returns what it measured (raises Divergence on a broken bound)."""
     env = {"EDITKV_GRAPHS": graphs} if graphs else {}
     session = Session("--device", device, env=env, options={
-        "model": str(checkpoint), "kvBudgetMb": BUDGET_MB, "maxTokens": 4, "idleRefreshMs": 20, "numDrafts": 2})
+        "model": str(checkpoint), "kvBudgetMb": BUDGET_MB, "maxTokens": 4, "idleRefreshMs": 20, "numDrafts": 2,
+        **json.loads(os.environ.get("EDITKV_SOAK_SETTINGS", "{}"))})
     rng = random.Random(seed)
     budget = BUDGET_MB * 2**20
     texts: dict[str, str] = {}
