@@ -120,6 +120,7 @@ def soak(checkpoint, *, docs: int, ops: int, device: str = "cpu", graphs: str | 
         "peak_graphs": peak_graphs if max_graphs else None, "max_graphs": max_graphs or None,
         "rss_mb_first": rss[0][1], "rss_mb_after_warmup": warm[0], "rss_mb_end": warm[-1],
         "rss_mb_max_after_warmup": max(warm),
+        "rss_mb_series": [(op, round(m, 1)) for op, m in rss[:: max(1, len(rss) // 40)]],
         "device_mb_after_warmup": next((m / 2**20 for op, m in device_mem if op >= ops // 3), None),
         "device_mb_max_after_warmup": max((m / 2**20 for op, m in device_mem if op >= ops // 3), default=None),
     }
