@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from editkv.edit_cache.positions import Range, apply_change
 from editkv.edit_cache.tokens import TokenEdit, TokenizedText
+from editkv.engine import faults
 from editkv.engine.generate import prefill
 from editkv.engine.model import KVCache, Span, Transformer
 from editkv.engine.tokenizer import Tokenizer
@@ -145,6 +146,9 @@ class Document:
         self.gap = 0  # free slots between them
         self.slot_positions = np.zeros(0, dtype=np.int64)  # "conflict" mode: the position each slot acts at
         self.stale = np.zeros(0, dtype=bool)
+        # re-encoded since the last repair (views' near-cursor refresh: done once, even while the
+        # tokens stay stale because stale ones come before them)
+        self.redone = np.zeros(0, dtype=bool)
         self.stats = RepairStats()
         self.pending_edits = 0
         self.version = 0
@@ -207,8 +211,10 @@ class Document:
         """Keep `stale` one flag per token; flags are recomputed from the runs at the next repair."""
         if len(self.stale) != n_before:
             return
-        self.stale = np.concatenate([self.stale[: edit.start], np.zeros(len(edit.new_ids), dtype=bool),
-                                     self.stale[edit.end :]])
+        new = np.zeros(len(edit.new_ids), dtype=bool)
+        self.stale = np.concatenate([self.stale[: edit.start], new, self.stale[edit.end :]])
+        if len(self.redone) == n_before:
+            self.redone = np.concatenate([self.redone[: edit.start], new, self.redone[edit.end :]])
 
     def _record(self, edit: TokenEdit) -> None:
         if edit.start >= self.frontier:  # past the keys: nothing of the cache changes
@@ -309,6 +315,7 @@ class Document:
         self.frontier = self.gap_at = self.gap = 0
         self.pending_edits = 0
         self.stale = np.zeros(len(self.ids), dtype=bool)
+        self.redone = np.zeros(len(self.ids), dtype=bool)
 
     @property
     def context_size(self) -> int:
@@ -369,6 +376,7 @@ class Document:
         self.runs, self.frontier, self.gap_at = [], 0, 0
         self.slot_positions = np.arange(self.h + n, dtype=np.int64)
         self.stale = np.zeros(n, dtype=bool)
+        self.redone = np.zeros(n, dtype=bool)
         self.pending_edits = 0
         self.stats.full_prefills += 1
 
@@ -413,7 +421,14 @@ class Document:
             self.cache.ensure_capacity(self.end_slot + 1)
             prefill(self.model, ids[a:b], self.cache, start=at, first_position=at, context=context,
                     chunk=self.options.prefill_chunk, logits="none", **self._window())
-        self.stale[first:last] = False
+        # exact only if everything before them is: a token encoded after a stale one attended
+        # to stale keys, so it is stale too (the stale tokens are always a suffix of the encoded ones)
+        self.stale[first:last] = bool(self.stale[:first].any())
+        if len(self.redone) == len(self.stale):
+            self.redone[first:last] = True
+        if grow and len(self.slot_positions) < self.h + last:  # ("conflict" mode's table covers new tokens too)
+            self.slot_positions = np.concatenate([self.slot_positions,
+                                                  np.arange(len(self.slot_positions), self.h + last, dtype=np.int64)])
         if not grow:
             self.stats.refreshes += 1
         self.stats.tokens_encoded += last - first
@@ -497,6 +512,8 @@ class Document:
             self._set_stale_from(pos, [])
             return
         self._gap_to(pos)  # old and new coordinates agree before the first change
+        first_change = pos
+        faults.hit("repair")  # (a fault injected here leaves the cache half repaired, as a real one would)
         offset = self.gap  # old token j >= pos sits in slot h + j + offset
         old_next = pos  # the first old token not yet kept or dropped
         fresh: list[tuple[int, int]] = []  # new tokens, [start, end) in new coordinates
@@ -530,7 +547,8 @@ class Document:
         else:
             self.gap_at = self.frontier = pos
             self.gap = h + old_next + offset - (h + pos)
-        first_change = fresh[0][0] if fresh else self.gap_at
+        # the first change is where the runs first differ from the old layout: a deletion there
+        # leaves no new tokens, but every cached token after it attended to the deleted ones
         self._set_stale_from(first_change, fresh)
         if self.gap > max(4 * GAP_SLOTS, (h + len(self.ids)) // 2):  # a large deletion: close most of it
             excess = self.gap - GAP_SLOTS
@@ -558,15 +576,22 @@ class Document:
         self._edit_marks.append(pos + len(ids))
 
     def _set_stale_from(self, first_change: int, fresh: list[tuple[int, int]]) -> None:
-        """Every cached token after the first change is stale (it never saw the change); new ones aren't."""
+        """Every cached token after the first change is stale (it never saw the change), and so
+        is every new one after a stale token (it attended to stale keys): the stale tokens are a
+        suffix of the encoded ones, which `refresh` re-encodes from its first token on."""
         n = len(self.ids)
         stale = np.zeros(n, dtype=bool)
-        old = self.stale if len(self.stale) == n else np.zeros(n, dtype=bool)
+        old = self.stale if len(self.stale) == n else np.ones(n, dtype=bool)  # unknown: stale, to be safe
         stale[:first_change] = old[:first_change]
         stale[first_change : self.frontier] = True
-        for a, b in fresh:
-            stale[a:b] = False
+        # new tokens are exact only when nothing before them is stale: the first change's, if any
+        if fresh and fresh[0][0] == first_change and not stale[:first_change].any():
+            stale[fresh[0][0] : fresh[0][1]] = False
         self.stale = stale
+        redone = np.zeros(n, dtype=bool)
+        if len(self.redone) == n:
+            redone[:first_change] = self.redone[:first_change]
+        self.redone = redone
 
     def _refresh_after_edits(self, encoded_before: int) -> None:
         """`refresh_window` tokens after each edit re-encoded with it (a benchmark option)."""
@@ -577,6 +602,7 @@ class Document:
     def _repair_in_place(self) -> None:
         """The baselines in a layout without a gap: "conflict" moves slots without re-rotating
         (the suffix keeps stale positions); "prefix_reuse" re-encodes from the first change."""
+        faults.hit("repair")
         mode = self.options.mode
         runs = list(self.runs)
         self._edit_marks = []
@@ -656,7 +682,9 @@ class Document:
         them); returns how many were encoded."""
         self.ensure_encoded_without_refresh()
         end = max(0, min(end, self.frontier))
-        stale = np.flatnonzero(self.stale[max(0, end - count) : end])
+        lo = max(0, end - count)
+        redone = self.redone[lo:end] if len(self.redone) == len(self.stale) else False
+        stale = np.flatnonzero(self.stale[lo:end] & ~redone)
         if not len(stale):
             return 0
         first = max(0, end - count) + int(stale[0])

@@ -4,10 +4,15 @@ The manager maps document ids (the server uses URIs) to `Document`s. When the KV
 all documents pass the budget, the least recently used documents drop their caches (text
 and tokens stay); a dropped document is rebuilt by chunked prefill the next time a view
 needs it. The document being served is never evicted to make room for itself.
+
+In idle time `verify_tokens` cross-checks the incremental tokenizer (edit_cache/tokens.py):
+each document changed since its last check is compared with a full tokenization of its text;
+a mismatch reopens it from its text (its KV is rebuilt) and is counted in `token_repairs`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -18,6 +23,8 @@ from editkv.engine.config import ModelConfig
 from editkv.engine.model import Transformer
 from editkv.engine.prompting import doc_start_ids
 from editkv.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class UnknownDocument(KeyError):
@@ -47,6 +54,8 @@ class DocumentCache:
         self.line_local = is_line_local(tokenizer)
         self.docs: OrderedDict[str, Document] = OrderedDict()
         self.evictions = 0
+        self.token_repairs = 0  # documents whose incremental tokens differed from a full tokenization
+        self._checked: dict[str, int] = {}  # document -> its version when its tokens were last verified
 
     def open(self, key: str, text: str) -> Document:
         """Open (or reopen, replacing) a document; its cache is built when first needed."""
@@ -54,6 +63,7 @@ class DocumentCache:
                        line_local=self.line_local)
         self.docs[key] = doc
         self.docs.move_to_end(key)
+        self._checked[key] = doc.version  # a full tokenization: nothing to verify yet
         return doc
 
     def get(self, key: str) -> Document:
@@ -70,6 +80,30 @@ class DocumentCache:
     def close(self, key: str) -> None:
         """Forget a document and its cache."""
         self.docs.pop(key, None)
+        self._checked.pop(key, None)
+
+    def verify_tokens(self) -> tuple[int, list[str]]:
+        """Idle work: cross-check one document changed since its last check (most recently used
+        first) against a full tokenization; a mismatch reopens it from its text, in place.
+        Returns (documents checked: 0 or 1, the keys reopened)."""
+        for key in reversed(self.docs):
+            doc = self.docs[key]
+            if self._checked.get(key) == doc.version:
+                continue
+            fresh = self.tokenizer.encode_with_offsets(doc.text)
+            self._checked[key] = doc.version
+            if fresh.ids == doc.ids and [s for s, _ in fresh.offsets] == doc.tokens.starts.tolist():
+                return 1, []
+            self.token_repairs += 1
+            log.warning("incremental tokens of %s differ from a full tokenization (%d vs %d tokens): reopened",
+                        key, len(doc.ids), len(fresh.ids))
+            reopened = Document(self.model, self.tokenizer, doc.text, head=self.head, options=self.options,
+                                line_local=self.line_local)
+            reopened.last_used = doc.last_used
+            self.docs[key] = reopened  # (same place in the LRU order)
+            self._checked[key] = reopened.version
+            return 1, [key]
+        return 0, []
 
     def prepare(self, key: str, upto: int | None = None,
                 should_stop: Callable[[], bool] | None = None) -> tuple[Document, bool]:
@@ -111,6 +145,7 @@ class DocumentCache:
             if doc.pending_edits or doc.num_stale:
                 before = doc.stats.tokens_encoded
                 doc.refresh(max_tokens=max_tokens, should_stop=should_stop)  # repairs pending edits first
+                self.enforce_budget()  # a repair may have grown the cache
                 return doc.stats.tokens_encoded - before
         return 0
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from editkv.engine import faults
 from editkv.engine.tokenizer import Tokenizer
 
 _CONTENT_LINE = re.compile(r"(?:\r\n|\r|\n)(?=[ \t\f\v]*[^\s])")
@@ -101,6 +102,8 @@ class TokenizedText:
         b = len(self.ids) if we_old >= len(old_text) else self.first_token_at_or_after(we_old)
         enc = self.tokenizer.encode_with_offsets(new_text[ws:we_new])
         new_ids = enc.ids
+        if new_ids and faults.hit("tokenize") == "mismatch":  # an injected tokenizer bug: a wrong id
+            new_ids = [(new_ids[0] + 1) % self.tokenizer.vocab_size, *new_ids[1:]]
         new_starts = np.array([s + ws for s, _ in enc.offsets], dtype=np.int64)
         shift = len(new_text) - len(old_text)
         old_ids = self.ids[a:b]

@@ -11,8 +11,10 @@ picks the tokenization it knows; the healed bytes are then cut from the completi
 from __future__ import annotations
 
 import bisect
+import weakref
 
 import torch
+from editkv.engine.identity_cache import IdentityCache
 from editkv.engine.tokenizer import Tokenizer
 
 _HORIZONTAL_SPACE = b" \t"
@@ -37,7 +39,7 @@ class TokenHealer:
     """Byte strings of a vocabulary, indexed for "which tokens agree with these bytes"."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # weak: the healer is cached per tokenizer (healer_for)
         vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
         byte_level = "ByteLevel" in str(tokenizer.backend.decoder)
         decoder = _byte_decoder()
@@ -112,12 +114,12 @@ class TokenHealer:
         return b"" if len(data) >= len(remaining) else remaining[len(data):]
 
 
-_HEALERS: dict[int, TokenHealer] = {}
+_HEALERS = IdentityCache()  # tokenizer -> TokenHealer, freed with the tokenizer (a model reload)
 
 
 def healer_for(tokenizer: Tokenizer) -> TokenHealer:
     """One healer per tokenizer (building the index takes a moment on large vocabularies)."""
-    key = id(tokenizer)
-    if key not in _HEALERS:
-        _HEALERS[key] = TokenHealer(tokenizer)
-    return _HEALERS[key]
+    healer = _HEALERS.get(tokenizer)
+    if healer is None:
+        healer = _HEALERS.put(tokenizer, TokenHealer(tokenizer))
+    return healer

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from editkv.engine import faults
 from editkv.engine.config import ModelConfig
 from editkv.engine.rope import Rotary, apply_rotary
 from editkv.kernels.fused import add_rms_norm, rope_write, silu_mul
@@ -511,6 +512,7 @@ class Transformer(nn.Module):
             assert sum(g.count for g in groups) == positions.shape[-1], "groups must cover the tokens"
             if len(groups) == 1:
                 context, groups = groups[0].context, None
+        faults.hit("forward")
         x = self.embed(input_ids) if input_embeds is None else input_embeds
         bsz, num_new, _ = x.shape
         assert positions.shape[-1] == num_new, "one position per new token"

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from editkv.engine import faults
 from editkv.engine.model import Attention, Fused, KVCache, Span, Transformer
 from editkv.kernels.fused import add_rms_norm, rope_write, silu_mul
 from editkv.kernels.logit_summary import logit_summary
@@ -138,14 +139,25 @@ class Readback:
     """Device results to the host in one copy each: packed into one float64 device buffer, then
     copied to the next of a ring of pinned host buffers, so that one batch can land while the
     host reads the one before. `send` queues (nothing waits for the GPU on CUDA); `receive`
-    waits for that copy only."""
+    waits for that copy only.
+
+    The ring's safety is checked here, not assumed from the callers' in-flight limits: a ticket
+    names its slot and the send that filled it, and `receive` refuses a ticket whose slot a later
+    send has taken (its values would be another batch's); the values it returns are a copy, so
+    nothing the caller keeps points into a slot the ring will fill again; `send` into a slot
+    whose copy may still be landing waits for that copy's event first; `drain` waits for every
+    batch still in flight (nothing of a decode is left running when its answer goes out).
+    """
 
     def __init__(self, size: int, ring: int, device: torch.device) -> None:
         self._pack = torch.zeros(size, dtype=torch.float64, device=device)
         self._host = torch.zeros((ring, size), dtype=torch.float64, pin_memory=device.type == "cuda")
         self._next = 0
+        self._sends = 0  # sends so far: a ticket's serial number
+        self._serial = [0] * ring  # the send each slot holds now (0: none)
+        self._events: list[torch.cuda.Event | None] = [None] * ring  # its copy, until known landed
 
-    def send(self, parts: Sequence[torch.Tensor]) -> tuple[int, torch.cuda.Event | None]:
+    def send(self, parts: Sequence[torch.Tensor]) -> tuple[int, torch.cuda.Event | None, int]:
         """Queue the copy of `parts` (flattened, in order, filling the buffer); the ticket."""
         at = 0
         for part in parts:
@@ -155,20 +167,43 @@ class Readback:
         if at != self._pack.numel():
             raise ValueError(f"parts hold {at} values, the buffer {self._pack.numel()}")
         slot = self._next = (self._next + 1) % len(self._host)
+        if self._events[slot] is not None:  # the slot's last copy may still be landing: let it
+            self._events[slot].synchronize()
+            self._events[slot] = None
+        self._sends += 1
+        self._serial[slot] = self._sends
         self._host[slot].copy_(self._pack, non_blocking=True)
         event = None
         if self._pack.is_cuda:
             event = torch.cuda.Event()
             event.record()
-        return slot, event
+        self._events[slot] = event
+        return slot, event, self._sends
 
-    def receive(self, ticket: tuple[int, torch.cuda.Event | None]) -> np.ndarray:
-        """Wait for a sent batch; its values (a view of the host buffer, valid until the ring
-        comes round to it again)."""
-        slot, event = ticket
+    def receive(self, ticket: tuple[int, torch.cuda.Event | None, int]) -> np.ndarray:
+        """Wait for a sent batch; a copy of its values. RuntimeError if the ring came round to
+        its slot since (more batches were in flight than the ring holds)."""
+        slot, event, serial = ticket
+        if self._serial[slot] != serial:
+            raise RuntimeError(f"readback batch {serial} was overwritten by batch {self._serial[slot]}: more than "
+                               f"{len(self._host)} batches were in flight")
         if event is not None:
             event.synchronize()
-        return self._host[slot].numpy()
+            if self._events[slot] is event:
+                self._events[slot] = None
+        return self._host[slot].numpy().copy()
+
+    @property
+    def in_flight(self) -> int:
+        """Copies queued and not yet known to have landed."""
+        return sum(e is not None for e in self._events)
+
+    def drain(self) -> None:
+        """Wait for every queued copy (and so for the device work queued before it)."""
+        for slot, event in enumerate(self._events):
+            if event is not None:
+                event.synchronize()
+                self._events[slot] = None
 
 
 @dataclass
@@ -186,7 +221,7 @@ class LookupRun:
 class LookupTicket:
     """A queued chain (`StaticForward.lookup_enqueue`): its readback ticket and its length."""
 
-    readback: tuple[int, torch.cuda.Event | None]
+    readback: tuple[int, torch.cuda.Event | None, int]
     steps: int
 
 
@@ -290,9 +325,12 @@ class StaticForward:
         source = "embeds" if embeds is not None else "ids"
         if self.mode == "graphs":
             graph, out = self._graph(base, bucket, width, rows=rows, source=source)
+            faults.hit("replay")
             graph.replay()
             self.replays += 1
         else:
+            self._static_key((base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows, source))
+            faults.hit("replay")
             out = self._run(base, bucket, width, rows=rows, source=source)
         if logits == "none":
             return True, None
@@ -321,6 +359,8 @@ class StaticForward:
         self.handled += steps
         bucket = self._stage(base, at, meta, 1, at + steps, first=(token, position))
         if self.mode != "graphs":
+            self._static_key((base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, 1, "all", "ids"))
+            faults.hit("replay")
             return self._run_chain(base, bucket, steps)
         # The one-token step's graph, replayed `steps` times; between replays a few device ops
         # choose the token and advance the static inputs. Nothing waits for the GPU, so the host
@@ -329,6 +369,7 @@ class StaticForward:
         graph, out = self._graph(base, bucket, 1, rows="all")
         result = torch.empty((2, steps), dtype=torch.float64, device=out.device)
         for step in range(steps):
+            faults.hit("replay")
             graph.replay()
             self.replays += 1
             summary = logit_summary(out, 1)
@@ -413,6 +454,7 @@ class StaticForward:
         self.handled += steps
         self._spec.index_fill_(0, self._per_chain, 0)  # tokens kept and iterations count per chain
         for _ in range(steps):
+            faults.hit("replay")
             if run.graph is not None:
                 run.graph.replay()
                 self.replays += 1
@@ -454,7 +496,7 @@ class StaticForward:
         return base, bucket, at
 
     def superposed_chain(self, buf, base: KVCache, bucket: int, steps: int, rules, corpus, params,
-                         mixed: bool) -> tuple[int, torch.cuda.Event | None]:
+                         mixed: bool) -> tuple[int, torch.cuda.Event | None, int]:
         """Queue `steps` superposed steps (engine.decoding.superposed_device: select the drafts from
         `buf.logits`, mix the next input, run the forward) and the copy of the state to the host;
         returns the ticket `buf.collect` waits on. Nothing waits for the GPU (on CUDA)."""
@@ -479,6 +521,7 @@ class StaticForward:
             # the warm-ups advance the drafts
             graph, _ = self._capture(key, step, warmups=2, restore=buf.state_tensors())
         for _ in range(steps):
+            faults.hit("replay")
             if graph is not None:
                 graph.replay()
                 self.replays += 1
@@ -548,6 +591,7 @@ class StaticForward:
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
+        faults.hit("capture")
         saved = [t.clone() for t in restore]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -564,9 +608,49 @@ class StaticForward:
             tensor.copy_(value)
         self._graphs[key] = (graph, out)
         self.captures += 1
+        self._evict()
+        return graph, out
+
+    def _static_key(self, key: tuple) -> None:
+        """The "static" mode's stand-in for `_capture`: the keys a graph would be taken for, kept
+        under the same bound, so that the cache's growth and the capture site (faults) can be
+        exercised on the CPU."""
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return
+        faults.hit("capture")
+        self._graphs[key] = (None, None)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Least recently used graphs beyond `max_graphs` go, and the superposed references only
+        the dropped graphs read."""
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
-        return graph, out
+        if self._superposed_refs:
+            read = {ref for key in self._graphs if key and key[0] == "superposed" for ref in key[10:12]}
+            for ref in [r for r in self._superposed_refs if r not in read]:
+                del self._superposed_refs[ref]
+
+    @property
+    def num_graphs(self) -> int:
+        """Graphs (keys, in "static" mode) held now; never more than `max_graphs`."""
+        return len(self._graphs)
+
+    def reset(self) -> None:
+        """Drop every captured graph and its memory pool (after a device fault: a graph captured
+        around it may be broken; the next forwards capture afresh)."""
+        self._graphs.clear()
+        self._superposed_refs.clear()
+        self._captured_shapes.clear()
+        self._pool = None
+
+    def quiesce(self) -> None:
+        """Wait until no chain's results are in flight (the static forward's and every superposed
+        buffer's readback ring), so that nothing is still running when an answer is sent."""
+        self._readback.drain()
+        for buf in self._superposed.values():
+            buf.drain()
 
     @torch.inference_mode()
     def _run_chain(self, base: KVCache, bucket: int, steps: int) -> torch.Tensor:  # [2, steps] float64

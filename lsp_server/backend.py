@@ -196,9 +196,105 @@ class ModelBackend:
         return self.background and self.cache.urgent_work()
 
     def drop_caches(self) -> None:
-        """Forget every document's KV (after running out of memory); texts stay."""
+        """Forget every document's KV and the captured graphs (after running out of memory or a
+        device fault); texts stay."""
         for doc in self.cache.docs.values():
             doc.drop_kv()
+        static = self.loaded.model.static
+        if static is not None:
+            static.reset()
+
+    def disable_graphs(self) -> bool:
+        """Run every forward eagerly from now on (after a device fault in the graph path);
+        False if they already were."""
+        static = self.loaded.model.static
+        if static is None:
+            return False
+        static.reset()
+        self.loaded.model.static = None
+        return True
+
+    def release(self) -> None:
+        """Drop everything this backend holds on the device (before the worker forgets it)."""
+        self.drop_caches()
+        self.cache.docs.clear()
+        self.loaded.model.static = None
+        self.index = None
+        self._references.clear()
+
+    def verify_tokens_idle(self) -> int:
+        """Idle work: cross-check one changed document's tokens against a full tokenization
+        (a mismatch reopens it; counted in `token_repairs`); 1 if one was checked, else 0."""
+        checked, reopened = self.cache.verify_tokens()
+        for uri in reopened:
+            self.index.add(uri, self.cache.docs[uri].ids)
+            self._references.pop(uri, None)
+        return checked
+
+    @property
+    def token_repairs(self) -> int:
+        return self.cache.token_repairs
+
+    def debug_document(self, uri: str, kv: bool = False) -> dict:
+        """The backend's state of `uri` for `editkv/debugDocument`: its text's digest, whether its
+        tokens equal a full tokenization, its cache and the memory bounds. `kv`: also re-encode
+        every stale token, then the largest difference of its KV (keys and values, text order)
+        from a fresh prefill of its text (None in "conflict" mode, whose positions are stale by design)."""
+        import hashlib
+
+        doc = self.cache.get(uri)
+        fresh = doc.tokenizer.encode_with_offsets(doc.text)
+        out: dict[str, Any] = {
+            "text_sha256": hashlib.sha256(doc.text.encode("utf-8", errors="surrogatepass")).hexdigest(),
+            "tokens": len(doc.ids), "tokens_fresh": fresh.ids == doc.ids,
+            "starts_fresh": [s for s, _ in fresh.offsets] == doc.tokens.starts.tolist(),
+            "mode": doc.options.mode, "encoded": doc.is_encoded, "unencoded": doc.num_unencoded,
+            "stale": doc.num_stale if doc.is_encoded else 0, "pending_edits": doc.pending_edits,
+        }
+        if kv:
+            out.update(self._kv_difference(doc))
+            self.cache.enforce_budget(keep=uri)
+        static = self.loaded.model.static
+        sizes = [d.kv_bytes() for d in self.cache.docs.values()]
+        out.update({
+            "kv_bytes": doc.kv_bytes(), "total_kv_bytes": sum(sizes), "largest_kv_bytes": max(sizes, default=0),
+            "encoded_documents": sum(1 for n in sizes if n), "budget_bytes": self.cache.budget_bytes,
+            "graphs": static.num_graphs if static is not None else None,
+            "max_graphs": static.max_graphs if static is not None else None,
+            "token_repairs": self.cache.token_repairs,
+            "device_allocated": _device_allocated(self.loaded.device),
+        })
+        return out
+
+    def _kv_difference(self, doc: Document) -> dict[str, Any]:
+        """Refresh `doc` whole, then its KV against a fresh prefill of its text: `kv_max_diff`, the
+        largest |difference| over every layer, head and token (None in "conflict" mode, whose
+        positions are stale by design, and for a document longer than the model's context, where
+        the attention window is cut per prefill chunk, so the KV depends on how the text was
+        chunked); `kv_layer0_max_diff` over layer 0, whose K/V depend on a token and its
+        position only (exact whatever the length)."""
+        import torch
+        from editkv.engine.generate import prefill
+
+        fits = doc.h + len(doc.ids) <= doc.context_size
+        if doc.options.mode == "conflict":
+            return {"kv_max_diff": None, "kv_layer0_max_diff": None, "fits_context": fits}
+        doc.ensure_ready()
+        while doc.refresh():
+            pass
+        k, v = doc.materialize()  # [L, 1, KVH, h + n, D]
+        n = k.shape[3]
+        if not n:
+            return {"kv_max_diff": 0.0, "kv_layer0_max_diff": 0.0, "fits_context": fits}
+        model = self.loaded.model
+        ids = doc.head + doc.ids
+        fresh = model.new_cache(len(ids) + 1)
+        prefill(model, ids, fresh, chunk=doc.options.prefill_chunk, logits="none", window=doc.context_size,
+                sink=(fresh, doc.h))
+        diff = torch.maximum((k.float() - fresh.k[:, :, :, :n].float()).abs().amax(dim=(1, 2, 3, 4)),
+                             (v.float() - fresh.v[:, :, :, :n].float()).abs().amax(dim=(1, 2, 3, 4)))  # [L]
+        return {"kv_max_diff": float(diff.max()) if fits else None, "kv_layer0_max_diff": float(diff[0]),
+                "fits_context": fits}
 
     def open(self, uri: str, text: str) -> None:
         doc = self.cache.open(uri, text)
@@ -220,6 +316,15 @@ class ModelBackend:
         return self.cache.get(uri).text
 
     def complete(self, request: CompletionRequest, should_stop: Callable[[], bool] = lambda: False) -> CompletionResult:
+        """Drafts at the request's position (see the module docstring)."""
+        result = self._complete(request, should_stop)
+        self.cache.enforce_budget(keep=request.uri)  # the view's scratch window may have grown the cache
+        static = self.loaded.model.static
+        if static is not None:  # nothing of this request is left running when its answer goes out
+            static.quiesce()
+        return result
+
+    def _complete(self, request: CompletionRequest, should_stop: Callable[[], bool]) -> CompletionResult:
         from editkv.edit_cache.views import fill_in_middle, left_to_right
         from editkv.engine.generate import DecodeStats, StopRules
 
@@ -379,6 +484,15 @@ class ModelBackend:
         return drafts
 
 
+def _device_allocated(device) -> int | None:
+    """Bytes the CUDA caching allocator has handed out on `device` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.memory_allocated(device)
+
+
 class FakeBackend:
     """Deterministic instant completions for protocol tests (no model).
 
@@ -408,6 +522,12 @@ class FakeBackend:
 
     def close(self, uri: str) -> None:
         self.texts.pop(uri, None)
+
+    def debug_document(self, uri: str, kv: bool = False) -> dict:
+        """The fake's part of `editkv/debugDocument`: the digest of its copy of the text."""
+        import hashlib
+
+        return {"text_sha256": hashlib.sha256(self.text(uri).encode("utf-8", errors="surrogatepass")).hexdigest()}
 
     def text(self, uri: str) -> str:
         if uri not in self.texts:

@@ -30,6 +30,8 @@ COMMANDS: list[tuple[str, Callable]] = []
 ACCEPT_COMMAND = "editkv.suggestionAccepted"
 SUGGESTION_EVENT = "editkv/suggestionEvent"
 STATS_REQUEST = "editkv/stats"
+DEBUG_DOCUMENT_REQUEST = "editkv/debugDocument"
+DEBUG_FAULTS_REQUEST = "editkv/debugFaults"
 COMPLETION_TRIGGERS = [".", "(", "[", ","]
 LABEL_CHARS = 60
 REQUEST_FAILED = -32803  # LSP's RequestFailed: a valid request the server could not serve
@@ -313,6 +315,46 @@ def suggestion_event(ls: EditkvServer, params: Any) -> None:
 def stats(ls: EditkvServer, params: Any) -> dict:
     """Counters, latencies, suggestion events, backend and document state."""
     return ls.snapshot()
+
+
+@handles(DEBUG_DOCUMENT_REQUEST)
+async def debug_document(ls: EditkvServer, params: Any) -> dict:
+    """{uri, kv?}: digests of the server's copies of a document's text, whether its tokens equal a
+    full tokenization, whether it is out of sync, memory; with kv, its KV's largest difference from
+    a fresh prefill after refreshing it (for tests and fuzzing; answered in order with the edits)."""
+    data = _plain(params)
+    if not isinstance(data, dict) or not isinstance(data.get("uri"), str):
+        raise JsonRpcInvalidParams(message=f"{DEBUG_DOCUMENT_REQUEST} needs {{uri: string, kv?: bool}}")
+    uri = data["uri"]
+    state = ls.docs.get(uri)
+    if state is None:
+        raise JsonRpcInvalidParams(message=f"editkv: {UnknownDocumentError(uri)}")
+    try:
+        out = await asyncio.wrap_future(ls.worker.debug_document(uri, bool(data.get("kv"))))
+    except UnknownDocumentError as err:
+        raise JsonRpcInvalidParams(message=f"editkv: {err}") from None
+    return {**out, "version": state.version, "loop_edits": state.edits}
+
+
+@handles(DEBUG_FAULTS_REQUEST)
+def debug_faults(ls: EditkvServer, params: Any) -> dict:
+    """{plan}: replace the fault plan (engine/faults.py; hits count from now on); answers what the
+    old plan counted and fired. Only for a server started with EDITKV_FAULTS set (tests)."""
+    import os
+
+    data = _plain(params)
+    if not os.environ.get("EDITKV_FAULTS"):
+        raise JsonRpcInvalidParams(message=f"{DEBUG_FAULTS_REQUEST} needs a server started with EDITKV_FAULTS set")
+    if not isinstance(data, dict) or not isinstance(data.get("plan"), str):
+        raise JsonRpcInvalidParams(message=f"{DEBUG_FAULTS_REQUEST} needs {{plan: 'site@N=kind,...'}}")
+    from editkv.engine import faults
+
+    try:
+        plan = faults.FaultPlan.parse(data["plan"])
+    except ValueError as err:
+        raise JsonRpcInvalidParams(message=str(err)) from None
+    old = faults.install(plan)
+    return {"hits": dict(old.hits) if old else {}, "fired": [list(f) for f in old.fired] if old else []}
 
 
 def _plain(value: Any) -> Any:

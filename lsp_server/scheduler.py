@@ -14,12 +14,25 @@ counts its content changes on both sides (`edits`): a job runs only if the worke
 seen exactly the changes the request was made after, so an answer for an older version of a
 document can't be computed, let alone returned. Messages for the user go through `notify`,
 which the server makes safe to call from this thread.
+
+Faults: an exception from the backend while it computes (a completion, background work) is
+classified (`fault_kind`): out of memory drops every document's KV; a device error (a CUDA
+fault, e.g. in a graph replay or capture) drops the KV and turns CUDA graphs off, and a second
+one reloads the model; anything else is a bug: that document is started over from the
+worker's copy of its text (and the request fails). Each fault is
+logged, reported to the user once, counted (`editkv/stats`), and a completion is tried once more
+after the recovery. A reload frees the old model before building the new one, so it peaks at
+one model's memory. In idle time the backend also cross-checks each changed document's tokens
+against a full tokenization (`verify_tokens_idle`).
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
 import re
+import sys
 import threading
 import time
 import traceback
@@ -126,6 +139,10 @@ class EngineWorker:
         self.idle_refreshed = 0  # tokens encoded by background work
         self.idle_runs = 0  # background jobs run
         self._urgent = False  # the backend has work that need not wait for idle_refresh_ms (see below)
+        self.backend_settings: Settings | None = None  # what the backend was built with
+        self.faults: dict[str, int] = {"oom": 0, "device": 0, "error": 0}  # recovered from, by kind
+        self.reloads = 0  # backends rebuilt after a device fault
+        self.last_fault: str | None = None
 
     # ---- submission (any thread) ------------------------------------------------------------
 
@@ -183,6 +200,10 @@ class EngineWorker:
 
     def complete(self, job: Job) -> Future:
         return self.call(self._complete, job)
+
+    def debug_document(self, uri: str, kv: bool = False) -> Future:
+        """`editkv/debugDocument`: see `_debug`."""
+        return self.call(self._debug, uri, kv)
 
     def stop(self) -> None:
         """Stop taking work; a running decode stops at its next step."""
@@ -242,15 +263,19 @@ class EngineWorker:
         def work_came() -> bool:
             return self.closing or self._work_count != work_before
 
+        checked = 0
         try:
             done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS, work_came) if self.backend is not None else 0
-        except Exception:  # idle work must never take the server down
-            log.error("idle refresh: %s", traceback.format_exc())
+            verify = getattr(self.backend, "verify_tokens_idle", None)
+            if not done and verify is not None and not work_came():
+                checked = verify()  # documents cross-checked against a full tokenization
+        except Exception as err:  # idle work must never take the server down
+            self._recover(err, "background work")
             done = 0
         self.idle_refreshed += done
         with self._lock:  # no work came meanwhile: the next chunk goes without a new wait
             if self._work_count == work_before:
-                self._idle_next = "more" if done else "done"
+                self._idle_next = "more" if done or checked else "done"
 
     # ---- on the worker thread ---------------------------------------------------------------
 
@@ -351,24 +376,57 @@ class EngineWorker:
                 self._admit(uri, doc)
 
     def _load(self, settings: Settings) -> tuple[bool, str]:
+        """Build the backend for `settings`, the old one freed first (a reload peaks at one model's
+        memory); if the new one fails, the old one is built again from its settings."""
         self.loading = True
         self.settings = settings
         try:
-            backend = self.factory(settings)
-        except Exception as err:
-            message = load_error_message(settings, err)
-            if self.backend is not None:
-                message += f" Still using {self.backend.description}."
-            self.load_error = message
-            return False, message
+            previous = self.backend_settings
+            self._release_backend()
+            try:
+                backend = self.factory(settings)
+            except Exception as err:
+                message = load_error_message(settings, err)
+                if previous is not None:
+                    try:
+                        self._install(self.factory(previous), previous)
+                        message += f" Still using {self.backend.description}."
+                    except Exception as again:
+                        log.error("reloading the previous model failed: %s", traceback.format_exc())
+                        message += (f" The previous model did not load again either ({type(again).__name__}: "
+                                    f"{str(again)[:200]}); no suggestions until a model loads.")
+                self.load_error = message
+                return False, message
+            self._install(backend, settings)
+            return True, backend.description
         finally:
             self.loading = False
-        self.backend, self.backend_key, self.load_error = backend, settings.model_key, None
+
+    def _install(self, backend: Backend, settings: Settings) -> None:
+        """Make `backend` the one in use and hand it every open document."""
+        self.backend, self.backend_key, self.backend_settings, self.load_error = (
+            backend, settings.model_key, settings, None)
         for uri, doc in self.docs.items():
             doc.modelled = False
-            if doc.refused is None:
+            if doc.refused is None and doc.out_of_sync is None:
                 self._admit(uri, doc)
-        return True, backend.description
+
+    def _release_backend(self) -> None:
+        """Forget the backend and free what it held (its model, KV, graphs) before anything new is built."""
+        old, self.backend, self.backend_settings = self.backend, None, None
+        for doc in self.docs.values():
+            doc.modelled = False
+        if old is None:
+            return
+        release = getattr(old, "release", None)
+        if release is not None:
+            try:
+                release()
+            except Exception:
+                log.error("releasing the backend: %s", traceback.format_exc())
+        del old, release
+        gc.collect()  # the model and its static forward refer to each other
+        _empty_device_cache()
 
     def _complete(self, job: Job) -> Outcome:
         if job.stop or self.closing:
@@ -395,12 +453,17 @@ class EngineWorker:
         )
         try:
             result = self.backend.complete(request, should_stop=lambda: job.stop or self.closing)
-        except MemoryError as err:
-            return self._out_of_memory(err)
-        except RuntimeError as err:
-            if "out of memory" not in str(err).lower():
-                raise
-            return self._out_of_memory(err)
+        except Exception as err:
+            if self._recover(err, "completing", job.uri) is None:
+                raise  # a bug: the handler turns it into an error response
+            if self.backend is None or job.stop or self.closing or not doc.modelled:
+                return Outcome("dropped")
+            try:  # once more, on what the recovery left
+                result = self.backend.complete(request, should_stop=lambda: job.stop or self.closing)
+            except Exception as again:
+                if self._recover(again, "completing (after recovering)", job.uri) is None:
+                    raise
+                return Outcome("dropped")
         if job.stop:
             return Outcome("dropped", stats=result.stats)
         self.completed += 1
@@ -412,14 +475,102 @@ class EngineWorker:
             multiline, result.stats,
         )
 
-    def _out_of_memory(self, err: BaseException) -> Outcome:
-        drop = getattr(self.backend, "drop_caches", None)
-        if drop is not None:
-            drop()
-        self.notify("error", f"editkv: out of memory while completing ({str(err).splitlines()[0][:200]}); "
-                    "dropped all cached documents. Lower editkv.kvBudgetMb or editkv.maxTokens, "
-                    "or use a smaller model.")
-        return Outcome("dropped")
+    def _recover(self, err: BaseException, during: str, uri: str | None = None) -> str | None:
+        """Log a backend failure, recover from it, tell the user once; its kind (None: a bug, for
+        which only the document `uri` is started over and the caller re-raises)."""
+        kind = fault_kind(err)
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        log.error("%s failed (%s): %s", during, kind or "bug", "".join(traceback.format_exception(err)))
+        self.faults[kind or "error"] += 1
+        self.last_fault = f"{kind or 'error'} while {during}: {first}"
+        backend = self.backend
+        if kind == "oom":
+            self._call_backend("drop_caches")
+            _empty_device_cache()
+            self.notify("error", f"editkv: out of memory while {during} ({first}); dropped all cached documents. "
+                        "Lower editkv.kvBudgetMb or editkv.maxTokens, or use a smaller model.")
+        elif kind == "device":
+            self._call_backend("drop_caches")
+            if self._call_backend("disable_graphs"):
+                self.notify("error", f"editkv: device error while {during} ({first}); dropped all cached documents "
+                            "and turned CUDA graphs off (forwards run eagerly from now on).")
+            elif self.backend_settings is not None:  # graphs were off already: start the model over
+                self.reloads += 1
+                ok, message = self._load(self.settings)
+                self.notify("error", f"editkv: device error while {during} ({first}); "
+                            + ("reloaded the model." if ok else f"reloading the model failed: {message}"))
+            else:
+                self.notify("error", f"editkv: device error while {during} ({first}).")
+        elif uri is not None:  # start the document over; the request's error response tells the user
+            doc = self.docs.get(uri)
+            if backend is not None and doc is not None and doc.modelled:
+                try:
+                    backend.close(uri)
+                    backend.open(uri, doc.text)
+                except Exception:
+                    log.error("reopening %s: %s", uri, traceback.format_exc())
+                    doc.modelled = False
+        else:
+            self.notify("error", f"editkv: internal error while {during}: {type(err).__name__}: {first}")
+        return kind
+
+    def _call_backend(self, name: str, *args: Any) -> Any:
+        """`backend.name(*args)` if the backend has it; a failure here is logged, never raised."""
+        fn = getattr(self.backend, name, None)
+        if fn is None:
+            return None
+        try:
+            return fn(*args)
+        except Exception:
+            log.error("backend.%s: %s", name, traceback.format_exc())
+            return None
+
+    def _debug(self, uri: str, kv: bool) -> dict:
+        """What the worker and the backend hold for `uri`: digests of the text, token and KV
+        checks (`kv`: refresh the document, then compare its KV with a fresh prefill; costly)."""
+        doc = self.docs.get(uri)
+        if doc is None:
+            raise UnknownDocumentError(uri)
+        out: dict[str, Any] = {
+            "text_sha256": _digest(doc.text), "text_length": len(doc.text), "edits": doc.edits,
+            "out_of_sync": doc.out_of_sync, "refused": doc.refused, "modelled": doc.modelled,
+            "backend": None, "faults": dict(self.faults), "reloads": self.reloads,
+        }
+        debug = getattr(self.backend, "debug_document", None)
+        if doc.modelled and debug is not None:
+            out["backend"] = debug(uri, kv)
+        return out
+
+
+def fault_kind(err: BaseException) -> str | None:
+    """"oom", "device" (a CUDA error other than out of memory) or None (anything else: a bug).
+
+    By type: torch.OutOfMemoryError and MemoryError; torch.AcceleratorError (what a CUDA fault
+    raises since torch 2.8). A RuntimeError is read by its message only as a fallback, for
+    libraries that raise plain RuntimeErrors for the same conditions."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if names & {"OutOfMemoryError", "MemoryError"}:
+        return "oom"
+    if "AcceleratorError" in names:
+        return "device"
+    if isinstance(err, RuntimeError):
+        text = str(err)
+        if "out of memory" in text.lower():
+            return "oom"
+        if text.startswith(("CUDA error", "CUBLAS_STATUS", "cuDNN error")) or "device-side assert" in text:
+            return "device"
+    return None
+
+
+def _empty_device_cache() -> None:
+    """Hand freed CUDA memory back (only if torch is loaded and CUDA was used)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 def refusal(uri: str, text: str, max_file_kb: int) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Coroutine
@@ -26,6 +27,10 @@ from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
 log = logging.getLogger(__name__)
+# testing: how small forwards run: "static" (the CUDA-graph path's static forward, run eagerly: on
+# the CPU this exercises graph keys, their bound and the fault sites of engine/faults.py), "off",
+# "graphs"; unset: load_model's choice (graphs on CUDA)
+GRAPHS_ENV = "EDITKV_GRAPHS"
 MESSAGE_REPEAT_S = 10.0  # the same message is shown at most this often
 _LEVELS = {"error": types.MessageType.Error, "warning": types.MessageType.Warning, "info": types.MessageType.Info}
 
@@ -196,6 +201,11 @@ class EditkvServer(LanguageServer):
                 "idle_refreshed_tokens": self.worker.idle_refreshed,
                 # every token the requests ran through the model (idle refresh: the line above)
                 "encoded_tokens": getattr(backend, "encoded_tokens", None),
+                # faults recovered from by kind (oom, device, error), models reloaded after one
+                "faults": dict(self.worker.faults), "reloads": self.worker.reloads,
+                "last_fault": self.worker.last_fault,
+                # documents whose incremental tokens differed from a full tokenization (reopened)
+                "token_repairs": getattr(backend, "token_repairs", None),
             },
             "documents": {uri: {"version": d.version, "edits": d.edits, "pending": sorted(d.pending)}
                           for uri, d in self.docs.items()},
@@ -232,6 +242,11 @@ def model_factory() -> BackendFactory:
         from editkv.lsp_server.cli import _resolve_model
 
         loaded = load_model(_resolve_model(settings.model), device=settings.device, dtype=settings.dtype)
+        graphs = os.environ.get(GRAPHS_ENV)
+        if graphs == "off":
+            loaded.model.static = None
+        elif graphs:  # "static": the graph path's static-shape forward, eagerly (tests on the CPU)
+            loaded.model.enable_graphs(mode=graphs)
         return ModelBackend(loaded, **cache_options(settings))
 
     return make

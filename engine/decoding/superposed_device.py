@@ -36,12 +36,14 @@ building the returned drafts' text stay on the host, between chains.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from editkv.engine.decoding.ngram_index import NgramIndex
 from editkv.engine.healing import healer_for
+from editkv.engine.identity_cache import IdentityCache
 from editkv.engine.ngram import NgramTable
 from editkv.engine.static_decode import Readback
 from editkv.kernels.logit_summary import logit_summary
@@ -74,10 +76,12 @@ class TokenRules:
     content_before_end: torch.Tensor  # [V] bool: ... before its first newline
     length: torch.Tensor  # [V] long: the token's bytes
     gain: torch.Tensor  # [V] bool: the token adds content to a draft's (line-cut) text
-    tokenizer: object = None
+    healer: object = None  # engine.healing.TokenHealer of the tokenizer (it holds the tokenizer weakly)
+    # heal_tables' results for these rules, (heal, rows) -> tables, most recent last
+    heal_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
 
-_RULES: dict[tuple, tuple[object, TokenRules]] = {}  # with the tokenizer, so that its id stays its own
+_RULES = IdentityCache()  # tokenizer -> {(stop ids, max lines, vocab, device): TokenRules}, freed with it
 _WHITESPACE = frozenset(b" \t\r\n\x0b\x0c")
 
 
@@ -86,11 +90,15 @@ def token_rules(tokenizer, stop_ids: frozenset[int], max_lines: int | None, voca
     """The rules for `max_lines` None or 1 (None for more lines: the host loop serves those)."""
     if max_lines not in (None, 1):
         return None
-    key = (id(tokenizer), stop_ids, max_lines, vocab, str(device))
-    found = _RULES.get(key)
+    key = (stop_ids, max_lines, vocab, str(device))
+    kept = _RULES.get(tokenizer)
+    if kept is None:
+        kept = _RULES.put(tokenizer, {})
+    found = kept.get(key)
     if found is not None:
-        return found[1]
-    token_bytes = healer_for(tokenizer).token_bytes
+        return found
+    healer = healer_for(tokenizer)
+    token_bytes = healer.token_bytes
     finish = np.full(vocab, -1, dtype=np.int64)
     content = np.zeros(vocab, dtype=bool)
     before = np.zeros(vocab, dtype=bool)
@@ -116,12 +124,12 @@ def token_rules(tokenizer, stop_ids: frozenset[int], max_lines: int | None, voca
             length[token] = len(data)
     gain = np.where(finish >= 0, before, content) & ~stop
     rules = TokenRules(*(torch.from_numpy(a).to(device) for a in (finish, stop, content, before, length, gain)),
-                       tokenizer=tokenizer)
-    _RULES[key] = (tokenizer, rules)  # a few per server: one per tokenizer, stop set and line rule
+                       healer=healer)
+    kept[key] = rules  # a few per tokenizer: one per stop set and line rule
     return rules
 
 
-_HEAL_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_KEPT_HEAL_TABLES = 64  # per TokenRules
 
 
 def heal_rows(heal: bytes) -> int | None:
@@ -134,14 +142,15 @@ def heal_tables(rules: TokenRules, heal: bytes, rows: int) -> tuple[torch.Tensor
     """([rows, V] allowed, [rows, V] adds content): row o < len(heal) is for a draft with
     heal[o:] still to spell out (the healing mask; whether a token adds content past the healed
     text, up to a line end), the others for a draft past it (every token; `rules.gain`)."""
-    key = (id(rules), heal, rows)
-    found = _HEAL_TABLES.get(key)
+    key = (heal, rows)
+    found = rules.heal_cache.get(key)
     if found is not None:
+        rules.heal_cache.move_to_end(key)
         return found
     vocab, device = rules.gain.shape[0], rules.gain.device
     masks = torch.ones((rows, vocab), dtype=torch.bool, device=device)
     gain = rules.gain[None].repeat(rows, 1)
-    healer = healer_for(rules.tokenizer)
+    healer = rules.healer
     for o in range(len(heal)):
         remaining = heal[o:]
         allowed = healer.allowed(remaining)
@@ -156,9 +165,9 @@ def heal_tables(rules: TokenRules, heal: bytes, rows: int) -> tuple[torch.Tensor
             adds[token] = any(b not in _WHITESPACE for b in (extra[:end] if end >= 0 else extra))
         masks[o] = torch.from_numpy(row).to(device)
         gain[o] = torch.from_numpy(adds).to(device)
-    if len(_HEAL_TABLES) >= 64:
-        _HEAL_TABLES.pop(next(iter(_HEAL_TABLES)))
-    _HEAL_TABLES[key] = (masks, gain)
+    if len(rules.heal_cache) >= _KEPT_HEAL_TABLES:
+        rules.heal_cache.popitem(last=False)
+    rules.heal_cache[key] = (masks, gain)
     return masks, gain
 
 
@@ -172,15 +181,17 @@ class DeviceCorpus:
     max_order: int
 
 
-_CORPORA: dict[tuple, tuple[NgramTable, DeviceCorpus]] = {}  # with the table, so that its id stays its own
+_CORPORA = IdentityCache()  # NgramTable -> {device: DeviceCorpus}, freed with the table (a model reload)
 
 
 def device_corpus(corpus: NgramTable, device: torch.device) -> DeviceCorpus:
     """`corpus` on `device` (built once per table and device)."""
-    key = (id(corpus), str(device))
-    found = _CORPORA.get(key)
+    kept = _CORPORA.get(corpus)
+    if kept is None:
+        kept = _CORPORA.put(corpus, {})
+    found = kept.get(str(device))
     if found is not None:
-        return found[1]
+        return found
     orders = [c for c in range(1, corpus.max_order) if len(corpus.hashes.get(c, ()))]
     keys = np.concatenate([corpus.hashes[c].astype(np.int64) + (c << _CORPUS_ORDER_BITS) for c in orders]
                           or [np.zeros(0, np.int64)])
@@ -189,9 +200,7 @@ def device_corpus(corpus: NgramTable, device: torch.device) -> DeviceCorpus:
                             or [np.zeros((0, 1), np.float64)])
     found = DeviceCorpus(torch.from_numpy(keys).to(device), torch.from_numpy(ids).to(device),
                          torch.from_numpy(counts).to(device), corpus.max_order)
-    if len(_CORPORA) >= 2:  # a StaticForward keeps the ones its graphs read
-        _CORPORA.pop(next(iter(_CORPORA)))
-    _CORPORA[key] = (corpus, found)
+    kept[str(device)] = found
     return found
 
 
@@ -353,12 +362,16 @@ class SuperposedBuffers:
         self.pool.copy_(both[k:])
         self.log_scores.fill_(-math.inf)
 
-    def enqueue_read(self) -> tuple[int, torch.cuda.Event | None]:
+    def enqueue_read(self) -> tuple[int, torch.cuda.Event | None, int]:
         """Queue the copy of the state and the chain's log to the host."""
         return self._readback.send([self.ids, self.score, self.nonempty, self.heal_at, self.meta, self.log_ids,
                                     self.log_tokens, self.log_scores])
 
-    def collect(self, ticket: tuple[int, torch.cuda.Event | None]) -> dict:
+    def drain(self) -> None:
+        """Wait until no copy of this buffer's state is in flight (see static_decode.Readback)."""
+        self._readback.drain()
+
+    def collect(self, ticket: tuple[int, torch.cuda.Event | None, int]) -> dict:
         """Wait for `enqueue_read`'s copy; the state as Python values."""
         v = self._readback.receive(ticket)
         k, m, t = self.k, self.m, self.max_t

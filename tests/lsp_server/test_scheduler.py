@@ -111,16 +111,32 @@ def test_out_of_memory_while_completing_drops_caches_and_reports(worker):
         worker.complete(job(0)).result(10)
 
 
-def test_failed_load_keeps_the_previous_backend(worker):
+def test_failed_load_rebuilds_the_previous_backend(worker):
+    """The old backend is freed before the new one is built (a reload peaks at one model); when
+    the new one fails, the previous one is built again from its settings."""
     worker.open(URI, "x = 1\n", "python")
+    working = worker.factory
+    built = []
 
-    def broken(settings):
-        raise MemoryError
+    def big_fails(settings):
+        built.append(settings.model)
+        if settings.model == "big":
+            raise MemoryError
+        return working(settings)
 
-    worker.factory = broken
+    worker.factory = big_fails
     ok, message = worker.load(Settings(model="big")).result(10)
     assert not ok and "out of memory loading big" in message and "Still using fake backend" in message
+    assert built == ["big", None]
     assert worker.complete(job(0)).result(10).status == "served"
+
+    def always_fails(settings):
+        raise MemoryError
+
+    worker.factory = always_fails
+    ok, message = worker.load(Settings(model="big")).result(10)
+    assert not ok and "did not load again either" in message
+    assert worker.complete(job(0)).result(10).status == "not_ready"  # alive, nothing to serve with
 
 
 def test_documents_opened_before_the_model_are_handed_over_when_it_loads():
