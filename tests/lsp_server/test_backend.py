@@ -336,7 +336,8 @@ def test_every_request_reports_the_tokens_it_encoded(tmp_path):
     from editkv.edit_cache.positions import Position, Range
 
     tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
-    backend = ModelBackend(tiny)
+    # no near-cursor refresh: in a file this small it would re-encode every token after the edit
+    backend = ModelBackend(tiny, tuned={"refresh_near_cursor": 0})
     uri, text = "file:///a.py", "def add(a, b):\n    return a + b\n"
     backend.open(uri, text)
     doc = backend.cache.get(uri)

@@ -28,8 +28,9 @@ async def start(client: LanguageClient, capabilities: str, options: dict | None 
 
 
 async def wait_loaded(client: LanguageClient, loads: int = 1) -> None:
-    """Until `loads` model loads have reported `$/progress` end."""
-    for _ in range(400):
+    """Until `loads` model loads have reported `$/progress` end (60 s: a loaded 2-core machine
+    took over 10 s to import and build a tiny model)."""
+    for _ in range(2400):
         ends = [r for reports in client.progress_reports.values() for r in reports
                 if isinstance(r, types.WorkDoneProgressEnd)]
         if len(ends) >= loads:
