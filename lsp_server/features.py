@@ -190,7 +190,7 @@ async def _serve(ls: EditkvServer, kind: str, uri: str, position: types.Position
         raise JsonRpcException(code=REQUEST_FAILED, message=f"editkv: {outcome.stats['reason']}; send the "
                                "document's whole text (a full-text didChange or a new didOpen) to resync it")
     if outcome.status == "served":
-        ls.stats.latency_ms.append(1000 * (time.perf_counter() - started))
+        ls.stats.served_request(1000 * (time.perf_counter() - started), outcome.stats)
     return outcome
 
 

@@ -21,6 +21,10 @@ EVENTS = ("shown", "accepted", "rejected")
 MAX_TRACKED = 2000  # served suggestions remembered for matching events
 MAX_EVENTS = 200  # recent events kept for `editkv/stats`
 MAX_LATENCIES = 2000
+# a served request's time: waiting (debounce, queue, the worker busy with other work, the
+# event loop) + backend (the worker's call); the backend's = repair (edits into the cache) +
+# view (the prompt's extra tokens) + decode (the rest: encoding near the cursor, then decoding)
+PHASES = ("waiting", "backend", "repair", "view", "decode")
 
 
 @dataclass
@@ -62,6 +66,8 @@ class Stats:
         self.served: OrderedDict[str, Served] = OrderedDict()
         self.recent: deque[dict] = deque(maxlen=MAX_EVENTS)
         self.latency_ms: deque[float] = deque(maxlen=MAX_LATENCIES)
+        # where a served request's time went (PHASES), as many as latency_ms keeps
+        self.phase_ms: dict[str, deque[float]] = {name: deque(maxlen=MAX_LATENCIES) for name in PHASES}
         self._next_id = 0
         self.shown_ids = 0  # served suggestions reported shown (each once)
         self.accepted_shown_ids = 0  # ... of which were then accepted
@@ -71,6 +77,19 @@ class Stats:
     def count(self, kind: str, what: str, n: int = 1) -> None:
         """One more `what` (requests, served, dropped, ...) for `kind` (inline, completion, sync)."""
         self.requests.setdefault(kind, Counter())[what] += n
+
+    def served_request(self, latency_ms: float, backend: dict) -> None:
+        """One served request: its latency (request received -> answer ready) and the backend's
+        own timings of it (`total_ms`, `repair_ms`, `view_ms`), split into PHASES."""
+        self.latency_ms.append(latency_ms)
+        total = backend.get("total_ms")
+        if not isinstance(total, (int, float)):  # a backend that doesn't time itself
+            return
+        repair, view = float(backend.get("repair_ms") or 0.0), float(backend.get("view_ms") or 0.0)
+        parts = {"waiting": max(0.0, latency_ms - total), "backend": total, "repair": repair, "view": view,
+                 "decode": max(0.0, total - repair - view)}
+        for name, ms in parts.items():
+            self.phase_ms[name].append(ms)
 
     def new_id(self, kind: str, text: str) -> str:
         """Remember a served suggestion and give it an id for later events."""
@@ -112,6 +131,9 @@ class Stats:
         return {
             "requests": {kind: dict(c) for kind, c in self.requests.items()},
             "latency_ms": {"count": len(lat), "p50": _round(percentile(lat, 50)), "p95": _round(percentile(lat, 95))},
+            "phases_ms": {name: {"p50": _round(percentile(list(ms), 50)), "p95": _round(percentile(list(ms), 95)),
+                                 "mean": _round(sum(ms) / len(ms)) if ms else None}
+                          for name, ms in self.phase_ms.items()},
             "suggestions": {
                 "served": self._next_id,
                 **{e: self.events[e] for e in EVENTS},

@@ -43,6 +43,10 @@ async def test_completions_from_a_real_model(client: LanguageClient, caps: str, 
     assert stats["backend"]["view"]["auto"] == "fim"
     assert stats["backend"]["view"]["why"].startswith("the model has FIM tokens")
     assert stats["requests"]["inline"]["served"] == 1
+    # where its time went: the backend's share and its decode within it, all within the latency
+    phases = stats["phases_ms"]
+    assert 0 < phases["decode"]["p50"] <= phases["backend"]["p50"] <= stats["latency_ms"]["p50"]
+    assert phases["waiting"]["p50"] == pytest.approx(stats["latency_ms"]["p50"] - phases["backend"]["p50"], abs=0.2)
     # one more keystroke: the cache is repaired (PIE), not rebuilt, before the next view
     type_at(client, 13, 18, "f", 5)
     dropdown = await complete(client, 13, 19)

@@ -54,3 +54,15 @@ def test_acceptance_rate_counts_accepted_among_shown_suggestions_only():
     snap = stats.snapshot()["suggestions"]
     assert snap["accepted"] == 6 and snap["shown"] == 5
     assert snap["acceptance_rate"] == 0.4  # 2 of the 5 shown, never above 1
+
+
+def test_a_served_request_is_split_into_waiting_repair_view_and_decode():
+    stats = Stats(None)
+    stats.served_request(30.0, {"total_ms": 20.0, "repair_ms": 2.0, "view_ms": 3.0})
+    stats.served_request(50.0, {"total_ms": 45.0, "repair_ms": 0.0, "view_ms": 5.0})
+    stats.served_request(7.0, {})  # a backend that doesn't time itself: only its latency counts
+    snap = stats.snapshot()
+    assert snap["latency_ms"]["count"] == 3
+    phases = snap["phases_ms"]
+    assert phases["waiting"]["mean"] == 7.5 and phases["backend"]["mean"] == 32.5
+    assert phases["repair"]["mean"] == 1.0 and phases["view"]["mean"] == 4.0 and phases["decode"]["mean"] == 27.5
