@@ -235,3 +235,22 @@ async def test_cancel_storm_at_50_keystrokes_per_second():
         assert rss_mb(client) - base < 40, (base, rss_mb(client))
     finally:
         assert await client.close() == 0, client.stderr_text()
+
+
+async def test_handler_bookkeeping_is_released_after_a_long_session(client: LspClient):
+    # pygls files each handler's future under the message's id; notifications (every keystroke)
+    # got fresh ids nothing removed, so a long session kept one Future per keystroke
+    for n in range(20):
+        uri = f"file:///work/m{n}.py"
+        open_doc(client, uri, "x = 1\n")
+        for i in range(30):
+            change(client, uri, i + 1, 0, 5 + i, "y")
+        msg_id, future = client.send_request("textDocument/inlineCompletion", inline_params(uri, 0, 35))
+        if n % 2:
+            client.cancel(msg_id)
+        await asyncio.gather(future, return_exceptions=True)
+        client.notify("workspace/didChangeConfiguration", {"settings": {"editkv": {"maxTokens": 4 + n % 2}}})
+        client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
+    stats = await client.request("editkv/stats")
+    assert not stats["documents"]
+    assert stats["handlers_in_flight"] <= 2, stats["handlers_in_flight"]  # was 661: one per notification
