@@ -1,7 +1,8 @@
 """`editkv/debugMemory`: what the server process holds, for finding leaks (tests, soak runs).
 
-Started with EDITKV_TRACEMALLOC=N (frames per traceback; 1 is enough for a by-line table),
-the server traces Python allocations from startup; each request answers the process's
+Started with EDITKV_TRACEMALLOC=N (frames per traceback; 1 is enough for a by-line table;
+0: no tracing, which keeps the rest without tracemalloc's own memory and time), the server
+traces Python allocations from startup; each request answers the process's
 resident memory, the biggest growths of traced memory by source line since the previous
 request (the first compares to startup), and the live objects by type that changed most
 (`gc.get_objects`, so only containers and tracked objects). `trim: true` first asks glibc to
@@ -26,8 +27,8 @@ TOP = 25
 def start_from_env() -> bool:
     """Start tracing if EDITKV_TRACEMALLOC asks for it; whether tracing is on."""
     frames = os.environ.get(ENV)
-    if frames and not tracemalloc.is_tracing():
-        tracemalloc.start(max(1, int(frames)))
+    if frames and int(frames) > 0 and not tracemalloc.is_tracing():
+        tracemalloc.start(int(frames))
     return tracemalloc.is_tracing()
 
 
