@@ -85,8 +85,8 @@ class EditkvProtocol(LanguageServerProtocol):
 
     def _forget_future(self, msg_id: Any, future: Future | Any) -> None:
         """Drop `msg_id`'s entry when it still is this (done) future."""
-        if self._request_futures.get(msg_id) is future:
-            del self._request_futures[msg_id]
+        if self._request_futures.get(msg_id) is future:  # (a threaded handler's runs off the event loop,
+            self._request_futures.pop(msg_id, None)  # where a cancel may pop it in between)
 
     def send_error(self, msg_id: Any, code: int, message: str) -> None:
         """Answer `msg_id` (any JSON value, null for unreadable messages) with an error."""
