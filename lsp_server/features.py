@@ -32,6 +32,7 @@ SUGGESTION_EVENT = "editkv/suggestionEvent"
 STATS_REQUEST = "editkv/stats"
 DEBUG_DOCUMENT_REQUEST = "editkv/debugDocument"
 DEBUG_FAULTS_REQUEST = "editkv/debugFaults"
+DEBUG_MEMORY_REQUEST = "editkv/debugMemory"
 COMPLETION_TRIGGERS = [".", "(", "[", ","]
 LABEL_CHARS = 60
 REQUEST_FAILED = -32803  # LSP's RequestFailed: a valid request the server could not serve
@@ -355,6 +356,19 @@ def debug_faults(ls: EditkvServer, params: Any) -> dict:
         raise JsonRpcInvalidParams(message=str(err)) from None
     old = faults.install(plan)
     return {"hits": dict(old.hits) if old else {}, "fired": [list(f) for f in old.fired] if old else []}
+
+
+@handles(DEBUG_MEMORY_REQUEST)
+def debug_memory(ls: EditkvServer, params: Any) -> dict:
+    """{trim?, top?}: resident memory, traced growth by line and object counts by type since the
+    previous call (lsp_server/memdebug.py). Only for a server started with EDITKV_TRACEMALLOC set."""
+    from editkv.lsp_server import memdebug
+
+    if ls.memory_probe is None:
+        raise JsonRpcInvalidParams(message=f"{DEBUG_MEMORY_REQUEST} needs a server started with {memdebug.ENV} set")
+    data = _plain(params)
+    data = data if isinstance(data, dict) else {}
+    return ls.memory_probe.report(trim=bool(data.get("trim")), top=int(data.get("top") or memdebug.TOP))
 
 
 def _plain(value: Any) -> Any:

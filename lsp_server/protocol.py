@@ -3,6 +3,11 @@
 - A request whose params don't fit the method's schema gets an InvalidParams error for its
   id (pygls would raise while decoding and never answer, leaving the client waiting).
 - A message without `"jsonrpc": "2.0"` gets InvalidRequest when it has an id.
+- A handler's future leaves pygls' `_request_futures` when it is done. pygls 2.1 files the
+  future of every generator handler (its built-in didOpen/didChange/didClose/... are
+  generators) and of every async or threaded one under the message's id, and only a request's
+  answer takes it out: a notification's id is a fresh uuid nothing ever removes, so each
+  keystroke kept a Future, its lock and condition (~2 KB) for the life of the server.
 - `initialize` answers with the position encoding the server chose (UTF-8 when the client
   offers it, else UTF-16), not pygls' pick.
 - Text sync does not go through pygls' workspace: the engine worker keeps the only copy of
@@ -15,7 +20,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Generator
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from lsprotocol import types
@@ -69,6 +76,17 @@ class EditkvProtocol(LanguageServerProtocol):
                 log.warning("ignored a message that is not JSON-RPC 2.0: %.200r", raw)
             return
         super().handle_message(message)
+
+    def _execute_handler(self, msg_id: Any, handler: Any, callback: Any, args: Any = None, kwargs: Any = None) -> None:
+        super()._execute_handler(msg_id, handler, callback, args=args, kwargs=kwargs)
+        future = self._request_futures.get(msg_id)
+        if future is not None:  # (a request's answer may have taken it out already: then nothing to do)
+            future.add_done_callback(partial(self._forget_future, msg_id))
+
+    def _forget_future(self, msg_id: Any, future: Future | Any) -> None:
+        """Drop `msg_id`'s entry when it still is this (done) future."""
+        if self._request_futures.get(msg_id) is future:  # (a threaded handler's runs off the event loop,
+            self._request_futures.pop(msg_id, None)  # where a cancel may pop it in between)
 
     def send_error(self, msg_id: Any, code: int, message: str) -> None:
         """Answer `msg_id` (any JSON value, null for unreadable messages) with an error."""

@@ -105,6 +105,12 @@ class EditkvServer(LanguageServer):
         self.tasks: set[asyncio.Task] = set()
         self.loads = 0
         self._last_shown: dict[str, float] = {}
+        self.memory_probe = None  # editkv/debugMemory (lsp_server/memdebug.py), with EDITKV_TRACEMALLOC
+        if os.environ.get("EDITKV_TRACEMALLOC"):
+            from editkv.lsp_server import memdebug
+
+            memdebug.start_from_env()
+            self.memory_probe = memdebug.MemoryProbe()
 
     # ---- messages to the user ---------------------------------------------------------------
 
@@ -209,6 +215,8 @@ class EditkvServer(LanguageServer):
             },
             "documents": {uri: {"version": d.version, "edits": d.edits, "pending": sorted(d.pending)}
                           for uri, d in self.docs.items()},
+            # handlers pygls files as running (bounded by what is in flight: see protocol.py)
+            "handlers_in_flight": len(self.protocol._request_futures),
             "position_encoding": self.encoding,
             "settings": asdict(self.settings),
         }

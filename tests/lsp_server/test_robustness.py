@@ -235,3 +235,42 @@ async def test_cancel_storm_at_50_keystrokes_per_second():
         assert rss_mb(client) - base < 40, (base, rss_mb(client))
     finally:
         assert await client.close() == 0, client.stderr_text()
+
+
+async def test_handler_bookkeeping_is_released_after_a_long_session(client: LspClient):
+    # pygls files each handler's future under the message's id; notifications (every keystroke)
+    # got fresh ids nothing removed, so a long session kept one Future per keystroke
+    for n in range(20):
+        uri = f"file:///work/m{n}.py"
+        open_doc(client, uri, "x = 1\n")
+        for i in range(30):
+            change(client, uri, i + 1, 0, 5 + i, "y")
+        msg_id, future = client.send_request("textDocument/inlineCompletion", inline_params(uri, 0, 35))
+        if n % 2:
+            client.cancel(msg_id)
+        await asyncio.gather(future, return_exceptions=True)
+        client.notify("workspace/didChangeConfiguration", {"settings": {"editkv": {"maxTokens": 4 + n % 2}}})
+        client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
+    stats = await client.request("editkv/stats")
+    assert not stats["documents"]
+    assert stats["handlers_in_flight"] <= 2, stats["handlers_in_flight"]  # was 661: one per notification
+
+
+async def test_debug_memory_reports_growth_only_when_enabled(client: LspClient):
+    with pytest.raises(LspError) as err:
+        await client.request("editkv/debugMemory", {})
+    assert err.value.code == -32602 and "EDITKV_TRACEMALLOC" in err.value.message
+    traced = await LspClient.start(lsp_command("--fake"), env={**SERVER_ENV, "EDITKV_TRACEMALLOC": "1"})
+    try:
+        await traced.initialize(options={"statsFile": False, "debounceMs": 0})
+        await traced.wait_ready(30)
+        await traced.request("editkv/debugMemory", {})  # the baseline from here on
+        for n in range(50):
+            open_doc(traced, f"file:///work/m{n}.py", "x = 1\n" * 2000)  # the fake keeps each text
+        report = await traced.request("editkv/debugMemory", {"trim": True, "top": 5})
+        assert report["rss_mb"] > 0 and report["rss_mb_after_trim"] > 0 and report["traced_mb"] > 0
+        assert len(report["growth"]) == 5
+        assert sum(g["size_diff_kb"] for g in report["growth"]) > 50 * 12_000 / 1024 / 2  # the 50 texts' ~600 KB
+        assert any(t["type"] == "DocState" and t["diff"] == 50 for t in report["types_grown"]), report["types_grown"]
+    finally:
+        assert await traced.close() == 0, traced.stderr_text()
