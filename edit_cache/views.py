@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from editkv.edit_cache.crossfile import ContextBlock
 from editkv.edit_cache.document import Document
 from editkv.engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode, windowed
 from editkv.engine.healing import healer_for
@@ -172,11 +173,30 @@ def _prefix_part(doc: Document, cursor: int, *, heal: bool = True) -> tuple[int,
     return t, fresh, healed
 
 
-def _context_before(doc: Document, used: int) -> list[Span]:
-    """The head and document tokens making up the first `used` prompt ids, at their positions."""
+def _context_before(doc: Document, used: int, block: ContextBlock | None = None) -> list[Span]:
+    """The head and document tokens making up the first `used` prompt ids, at their positions
+    (with a cross-file `block`: the block, which ends with the head, then the tokens moved by
+    its shift)."""
+    if block is not None:
+        if used <= doc.h + block.document_tokens:
+            return block.spans(block.shift + used)
+        return [*block.spans(), *doc.spans(block.document_tokens, used - doc.h, block.shift)]
     if used <= doc.h:
         return [Span(doc.cache, 0, used)] if used else []
     return doc.head_spans(used - doc.h)
+
+
+def _prompt_before(doc: Document, used: int, block: ContextBlock | None) -> list[int]:
+    """The prompt ids `_context_before` stands for."""
+    if block is None:
+        return (doc.head + doc.ids)[:used]
+    if used <= doc.h + block.document_tokens:
+        return block.ids[: block.shift + used]
+    return block.ids + doc.ids[block.document_tokens: used - doc.h]
+
+
+def _sink(doc: Document, block: ContextBlock | None) -> tuple[KVCache, int]:
+    return doc.sink if block is None else block.sink
 
 
 def _graphs_on(doc: Document) -> bool:
@@ -185,8 +205,11 @@ def _graphs_on(doc: Document) -> bool:
     return getattr(doc.model, "static", None) is not None
 
 
-def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> ContextView | None:
-    """View for continuing `text[:cursor]`; None when there is nothing to condition on."""
+def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64,
+                  block: ContextBlock | None = None) -> ContextView | None:
+    """View for continuing `text[:cursor]`; None when there is nothing to condition on.
+
+    `block`: other files' context in front of the document (edit_cache/crossfile.py)."""
     started = time.perf_counter()
     t, fresh, heal = _prefix_part(doc, cursor)
     used = doc.h + t
@@ -195,23 +218,26 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64) -> Co
             return None
         used -= 1  # re-encode the last cached token to get its logits
         fresh = [(doc.head + doc.ids)[used]]
-    first_position = used  # a key acts at its index in the prompt (the gap's shift says so)
+    off = block.shift if block is not None else 0
+    first_position = used + off  # a key acts at its index in the prompt (the gap's shift says so)
     model = doc.model
     scratch = doc.scratch_window(len(fresh) + max_new_tokens + DRAFT_SLOTS)
-    context = _context_before(doc, used)
+    context = _context_before(doc, used, block)
     # the last position this view may reach, and what it can see from there
-    context = windowed(context, first_position + scratch.capacity - doc.context_size, doc.sink)
+    context = windowed(context, first_position + scratch.capacity - doc.context_size, _sink(doc, block))
     logits = model(torch.tensor([fresh], device=model.device),
                    torch.arange(first_position, first_position + len(fresh), device=model.device),
                    write=scratch, write_at=0, context=context, logits="last")
-    prompt = (doc.head + doc.ids)[:used] + fresh
+    prompt = _prompt_before(doc, used, block) + fresh
     return ContextView("l2r", doc, context, scratch, len(fresh), first_position + len(fresh), logits, prompt,
                        heal=heal, cached_tokens=used, encoded_tokens=len(fresh),
-                       build_ms=1000 * (time.perf_counter() - started), epoch=doc.view_epoch)
+                       build_ms=1000 * (time.perf_counter() - started), epoch=doc.view_epoch,
+                       extra={"block": block} if block is not None else {})
 
 
 def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
-                   max_new_tokens: int = 64, whole_suffix: bool = True) -> ContextView:
+                   max_new_tokens: int = 64, whole_suffix: bool = True,
+                   block: ContextBlock | None = None) -> ContextView:
     """View for `<PRE> text[:cursor] <SUF> suffix <MID>` (suffix from the cursor or the next line).
 
     `whole_suffix=False`: the suffix as far as the document has keys (the server's path, where
@@ -219,7 +245,8 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
 
     Models whose layout repeats the prefix's last tokens after `<MID>` (`FimTokens.tail`) get
     them encoded with `<MID>`, like every other view token, and the cursor's token healed; other
-    FIM layouts are not healed (engine.prompting.fim_heals).
+    FIM layouts are not healed (engine.prompting.fim_heals). `block`: other files' context in
+    front of the document (edit_cache/crossfile.py).
     """
     fim = doc.tokenizer.fim
     if fim is None:
@@ -232,7 +259,9 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
         doc.ensure_ready()
     # a FIM model's middle starts where the prefix's text ends: healed only for layouts with a tail
     t, fresh_prefix, heal = _prefix_part(doc, cursor, heal=fim_heals(doc.tokenizer))
-    used = first_position = doc.h + t
+    off = block.shift if block is not None else 0
+    used = doc.h + t
+    first_position = used + off
     suffix_start = cursor
     if suffix == "next_line":
         m = _TERMINATOR.search(text, cursor)
@@ -248,12 +277,12 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     head_ids = fresh_prefix + [fim.suffix] + fresh_suffix
     model = doc.model
     scratch = doc.scratch_window(len(head_ids) + 1 + fim.tail + max_new_tokens + DRAFT_SLOTS)
-    if used + (n - t_suffix) + scratch.capacity > doc.context_size:
+    if first_position + (n - t_suffix) + scratch.capacity > doc.context_size:
         # longer than the model's context: a quarter of it for the suffix, the rest for the prefix
         n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix)))
-    context = _context_before(doc, used)
+    context = _context_before(doc, used, block)
     last = first_position + (n - t_suffix) + scratch.capacity  # past the last position a decode step reaches
-    context = windowed(context, last - doc.context_size, doc.sink)
+    context = windowed(context, last - doc.context_size, _sink(doc, block))
     dev = model.device
     model(torch.tensor([head_ids], device=dev),
           torch.arange(first_position, first_position + len(head_ids), device=dev),
@@ -268,8 +297,9 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
                    torch.arange(middle_position, middle_position + len(middle_ids), device=dev),
                    write=scratch, write_at=len(head_ids), context=[*context, Span(scratch, 0, len(head_ids))],
                    logits="last")
-    prompt = (doc.head + doc.ids)[:used] + head_ids + doc.ids[t_suffix:n] + middle_ids
+    prompt = _prompt_before(doc, used, block) + head_ids + doc.ids[t_suffix:n] + middle_ids
     encoded = len(head_ids) + len(middle_ids)
     return ContextView("fim", doc, context, scratch, encoded, middle_position + len(middle_ids), logits, prompt,
                        heal=heal, cached_tokens=used + n - t_suffix, encoded_tokens=encoded,
-                       build_ms=1000 * (time.perf_counter() - started), epoch=doc.view_epoch)
+                       build_ms=1000 * (time.perf_counter() - started), epoch=doc.view_epoch,
+                       extra={"block": block} if block is not None else {})

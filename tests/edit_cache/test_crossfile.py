@@ -1,0 +1,196 @@
+"""Cross-file context blocks (edit_cache/crossfile.py) on a tiny random Llama model, CPU, fp32."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from editkv.edit_cache.crossfile import (
+    block_layout,
+    build_block,
+    choose_chunks,
+    context_format,
+    definition_units,
+)
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.positions import Range, to_position
+from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.engine.generate import prefill
+from editkv.engine.model import Transformer
+
+HELPERS = (
+    "import os\n\nLIMIT_VALUE = 10\n\n\ndef helper_alpha(x):\n    return x * 2\n\n\n"
+    "def unused_thing(y):\n    return [y, y, y, y]\n\n\n"
+    "class Point:\n    origin = 0\n\n    def __init__(self, x):\n        self.coord = x\n\n"
+    "    def shifted(self, d):\n        return self.coord + d\n\n    def never_called(self):\n        pass\n"
+)
+SMALL = "def tiny_fn(a):\n    return a\n"
+CURRENT = "from helpers import helper_alpha, Point\n\nvalue = helper_alpha(3)\np = Point(1)\nq = p.shifted(2)\n"
+
+
+@pytest.fixture(scope="module")
+def template():
+    return Document.create_simulated("x = 1\n")
+
+
+def _doc(template, text):
+    doc = Document(template.model, template.tokenizer, text, head=template.head)
+    doc.ensure_ready()
+    return doc
+
+
+def _docs(template, edit_helpers=True):
+    helpers = _doc(template, HELPERS)
+    if edit_helpers:  # a PIE-repaired document: a gap, spans acting at shifted positions
+        text = helpers.text
+        at = text.index("def unused_thing")
+        helpers.apply_change(Range(to_position(text, at), to_position(text, at)), "# note\n")
+        helpers.ensure_ready()
+    return helpers, _doc(template, SMALL), _doc(template, CURRENT)
+
+
+def _exact_cache(model, ids):
+    cache = model.new_cache(len(ids) + 1)
+    logits = prefill(model, ids, cache, logits="last")
+    return cache, logits
+
+
+def test_a_full_recompute_equals_an_exact_prefill_of_the_block(template):
+    helpers, small, current = _docs(template)
+    model, tok = current.model, current.tokenizer
+    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
+    layout = block_layout(tok, model.config, chunks, current.head, path="cur.py", style="plain")
+    block = build_block(model, layout, recompute_ratio=1.0)
+    assert block.reused_tokens == layout.reused_tokens > 0
+    assert block.recomputed_tokens == block.length
+    exact, _ = _exact_cache(model, layout.ids)
+    n = block.length
+    assert (block.cache.k[:, :, :, :n] - exact.k[:, :, :, :n]).abs().max() < 1e-4
+    assert (block.cache.v[:, :, :, :n] - exact.v[:, :, :, :n]).abs().max() < 1e-4
+    # the document's own tokens were cached without the block: a view is exact at its start only
+    for cursor, exact_view in ((0, True), (len(current.text) - 3, False)):
+        view = left_to_right(current, cursor, block=block)
+        assert view.prompt_ids[:n] == layout.ids
+        _, logits = _exact_cache(model, view.prompt_ids)
+        assert ((view.first_logits - logits).abs().max() < 1e-4) == exact_view
+        view.decode()
+
+
+def test_a_full_recompute_over_the_document_too_is_exact_for_a_view(template):
+    helpers, small, current = _docs(template)
+    model, tok = current.model, current.tokenizer
+    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
+    for cursor in (45, len(current.text) - 3):
+        cut = current.tokens.first_token_at_or_after(current.text.rindex("\n", 0, cursor) + 1)
+        layout = block_layout(tok, model.config, chunks, current.head, style="plain", document=current,
+                              document_tokens=cut)
+        block = build_block(model, layout, recompute_ratio=1.0)
+        assert block.reused_tokens == layout.reused_tokens == sum(c.num_tokens for c in chunks) + cut
+        view = left_to_right(current, cursor, block=block)
+        assert view.prompt_ids[: block.length] == layout.ids
+        _, logits = _exact_cache(model, view.prompt_ids)
+        assert (view.first_logits - logits).abs().max() < 1e-4
+        # the cursor above the block's document tokens: the view takes a prefix of the block
+        view = left_to_right(current, 3, block=block)
+        _, logits = _exact_cache(model, view.prompt_ids)
+        assert (view.first_logits - logits).abs().max() < 1e-4
+
+
+def test_no_recompute_keeps_the_other_documents_keys_rerotated(template):
+    helpers, small, current = _docs(template)
+    model, tok = current.model, current.tokenizer
+    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
+    layout = block_layout(tok, model.config, chunks, current.head, path="cur.py", style="plain")
+    block = build_block(model, layout, recompute_ratio=0.0)
+    assert block.recomputed_tokens == block.length - block.reused_tokens  # the wrapper tokens only
+    assert block.check_tokens == 0
+    moved = 0
+    for piece in layout.pieces:
+        doc = piece.document
+        k, v = doc.materialize()  # keys rotated to the positions they act at in their document
+        n = piece.end - piece.start
+        src = slice(doc.h + piece.start, doc.h + piece.end)
+        delta = piece.at - (doc.h + piece.start)
+        moved += delta != 0
+        cos, sin = model.rotary.delta_cos_sin(delta)
+        half = model.config.rotary_dim // 2
+        want = k[:, :, :, src].clone()
+        from editkv.kernels.rerotate import move_rerotate_ref
+
+        move_rerotate_ref(want, v[:, :, :, src].clone(), 0, n, 0, cos[:half], sin[:half], model.config.rotary_dim)
+        got_k = block.cache.k[:, :, :, piece.at: piece.at + n]
+        assert (got_k - want).abs().max() < 1e-5
+        assert torch.equal(block.cache.v[:, :, :, piece.at: piece.at + n], v[:, :, :, src])
+        if delta:  # without the re-rotation they would differ
+            assert (k[:, :, :, src] - want).abs().max() > 1e-3
+    assert moved
+
+
+def test_selective_recompute_counts_and_moves_toward_exact(template):
+    # four layers: the check layer (1) leaves two that only the selected tokens go through
+    torch.manual_seed(1)
+    deep = Transformer(replace(template.model.config, num_layers=4)).eval()
+    deep_template = Document(deep, template.tokenizer, "", head=template.head)
+    helpers, small, current = _docs(deep_template)
+    model, tok = current.model, current.tokenizer
+    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
+    layout = block_layout(tok, model.config, chunks, current.head, path="cur.py", style="plain")
+    exact, _ = _exact_cache(model, layout.ids)
+    n = len(layout.ids)
+    errors = []
+    for ratio in (0.0, 0.5, 1.0):
+        block = build_block(model, layout, recompute_ratio=ratio)
+        fresh = n - layout.reused_tokens
+        assert block.recomputed_tokens == fresh + round(ratio * layout.reused_tokens)
+        last = model.config.num_layers - 1
+        errors.append((block.cache.k[last, :, :, :n] - exact.k[last, :, :, :n]).norm().item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-3
+
+
+def test_fim_view_with_a_block_puts_the_document_after_it(template):
+    helpers, small, current = _docs(template, edit_helpers=False)
+    model, tok = current.model, current.tokenizer
+    chunks = choose_chunks(current.text, [("helpers.py", helpers)], budget=10_000)
+    layout = block_layout(tok, model.config, chunks, current.head, style="plain")
+    block = build_block(model, layout, recompute_ratio=1.0)
+    view = fill_in_middle(current, 30, suffix="next_line", block=block)
+    view.decode()
+    _, logits = _exact_cache(model, view.prompt_ids)
+    assert (view.first_logits - logits).abs().max() > 1e-4  # the suffix never saw <SUF> nor the block
+    plain = fill_in_middle(current, 30, suffix="next_line")
+    assert view.prompt_ids == layout.ids + plain.prompt_ids[current.h:]
+
+
+def test_chunks_respect_the_budget_and_take_the_used_definitions(template):
+    helpers, small, current = _docs(template, edit_helpers=False)
+    sources = [("helpers.py", helpers), ("small.py", small)]
+    whole = len(helpers.ids) + len(small.ids)
+    assert [c.num_tokens for c in choose_chunks(current.text, sources, budget=whole, small_file_tokens=whole)] \
+        == [len(helpers.ids), len(small.ids)]
+    # by default a file is small up to an even share of the budget: the larger one gives its definitions
+    assert [c.num_tokens < len(c.document.ids) for c in choose_chunks(current.text, sources, budget=whole)] \
+        == [True, False]
+    for budget in (0, 5, 20, 40, 80, whole - 1):
+        chunks = choose_chunks(current.text, sources, budget=budget, small_file_tokens=len(small.ids))
+        assert sum(c.num_tokens for c in chunks) <= budget
+    chunks = choose_chunks(current.text, sources, budget=whole - 1, small_file_tokens=len(small.ids))
+    text = "".join(helpers.tokenizer.decode(helpers.ids[a:b]) for a, b in chunks[0].ranges)
+    assert "def helper_alpha" in text and "def shifted" in text and "class Point" in text
+    assert "unused_thing" not in text and "never_called" not in text
+    assert chunks[1].ranges == [(0, len(small.ids))]
+
+
+def test_definition_units_split_classes_into_header_and_methods():
+    units = definition_units(HELPERS)
+    by_name = {n: u for u in units for n in u.names}
+    assert HELPERS[slice(by_name["helper_alpha"].start, by_name["helper_alpha"].end)].startswith("def helper_alpha")
+    assert by_name["coord"] is by_name["Point"]  # __init__ sets self.coord and stands for the class's call
+    assert units[by_name["shifted"].needs].names == {"Point"}
+    assert "LIMIT_VALUE" in by_name
+
+
+def test_repo_format_for_models_with_repo_tokens(template):
+    tok = template.tokenizer
+    assert context_format(tok) == "plain"
+    with pytest.raises(ValueError):
+        block_layout(tok, template.model.config, [], template.head, style="nope")
