@@ -380,9 +380,11 @@ def _encoded_so_far(stats: dict) -> int | None:
 
 
 async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace, args,
-                      opens: list[OpenRow] | None = None) -> tuple[list[KeyRow], list[LineRow]]:
+                      opens: list[OpenRow] | None = None,
+                      requests: list[dict] | None = None) -> tuple[list[KeyRow], list[LineRow]]:
     """Type one record into one server at one pace; its keystroke and line rows (the first
-    request after opening goes to `opens`)."""
+    request after opening goes to `opens`; the per-request stats the server reported after the
+    keystrokes, each once, to `requests`)."""
     polls: list[asyncio.Future] = []
     where = (pace.name, method.name, case.record_id, case.bucket, case.position)
     records = await type_session(
@@ -397,7 +399,16 @@ async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace,
     end = _encoded_so_far(final)
     if end is not None:
         end -= (final["backend"]["last_request"] or {}).get("encoded_tokens", 0)
-    counts = [_encoded_so_far(s) for s in await asyncio.gather(*polls)] + [end]
+    snapshots = await asyncio.gather(*polls)
+    counts = [_encoded_so_far(s) for s in snapshots] + [end]
+    if requests is not None:
+        seen = set()
+        for snap in snapshots:
+            last = snap["backend"].get("last_request")
+            mark = json.dumps(last, sort_keys=True)
+            if last and "total_ms" in last and mark not in seen:
+                seen.add(mark)
+                requests.append({"pace": pace.name, "method": method.name, "record": case.record_id, **last})
     keys = []
     for i, r in enumerate(records):
         late = r.outcome in ANSWERED and _late(records, i)
@@ -529,6 +540,14 @@ def print_tables(result: dict) -> None:
                      for p in peer],
                     "peers: prompt tokens llama-server processed per keystroke's /infill request (timings.prompt_n; "
                     "cached = timings.cache_n), and the client's other requests"))
+    served = result.get("served_breakdown") or []
+    if served:
+        print(table(["pace", "method", "requests sampled"] + [f"{n} mean / p95" for n in SERVED_FIELDS],
+                    [[r["pace"], r["method"], r["requests"]]
+                     + [f"{_fmt(r[f'{n}_mean'], 1)} / {_fmt(r[f'{n}_p95'], 1)}" for n in SERVED_FIELDS]
+                     for r in served],
+                    "editkv: where a request's time goes (its own stats, the last request finished at each "
+                    "keystroke's poll)"))
     print("\nmethods: " + "; ".join(f"{m} = {json.dumps(s)}" for m, s in result["method_settings"].items()))
 
 
@@ -626,6 +645,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
     lines: list[LineRow] = []
     opens: list[OpenRow] = []
     calls: list[dict] = []
+    served: list[dict] = []  # editkv's per-request stats (where its time went)
     load_start = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lsp_replay_") as cache_home:
@@ -641,7 +661,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                             client.begin_record(case.context, case.record_id)
                             client.calls.clear()
                             hits = client.cache_hits
-                        k, ln = await replay_case(client, method, case, pace, args, opens)
+                        k, ln = await replay_case(client, method, case, pace, args, opens, served)
                         if isinstance(client, LlamaVscodeClient):
                             calls += [{"pace": pace.name, "method": method.name, "record": case.record_id,
                                        **asdict(c)} for c in client.calls]
@@ -671,7 +691,27 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
         "summary": summarize(keys, lines, args.baseline), "keys": [asdict(k) for k in keys],
         "lines": [asdict(r) for r in lines], "opens": [asdict(o) for o in opens],
         "first_suggestion": summarize_opens(opens), "peer_calls": calls, "peer_requests": summarize_peer_calls(calls),
+        "served_requests": served, "served_breakdown": summarize_served(served),
     }
+
+
+SERVED_FIELDS = ("total_ms", "repair_ms", "view_ms", "encoded_tokens", "decode_tokens", "forwards")
+
+
+def summarize_served(requests: list[dict]) -> list[dict]:
+    """Per pace and editkv method: mean and p95 of the per-request stats editkv reported (a sample: the
+    last request finished at each keystroke's poll)."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in requests:
+        cells.setdefault((r["pace"], r["method"]), []).append(r)
+    out = []
+    for (pace, method), rows in cells.items():
+        row = {"pace": pace, "method": method, "requests": len(rows)}
+        for name in SERVED_FIELDS:
+            values = [r[name] for r in rows if isinstance(r.get(name), int | float)]
+            row[f"{name}_mean"], row[f"{name}_p95"] = _mean(values), percentile(values, 95)
+        out.append(row)
+    return out
 
 
 def summarize_peer_calls(calls: list[dict]) -> list[dict]:
