@@ -649,6 +649,10 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
     load_start = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lsp_replay_") as cache_home:
+        converted = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "editkv" / "gguf"
+        if converted.is_dir():  # the user's GGUF conversion cache: no 1-2 minute conversion per run
+            (Path(cache_home) / "editkv").mkdir()
+            (Path(cache_home) / "editkv" / "gguf").symlink_to(converted)
         try:
             clients = await start_servers(args, methods, cache_home, servers)
             description = {m.name: (await clients[m.name].request("editkv/stats"))["backend"]["description"]
