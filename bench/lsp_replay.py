@@ -95,6 +95,7 @@ METHODS: dict[str, dict] = {
     "llama": {"peer": "llama-server"},  # llama-server driven as llama.vscode drives it (bench/peers/)
 }
 PEER = "peer"  # a method whose settings name a peer is not `editkv lsp`; its other settings are llama.vscode's
+# (bench/peers/llamavscode.Settings), and "threads": the server's -t for this method (default --threads)
 BASELINE = "full"
 BUCKETS = (("<4k", 4096), ("4-16k", 16384), (">16k", None))  # tokens of `before`, upper bounds exclusive
 POSITIONS = ("top", "middle", "bottom")
@@ -318,7 +319,7 @@ async def start_server(args, method: Method, cache_home: str) -> LspClient:
 async def start_peer(args, method: Method, servers: list[LlamaServer]) -> LlamaVscodeClient:
     """llama-server on 127.0.0.1 (llama.vscode's launch flags, the same GGUF) and a llama.vscode client for it."""
     try:
-        settings = Settings.from_dict({k: v for k, v in method.settings.items() if k != PEER})
+        settings = Settings.from_dict({k: v for k, v in method.settings.items() if k not in (PEER, "threads")})
     except (TypeError, ValueError) as err:
         raise BenchError(f"method {method.name}: {err}") from None
     cuda = args.device.startswith("cuda")
@@ -329,7 +330,7 @@ async def start_peer(args, method: Method, servers: list[LlamaServer]) -> LlamaV
     if not args.model or not str(args.model).endswith(".gguf"):
         raise BenchError(f"method {method.name} needs --model FILE.gguf (llama-server reads GGUF only)")
     log = Path(args.peer_log) if args.peer_log else None
-    server = LlamaServer(exe, Path(args.model), ctx=args.peer_ctx, threads=args.threads,
+    server = LlamaServer(exe, Path(args.model), ctx=args.peer_ctx, threads=method.settings.get("threads", args.threads),
                          gpu_layers=99 if cuda else None, log=log)
     servers.append(server)
     try:
