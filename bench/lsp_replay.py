@@ -329,7 +329,7 @@ async def start_peer(args, method: Method, servers: list[LlamaServer]) -> LlamaV
                          f"{' --cuda' if cuda else ''}` or pass --peer-bin")
     if not args.model or not str(args.model).endswith(".gguf"):
         raise BenchError(f"method {method.name} needs --model FILE.gguf (llama-server reads GGUF only)")
-    log = Path(args.peer_log) if args.peer_log else None
+    log = Path(args.peer_log).with_suffix(f".{method.name}.log") if args.peer_log else None  # one per peer method
     server = LlamaServer(exe, Path(args.model), ctx=args.peer_ctx, threads=method.settings.get("threads", args.threads),
                          gpu_layers=99 if cuda else None, log=log)
     servers.append(server)
@@ -605,7 +605,7 @@ def _args():
                                                     "bench/peers/llama_server.py for --device)")
     p.add_argument("--peer-ctx", type=int, default=0,
                    help="llama-server -c (0 = the model's training context, llama.vscode's README for 0.5B models)")
-    p.add_argument("--peer-log", default=None, help="write llama-server's log to this file")
+    p.add_argument("--peer-log", default=None, help="write llama-server's log here (.METHOD.log replaces the suffix)")
     return p.parse_args()
 
 
