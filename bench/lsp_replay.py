@@ -45,7 +45,24 @@ spread over every bucket x position; it is the bucket's first record, in sha256(
 keystrokes, else the first with such a line elsewhere, else its first at that position.
 --order file takes records in file order.
 
+Peers (issue 23): a method whose settings name a "peer" is not `editkv lsp`. "llama" starts
+llama.cpp's llama-server (build b11434, bench/peers/llama_server.py builds it) on 127.0.0.1 with
+llama.vscode's launch flags (-b 1024 -ub 1024 --cache-reuse 256, -c --peer-ctx, -t --threads,
+-ngl 99 on CUDA) and the same GGUF as --model, and drives it with bench/peers/llamavscode.py, a
+rewrite of llama.vscode's client (its context limits, /infill body, in-progress wait, result
+cache, prefetches, discard rules and ring buffer: that module's docstring). The peer gets the
+same keystrokes through the same type_session: its "dropped" are calls llama.vscode gave up (a
+newer keystroke while it waited, or too much text right of the cursor), latency is keystroke ->
+its answer as for editkv (answers from its own cache count, at their near-zero latency), and
+tokens per keystroke are the prompt tokens llama-server processed (timings.prompt_n, over the
+keystroke's requests, prefetches and ring updates). Its ring buffer starts each record with a
+chunk of each of the record's cross-file context files (--crossfile), as llama.vscode's would
+after the user visited them; editkv gets no cross-file context. A further table gives the
+peer's prompt tokens per keystroke request, answers from its cache and background requests.
+
     python bench/lsp_replay.py --limit 6 --max-keys 40 --pace human --methods full,default --timeout 60
+    python bench/lsp_replay.py --limit 4 --max-keys 40 --pace human --methods default,llama \
+        --model ~/.cache/editkv/qwen2.5-coder-0.5b-instruct-q4.gguf --threads 2
 """
 
 from __future__ import annotations
@@ -53,24 +70,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common import edit_similarity, exact_match, load_records, machine, parser, table, write_json
 from editkv.lsp_server.lsp_client import LspClient, LspError, server_command, server_env
 from editkv.lsp_server.replay import KeyRecord, Session, editor_session, type_session
 from editkv.lsp_server.stats import percentile
+from peers.llama_server import BUILD as PEER_BUILD
+from peers.llama_server import LlamaServer, binary
+from peers.llama_server import PeerError as PeerStartError
+from peers.llamavscode import LlamaVscodeClient, Settings
 
 METHODS: dict[str, dict] = {
     "default": {},  # the server's defaults, whatever they are
     "full": {"cacheMode": "recompute"},  # the document's KV dropped before every request: the baseline
     "prefix_reuse": {"cacheMode": "prefix_reuse"},  # re-encode from the first changed token (llama.cpp, vLLM)
     "pie": {"cacheMode": "pie"},  # PIE repair, pinned even if the default changes
+    "llama": {"peer": "llama-server"},  # llama-server driven as llama.vscode drives it (bench/peers/)
 }
+PEER = "peer"  # a method whose settings name a peer is not `editkv lsp`; its other settings are llama.vscode's
+# (bench/peers/llamavscode.Settings), and "threads": the server's -t for this method (default --threads)
 BASELINE = "full"
 BUCKETS = (("<4k", 4096), ("4-16k", 16384), (">16k", None))  # tokens of `before`, upper bounds exclusive
 POSITIONS = ("top", "middle", "bottom")
@@ -110,6 +135,7 @@ class Case:
     tokens: int
     bucket: str
     position: str
+    context: list[tuple[str, str]] = field(default_factory=list)  # (path, text) of cross-file files: peers only
 
 
 @dataclass
@@ -290,15 +316,47 @@ async def start_server(args, method: Method, cache_home: str) -> LspClient:
     return client
 
 
-async def start_servers(args, methods: list[Method], cache_home: str) -> dict[str, LspClient]:
-    """One server per method, started side by side (loading overlaps); all or none."""
+async def start_peer(args, method: Method, servers: list[LlamaServer]) -> LlamaVscodeClient:
+    """llama-server on 127.0.0.1 (llama.vscode's launch flags, the same GGUF) and a llama.vscode client for it."""
+    try:
+        settings = Settings.from_dict({k: v for k, v in method.settings.items() if k not in (PEER, "threads")})
+    except (TypeError, ValueError) as err:
+        raise BenchError(f"method {method.name}: {err}") from None
+    cuda = args.device.startswith("cuda")
+    exe = Path(args.peer_bin) if args.peer_bin else binary(cuda)
+    if not exe.is_file():
+        raise BenchError(f"no llama-server at {exe}: build it with `python bench/peers/llama_server.py build"
+                         f"{' --cuda' if cuda else ''}` or pass --peer-bin")
+    if not args.model or not str(args.model).endswith(".gguf"):
+        raise BenchError(f"method {method.name} needs --model FILE.gguf (llama-server reads GGUF only)")
+    log = Path(args.peer_log).with_suffix(f".{method.name}.log") if args.peer_log else None  # one per peer method
+    server = LlamaServer(exe, Path(args.model), ctx=args.peer_ctx, threads=method.settings.get("threads", args.threads),
+                         gpu_layers=99 if cuda else None, log=log)
+    servers.append(server)
+    try:
+        await asyncio.to_thread(server.start)
+    except PeerStartError as err:
+        raise BenchError(str(err)) from None
+    flags = " ".join(server.cmd[server.cmd.index("-c"):])
+    client = LlamaVscodeClient("127.0.0.1", server.port, settings,
+                               description=f"llama-server {PEER_BUILD} {Path(args.model).name} ({flags})")
+    await settle(client)
+    return client
+
+
+async def start_servers(args, methods: list[Method], cache_home: str,
+                        servers: list[LlamaServer]) -> dict[str, LspClient | LlamaVscodeClient]:
+    """One server per method, started side by side (loading overlaps); all or none. Peers' processes
+    go to `servers` (the caller stops them)."""
     for method in methods:
-        print(f"starting editkv lsp for {method.name} {json.dumps(method.settings)} ...", file=sys.stderr)
-    started = await asyncio.gather(*(start_server(args, m, cache_home) for m in methods), return_exceptions=True)
+        what = method.settings[PEER] if PEER in method.settings else "editkv lsp"
+        print(f"starting {what} for {method.name} {json.dumps(method.settings)} ...", file=sys.stderr)
+    started = await asyncio.gather(*(start_peer(args, m, servers) if PEER in m.settings
+                                     else start_server(args, m, cache_home) for m in methods), return_exceptions=True)
     failed = [s for s in started if isinstance(s, BaseException)]
     if failed:
         for client in started:
-            if isinstance(client, LspClient):
+            if isinstance(client, LspClient | LlamaVscodeClient):
                 await client.close()
         raise failed[0]
     return {m.name: c for m, c in zip(methods, started, strict=True)}
@@ -323,9 +381,11 @@ def _encoded_so_far(stats: dict) -> int | None:
 
 
 async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace, args,
-                      opens: list[OpenRow] | None = None) -> tuple[list[KeyRow], list[LineRow]]:
+                      opens: list[OpenRow] | None = None,
+                      requests: list[dict] | None = None) -> tuple[list[KeyRow], list[LineRow]]:
     """Type one record into one server at one pace; its keystroke and line rows (the first
-    request after opening goes to `opens`)."""
+    request after opening goes to `opens`; the per-request stats the server reported after the
+    keystrokes, each once, to `requests`)."""
     polls: list[asyncio.Future] = []
     where = (pace.name, method.name, case.record_id, case.bucket, case.position)
     records = await type_session(
@@ -340,7 +400,16 @@ async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace,
     end = _encoded_so_far(final)
     if end is not None:
         end -= (final["backend"]["last_request"] or {}).get("encoded_tokens", 0)
-    counts = [_encoded_so_far(s) for s in await asyncio.gather(*polls)] + [end]
+    snapshots = await asyncio.gather(*polls)
+    counts = [_encoded_so_far(s) for s in snapshots] + [end]
+    if requests is not None:
+        seen = set()
+        for snap in snapshots:
+            last = snap["backend"].get("last_request")
+            mark = json.dumps(last, sort_keys=True)
+            if last and "total_ms" in last and mark not in seen:
+                seen.add(mark)
+                requests.append({"pace": pace.name, "method": method.name, "record": case.record_id, **last})
     keys = []
     for i, r in enumerate(records):
         late = r.outcome in ANSWERED and _late(records, i)
@@ -373,8 +442,8 @@ def groups_of(row: KeyRow | LineRow) -> list[str]:
     return ["all", f"size {row.bucket}", f"pos {row.position}"]
 
 
-def summarize(keys: list[KeyRow], lines: list[LineRow]) -> list[dict]:
-    """One summary per (pace, method, group); ratios against BASELINE in the same pace and group."""
+def summarize(keys: list[KeyRow], lines: list[LineRow], baseline: str = BASELINE) -> list[dict]:
+    """One summary per (pace, method, group); ratios against `baseline` in the same pace and group."""
     cells: dict[tuple[str, str, str], tuple[list[KeyRow], list[LineRow]]] = {}
     for row in keys:
         for group in groups_of(row):
@@ -384,9 +453,9 @@ def summarize(keys: list[KeyRow], lines: list[LineRow]) -> list[dict]:
             cells.setdefault((row.pace, row.method, group), ([], []))[1].append(row)
     out = {cell: _summary(*cell, *rows) for cell, rows in cells.items()}
     for (pace, _, group), s in out.items():
-        base = out.get((pace, BASELINE, group))
+        base = out.get((pace, baseline, group))
         for name in ("p50_ms", "p95_ms", "p99_ms", "tokens_per_key"):  # > 1: this method needs less
-            s[f"{name}_vs_full"] = _ratio(base[name] if base else None, s[name])
+            s[f"{name}_vs_{baseline}"] = _ratio(base[name] if base else None, s[name])
     return list(out.values())
 
 
@@ -433,9 +502,10 @@ def _ratio(base: float | None, ours: float | None) -> float | None:
 
 
 def print_tables(result: dict) -> None:
+    base = result.get("baseline", BASELINE)
     headers = ["group", "method", "keys", "answered", "dropped", "cancelled", "late", "p50 ms", "p95 ms", "p99 ms",
-               "p50 vs full", "p95 vs full", "tokens/key", "tokens vs full", "lines", "shown", "EM %", "ES %",
-               "saved %"]
+               f"p50 vs {base}", f"p95 vs {base}", "tokens/key", f"tokens vs {base}", "lines", "shown", "EM %",
+               "ES %", "saved %"]
     order = {m: i for i, m in enumerate(result["methods"])}
     group_order = ["all"] + [f"size {b}" for b, _ in BUCKETS] + [f"pos {p}" for p in POSITIONS]
     for pace in result["paces"]:
@@ -443,15 +513,16 @@ def print_tables(result: dict) -> None:
                       key=lambda s: (group_order.index(s["group"]), order[s["method"]]))
         table_rows = [[s["group"], s["method"], s["keystrokes"], s["answered"], s["dropped"], s["cancelled"],
                        s["late"], _fmt(s["p50_ms"], 0), _fmt(s["p95_ms"], 0), _fmt(s["p99_ms"], 0),
-                       _x(s["p50_ms_vs_full"]), _x(s["p95_ms_vs_full"]), _fmt(s["tokens_per_key"], 1),
-                       _x(s["tokens_per_key_vs_full"]), s["lines"], s["lines_shown"], _pct(s["em"]), _pct(s["es"]),
+                       _x(s[f"p50_ms_vs_{base}"]), _x(s[f"p95_ms_vs_{base}"]), _fmt(s["tokens_per_key"], 1),
+                       _x(s[f"tokens_per_key_vs_{base}"]), s["lines"], s["lines_shown"], _pct(s["em"]), _pct(s["es"]),
                        _pct(s["saved_fraction"])] for s in rows]
         how = ("each keystroke after the last answer" if pace["interval_ms"] <= 0 else
                f"one keystroke every {pace['interval_ms']:.0f} ms, {pace['hunk_pause_ms']:.0f} ms before each "
                "later hunk")
         title = (f"pace {pace['name']} ({how}): {result['records']} realedits records, at most {result['max_keys']} "
-                 f"keystrokes each, through `editkv lsp`\nmodel: {result['model']}; machine: {result['machine']}; "
-                 "'vs full' = full's value / this method's (> 1: less than full)")
+                 f"keystrokes each, through `editkv lsp`{' and peers' if result.get('peers') else ''}\n"
+                 f"model: {result['model']}; machine: {result['machine']}; load average {_load(result)}; "
+                 f"'vs {base}' = {base}'s value / this method's (> 1: less than {base})")
         print(table(headers, table_rows, title))
         first = sorted((s for s in result.get("first_suggestion", []) if s["pace"] == pace["name"]),
                        key=lambda s: (group_order.index(s["group"]), order[s["method"]]))
@@ -461,7 +532,31 @@ def print_tables(result: dict) -> None:
                           _fmt(s["max_ms"], 0), s["max_tokens"]] for s in first],
                         f"first suggestion after opening a file (pace {pace['name']}): didOpen, then one request "
                         "at the first keystroke's position"))
+    peer = result.get("peer_requests") or []
+    if peer:
+        print(table(["pace", "method", "keystroke requests", "prompt tokens p50", "mean", "p95", "cached tokens p50",
+                     "answers from its cache", "prefetch requests", "ring requests"],
+                    [[p["pace"], p["method"], p["requests"], _fmt(p["prompt_p50"], 0), _fmt(p["prompt_mean"], 1),
+                      _fmt(p["prompt_p95"], 0), _fmt(p["cached_p50"], 0), p["cache_hits"], p["prefetch"], p["ring"]]
+                     for p in peer],
+                    "peers: prompt tokens llama-server processed per keystroke's /infill request (timings.prompt_n; "
+                    "cached = timings.cache_n), and the client's other requests"))
+    served = result.get("served_breakdown") or []
+    if served:
+        print(table(["pace", "method", "requests sampled"] + [f"{n} mean / p95" for n in SERVED_FIELDS],
+                    [[r["pace"], r["method"], r["requests"]]
+                     + [f"{_fmt(r[f'{n}_mean'], 1)} / {_fmt(r[f'{n}_p95'], 1)}" for n in SERVED_FIELDS]
+                     for r in served],
+                    "editkv: where a request's time goes (its own stats, the last request finished at each "
+                    "keystroke's poll)"))
     print("\nmethods: " + "; ".join(f"{m} = {json.dumps(s)}" for m, s in result["method_settings"].items()))
+
+
+def _load(result: dict) -> str:
+    load = result.get("load")
+    if not load:
+        return "-"
+    return f"{' '.join(f'{x:.2f}' for x in load['start'])} at start, {' '.join(f'{x:.2f}' for x in load['end'])} at end"
 
 
 def _fmt(x: float | None, digits: int) -> str:
@@ -500,6 +595,17 @@ def _args():
                    help="spread: records spread over file sizes and edit positions; file: file order")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--fake", action="store_true", help="smoke test: the server's fake engine, no model")
+    p.add_argument("--baseline", default=None,
+                   help="the method the ratio columns compare with (default: full if run, else the first peer)")
+    p.add_argument("--crossfile", type=Path, default=None,
+                   help="realedits cross-file companion (default: dev-crossfile.jsonl.gz beside --data, if there); "
+                        "its files feed peers' ring buffers (llama.vscode's input_extra); editkv gets none of it")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="peers' CPU threads (-t; default: all cores)")
+    p.add_argument("--peer-bin", default=None, help="llama-server binary (default: the cached build of "
+                                                    "bench/peers/llama_server.py for --device)")
+    p.add_argument("--peer-ctx", type=int, default=0,
+                   help="llama-server -c (0 = the model's training context, llama.vscode's README for 0.5B models)")
+    p.add_argument("--peer-log", default=None, help="write llama-server's log here (.METHOD.log replaces the suffix)")
     return p.parse_args()
 
 
@@ -529,23 +635,43 @@ def parse_methods(names: str, overrides: Iterable[str], common: str | None = Non
         raise ValueError(f"--settings {common!r}: not JSON ({err})") from None
     if not isinstance(shared, dict):
         raise ValueError(f"--settings {common!r}: expected a JSON object of settings")
-    return [Method(n, {**shared, **settings[n]}) for n in chosen]
+    # --settings are editkv's: a peer takes only its own (llama.vscode's)
+    return [Method(n, dict(settings[n]) if PEER in settings[n] else {**shared, **settings[n]}) for n in chosen]
 
 
 async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case]) -> dict:
-    clients: dict[str, LspClient] = {}
+    clients: dict[str, LspClient | LlamaVscodeClient] = {}
+    servers: list[LlamaServer] = []
     keys: list[KeyRow] = []
     lines: list[LineRow] = []
     opens: list[OpenRow] = []
+    calls: list[dict] = []
+    served: list[dict] = []  # editkv's per-request stats (where its time went)
+    load_start = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lsp_replay_") as cache_home:
+        converted = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "editkv" / "gguf"
+        if converted.is_dir():  # the user's GGUF conversion cache: no 1-2 minute conversion per run
+            (Path(cache_home) / "editkv").mkdir()
+            (Path(cache_home) / "editkv" / "gguf").symlink_to(converted)
         try:
-            clients = await start_servers(args, methods, cache_home)
-            description = (await clients[methods[0].name].request("editkv/stats"))["backend"]["description"]
+            clients = await start_servers(args, methods, cache_home, servers)
+            description = {m.name: (await clients[m.name].request("editkv/stats"))["backend"]["description"]
+                           for m in methods}
             for pace in paces:
                 for i, case in enumerate(cases):
                     for method in methods[i % len(methods):] + methods[: i % len(methods)]:
-                        k, ln = await replay_case(clients[method.name], method, case, pace, args, opens)
+                        client = clients[method.name]
+                        if isinstance(client, LlamaVscodeClient):
+                            client.begin_record(case.context, case.record_id)
+                            client.calls.clear()
+                            hits = client.cache_hits
+                        k, ln = await replay_case(client, method, case, pace, args, opens, served)
+                        if isinstance(client, LlamaVscodeClient):
+                            calls += [{"pace": pace.name, "method": method.name, "record": case.record_id,
+                                       **asdict(c)} for c in client.calls]
+                            calls.append({"pace": pace.name, "method": method.name, "record": case.record_id,
+                                          "kind": "cache_hits", "count": client.cache_hits - hits})
                         keys += k
                         lines += ln
                         answered = sum(r.outcome in ANSWERED for r in k)
@@ -555,15 +681,83 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
         finally:
             for client in clients.values():
                 await client.close()
+            for server in servers:
+                server.stop()
+    models = sorted(set(description.values()))
     return {
-        "model": description, "machine": machine(args.device), "records": len(cases), "max_keys": args.max_keys,
+        "model": "; ".join(models) if len(models) > 1 else models[0], "machine": machine(args.device),
+        "load": {"start": load_start, "end": os.getloadavg()},
+        "records": len(cases), "max_keys": args.max_keys, "baseline": args.baseline,
+        "peers": [m.name for m in methods if PEER in m.settings],
         "methods": [m.name for m in methods], "method_settings": {m.name: m.settings for m in methods},
         "paces": [asdict(p) for p in paces],
         "cases": [{"id": c.record_id, "tokens": c.tokens, "bucket": c.bucket, "position": c.position,
                    "keys": len(c.session.keys), "probes": len(c.session.probes)} for c in cases],
-        "summary": summarize(keys, lines), "keys": [asdict(k) for k in keys], "lines": [asdict(r) for r in lines],
-        "opens": [asdict(o) for o in opens], "first_suggestion": summarize_opens(opens),
+        "summary": summarize(keys, lines, args.baseline), "keys": [asdict(k) for k in keys],
+        "lines": [asdict(r) for r in lines], "opens": [asdict(o) for o in opens],
+        "first_suggestion": summarize_opens(opens), "peer_calls": calls, "peer_requests": summarize_peer_calls(calls),
+        "served_requests": served, "served_breakdown": summarize_served(served),
     }
+
+
+SERVED_FIELDS = ("total_ms", "repair_ms", "view_ms", "encoded_tokens", "decode_tokens", "forwards")
+
+
+def summarize_served(requests: list[dict]) -> list[dict]:
+    """Per pace and editkv method: mean and p95 of the per-request stats editkv reported (a sample: the
+    last request finished at each keystroke's poll)."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in requests:
+        cells.setdefault((r["pace"], r["method"]), []).append(r)
+    out = []
+    for (pace, method), rows in cells.items():
+        row = {"pace": pace, "method": method, "requests": len(rows)}
+        for name in SERVED_FIELDS:
+            values = [r[name] for r in rows if isinstance(r.get(name), int | float)]
+            row[f"{name}_mean"], row[f"{name}_p95"] = _mean(values), percentile(values, 95)
+        out.append(row)
+    return out
+
+
+def summarize_peer_calls(calls: list[dict]) -> list[dict]:
+    """Per pace and peer method: prompt tokens per keystroke request, cache answers, background requests."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for c in calls:
+        cells.setdefault((c["pace"], c["method"]), []).append(c)
+    out = []
+    for (pace, method), rows in cells.items():
+        asked = [r for r in rows if r["kind"] == "keystroke" and not r.get("aborted")]
+        prompt = [r["prompt_n"] for r in asked if r["prompt_n"] is not None]
+        cached = [r["cache_n"] for r in asked if r["cache_n"] is not None]
+        out.append({"pace": pace, "method": method, "requests": len(asked),
+                    "aborted": sum(bool(r.get("aborted")) for r in rows),
+                    "prompt_p50": percentile(prompt, 50), "prompt_p95": percentile(prompt, 95),
+                    "prompt_mean": _mean(prompt), "cached_p50": percentile(cached, 50),
+                    "cache_hits": sum(r.get("count", 0) for r in rows if r["kind"] == "cache_hits"),
+                    "prefetch": sum(r["kind"] == "prefetch" for r in rows),
+                    "ring": sum(r["kind"] == "ring" for r in rows)})
+    return out
+
+
+def load_crossfile(crossfile: Path, ids: set[str]) -> dict[str, list[tuple[str, str]]]:
+    """(path, text) of each record's cross-file context files, from the companion and its blobs file."""
+    import gzip
+
+    wanted: dict[str, list[tuple[str, str]]] = {}
+    with gzip.open(crossfile, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["id"] in ids:
+                wanted[row["id"]] = [(c["path"], c["blob"]) for c in row["context"]]
+    blobs = {b for files in wanted.values() for _, b in files}
+    texts: dict[str, str] = {}
+    blob_file = crossfile.with_name(crossfile.name.replace("-crossfile", "-blobs"))
+    with gzip.open(blob_file, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["blob"] in blobs:
+                texts[row["blob"]] = row["text"]
+    return {rid: [(path, texts[b]) for path, b in files if b in texts] for rid, files in wanted.items()}
 
 
 def main() -> None:
@@ -574,11 +768,22 @@ def main() -> None:
         methods = parse_methods(args.methods, args.method_settings, args.settings)
     except ValueError as err:
         sys.exit(f"lsp_replay: {err}")
+    names = [m.name for m in methods]
+    peers = [m.name for m in methods if PEER in m.settings]
+    args.baseline = args.baseline or (BASELINE if BASELINE in names else peers[0] if peers else names[0])
+    if args.baseline not in names:
+        sys.exit(f"lsp_replay: --baseline {args.baseline} is not among --methods {args.methods}")
     paces = [Pace(name, args.interval_ms if name == "human" else 0.0, args.hunk_pause_ms if name == "human" else 0.0)
              for name in PACES if args.pace in (name, "both")]
     records = load_records(args.data, args.limit if args.order == "file" else None, args.max_file_chars)
     cases = build_cases(records, token_counter(None if args.fake else args.model), args.limit, args.order,
                         args.max_keys)
+    crossfile = args.crossfile or args.data.with_name(args.data.name.replace(".jsonl", "-crossfile.jsonl"))
+    if any(PEER in m.settings for m in methods) and crossfile.is_file() and crossfile != args.data:
+        context = load_crossfile(crossfile, {c.record_id for c in cases})
+        for case in cases:
+            case.context = context.get(case.record_id, [])
+
     try:
         result = asyncio.run(run(args, methods, paces, cases))
     except BenchError as err:
