@@ -1,0 +1,152 @@
+"""Weight-only quantized linears for the CPU: int8 per output channel, or int4 per group.
+
+A decode step at batch 1 is a GEMV per projection: its time is the bytes of weight read.
+An fp32 Qwen2.5-Coder-0.5B reads ~2 GB per token (the tied output head alone ~545 MB), while
+llama.cpp reads its Q4_K_M weights (~0.4 GB). Here the weights are quantized once, at load
+time, and the forward runs torch's own weight-only kernels on them; activations stay in the
+model's dtype (fp32 on the CPU):
+
+- "int8": `aten._weight_int8pack_mm`: int8 weight `[N, K]`, one scale per output row
+  (symmetric: w ~ q * scale, q in [-127, 127]); a quarter of fp32's bytes.
+- "int4": `aten._weight_int4pack_mm_for_cpu`: 4-bit weight packed by
+  `aten._convert_weight_to_int4pack_for_cpu`, a scale and an offset per group of `group_size`
+  inputs of each row (asymmetric: w ~ q * scale + min, q in [0, 15]); an eighth.
+
+`quantize_model` swaps a model's projections for `QuantLinear`s: each layer's fused q/k/v and
+gate/up GEMMs, o_proj, down_proj, and the output head. A tied head gets a quantized copy of
+its own (the embedding table stays in the model's dtype: a lookup reads one row, and
+superposed decoding mixes rows of it). The fp32 projection weights are dropped afterwards,
+so the model also takes far less memory; the q/k/v and gate/up modules become None (their
+weights live only in the layer's `Fused`). The GPU path is not touched: CUDA keeps bf16
+weights and its captured graphs (engine/static_decode.py reads the fp weights directly).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FORMATS = ("fp32", "int8", "int4")  # "fp32": the model's own dtype, not quantized
+ENV = "EDITKV_CPU_WEIGHTS"  # overrides the load option and the setting (benches)
+GROUP_SIZES = (128, 64, 32)  # int4: the first that divides a linear's inputs
+
+
+class QuantLinear(nn.Module):
+    """`F.linear(x, weight, bias)` over a weight-only quantized copy of `weight` `[N, K]`.
+
+    `x` is `[..., K]` in the weight's dtype (fp32 or bf16); the result has x's dtype. int4 needs K
+    to be a multiple of 32 (else the linear is int8)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, *,
+                 group_size: int = 128) -> None:
+        super().__init__()
+        weight = weight.detach()
+        n, k = weight.shape
+        if mode == "int4" and k % 32:
+            mode = "int8"  # the int4 kernel takes groups of at least 32 inputs
+        self.mode, self.in_features, self.out_features = mode, k, n
+        self.group_size = 0
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        w = weight.float()
+        if mode == "int8":
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scales", scale.to(weight.dtype))  # [N]
+        elif mode == "int4":
+            group = next(g for g in (group_size, *GROUP_SIZES) if g <= k and k % g == 0 and g % 32 == 0)
+            self.group_size = group
+            grouped = w.view(n, k // group, group)
+            low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)  # [N, K/g]
+            scale = ((high - low) / 15.0).clamp(min=1e-12)
+            q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp_(0, 15)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 1)
+            # the kernel dequantizes (q - 8) * scale + zero, so zero = low + 8 * scale; [K/g, N, 2]
+            scale_zero = torch.stack((scale, low + 8 * scale), dim=-1).transpose(0, 1).contiguous()
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scales", scale_zero.to(weight.dtype))
+        else:
+            raise ValueError(f"unknown weight format {mode!r}; use int8 or int4")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.scales.dtype:
+            x2 = x2.to(self.scales.dtype)
+        x2 = x2.contiguous()
+        if self.mode == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
+        if self.bias is not None:
+            out = out.add_(self.bias)
+        return out.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight, its scales and bias (what a forward reads)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.bias) if t is not None)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this linear computes with, `[N, K]` fp32 (tests, error reports)."""
+        eye = torch.eye(self.in_features, dtype=self.scales.dtype)
+        bias, self.bias = self.bias, None
+        try:
+            return self.forward(eye).float().T.contiguous()
+        finally:
+            self.bias = bias
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}{group}"
+
+
+def quantize_model(model, mode: str, *, group_size: int = 128) -> None:
+    """Swap `model`'s (an engine.model.Transformer on the CPU) projections and output head for
+    `mode` QuantLinears in place; "fp32" leaves it as it is."""
+    if mode not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {mode!r}; use one of {', '.join(WEIGHT_FORMATS)}")
+    if mode == "fp32" or getattr(model, "weight_format", "fp32") != "fp32":
+        return
+    if model.device.type != "cpu" or model.static is not None:
+        raise ValueError("quantized weights are for the CPU path only")
+    for block, fused in zip(model.layers, model.fused(), strict=True):
+        attn, mlp = block.self_attn, block.mlp
+        fused.qkv_quant = QuantLinear(fused.qkv_weight, fused.qkv_bias, mode, group_size=group_size)
+        fused.gate_up_quant = QuantLinear(fused.gate_up_weight, fused.gate_up_bias, mode, group_size=group_size)
+        fused.qkv_weight = fused.qkv_bias = fused.gate_up_weight = fused.gate_up_bias = None
+        attn.q_proj = attn.k_proj = attn.v_proj = mlp.gate_proj = mlp.up_proj = None
+        attn.o_proj = QuantLinear(attn.o_proj.weight, attn.o_proj.bias, mode, group_size=group_size)
+        mlp.down_proj = QuantLinear(mlp.down_proj.weight, mlp.down_proj.bias, mode, group_size=group_size)
+    model.lm_head = QuantLinear(model.lm_head.weight, None, mode, group_size=group_size)
+    model.weight_format = mode
+
+
+# The default on the CPU ("auto"): see `choose_format`.
+AUTO_FORMAT = "fp32"
+EMBEDDED_PARAMS = 20_000_000  # about the embedded default model's size (engine/default_model: 14M)
+
+
+def choose_format(requested: str | None, device: torch.device, *, from_gguf: bool, num_params: int) -> str:
+    """The weight format a load uses: $EDITKV_CPU_WEIGHTS, else `requested`, else "auto".
+
+    Off the CPU always "fp32" (the GPU path keeps its weights). "auto" is AUTO_FORMAT for models
+    read from a GGUF or larger than the embedded one, "fp32" for the embedded one (tiny: its
+    decode is not bound by reading weights)."""
+    import os
+
+    from editkv.engine.errors import EngineError
+
+    env = os.environ.get(ENV, "").strip()
+    choice = env or requested or "auto"
+    if choice not in (*WEIGHT_FORMATS, "auto"):
+        where = f"${ENV}" if env else "cpu weights"
+        raise EngineError(f"{where} must be one of auto, {', '.join(WEIGHT_FORMATS)}; got {choice!r}")
+    if device.type != "cpu":
+        return "fp32"
+    if choice == "auto":
+        return AUTO_FORMAT if from_gguf or num_params > EMBEDDED_PARAMS else "fp32"
+    return choice
