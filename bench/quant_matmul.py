@@ -5,6 +5,7 @@ and the tied output head (151936 x 896), at a few row counts (1: a decode step; 
 repair; 128: a prefill chunk), per thread count. Reports the median ms per call of:
   fp32   F.linear over the fp32 weight
   int8   torch.ops.aten._weight_int8pack_mm: int8 weight, one fp32 scale per output channel
+  int8 dq  the int8 weight dequantized to fp32 (one pass), then F.linear
   int4   torch.ops.aten._weight_int4pack_mm_for_cpu: 4-bit weight, scale and offset per group of
          --group inputs (the weight packed by _convert_weight_to_int4pack_for_cpu)
 
@@ -45,7 +46,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}; median ms per call; GB read = weight bytes / 1e9")
-    print(f"{'shape':18} {'thr':>3} {'rows':>4} {'fp32':>8} {'int8':>8} {'int4':>8}  {'GB fp32/int8/int4':>20}")
+    print(f"{'shape':18} {'thr':>3} {'rows':>4} {'fp32':>8} {'int8':>8} {'int4':>8} {'int8 dq':>8}  "
+          f"{'GB fp32/int8/int4':>20}")
     for name, (n, k) in SHAPES.items():
         weight = torch.randn(n, k) * 0.02
         q8 = QuantLinear(weight, None, "int8")
@@ -56,11 +58,12 @@ def main() -> None:
             for rows in (int(r) for r in args.rows.split(",")):
                 x = torch.randn(rows, k)
                 reps = max(3, args.repeats // (1 + rows // 32)) if n < 100_000 else max(3, args.repeats // 4)
-                calls = (lambda w=weight, x=x: F.linear(x, w), lambda f=q8, x=x: f(x), lambda f=q4, x=x: f(x))
+                calls = (lambda w=weight, x=x: F.linear(x, w), lambda f=q8, x=x: f(x), lambda f=q4, x=x: f(x),
+                         lambda f=q8, x=x: F.linear(x, f.qweight * f.scales[:, None]))
                 with torch.inference_mode():
                     ms = [_time(call, reps) for call in calls]
-                print(f"{name:18} {threads:>3} {rows:>4} {ms[0]:8.3f} {ms[1]:8.3f} {ms[2]:8.3f}  {sizes:>20}",
-                      flush=True)
+                times = " ".join(f"{t:8.3f}" for t in ms)
+                print(f"{name:18} {threads:>3} {rows:>4} {times}  {sizes:>20}", flush=True)
 
 
 if __name__ == "__main__":
