@@ -55,7 +55,10 @@ def _weight_bytes(model) -> int:
 @torch.inference_mode()
 def measure(spec: str, fmt: str, prompt: list[int], steps: int) -> dict:
     started = time.perf_counter()
-    loaded = load_model(spec, cpu_weights=fmt)
+    if fmt == "bf16":  # the bf16 dtype, not quantized
+        loaded = load_model(spec, cpu_weights="fp32", dtype="bfloat16")
+    else:
+        loaded = load_model(spec, cpu_weights=fmt)
     load_s = time.perf_counter() - started
     model = loaded.model
     n = len(prompt)
@@ -74,7 +77,8 @@ def measure(spec: str, fmt: str, prompt: list[int], steps: int) -> dict:
         token = int(logits[0].argmax())
         times.append((time.perf_counter() - start) * 1e3)
         tokens.append(token)
-    row = {"format": loaded.weights, "load_s": load_s, "rss_mb": _rss_mb(), "weight_mb": _weight_bytes(model) / 2**20,
+    row = {"format": fmt if fmt == "bf16" else loaded.weights, "load_s": load_s, "rss_mb": _rss_mb(),
+           "weight_mb": _weight_bytes(model) / 2**20,
            "prefill_ms": prefill_ms, "decode_ms_p50": statistics.median(times),
            "decode_ms_p90": sorted(times)[int(0.9 * (len(times) - 1))], "tokens": tokens,
            "text": loaded.tokenizer.decode(tokens)}
