@@ -26,7 +26,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("mode, tol", [("int8", 0.02), ("int4", 0.15)])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5])  # 2 x 5 rows: more than SMALL_ROWS, the dense bf16 copy
 def test_quant_linear_is_close_to_the_fp32_linear(mode, tol, rows):
     torch.manual_seed(0)
     weight = torch.randn(160, 256) * torch.linspace(0.1, 2.0, 160)[:, None]  # rows of different scales
@@ -52,7 +52,10 @@ def test_quant_linear_rounds_each_weight_to_its_nearest_level(mode):
         groups = weight.view(96, 4, 32)
         step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(32, dim=1)  # per row and group
     assert deq.shape == weight.shape
-    assert bool(((deq - weight).abs() <= step / 2 + 1e-5).all())
+    # half a level, plus bf16 rounding of the scales and of the result (the kernels' dtype)
+    slack = 0.01 * weight.abs().amax(dim=1, keepdim=True)
+    assert bool(((deq - weight).abs() <= step / 2 + slack).all())
+    assert float((deq - weight).abs().mean()) < float(step.mean()) / 3
     assert lin.nbytes() < weight.numel() * 4 / (3.5 if mode == "int8" else 5)
 
 
