@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from editkv.engine.loading import load_model
 from editkv.engine.model import Span
-from editkv.engine.quant import QuantLinear
+from editkv.engine.quant import QuantLinear, quantize_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lsp_server" / "scheduler.py"
 
@@ -43,6 +43,8 @@ def _weight_bytes(model) -> int:
     for fused in model.fused():
         for t in (fused.qkv_weight, fused.gate_up_weight):
             total += 0 if t is None else t.numel() * t.element_size()
+        for q in (fused.qkv_quant, fused.gate_up_quant):
+            total += 0 if q is None else q.nbytes()
     for block in model.layers:
         for lin in (block.self_attn.o_proj, block.mlp.down_proj):
             if isinstance(lin, torch.nn.Linear):
@@ -57,6 +59,9 @@ def measure(spec: str, fmt: str, prompt: list[int], steps: int) -> dict:
     started = time.perf_counter()
     if fmt == "bf16":  # the bf16 dtype, not quantized
         loaded = load_model(spec, cpu_weights="fp32", dtype="bfloat16")
+    elif fmt.startswith("int4g"):  # int4 with groups of another size
+        loaded = load_model(spec, cpu_weights="fp32")
+        quantize_model(loaded.model, "int4", group_size=int(fmt.removeprefix("int4g")))
     else:
         loaded = load_model(spec, cpu_weights=fmt)
     load_s = time.perf_counter() - started
@@ -77,7 +82,7 @@ def measure(spec: str, fmt: str, prompt: list[int], steps: int) -> dict:
         token = int(logits[0].argmax())
         times.append((time.perf_counter() - start) * 1e3)
         tokens.append(token)
-    row = {"format": fmt if fmt == "bf16" else loaded.weights, "load_s": load_s, "rss_mb": _rss_mb(),
+    row = {"format": fmt, "load_s": load_s, "rss_mb": _rss_mb(),
            "weight_mb": _weight_bytes(model) / 2**20,
            "prefill_ms": prefill_ms, "decode_ms_p50": statistics.median(times),
            "decode_ms_p90": sorted(times)[int(0.9 * (len(times) - 1))], "tokens": tokens,
@@ -106,7 +111,7 @@ def main() -> None:
         rows.append(measure(args.model, fmt, prompt, args.steps))
         r = rows[-1]
         same = sum(a == b for a, b in zip(r["tokens"], rows[0]["tokens"], strict=True))
-        print(f"{r['format']:5} load {r['load_s']:5.1f} s  rss {r['rss_mb']:6.0f} MB  "
+        print(f"{r['format']:7} load {r['load_s']:5.1f} s  rss {r['rss_mb']:6.0f} MB  "
               f"weights {r['weight_mb']:6.0f} MB  "
               f"prefill({len(prompt)}) {r['prefill_ms']:7.0f} ms  decode p50 {r['decode_ms_p50']:6.1f} ms  "
               f"p90 {r['decode_ms_p90']:6.1f} ms  same greedy tokens as {rows[0]['format']}: "

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")  # "fp32": the model's own dtype, not quantized
 ENV = "EDITKV_CPU_WEIGHTS"  # overrides the load option and the setting (benches)
-GROUP_SIZES = (128, 64, 32)  # int4: the first that divides a linear's inputs
+GROUP_SIZES = (32,)  # int4: the group when `group_size` does not divide a linear's inputs
 ACT = torch.bfloat16  # what the kernels take: activations, scales, the dense copy
 SMALL_ROWS = 4  # forwards of more rows use the dense bf16 copy (bench/quant_matmul.py: the crossover)
 
@@ -51,7 +51,7 @@ class QuantLinear(nn.Module):
     linear is int8)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, *,
-                 group_size: int = 128) -> None:
+                 group_size: int = 32) -> None:
         super().__init__()
         weight = weight.detach()
         n, k = weight.shape
@@ -117,7 +117,7 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}{group}"
 
 
-def quantize_model(model, mode: str, *, group_size: int = 128) -> None:
+def quantize_model(model, mode: str, *, group_size: int = 32) -> None:
     """Swap `model`'s (an engine.model.Transformer on the CPU) projections and output head for
     `mode` QuantLinears in place; "fp32" leaves it as it is."""
     if mode not in WEIGHT_FORMATS:
