@@ -120,8 +120,7 @@ def load_model(
         raise EngineError(f"model path {spec} does not exist (nor is it a hub id like owner/name)")
     model = _build(config, state, dev, dtype, source=spec)
     del state  # the fp32 copies the quantized linears replace are then freed
-    weights = choose_format(cpu_weights, dev, from_gguf=bool(how),
-                            num_params=sum(p.numel() for p in model.parameters()))
+    weights = choose_format(cpu_weights, dev, num_params=sum(p.numel() for p in model.parameters()))
     if dtype not in (torch.float32, torch.bfloat16):
         weights = "fp32"  # torch's weight-only kernels take fp32 or bf16 activations
     quantize_model(model, weights)

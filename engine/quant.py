@@ -138,17 +138,18 @@ def quantize_model(model, mode: str, *, group_size: int = 32) -> None:
     model.weight_format = mode
 
 
-# The default on the CPU ("auto"): see `choose_format`.
+# The default on the CPU ("auto", see `choose_format`), and the size from which it applies.
 AUTO_FORMAT = "fp32"
-EMBEDDED_PARAMS = 20_000_000  # about the embedded default model's size (engine/default_model: 14M)
+EMBEDDED_PARAMS = 20_000_000  # a little above the embedded default model (engine/default_model: 14M)
 
 
-def choose_format(requested: str | None, device: torch.device, *, from_gguf: bool, num_params: int) -> str:
+def choose_format(requested: str | None, device: torch.device, *, num_params: int) -> str:
     """The weight format a load uses: $EDITKV_CPU_WEIGHTS, else `requested`, else "auto".
 
     Off the CPU always "fp32" (the GPU path keeps its weights). "auto" is AUTO_FORMAT for models
-    read from a GGUF or larger than the embedded one, "fp32" for the embedded one (tiny: its
-    decode is not bound by reading weights)."""
+    larger than the embedded one (a GGUF such as Qwen2.5-Coder-0.5B: its decode steps are bound
+    by the bytes of weight they read), "fp32" for the embedded one and the tiny test models,
+    GGUF or not (their weights fit the CPU's caches: nothing to gain, bench/decode_cpu.py)."""
     import os
 
     from editkv.engine.errors import EngineError
@@ -161,5 +162,5 @@ def choose_format(requested: str | None, device: torch.device, *, from_gguf: boo
     if device.type != "cpu":
         return "fp32"
     if choice == "auto":
-        return AUTO_FORMAT if from_gguf or num_params > EMBEDDED_PARAMS else "fp32"
+        return AUTO_FORMAT if num_params > EMBEDDED_PARAMS else "fp32"
     return choice

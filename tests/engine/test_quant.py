@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from editkv.engine.errors import EngineError
 from editkv.engine.loading import load_model
-from editkv.engine.quant import ENV, QuantLinear, choose_format, quantize_model
+from editkv.engine.quant import AUTO_FORMAT, ENV, QuantLinear, choose_format, quantize_model
 from helpers import make_checkpoint
 
 
@@ -105,11 +105,12 @@ def test_a_tied_head_gets_its_own_quantized_copy(tiny):
 
 def test_choose_format_env_setting_and_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_format("int8", cuda, from_gguf=True, num_params=10**9) == "fp32"  # the GPU keeps its weights
-    assert choose_format("int4", cpu, from_gguf=False, num_params=1) == "int4"
-    assert choose_format(None, cpu, from_gguf=False, num_params=1000) == "fp32"  # a tiny model: never quantized
+    assert choose_format("int8", cuda, num_params=10**9) == "fp32"  # the GPU keeps its weights
+    assert choose_format("int4", cpu, num_params=1) == "int4"
+    assert choose_format(None, cpu, num_params=1000) == "fp32"  # a tiny model: never quantized
+    assert choose_format("auto", cpu, num_params=5 * 10**8) == AUTO_FORMAT
     with pytest.raises(EngineError):
-        choose_format("int3", cpu, from_gguf=False, num_params=1)
+        choose_format("int3", cpu, num_params=1)
 
 
 def test_env_overrides_the_load_option(tiny, monkeypatch):
