@@ -28,7 +28,8 @@ class Settings:
     device: str = "auto"  # cpu, cuda, cuda:N, auto
     dtype: str | None = None  # float32, bfloat16; None: fp32 on CPU, bf16 on CUDA
     # on the CPU: the projections' weights as the dtype's own ("fp32"), or weight-only quantized
-    # ("int8", "int4": engine/quant.py); "auto": engine.quant.choose_format. Ignored on CUDA.
+    # ("int8", "int4": engine/quant.py); "auto": int8 for models larger than the embedded one
+    # (engine.quant.choose_format). Ignored on CUDA.
     cpu_weights: str = "auto"
     max_tokens: int = 64
     multiline: str = "auto"  # "auto": several lines where a block starts; "never"; "always"
