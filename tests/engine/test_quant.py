@@ -113,6 +113,10 @@ def test_choose_format_env_setting_and_device():
         choose_format("int3", cpu, num_params=1)
 
 
+def test_auto_keeps_the_embedded_model_in_fp32():
+    assert load_model(None).weights == "fp32"  # its weights fit the caches: its tests and numbers stay exact
+
+
 def test_env_overrides_the_load_option(tiny, monkeypatch):
     monkeypatch.setenv(ENV, "int8")
     assert load_model(tiny, cpu_weights="fp32").model.weight_format == "int8"
