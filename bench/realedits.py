@@ -93,7 +93,8 @@ def run(args) -> dict:
 
     def result() -> dict:
         return {"rows": rows, "views": views, "methods": methods, "n_targets": n_targets,
-                "seconds": time.perf_counter() - started, "model": loaded.source, "machine": machine(args.device)}
+                "seconds": time.perf_counter() - started, "model": loaded.source, "weights": loaded.weights,
+                "machine": machine(args.device)}
     shard, shards = args.shard
     for index, rec in enumerate(records):
         if args.limit is not None and n_targets >= args.limit:

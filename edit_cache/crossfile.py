@@ -373,7 +373,7 @@ def _recompute(model: Transformer, cache: KVCache, ids: list[int], reused: torch
     for i, block in enumerate(model.layers):
         attn = block.self_attn
         h = block.input_layernorm(x)
-        qkv = F.linear(h, fused[i].qkv_weight, fused[i].qkv_bias)  # [1, S, (H + 2 KVH) D]
+        qkv = fused[i].qkv(h)  # [1, S, (H + 2 KVH) D]
         q, kk, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
                               c.num_kv_heads * c.head_dim], -1)
         num = sel.numel()

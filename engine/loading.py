@@ -29,6 +29,7 @@ import torch
 from editkv.engine.config import ModelConfig
 from editkv.engine.errors import EngineError
 from editkv.engine.model import Transformer
+from editkv.engine.quant import choose_format, quantize_model
 from editkv.engine.rope import Rotary
 from editkv.engine.tokenizer import Tokenizer
 
@@ -55,6 +56,7 @@ class LoadedModel:
     # "converted" (converted, not cached: off or unwritable); "" for other sources
     gguf_cache: str = ""
     preferred_view_reason: str = ""  # why `preferred_view`, in words
+    weights: str = "fp32"  # the projections' format: "fp32" (the dtype's own), "int8" or "int4" (engine/quant.py)
 
     @property
     def device(self) -> torch.device:
@@ -89,11 +91,14 @@ def load_model(
     device: str | None = "cpu",
     dtype: torch.dtype | str | None = None,
     gguf_cache: bool | None = None,
+    cpu_weights: str | None = None,
 ) -> LoadedModel:
     """Load `spec` (folder, `.gguf` file, or hub id; None = the embedded default model).
 
     `gguf_cache`: read and write a GGUF's converted weights in the user's cache (None: yes,
-    unless the environment sets EDITKV_GGUF_CACHE=0).
+    unless the environment sets EDITKV_GGUF_CACHE=0). `cpu_weights`: on the CPU, "fp32" (the
+    dtype's own weights), "int8" or "int4" (weight-only quantized projections, engine/quant.py),
+    or "auto"/None (`quant.choose_format`); $EDITKV_CPU_WEIGHTS overrides it. Ignored on CUDA.
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -114,6 +119,11 @@ def load_model(
     else:
         raise EngineError(f"model path {spec} does not exist (nor is it a hub id like owner/name)")
     model = _build(config, state, dev, dtype, source=spec)
+    del state  # the fp32 copies the quantized linears replace are then freed
+    weights = choose_format(cpu_weights, dev, num_params=sum(p.numel() for p in model.parameters()))
+    if dtype not in (torch.float32, torch.bfloat16):
+        weights = "fp32"  # torch's weight-only kernels take fp32 or bf16 activations
+    quantize_model(model, weights)
     view = "fim" if tokenizer.fim is not None else "l2r"
     reason = "the model has FIM tokens" if view == "fim" else "the model has no FIM tokens"
     cache: dict[str, int] = {}
@@ -134,7 +144,8 @@ def load_model(
         if not isinstance(cache, dict) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 20 for v in cache.values()):
             raise EngineError(f"{path / EDITKV_JSON}: cache must map option names to whole numbers >= 0")
-    return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view, cache, how, reason)
+    return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view, cache, how, reason,
+                       weights)
 
 
 def model_from_weights(

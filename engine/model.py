@@ -178,12 +178,28 @@ class RMSNorm(nn.Module):
 class Fused:
     """One layer's projections as single matrices: one GEMM for q, k and v, one for gate and up.
 
-    The modules' own weights are slices of these (`Transformer.fused`), so there is one copy."""
+    The modules' own weights are slices of these (`Transformer.fused`), so there is one copy.
+    With quantized CPU weights (engine/quant.py) the two GEMMs are `*_quant` and the fp weights
+    are None."""
 
-    qkv_weight: torch.Tensor
+    qkv_weight: torch.Tensor | None
     qkv_bias: torch.Tensor | None
-    gate_up_weight: torch.Tensor
+    gate_up_weight: torch.Tensor | None
     gate_up_bias: torch.Tensor | None
+    qkv_quant: nn.Module | None = None
+    gate_up_quant: nn.Module | None = None
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v of `x` `[..., hidden]`, concatenated: `[..., (H + 2 KVH) D]`."""
+        if self.qkv_quant is not None:
+            return self.qkv_quant(x)
+        return F.linear(x, self.qkv_weight, self.qkv_bias)
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """gate and up projections of `x`, concatenated: `[..., 2 intermediate]`."""
+        if self.gate_up_quant is not None:
+            return self.gate_up_quant(x)
+        return F.linear(x, self.gate_up_weight, self.gate_up_bias)
 
 
 def _fuse(block: Block) -> Fused:
@@ -332,7 +348,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [B, T, hidden]
         c = self.config
         bsz, num_new, _ = x.shape
-        qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)  # [B, T, (H + 2 KVH) D]
+        qkv = fused.qkv(x)  # [B, T, (H + 2 KVH) D]
         if plan is not None:
             out = self._one_buffer(qkv[0], rope, layer, plan)
         else:
@@ -403,7 +419,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor, fused: Fused) -> torch.Tensor:  # noqa: D102
-        return self.down_proj(silu_mul(F.linear(x, fused.gate_up_weight, fused.gate_up_bias)))
+        return self.down_proj(silu_mul(fused.gate_up(x)))
 
 
 class Block(nn.Module):
@@ -457,6 +473,9 @@ class Transformer(nn.Module):
         self.rotary = Rotary(config)
         self.static = None  # engine.static_decode.StaticForward, once enable_graphs() is called
         self._fused: list[Fused] | None = None
+        # "fp32": projections in the model's dtype; "int8"/"int4": weight-only quantized on the
+        # CPU (engine/quant.py: the q/k/v and gate/up modules are then None, see `Fused`)
+        self.weight_format = "fp32"
         # "auto": each forward's attention kernel by device and shape (`OneBuffer`); "triton": the
         # flash kernel for every batch-1 one-buffer forward (tests run it on the CPU's interpreter);
         # "sdpa": SDPA's causal call wherever it serves (tests, on the CPU)

@@ -191,6 +191,9 @@ def _lsp_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--cpu-weights", default="auto", choices=("auto", "fp32", "int8", "int4"),
+                   help="on the CPU: the projections' weights as fp32, or weight-only int8/int4 (default: auto; "
+                   "$EDITKV_CPU_WEIGHTS overrides)")
     p.add_argument("--fake", action="store_true",
                    help="testing only: no model; every suggestion is '<fake line:col>'")
     p.add_argument("--fake-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -253,7 +256,8 @@ def _cmd_lsp(args: argparse.Namespace) -> int:
     from editkv.lsp_server.server import create_server, fake_factory, model_factory
     from editkv.lsp_server.settings import Settings, parse_settings
 
-    base, problems = parse_settings({"model": args.model, "device": args.device, "dtype": args.dtype}, Settings())
+    base, problems = parse_settings({"model": args.model, "device": args.device, "dtype": args.dtype,
+                                     "cpuWeights": args.cpu_weights}, Settings())
     if problems:
         print(f"editkv: error: {problems[0]}", file=sys.stderr)
         return 2

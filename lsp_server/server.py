@@ -249,7 +249,8 @@ def model_factory() -> BackendFactory:
         from editkv.lsp_server.backend import ModelBackend
         from editkv.lsp_server.cli import _resolve_model
 
-        loaded = load_model(_resolve_model(settings.model), device=settings.device, dtype=settings.dtype)
+        loaded = load_model(_resolve_model(settings.model), device=settings.device, dtype=settings.dtype,
+                            cpu_weights=settings.cpu_weights)
         graphs = os.environ.get(GRAPHS_ENV)
         if graphs == "off":
             loaded.model.static = None

@@ -17,6 +17,7 @@ SECTION = "editkv"
 MULTILINE_POLICIES = ("auto", "never", "always")
 CACHE_MODES = ("pie", "conflict", "prefix_reuse", "recompute")
 VIEWS = ("auto", "fim", "l2r")
+CPU_WEIGHTS = ("auto", "fp32", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class Settings:
     model: str | None = None
     device: str = "auto"  # cpu, cuda, cuda:N, auto
     dtype: str | None = None  # float32, bfloat16; None: fp32 on CPU, bf16 on CUDA
+    # on the CPU: the projections' weights as the dtype's own ("fp32"), or weight-only quantized
+    # ("int8", "int4": engine/quant.py); "auto": int8 for models larger than the embedded one
+    # (engine.quant.choose_format). Ignored on CUDA.
+    cpu_weights: str = "auto"
     max_tokens: int = 64
     multiline: str = "auto"  # "auto": several lines where a block starts; "never"; "always"
     max_lines: int = 8  # most lines of a multi-line suggestion
@@ -52,9 +57,9 @@ class Settings:
     # help on the benchmarks (BENCHMARKS.md, AdaDec), and needs a calibrated model (`editkv calibrate`)
 
     @property
-    def model_key(self) -> tuple[str | None, str, str | None]:
+    def model_key(self) -> tuple[str | None, str, str | None, str]:
         """What a backend is loaded for: changing any of these reloads it."""
-        return (self.model, self.device, self.dtype)
+        return (self.model, self.device, self.dtype, self.cpu_weights)
 
     @property
     def budget_bytes(self) -> int | None:
@@ -74,7 +79,7 @@ _INT_RANGES = {
     "refresh_near_cursor": (0, 1 << 20),
 }
 _CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
-            "dtype": ("float32", "bfloat16", "float16")}
+            "dtype": ("float32", "bfloat16", "float16"), "cpu_weights": CPU_WEIGHTS}
 _MODEL_TUNED = ("fim_fresh_suffix", "refresh_near_cursor")  # None: the model's value
 _BOOLS = ("stats_file", "speculation", "superposed", "adadec")
 _FIELDS = {f.name for f in fields(Settings)}

@@ -19,6 +19,7 @@ export const SERVER_DEFAULTS = {
   model: '',
   device: 'auto',
   dtype: '',
+  cpuWeights: 'auto',
   maxTokens: 64,
   multiline: 'auto',
   maxLines: 8,
@@ -42,7 +43,7 @@ export type ServerSettingKey = keyof typeof SERVER_DEFAULTS;
 export const SERVER_SETTING_KEYS = Object.keys(SERVER_DEFAULTS) as ServerSettingKey[];
 
 /** Changing one of these makes the server load a model again. */
-const MODEL_KEYS: readonly ServerSettingKey[] = ['model', 'device', 'dtype'];
+const MODEL_KEYS: readonly ServerSettingKey[] = ['model', 'device', 'dtype', 'cpuWeights'];
 
 /** Values are passed on as the user wrote them: the server validates them and reports bad ones. */
 export type ServerOptions = Partial<Record<ServerSettingKey, unknown>>;
