@@ -94,6 +94,12 @@ class DocumentOptions:
     # FIM views re-encode this many of the suffix's first cached tokens after <SUF> (they were
     # cached without it; a real model reads a suffix that never saw <SUF> noticeably worse)
     fim_fresh_suffix: int = 0
+    # keep those re-encoded suffix tokens between requests (a slot region right after the
+    # document, edit_cache/views.py `SuffixWindow`) while the text before the cursor's line and
+    # the tokens themselves stay the same: a keystroke on the cursor's line then encodes the
+    # line, <SUF> and <MID> only. They attend to a <SUF> of their own, not to the cursor's line
+    # (False: re-encode them after the line every request, the exact prompt when they reach the end)
+    fim_suffix_cache: bool = True
     # views re-encode the stale tokens among the last this-many before the cursor (the tokens a
     # completion attends to most; an edit above the cursor leaves them stale)
     refresh_near_cursor: int = 0
@@ -156,6 +162,16 @@ class Document:
         # Bumped whenever the cache's slots change or a view takes the scratch window: a view
         # built at another epoch must not decode (ContextView.check_current)
         self.view_epoch = 0
+        # slots right after the document's last one kept for a FIM view's cached suffix window
+        # (edit_cache/views.py); view scratch windows start after them
+        self.view_slots = 0
+        self.suffix_window = None  # views.SuffixWindow: dropped by any change to the keys it attended to
+
+    def invalidate_views(self, first_token: int = 0) -> None:
+        """Drop view state computed from tokens at or after `first_token` (their ids or keys changed)."""
+        window = self.suffix_window
+        if window is not None and first_token < window.attended:
+            self.suffix_window = None
 
     @classmethod
     def create_simulated(cls, text: str = "", **kwargs) -> Document:
@@ -217,6 +233,7 @@ class Document:
             self.redone = np.concatenate([self.redone[: edit.start], new, self.redone[edit.end :]])
 
     def _record(self, edit: TokenEdit) -> None:
+        self.invalidate_views(edit.start)
         if edit.start >= self.frontier:  # past the keys: nothing of the cache changes
             return
         left, rest = _split(self.runs, edit.start)
@@ -299,7 +316,7 @@ class Document:
         one buffer (and replay as CUDA graphs); the document's slots are never written. The
         slot after the window stays free too (see engine/static_decode.py).
         """
-        end = self.end_slot
+        end = self.end_slot + self.view_slots
         self.cache.ensure_capacity(end + size + 1)
         self.view_epoch += 1
         return self.cache.window(end, size)
@@ -310,6 +327,7 @@ class Document:
     def drop_kv(self) -> None:
         """Forget the cache (memory pressure); the next view rebuilds it by chunked prefill."""
         self.view_epoch += 1
+        self.suffix_window, self.view_slots = None, 0
         self.cache = None
         self.runs = []
         self.frontier = self.gap_at = self.gap = 0
@@ -365,6 +383,7 @@ class Document:
     def _allocate(self) -> None:
         """An empty cache holding the head; tokens come in with `_extend`."""
         self.view_epoch += 1
+        self.suffix_window, self.view_slots = None, 0
         n = len(self.ids)
         self.gap = GAP_SLOTS if self.options.mode == "pie" else 0
         self.cache = self.model.new_cache(self.h + n + self.gap + SPARE_SLOTS)
@@ -406,6 +425,7 @@ class Document:
         if last <= first:
             return
         self.view_epoch += 1
+        self.invalidate_views(first)
         started = time.perf_counter()
         h, ids = self.h, self.ids
         for a, b in ((first, min(last, self.gap_at)), (max(first, self.gap_at), last)):
@@ -569,6 +589,7 @@ class Document:
         """New tokens at `pos` (the gap's near side), attending to everything before them."""
         h = self.h
         at = h + pos
+        self.invalidate_views(pos)
         prefill(self.model, list(ids), self.cache, start=at, first_position=at,
                 context=[Span(self.cache, 0, at)] if at else [], chunk=self.options.prefill_chunk,
                 logits="none", **self._window())

@@ -269,25 +269,45 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     t_suffix, fresh_suffix = _split_suffix(doc, suffix_start)
     h = doc.h
     extra = min(doc.options.fim_fresh_suffix, len(doc.ids) - t_suffix)
-    fresh_suffix, t_suffix = fresh_suffix + doc.ids[t_suffix:t_suffix + extra], t_suffix + extra
+    window_ids = doc.ids[t_suffix:t_suffix + extra]
+    t_suffix += extra
     # the suffix as far as it has keys (a document still being encoded in the background)
     n = max(t_suffix, min(len(doc.ids), doc.frontier))
-    if _graphs_on(doc) and not t <= doc.gap_at <= t_suffix:
+    graphs = _graphs_on(doc)
+    if graphs and not t <= doc.gap_at <= t_suffix:
         doc.move_gap(min(max(doc.gap_at, t), t_suffix))  # prefix and suffix each one span
-    head_ids = fresh_prefix + [fim.suffix] + fresh_suffix
+    # the re-encoded suffix window kept between requests (`SuffixWindow`); not with CUDA graphs,
+    # whose static spans want the view's keys in the document's slots and its scratch only
+    cache_window = bool(window_ids) and doc.options.fim_suffix_cache and not graphs and block is None
+    head_ids = fresh_prefix + [fim.suffix] + fresh_suffix + ([] if cache_window else window_ids)
+    kept = len(window_ids) if cache_window else 0  # window tokens not in head_ids
     model = doc.model
+    if not cache_window and doc.view_slots:
+        doc.suffix_window, doc.view_slots = None, 0
+    elif cache_window:
+        doc.view_slots = max(doc.view_slots, 1 + len(window_ids))
     scratch = doc.scratch_window(len(head_ids) + 1 + fim.tail + max_new_tokens + DRAFT_SLOTS)
-    if first_position + (n - t_suffix) + scratch.capacity > doc.context_size:
+    if first_position + kept + (n - t_suffix) + scratch.capacity > doc.context_size:
         # longer than the model's context: a quarter of it for the suffix, the rest for the prefix
-        n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix)))
+        n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix) - len(window_ids)))
     context = _context_before(doc, used, block)
-    last = first_position + (n - t_suffix) + scratch.capacity  # past the last position a decode step reaches
+    # past the last position a decode step reaches
+    last = first_position + kept + (n - t_suffix) + scratch.capacity
     context = windowed(context, last - doc.context_size, _sink(doc, block))
     dev = model.device
+    window_spans: list[Span] = []
+    encoded = reused = 0
+    if cache_window:
+        window, hit = _suffix_window(doc, context, first_position, window_ids, t)
+        encoded, reused = (0, len(window_ids)) if hit else (window.size, 0)
+        # its tokens act right after the view's fresh <SUF> and text: shifted by their length
+        window_spans = [Span(doc.cache, window.start + 1, window.start + window.size,
+                             len(fresh_prefix) + len(fresh_suffix))]
     model(torch.tensor([head_ids], device=dev),
           torch.arange(first_position, first_position + len(head_ids), device=dev),
           write=scratch, write_at=0, context=context, logits="none")
-    suffix_position = first_position + len(head_ids)
+    suffix_position = first_position + len(head_ids) + kept
+    context = [*context, *window_spans]
     if t_suffix < n:
         context = [*context, *doc.spans(t_suffix, n, suffix_position - (h + t_suffix))]
     middle_position = suffix_position + (n - t_suffix)
@@ -297,9 +317,56 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
                    torch.arange(middle_position, middle_position + len(middle_ids), device=dev),
                    write=scratch, write_at=len(head_ids), context=[*context, Span(scratch, 0, len(head_ids))],
                    logits="last")
-    prompt = _prompt_before(doc, used, block) + head_ids + doc.ids[t_suffix:n] + middle_ids
-    encoded = len(head_ids) + len(middle_ids)
-    return ContextView("fim", doc, context, scratch, encoded, middle_position + len(middle_ids), logits, prompt,
-                       heal=heal, cached_tokens=used + n - t_suffix, encoded_tokens=encoded,
+    prompt = _prompt_before(doc, used, block) + head_ids + window_ids[:kept] + doc.ids[t_suffix:n] + middle_ids
+    encoded += len(head_ids) + len(middle_ids)
+    return ContextView("fim", doc, context, scratch, len(head_ids) + len(middle_ids),
+                       middle_position + len(middle_ids), logits, prompt,
+                       heal=heal, cached_tokens=used + n - t_suffix + reused, encoded_tokens=encoded,
                        build_ms=1000 * (time.perf_counter() - started), epoch=doc.view_epoch,
-                       extra={"block": block} if block is not None else {})
+                       extra={"block": block} if block is not None else {"suffix_window_reused": reused})
+
+
+@dataclass
+class SuffixWindow:
+    """A FIM view's re-encoded suffix start, kept in the document's `view_slots` between requests.
+
+    `<SUF> window` encoded at positions `first_position ...`, attending to the cached text before
+    the cursor's line (the view's context spans): everything the cursor's line is not. A view
+    uses the window's tokens (not its <SUF>, it encodes its own after the line) shifted by the
+    length of the line's fresh text, so they act where the prompt has them. Valid while `key`
+    matches (same context, positions, ids, slots); the document drops it when the keys or ids of
+    its first `attended` tokens change (`Document.invalidate_views`).
+    """
+
+    key: tuple
+    start: int  # its first slot in the document's cache
+    size: int  # 1 + window tokens
+    attended: int  # document tokens [0, attended) it attended to
+
+
+def _suffix_window(doc: Document, context: list[Span], first_position: int, window_ids: list[int],
+                   attended: int) -> tuple[SuffixWindow, bool]:
+    """The document's cached suffix window for this view, encoded now unless it is current;
+    (window, whether it was reused)."""
+    start = doc.end_slot
+    # what the context stands for: the positions its keys act at (the same keys whichever side
+    # of the gap they sit; a change of their contents drops the window, Document.invalidate_views)
+    acting: list[list[int]] = []
+    for s in context:
+        lo, hi = s.start + s.shift, s.end + s.shift
+        if acting and acting[-1][1] == lo:
+            acting[-1][1] = hi
+        elif hi > lo:
+            acting.append([lo, hi])
+    key = (tuple(map(tuple, acting)), first_position, tuple(window_ids), start)
+    window = doc.suffix_window
+    size = 1 + len(window_ids)
+    if window is not None and window.key == key and start + size <= doc.cache.capacity:
+        return window, True
+    ids = [doc.tokenizer.fim.suffix, *window_ids]
+    dev = doc.model.device
+    doc.model(torch.tensor([ids], device=dev), torch.arange(first_position, first_position + size, device=dev),
+              write=doc.cache, write_at=start, context=context, logits="none")
+    window = SuffixWindow(key, start, size, attended)
+    doc.suffix_window = window
+    return window, False
