@@ -282,27 +282,30 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     head_ids = fresh_prefix + [fim.suffix] + fresh_suffix + ([] if cache_window else window_ids)
     kept = len(window_ids) if cache_window else 0  # window tokens not in head_ids
     model = doc.model
-    if not cache_window and doc.view_slots:
-        doc.suffix_window, doc.view_slots = None, 0
-    elif cache_window:
-        doc.view_slots = max(doc.view_slots, 1 + len(window_ids))
-    scratch = doc.scratch_window(len(head_ids) + 1 + fim.tail + max_new_tokens + DRAFT_SLOTS)
-    if first_position + kept + (n - t_suffix) + scratch.capacity > doc.context_size:
+    if not cache_window:
+        doc.suffix_window = None
+    scratch_size = len(head_ids) + 1 + fim.tail + max_new_tokens + DRAFT_SLOTS
+    if first_position + kept + (n - t_suffix) + scratch_size > doc.context_size:
         # longer than the model's context: a quarter of it for the suffix, the rest for the prefix
         n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix) - len(window_ids)))
     context = _context_before(doc, used, block)
     # past the last position a decode step reaches
-    last = first_position + kept + (n - t_suffix) + scratch.capacity
+    last = first_position + kept + (n - t_suffix) + scratch_size
     context = windowed(context, last - doc.context_size, _sink(doc, block))
     dev = model.device
     window_spans: list[Span] = []
     encoded = reused = 0
     if cache_window:
         window, hit = _suffix_window(doc, context, first_position, window_ids, t)
+        scratch = doc.scratch_window(scratch_size)  # (after the window's slots)
+        if not hit:
+            _encode_window(doc, window, context, first_position)
         encoded, reused = (0, len(window_ids)) if hit else (window.size, 0)
         # its tokens act right after the view's fresh <SUF> and text: shifted by their length
         window_spans = [Span(doc.cache, window.start + 1, window.start + window.size,
                              len(fresh_prefix) + len(fresh_suffix))]
+    else:
+        scratch = doc.scratch_window(scratch_size)
     model(torch.tensor([head_ids], device=dev),
           torch.arange(first_position, first_position + len(head_ids), device=dev),
           write=scratch, write_at=0, context=context, logits="none")
@@ -328,7 +331,8 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
 
 @dataclass
 class SuffixWindow:
-    """A FIM view's re-encoded suffix start, kept in the document's `view_slots` between requests.
+    """A FIM view's re-encoded suffix start, kept between requests in spare slots after
+the document's (`Document.scratch_start` keeps view scratch windows after them).
 
     `<SUF> window` encoded at positions `first_position ...`, attending to the cached text before
     the cursor's line (the view's context spans): everything the cursor's line is not. A view
@@ -346,9 +350,8 @@ class SuffixWindow:
 
 def _suffix_window(doc: Document, context: list[Span], first_position: int, window_ids: list[int],
                    attended: int) -> tuple[SuffixWindow, bool]:
-    """The document's cached suffix window for this view, encoded now unless it is current;
-    (window, whether it was reused)."""
-    start = doc.end_slot
+    """The document's kept suffix window for this view and True, or a new one (slots taken, not
+    encoded yet: `_encode_window`) and False."""
     # what the context stands for: the positions its keys act at (the same keys whichever side
     # of the gap they sit; a change of their contents drops the window, Document.invalidate_views)
     acting: list[list[int]] = []
@@ -358,15 +361,22 @@ def _suffix_window(doc: Document, context: list[Span], first_position: int, wind
             acting[-1][1] = hi
         elif hi > lo:
             acting.append([lo, hi])
-    key = (tuple(map(tuple, acting)), first_position, tuple(window_ids), start)
+    key = (tuple(map(tuple, acting)), first_position, tuple(window_ids))
     window = doc.suffix_window
     size = 1 + len(window_ids)
-    if window is not None and window.key == key and start + size <= doc.cache.capacity:
+    # (the document may have grown into slots past the window's start: its writes there drop it,
+    # Document._wrote)
+    if window is not None and window.key == key and window.start + size <= doc.cache.capacity:
         return window, True
-    ids = [doc.tokenizer.fim.suffix, *window_ids]
-    dev = doc.model.device
-    doc.model(torch.tensor([ids], device=dev), torch.arange(first_position, first_position + size, device=dev),
-              write=doc.cache, write_at=start, context=context, logits="none")
-    window = SuffixWindow(key, start, size, attended)
+    doc.suffix_window = None
+    window = SuffixWindow(key, doc.end_slot, size, attended)
+    doc.cache.ensure_capacity(window.start + size)
     doc.suffix_window = window
     return window, False
+
+
+def _encode_window(doc: Document, window: SuffixWindow, context: list[Span], first_position: int) -> None:
+    ids = [doc.tokenizer.fim.suffix, *window.key[2]]
+    dev = doc.model.device
+    doc.model(torch.tensor([ids], device=dev), torch.arange(first_position, first_position + window.size, device=dev),
+              write=doc.cache, write_at=window.start, context=context, logits="none")

@@ -159,6 +159,36 @@ def test_off_encodes_the_window_with_the_cursor_line(template):
     cursor = BASE.index("class A:") + 3
     view = fill_in_middle(off, cursor)
     again = fill_in_middle(off, cursor)
-    assert off.suffix_window is None and off.view_slots == 0
+    assert off.suffix_window is None
     assert view.extra["suffix_window_reused"] == again.extra["suffix_window_reused"] == 0
     assert again.encoded_tokens == view.encoded_tokens
+
+
+def test_a_document_encoded_up_to_the_cursor_grows_into_the_window_slots(template):
+    """The server's path: the text before the cursor encoded, the rest later (background
+    `extend`). Typed tokens move the document's end past the window's first slots; encoding the
+    rest writes there, which must drop the window."""
+    cached, uncached = _pair(template)
+    cursor = BASE.index("return x + 1") + len("return x + 1")
+    with torch.inference_mode():
+        for doc in (cached, uncached):
+            doc.ensure_ready(upto=doc.tokens.first_token_at_or_after(cursor))
+        view, ref = (fill_in_middle(d, cursor, whole_suffix=False) for d in (cached, uncached))
+        for ch in " * 2":
+            for doc in (cached, uncached):
+                _insert(doc, cursor, ch)
+                doc.ensure_ready(upto=doc.tokens.first_token_at_or_after(cursor + 1))
+            cursor += 1
+            uncached.suffix_window = None
+            ref = fill_in_middle(uncached, cursor, whole_suffix=False)
+            view = fill_in_middle(cached, cursor, whole_suffix=False)
+            assert view.extra["suffix_window_reused"] == WINDOW
+            assert (view.first_logits - ref.first_logits).abs().max() <= 1e-5 * ref.first_logits.abs().max()
+        window = cached.suffix_window
+        assert cached.end_slot > window.start  # grown into the window's slots, not written yet
+        for doc in (cached, uncached):
+            doc.extend(len(doc.ids))  # background: the rest of the document
+        assert cached.suffix_window is None
+        view, ref = _views(cached, uncached, cursor)
+        assert view.extra["suffix_window_reused"] == 0
+        assert torch.equal(torch.tensor(view.decode().ids), torch.tensor(ref.decode().ids))
