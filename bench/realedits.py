@@ -125,6 +125,18 @@ def run(args) -> dict:
             for doc in docs.values():
                 doc.apply_change(Range(to_position(text_after, cursor), to_position(text_after, end)), "")
                 assert doc.text == deleted
+            start = cursor
+            if args.typed:  # the line's first characters typed one by one, a FIM view asked at each
+                typed = target["expected"][: max(0, min(args.typed, len(target["expected"]) - 1))]
+                for i, ch in enumerate(typed):
+                    at = to_position(deleted, start + i)
+                    deleted = deleted[: start + i] + ch + deleted[start + i:]
+                    for doc in docs.values():
+                        doc.apply_change(Range(at, at), ch)
+                        if "fim" in views and i + 1 < len(typed):  # (the last one is the request's)
+                            fill_in_middle(doc, start + i + 1, suffix="next_line", max_new_tokens=rules.max_tokens)
+                cursor = start + len(typed)
+                target = {**target, "expected": target["expected"][len(typed):]}
             for method in methods:
                 repair = _repair(loaded, docs.get(method))
                 for view in views:
@@ -132,8 +144,8 @@ def run(args) -> dict:
                                          repair, rec, target))
             for doc in docs.values():
                 # put the line back (pending until the next request repairs it)
-                doc.apply_change(Range(to_position(deleted, cursor), to_position(deleted, cursor)),
-                                 text_after[cursor:end])
+                doc.apply_change(Range(to_position(deleted, start), to_position(deleted, cursor)),
+                                 text_after[start:end])
                 assert doc.text == text_after
         if args.progress:
             print(f"  {n_targets} targets, {time.perf_counter() - started:.0f}s", flush=True)
@@ -287,6 +299,9 @@ def main() -> None:
                    help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--typed", type=int, default=0,
+                   help="type the target line's first N characters (one change and FIM view each) and "
+                        "complete the rest: FIM views reuse their suffix window while typing")
     args = p.parse_args()
     if args.merge:
         print(summarize(merge([json.loads(f.read_text()) for f in args.merge])))

@@ -14,6 +14,14 @@ insertion of `<SUF>` (and of the fresh text up to the next safe point) at the cu
 cached suffix slots are attended to with a position shift instead of being re-encoded. They
 never saw `<SUF>`, like PIE's stale suffix. `suffix="next_line"` leaves the rest of the
 cursor's line out of the suffix, so the model may rewrite it.
+
+The suffix's first `fim_fresh_suffix` cached tokens are re-encoded after a `<SUF>` of their own
+(a real model reads a suffix that never saw `<SUF>` noticeably worse). That window attends to
+the cached text before the cursor's line, not to the line, so it is kept between requests
+(`SuffixWindow`, in spare slots after the document's) and a keystroke on the cursor's line
+encodes the line's text before the cursor, `<SUF>`, the line's rest and `<MID>` only; an edit
+above the line, inside the window or over its slots drops it (`Document.invalidate_views`,
+`Document._wrote`). `fim_suffix_cache=False` re-encodes it after the line every request.
 """
 
 from __future__ import annotations
