@@ -35,7 +35,7 @@ from editkv.edit_cache.crossfile import ContextBlock
 from editkv.edit_cache.document import Document
 from editkv.engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode, windowed
 from editkv.engine.healing import healer_for
-from editkv.engine.model import KVCache, Span
+from editkv.engine.model import KVCache, Span, TokenGroup
 from editkv.engine.prompting import fim_heals, fim_suffix_budget, fim_tail
 from editkv.engine.sampling import SamplingParams
 
@@ -303,20 +303,19 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     dev = model.device
     window_spans: list[Span] = []
     encoded = reused = 0
+    window = None
     if cache_window:
         window, hit = _suffix_window(doc, context, first_position, window_ids, t)
         scratch = doc.scratch_window(scratch_size)  # (after the window's slots)
-        if not hit:
-            _encode_window(doc, window, context, first_position)
         encoded, reused = (0, len(window_ids)) if hit else (window.size, 0)
         # its tokens act right after the view's fresh <SUF> and text: shifted by their length
         window_spans = [Span(doc.cache, window.start + 1, window.start + window.size,
                              len(fresh_prefix) + len(fresh_suffix))]
+        if hit:
+            window = None  # nothing to encode
     else:
         scratch = doc.scratch_window(scratch_size)
-    model(torch.tensor([head_ids], device=dev),
-          torch.arange(first_position, first_position + len(head_ids), device=dev),
-          write=scratch, write_at=0, context=context, logits="none")
+    head_context = context
     suffix_position = first_position + len(head_ids) + kept
     context = [*context, *window_spans]
     if t_suffix < n:
@@ -324,10 +323,30 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     middle_position = suffix_position + (n - t_suffix)
     # <MID>, then the prefix's last tokens again when the model's layout asks for them
     middle_ids = [fim.middle] + fim_tail(doc.tokenizer, (doc.head + doc.ids)[h:used] + fresh_prefix)
-    logits = model(torch.tensor([middle_ids], device=dev),
-                   torch.arange(middle_position, middle_position + len(middle_ids), device=dev),
-                   write=scratch, write_at=len(head_ids), context=[*context, Span(scratch, 0, len(head_ids))],
-                   logits="last")
+    middle_context = [*context, Span(scratch, 0, len(head_ids))]
+    positions = [*range(first_position, first_position + len(head_ids)),
+                 *range(middle_position, middle_position + len(middle_ids))]
+    if graphs:  # (static shapes: a forward each, as the captured graphs have them)
+        model(torch.tensor([head_ids], device=dev), torch.tensor(positions[:len(head_ids)], device=dev),
+              write=scratch, write_at=0, context=head_context, logits="none")
+        logits = model(torch.tensor([middle_ids], device=dev), torch.tensor(positions[len(head_ids):], device=dev),
+                       write=scratch, write_at=len(head_ids), context=middle_context, logits="last")
+    else:
+        # one forward for all the view's tokens (on a CPU a forward costs a read of every weight,
+        # whatever its few tokens): token groups, each seeing what a forward of its own would
+        ids, groups = [*head_ids, *middle_ids], [TokenGroup(len(head_ids), head_context),
+                                                 TokenGroup(len(middle_ids), middle_context)]
+        write, write_at = scratch, 0
+        if window is not None and scratch.base is doc.cache and scratch.offset == window.start + window.size:
+            # the window's slots right before the scratch: its tokens join the forward, first
+            ids = [doc.tokenizer.fim.suffix, *window.key[2], *ids]
+            positions = [*range(first_position, first_position + window.size), *positions]
+            groups.insert(0, TokenGroup(window.size, head_context))
+            write, write_at, window = doc.cache, window.start, None
+        if window is not None:
+            _encode_window(doc, window, head_context, first_position)
+        logits = model(torch.tensor([ids], device=dev), torch.tensor(positions, device=dev),
+                       write=write, write_at=write_at, groups=groups, logits="last")
     prompt = _prompt_before(doc, used, block) + head_ids + window_ids[:kept] + doc.ids[t_suffix:n] + middle_ids
     encoded += len(head_ids) + len(middle_ids)
     return ContextView("fim", doc, context, scratch, len(head_ids) + len(middle_ids),
