@@ -39,7 +39,8 @@ def main() -> None:
     args = p.parse_args()
     records = load_records(args.data)
     record = next(r for r in records if args.record in (None, r["id"]))
-    settings = Settings(model=args.model, device=args.device, fim_suffix_cache=not args.no_fim_suffix_cache)
+    settings = Settings(model=args.model, device=args.device,
+                        **({"fim_suffix_cache": False} if args.no_fim_suffix_cache else {}))
     started = time.perf_counter()
     backend = model_factory()(settings)
     print(f"model loaded in {time.perf_counter() - started:.1f} s: {backend.description}")
