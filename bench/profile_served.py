@@ -34,13 +34,13 @@ def main() -> None:
     p.add_argument("--max-keys", type=int, default=20)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--sort", default="cumulative", help="pstats sort key (cumulative, tottime)")
-    p.add_argument("--no-fim-suffix-cache", action="store_true",
-                   help="fimSuffixCache off: FIM views encode their suffix window every request (the baseline)")
+    p.add_argument("--fim-suffix-cache", action="store_true",
+                   help="fimSuffixCache on: the window kept between requests")
     args = p.parse_args()
     records = load_records(args.data)
     record = next(r for r in records if args.record in (None, r["id"]))
     settings = Settings(model=args.model, device=args.device,
-                        **({"fim_suffix_cache": False} if args.no_fim_suffix_cache else {}))
+                        **({"fim_suffix_cache": True} if args.fim_suffix_cache else {}))
     started = time.perf_counter()
     backend = model_factory()(settings)
     print(f"model loaded in {time.perf_counter() - started:.1f} s: {backend.description}")

@@ -11,7 +11,8 @@ prefix_reuse (re-encode from the first changed token: llama.cpp / vLLM prefix ca
 pie_b<N> (PIE that re-encodes the stale tokens once more than N are stale: the staleness
 budget sweep, e.g. --methods full,pie,pie_b1024,pie_b256,pie_b0); pie_c<N> (PIE whose views
 re-encode the stale tokens among the N before the cursor); pie_u (PIE whose FIM view encodes
-its suffix window again for every request, after the cursor's line: `fimSuffixCache` off).
+its suffix window again for every request, after the cursor's line: `fimSuffixCache` off, the
+default); pie_k (`fimSuffixCache` on: the window kept between requests).
 
     python bench/realedits.py --limit 50 --model engine/default_model --device cpu
 """
@@ -165,6 +166,8 @@ def _options(method: str, args, loaded) -> DocumentOptions:
         mode, given = "pie", {**given, "refresh_near_cursor": int(method[5:])}
     elif method == "pie_u":  # the FIM view's suffix window re-encoded after the cursor's line every request
         mode, extra = "pie", {"fim_suffix_cache": False}
+    elif method == "pie_k":  # the FIM view's suffix window kept between requests (fimSuffixCache on)
+        mode, extra = "pie", {"fim_suffix_cache": True}
     return DocumentOptions(mode=mode, refresh_window=args.refresh_window, **extra).tuned(loaded.cache, **given)
 
 

@@ -46,7 +46,7 @@ class Settings:
     fim_fresh_suffix: int | None = None  # FIM views re-encode the suffix's first tokens after <SUF>
     # ... and keep them between requests while the text above the cursor's line and they stay the
     # same (they then never see the cursor's line); off: re-encoded after the line every request
-    fim_suffix_cache: bool = True
+    fim_suffix_cache: bool = False  # (opt-in until a larger realedits run shows no loss: BENCHMARKS.md)
     refresh_near_cursor: int | None = None  # views re-encode stale tokens among this many before the cursor
     # background work: after this long without work, re-encode stale tokens; files are encoded up to
     # the cursor first and the rest in the background. 0: off (every request encodes whole files)

@@ -32,7 +32,7 @@ def template():
 def _pair(template, **options):
     def make():
         return Document(template.model, template.tokenizer, BASE, head=template.head,
-                        options=DocumentOptions(fim_fresh_suffix=WINDOW, **options))
+                        options=DocumentOptions(**{"fim_fresh_suffix": WINDOW, "fim_suffix_cache": True, **options}))
     return make(), make()
 
 
