@@ -700,7 +700,8 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
     }
 
 
-SERVED_FIELDS = ("total_ms", "repair_ms", "view_ms", "encoded_tokens", "decode_tokens", "forwards")
+SERVED_FIELDS = ("total_ms", "repair_ms", "view_ms", "view_encoded_tokens", "encoded_tokens", "decode_tokens",
+                 "forwards")
 
 
 def summarize_served(requests: list[dict]) -> list[dict]:

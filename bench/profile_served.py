@@ -34,10 +34,13 @@ def main() -> None:
     p.add_argument("--max-keys", type=int, default=20)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--sort", default="cumulative", help="pstats sort key (cumulative, tottime)")
+    p.add_argument("--fim-suffix-cache", action="store_true",
+                   help="fimSuffixCache on: the window kept between requests")
     args = p.parse_args()
     records = load_records(args.data)
     record = next(r for r in records if args.record in (None, r["id"]))
-    settings = Settings(model=args.model, device=args.device)
+    settings = Settings(model=args.model, device=args.device,
+                        **({"fim_suffix_cache": True} if args.fim_suffix_cache else {}))
     started = time.perf_counter()
     backend = model_factory()(settings)
     print(f"model loaded in {time.perf_counter() - started:.1f} s: {backend.description}")
@@ -62,11 +65,16 @@ def main() -> None:
         s = result.stats
         rows.append((ms, s))
         print(f"{key.label!r:>12} {ms:8.0f} ms  repair {s.get('repair_ms', 0):6.0f}  view {s.get('view_ms', 0):6.0f}  "
-              f"encoded {s.get('encoded_tokens', 0):5}  decoded {s.get('decode_tokens', 0):3}  "
+              f"encoded {s.get('encoded_tokens', 0):5} (view {s.get('view_encoded_tokens', 0):3})  "
+              f"decoded {s.get('decode_tokens', 0):3}  "
               f"forwards {s.get('forwards', 0):3}  {s.get('view')}")
     lat = [ms for ms, _ in rows]
     print(f"\n{len(rows)} keystrokes: p50 {percentile(lat, 50):.0f} ms, p95 {percentile(lat, 95):.0f} ms; "
           f"{record['id']} ({len(session.text)} chars)")
+    for name in ("view_ms", "view_encoded_tokens", "repair_ms", "encoded_tokens", "total_ms"):
+        values = [s[name] for _, s in rows if isinstance(s.get(name), int | float)]
+        if values:
+            print(f"  {name}: mean {sum(values) / len(values):.1f}, p50 {percentile(values, 50):.1f}")
     out = io.StringIO()
     pstats.Stats(profile, stream=out).sort_stats(args.sort).print_stats(args.top)
     print(out.getvalue())

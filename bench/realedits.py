@@ -10,7 +10,9 @@ Methods: full (fresh prefill of the exact prompt), pie, conflict (PIE without re
 prefix_reuse (re-encode from the first changed token: llama.cpp / vLLM prefix caching);
 pie_b<N> (PIE that re-encodes the stale tokens once more than N are stale: the staleness
 budget sweep, e.g. --methods full,pie,pie_b1024,pie_b256,pie_b0); pie_c<N> (PIE whose views
-re-encode the stale tokens among the N before the cursor).
+re-encode the stale tokens among the N before the cursor); pie_u (PIE whose FIM view encodes
+its suffix window again for every request, after the cursor's line: `fimSuffixCache` off, the
+default); pie_k (`fimSuffixCache` on: the window kept between requests).
 
     python bench/realedits.py --limit 50 --model engine/default_model --device cpu
 """
@@ -125,6 +127,18 @@ def run(args) -> dict:
             for doc in docs.values():
                 doc.apply_change(Range(to_position(text_after, cursor), to_position(text_after, end)), "")
                 assert doc.text == deleted
+            start = cursor
+            if args.typed:  # the line's first characters typed one by one, a FIM view asked at each
+                typed = target["expected"][: max(0, min(args.typed, len(target["expected"]) - 1))]
+                for i, ch in enumerate(typed):
+                    at = to_position(deleted, start + i)
+                    deleted = deleted[: start + i] + ch + deleted[start + i:]
+                    for doc in docs.values():
+                        doc.apply_change(Range(at, at), ch)
+                        if "fim" in views and i + 1 < len(typed):  # (the last one is the request's)
+                            fill_in_middle(doc, start + i + 1, suffix="next_line", max_new_tokens=rules.max_tokens)
+                cursor = start + len(typed)
+                target = {**target, "expected": target["expected"][len(typed):]}
             for method in methods:
                 repair = _repair(loaded, docs.get(method))
                 for view in views:
@@ -132,8 +146,8 @@ def run(args) -> dict:
                                          repair, rec, target))
             for doc in docs.values():
                 # put the line back (pending until the next request repairs it)
-                doc.apply_change(Range(to_position(deleted, cursor), to_position(deleted, cursor)),
-                                 text_after[cursor:end])
+                doc.apply_change(Range(to_position(deleted, start), to_position(deleted, cursor)),
+                                 text_after[start:end])
                 assert doc.text == text_after
         if args.progress:
             print(f"  {n_targets} targets, {time.perf_counter() - started:.0f}s", flush=True)
@@ -151,6 +165,10 @@ def _options(method: str, args, loaded) -> DocumentOptions:
         mode, extra = "pie", {"stale_budget": int(method[5:])}
     elif method.startswith("pie_c"):
         mode, given = "pie", {**given, "refresh_near_cursor": int(method[5:])}
+    elif method == "pie_u":  # the FIM view's suffix window re-encoded after the cursor's line every request
+        mode, extra = "pie", {"fim_suffix_cache": False}
+    elif method == "pie_k":  # the FIM view's suffix window kept between requests (fimSuffixCache on)
+        mode, extra = "pie", {"fim_suffix_cache": True}
     return DocumentOptions(mode=mode, refresh_window=args.refresh_window, **extra).tuned(loaded.cache, **given)
 
 
@@ -285,6 +303,9 @@ def main() -> None:
                    help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--typed", type=int, default=0,
+                   help="type the target line's first N characters (one change and FIM view each) and "
+                        "complete the rest: FIM views reuse their suffix window while typing")
     args = p.parse_args()
     if args.merge:
         print(summarize(merge([json.loads(f.read_text()) for f in args.merge])))

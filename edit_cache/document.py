@@ -94,6 +94,13 @@ class DocumentOptions:
     # FIM views re-encode this many of the suffix's first cached tokens after <SUF> (they were
     # cached without it; a real model reads a suffix that never saw <SUF> noticeably worse)
     fim_fresh_suffix: int = 0
+    # keep those re-encoded suffix tokens between requests (a slot region right after the
+    # document, edit_cache/views.py `SuffixWindow`) while the text before the cursor's line and
+    # the tokens themselves stay the same: a keystroke on the cursor's line then encodes the
+    # line, <SUF> and <MID> only. They attend to a <SUF> of their own, not to the cursor's line
+    # (False: re-encode them after the line every request, the exact prompt when they reach the end)
+    # (off by default: realedits, 22 targets, measured EM 6 vs 7 and ES 51 vs 57 against it off; BENCHMARKS.md)
+    fim_suffix_cache: bool = False
     # views re-encode the stale tokens among the last this-many before the cursor (the tokens a
     # completion attends to most; an edit above the cursor leaves them stale)
     refresh_near_cursor: int = 0
@@ -156,6 +163,28 @@ class Document:
         # Bumped whenever the cache's slots change or a view takes the scratch window: a view
         # built at another epoch must not decode (ContextView.check_current)
         self.view_epoch = 0
+        # a FIM view's suffix window kept between requests (views.SuffixWindow) in spare slots
+        # after the document's: dropped by any change to the keys it attended to or to its slots;
+        # view scratch windows start after it
+        self.suffix_window = None
+
+    def invalidate_views(self, first_token: int = 0) -> None:
+        """Drop view state computed from tokens at or after `first_token` (their ids or keys changed)."""
+        window = self.suffix_window
+        if window is not None and first_token < window.attended:
+            self.suffix_window = None
+
+    def _wrote(self, lo: int, hi: int) -> None:
+        """Slots `[lo, hi)` were written (the document grew into spare slots): drop a view's state there."""
+        window = self.suffix_window
+        if window is not None and lo < window.start + window.size and window.start < hi:
+            self.suffix_window = None
+
+    @property
+    def scratch_start(self) -> int:
+        """The first slot a view's scratch may use: after the document's and a kept suffix window's."""
+        window = self.suffix_window
+        return self.end_slot if window is None else max(self.end_slot, window.start + window.size)
 
     @classmethod
     def create_simulated(cls, text: str = "", **kwargs) -> Document:
@@ -217,6 +246,7 @@ class Document:
             self.redone = np.concatenate([self.redone[: edit.start], new, self.redone[edit.end :]])
 
     def _record(self, edit: TokenEdit) -> None:
+        self.invalidate_views(edit.start)
         if edit.start >= self.frontier:  # past the keys: nothing of the cache changes
             return
         left, rest = _split(self.runs, edit.start)
@@ -299,7 +329,7 @@ class Document:
         one buffer (and replay as CUDA graphs); the document's slots are never written. The
         slot after the window stays free too (see engine/static_decode.py).
         """
-        end = self.end_slot
+        end = self.scratch_start
         self.cache.ensure_capacity(end + size + 1)
         self.view_epoch += 1
         return self.cache.window(end, size)
@@ -310,6 +340,7 @@ class Document:
     def drop_kv(self) -> None:
         """Forget the cache (memory pressure); the next view rebuilds it by chunked prefill."""
         self.view_epoch += 1
+        self.suffix_window = None
         self.cache = None
         self.runs = []
         self.frontier = self.gap_at = self.gap = 0
@@ -365,6 +396,7 @@ class Document:
     def _allocate(self) -> None:
         """An empty cache holding the head; tokens come in with `_extend`."""
         self.view_epoch += 1
+        self.suffix_window = None
         n = len(self.ids)
         self.gap = GAP_SLOTS if self.options.mode == "pie" else 0
         self.cache = self.model.new_cache(self.h + n + self.gap + SPARE_SLOTS)
@@ -406,6 +438,7 @@ class Document:
         if last <= first:
             return
         self.view_epoch += 1
+        self.invalidate_views(first)
         started = time.perf_counter()
         h, ids = self.h, self.ids
         for a, b in ((first, min(last, self.gap_at)), (max(first, self.gap_at), last)):
@@ -419,6 +452,7 @@ class Document:
                 if at > h + self.gap_at + self.gap:
                     context.append(Span(self.cache, h + self.gap_at + self.gap, at))
             self.cache.ensure_capacity(self.end_slot + 1)
+            self._wrote(at, at + b - a)
             prefill(self.model, ids[a:b], self.cache, start=at, first_position=at, context=context,
                     chunk=self.options.prefill_chunk, logits="none", **self._window())
         # exact only if everything before them is: a token encoded after a stale one attended
@@ -457,6 +491,7 @@ class Document:
         if end <= start:
             return
         self.view_epoch += 1
+        self._wrote(start + delta, end + delta)
         cache = self.cache
         half = self.model.config.rotary_dim // 2
         if rotate:
@@ -557,6 +592,7 @@ class Document:
             self.gap = GAP_SLOTS
         if self.cache.capacity > 2 * self.end_slot + 2 * SPARE_SLOTS:
             self.cache.shrink(self.end_slot + SPARE_SLOTS)
+            self._wrote(self.end_slot + SPARE_SLOTS, self.cache.capacity + (1 << 30))
         self.cache.ensure_capacity(self.end_slot + SPARE_SLOTS)
         self.cache.extent = self.end_slot + SPARE_SLOTS
 
@@ -569,6 +605,8 @@ class Document:
         """New tokens at `pos` (the gap's near side), attending to everything before them."""
         h = self.h
         at = h + pos
+        self.invalidate_views(pos)
+        self._wrote(at, at + len(ids))
         prefill(self.model, list(ids), self.cache, start=at, first_position=at,
                 context=[Span(self.cache, 0, at)] if at else [], chunk=self.options.prefill_chunk,
                 logits="none", **self._window())
@@ -645,6 +683,7 @@ class Document:
         self._set_stale_from(len(self.ids) if first_change is None else first_change, fresh)
         if cache.capacity > 2 * (h + n) + 2 * SPARE_SLOTS:
             cache.shrink(h + n + SPARE_SLOTS)
+            self._wrote(h + n + SPARE_SLOTS, 1 << 62)
         cache.extent = h + n + SPARE_SLOTS
 
     def _from_first_change(self, runs: list[_Run]) -> list[_Run]:

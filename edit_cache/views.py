@@ -14,6 +14,14 @@ insertion of `<SUF>` (and of the fresh text up to the next safe point) at the cu
 cached suffix slots are attended to with a position shift instead of being re-encoded. They
 never saw `<SUF>`, like PIE's stale suffix. `suffix="next_line"` leaves the rest of the
 cursor's line out of the suffix, so the model may rewrite it.
+
+The suffix's first `fim_fresh_suffix` cached tokens are re-encoded after a `<SUF>` of their own
+(a real model reads a suffix that never saw `<SUF>` noticeably worse). That window attends to
+the cached text before the cursor's line, not to the line, so it is kept between requests
+(`SuffixWindow`, in spare slots after the document's) and a keystroke on the cursor's line
+encodes the line's text before the cursor, `<SUF>`, the line's rest and `<MID>` only; an edit
+above the line, inside the window or over its slots drops it (`Document.invalidate_views`,
+`Document._wrote`). `fim_suffix_cache=False` re-encodes it after the line every request.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from editkv.edit_cache.crossfile import ContextBlock
 from editkv.edit_cache.document import Document
 from editkv.engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode, windowed
 from editkv.engine.healing import healer_for
-from editkv.engine.model import KVCache, Span
+from editkv.engine.model import KVCache, Span, TokenGroup
 from editkv.engine.prompting import fim_heals, fim_suffix_budget, fim_tail
 from editkv.engine.sampling import SamplingParams
 
@@ -269,37 +277,133 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     t_suffix, fresh_suffix = _split_suffix(doc, suffix_start)
     h = doc.h
     extra = min(doc.options.fim_fresh_suffix, len(doc.ids) - t_suffix)
-    fresh_suffix, t_suffix = fresh_suffix + doc.ids[t_suffix:t_suffix + extra], t_suffix + extra
+    window_ids = doc.ids[t_suffix:t_suffix + extra]
+    t_suffix += extra
     # the suffix as far as it has keys (a document still being encoded in the background)
     n = max(t_suffix, min(len(doc.ids), doc.frontier))
-    if _graphs_on(doc) and not t <= doc.gap_at <= t_suffix:
+    graphs = _graphs_on(doc)
+    if graphs and not t <= doc.gap_at <= t_suffix:
         doc.move_gap(min(max(doc.gap_at, t), t_suffix))  # prefix and suffix each one span
-    head_ids = fresh_prefix + [fim.suffix] + fresh_suffix
+    # the re-encoded suffix window kept between requests (`SuffixWindow`); not with CUDA graphs,
+    # whose static spans want the view's keys in the document's slots and its scratch only
+    cache_window = bool(window_ids) and doc.options.fim_suffix_cache and not graphs and block is None
+    head_ids = fresh_prefix + [fim.suffix] + fresh_suffix + ([] if cache_window else window_ids)
+    kept = len(window_ids) if cache_window else 0  # window tokens not in head_ids
     model = doc.model
-    scratch = doc.scratch_window(len(head_ids) + 1 + fim.tail + max_new_tokens + DRAFT_SLOTS)
-    if first_position + (n - t_suffix) + scratch.capacity > doc.context_size:
+    if not cache_window:
+        doc.suffix_window = None
+    scratch_size = len(head_ids) + 1 + fim.tail + max_new_tokens + DRAFT_SLOTS
+    if first_position + kept + (n - t_suffix) + scratch_size > doc.context_size:
         # longer than the model's context: a quarter of it for the suffix, the rest for the prefix
-        n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix)))
+        n = min(n, t_suffix + max(0, fim_suffix_budget(doc.context_size) - len(fresh_suffix) - len(window_ids)))
     context = _context_before(doc, used, block)
-    last = first_position + (n - t_suffix) + scratch.capacity  # past the last position a decode step reaches
+    # past the last position a decode step reaches
+    last = first_position + kept + (n - t_suffix) + scratch_size
     context = windowed(context, last - doc.context_size, _sink(doc, block))
     dev = model.device
-    model(torch.tensor([head_ids], device=dev),
-          torch.arange(first_position, first_position + len(head_ids), device=dev),
-          write=scratch, write_at=0, context=context, logits="none")
-    suffix_position = first_position + len(head_ids)
+    window_spans: list[Span] = []
+    encoded = reused = 0
+    window = None
+    if cache_window:
+        window, hit = _suffix_window(doc, context, first_position, window_ids, t)
+        scratch = doc.scratch_window(scratch_size)  # (after the window's slots)
+        encoded, reused = (0, len(window_ids)) if hit else (window.size, 0)
+        # its tokens act right after the view's fresh <SUF> and text: shifted by their length
+        window_spans = [Span(doc.cache, window.start + 1, window.start + window.size,
+                             len(fresh_prefix) + len(fresh_suffix))]
+        if hit:
+            window = None  # nothing to encode
+    else:
+        scratch = doc.scratch_window(scratch_size)
+    head_context = context
+    suffix_position = first_position + len(head_ids) + kept
+    context = [*context, *window_spans]
     if t_suffix < n:
         context = [*context, *doc.spans(t_suffix, n, suffix_position - (h + t_suffix))]
     middle_position = suffix_position + (n - t_suffix)
     # <MID>, then the prefix's last tokens again when the model's layout asks for them
     middle_ids = [fim.middle] + fim_tail(doc.tokenizer, (doc.head + doc.ids)[h:used] + fresh_prefix)
-    logits = model(torch.tensor([middle_ids], device=dev),
-                   torch.arange(middle_position, middle_position + len(middle_ids), device=dev),
-                   write=scratch, write_at=len(head_ids), context=[*context, Span(scratch, 0, len(head_ids))],
-                   logits="last")
-    prompt = _prompt_before(doc, used, block) + head_ids + doc.ids[t_suffix:n] + middle_ids
-    encoded = len(head_ids) + len(middle_ids)
-    return ContextView("fim", doc, context, scratch, encoded, middle_position + len(middle_ids), logits, prompt,
-                       heal=heal, cached_tokens=used + n - t_suffix, encoded_tokens=encoded,
+    middle_context = [*context, Span(scratch, 0, len(head_ids))]
+    positions = [*range(first_position, first_position + len(head_ids)),
+                 *range(middle_position, middle_position + len(middle_ids))]
+    if graphs:  # (static shapes: a forward each, as the captured graphs have them)
+        model(torch.tensor([head_ids], device=dev), torch.tensor(positions[:len(head_ids)], device=dev),
+              write=scratch, write_at=0, context=head_context, logits="none")
+        logits = model(torch.tensor([middle_ids], device=dev), torch.tensor(positions[len(head_ids):], device=dev),
+                       write=scratch, write_at=len(head_ids), context=middle_context, logits="last")
+    else:
+        # one forward for all the view's tokens (on a CPU a forward costs a read of every weight,
+        # whatever its few tokens): token groups, each seeing what a forward of its own would
+        ids, groups = [*head_ids, *middle_ids], [TokenGroup(len(head_ids), head_context),
+                                                 TokenGroup(len(middle_ids), middle_context)]
+        write, write_at = scratch, 0
+        if window is not None and scratch.base is doc.cache and scratch.offset == window.start + window.size:
+            # the window's slots right before the scratch: its tokens join the forward, first
+            ids = [doc.tokenizer.fim.suffix, *window.key[2], *ids]
+            positions = [*range(first_position, first_position + window.size), *positions]
+            groups.insert(0, TokenGroup(window.size, head_context))
+            write, write_at, window = doc.cache, window.start, None
+        if window is not None:
+            _encode_window(doc, window, head_context, first_position)
+        logits = model(torch.tensor([ids], device=dev), torch.tensor(positions, device=dev),
+                       write=write, write_at=write_at, groups=groups, logits="last")
+    prompt = _prompt_before(doc, used, block) + head_ids + window_ids[:kept] + doc.ids[t_suffix:n] + middle_ids
+    encoded += len(head_ids) + len(middle_ids)
+    return ContextView("fim", doc, context, scratch, len(head_ids) + len(middle_ids),
+                       middle_position + len(middle_ids), logits, prompt,
+                       heal=heal, cached_tokens=used + n - t_suffix + reused, encoded_tokens=encoded,
                        build_ms=1000 * (time.perf_counter() - started), epoch=doc.view_epoch,
-                       extra={"block": block} if block is not None else {})
+                       extra={"block": block} if block is not None else {"suffix_window_reused": reused})
+
+
+@dataclass
+class SuffixWindow:
+    """A FIM view's re-encoded suffix start, kept between requests in spare slots after
+the document's (`Document.scratch_start` keeps view scratch windows after them).
+
+    `<SUF> window` encoded at positions `first_position ...`, attending to the cached text before
+    the cursor's line (the view's context spans): everything the cursor's line is not. A view
+    uses the window's tokens (not its <SUF>, it encodes its own after the line) shifted by the
+    length of the line's fresh text, so they act where the prompt has them. Valid while `key`
+    matches (same context, positions, ids, slots); the document drops it when the keys or ids of
+    its first `attended` tokens change (`Document.invalidate_views`).
+    """
+
+    key: tuple
+    start: int  # its first slot in the document's cache
+    size: int  # 1 + window tokens
+    attended: int  # document tokens [0, attended) it attended to
+
+
+def _suffix_window(doc: Document, context: list[Span], first_position: int, window_ids: list[int],
+                   attended: int) -> tuple[SuffixWindow, bool]:
+    """The document's kept suffix window for this view and True, or a new one (slots taken, not
+    encoded yet: `_encode_window`) and False."""
+    # what the context stands for: the positions its keys act at (the same keys whichever side
+    # of the gap they sit; a change of their contents drops the window, Document.invalidate_views)
+    acting: list[list[int]] = []
+    for s in context:
+        lo, hi = s.start + s.shift, s.end + s.shift
+        if acting and acting[-1][1] == lo:
+            acting[-1][1] = hi
+        elif hi > lo:
+            acting.append([lo, hi])
+    key = (tuple(map(tuple, acting)), first_position, tuple(window_ids))
+    window = doc.suffix_window
+    size = 1 + len(window_ids)
+    # (the document may have grown into slots past the window's start: its writes there drop it,
+    # Document._wrote)
+    if window is not None and window.key == key and window.start + size <= doc.cache.capacity:
+        return window, True
+    doc.suffix_window = None
+    window = SuffixWindow(key, doc.end_slot, size, attended)
+    doc.cache.ensure_capacity(window.start + size)
+    doc.suffix_window = window
+    return window, False
+
+
+def _encode_window(doc: Document, window: SuffixWindow, context: list[Span], first_position: int) -> None:
+    ids = [doc.tokenizer.fim.suffix, *window.key[2]]
+    dev = doc.model.device
+    doc.model(torch.tensor([ids], device=dev), torch.arange(first_position, first_position + window.size, device=dev),
+              write=doc.cache, write_at=window.start, context=context, logits="none")

@@ -591,7 +591,8 @@ def cache_options(settings: Settings) -> dict:
     from editkv.edit_cache.document import TUNED, DocumentOptions
 
     mode = "pie" if settings.cache_mode == "recompute" else settings.cache_mode
-    options = DocumentOptions(mode=mode, stale_budget=settings.stale_budget or None)
+    options = DocumentOptions(mode=mode, stale_budget=settings.stale_budget or None,
+                              fim_suffix_cache=settings.fim_suffix_cache)
     # the model-tuned options as the user set them; the backend fills in its model's for None
     tuned = {name: getattr(settings, name) for name in TUNED}
     return {"budget_bytes": settings.budget_bytes, "options": options, "tuned": tuned,

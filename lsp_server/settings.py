@@ -49,6 +49,9 @@ class Settings:
     stale_budget: int = 4096
     # None: the model's recommendation (edit_cache.document.TUNED)
     fim_fresh_suffix: int | None = None  # FIM views re-encode the suffix's first tokens after <SUF>
+    # ... and keep them between requests while the text above the cursor's line and they stay the
+    # same (they then never see the cursor's line); off: re-encoded after the line every request
+    fim_suffix_cache: bool = False  # (opt-in until a larger realedits run shows no loss: BENCHMARKS.md)
     refresh_near_cursor: int | None = None  # views re-encode stale tokens among this many before the cursor
     # background work: after this long without work, re-encode stale tokens; files are encoded up to
     # the cursor first and the rest in the background. 0: off (every request encodes whole files)
@@ -81,7 +84,7 @@ _INT_RANGES = {
 _CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
             "dtype": ("float32", "bfloat16", "float16"), "cpu_weights": CPU_WEIGHTS}
 _MODEL_TUNED = ("fim_fresh_suffix", "refresh_near_cursor")  # None: the model's value
-_BOOLS = ("stats_file", "speculation", "superposed", "adadec")
+_BOOLS = ("stats_file", "speculation", "superposed", "adadec", "fim_suffix_cache")
 _FIELDS = {f.name for f in fields(Settings)}
 
 

@@ -222,7 +222,9 @@ def test_fim_view_repeats_the_prefix_tail_when_the_model_asks(template):
 
 
 def test_fim_fresh_suffix_reencodes_the_suffix_start_after_the_marker(template):
-    doc = _doc(template)
+    # re-encoded after the cursor's line each time (a kept window never saw the line: see
+    # tests/edit_cache/test_suffix_window.py), so the whole suffix fresh is the exact prompt
+    doc = _doc(template, fim_suffix_cache=False)
     doc.ensure_ready()
     cursor = 40
     cached = fill_in_middle(doc, cursor, suffix="next_line")
@@ -250,8 +252,9 @@ def test_views_do_not_mutate_the_document_cache(template):
         for cursor in (30, len(doc.text) - 3):  # before and after the gap
             view = make(doc, cursor)  # each built just before it decodes: views share the scratch slots
             view.decode()
-            # the scratch is a window of spare slots after the document's last one
-            assert view.scratch.base is doc.cache and view.scratch.offset == used
+            # the scratch is a window of spare slots after the document's last one (and after
+            # the slots a FIM view keeps its suffix window in, views.SuffixWindow)
+            assert view.scratch.base is doc.cache and view.scratch.offset == doc.scratch_start >= used
     assert torch.equal(k, doc.cache.k[:, :, :, :used]) and torch.equal(v, doc.cache.v[:, :, :, :used])
 
 
@@ -375,7 +378,7 @@ def test_typing_at_one_place_moves_nothing_and_encodes_the_typed_tokens_only(tem
 
 
 def test_views_on_both_sides_of_the_gap_stand_for_the_exact_prompt(template):
-    doc = _doc(template, BASE * 2)
+    doc = _doc(template, BASE * 2, fim_suffix_cache=False)  # the whole suffix fresh: exact
     doc.ensure_ready()
     doc.apply_change(Range(to_position(doc.text, 60), to_position(doc.text, 64)), "total = 0\n")
     doc.refresh()  # nothing stale: every view must be exact

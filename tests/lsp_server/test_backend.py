@@ -353,3 +353,28 @@ def test_every_request_reports_the_tokens_it_encoded(tmp_path):
     assert backend.encoded_tokens == first["encoded_tokens"] + second["encoded_tokens"]
     backend.recompute = True  # cacheMode "recompute": the whole file again
     assert backend.complete(request).stats["encoded_tokens"] >= doc.h + len(doc.ids)
+
+
+def test_fim_requests_typed_on_one_line_reuse_the_suffix_window(trained):
+    """Served FIM requests while typing on the cursor's line: with `fimSuffixCache` the suffix's
+    re-encoded window is encoded once, then reused (the view encodes the line, <SUF>, <MID>)."""
+    from editkv.lsp_server.scheduler import cache_options
+
+    text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n" * 3
+    cursor = text.index("a + b") + len("a + b")  # the end of a line
+    encoded = {}
+    for on in (True, False):
+        backend = ModelBackend(trained, **cache_options(Settings(fim_fresh_suffix=16, fim_suffix_cache=on)))
+        uri = "file:///w.py"
+        backend.open(uri, text)
+        t, c = text, cursor
+        stats = []
+        for ch in ("", " ", "*", " ", "2"):
+            t, c = _type(backend, uri, t, c, ch)
+            result = backend.complete(_request(uri, t, c, max_tokens=2, view="fim"))
+            assert result.stats["view"] == "fim"
+            stats.append(result.stats)
+        encoded[on] = [s["view_encoded_tokens"] for s in stats]
+    # the first request encodes the window (and its own <SUF>), the keystrokes after it don't
+    assert encoded[True][0] == encoded[False][0] + 1
+    assert [off - on for on, off in zip(encoded[True][1:], encoded[False][1:], strict=True)] == [16] * 4
