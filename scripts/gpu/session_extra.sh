@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Phase 2 extras (quality only, side by side with the rest): Qwen's calibrations and AdaDec.
+G=$1; D=.gpu/data; R=/root/results
+export PYTHONPATH=/tmp/site:/tmp/pkgs PYTHONUNBUFFERED=1 XDG_CACHE_HOME=/root/xdg
+# reference code that is not in the evaluation data: Python's standard library
+CAL=$(python3 -c "import os, json; print(os.path.dirname(os.path.dirname(json.__file__)))")
+timeout 600 python3 -m editkv.lsp_server.cli calibrate --model $G --device cuda --data $CAL > $R/calibrate_adadec.txt 2>&1
+timeout 600 python3 -m editkv.lsp_server.cli calibrate --view --model $G --device cuda --data $CAL > $R/calibrate_view.txt 2>&1
+timeout 900 python3 bench/adadec.py realedits --device cuda --model $G --data $D/dev150.jsonl.gz --subset 150 \
+  --views fim,l2r --json $R/adadec.json > $R/adadec.txt 2>&1

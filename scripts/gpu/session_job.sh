@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, started detached (setsid nohup) from a copy of the repository at
+# /root/repo after the first device call; the Qwen GGUF arrives by the staging tool into /root/stage
+# (then /root/stage/ok), the dev data into /root/stage/data. Writes under /root/results; touch
+# /root/go3 to stop the quality runs and start the timings. Needs PYTHONPATH with editkv on it
+# (a symlink /tmp/pkgs/editkv -> /root/repo worked where `pip install -e .` did not).
+cd /root/repo
+export PYTHONPATH=/tmp/site:/tmp/pkgs PYTHONUNBUFFERED=1
+R=/root/results; mkdir -p $R
+log() { echo "[$(date +%T)] $*" | tee -a $R/progress.log; }
+D=.gpu/data
+log "gpu tests (beside the staging and the quality runs: correctness only)"
+(timeout 600 python3 -m pytest -m gpu -q -p no:cacheprovider > $R/gpu_tests.log 2>&1; log "gpu tests rc=$? $(tail -1 $R/gpu_tests.log)") &
+log "waiting for the GGUF and the data"
+for i in $(seq 1 120); do [ -f /root/stage/ok ] && break; sleep 5; done
+G=/root/stage/qwen2.5-coder-0.5b-instruct-q4.gguf
+cp /root/stage/data/* $D/ 2>/dev/null
+log "qwen load (conversion cache)"
+python3 -c "from editkv.engine.loading import load_model; import time; t=time.time(); m=load_model('$G', device='cuda'); print('first load', time.time()-t, m.source)" > $R/qwen_load.txt 2>&1
+touch $R/phase1_done
+log "phase 2: quality side by side"
+mkdir -p $R/re
+for i in $(seq 0 9); do
+  timeout 1200 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz --methods full,pie --subset 520 \
+    --shard $i/10 --json $R/re/re_$i.json > $R/re/re_$i.txt 2>&1 &
+done
+mkdir -p $R/xf
+XF="--crossfile $D/dev-crossfile.jsonl.gz --blobs $D/dev-blobs.jsonl.gz --budget 2048"
+for i in $(seq 0 5); do
+  timeout 1200 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz $XF --sets xfile --subset 240 \
+    --methods none,exact,ring,blend_r0,blend_r15 --shard $i/6 --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
+done
+for i in 0 1; do
+  timeout 1200 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz $XF --sets ordinary \
+    --subset 120 --methods none,exact,blend_r15 --shard $i/2 --json $R/xf/xo_$i.json > $R/xf/xo_$i.txt 2>&1 &
+done
+for v in fim; do
+  timeout 1200 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 100 \
+    --view $v --methods "greedy,superposed,beam k" --json $R/md_$v.json > $R/md_$v.txt 2>&1 &
+done
+EDITKV_FAULTS_DEVICE=cuda timeout 900 python3 -m pytest -q -p no:cacheprovider tests/lsp_server/test_faults.py > $R/faults_cuda.log 2>&1 &
+EDITKV_SOAK_DEVICE=cuda EDITKV_SOAK_DOCS=200 EDITKV_SOAK_OPS=400 EDITKV_SOAK_REPORT=$R/soak_cuda.json \
+  timeout 1200 python3 -m pytest -m fuzz_long -q -p no:cacheprovider tests/fuzz/test_soak.py -s > $R/soak_cuda.log 2>&1 &
+[ -x scripts/gpu/session_extra.sh ] && bash scripts/gpu/session_extra.sh $G > $R/extra.log 2>&1 &
+# phase 3 needs the GPU alone: it starts when phase 2 is over, or when /root/go3 appears (then
+# whatever still runs is stopped; its results are lost)
+while [ "$(jobs -r | wc -l)" -gt 0 ] && [ ! -f /root/go3 ]; do sleep 5; done
+if [ -f /root/go3 ]; then
+  log "go3: stopping $(jobs -r | wc -l) jobs"
+  pkill -f 'bench/(realedits|fim_prompts|crossfile|multidraft|adadec).py'; pkill -f 'pytest -m fuzz_long'; pkill -f 'test_faults.py'; pkill -f 'editkv calibrate'; pkill -f 'pytest -m gpu'
+  sleep 5
+fi
+log "phase 2 done"
+python3 bench/realedits.py --merge $R/re/re_*.json > $R/re_merged.txt 2>&1
+python3 bench/crossfile.py --merge $R/xf/xf_*.json > $R/xf_merged.txt 2>&1
+python3 bench/crossfile.py --merge $R/xf/xo_*.json > $R/xo_merged.txt 2>&1
+log "phase 3: timings alone"
+log "prefill shapes"
+timeout 420 python3 bench/prefill.py --device cuda --data $D/dev150.jsonl.gz --json $R/prefill.json > $R/prefill.txt 2>&1
+log "prefill shapes rc=$?"
+log "prefill qwen"
+timeout 300 python3 bench/prefill.py --device cuda --model $G --data $D/dev150.jsonl.gz --json $R/prefill_qwen.json > $R/prefill_qwen.txt 2>&1
+log "prefill qwen rc=$?"
+[ -x scripts/gpu/session_peer.sh ] && bash scripts/gpu/session_peer.sh $G > $R/peer.log 2>&1
+touch $R/done
