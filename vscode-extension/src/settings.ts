@@ -34,6 +34,7 @@ export const SERVER_DEFAULTS = {
   superposed: true,
   staleBudget: 4096,
   fimFreshSuffix: null, // null: the model's recommendation
+  fimSuffixCache: false,
   refreshNearCursor: null,
   idleRefreshMs: 1000,
   adadec: false,
