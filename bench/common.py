@@ -23,6 +23,14 @@ if str(ROOT) not in sys.path:
 DEFAULT_DATA = ROOT.parent / "shared" / "realedits" / "dev.jsonl.gz"
 
 
+def shard_arg(value: str) -> tuple[int, int]:
+    """argparse type of --shard I/N: every N-th target from the I-th."""
+    i, n = (int(x) for x in value.split("/"))
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard must be I/N with 0 <= I < N, got {value}")
+    return i, n
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the flags every bench script shares."""
     p = argparse.ArgumentParser(description=description)

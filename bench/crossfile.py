@@ -36,7 +36,6 @@ check layer's full pass counts), context tokens in the block.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import random
@@ -52,6 +51,7 @@ from common import (
     load_records,
     machine,
     parser,
+    shard_arg,
     spread,
     sync,
     table,
@@ -306,13 +306,6 @@ def summarize(result: dict) -> str:
     return "\n".join(out)
 
 
-def _shard(value: str) -> tuple[int, int]:
-    i, n = (int(x) for x in value.split("/"))
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"shard must be I/N with 0 <= I < N, got {value}")
-    return i, n
-
-
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     shared = DEFAULT_DATA.parent
@@ -329,7 +322,7 @@ def main() -> None:
     p.add_argument("--max-context-chars", type=int, default=None, help="leave out context files larger than this")
     p.add_argument("--keep-open", type=int, default=24, help="context documents kept open (their caches)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="every N-th target from the I-th")
+    p.add_argument("--shard", type=shard_arg, default=(0, 1), metavar="I/N", help="every N-th target from the I-th")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--progress", action="store_true")

@@ -26,14 +26,24 @@ of the middle), mean prompt tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import edit_similarity, exact_match, iter_targets, load_records, machine, parser, spread, table, write_json
+from common import (
+    edit_similarity,
+    exact_match,
+    iter_targets,
+    load_records,
+    machine,
+    parser,
+    shard_arg,
+    spread,
+    table,
+    write_json,
+)
 from editkv.edit_cache.positions import line_starts
 from editkv.engine.generate import StopRules, decode, prefill
 from editkv.engine.healing import healer_for
@@ -165,13 +175,6 @@ def summarize(result: dict) -> str:
     return "\n".join(out)
 
 
-def _shard(value: str) -> tuple[int, int]:
-    i, n = (int(x) for x in value.split("/"))
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"shard must be I/N with 0 <= I < N, got {value}")
-    return i, n
-
-
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of " + ", ".join(LAYOUTS))
@@ -180,7 +183,7 @@ def main() -> None:
     p.add_argument("--max-suffix-tokens", type=int, default=100_000, help="cut FIM suffixes to this many tokens")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="every N-th target from the I-th")
+    p.add_argument("--shard", type=shard_arg, default=(0, 1), metavar="I/N", help="every N-th target from the I-th")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--progress", action="store_true")

@@ -19,7 +19,6 @@ default); pie_k (`fimSuffixCache` on: the window kept between requests).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import defaultdict
@@ -33,6 +32,7 @@ from common import (
     load_records,
     machine,
     parser,
+    shard_arg,
     spread,
     sync,
     table,
@@ -264,13 +264,6 @@ def summarize(result: dict) -> str:
     return "\n".join(out)
 
 
-def _shard(value: str) -> tuple[int, int]:
-    i, n = (int(x) for x in value.split("/"))
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"shard must be I/N with 0 <= I < N, got {value}")
-    return i, n
-
-
 def merge(results: list[dict]) -> dict:
     """One result from the --json output of shards of one run (same views and methods)."""
     first = results[0]
@@ -297,7 +290,7 @@ def main() -> None:
                         "(default: the model's recommendation, as the server does)")
     p.add_argument("--refresh-near-cursor", type=int, default=None,
                    help="views: re-encode the stale tokens among this many before the cursor (default: the model's)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+    p.add_argument("--shard", type=shard_arg, default=(0, 1), metavar="I/N",
                    help="only every N-th record from the I-th (parallel runs; --merge their JSON)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="print the summary of these runs' --json files together (no model is run)")
