@@ -41,24 +41,10 @@ from editkv.edit_cache.document import Document
 from editkv.edit_cache.positions import Range, to_position
 from editkv.edit_cache.views import fill_in_middle
 from editkv.engine.generate import StopRules
-from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model, model_from_weights
 from editkv.engine.model import Span
 from editkv.engine.prompting import doc_start_ids
+from model_shapes import SHAPES, bench_models
 
-SHAPES = {
-    "qwen-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                tie_word_embeddings=True, max_position_embeddings=32768,
-                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
-    "deepseek-1.3b": ("llama", dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
-                                    num_attention_heads=16, num_key_value_heads=16, vocab_size=32256,
-                                    tie_word_embeddings=False, max_position_embeddings=16384,
-                                    rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0})),
-    "qwen-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                              num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                              tie_word_embeddings=False, max_position_embeddings=32768,
-                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
-}
 NEW_TOKENS = 16
 INSERTS = ["x", "_", "a", "(", " ", "1", "e", "."]
 
@@ -73,34 +59,6 @@ def _args():
     p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) or float32")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
-
-
-# ---- models -------------------------------------------------------------------------------
-
-
-def _models(names, device, dtype):
-    """Yield (name, our Transformer, transformers model, tokenizer, config); one at a time."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    default = load_model(None, device=device, dtype=dtype)
-    hf_dtype = default.model.dtype
-    for name in names:
-        if name == "default":
-            hf = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=hf_dtype).to(device).eval()
-            yield name, default.model, hf, default.tokenizer, default.config
-            del hf
-        else:
-            family, shape = SHAPES[name]
-            config = AutoConfig.for_model(family, **shape)
-            torch.manual_seed(0)
-            with torch.device(device):
-                hf = AutoModelForCausalLM.from_config(config, dtype=hf_dtype).eval()
-            ours = model_from_weights(config.to_dict(), hf.state_dict(), device=device, dtype=hf_dtype,
-                                      source=f"random {name}")
-            yield name, ours, hf, default.tokenizer, ours.config
-            del hf, ours
-        if str(device).startswith("cuda"):
-            torch.cuda.empty_cache()
 
 
 def _weight_bytes(model) -> int:
@@ -334,7 +292,8 @@ def run(args) -> dict:
     rng = random.Random(args.seed)
     bandwidth = _copy_bandwidth(device)
     results = []
-    for name, model, hf, tokenizer, config in _models(args.models.split(","), device, args.dtype):
+    for name, model, hf, tokenizer in bench_models(args.models.split(","), args.model, device, args.dtype):
+        config = model.config
         weight_bytes = _weight_bytes(model)
         head = doc_start_ids(tokenizer, config)
         for context in (int(c) for c in args.contexts.split(",")):

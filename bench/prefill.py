@@ -42,9 +42,8 @@ import torch
 from common import load_records, machine, parser, sync, table, write_json
 from editkv.edit_cache.document import Document
 from editkv.engine.generate import prefill
-from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model, model_from_weights
 from editkv.engine.prompting import doc_start_ids
-from latency_gpu import SHAPES
+from model_shapes import SHAPES, bench_models
 
 SIZES = "2048,8192,16384,32768"
 
@@ -62,43 +61,6 @@ def _args():
     p.add_argument("--profile", type=Path, default=None,
                    help="write a torch.profiler table of one of our prefills per row to this file")
     return p.parse_args()
-
-
-# ---- models -------------------------------------------------------------------------------
-
-
-def _models(names, model_path, device, dtype):
-    """Yield (name, our Transformer, transformers model, tokenizer); one at a time."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    default = load_model(None, device=device, dtype=dtype)
-    hf_dtype = default.model.dtype
-    for name in names:
-        if name == "default":
-            hf = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=hf_dtype).to(device).eval()
-            yield name, default.model, hf, default.tokenizer
-        elif name == "model":
-            loaded = load_model(model_path, device=device, dtype=hf_dtype)
-            path = Path(model_path)
-            if path.suffix == ".gguf":
-                hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=hf_dtype)
-            else:
-                hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=hf_dtype)
-            yield Path(model_path).name, loaded.model, hf.to(device).eval(), loaded.tokenizer
-            del loaded
-        else:
-            family, shape = SHAPES[name]
-            config = AutoConfig.for_model(family, **shape)
-            torch.manual_seed(0)
-            with torch.device(device):
-                hf = AutoModelForCausalLM.from_config(config, dtype=hf_dtype).eval()
-            ours = model_from_weights(config.to_dict(), hf.state_dict(), device=device, dtype=hf_dtype,
-                                      source=f"random {name}")
-            yield name, ours, hf, default.tokenizer
-            del ours
-        del hf
-        if str(device).startswith("cuda"):
-            torch.cuda.empty_cache()
 
 
 def _corpus(args) -> str:
@@ -201,7 +163,7 @@ def run(args) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")]
     results, text, encoded = [], _corpus(args), {}
     rate = None
-    for name, model, hf, tokenizer in _models(names, args.model, device, args.dtype):
+    for name, model, hf, tokenizer in bench_models(names, args.model, device, args.dtype):
         if rate is None:
             rate = _gemm_rate(device, model.dtype)
         if id(tokenizer) not in encoded:

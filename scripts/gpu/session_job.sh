@@ -21,18 +21,18 @@ touch $R/phase1_done
 log "phase 2: quality side by side"
 mkdir -p $R/re
 for i in $(seq 0 9); do
-  timeout 1200 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz --methods full,pie --subset 520 \
-    --shard $i/10 --json $R/re/re_$i.json > $R/re/re_$i.txt 2>&1 &
+  timeout 1200 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz --methods full,pie,prefix_reuse,conflict --subset 520 \
+    --progress --shard $i/10 --json $R/re/re_$i.json > $R/re/re_$i.txt 2>&1 &
 done
 mkdir -p $R/xf
 XF="--crossfile $D/dev-crossfile.jsonl.gz --blobs $D/dev-blobs.jsonl.gz --budget 2048"
 for i in $(seq 0 5); do
   timeout 1200 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz $XF --sets xfile --subset 240 \
-    --methods none,exact,ring,blend_r0,blend_r15 --shard $i/6 --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
+    --methods none,exact,ring,blend_r0,blend_r15 --progress --shard $i/6 --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
 done
 for i in 0 1; do
   timeout 1200 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz $XF --sets ordinary \
-    --subset 120 --methods none,exact,blend_r15 --shard $i/2 --json $R/xf/xo_$i.json > $R/xf/xo_$i.txt 2>&1 &
+    --subset 120 --methods none,exact,blend_r15 --progress --shard $i/2 --json $R/xf/xo_$i.json > $R/xf/xo_$i.txt 2>&1 &
 done
 for v in fim; do
   timeout 1200 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 100 \
@@ -55,11 +55,17 @@ python3 bench/realedits.py --merge $R/re/re_*.json > $R/re_merged.txt 2>&1
 python3 bench/crossfile.py --merge $R/xf/xf_*.json > $R/xf_merged.txt 2>&1
 python3 bench/crossfile.py --merge $R/xf/xo_*.json > $R/xo_merged.txt 2>&1
 log "phase 3: timings alone"
-log "prefill shapes"
-timeout 420 python3 bench/prefill.py --device cuda --data $D/dev150.jsonl.gz --json $R/prefill.json > $R/prefill.txt 2>&1
-log "prefill shapes rc=$?"
-log "prefill qwen"
-timeout 300 python3 bench/prefill.py --device cuda --model $G --data $D/dev150.jsonl.gz --json $R/prefill_qwen.json > $R/prefill_qwen.txt 2>&1
-log "prefill qwen rc=$?"
+log "latency, real weights"
+timeout 240 python3 bench/latency_gpu.py --device cuda --models model --model $G --data $D/dev150.jsonl.gz \
+  --contexts 2048,8192,16384 --json $R/latency_qwen.json > $R/latency_qwen.txt 2>&1
+log "latency rc=$?"
+log "speculation, real weights"
+timeout 180 python3 bench/speculation.py --device cuda --dtype bfloat16 --model $G --data $D/dev150.jsonl.gz \
+  --limit 60 --methods device --json $R/spec_qwen.json > $R/spec_qwen.txt 2>&1
+log "speculation rc=$?"
+log "served replay"
+timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 8 \
+  --methods default,full --pace both --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
+log "replay rc=$?"
 [ -x scripts/gpu/session_peer.sh ] && bash scripts/gpu/session_peer.sh $G > $R/peer.log 2>&1
 touch $R/done
