@@ -148,10 +148,11 @@ def test_real_model_fuzz_long(model_session):
 
 
 @pytest.mark.fuzz_long
-@pytest.mark.parametrize("engine", ["model", "fake"])
+@pytest.mark.parametrize("engine", ["model", "default", "fake"])
 def test_long_random_run(tiny_checkpoint, engine):
     """EDITKV_FUZZ_OPS operations (100,000 by default) from EDITKV_FUZZ_SEED, the invariants after
-    every one: on the real model path (tiny random model, CPU; the KV check every 25th operation,
+    every one: on the real model path (tiny random model, or "default": the embedded default
+    model the server loads when no model is set; CPU; the KV check every 25th operation,
     reloads) or the fake engine (text sync and answers only); writes a summary to
     EDITKV_FUZZ_REPORT (JSON) if set."""
     ops = int(os.environ.get("EDITKV_FUZZ_OPS", "100000"))
@@ -159,6 +160,8 @@ def test_long_random_run(tiny_checkpoint, engine):
     fake = engine == "fake"
     if fake:
         session = Session("--fake")
+    elif engine == "default":
+        session = Session("--device", "cpu", options=MODEL_OPTIONS)
     else:
         session = Session("--device", "cpu", options={"model": str(tiny_checkpoint), **MODEL_OPTIONS})
     fuzzer = Fuzzer(session, fake=fake, prefix="file:///fuzz/long/", kv_every=25, reloads=not fake)
@@ -183,7 +186,7 @@ def test_long_random_run(tiny_checkpoint, engine):
 
 def summary(f: Fuzzer, seed: int, started: float, session: Session, *, done: bool) -> dict:
     c = f.counters
-    return {"engine": "fake" if f.fake else "model", "seed": seed, "ops": c.ops,
+    return {"engine": "fake" if f.fake else ("model" if "model" in f.s.options else "default"), "seed": seed, "ops": c.ops,
             "seconds": round(time.monotonic() - started, 1), "done": done,
             "checks": c.checks, "kv_checks": c.kv_checks,
             "kv_checks_all_layers": c.kv_checks_all_layers, "max_kv_diff": c.max_kv_diff,
