@@ -317,9 +317,10 @@ def _causal_from_a_short_prefix(segments: list[Segment], num_new: int) -> bool:
     with as many rows as there are prefix keys (cheap while they are few)."""
     if len(segments) == 1:
         return True
+    if len(segments) != 2:
+        return False
     prefix, new = segments
-    return len(segments) == 2 and prefix.rotation == 0 and prefix.end == new.start and \
-        prefix.end - prefix.start <= max(16, num_new // 16)
+    return prefix.rotation == 0 and prefix.end == new.start and prefix.end - prefix.start <= max(16, num_new // 16)
 
 
 class Attention(nn.Module):

@@ -135,6 +135,18 @@ def test_token_groups_fall_back_to_one_forward_each(gqa):
     assert (got - torch.cat([first, second], 1)).abs().max() <= TOL
 
 
+def test_forwards_over_more_spans_take_the_segment_kernels(gqa):
+    """Attention over two cached spans and the new tokens (a view's prefix and suffix, say) is no
+    case for the one causal SDPA call: the choice says so instead of failing (it raised on such
+    forwards on the GPU, where half precision asks for SDPA first)."""
+    cache = gqa.model.new_cache(64)
+    context = [Span(cache, 0, 8), Span(cache, 16, 24)]
+    for choice in ("sdpa", "auto"):
+        assert one_buffer(cache, 32, [TokenGroup(8, context)], [{0: 0}], choice).kernel == "cpu"
+    long_head = [Span(cache, 0, 20)]  # unshifted, but more than a head's few slots
+    assert one_buffer(cache, 20, [TokenGroup(8, long_head)], [{0: 0}], "sdpa").kernel == "cpu"
+
+
 @pytest.mark.parametrize("head", [0, 1, 3])
 def test_sdpa_call_after_a_short_prefix(gqa, head):
     """A file's tokens after its head (a few slots encoded before): one causal SDPA call over
@@ -204,7 +216,10 @@ def test_cuda_kernel_choice(tmp_path):
     model = load_model(make_checkpoint(tmp_path, "qwen2"), device="cuda", dtype=torch.bfloat16).model
     cache = model.new_cache(64)
     assert one_buffer(cache, 0, [TokenGroup(16, [])], [{0: 0}]).kernel == "sdpa"  # nothing before: transformers' call
-    assert one_buffer(cache, 16, [TokenGroup(16, [Span(cache, 0, 16)])], [{0: 0}]).kernel == "triton"
+    assert one_buffer(cache, 16, [TokenGroup(16, [Span(cache, 0, 16)])], [{0: 0}]).kernel == "sdpa"  # a short head
+    assert one_buffer(cache, 24, [TokenGroup(16, [Span(cache, 0, 24)])], [{0: 0}]).kernel == "triton"
+    two = [Span(cache, 0, 8), Span(cache, 16, 24)]
+    assert one_buffer(cache, 32, [TokenGroup(16, two)], [{0: 0}]).kernel == "triton"
     assert one_buffer(model.new_cache(64, dtype=torch.float32), 0, [TokenGroup(16, [])], [{0: 0}]).kernel == "triton"
 
 
