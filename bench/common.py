@@ -146,3 +146,24 @@ def sync(device) -> None:
 
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def merge_rows(runs: list[dict]) -> dict:
+    """Shards of one run as one result: the first shard's fields, every shard's rows."""
+    return {**runs[0], "rows": [row for r in runs for row in r["rows"]],
+            "n_targets": sum(r.get("n_targets", 0) for r in runs)}
+
+
+def run_or_merge(args, run, summarize, headline, merge=merge_rows) -> None:  # noqa: ANN001
+    """The end of a sharded bench's main(): with --merge, print the summary of those runs' JSON
+    together (no model is run); else run, print `headline(result)` and the summary, write --json."""
+    if args.merge:
+        print(summarize(merge([json.loads(f.read_text()) for f in args.merge])))
+        return
+    import torch
+
+    torch.manual_seed(0)
+    result = run(args)
+    print(headline(result))
+    print(summarize(result))
+    write_json(args.json, result)

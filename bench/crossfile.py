@@ -43,7 +43,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from common import (
     DEFAULT_DATA,
     edit_similarity,
@@ -51,6 +50,7 @@ from common import (
     load_records,
     machine,
     parser,
+    run_or_merge,
     shard_arg,
     spread,
     sync,
@@ -327,19 +327,9 @@ def main() -> None:
                    help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
-    if args.merge:
-        runs = [json.loads(f.read_text()) for f in args.merge]
-        merged = {**runs[0], "rows": [row for r in runs for row in r["rows"]],
-                  "n_targets": sum(r["n_targets"] for r in runs)}
-        print(summarize(merged))
-        return
-    torch.manual_seed(0)
-    result = run(args)
-    print(f"crossfile: {result['n_targets']} targets, model {result['model']}, {result['machine']}, "
-          f"format {result['style']}, budget {result['budget']}, {result['seconds']:.0f}s")
-    print(summarize(result))
-    write_json(args.json, result)
-
+    run_or_merge(args, run, summarize, lambda r: (
+        f"crossfile: {r['n_targets']} targets, model {r['model']}, {r['machine']}, "
+        f"format {r['style']}, budget {r['budget']}, {r['seconds']:.0f}s"))
 
 if __name__ == "__main__":
     main()

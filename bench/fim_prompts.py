@@ -26,7 +26,6 @@ of the middle), mean prompt tokens.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +38,7 @@ from common import (
     load_records,
     machine,
     parser,
+    run_or_merge,
     shard_arg,
     spread,
     table,
@@ -188,17 +188,8 @@ def main() -> None:
                    help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
-    if args.merge:
-        runs = [json.loads(f.read_text()) for f in args.merge]
-        print(summarize({**runs[0], "rows": [row for r in runs for row in r["rows"]]}))
-        return
-    torch.manual_seed(0)
-    result = run(args)
-    print(f"fim_prompts: {result['n_targets']} targets, model {result['model']}, {result['machine']}, "
-          f"{result['seconds']:.0f}s")
-    print(summarize(result))
-    write_json(args.json, result)
-
+    run_or_merge(args, run, summarize, lambda r: (
+        f"fim_prompts: {r['n_targets']} targets, model {r['model']}, {r['machine']}, {r['seconds']:.0f}s"))
 
 if __name__ == "__main__":
     main()

@@ -19,12 +19,10 @@ default); pie_k (`fimSuffixCache` on: the window kept between requests).
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from common import (
     edit_similarity,
     exact_match,
@@ -32,6 +30,7 @@ from common import (
     load_records,
     machine,
     parser,
+    run_or_merge,
     shard_arg,
     spread,
     sync,
@@ -300,16 +299,8 @@ def main() -> None:
                    help="type the target line's first N characters (one change and FIM view each) and "
                         "complete the rest: FIM views reuse their suffix window while typing")
     args = p.parse_args()
-    if args.merge:
-        print(summarize(merge([json.loads(f.read_text()) for f in args.merge])))
-        return
-    torch.manual_seed(0)
-    result = run(args)
-    print(f"realedits: {result['n_targets']} targets, model {result['model']}, {result['machine']}, "
-          f"{result['seconds']:.0f}s")
-    print(summarize(result))
-    write_json(args.json, result)
-
+    run_or_merge(args, run, summarize, lambda r: (
+        f"realedits: {r['n_targets']} targets, model {r['model']}, {r['machine']}, {r['seconds']:.0f}s"), merge)
 
 if __name__ == "__main__":
     main()
