@@ -120,10 +120,13 @@ class DocumentOptions:
 
 # Options whose best value depends on the model: a model folder's editkv.json may set them under
 # "cache"; models without one (GGUF files, hub checkpoints: real code models) get RECOMMENDED,
-# measured with Qwen2.5-Coder-0.5B on 100 realedits targets (BENCHMARKS.md, edit cache): with
-# both, PIE's exact matches equal full recompute's in both views (without: -3 l2r, -1 FIM).
+# measured with Qwen2.5-Coder-0.5B on realedits (BENCHMARKS.md, edit cache): refreshing the
+# stale tokens among the 64 before the cursor brings PIE's l2r view to full recompute's exact
+# matches; in FIM, 64 fresh suffix tokens left PIE 3.8 EM under an exact FIM prefill on the
+# GPU's 292 targets (files of ~3,000 tokens, where most of the suffix is cached), and 256
+# brought PIE's lines back to the exact prefill's on most of the targets that 64 got wrong.
 TUNED = ("fim_fresh_suffix", "refresh_near_cursor")
-RECOMMENDED = {"fim_fresh_suffix": 64, "refresh_near_cursor": 64}
+RECOMMENDED = {"fim_fresh_suffix": 256, "refresh_near_cursor": 64}
 
 
 class Document:
