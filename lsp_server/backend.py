@@ -80,6 +80,24 @@ class DecodingOptions:
         return cls(settings.speculation, settings.superposed, settings.adadec)
 
 
+@dataclass(frozen=True)
+class CrossFileOptions:
+    """Other open documents' caches in front of a request's view (lsp_server/context.py): settings
+    `crossFile` (off by default: the default model gains nothing from other files, and with
+    Qwen2.5-Coder-0.5B it helped left to right but cost FIM 1.7-2.5 EM; BENCHMARKS.md, cross-file),
+    `crossFileBudget` (tokens of other files), `crossFileRecompute` (percent of them CacheBlend
+    recomputes)."""
+
+    on: bool = False
+    budget: int = 1024
+    recompute: int = 15
+    max_files: int = 4
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CrossFileOptions:
+        return cls(settings.cross_file, settings.cross_file_budget, settings.cross_file_recompute)
+
+
 @dataclass
 class Draft:
     """One suggestion: its text and a score, higher is better.
@@ -129,7 +147,8 @@ class ModelBackend:
     def __init__(self, loaded: LoadedModel, *, budget_bytes: int | None = None,
                  options: DocumentOptions | None = None, recompute: bool = False,
                  decoding: DecodingOptions | None = None, ngram_tokens: int = NGRAM_INDEX_TOKENS,
-                 tuned: dict[str, int | None] | None = None, background: bool = True) -> None:
+                 tuned: dict[str, int | None] | None = None, background: bool = True,
+                 cross_file: CrossFileOptions | None = None) -> None:
         from editkv.edit_cache.document import DocumentOptions
         from editkv.edit_cache.manager import DocumentCache
         from editkv.engine.decoding.ngram_index import NgramIndex
@@ -150,6 +169,10 @@ class ModelBackend:
         # requests encode only the text they need (before the cursor); the worker encodes the
         # rest between requests (`refresh_idle`). Off: every request makes the whole document ready.
         self.background = background
+        from editkv.lsp_server.context import CrossFileContext
+
+        self.cross_file = cross_file or CrossFileOptions()  # other open documents' caches before a view
+        self.context = CrossFileContext()
         self.speculator = Speculator()  # outlives requests: the model table, acceptance estimates, recent drafts
         self.index = NgramIndex(max_tokens=ngram_tokens)  # every open document's n-grams
         corpus = Path(loaded.source) / "ngram.npz"
@@ -163,12 +186,16 @@ class ModelBackend:
 
     def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
                   decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None,
-                  background: bool = True) -> None:
+                  background: bool = True, cross_file: CrossFileOptions | None = None) -> None:
         """New cache settings, applied from each document's next repair on; new decoding options.
         `tuned`: the model-tuned options the user set (None or absent: the model's recommendation)."""
         self.cache.set_options(options.tuned(self.loaded.cache, **(tuned or {})), budget_bytes)
         self.recompute = recompute
         self.background = background
+        if cross_file is not None:
+            self.cross_file = cross_file
+            if not cross_file.on:
+                self.context.clear()
         if decoding is not None:
             self._set_decoding(decoding)
 
@@ -188,8 +215,22 @@ class ModelBackend:
 
     def refresh_idle(self, max_tokens: int = 256, should_stop: Callable[[], bool] | None = None) -> int:
         """Background work: encode tokens that have no keys yet, then stale ones, most recent
-        document first, stopping between small chunks when `should_stop` says so; 0 when none are left."""
-        return self.cache.refresh_idle(max_tokens, should_stop)
+        document first, stopping between small chunks when `should_stop` says so; then, with
+        cross-file context on, the open documents the last request wanted to show and could not
+        (no keys yet); 0 when none are left."""
+        done = self.cache.refresh_idle(max_tokens, should_stop)
+        if done or not self.cross_file.on:
+            return done
+        for uri in self.context.wanted:
+            doc = self.cache.docs.get(uri)
+            if doc is None or (doc.cache is not None and not doc.num_unencoded):
+                continue
+            before = doc.stats.tokens_encoded
+            doc.ensure_ready(min(len(doc.ids), doc.frontier + max_tokens), should_stop)
+            self.cache.enforce_budget()
+            return max(doc.stats.tokens_encoded - before, 1)
+        self.context.wanted = []
+        return 0
 
     def urgent_work(self) -> bool:
         """Whether background work should start as soon as the worker is free (see DocumentCache)."""
@@ -200,6 +241,7 @@ class ModelBackend:
         device fault); texts stay."""
         for doc in self.cache.docs.values():
             doc.drop_kv()
+        self.context.clear()
         static = self.loaded.model.static
         if static is not None:
             static.reset()
@@ -311,6 +353,7 @@ class ModelBackend:
         self.cache.close(uri)
         self.index.remove(uri)
         self._references.pop(uri, None)
+        self.context.blocks.pop(uri, None)
 
     def text(self, uri: str) -> str:
         return self.cache.get(uri).text
@@ -351,11 +394,14 @@ class ModelBackend:
             self.index.add(request.uri, doc.ids)
         view_kind = self.view_choice["auto"] if request.view == "auto" else request.view
         use_fim = view_kind == "fim" and doc.tokenizer.fim is not None
+        block, context = None, {}
+        if self.cross_file.on and not self.recompute:
+            block, context = self.context.block_for(request.uri, doc, self.cache.docs, self.cross_file)
         if use_fim:
             view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=request.max_tokens,
-                                  whole_suffix=not self.background or self.recompute)
+                                  whole_suffix=not self.background or self.recompute, block=block)
         else:
-            view = left_to_right(doc, cursor, max_new_tokens=request.max_tokens)
+            view = left_to_right(doc, cursor, max_new_tokens=request.max_tokens, block=block)
         stats = DecodeStats()
         drafts: list[Draft] = []
         counters: dict[str, Any] = {}
@@ -384,6 +430,7 @@ class ModelBackend:
             "encoded_tokens": encoded,  # prefill, repair, refreshes and view tokens of this request
             "decode_tokens": stats.decode_tokens,
             "forwards": stats.forwards,
+            **context,
             **counters,
             "total_ms": 1000 * (time.perf_counter() - started),
         })

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from editkv.edit_cache.positions import Position, PositionError, Range, apply_change, to_offset, to_position
-from editkv.lsp_server.backend import Backend, CompletionRequest, DecodingOptions
+from editkv.lsp_server.backend import Backend, CompletionRequest, CrossFileOptions, DecodingOptions
 from editkv.lsp_server.postprocess import CursorContext, Suggestion, finish, is_python, wants_multiline
 from editkv.lsp_server.settings import Settings
 
@@ -597,7 +597,7 @@ def cache_options(settings: Settings) -> dict:
     tuned = {name: getattr(settings, name) for name in TUNED}
     return {"budget_bytes": settings.budget_bytes, "options": options, "tuned": tuned,
             "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings),
-            "background": settings.idle_refresh_ms > 0}
+            "background": settings.idle_refresh_ms > 0, "cross_file": CrossFileOptions.from_settings(settings)}
 
 
 def load_error_message(settings: Settings, err: BaseException) -> str:

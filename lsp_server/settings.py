@@ -56,6 +56,12 @@ class Settings:
     # background work: after this long without work, re-encode stale tokens; files are encoded up to
     # the cursor first and the rest in the background. 0: off (every request encodes whole files)
     idle_refresh_ms: int = 1000
+    # other open documents (the ones the file imports first) in front of each view, their caches
+    # reused (CacheBlend): off by default (BENCHMARKS.md, cross-file); budget in tokens; recompute:
+    # percent of the reused tokens re-encoded with the context
+    cross_file: bool = False
+    cross_file_budget: int = 1024
+    cross_file_recompute: int = 15
     adadec: bool = False  # entropy-gated lookahead reranking of one-draft requests; off: it did not
     # help on the benchmarks (BENCHMARKS.md, AdaDec), and needs a calibrated model (`editkv calibrate`)
 
@@ -80,11 +86,13 @@ _INT_RANGES = {
     "idle_refresh_ms": (0, 3_600_000),
     "fim_fresh_suffix": (0, 4096),
     "refresh_near_cursor": (0, 1 << 20),
+    "cross_file_budget": (0, 16384),
+    "cross_file_recompute": (0, 100),
 }
 _CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
             "dtype": ("float32", "bfloat16", "float16"), "cpu_weights": CPU_WEIGHTS}
 _MODEL_TUNED = ("fim_fresh_suffix", "refresh_near_cursor")  # None: the model's value
-_BOOLS = ("stats_file", "speculation", "superposed", "adadec", "fim_suffix_cache")
+_BOOLS = ("stats_file", "speculation", "superposed", "adadec", "fim_suffix_cache", "cross_file")
 _FIELDS = {f.name for f in fields(Settings)}
 
 

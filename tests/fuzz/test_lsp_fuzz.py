@@ -186,7 +186,8 @@ def test_long_random_run(tiny_checkpoint, engine):
 
 def summary(f: Fuzzer, seed: int, started: float, session: Session, *, done: bool) -> dict:
     c = f.counters
-    return {"engine": "fake" if f.fake else ("model" if "model" in f.s.options else "default"), "seed": seed, "ops": c.ops,
+    engine = "fake" if f.fake else "model" if "model" in f.s.options else "default"
+    return {"engine": engine, "seed": seed, "ops": c.ops,
             "seconds": round(time.monotonic() - started, 1), "done": done,
             "checks": c.checks, "kv_checks": c.kv_checks,
             "kv_checks_all_layers": c.kv_checks_all_layers, "max_kv_diff": c.max_kv_diff,

@@ -37,6 +37,9 @@ export const SERVER_DEFAULTS = {
   fimSuffixCache: false,
   refreshNearCursor: null,
   idleRefreshMs: 1000,
+  crossFile: false,
+  crossFileBudget: 1024,
+  crossFileRecompute: 15,
   adadec: false,
 } as const;
 

@@ -1,0 +1,143 @@
+"""Cross-file context for served requests: other open documents' caches in front of a view.
+
+    a request for document U (text T) + the open documents (most recently used last)
+      -> `context_sources`: the open documents T imports first (Python `import` / `from ... import`
+         statements matched against the documents' paths), then the others, most recently used
+         first, at most `max_files`; only documents whose whole text has keys (the others get
+         them in the background, never on a keystroke's path)
+      -> edit_cache.crossfile: `choose_chunks` (whole small files, else the definitions T uses,
+         under `budget` tokens), `block_layout` (the model's repo-level or plain format),
+         `build_block` (their keys copied and re-rotated, CacheBlend's `recompute` percent of
+         them recomputed)
+      -> `ContextBlock`, kept per document while its layout and the sources' versions stay the
+         same: typing in U rebuilds it only when the chunks T asks for change.
+
+Only open documents are sources here: files read from disk under the workspace root are not
+(yet) taken. The blocks are KV buffers of their own, outside the documents' KV budget: at
+most `KEEP` of them (one per recently served document), each at most `budget` tokens plus
+the format's wrapper tokens.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+from editkv.edit_cache.crossfile import ContextBlock, block_layout, build_block, choose_chunks
+from editkv.edit_cache.document import Document
+
+if TYPE_CHECKING:
+    from editkv.lsp_server.backend import CrossFileOptions
+
+KEEP = 2  # context blocks kept (the documents served last)
+
+_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import\b|import[ \t]+([\w.]+(?:[ \t]*,[ \t]*[\w.]+)*))",
+                     re.MULTILINE)
+
+
+def imported_modules(text: str) -> list[tuple[str, ...]]:
+    """The dotted module names `text` imports, as tuples of parts (relative imports: the parts
+    after the dots; `from . import x` gives nothing)."""
+    out = []
+    for m in _IMPORT.finditer(text):
+        names = [m.group(1)] if m.group(1) is not None else m.group(2).split(",")
+        for name in names:
+            parts = tuple(p for p in name.strip().lstrip(".").split(".") if p)
+            if parts:
+                out.append(parts)
+    return out
+
+
+def module_parts(uri: str) -> tuple[str, ...]:
+    """A document's path as module parts: `file:///w/pkg/mod.py` -> (..., "pkg", "mod");
+    a package's `__init__.py` is the package."""
+    path = PurePosixPath(unquote(urlparse(uri).path) or uri)
+    parts = list(path.parts)
+    if not parts:
+        return ()
+    last = PurePosixPath(parts[-1])
+    parts[-1] = last.stem if last.suffix == ".py" else last.name
+    if parts[-1] == "__init__":
+        parts.pop()
+    return tuple(parts)
+
+
+def _imports(uri: str, modules: Iterable[tuple[str, ...]]) -> bool:
+    parts = module_parts(uri)
+    return any(len(m) <= len(parts) and parts[len(parts) - len(m):] == m for m in modules)
+
+
+def context_sources(uri: str, text: str, docs: Mapping[str, Document], max_files: int
+                    ) -> tuple[list[tuple[str, Document]], list[str]]:
+    """The open documents to show before `uri`'s: the ones its text imports first, then the
+    others, most recently used first (`docs` keeps the most recent last), at most `max_files`;
+    as (those whose whole text has keys, the uris of the others: the background encodes them)."""
+    modules = imported_modules(text)
+    others = [(u, d) for u, d in reversed(list(docs.items())) if u != uri and d.ids]
+    ordered = [x for x in others if _imports(x[0], modules)] + [x for x in others if not _imports(x[0], modules)]
+    picked = ordered[:max_files]
+    ready = [(u, d) for u, d in picked if d.cache is not None and d.num_unencoded == 0]
+    return ready, [u for u, d in picked if d.cache is None or d.num_unencoded]
+
+
+def relative_paths(uri: str, uris: list[str]) -> tuple[str, list[str]]:
+    """(the workspace's name, each uri's path relative to the folder all of them share)."""
+    paths = [PurePosixPath(unquote(urlparse(u).path) or u) for u in [uri, *uris]]
+    common = paths[0].parent
+    for p in paths[1:]:
+        while common != common.parent and common not in p.parents:
+            common = common.parent
+    return common.name, [p.relative_to(common).as_posix() if common in p.parents else p.name for p in paths]
+
+
+class CrossFileContext:
+    """The context blocks of the documents served last, rebuilt when what they hold changes."""
+
+    def __init__(self) -> None:
+        self.blocks: OrderedDict[str, tuple[tuple, ContextBlock]] = OrderedDict()
+        self.built = 0  # blocks built (a request whose block was kept builds none)
+        self.wanted: list[str] = []  # sources the last request could not show: not encoded yet
+
+    def clear(self) -> None:
+        self.blocks.clear()
+        self.wanted = []
+
+    def block_for(self, uri: str, doc: Document, docs: Mapping[str, Document], options: CrossFileOptions
+                  ) -> tuple[ContextBlock | None, dict]:
+        """The block to place in front of `doc` (None: no other document to show), and the
+        request's context counters."""
+        started = time.perf_counter()
+        sources, self.wanted = context_sources(uri, doc.text, docs, options.max_files)
+        if not sources or options.budget <= 0:
+            self.blocks.pop(uri, None)
+            return None, {"context_files": 0, "context_waiting": len(self.wanted)}
+        repo, paths = relative_paths(uri, [u for u, _ in sources])
+        chunks = choose_chunks(doc.text, [(p, d) for p, (_, d) in zip(paths[1:], sources, strict=True)],
+                               options.budget)
+        if not chunks:
+            self.blocks.pop(uri, None)
+            return None, {"context_files": 0, "context_waiting": len(self.wanted)}
+        layout = block_layout(doc.tokenizer, doc.model.config, chunks, doc.head, path=paths[0], repo=repo)
+        key = (tuple(layout.ids), options.recompute,
+               tuple((id(p.document), p.document.version, p.start, p.end) for p in layout.pieces))
+        kept = self.blocks.get(uri)
+        built = kept is None or kept[0] != key
+        if built:
+            block = build_block(doc.model, layout, recompute_ratio=options.recompute / 100)
+            self.blocks[uri] = (key, block)
+            self.built += 1
+        else:
+            block = kept[1]
+        self.blocks.move_to_end(uri)
+        while len(self.blocks) > KEEP:
+            self.blocks.popitem(last=False)
+        return block, {"context_files": len(chunks), "context_tokens": block.length,
+                       "context_reused_tokens": block.reused_tokens,
+                       "context_recomputed_tokens": block.recomputed_tokens if built else 0,
+                       "context_built": built, "context_waiting": len(self.wanted),
+                       "context_ms": 1000 * (time.perf_counter() - started)}

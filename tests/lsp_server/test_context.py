@@ -1,0 +1,164 @@
+"""Cross-file context in the server (lsp_server/context.py): which open documents are shown,
+in what order, and the block through the real model path (ModelBackend on the default model,
+and `editkv lsp` on a tiny one)."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import pytest_lsp
+from editkv.edit_cache.positions import Position, Range, to_position
+from editkv.engine.loading import load_model
+from editkv.lsp_server.backend import CompletionRequest, CrossFileOptions, ModelBackend
+from editkv.lsp_server.context import context_sources, imported_modules, module_parts, relative_paths
+from editkv.lsp_server.scheduler import cache_options
+from editkv.lsp_server.settings import Settings, parse_settings
+from lsp_testing import SERVER_ENV, lsp_command
+from pytest_lsp import ClientServerConfig, LanguageClient
+from test_protocol import inline, open_doc, server_stats, start
+
+UTIL = '''"""Vector helpers."""
+
+
+def scale_vector(v, k):
+    """Every component times k."""
+    return [k * x for x in v]
+
+
+def add_vectors(a, b):
+    return [x + y for x, y in zip(a, b)]
+'''
+OTHER = "NAMES = ['a', 'b']\n\n\ndef shout(s):\n    return s.upper() + '!'\n"
+MAIN = "from geometry.util import scale_vector\n\n\ndef double(v):\n    return "
+
+
+def test_imported_modules_are_read_from_import_statements():
+    text = ("import os, json\nimport pkg.util as u\nfrom .helpers import x\nfrom . import y\n"
+            "    from a.b.c import (d,\n        e)\nx = 'import nothing'\n")
+    assert imported_modules(text) == [("os",), ("json",), ("pkg", "util"), ("helpers",), ("a", "b", "c")]
+
+
+def test_module_parts_of_uris():
+    assert module_parts("file:///w/pkg/mod.py")[-2:] == ("pkg", "mod")
+    assert module_parts("file:///w/pkg/__init__.py")[-2:] == ("w", "pkg")
+    assert module_parts("file:///w/my%20dir/a.py")[-2:] == ("my dir", "a")
+
+
+def test_sources_imported_first_then_most_recent_and_only_encoded_ones_shown():
+    def doc(encoded=True):
+        return SimpleNamespace(cache=object() if encoded else None, num_unencoded=0, ids=[1, 2])
+
+    docs = {"file:///w/geometry/util.py": doc(), "file:///w/old.py": doc(), "file:///w/new.py": doc(),
+            "file:///w/cold.py": doc(encoded=False), "file:///w/main.py": doc()}
+    ready, waiting = context_sources("file:///w/main.py", MAIN, docs, max_files=3)
+    assert [u for u, _ in ready] == ["file:///w/geometry/util.py", "file:///w/new.py"]  # imported, then recent
+    assert waiting == ["file:///w/cold.py"]  # picked, but no keys yet: the background encodes it
+    ready, waiting = context_sources("file:///w/main.py", MAIN, docs, max_files=1)
+    assert [u for u, _ in ready] == ["file:///w/geometry/util.py"] and waiting == []
+
+
+def test_paths_relative_to_the_shared_folder():
+    repo, paths = relative_paths("file:///w/proj/app/main.py", ["file:///w/proj/geometry/util.py"])
+    assert repo == "proj" and paths == ["app/main.py", "geometry/util.py"]
+
+
+def test_settings_range_checked():
+    settings, problems = parse_settings({"editkv": {"crossFile": True, "crossFileBudget": 99999,
+                                                    "crossFileRecompute": 15}})
+    assert settings.cross_file is True and settings.cross_file_budget == Settings().cross_file_budget
+    assert problems and "crossFileBudget" in problems[0]
+    assert CrossFileOptions.from_settings(settings) == CrossFileOptions(True, 1024, 15)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return load_model(None)
+
+
+def _request(uri, text, **kw):
+    pos = to_position(text, len(text))
+    return CompletionRequest(uri, pos.line, pos.character, max_tokens=8, **kw)
+
+
+def test_other_documents_reach_the_view_through_the_backend(trained):
+    """Off: no block. On: an imported document without keys is encoded in the background, then
+    its cache is shown before the file's; the block is kept while typing and rebuilt when the
+    other file changes."""
+    backend = ModelBackend(trained, **cache_options(Settings(cross_file=True)))
+    main, util, other = "file:///w/app/main.py", "file:///w/geometry/util.py", "file:///w/app/other.py"
+    backend.open(util, UTIL)
+    backend.open(other, OTHER)
+    backend.open(main, MAIN)
+    first = backend.complete(_request(main, MAIN))
+    assert first.stats["context_files"] == 0 and first.stats["context_waiting"] == 2  # no keys yet
+    while backend.refresh_idle():  # what the worker does when the editor is idle
+        pass
+    on = backend.complete(_request(main, MAIN))
+    assert on.stats["context_files"] == 2 and on.stats["context_built"] is True
+    assert on.stats["context_reused_tokens"] > 0 and on.stats["context_tokens"] > on.stats["context_reused_tokens"]
+    # recompute 15%: the selected reused tokens and the format's wrapper tokens are encoded
+    assert 0 < on.stats["context_recomputed_tokens"] < on.stats["context_tokens"]
+    again = backend.complete(_request(main, MAIN))
+    assert again.stats["context_built"] is False and again.stats["context_recomputed_tokens"] == 0
+    assert again.stats["context_tokens"] == on.stats["context_tokens"]
+
+    # typing in main.py keeps the block; an edit of util.py rebuilds it
+    end = to_position(MAIN, len(MAIN))
+    backend.change(main, [(Range(end, end), "s")])
+    typed = backend.complete(_request(main, MAIN + "s"))
+    assert typed.stats["context_built"] is False
+    at = Position(0, 0)
+    backend.change(util, [(Range(at, at), "# edited\n")])
+    edited = backend.complete(_request(main, MAIN + "s"))
+    assert edited.stats["context_built"] is True and edited.stats["context_tokens"] > on.stats["context_tokens"]
+
+    backend.configure(**cache_options(Settings(cross_file=False)))
+    off = backend.complete(_request(main, MAIN + "s"))
+    assert "context_files" not in off.stats and not backend.context.blocks
+    backend.close(main)
+
+
+def test_context_changes_what_the_model_reads(trained):
+    """The block holds the other file's tokens in the model's format, before the document's head,
+    and the view over it gives another first-token distribution than the document alone."""
+    import torch
+    from editkv.edit_cache.views import left_to_right
+
+    backend = ModelBackend(trained, **cache_options(Settings(cross_file=True, cross_file_recompute=100)))
+    main, util = "file:///w/app/main.py", "file:///w/geometry/util.py"
+    backend.open(util, UTIL)
+    backend.open(main, MAIN)
+    doc_util, _ = backend.cache.prepare(util)
+    doc, _ = backend.cache.prepare(main)
+    block, stats = backend.context.block_for(main, doc, backend.cache.docs, backend.cross_file)
+    assert stats["context_recomputed_tokens"] == block.length  # 100%: the whole block re-encoded
+    ids = block.ids
+    assert any(ids[i:i + len(doc_util.ids)] == doc_util.ids for i in range(len(ids)))  # util.py, whole
+    assert ids[block.length - block.head:] == doc.head
+    assert "geometry/util.py" in trained.tokenizer.decode(ids)
+    with_block = left_to_right(doc, len(MAIN), max_new_tokens=4, block=block)
+    alone = left_to_right(doc, len(MAIN), max_new_tokens=4)
+    assert not torch.allclose(with_block.first_logits, alone.first_logits, atol=1e-3)
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--device", "cpu"), server_env=SERVER_ENV))
+async def client(lsp_client: LanguageClient):
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest.mark.asyncio
+async def test_cross_file_context_through_the_server(client: LanguageClient, tiny_model):
+    await start(client, "visual-studio-code", {"model": str(tiny_model), "debounceMs": 0, "maxTokens": 4,
+                                               "crossFile": True, "idleRefreshMs": 20})
+    open_doc(client, UTIL, "file:///w/geometry/util.py")
+    open_doc(client, MAIN, "file:///w/app/main.py")
+    assert await inline(client, 4, 11, uri="file:///w/app/main.py") is not None
+    for _ in range(100):  # the idle worker encodes util.py for the next request
+        await asyncio.sleep(0.05)
+        assert await inline(client, 4, 11, uri="file:///w/app/main.py") is not None
+        last = (await server_stats(client))["backend"]["last_request"]
+        if last["context_files"]:
+            break
+    assert last["context_files"] == 1 and last["context_reused_tokens"] > 0
+    assert (await server_stats(client))["settings"]["cross_file"] is True
