@@ -57,7 +57,8 @@ its answer as for editkv (answers from its own cache count, at their near-zero l
 tokens per keystroke are the prompt tokens llama-server processed (timings.prompt_n, over the
 keystroke's requests, prefetches and ring updates). Its ring buffer starts each record with a
 chunk of each of the record's cross-file context files (--crossfile), as llama.vscode's would
-after the user visited them; editkv gets no cross-file context. A further table gives the
+after the user visited them. editkv gets the same files only in a method whose settings turn
+`crossFile` on: they are opened beside the record's file and read once before it. A further table gives the
 peer's prompt tokens per keystroke request, answers from its cache and background requests.
 
     python bench/lsp_replay.py --limit 6 --max-keys 40 --pace human --methods full,default --timeout 60
@@ -135,7 +136,7 @@ class Case:
     tokens: int
     bucket: str
     position: str
-    context: list[tuple[str, str]] = field(default_factory=list)  # (path, text) of cross-file files: peers only
+    context: list[tuple[str, str]] = field(default_factory=list)  # (path, text) of cross-file files (wants_context)
 
 
 @dataclass
@@ -360,6 +361,31 @@ async def start_servers(args, methods: list[Method], cache_home: str,
                 await client.close()
         raise failed[0]
     return {m.name: c for m, c in zip(methods, started, strict=True)}
+
+
+async def open_context(client: LspClient, case: Case, timeout_s: float) -> list[str]:
+    """A method with `crossFile` on: the record's cross-file context files opened in editkv, beside
+    the record's file (its repository's folder), and each read once by an untimed request at its
+    end (as a user's earlier visit would have); their uris, to close after the record."""
+    root = case.session.uri[: case.session.uri.rfind("/realedits/") + len("/realedits/")]
+    repo = case.record_id.split("@")[0]
+    uris = []
+    for path, text in case.context:
+        uri = f"{root}{repo}/{path}"
+        client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 0,
+                                                                "text": text}})
+        lines = text.split("\n")
+        end = {"line": len(lines) - 1, "character": len(lines[-1].encode("utf-16-le")) // 2}
+        await client.request("textDocument/inlineCompletion", {"textDocument": {"uri": uri}, "position": end,
+                             "context": {"triggerKind": 2}}, timeout=timeout_s)
+        uris.append(uri)
+    return uris
+
+
+def wants_context(method: Method) -> bool:
+    """Whether a method is given the records' cross-file context files: llama.vscode's ring
+    buffer, or editkv with `crossFile` on."""
+    return PEER in method.settings or bool(method.settings.get("crossFile"))
 
 
 async def settle(client: LspClient, timeout_s: float = 600.0) -> None:
@@ -666,7 +692,12 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                             client.begin_record(case.context, case.record_id)
                             client.calls.clear()
                             hits = client.cache_hits
+                        context_uris = []
+                        if not isinstance(client, LlamaVscodeClient) and wants_context(method):
+                            context_uris = await open_context(client, case, max(args.timeout, 600.0))
                         k, ln = await replay_case(client, method, case, pace, args, opens, served)
+                        for uri in context_uris:
+                            client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
                         if isinstance(client, LlamaVscodeClient):
                             calls += [{"pace": pace.name, "method": method.name, "record": case.record_id,
                                        **asdict(c)} for c in client.calls]
@@ -780,7 +811,7 @@ def main() -> None:
     cases = build_cases(records, token_counter(None if args.fake else args.model), args.limit, args.order,
                         args.max_keys)
     crossfile = args.crossfile or args.data.with_name(args.data.name.replace(".jsonl", "-crossfile.jsonl"))
-    if any(PEER in m.settings for m in methods) and crossfile.is_file() and crossfile != args.data:
+    if any(wants_context(m) for m in methods) and crossfile.is_file() and crossfile != args.data:
         context = load_crossfile(crossfile, {c.record_id for c in cases})
         for case in cases:
             case.context = context.get(case.record_id, [])

@@ -85,9 +85,11 @@ def _line_offsets(text: str) -> list[int]:
     return [0] + [m.end() for m in re.finditer("\n", text)] + [len(text)]
 
 
-def definition_units(text: str) -> list[Unit]:
+@functools.lru_cache(maxsize=16)
+def definition_units(text: str) -> tuple[Unit, ...]:
     """The module-level definitions of Python `text`: functions, classes (split into the class's
-    header and one unit per method, each method needing its header) and assignments."""
+    header and one unit per method, each method needing its header) and assignments. Kept for
+    the texts seen last: the server asks again at every keystroke while the other files stay."""
     tree = _parser().parse(text.encode("utf-8"))
     lines = _line_offsets(text)
 
@@ -123,7 +125,7 @@ def definition_units(text: str) -> list[Unit]:
             left = node.children[0].child_by_field_name("left")
             names = set(_IDENTIFIER.findall(left.text.decode("utf-8", "replace"))) if left is not None else set()
             units.append(Unit(frozenset(names), *span(node)))
-    return units
+    return tuple(units)
 
 
 def used_names(text: str) -> set[str]:
