@@ -73,11 +73,13 @@ class DecodingOptions:
     speculation: bool = True
     superposed: bool = True
     adadec: bool = False
+    beam: bool = False  # several drafts by beam search (before superposed decoding)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DecodingOptions:
         """The options of an lsp_server.settings.Settings."""
-        return cls(settings.speculation, settings.superposed, settings.adadec)
+        return cls(speculation=settings.speculation, superposed=settings.superposed, adadec=settings.adadec,
+                   beam=settings.beam_search)
 
 
 @dataclass(frozen=True)
@@ -490,7 +492,19 @@ class ModelBackend:
 
     def _drafts(self, view: ContextView, rules: StopRules, num_drafts: int, stats: DecodeStats,
                 counters: dict) -> list[Draft]:
-        """Superposed decoding; with it off, greedy continuations of the top first tokens."""
+        """Beam search when it is on, else superposed decoding; with both off, greedy continuations
+        of the top first tokens."""
+        if self.decoding.beam:
+            from editkv.engine.decoding.beam import beam_search
+
+            result = beam_search(view.state(), num_drafts, rules, stats=stats)
+            counters["strategy"] = "beam"
+            drafts = []
+            for b in result.beams:
+                if b.text.strip():
+                    drafts.append(Draft(b.text, b.logprob / max(len(b.ids), 1), b.stop_reason))
+                    self.speculator.remember(b.ids)
+            return sorted(drafts, key=lambda d: -d.score)
         if not self.decoding.superposed:
             counters["strategy"] = "top_first"
             return self._top_first_drafts(view, rules, num_drafts, stats)

@@ -43,6 +43,10 @@ class Settings:
     stats_file: bool = True  # keep suggestion statistics in the user's cache folder
     speculation: bool = True  # one-draft requests: lossless n-gram speculation (off: plain greedy)
     superposed: bool = True  # several drafts: superposed decoding (off: a greedy decode per draft)
+    # several drafts by beam search instead (k beams, one batched forward per step): more often the
+    # right line among them than superposed decoding, but 1.5-1.65x greedy's time on the CPU
+    # (superposed: 1.25x; BENCHMARKS.md, multi-draft), so not the default
+    beam_search: bool = False
     # more stale tokens than this and background refresh starts after a short quiet spell instead of
     # waiting for idle_refresh_ms; 0: only when idle. Requests never re-encode stale tokens beyond
     # refresh_near_cursor (the ones right before the cursor).
@@ -92,7 +96,7 @@ _INT_RANGES = {
 _CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
             "dtype": ("float32", "bfloat16", "float16"), "cpu_weights": CPU_WEIGHTS}
 _MODEL_TUNED = ("fim_fresh_suffix", "refresh_near_cursor")  # None: the model's value
-_BOOLS = ("stats_file", "speculation", "superposed", "adadec", "fim_suffix_cache", "cross_file")
+_BOOLS = ("stats_file", "speculation", "superposed", "beam_search", "adadec", "fim_suffix_cache", "cross_file")
 _FIELDS = {f.name for f in fields(Settings)}
 
 

@@ -137,6 +137,28 @@ def test_several_drafts_come_from_superposed_decoding(trained):
     assert result.stats["strategy"] == "top_first" and len(result.drafts) >= 2
 
 
+def test_several_drafts_by_beam_search_when_it_is_on(trained):
+    """The beam search setting: the dropdown's drafts are beams (distinct, non-empty, best first),
+    not superposed decoding's."""
+    beam = ModelBackend(trained, decoding=DecodingOptions(beam=True))
+    superposed = ModelBackend(trained)
+    seen_several = differ = 0
+    for uri, text, cursor, _ in _contexts(4):
+        drafts = {}
+        for name, backend in (("beam", beam), ("superposed", superposed)):
+            backend.open(uri, text)
+            result = backend.complete(_request(uri, text, cursor, max_tokens=24, num_drafts=3))
+            assert result.stats["strategy"] == name
+            drafts[name] = [d.text for d in result.drafts]
+            scores = [d.score for d in result.drafts]
+            assert scores == sorted(scores, reverse=True)
+        texts = drafts["beam"]
+        assert 1 <= len(texts) <= 3 and len(set(texts)) == len(texts) and all(t.strip() for t in texts)
+        seen_several += len(texts) > 1
+        differ += texts != drafts["superposed"]
+    assert seen_several >= 2 and differ >= 1
+
+
 def test_adadec_option_composes_with_speculation(trained):
     uri, text, cursor, _ = _contexts(1)[0]
     backend = ModelBackend(trained, decoding=DecodingOptions(adadec=True))

@@ -101,4 +101,8 @@ async def test_decoding_strategies_and_their_counters_reach_editkv_stats(client:
     assert (await last_request())["strategy"] == "greedy"
     await complete(client, 1, 0)
     assert (await last_request())["strategy"] == "top_first"
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"editkv": {"beamSearch": True}}))
+    await complete(client, 1, 0)
+    assert (await last_request())["strategy"] == "beam"
     assert (await server_stats(client))["settings"]["speculation"] is False

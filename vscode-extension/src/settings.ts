@@ -32,6 +32,7 @@ export const SERVER_DEFAULTS = {
   statsFile: true,
   speculation: true,
   superposed: true,
+  beamSearch: false,
   staleBudget: 4096,
   fimFreshSuffix: null, // null: the model's recommendation
   fimSuffixCache: false,
