@@ -16,6 +16,7 @@ Methods:
   top-k x greedy    k greedy decodes, each forced to start with one of the k best first tokens
   nucleus x k       k sampled decodes (--nucleus-temperature, top-p --top-p)
   beam k            beam search (engine.decoding.beam), k beams batched in one forward per step
+  beam k early      the same, stopping once k beams have finished
 With --served each target's document is opened in the edit cache and every method decodes
 from its view (the whole document, the server's path; on CUDA its forwards replay graphs,
 captured by an untimed run of every method first), instead of a capped prompt.
@@ -115,10 +116,11 @@ def run_nucleus(state: DecodeState, k: int, rules: StopRules, temperature: float
     return Run(texts, 1000 * (time.perf_counter() - t0), stats.forwards)
 
 
-def run_beam(state: DecodeState, num_beams: int, rules: StopRules) -> Run:
-    """engine.decoding.beam: summed log-probs, distinct non-empty finished beams, best first."""
+def run_beam(state: DecodeState, num_beams: int, rules: StopRules, early_stopping: bool = False) -> Run:
+    """engine.decoding.beam: summed log-probs, distinct non-empty finished beams, best first
+    (`early_stopping`: done once k beams finished, not when no live beam can beat them)."""
     t0 = time.perf_counter()
-    result = beam_search(state, num_beams, rules)
+    result = beam_search(state, num_beams, rules, early_stopping=early_stopping)
     return Run([b.text for b in result.beams], 1000 * (time.perf_counter() - t0), result.stats.forwards)
 
 
@@ -150,6 +152,8 @@ def _run_method(method: str, state: DecodeState, k: int, rules: StopRules, index
         return run_nucleus(state, k, rules, args.nucleus_temperature, args.top_p, seed=seed)
     if method == "beam k":
         return run_beam(state, k, rules)
+    if method == "beam k early":
+        return run_beam(state, k, rules, early_stopping=True)
     raise SystemExit(f"unknown method {method!r}; use {args.methods}")
 
 

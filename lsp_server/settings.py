@@ -44,7 +44,7 @@ class Settings:
     speculation: bool = True  # one-draft requests: lossless n-gram speculation (off: plain greedy)
     superposed: bool = True  # several drafts: superposed decoding (off: a greedy decode per draft)
     # several drafts by beam search instead (k beams, one batched forward per step): more often the
-    # right line among them than superposed decoding, but 1.5-1.65x greedy's time on the CPU
+    # right line among them than superposed decoding in FIM, but 1.3-1.4x greedy's time on the CPU
     # (superposed: 1.25x; BENCHMARKS.md, multi-draft), so not the default
     beam_search: bool = False
     # more stale tokens than this and background refresh starts after a short quiet spell instead of
