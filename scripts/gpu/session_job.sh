@@ -20,27 +20,20 @@ python3 -c "from editkv.engine.loading import load_model; import time; t=time.ti
 touch $R/phase1_done
 log "phase 2: quality side by side"
 mkdir -p $R/re
-for i in $(seq 0 9); do
-  timeout 1200 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz --methods full,pie,prefix_reuse,conflict --subset 520 \
-    --progress --shard $i/10 --json $R/re/re_$i.json > $R/re/re_$i.txt 2>&1 &
+# FIM only, full and PIE and prefix reuse: the 256-token fresh suffix against the exact FIM prefill
+# (l2r met in session 11); eight shards (22 processes ran out of the H100's 80 GB in session 11)
+for i in $(seq 0 7); do
+  timeout 1200 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz --views fim \
+    --methods full,pie,prefix_reuse --progress --shard $i/8 --json $R/re/re_$i.json > $R/re/re_$i.txt 2>&1 &
 done
 mkdir -p $R/xf
 XF="--crossfile $D/dev-crossfile.jsonl.gz --blobs $D/dev-blobs.jsonl.gz --budget 2048"
-for i in $(seq 0 5); do
-  timeout 1200 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz $XF --sets xfile --subset 240 \
-    --methods none,exact,ring,blend_r0,blend_r15 --progress --shard $i/6 --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
-done
+# cross-file FIM with the 256-token fresh suffix (session 11's runs had 64)
 for i in 0 1; do
-  timeout 1200 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz $XF --sets ordinary \
-    --subset 120 --methods none,exact,blend_r15 --progress --shard $i/2 --json $R/xf/xo_$i.json > $R/xf/xo_$i.txt 2>&1 &
-done
-for v in fim; do
-  timeout 1200 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 100 \
-    --view $v --methods "greedy,superposed,beam k" --json $R/md_$v.json > $R/md_$v.txt 2>&1 &
+  timeout 1200 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz $XF --sets xfile --subset 240 \
+    --views fim --methods none,exact,blend_r15 --progress --shard $i/2 --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
 done
 EDITKV_FAULTS_DEVICE=cuda timeout 900 python3 -m pytest -q -p no:cacheprovider tests/lsp_server/test_faults.py > $R/faults_cuda.log 2>&1 &
-EDITKV_SOAK_DEVICE=cuda EDITKV_SOAK_DOCS=200 EDITKV_SOAK_OPS=400 EDITKV_SOAK_REPORT=$R/soak_cuda.json \
-  timeout 1200 python3 -m pytest -m fuzz_long -q -p no:cacheprovider tests/fuzz/test_soak.py -s > $R/soak_cuda.log 2>&1 &
 [ -x scripts/gpu/session_extra.sh ] && bash scripts/gpu/session_extra.sh $G > $R/extra.log 2>&1 &
 # phase 3 needs the GPU alone: it starts when phase 2 is over, or when /root/go3 appears (then
 # whatever still runs is stopped; its results are lost)
@@ -59,13 +52,14 @@ log "latency, real weights"
 timeout 240 python3 bench/latency_gpu.py --device cuda --models model --model $G --data $D/dev150.jsonl.gz \
   --contexts 2048,8192,16384 --json $R/latency_qwen.json > $R/latency_qwen.txt 2>&1
 log "latency rc=$?"
-log "speculation, real weights"
-timeout 180 python3 bench/speculation.py --device cuda --dtype bfloat16 --model $G --data $D/dev150.jsonl.gz \
-  --limit 60 --methods device --json $R/spec_qwen.json > $R/spec_qwen.txt 2>&1
-log "speculation rc=$?"
+log "served dropdown alone (beam vs superposed timings)"
+for v in l2r fim; do
+  timeout 200 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 60 \
+    --view $v --methods "greedy,superposed,beam k,beam k early" --json $R/md_$v.json > $R/md_$v.txt 2>&1
+done
 log "served replay"
-timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 8 \
-  --methods default,full --pace both --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
+timeout 400 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
+  --methods default,full --pace human --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
 log "replay rc=$?"
 [ -x scripts/gpu/session_peer.sh ] && bash scripts/gpu/session_peer.sh $G > $R/peer.log 2>&1
 touch $R/done
