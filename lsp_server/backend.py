@@ -413,7 +413,8 @@ class ModelBackend:
                 drafts = self._one_draft(request.uri, doc, cursor, view, rules, stats, counters)
             else:
                 drafts = self._drafts(view, rules, request.num_drafts, stats, counters)
-        encoded = doc.stats.tokens_encoded - encoded_before + (view.encoded_tokens if view is not None else 0)
+        encoded = (doc.stats.tokens_encoded - encoded_before + (view.encoded_tokens if view is not None else 0)
+                   + context.get("context_recomputed_tokens", 0))  # a context block built for this request
         self.encoded_tokens += encoded
         return CompletionResult(drafts, {
             "repair_ms": doc.stats.repair_ms - repair_ms_before,

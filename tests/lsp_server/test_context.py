@@ -98,6 +98,8 @@ def test_other_documents_reach_the_view_through_the_backend(trained):
     assert on.stats["context_reused_tokens"] > 0 and on.stats["context_tokens"] > on.stats["context_reused_tokens"]
     # recompute 15%: the selected reused tokens and the format's wrapper tokens are encoded
     assert 0 < on.stats["context_recomputed_tokens"] < on.stats["context_tokens"]
+    # the block's encoded tokens count as this request's
+    assert on.stats["encoded_tokens"] >= on.stats["context_recomputed_tokens"] + on.stats["view_encoded_tokens"]
     again = backend.complete(_request(main, MAIN))
     assert again.stats["context_built"] is False and again.stats["context_recomputed_tokens"] == 0
     assert again.stats["context_tokens"] == on.stats["context_tokens"]
