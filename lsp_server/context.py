@@ -36,20 +36,23 @@ if TYPE_CHECKING:
 
 KEEP = 2  # context blocks kept (the documents served last)
 
-_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import\b|import[ \t]+([\w.]+(?:[ \t]*,[ \t]*[\w.]+)*))",
-                     re.MULTILINE)
+_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+\(?[ \t]*(\w+(?:[ \t]*,[ \t]*\w+)*)"
+                     r"|import[ \t]+([\w.]+(?:[ \t]*,[ \t]*[\w.]+)*))", re.MULTILINE)
 
 
 def imported_modules(text: str) -> list[tuple[str, ...]]:
-    """The dotted module names `text` imports, as tuples of parts (relative imports: the parts
-    after the dots; `from . import x` gives nothing)."""
+    """The dotted module names `text` may import, as tuples of parts: `import a.b` gives a.b;
+    `from a.b import c` gives a.b and a.b.c (c may be a submodule); relative imports count from
+    their first name (`from . import x` gives x). Names inside parentheses past the first line
+    are not read."""
     out = []
     for m in _IMPORT.finditer(text):
-        names = [m.group(1)] if m.group(1) is not None else m.group(2).split(",")
-        for name in names:
-            parts = tuple(p for p in name.strip().lstrip(".").split(".") if p)
-            if parts:
-                out.append(parts)
+        if m.group(1) is not None:
+            base = tuple(p for p in m.group(1).lstrip(".").split(".") if p)
+            candidates = [base] + [(*base, name.strip()) for name in m.group(2).split(",")]
+        else:
+            candidates = [tuple(p for p in name.strip().split(".") if p) for name in m.group(3).split(",")]
+        out += [c for c in candidates if c]
     return out
 
 

@@ -35,7 +35,8 @@ MAIN = "from geometry.util import scale_vector\n\n\ndef double(v):\n    return "
 def test_imported_modules_are_read_from_import_statements():
     text = ("import os, json\nimport pkg.util as u\nfrom .helpers import x\nfrom . import y\n"
             "    from a.b.c import (d,\n        e)\nx = 'import nothing'\n")
-    assert imported_modules(text) == [("os",), ("json",), ("pkg", "util"), ("helpers",), ("a", "b", "c")]
+    assert imported_modules(text) == [("os",), ("json",), ("pkg", "util"), ("helpers",), ("helpers", "x"), ("y",),
+                                      ("a", "b", "c"), ("a", "b", "c", "d")]
 
 
 def test_module_parts_of_uris():
@@ -53,6 +54,9 @@ def test_sources_imported_first_then_most_recent_and_only_encoded_ones_shown():
     ready, waiting = context_sources("file:///w/main.py", MAIN, docs, max_files=3)
     assert [u for u, _ in ready] == ["file:///w/geometry/util.py", "file:///w/new.py"]  # imported, then recent
     assert waiting == ["file:///w/cold.py"]  # picked, but no keys yet: the background encodes it
+    # `from geometry import util`: util may be a submodule
+    ready, _ = context_sources("file:///w/main.py", "from geometry import util\n", docs, max_files=1)
+    assert [u for u, _ in ready] == ["file:///w/geometry/util.py"]
     ready, waiting = context_sources("file:///w/main.py", MAIN, docs, max_files=1)
     assert [u for u, _ in ready] == ["file:///w/geometry/util.py"] and waiting == []
 
