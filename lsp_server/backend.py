@@ -58,6 +58,7 @@ class CompletionRequest:
     num_drafts: int = 1
     view: str = "auto"  # "auto" (ModelBackend.view_choice: calibrated, else the model's own), "fim", "l2r"
     suffix: str = "next_line"  # FIM: "next_line" leaves the rest of the cursor's line out
+    roots: tuple[str, ...] = ()  # workspace folders: cross-file context reads imported files there
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,7 @@ class ModelBackend:
                 "fits_context": fits}
 
     def open(self, uri: str, text: str) -> None:
+        self.context.from_disk.pop(uri, None)  # the client's now (it may differ from the file)
         doc = self.cache.open(uri, text)
         self.index.add(uri, doc.ids)
         self._references.pop(uri, None)
@@ -398,6 +400,10 @@ class ModelBackend:
         use_fim = view_kind == "fim" and doc.tokenizer.fim is not None
         block, context = None, {}
         if self.cross_file.on and not self.recompute:
+            if request.roots:  # imported files that are not open: read from the workspace, kept as documents
+                for uri, text in self.context.workspace_files(request.uri, doc.text, request.roots, self.cache.docs):
+                    self.cache.open(uri, text)
+                self.context.forget_workspace_files(self.cache)
             block, context = self.context.block_for(request.uri, doc, self.cache.docs, self.cross_file)
         if use_fim:
             view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=request.max_tokens,

@@ -12,10 +12,16 @@
       -> `ContextBlock`, kept per document while its layout and the sources' versions stay the
          same: typing in U rebuilds it only when the chunks T asks for change.
 
-Only open documents are sources here: files read from disk under the workspace root are not
-(yet) taken. The blocks are KV buffers of their own, outside the documents' KV budget: at
-most `KEEP` of them (one per recently served document), each at most `budget` tokens plus
-the format's wrapper tokens.
+An imported module that no open document holds is looked for under the client's workspace
+folders (`workspace_files`: `a/b.py` or `a/b/__init__.py`, at the root or under `src/`, files
+of at most `MAX_FILE_BYTES`, UTF-8) and read into a document of its own, so that its cache is
+built once, in the background, and kept (evicted under the KV budget like any other); at most
+`MAX_DISK_FILES` such documents, the least recently read closed first; a file opened by the
+client replaces its copy. Files changed on disk after they were read are not read again.
+
+The blocks are KV buffers of their own, outside the documents' KV budget: at most `KEEP` of
+them (one per recently served document), each at most `budget` tokens plus the format's
+wrapper tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
@@ -35,6 +41,8 @@ if TYPE_CHECKING:
     from editkv.lsp_server.backend import CrossFileOptions
 
 KEEP = 2  # context blocks kept (the documents served last)
+MAX_FILE_BYTES = 256 * 1024  # workspace files larger than this are not read as context
+MAX_DISK_FILES = 16  # workspace files kept as documents at once
 
 _IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+\(?[ \t]*(\w+(?:[ \t]*,[ \t]*\w+)*)"
                      r"|import[ \t]+([\w.]+(?:[ \t]*,[ \t]*[\w.]+)*))", re.MULTILINE)
@@ -88,6 +96,23 @@ def context_sources(uri: str, text: str, docs: Mapping[str, Document], max_files
     return ready, [u for u, d in picked if d.cache is None or d.num_unencoded]
 
 
+def module_files(modules: Iterable[tuple[str, ...]], roots: Iterable[str]) -> list[Path]:
+    """Files under `roots` that hold `modules` (`a/b.py` or `a/b/__init__.py`, at a root or in its
+    `src/`), each once, in the modules' order; small enough, existing ones only."""
+    out: list[Path] = []
+    for module in modules:
+        for root in roots:
+            for base in (Path(root), Path(root) / "src"):
+                for path in (base.joinpath(*module[:-1], module[-1] + ".py"), base.joinpath(*module, "__init__.py")):
+                    try:
+                        ok = path.is_file() and path.stat().st_size <= MAX_FILE_BYTES
+                    except OSError:
+                        ok = False
+                    if ok and path not in out:
+                        out.append(path)
+    return out
+
+
 def relative_paths(uri: str, uris: list[str]) -> tuple[str, list[str]]:
     """(the workspace's name, each uri's path relative to the folder all of them share)."""
     paths = [PurePosixPath(unquote(urlparse(u).path) or u) for u in [uri, *uris]]
@@ -105,6 +130,41 @@ class CrossFileContext:
         self.blocks: OrderedDict[str, tuple[tuple, ContextBlock]] = OrderedDict()
         self.built = 0  # blocks built (a request whose block was kept builds none)
         self.wanted: list[str] = []  # sources the last request could not show: not encoded yet
+        self.from_disk: OrderedDict[str, None] = OrderedDict()  # documents read from the workspace, oldest first
+        self._resolved: dict[tuple, list[Path]] = {}  # (roots, imports) -> their files
+
+    def workspace_files(self, uri: str, text: str, roots: tuple[str, ...], docs: Mapping[str, Document]
+                        ) -> list[tuple[str, str]]:
+        """(uri, text) of files under `roots` that `text` imports and no document holds yet."""
+        modules = tuple(imported_modules(text))
+        key = (roots, modules)
+        if key not in self._resolved:
+            if len(self._resolved) > 256:
+                self._resolved.clear()
+            self._resolved[key] = module_files(modules, roots)
+        out = []
+        for path in self._resolved[key]:
+            file_uri = path.as_uri()
+            if file_uri == uri or file_uri in docs:
+                if file_uri in self.from_disk:
+                    self.from_disk.move_to_end(file_uri)
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if "\x00" in text:
+                continue
+            self.from_disk[file_uri] = None
+            out.append((file_uri, text))
+        return out
+
+    def forget_workspace_files(self, cache) -> None:  # noqa: ANN001 - edit_cache.manager.DocumentCache
+        """Close the least recently read workspace files past `MAX_DISK_FILES`."""
+        while len(self.from_disk) > MAX_DISK_FILES:
+            old, _ = self.from_disk.popitem(last=False)
+            cache.close(old)
+            self.blocks.pop(old, None)
 
     def clear(self) -> None:
         self.blocks.clear()

@@ -51,6 +51,18 @@ def handles(method: str, options: Any = None) -> Callable:
 # ---- lifecycle ----------------------------------------------------------------------------------
 
 
+def workspace_roots(params: types.InitializeParams) -> tuple[str, ...]:
+    """The client's workspace folders as local paths (file URIs only; the old rootUri/rootPath
+    when it sends no folders)."""
+    from urllib.parse import unquote, urlparse
+
+    uris = [f.uri for f in params.workspace_folders or []] or ([params.root_uri] if params.root_uri else [])
+    roots = [unquote(urlparse(u).path) for u in uris if urlparse(u).scheme == "file"]
+    if not roots and params.root_path:
+        roots = [params.root_path]
+    return tuple(r for r in roots if r)
+
+
 @handles(types.INITIALIZE)
 def initialize(ls: EditkvServer, params: types.InitializeParams) -> None:
     """Read the settings and what the client can do; the model loads after `initialized`."""
@@ -64,6 +76,7 @@ def initialize(ls: EditkvServer, params: types.InitializeParams) -> None:
     modes = item and item.insert_text_mode_support and item.insert_text_mode_support.value_set
     ls.completion_as_is = bool(modes and types.InsertTextMode.AsIs in modes)
     ls.settings, ls.settings_problems = parse_settings(_plain(params.initialization_options), ls.base_settings)
+    ls.worker.workspace_roots = workspace_roots(params)
     if not ls.settings.stats_file:
         ls.stats.path = None
     ls.session_started = True

@@ -119,6 +119,7 @@ class EngineWorker:
         self.backend: Backend | None = None
         self.backend_key: tuple | None = None
         self.settings = Settings()
+        self.workspace_roots: tuple[str, ...] = ()  # the client's workspace folders (cross-file context reads them)
         self.docs: dict[str, DocText] = {}
         self.loading = False
         self.load_error: str | None = None
@@ -450,6 +451,7 @@ class EngineWorker:
         request = CompletionRequest(
             job.uri, job.line, job.character, encoding=job.encoding, max_tokens=settings.max_tokens,
             max_lines=settings.max_lines if multiline else 1, num_drafts=job.num_drafts, view=settings.view,
+            roots=self.workspace_roots,
         )
         try:
             result = self.backend.complete(request, should_stop=lambda: job.stop or self.closing)

@@ -14,8 +14,9 @@ from editkv.lsp_server.context import context_sources, imported_modules, module_
 from editkv.lsp_server.scheduler import cache_options
 from editkv.lsp_server.settings import Settings, parse_settings
 from lsp_testing import SERVER_ENV, lsp_command
-from pytest_lsp import ClientServerConfig, LanguageClient
-from test_protocol import inline, open_doc, server_stats, start
+from lsprotocol import types
+from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
+from test_protocol import inline, open_doc, server_stats, wait_loaded
 
 UTIL = '''"""Vector helpers."""
 
@@ -147,6 +148,54 @@ def test_context_changes_what_the_model_reads(trained):
     assert not torch.allclose(with_block.first_logits, alone.first_logits, atol=1e-3)
 
 
+def test_imported_files_are_read_from_the_workspace_once(trained, tmp_path):
+    """An imported module no open document holds: read from the workspace folder into a document
+    of its own (encoded in the background, then shown); found at the root or under src/, a
+    package's __init__.py too; too large or undecodable files are not read."""
+    from editkv.lsp_server import context as ctx
+
+    (tmp_path / "src" / "geometry").mkdir(parents=True)
+    (tmp_path / "src" / "geometry" / "util.py").write_text(UTIL)
+    (tmp_path / "shapes").mkdir()
+    (tmp_path / "shapes" / "__init__.py").write_text("SIDES = {'square': 4}\n")
+    (tmp_path / "big.py").write_text("x = 1\n" * (ctx.MAX_FILE_BYTES // 6 + 1))
+    (tmp_path / "blob.py").write_bytes(b"\xff\xfe\x00binary")
+    text = "import big, blob\nfrom shapes import SIDES\n" + MAIN
+    main = (tmp_path / "app" / "main.py").as_uri()
+    backend = ModelBackend(trained, **cache_options(Settings(cross_file=True)))
+    backend.open(main, text)
+    first = backend.complete(_request(main, text, roots=(str(tmp_path),)))
+    util, shapes = (tmp_path / "src/geometry/util.py").as_uri(), (tmp_path / "shapes/__init__.py").as_uri()
+    assert set(backend.context.from_disk) == {util, shapes} and backend.cache.get(util).text == UTIL
+    assert first.stats["context_waiting"] == 2
+    while backend.refresh_idle():
+        pass
+    second = backend.complete(_request(main, text, roots=(str(tmp_path),)))
+    assert second.stats["context_files"] == 2 and second.stats["context_built"] is True
+    third = backend.complete(_request(main, text, roots=(str(tmp_path),)))
+    assert third.stats["context_built"] is False  # nothing read again, nothing rebuilt
+    # the client opens the file: its text wins, and it is no longer a workspace copy
+    backend.open(util, UTIL + "\n\nZERO = [0, 0]\n")
+    assert util not in backend.context.from_disk
+    backend.complete(_request(main, text, roots=(str(tmp_path),)))
+    assert backend.cache.get(util).text.endswith("ZERO = [0, 0]\n")
+
+
+def test_workspace_copies_are_bounded(tmp_path, monkeypatch):
+    from editkv.lsp_server import context as ctx
+
+    monkeypatch.setattr(ctx, "MAX_DISK_FILES", 2)
+    closed = []
+    cache = SimpleNamespace(close=closed.append)
+    context = ctx.CrossFileContext()
+    for name in "abc":
+        (tmp_path / f"{name}.py").write_text(f"{name} = 1\n")
+    files = context.workspace_files("file:///elsewhere/main.py", "import a, b, c\n", (str(tmp_path),), {})
+    assert [u for u, _ in files] == [(tmp_path / f"{n}.py").as_uri() for n in "abc"]
+    context.forget_workspace_files(cache)
+    assert closed == [(tmp_path / "a.py").as_uri()] and len(context.from_disk) == 2
+
+
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--device", "cpu"), server_env=SERVER_ENV))
 async def client(lsp_client: LanguageClient):
     yield
@@ -154,17 +203,26 @@ async def client(lsp_client: LanguageClient):
 
 
 @pytest.mark.asyncio
-async def test_cross_file_context_through_the_server(client: LanguageClient, tiny_model):
-    await start(client, "visual-studio-code", {"model": str(tiny_model), "debounceMs": 0, "maxTokens": 4,
-                                               "crossFile": True, "idleRefreshMs": 20})
-    open_doc(client, UTIL, "file:///w/geometry/util.py")
-    open_doc(client, MAIN, "file:///w/app/main.py")
-    assert await inline(client, 4, 11, uri="file:///w/app/main.py") is not None
-    for _ in range(100):  # the idle worker encodes util.py for the next request
+async def test_cross_file_context_through_the_server(client: LanguageClient, tiny_model, tmp_path):
+    """`editkv lsp` with a workspace folder: main.py imports geometry.util, which is open, and
+    shapes, which is only on disk; both reach the view once the idle worker has encoded them."""
+    (tmp_path / "shapes.py").write_text("SIDES = {'square': 4}\n")
+    params = types.InitializeParams(
+        capabilities=client_capabilities("visual-studio-code"), root_uri=tmp_path.as_uri(),
+        workspace_folders=[types.WorkspaceFolder(uri=tmp_path.as_uri(), name="w")],
+        initialization_options={"statsFile": False, "model": str(tiny_model), "debounceMs": 0, "maxTokens": 4,
+                                "crossFile": True, "idleRefreshMs": 20})
+    await client.initialize_session(params)
+    await wait_loaded(client)
+    main, text = (tmp_path / "app" / "main.py").as_uri(), "import shapes\n" + MAIN
+    open_doc(client, UTIL, (tmp_path / "geometry" / "util.py").as_uri())
+    open_doc(client, text, main)
+    assert await inline(client, 5, 11, uri=main) is not None
+    for _ in range(100):  # the idle worker encodes util.py and shapes.py for the next request
         await asyncio.sleep(0.05)
-        assert await inline(client, 4, 11, uri="file:///w/app/main.py") is not None
+        assert await inline(client, 5, 11, uri=main) is not None
         last = (await server_stats(client))["backend"]["last_request"]
-        if last["context_files"]:
+        if last["context_files"] == 2:
             break
-    assert last["context_files"] == 1 and last["context_reused_tokens"] > 0
+    assert last["context_files"] == 2 and last["context_reused_tokens"] > 0
     assert (await server_stats(client))["settings"]["cross_file"] is True
