@@ -401,7 +401,8 @@ class ModelBackend:
         block, context = None, {}
         if self.cross_file.on and not self.recompute:
             if request.roots:  # imported files that are not open: read from the workspace, kept as documents
-                for uri, text in self.context.workspace_files(request.uri, doc.text, request.roots, self.cache.docs):
+                for uri, text in self.context.workspace_files(request.uri, doc.text, request.roots, self.cache.docs,
+                                                              self.cross_file.max_files):
                     self.cache.open(uri, text)
                 self.context.forget_workspace_files(self.cache)
             block, context = self.context.block_for(request.uri, doc, self.cache.docs, self.cross_file)

@@ -133,9 +133,11 @@ class CrossFileContext:
         self.from_disk: OrderedDict[str, None] = OrderedDict()  # documents read from the workspace, oldest first
         self._resolved: dict[tuple, list[Path]] = {}  # (roots, imports) -> their files
 
-    def workspace_files(self, uri: str, text: str, roots: tuple[str, ...], docs: Mapping[str, Document]
-                        ) -> list[tuple[str, str]]:
-        """(uri, text) of files under `roots` that `text` imports and no document holds yet."""
+    def workspace_files(self, uri: str, text: str, roots: tuple[str, ...], docs: Mapping[str, Document],
+                        limit: int = 4) -> list[tuple[str, str]]:
+        """(uri, text) of files under `roots` that `text` imports and no document holds yet, among
+        the first `limit` files its imports name (no more can be shown: `max_files`; reading
+        more would churn the `MAX_DISK_FILES` bound at every request)."""
         modules = tuple(imported_modules(text))
         key = (roots, modules)
         if key not in self._resolved:
@@ -143,7 +145,7 @@ class CrossFileContext:
                 self._resolved.clear()
             self._resolved[key] = module_files(modules, roots)
         out = []
-        for path in self._resolved[key]:
+        for path in self._resolved[key][:limit]:
             file_uri = path.as_uri()
             if file_uri == uri or file_uri in docs:
                 if file_uri in self.from_disk:

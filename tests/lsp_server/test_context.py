@@ -194,6 +194,10 @@ def test_workspace_copies_are_bounded(tmp_path, monkeypatch):
     assert [u for u, _ in files] == [(tmp_path / f"{n}.py").as_uri() for n in "abc"]
     context.forget_workspace_files(cache)
     assert closed == [(tmp_path / "a.py").as_uri()] and len(context.from_disk) == 2
+    # only the first `limit` files the imports name are read
+    again = ctx.CrossFileContext().workspace_files("file:///elsewhere/main.py", "import a, b, c\n",
+                                                   (str(tmp_path),), {}, limit=2)
+    assert [u for u, _ in again] == [(tmp_path / f"{n}.py").as_uri() for n in "ab"]
 
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--device", "cpu"), server_env=SERVER_ENV))
