@@ -80,6 +80,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common import edit_similarity, exact_match, load_records, machine, parser, table, write_json
+from editkv.edit_cache.positions import to_position
 from editkv.lsp_server.lsp_client import LspClient, LspError, server_command, server_env
 from editkv.lsp_server.replay import KeyRecord, Session, editor_session, type_session
 from editkv.lsp_server.stats import percentile
@@ -374,8 +375,8 @@ async def open_context(client: LspClient, case: Case, timeout_s: float) -> list[
         uri = f"{root}{repo}/{path}"
         client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 0,
                                                                 "text": text}})
-        lines = text.split("\n")
-        end = {"line": len(lines) - 1, "character": len(lines[-1].encode("utf-16-le")) // 2}
+        at = to_position(text, len(text))
+        end = {"line": at.line, "character": at.character}
         await client.request("textDocument/inlineCompletion", {"textDocument": {"uri": uri}, "position": end,
                              "context": {"triggerKind": 2}}, timeout=timeout_s)
         uris.append(uri)

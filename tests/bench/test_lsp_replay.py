@@ -180,3 +180,24 @@ def test_smoke_on_a_tiny_model_counts_the_tokens_each_method_encodes(data, tmp_p
     summary = {(s["method"], s["group"]): s for s in result["summary"]}
     assert 0 < summary["default", "all"]["tokens_per_key"] < summary["full", "all"]["tokens_per_key"] / 2
     assert summary["default", "all"]["tokens_per_key_vs_full"] > 2
+
+
+def test_a_cross_file_method_gets_the_records_context_files(data, tmp_path):
+    """`crossFile` on: the record's cross-file files (the companion beside --data) are opened in
+    editkv beside the record's file, and its requests show them (the server's context counters)."""
+    from helpers import make_checkpoint
+
+    helper = "def double(x):\n    return 2 * x\n\n\nLIMIT = 10\n"
+    with gzip.open(tmp_path / "edits-crossfile.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"id": RECORD["id"], "context": [{"path": "helpers.py", "blob": "b1"}]}) + "\n")
+    with gzip.open(tmp_path / "edits-blobs.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"blob": "b1", "text": helper}) + "\n")
+    model = make_checkpoint(tmp_path / "tiny", "llama")
+    out = tmp_path / "replay.json"
+    _bench("--model", str(model), "--data", str(data), "--max-keys", "8", "--pace", "service",
+           "--methods", "default,xfile", "--method-settings", 'xfile={"crossFile": true}', "--baseline", "default",
+           "--json", str(out))
+    result = json.loads(out.read_text())
+    served = {m: [r for r in result["served_requests"] if r["method"] == m] for m in ("default", "xfile")}
+    assert served["xfile"] and all(r["context_files"] == 1 and r["context_reused_tokens"] > 0 for r in served["xfile"])
+    assert served["default"] and not any("context_files" in r for r in served["default"])
