@@ -120,6 +120,9 @@ class EngineWorker:
         self.backend_key: tuple | None = None
         self.settings = Settings()
         self.workspace_roots: tuple[str, ...] = ()  # the client's workspace folders (cross-file context reads them)
+        # uri -> (its text, cursor offset, ghost text) of the last one-suggestion answer (type_along)
+        self._shown: dict[str, tuple[str, int, Suggestion]] = {}
+        self.typed_along = 0  # requests answered from the last ghost text
         self.docs: dict[str, DocText] = {}
         self.loading = False
         self.load_error: str | None = None
@@ -363,6 +366,7 @@ class EngineWorker:
                 self.backend.open(uri, text)
 
     def _close(self, uri: str) -> None:
+        self._shown.pop(uri, None)
         doc = self.docs.pop(uri, None)
         if doc is not None and doc.modelled and self.backend is not None:
             self.backend.close(uri)
@@ -384,6 +388,7 @@ class EngineWorker:
         try:
             previous = self.backend_settings
             self._release_backend()
+            self._shown.clear()
             try:
                 backend = self.factory(settings)
             except Exception as err:
@@ -448,6 +453,14 @@ class EngineWorker:
         ctx = CursorContext(doc.text, cursor, python=is_python(job.uri, doc.language_id))
         multiline = wants_multiline(settings.multiline, ctx)
         ctx = CursorContext(doc.text, cursor, python=ctx.python, multiline=multiline, max_lines=settings.max_lines)
+        along = self._typed_along(job, doc.text, cursor)
+        if along is not None:
+            self.typed_along += 1
+            self.last_stats = {"strategy": "typed_along", "total_ms": 0.0, "encoded_tokens": 0}
+            word = _WORD.search(ctx.before).group(0)
+            return Outcome("served", [along], word, to_position(doc.text, cursor - len(word), job.encoding),
+                           to_position(doc.text, cursor, job.encoding), multiline,
+                           {"strategy": "typed_along", "total_ms": 0.0, "encoded_tokens": 0})
         request = CompletionRequest(
             job.uri, job.line, job.character, encoding=job.encoding, max_tokens=settings.max_tokens,
             max_lines=settings.max_lines if multiline else 1, num_drafts=job.num_drafts, view=settings.view,
@@ -471,11 +484,32 @@ class EngineWorker:
         self.completed += 1
         self.last_stats = dict(result.stats)
         word = _WORD.search(ctx.before).group(0)
+        suggestions = finish([(d.text, d.score) for d in result.drafts], ctx)
+        if job.num_drafts == 1 and suggestions and suggestions[0].text:
+            self._shown[job.uri] = (doc.text, cursor, suggestions[0])
+        else:
+            self._shown.pop(job.uri, None)
         return Outcome(
-            "served", finish([(d.text, d.score) for d in result.drafts], ctx), word,
+            "served", suggestions, word,
             to_position(doc.text, cursor - len(word), job.encoding), to_position(doc.text, cursor, job.encoding),
             multiline, result.stats,
         )
+
+    def _typed_along(self, job: Job, text: str, cursor: int) -> Suggestion | None:
+        """The rest of the ghost text answered last for this document when the only change since
+        is its start typed at its cursor (a one-suggestion request, `type_along` on, not the
+        recompute baseline); None otherwise."""
+        shown = self._shown.get(job.uri)
+        if shown is None or job.num_drafts != 1 or not job.settings.type_along \
+                or job.settings.cache_mode == "recompute":
+            return None
+        old_text, old_cursor, suggestion = shown
+        typed = cursor - old_cursor
+        if not 0 < typed < len(suggestion.text) or len(text) != len(old_text) + typed \
+                or text[old_cursor:cursor] != suggestion.text[:typed] \
+                or not (text.startswith(old_text[:old_cursor]) and text.endswith(old_text[old_cursor:])):
+            return None
+        return Suggestion(suggestion.text[typed:], suggestion.score, suggestion.parses)
 
     def _recover(self, err: BaseException, during: str, uri: str | None = None) -> str | None:
         """Log a backend failure, recover from it, tell the user once; its kind (None: a bug, for

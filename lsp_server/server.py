@@ -202,6 +202,7 @@ class EditkvServer(LanguageServer):
                 "description": backend.description if backend is not None else None,
                 "view": getattr(backend, "view_choice", None),  # what `view: auto` serves, and why
                 "error": self.worker.load_error, "completed": self.worker.completed,
+                "typed_along": self.worker.typed_along,  # answered from the last ghost text, no model
                 "last_request": self.worker.last_stats,
                 "evictions": getattr(getattr(backend, "cache", None), "evictions", None),
                 "idle_refreshed_tokens": self.worker.idle_refreshed,

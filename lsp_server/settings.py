@@ -42,6 +42,10 @@ class Settings:
     max_file_kb: int = 1024  # larger files are kept in sync but never modelled
     stats_file: bool = True  # keep suggestion statistics in the user's cache folder
     speculation: bool = True  # one-draft requests: lossless n-gram speculation (off: plain greedy)
+    # a keystroke that types the start of the ghost text shown last is answered with the rest of
+    # it at once, without the model (what llama.vscode's client cache does); never with cache_mode
+    # "recompute" (the baseline re-reads the file for every request)
+    type_along: bool = True
     superposed: bool = True  # several drafts: superposed decoding (off: a greedy decode per draft)
     # several drafts by beam search instead (k beams, one batched forward per step): more often the
     # right line among them than superposed decoding in FIM, but 1.3-1.4x greedy's time on the CPU
@@ -96,7 +100,8 @@ _INT_RANGES = {
 _CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
             "dtype": ("float32", "bfloat16", "float16"), "cpu_weights": CPU_WEIGHTS}
 _MODEL_TUNED = ("fim_fresh_suffix", "refresh_near_cursor")  # None: the model's value
-_BOOLS = ("stats_file", "speculation", "superposed", "beam_search", "adadec", "fim_suffix_cache", "cross_file")
+_BOOLS = ("stats_file", "type_along", "speculation", "superposed", "beam_search", "adadec", "fim_suffix_cache",
+          "cross_file")
 _FIELDS = {f.name for f in fields(Settings)}
 
 

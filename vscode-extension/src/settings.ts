@@ -30,6 +30,7 @@ export const SERVER_DEFAULTS = {
   view: 'auto',
   maxFileKb: 1024,
   statsFile: true,
+  typeAlong: true,
   speculation: true,
   superposed: true,
   beamSearch: false,

@@ -1,0 +1,81 @@
+"""Typing along the ghost text: a keystroke that types the start of the suggestion shown last is
+answered with the rest of it, without the model (setting `typeAlong`, on by default); anything
+else goes to the model. The fake engine makes every answer name its position, so an answer from
+the model and one from the shown text tell themselves apart; then the same through the embedded model."""
+
+import pytest
+import pytest_lsp
+from lsp_testing import SERVER_ENV, lsp_command
+from lsprotocol import types
+from pytest_lsp import ClientServerConfig, LanguageClient
+from test_protocol import inline, open_doc, server_stats, start, type_at
+
+pytestmark = pytest.mark.asyncio
+
+TEXT = "def add(a, b):\n    return a + b\n\n\n"
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--fake"), server_env=SERVER_ENV))
+async def client(lsp_client: LanguageClient):
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--device", "cpu"), server_env=SERVER_ENV))
+async def model_client(lsp_client: LanguageClient):
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def _texts(client, line, character):
+    result = await inline(client, line, character)
+    return [item.insert_text for item in result.items]
+
+
+async def test_typing_the_shown_text_is_answered_from_it(client: LanguageClient):
+    await start(client, "visual-studio-code", {"debounceMs": 0})
+    open_doc(client, TEXT)
+    assert await _texts(client, 4, 0) == ["<fake 4:0>"]  # the model's (fake engine's) answer
+    type_at(client, 4, 0, "<", 1)
+    assert await _texts(client, 4, 1) == ["fake 4:0>"]  # the rest of what was shown
+    type_at(client, 4, 1, "f", 2)
+    assert await _texts(client, 4, 2) == ["ake 4:0>"]
+    stats = await server_stats(client)
+    assert stats["backend"]["typed_along"] == 2 and stats["backend"]["last_request"]["strategy"] == "typed_along"
+    # a character the suggestion does not have: the model again
+    type_at(client, 4, 2, "x", 3)
+    assert await _texts(client, 4, 3) == ["<fake 4:3>"]
+    # an edit elsewhere between the answer and the keystroke: the model again
+    type_at(client, 4, 3, "<", 4)
+    type_at(client, 0, 0, "#", 5)
+    assert await _texts(client, 4, 4) == ["<fake 4:4>"]
+    # typed to the end: nothing left to show from it, the model again
+    type_at(client, 4, 4, "<fake 4:4>"[:1], 6)  # (answered from the shown text)
+    assert await _texts(client, 4, 5) == ["fake 4:4>"]
+    assert (await server_stats(client))["backend"]["typed_along"] == 3
+
+
+async def test_type_along_off_and_the_recompute_baseline_always_ask_the_model(client: LanguageClient):
+    await start(client, "visual-studio-code", {"debounceMs": 0, "typeAlong": False})
+    open_doc(client, TEXT)
+    assert await _texts(client, 4, 0) == ["<fake 4:0>"]
+    type_at(client, 4, 0, "<", 1)
+    assert await _texts(client, 4, 1) == ["<fake 4:1>"]
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"editkv": {"typeAlong": True, "cacheMode": "recompute"}}))
+    type_at(client, 4, 1, "<", 2)
+    assert await _texts(client, 4, 2) == ["<fake 4:2>"]
+    assert (await server_stats(client))["backend"]["typed_along"] == 0
+
+
+async def test_typing_along_the_default_models_suggestion(model_client: LanguageClient):
+    """The embedded model: its ghost text, typed one character, answered from what was shown."""
+    text = TEXT + "def sub(a, b):\n    return "
+    await start(model_client, "visual-studio-code", {"debounceMs": 0, "maxTokens": 8})
+    open_doc(model_client, text)
+    shown = await _texts(model_client, 5, 11)
+    assert shown and len(shown[0]) >= 2, shown
+    type_at(model_client, 5, 11, shown[0][0], 1)
+    assert await _texts(model_client, 5, 12) == [shown[0][1:]]
+    stats = await server_stats(model_client)
+    assert stats["backend"]["typed_along"] == 1 and stats["backend"]["completed"] == 1
