@@ -1,7 +1,8 @@
 """Per-token decode latency on the CPU per weight format (engine/quant.py, issue 23).
 
 For each --formats entry the model is loaded with that `cpu_weights`, a prompt of --prompt
-tokens (a realedits file, else repeated code) is prefilled in one forward (timed), then
+tokens (lsp_server/scheduler.py, or with --data the first record's file) is prefilled in one
+forward (timed), then
 --steps greedy one-token forwards are timed, each attending to everything before it (what a
 decode step of a request does). Reported per format: load seconds, process RSS after the
 load, bytes of the projection weights, prefill ms, decode ms per token (median, p90), and how
@@ -13,14 +14,13 @@ many of the greedy tokens equal the first format's.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import load_records, machine, parser, write_json
 from editkv.engine.loading import load_model
 from editkv.engine.model import Span
 from editkv.engine.quant import QuantLinear, quantize_model
@@ -93,19 +93,21 @@ def measure(spec: str, fmt: str, prompt: list[int], steps: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
+    p = parser(__doc__.split("\n\n")[0])
+    p.set_defaults(data=None)  # the prompt: lsp_server/scheduler.py unless --data names realedits
     p.add_argument("--formats", default="fp32,int8,int4")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    if args.device != "cpu":
+        raise SystemExit("decode_cpu: the weight formats are for the CPU (--device cpu)")
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = load_model(args.model, cpu_weights="fp32").tokenizer
     gc.collect()
-    prompt = tok.encode(SAMPLE.read_text(encoding="utf-8"))[: args.prompt]
+    text = load_records(args.data, 1)[0]["before"] if args.data else SAMPLE.read_text(encoding="utf-8")
+    prompt = tok.encode(text)[: args.prompt]
     rows = []
     for fmt in args.formats.split(","):
         rows.append(measure(args.model, fmt, prompt, args.steps))
@@ -116,9 +118,8 @@ def main() -> None:
               f"prefill({len(prompt)}) {r['prefill_ms']:7.0f} ms  decode p50 {r['decode_ms_p50']:6.1f} ms  "
               f"p90 {r['decode_ms_p90']:6.1f} ms  same greedy tokens as {rows[0]['format']}: "
               f"{same}/{len(r['tokens'])}  {r['text'][:60]!r}", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
-                                        "torch": torch.__version__, "rows": rows}, indent=1))
+    write_json(args.json, {"model": args.model, "machine": machine("cpu"), "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

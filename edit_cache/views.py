@@ -339,7 +339,7 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
         write, write_at = scratch, 0
         if window is not None and scratch.base is doc.cache and scratch.offset == window.start + window.size:
             # the window's slots right before the scratch: its tokens join the forward, first
-            ids = [doc.tokenizer.fim.suffix, *window.key[2], *ids]
+            ids = [*_window_ids(doc, window), *ids]
             positions = [*range(first_position, first_position + window.size), *positions]
             groups.insert(0, TokenGroup(window.size, head_context))
             write, write_at, window = doc.cache, window.start, None
@@ -402,8 +402,13 @@ def _suffix_window(doc: Document, context: list[Span], first_position: int, wind
     return window, False
 
 
+def _window_ids(doc: Document, window: SuffixWindow) -> list[int]:
+    """What the window's slots hold: `<SUF>` and the suffix tokens (its key's last part)."""
+    return [doc.tokenizer.fim.suffix, *window.key[2]]
+
+
 def _encode_window(doc: Document, window: SuffixWindow, context: list[Span], first_position: int) -> None:
-    ids = [doc.tokenizer.fim.suffix, *window.key[2]]
+    ids = _window_ids(doc, window)
     dev = doc.model.device
     doc.model(torch.tensor([ids], device=dev), torch.arange(first_position, first_position + window.size, device=dev),
               write=doc.cache, write_at=window.start, context=context, logits="none")

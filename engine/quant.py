@@ -85,16 +85,17 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(ACT).contiguous()
-        if x2.shape[0] > SMALL_ROWS:
-            out = F.linear(x2, self.dense)
-        elif self.mode == "int8":
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
+        out = F.linear(x2, self.dense) if x2.shape[0] > SMALL_ROWS else self._quantized_mm(x2)
         out = out.to(x.dtype)
         if self.bias is not None:
             out = out.add_(self.bias)
         return out.view(*shape[:-1], self.out_features)
+
+    def _quantized_mm(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` `[M, K]` bf16 (M <= SMALL_ROWS) times the quantized weight: `[M, N]` bf16."""
+        if self.mode == "int8":
+            return torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group_size, self.scales)
 
     def nbytes(self) -> int:
         """Bytes of the quantized weight, its scales and bias (what a decode step reads)."""
@@ -103,14 +104,7 @@ class QuantLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The weight the quantized kernel computes with, `[N, K]` fp32 (tests, error reports)."""
         eye = torch.eye(self.in_features, dtype=ACT)
-        cols = []
-        for rows in eye.split(SMALL_ROWS):
-            if self.mode == "int8":
-                cols.append(torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales))
-            else:
-                cols.append(torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group_size,
-                                                                       self.scales))
-        return torch.cat(cols).float().T.contiguous()
+        return torch.cat([self._quantized_mm(rows) for rows in eye.split(SMALL_ROWS)]).float().T.contiguous()
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
