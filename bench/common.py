@@ -148,6 +148,16 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def shard_flags(p: argparse.ArgumentParser, unit: str = "target") -> None:
+    """--shard I/N, --merge JSON..., --progress: a bench run in parallel shards (`run_or_merge`)."""
+    p.add_argument("--shard", type=shard_arg, default=(0, 1), metavar="I/N",
+                   help=f"only every N-th {unit} from the I-th (parallel runs; --merge their JSON)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="print the summary of these runs' --json files together (no model is run)")
+    p.add_argument("--progress", action="store_true",
+                   help=f"print progress, and keep a partial --json after each {unit} (what a run cut short leaves)")
+
+
 def merge_rows(runs: list[dict]) -> dict:
     """Shards of one run as one result: the first shard's fields, every shard's rows."""
     return {**runs[0], "rows": [row for r in runs for row in r["rows"]],

@@ -51,7 +51,7 @@ from common import (
     machine,
     parser,
     run_or_merge,
-    shard_arg,
+    shard_flags,
     spread,
     sync,
     table,
@@ -322,14 +322,12 @@ def main() -> None:
     p.add_argument("--max-context-chars", type=int, default=None, help="leave out context files larger than this")
     p.add_argument("--keep-open", type=int, default=24, help="context documents kept open (their caches)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--shard", type=shard_arg, default=(0, 1), metavar="I/N", help="every N-th target from the I-th")
-    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="print the summary of these runs' --json files together (no model is run)")
-    p.add_argument("--progress", action="store_true")
+    shard_flags(p)
     args = p.parse_args()
     run_or_merge(args, run, summarize, lambda r: (
         f"crossfile: {r['n_targets']} targets, model {r['model']}, {r['machine']}, "
         f"format {r['style']}, budget {r['budget']}, {r['seconds']:.0f}s"))
+
 
 if __name__ == "__main__":
     main()

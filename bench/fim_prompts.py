@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from common import (
@@ -39,7 +38,7 @@ from common import (
     machine,
     parser,
     run_or_merge,
-    shard_arg,
+    shard_flags,
     spread,
     table,
     write_json,
@@ -183,13 +182,11 @@ def main() -> None:
     p.add_argument("--max-suffix-tokens", type=int, default=100_000, help="cut FIM suffixes to this many tokens")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--shard", type=shard_arg, default=(0, 1), metavar="I/N", help="every N-th target from the I-th")
-    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="print the summary of these runs' --json files together (no model is run)")
-    p.add_argument("--progress", action="store_true")
+    shard_flags(p)
     args = p.parse_args()
     run_or_merge(args, run, summarize, lambda r: (
         f"fim_prompts: {r['n_targets']} targets, model {r['model']}, {r['machine']}, {r['seconds']:.0f}s"))
+
 
 if __name__ == "__main__":
     main()

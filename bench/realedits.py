@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from common import (
     edit_similarity,
@@ -31,7 +30,7 @@ from common import (
     machine,
     parser,
     run_or_merge,
-    shard_arg,
+    shard_flags,
     spread,
     sync,
     table,
@@ -289,12 +288,8 @@ def main() -> None:
                         "(default: the model's recommendation, as the server does)")
     p.add_argument("--refresh-near-cursor", type=int, default=None,
                    help="views: re-encode the stale tokens among this many before the cursor (default: the model's)")
-    p.add_argument("--shard", type=shard_arg, default=(0, 1), metavar="I/N",
-                   help="only every N-th record from the I-th (parallel runs; --merge their JSON)")
-    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="print the summary of these runs' --json files together (no model is run)")
+    shard_flags(p, unit="record")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--progress", action="store_true")
     p.add_argument("--typed", type=int, default=0,
                    help="type the target line's first N characters (one change and FIM view each) and "
                         "complete the rest: FIM views reuse their suffix window while typing")
