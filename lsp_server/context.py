@@ -26,6 +26,7 @@ wrapper tokens.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import OrderedDict
@@ -64,6 +65,13 @@ def imported_modules(text: str) -> list[tuple[str, ...]]:
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _modules(text: str) -> tuple[tuple[str, ...], ...]:
+    """`imported_modules`, once per text: a request asks for the workspace's files and then for
+    the sources, on the same text."""
+    return tuple(imported_modules(text))
+
+
 def module_parts(uri: str) -> tuple[str, ...]:
     """A document's path as module parts: `file:///w/pkg/mod.py` -> (..., "pkg", "mod");
     a package's `__init__.py` is the package."""
@@ -88,7 +96,7 @@ def context_sources(uri: str, text: str, docs: Mapping[str, Document], max_files
     """The open documents to show before `uri`'s: the ones its text imports first, then the
     others, most recently used first (`docs` keeps the most recent last), at most `max_files`;
     as (those whose whole text has keys, the uris of the others: the background encodes them)."""
-    modules = imported_modules(text)
+    modules = _modules(text)
     others = [(u, d) for u, d in reversed(list(docs.items())) if u != uri and d.ids]
     ordered = [x for x in others if _imports(x[0], modules)] + [x for x in others if not _imports(x[0], modules)]
     picked = ordered[:max_files]
@@ -138,7 +146,7 @@ class CrossFileContext:
         """(uri, text) of files under `roots` that `text` imports and no document holds yet, among
         the first `limit` files its imports name (no more can be shown: `max_files`; reading
         more would churn the `MAX_DISK_FILES` bound at every request)."""
-        modules = tuple(imported_modules(text))
+        modules = _modules(text)
         key = (roots, modules)
         if key not in self._resolved:
             if len(self._resolved) > 256:
