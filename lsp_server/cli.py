@@ -191,7 +191,9 @@ def _lsp_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--cpu-weights", default="auto", choices=("auto", "fp32", "int8", "int4"),
+    from editkv.lsp_server.settings import CPU_WEIGHTS
+
+    p.add_argument("--cpu-weights", default="auto", choices=CPU_WEIGHTS,
                    help="on the CPU: the projections' weights as fp32, or weight-only int8/int4 (default: auto; "
                    "$EDITKV_CPU_WEIGHTS overrides)")
     p.add_argument("--fake", action="store_true",

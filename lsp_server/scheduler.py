@@ -459,8 +459,7 @@ class EngineWorker:
             self.last_stats = {"strategy": "typed_along", "total_ms": 0.0, "encoded_tokens": 0}
             word = _WORD.search(ctx.before).group(0)
             return Outcome("served", [along], word, to_position(doc.text, cursor - len(word), job.encoding),
-                           to_position(doc.text, cursor, job.encoding), multiline,
-                           {"strategy": "typed_along", "total_ms": 0.0, "encoded_tokens": 0})
+                           to_position(doc.text, cursor, job.encoding), multiline, dict(self.last_stats))
         request = CompletionRequest(
             job.uri, job.line, job.character, encoding=job.encoding, max_tokens=settings.max_tokens,
             max_lines=settings.max_lines if multiline else 1, num_drafts=job.num_drafts, view=settings.view,
