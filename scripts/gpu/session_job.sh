@@ -21,10 +21,11 @@ touch $R/phase1_done
 log "phase 2: quality side by side"
 mkdir -p $R/re
 # FIM only, full and PIE and prefix reuse: the 256-token fresh suffix against the exact FIM prefill
-# (l2r met in session 11); eight shards (22 processes ran out of the H100's 80 GB in session 11)
-for i in $(seq 0 7); do
+# (l2r met in session 11); ten shards (22 processes ran out of the H100's 80 GB in session 11)
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+for i in $(seq 0 9); do
   timeout 1200 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz --views fim \
-    --methods full,pie,prefix_reuse --progress --shard $i/8 --json $R/re/re_$i.json > $R/re/re_$i.txt 2>&1 &
+    --methods full,pie,prefix_reuse --progress --shard $i/10 --json $R/re/re_$i.json > $R/re/re_$i.txt 2>&1 &
 done
 mkdir -p $R/xf
 XF="--crossfile $D/dev-crossfile.jsonl.gz --blobs $D/dev-blobs.jsonl.gz --budget 2048"
@@ -48,18 +49,23 @@ python3 bench/realedits.py --merge $R/re/re_*.json > $R/re_merged.txt 2>&1
 python3 bench/crossfile.py --merge $R/xf/xf_*.json > $R/xf_merged.txt 2>&1
 python3 bench/crossfile.py --merge $R/xf/xo_*.json > $R/xo_merged.txt 2>&1
 log "phase 3: timings alone"
+unset PYTORCH_CUDA_ALLOC_CONF
+PEER=/root/xdg/editkv/peers/llama-b11434-cuda/bin/llama-server
+for i in $(seq 1 36); do [ -x $PEER ] || ! pgrep -f 'llama_server.py build' > /dev/null && break; sleep 5; done
+if [ -x $PEER ]; then M=default,full,llama; else M=default,full; fi
+log "served replay, human pace ($M)"
+timeout 360 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 8 --max-keys 60 \
+  --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer.log \
+  --methods $M --pace human --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
+log "replay rc=$?"
 log "latency, real weights"
 timeout 240 python3 bench/latency_gpu.py --device cuda --models model --model $G --data $D/dev150.jsonl.gz \
   --contexts 2048,8192,16384 --json $R/latency_qwen.json > $R/latency_qwen.txt 2>&1
 log "latency rc=$?"
 log "served dropdown alone (beam vs superposed timings)"
-for v in l2r fim; do
-  timeout 200 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 60 \
+for v in fim l2r; do
+  timeout 150 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 40 \
     --view $v --methods "greedy,superposed,beam k,beam k early" --json $R/md_$v.json > $R/md_$v.txt 2>&1
+  log "dropdown $v rc=$?"
 done
-log "served replay"
-timeout 400 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
-  --methods default,full --pace human --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
-log "replay rc=$?"
-[ -x scripts/gpu/session_peer.sh ] && bash scripts/gpu/session_peer.sh $G > $R/peer.log 2>&1
 touch $R/done
