@@ -85,6 +85,15 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def resolve_model(spec: str | None) -> str:
+    """The model to load: `spec`, or the embedded default model's folder (EngineError if it is missing)."""
+    if spec:
+        return spec
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        return str(DEFAULT_MODEL_DIR)
+    raise EngineError(f"no --model given and the embedded default model is missing at {DEFAULT_MODEL_DIR}")
+
+
 def load_model(
     spec: str | Path | None = None,
     *,
@@ -481,5 +490,7 @@ def _build(
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = Rotary(config, device)
     if device.type == "cuda":
-        model.enable_graphs()  # small batch-1 forwards replay as CUDA graphs
+        from editkv.engine.static_decode import enable_graphs
+
+        enable_graphs(model)  # small batch-1 forwards replay as CUDA graphs
     return model.eval()

@@ -472,7 +472,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config)
-        self.static = None  # engine.static_decode.StaticForward, once enable_graphs() is called
+        self.static = None  # engine.static_decode.StaticForward, once static_decode.enable_graphs(model)
         self._fused: list[Fused] | None = None
         # "fp32": projections in the model's dtype; "int8"/"int4": weight-only quantized on the
         # CPU (engine/quant.py: the q/k/v and gate/up modules are then None, see `Fused`)
@@ -482,15 +482,6 @@ class Transformer(nn.Module):
         # "sdpa": SDPA's causal call wherever it serves (tests, on the CPU)
         self.attention = "auto"
         self.attention_config: tuple[int, int, int, int] | None = None  # the flash kernel's, when set
-
-    def enable_graphs(self, **options) -> None:
-        """Run batch-1 forwards of few tokens as replayed CUDA graphs where their spans allow it.
-
-        See engine/static_decode.py; other forwards (and every forward on the CPU) stay eager.
-        """
-        from editkv.engine.static_decode import StaticForward
-
-        self.static = StaticForward(self, **options)
 
     @property
     def device(self) -> torch.device:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from editkv.edit_cache.positions import Position, Range, to_offset
+from editkv.lsp_server.settings import CrossFileOptions, Settings
 
 if TYPE_CHECKING:  # the model stack (torch) is imported when a ModelBackend is made, not before
     from editkv.edit_cache.document import Document, DocumentOptions
@@ -37,7 +38,6 @@ if TYPE_CHECKING:  # the model stack (torch) is imported when a ModelBackend is 
     from editkv.engine.decoding.drafters import Reference
     from editkv.engine.generate import DecodeStats, StopRules
     from editkv.engine.loading import LoadedModel
-    from editkv.lsp_server.settings import Settings
 
 log = logging.getLogger(__name__)
 NGRAM_INDEX_TOKENS = 300_000  # workspace n-gram index bound (~100 bytes a token: ~30 MB)
@@ -81,24 +81,6 @@ class DecodingOptions:
         """The options of an lsp_server.settings.Settings."""
         return cls(speculation=settings.speculation, superposed=settings.superposed, adadec=settings.adadec,
                    beam=settings.beam_search)
-
-
-@dataclass(frozen=True)
-class CrossFileOptions:
-    """Other open documents' caches in front of a request's view (lsp_server/context.py): settings
-    `crossFile` (off by default: the default model gains nothing from other files, and with
-    Qwen2.5-Coder-0.5B it helped left to right but cost FIM 1.7-2.5 EM; BENCHMARKS.md, cross-file),
-    `crossFileBudget` (tokens of other files), `crossFileRecompute` (percent of them CacheBlend
-    recomputes)."""
-
-    on: bool = False
-    budget: int = 1024
-    recompute: int = 15
-    max_files: int = 4
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> CrossFileOptions:
-        return cls(settings.cross_file, settings.cross_file_budget, settings.cross_file_recompute)
 
 
 @dataclass

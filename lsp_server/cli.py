@@ -11,15 +11,9 @@ import argparse
 import json
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-
-def _version() -> str:
-    try:
-        return version("editkv")
-    except PackageNotFoundError:
-        return "0+unknown"
+from editkv.lsp_server import server_version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
             "session), complete (one completion from a file)."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"editkv {_version()}")
+    parser.add_argument("--version", action="version", version=f"editkv {server_version()}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     complete = sub.add_parser(
@@ -212,19 +206,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
 
 
-def _resolve_model(spec: str | None) -> str:
-    from editkv.engine.errors import EngineError
-    from editkv.engine.loading import DEFAULT_MODEL_DIR
-
-    if spec:
-        return spec
-    if (DEFAULT_MODEL_DIR / "config.json").is_file():
-        return str(DEFAULT_MODEL_DIR)
-    raise EngineError(
-        f"no --model given and the embedded default model is missing at {DEFAULT_MODEL_DIR}"
-    )
-
-
 def _read_source(path: Path) -> str:
     from editkv.engine.errors import EngineError
 
@@ -255,7 +236,8 @@ def _cursor_offset(text: str, line: int, col: int) -> int:
 def _cmd_lsp(args: argparse.Namespace) -> int:
     import logging
 
-    from editkv.lsp_server.server import create_server, fake_factory, model_factory
+    from editkv.lsp_server.features import create_server
+    from editkv.lsp_server.server import fake_factory, model_factory
     from editkv.lsp_server.settings import Settings, parse_settings
 
     base, problems = parse_settings({"model": args.model, "device": args.device, "dtype": args.dtype,
@@ -291,7 +273,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     import torch
     from editkv.engine.errors import EngineError
     from editkv.engine.generate import DecodeStats, StopRules, decode, prefill_chunk, prefill_prompt
-    from editkv.engine.loading import load_model
+    from editkv.engine.loading import load_model, resolve_model
     from editkv.engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
     from editkv.engine.sampling import SamplingParams
 
@@ -303,7 +285,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
         params = SamplingParams(args.temperature, args.top_p, args.seed)
     except ValueError as err:
         raise EngineError(str(err)) from None
-    loaded = load_model(_resolve_model(args.model), device=args.device, dtype=args.dtype)
+    loaded = load_model(resolve_model(args.model), device=args.device, dtype=args.dtype)
     tok, cfg = loaded.tokenizer, loaded.config
     prefix, suffix = text[:offset], text[offset:]
     head = len(doc_start_ids(tok, cfg))

@@ -39,7 +39,7 @@ from editkv.edit_cache.crossfile import ContextBlock, block_layout, build_block,
 from editkv.edit_cache.document import Document
 
 if TYPE_CHECKING:
-    from editkv.lsp_server.backend import CrossFileOptions
+    from editkv.lsp_server.settings import CrossFileOptions
 
 KEEP = 2  # context blocks kept (the documents served last)
 MAX_FILE_BYTES = 256 * 1024  # workspace files larger than this are not read as context

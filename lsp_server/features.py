@@ -18,9 +18,10 @@ from typing import Any
 
 from editkv.edit_cache.positions import Position, PositionError, Range
 from editkv.lsp_server.protocol import choose_encoding
-from editkv.lsp_server.scheduler import Job, Outcome, UnknownDocumentError
+from editkv.lsp_server.scheduler import BackendFactory, Job, Outcome, UnknownDocumentError
 from editkv.lsp_server.server import DocState, EditkvServer, Pending
-from editkv.lsp_server.settings import SECTION, parse_settings, section_of
+from editkv.lsp_server.settings import SECTION, Settings, parse_settings, section_of
+from editkv.lsp_server.stats import default_stats_path
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcServerNotInitialized
 
@@ -400,3 +401,14 @@ def suggestion_accepted(ls: EditkvServer, *args: Any) -> None:
 
 
 COMMANDS.append((ACCEPT_COMMAND, suggestion_accepted))
+
+
+def create_server(base_settings: Settings, factory: BackendFactory, *, stats: bool = True) -> EditkvServer:
+    """A server with every editkv feature registered."""
+    path = default_stats_path() if stats and base_settings.stats_file else None
+    server = EditkvServer(base_settings=base_settings, factory=factory, stats_path=path)
+    for method, options, handler in HANDLERS:
+        server.feature(method, options)(handler)
+    for name, handler in COMMANDS:
+        server.command(name)(handler)
+    return server

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from editkv.edit_cache.positions import Position, PositionError, Range, apply_change, to_offset, to_position
-from editkv.lsp_server.backend import Backend, CompletionRequest, CrossFileOptions, DecodingOptions
+from editkv.lsp_server.backend import Backend, CompletionRequest, DecodingOptions
 from editkv.lsp_server.postprocess import CursorContext, Suggestion, finish, is_python, wants_multiline
-from editkv.lsp_server.settings import Settings
+from editkv.lsp_server.settings import CrossFileOptions, Settings
 
 log = logging.getLogger(__name__)
 Notify = Callable[[str, str], None]  # (level: "error" | "warning" | "info", message)

@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from editkv.lsp_server import server_version
 from editkv.lsp_server.backend import Backend
 from editkv.lsp_server.protocol import PARSE_ERROR, EditkvProtocol
 from editkv.lsp_server.scheduler import BackendFactory, EngineWorker, Job, cache_options
@@ -85,9 +86,7 @@ class EditkvServer(LanguageServer):
     """editkv's language server: documents, settings, the engine worker, statistics."""
 
     def __init__(self, *, base_settings: Settings, factory: BackendFactory, stats_path: Path | None = None) -> None:
-        from editkv.lsp_server.cli import _version
-
-        super().__init__("editkv", _version(), protocol_cls=EditkvProtocol,
+        super().__init__("editkv", server_version(), protocol_cls=EditkvProtocol,
                          text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
         self.base_settings = base_settings
         self.settings = base_settings
@@ -246,30 +245,18 @@ def model_factory() -> BackendFactory:
     """Backends over a real model: `settings.model` or the embedded default."""
 
     def make(settings: Settings) -> Backend:
-        from editkv.engine.loading import load_model
+        from editkv.engine.loading import load_model, resolve_model
         from editkv.lsp_server.backend import ModelBackend
-        from editkv.lsp_server.cli import _resolve_model
 
-        loaded = load_model(_resolve_model(settings.model), device=settings.device, dtype=settings.dtype,
+        loaded = load_model(resolve_model(settings.model), device=settings.device, dtype=settings.dtype,
                             cpu_weights=settings.cpu_weights)
         graphs = os.environ.get(GRAPHS_ENV)
         if graphs == "off":
             loaded.model.static = None
         elif graphs:  # "static": the graph path's static-shape forward, eagerly (tests on the CPU)
-            loaded.model.enable_graphs(mode=graphs)
+            from editkv.engine.static_decode import enable_graphs
+
+            enable_graphs(loaded.model, mode=graphs)
         return ModelBackend(loaded, **cache_options(settings))
 
     return make
-
-
-def create_server(base_settings: Settings, factory: BackendFactory, *, stats: bool = True) -> EditkvServer:
-    """A server with every editkv feature registered."""
-    from editkv.lsp_server import features
-
-    path = default_stats_path() if stats and base_settings.stats_file else None
-    server = EditkvServer(base_settings=base_settings, factory=factory, stats_path=path)
-    for method, options, handler in features.HANDLERS:
-        server.feature(method, options)(handler)
-    for name, handler in features.COMMANDS:
-        server.command(name)(handler)
-    return server

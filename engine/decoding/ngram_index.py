@@ -1,7 +1,7 @@
 """Workspace n-gram index: counts of every token n-gram (n = 2..6) of open documents and files.
 
 Data flow: a document's token ids (edit_cache's `doc.ids`) -> `add(uri, ids)`; each later
-`TokenEdit(start, end, new_ids)` from `TokenizedText.update` -> `apply_edit(uri, edit)`, which
+edit `(start, end, new_ids)` (edit_cache's `TokenEdit`, or anything with those fields) -> `apply_edit(uri, edit)`, which
 removes the n-grams that touch the replaced span (every n-gram within `max_n - 1` tokens of
 it) and adds the n-grams of the new tokens and their neighbours; decoding asks
 `next_probs(context, candidates)` for the unsmoothed p_n(x | last n-1 tokens), n = 2..max_n.
@@ -25,14 +25,26 @@ from __future__ import annotations
 from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
-from editkv.edit_cache.tokens import TokenEdit
 
 _MASK = (1 << 64) - 1
 _MULT = 0x9E3779B97F4A7C15
 _SEED = 0x2545F4914F6CDD1D
 _LENGTH_TAG = 1 << 40  # mixed in after a context, so contexts of different lengths differ
+
+
+class TokenSpanEdit(Protocol):
+    """Tokens `[start, end)` replaced by `new_ids` (edit_cache.tokens.TokenEdit has this shape; the
+    engine does not import edit_cache)."""
+
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def new_ids(self) -> Sequence[int]: ...
 _U_MULT = np.uint64(_MULT)
 _U_ONE = np.uint64(1)
 _U_29 = np.uint64(29)
@@ -195,7 +207,7 @@ class NgramIndex:
         if uri in self.docs:
             self.docs.move_to_end(uri)
 
-    def apply_edit(self, uri: str, edit: TokenEdit) -> None:
+    def apply_edit(self, uri: str, edit: TokenSpanEdit) -> None:
         """Tokens `[start, end)` of the document became `new_ids`: update the counts around them."""
         doc = self.docs.get(uri)
         if doc is None:
@@ -208,7 +220,7 @@ class NgramIndex:
         self._count(doc, lo, min(len(doc), edit.end + reach), -1)
         doc[edit.start : edit.end] = array("q", edit.new_ids)
         self._count(doc, lo, min(len(doc), edit.start + len(edit.new_ids) + reach), +1)
-        self.num_tokens += edit.delta
+        self.num_tokens += len(edit.new_ids) - (edit.end - edit.start)
         self.docs.move_to_end(uri)
         if self.num_tokens > self.max_tokens:
             if len(doc) > self.max_tokens:

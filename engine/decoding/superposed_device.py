@@ -45,7 +45,7 @@ from editkv.engine.decoding.ngram_index import NgramIndex
 from editkv.engine.healing import healer_for
 from editkv.engine.identity_cache import IdentityCache
 from editkv.engine.ngram import NgramTable
-from editkv.engine.static_decode import Readback
+from editkv.engine.readback import Readback
 from editkv.kernels.logit_summary import logit_summary
 from editkv.kernels.superposed_select import counts_buffer, superposed_select_triton
 from editkv.kernels.superposed_select import triton as _triton
@@ -368,7 +368,7 @@ class SuperposedBuffers:
                                     self.log_tokens, self.log_scores])
 
     def drain(self) -> None:
-        """Wait until no copy of this buffer's state is in flight (see static_decode.Readback)."""
+        """Wait until no copy of this buffer's state is in flight (see engine/readback.py)."""
         self._readback.drain()
 
     def collect(self, ticket: tuple[int, torch.cuda.Event | None, int]) -> dict:

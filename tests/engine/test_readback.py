@@ -5,7 +5,7 @@ and `drain` leaves nothing in flight."""
 import numpy as np
 import pytest
 import torch
-from editkv.engine.static_decode import Readback
+from editkv.engine.readback import Readback
 
 
 def test_a_ticket_overtaken_by_the_ring_is_refused_not_misread():
