@@ -106,9 +106,14 @@ class CompletionResult:
 
 
 class Backend(Protocol):
-    """What the language server needs from a completion engine."""
+    """What the language server needs from a completion engine.
+
+    The first five methods every backend implements; the rest have do-nothing defaults here
+    (a backend subclasses this protocol to get them), so the worker calls them all directly."""
 
     description: str
+    view_choice: dict | None = None  # what `view: auto` serves, and why (None: the backend has no views)
+    idle_work: bool = False  # whether `refresh_idle` can do anything (the worker arms its idle timer only then)
 
     def open(self, uri: str, text: str) -> None: ...
 
@@ -120,14 +125,45 @@ class Backend(Protocol):
 
     def complete(self, request: CompletionRequest, should_stop: Callable[[], bool]) -> CompletionResult: ...
 
+    def configure(self, **options: Any) -> None:
+        """New cache options (scheduler.cache_options) for every document, without a reload."""
 
-class ModelBackend:
+    def refresh_idle(self, max_tokens: int = 256, should_stop: Callable[[], bool] | None = None) -> int:
+        """Background work while no request waits; the number of tokens it re-encoded."""
+        return 0
+
+    def verify_tokens_idle(self) -> int:
+        """Background cross-checks of documents' tokens; how many it checked."""
+        return 0
+
+    def urgent_work(self) -> bool:
+        """Whether background work should not wait for the idle delay."""
+        return False
+
+    def drop_caches(self) -> None:
+        """Free every cached document's KV (after an out-of-memory or device fault)."""
+
+    def disable_graphs(self) -> bool:
+        """Stop replaying CUDA graphs; whether any were in use."""
+        return False
+
+    def release(self) -> None:
+        """Free what the backend holds (model, KV, graphs) before another is loaded."""
+
+    def debug_document(self, uri: str, kv: bool = False) -> dict:
+        """The backend's part of `editkv/debugDocument`."""
+        return {}
+
+
+class ModelBackend(Backend):
     """Completions from a real model over PIE-repaired per-document caches.
 
     The model-tuned cache options (`edit_cache.document.TUNED`) come from `tuned` (the user's
     settings; None = unset), else the model's editkv.json, else RECOMMENDED — whatever `options`
     holds for them is replaced.
     """
+
+    idle_work = True  # stale tokens re-encoded, suffixes encoded, tokens verified between requests
 
     def __init__(self, loaded: LoadedModel, *, budget_bytes: int | None = None,
                  options: DocumentOptions | None = None, recompute: bool = False,
@@ -545,7 +581,7 @@ def _device_allocated(device) -> int | None:
     return torch.cuda.memory_allocated(device)
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     """Deterministic instant completions for protocol tests (no model).
 
     The completion of a position is `"<fake line:col>"`; a request for several drafts gets

@@ -240,7 +240,7 @@ class EngineWorker:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self._idle_timer = None
-        if self.closing or not self.settings.idle_refresh_ms or getattr(self.backend, "refresh_idle", None) is None:
+        if self.closing or not self.settings.idle_refresh_ms or self.backend is None or not self.backend.idle_work:
             return
         self._idle_timer = threading.Timer(delay_s, self._on_idle_timer)
         self._idle_timer.daemon = True
@@ -270,9 +270,8 @@ class EngineWorker:
         checked = 0
         try:
             done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS, work_came) if self.backend is not None else 0
-            verify = getattr(self.backend, "verify_tokens_idle", None)
-            if not done and verify is not None and not work_came():
-                checked = verify()  # documents cross-checked against a full tokenization
+            if not done and self.backend is not None and not work_came():
+                checked = self.backend.verify_tokens_idle()  # documents cross-checked against a full tokenization
         except Exception as err:  # idle work must never take the server down
             self._recover(err, "background work")
             done = 0
@@ -288,9 +287,8 @@ class EngineWorker:
         try:
             return fn(*args)
         finally:  # read here, on the thread that owns the documents
-            urgent = getattr(self.backend, "urgent_work", None)
             try:
-                self._urgent = bool(urgent()) if urgent is not None else False
+                self._urgent = self.backend is not None and bool(self.backend.urgent_work())
             except Exception:
                 self._urgent = False
 
@@ -373,9 +371,8 @@ class EngineWorker:
 
     def _configure(self, settings: Settings) -> None:
         self.settings = settings
-        configure = getattr(self.backend, "configure", None)
-        if configure is not None:
-            configure(**cache_options(settings))
+        if self.backend is not None:
+            self.backend.configure(**cache_options(settings))
         for uri, doc in self.docs.items():
             if doc.modelled and len(doc.text) > settings.max_file_kb * 1024:
                 self._admit(uri, doc)
@@ -424,13 +421,11 @@ class EngineWorker:
             doc.modelled = False
         if old is None:
             return
-        release = getattr(old, "release", None)
-        if release is not None:
-            try:
-                release()
-            except Exception:
-                log.error("releasing the backend: %s", traceback.format_exc())
-        del old, release
+        try:
+            old.release()
+        except Exception:
+            log.error("releasing the backend: %s", traceback.format_exc())
+        del old
         gc.collect()  # the model and its static forward refer to each other
         _empty_device_cache()
 
@@ -550,10 +545,10 @@ class EngineWorker:
         return kind
 
     def _call_backend(self, name: str, *args: Any) -> Any:
-        """`backend.name(*args)` if the backend has it; a failure here is logged, never raised."""
-        fn = getattr(self.backend, name, None)
-        if fn is None:
+        """`backend.name(*args)` if a backend is loaded; a failure here is logged, never raised."""
+        if self.backend is None:
             return None
+        fn = getattr(self.backend, name)
         try:
             return fn(*args)
         except Exception:
@@ -571,9 +566,8 @@ class EngineWorker:
             "out_of_sync": doc.out_of_sync, "refused": doc.refused, "modelled": doc.modelled,
             "backend": None, "faults": dict(self.faults), "reloads": self.reloads,
         }
-        debug = getattr(self.backend, "debug_document", None)
-        if doc.modelled and debug is not None:
-            out["backend"] = debug(uri, kv)
+        if doc.modelled and self.backend is not None:
+            out["backend"] = self.backend.debug_document(uri, kv)
         return out
 
 

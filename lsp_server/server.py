@@ -167,7 +167,7 @@ class EditkvServer(LanguageServer):
                 log.warning("no progress reporting: %s", err)
                 token = None
         ok, message = await asyncio.wrap_future(self.worker.load(settings))
-        view = getattr(self.worker.backend, "view_choice", None) if ok else None
+        view = self.worker.backend.view_choice if ok and self.worker.backend is not None else None
         if view is not None:  # which view `view: auto` serves, and why
             message += f"; view auto = {view['auto']}: {view['why']}"
         if token is not None:
@@ -199,7 +199,7 @@ class EditkvServer(LanguageServer):
             "backend": {
                 "ready": backend is not None, "loading": self.worker.loading,
                 "description": backend.description if backend is not None else None,
-                "view": getattr(backend, "view_choice", None),  # what `view: auto` serves, and why
+                "view": backend.view_choice if backend is not None else None,  # what `view: auto` serves, and why
                 "error": self.worker.load_error, "completed": self.worker.completed,
                 "typed_along": self.worker.typed_along,  # answered from the last ghost text, no model
                 "last_request": self.worker.last_stats,
