@@ -16,7 +16,10 @@ Data flow:
 
 Paces: "service" sends each keystroke once the last one is answered (service time); "human"
 types one every --interval-ms and pauses --hunk-pause-ms before each later hunk, so the
-server's debounce, dropping and idle refresh do their work as in an editor.
+server's debounce, dropping and idle refresh do their work as in an editor. "lines" (quality
+only, not in "both") types every keystroke as a change but asks for a suggestion only at the
+scored lines, each waited for: the suggestion quality of many lines at little cost, with the
+cache state the typing left (its latencies are not a pace's).
 
 Reported per pace, method and group: keystrokes; answered (a suggestion, or an empty answer),
 dropped (the server answered null: a newer keystroke superseded the request), cancelled
@@ -101,7 +104,7 @@ PEER = "peer"  # a method whose settings name a peer is not `editkv lsp`; its ot
 BASELINE = "full"
 BUCKETS = (("<4k", 4096), ("4-16k", 16384), (">16k", None))  # tokens of `before`, upper bounds exclusive
 POSITIONS = ("top", "middle", "bottom")
-PACES = ("service", "human")
+PACES = ("service", "human", "lines")
 ANSWERED = ("shown", "empty")
 WARM_URI = "file:///lsp_replay/warm_up.py"
 WARM_TEXT = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
@@ -419,7 +422,8 @@ async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace,
         client, case.session, interval_s=pace.interval_ms / 1000, max_keys=args.max_keys, timeout_s=args.timeout,
         hunk_pause_s=pace.hunk_pause_ms / 1000, prime_timeout_s=max(args.timeout, 600.0),
         on_key=lambda i: polls.append(client.send_request("editkv/stats")[1]),
-        on_prime=lambda ms: opens.append(OpenRow(*where, case.tokens, ms)) if opens is not None else None)
+        on_prime=lambda ms: opens.append(OpenRow(*where, case.tokens, ms)) if opens is not None else None,
+        ask_at={p.key for p in case.session.probes} if pace.name == "lines" else None)
     # work still running for this record (a repair is not interrupted) ends before settle's request
     # runs; settle's own tokens (the last request the server served) are not this record's
     await settle(client)
@@ -439,15 +443,17 @@ async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace,
                 requests.append({"pace": pace.name, "method": method.name, "record": case.record_id, **last})
     keys = []
     for i, r in enumerate(records):
-        late = r.outcome in ANSWERED and _late(records, i)
+        late = r.outcome in ANSWERED and pace.name != "lines" and _late(records, i)
         tokens = counts[i + 1] - counts[i] if counts[i] is not None and counts[i + 1] is not None else None
-        keys.append(KeyRow(*where, i, r.label, r.outcome, r.latency_ms, late, r.timed_out, tokens))
+        if r.outcome != "unasked":
+            keys.append(KeyRow(*where, i, r.label, r.outcome, r.latency_ms, late, r.timed_out, tokens))
     lines = []
+    late_at = {k.index: k.late for k in keys}
     for probe in case.session.probes:
         if probe.key >= len(records):
             continue
         r = records[probe.key]
-        shown = r.outcome == "shown" and not keys[probe.key].late
+        shown = r.outcome == "shown" and not late_at.get(probe.key, False)
         suggestion = r.suggestions[0] if shown else ""
         score = score_line(suggestion, probe.expected)
         lines.append(LineRow(*where, probe.key, probe.expected, suggestion.split("\n", 1)[0], shown,
@@ -612,7 +618,8 @@ def _args():
     p.add_argument("--settings", default=None, metavar="JSON",
                    help="settings for every method, under each method's own, e.g. '{\"maxTokens\": 8}'")
     p.add_argument("--max-file-chars", type=int, default=None, help="leave out records with larger files")
-    p.add_argument("--pace", choices=("service", "human", "both"), default="both")
+    p.add_argument("--pace", choices=("service", "human", "both", "lines"), default="both",
+                   help="both = service and human; lines = quality only (requests at the scored lines alone)")
     p.add_argument("--interval-ms", type=float, default=100.0, help="human pace: between keystrokes (100)")
     p.add_argument("--hunk-pause-ms", type=float, default=1500.0, help="human pace: before each later hunk (1500)")
     p.add_argument("--max-keys", type=int, default=80, help="keystrokes per record at most (80)")
@@ -807,7 +814,7 @@ def main() -> None:
     if args.baseline not in names:
         sys.exit(f"lsp_replay: --baseline {args.baseline} is not among --methods {args.methods}")
     paces = [Pace(name, args.interval_ms if name == "human" else 0.0, args.hunk_pause_ms if name == "human" else 0.0)
-             for name in PACES if args.pace in (name, "both")]
+             for name in PACES if args.pace == name or (args.pace == "both" and name != "lines")]
     records = load_records(args.data, args.limit if args.order == "file" else None, args.max_file_chars)
     cases = build_cases(records, token_counter(None if args.fake else args.model), args.limit, args.order,
                         args.max_keys)

@@ -23,7 +23,7 @@ import gzip
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +85,7 @@ class KeyRecord:
 
     index: int
     label: str
-    outcome: str = "pending"  # "shown", "empty", "dropped", "cancelled", "error"
+    outcome: str = "pending"  # "shown", "empty", "dropped", "cancelled", "error", "unasked" (no request)
     latency_ms: float | None = None  # keystroke sent -> response arrived
     suggestions: list[str] = field(default_factory=list)
     error: str = ""
@@ -309,7 +309,8 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
                        timeout_s: float = 300.0, hunk_pause_s: float = 0.0, prime_timeout_s: float = 0.0,
                        on_record: Callable[[KeyRecord], None] | None = None,
                        on_key: Callable[[int], None] | None = None,
-                       on_prime: Callable[[float | None], None] | None = None) -> list[KeyRecord]:
+                       on_prime: Callable[[float | None], None] | None = None,
+                       ask_at: Collection[int] | None = None) -> list[KeyRecord]:
     """Open `session`'s document, type its keystrokes, close it; one record per keystroke.
 
     `hunk_pause_s`: the wait before the first keystroke of each later hunk (a user moving to
@@ -322,6 +323,9 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
     interval 0, after its own) is marked timed out and cancelled, as the editor would on
     moving on; the document closes once every request has its answer (or after another
     `timeout_s`).
+
+    `ask_at`: the keystrokes that get a request (None: every one); the others are sent as changes
+    only, their records keep the outcome "unasked" (with interval 0 nothing waits for them).
     """
     uri = session.uri
     client.notify("textDocument/didOpen", {"textDocument": {
@@ -350,6 +354,11 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
             "textDocument": {"uri": uri, "version": i + 1},
             "contentChanges": [{"range": {"start": _position(key.start), "end": _position(key.end)}, "text": key.text}],
         })
+        if ask_at is not None and i not in ask_at:
+            records.append(KeyRecord(i, key.label, outcome="unasked", sent_at=sent))
+            if on_key is not None:
+                on_key(i)
+            continue
         for msg_id, future, _ in open_requests:
             if not future.done():
                 client.cancel(msg_id)

@@ -201,3 +201,24 @@ def test_a_cross_file_method_gets_the_records_context_files(data, tmp_path):
     served = {m: [r for r in result["served_requests"] if r["method"] == m] for m in ("default", "xfile")}
     assert served["xfile"] and all(r["context_files"] == 1 and r["context_reused_tokens"] > 0 for r in served["xfile"])
     assert served["default"] and not any("context_files" in r for r in served["default"])
+
+
+def test_the_lines_pace_asks_at_the_scored_lines_only(data, tmp_path):
+    """--pace lines: every keystroke reaches the server as a change, but only the scored lines'
+    keystrokes get a request, each answered before typing goes on."""
+    from helpers import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "tiny", "llama")
+    out = tmp_path / "replay.json"
+    proc = _bench("--model", str(model), "--data", str(data), "--max-keys", "0", "--pace", "lines",
+                  "--methods", "full,default", "--json", str(out))
+    assert "pace lines" in proc.stdout and "pace human" not in proc.stdout
+    result = json.loads(out.read_text())
+    session = editor_session(RECORD)
+    probe_keys = sorted(p.key for p in session.probes)
+    for method in ("full", "default"):
+        keys = [k for k in result["keys"] if k["method"] == method]
+        assert sorted(k["index"] for k in keys) == probe_keys
+        assert all(k["outcome"] in ("shown", "empty") for k in keys)
+        lines = [r for r in result["lines"] if r["method"] == method]
+        assert sorted(r["key"] for r in lines) == probe_keys and all(not r.get("late") for r in keys)
