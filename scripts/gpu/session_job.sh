@@ -34,6 +34,9 @@ for i in 0 1; do
   timeout 1200 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz $XF --sets xfile --subset 240 \
     --views fim --methods none,exact,blend_r15 --progress --shard $i/2 --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
 done
+# served-path quality (issue 21: default within 0.5 EM of full recompute): requests at the scored lines only
+timeout 900 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 80 --max-keys 400 \
+  --methods default,full --pace lines --json $R/lines_qwen.json > $R/lines_qwen.txt 2>&1 &
 EDITKV_FAULTS_DEVICE=cuda timeout 900 python3 -m pytest -q -p no:cacheprovider tests/lsp_server/test_faults.py > $R/faults_cuda.log 2>&1 &
 [ -x scripts/gpu/session_extra.sh ] && bash scripts/gpu/session_extra.sh $G > $R/extra.log 2>&1 &
 # phase 3 needs the GPU alone: it starts when phase 2 is over, or when /root/go3 appears (then
@@ -41,7 +44,7 @@ EDITKV_FAULTS_DEVICE=cuda timeout 900 python3 -m pytest -q -p no:cacheprovider t
 while [ "$(jobs -r | wc -l)" -gt 0 ] && [ ! -f /root/go3 ]; do sleep 5; done
 if [ -f /root/go3 ]; then
   log "go3: stopping $(jobs -r | wc -l) jobs"
-  pkill -f 'bench/(realedits|fim_prompts|crossfile|multidraft|adadec).py'; pkill -f 'pytest -m fuzz_long'; pkill -f 'test_faults.py'; pkill -f 'editkv calibrate'; pkill -f 'pytest -m gpu'
+  pkill -f 'bench/(realedits|fim_prompts|crossfile|multidraft|adadec|lsp_replay).py'; pkill -f 'lsp_server.cli lsp'; pkill -f 'pytest -m fuzz_long'; pkill -f 'test_faults.py'; pkill -f 'editkv calibrate'; pkill -f 'pytest -m gpu'
   sleep 5
 fi
 log "phase 2 done"
