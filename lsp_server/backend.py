@@ -419,9 +419,14 @@ class ModelBackend(Backend):
         block, context = None, {}
         if self.cross_file.on and not self.recompute:
             if request.roots:  # imported files that are not open: read from the workspace, kept as documents
+                from editkv.lsp_server.context import text_change
+
                 for uri, text in self.context.workspace_files(request.uri, doc.text, request.roots, self.cache.docs,
                                                               self.cross_file.max_files):
-                    self.cache.open(uri, text)
+                    if uri in self.cache.docs:  # changed on disk: the difference as one edit (PIE repairs it)
+                        self.cache.change(uri, *text_change(self.cache.docs[uri].text, text), encoding="utf-32")
+                    else:
+                        self.cache.open(uri, text)
                 self.context.forget_workspace_files(self.cache)
             block, context = self.context.block_for(request.uri, doc, self.cache.docs, self.cross_file)
         if use_fim:

@@ -17,7 +17,9 @@ folders (`workspace_files`: `a/b.py` or `a/b/__init__.py`, at the root or under 
 of at most `MAX_FILE_BYTES`, UTF-8) and read into a document of its own, so that its cache is
 built once, in the background, and kept (evicted under the KV budget like any other); at most
 `MAX_DISK_FILES` such documents, the least recently read closed first; a file opened by the
-client replaces its copy. Files changed on disk after they were read are not read again.
+client replaces its copy. A file changed on disk since it was read (its modification time or
+size differ, checked at each request that imports it: one stat) is read again, and the
+document takes the difference as one edit, so PIE repairs its cache instead of re-encoding it.
 
 The blocks are KV buffers of their own, outside the documents' KV budget: at most `KEEP` of
 them (one per recently served document), each at most `budget` tokens plus the format's
@@ -37,6 +39,7 @@ from urllib.parse import unquote, urlparse
 
 from editkv.edit_cache.crossfile import ContextBlock, block_layout, build_block, choose_chunks
 from editkv.edit_cache.document import Document
+from editkv.edit_cache.positions import Range, to_position
 
 if TYPE_CHECKING:
     from editkv.lsp_server.settings import CrossFileOptions
@@ -121,6 +124,20 @@ def module_files(modules: Iterable[tuple[str, ...]], roots: Iterable[str]) -> li
     return out
 
 
+def text_change(old: str, new: str) -> tuple[Range, str]:
+    """One change that turns `old` into `new`: the range between their common prefix and common
+    suffix (code points: utf-32 positions) and the text that replaces it."""
+    start = 0
+    limit = min(len(old), len(new))
+    while start < limit and old[start] == new[start]:
+        start += 1
+    end = 0
+    while end < limit - start and old[len(old) - 1 - end] == new[len(new) - 1 - end]:
+        end += 1
+    rng = Range(to_position(old, start, "utf-32"), to_position(old, len(old) - end, "utf-32"))
+    return rng, new[start : len(new) - end]
+
+
 def relative_paths(uri: str, uris: list[str]) -> tuple[str, list[str]]:
     """(the workspace's name, each uri's path relative to the folder all of them share)."""
     paths = [PurePosixPath(unquote(urlparse(u).path) or u) for u in [uri, *uris]]
@@ -138,14 +155,16 @@ class CrossFileContext:
         self.blocks: OrderedDict[str, tuple[tuple, ContextBlock]] = OrderedDict()
         self.built = 0  # blocks built (a request whose block was kept builds none)
         self.wanted: list[str] = []  # sources the last request could not show: not encoded yet
-        self.from_disk: OrderedDict[str, None] = OrderedDict()  # documents read from the workspace, oldest first
+        # documents read from the workspace, oldest first: uri -> (mtime_ns, size) of the file when read
+        self.from_disk: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._resolved: dict[tuple, list[Path]] = {}  # (roots, imports) -> their files
 
     def workspace_files(self, uri: str, text: str, roots: tuple[str, ...], docs: Mapping[str, Document],
                         limit: int = 4) -> list[tuple[str, str]]:
-        """(uri, text) of files under `roots` that `text` imports and no document holds yet, among
-        the first `limit` files its imports name (no more can be shown: `max_files`; reading
-        more would churn the `MAX_DISK_FILES` bound at every request)."""
+        """(uri, text) of files under `roots` that `text` imports and no document holds yet, or
+        that were read before and changed on disk since, among the first `limit` files its
+        imports name (no more can be shown: `max_files`; reading more would churn the
+        `MAX_DISK_FILES` bound at every request)."""
         modules = _modules(text)
         key = (roots, modules)
         if key not in self._resolved:
@@ -155,17 +174,25 @@ class CrossFileContext:
         out = []
         for path in self._resolved[key][:limit]:
             file_uri = path.as_uri()
-            if file_uri == uri or file_uri in docs:
-                if file_uri in self.from_disk:
-                    self.from_disk.move_to_end(file_uri)
+            ours = file_uri in self.from_disk and file_uri in docs  # read from disk before
+            if file_uri == uri or (file_uri in docs and not ours):  # the client's document
                 continue
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            stamp = (info.st_mtime_ns, info.st_size)
+            if ours:
+                self.from_disk.move_to_end(file_uri)
+                if self.from_disk[file_uri] == stamp or info.st_size > MAX_FILE_BYTES:
+                    continue
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError):
                 continue
             if "\x00" in text:
                 continue
-            self.from_disk[file_uri] = None
+            self.from_disk[file_uri] = stamp
             out.append((file_uri, text))
         return out
 

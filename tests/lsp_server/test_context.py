@@ -181,6 +181,41 @@ def test_imported_files_are_read_from_the_workspace_once(trained, tmp_path):
     assert backend.cache.get(util).text.endswith("ZERO = [0, 0]\n")
 
 
+def test_a_workspace_file_changed_on_disk_is_read_again_as_an_edit(trained, tmp_path):
+    """A file read from the workspace and then changed on disk: the next request that imports it
+    reads it again, and its document takes the difference as one edit (the same document, its
+    cache repaired by PIE, not reopened); an unchanged file is not read again."""
+    import os
+
+    from editkv.lsp_server import context as ctx
+
+    (tmp_path / "geometry").mkdir()
+    path = tmp_path / "geometry" / "util.py"
+    path.write_text(UTIL)
+    main = (tmp_path / "app" / "main.py").as_uri()
+    util = path.as_uri()
+    backend = ModelBackend(trained, **cache_options(Settings(cross_file=True)))
+    backend.open(main, MAIN)
+    backend.complete(_request(main, MAIN, roots=(str(tmp_path),)))
+    while backend.refresh_idle():
+        pass
+    doc = backend.cache.get(util)
+    assert doc.text == UTIL
+    version = doc.version
+    backend.complete(_request(main, MAIN, roots=(str(tmp_path),)))
+    assert backend.cache.get(util) is doc and doc.version == version  # unchanged: not read again
+    changed = UTIL.replace("def ", "def  ", 1) + "\nZERO = [0, 0]\n"
+    path.write_text(changed)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a later mtime, whatever the clock
+    backend.complete(_request(main, MAIN, roots=(str(tmp_path),)))
+    assert backend.cache.get(util) is doc and doc.text == changed and doc.version > version
+    assert backend.context.from_disk[util] == (path.stat().st_mtime_ns, path.stat().st_size)
+    rng, new = ctx.text_change("abcXYZdef", "abcQdef")
+    assert (rng.start.character, rng.end.character, new) == (3, 6, "Q")
+    rng, new = ctx.text_change("a\nb😀c\n", "a\nb😀dc\n")
+    assert (rng.start.line, rng.start.character, rng.end.character, new) == (1, 2, 2, "d")
+
+
 def test_workspace_copies_are_bounded(tmp_path, monkeypatch):
     from editkv.lsp_server import context as ctx
 
