@@ -57,18 +57,18 @@ PEER=/root/xdg/editkv/peers/llama-b11434-cuda/bin/llama-server
 for i in $(seq 1 36); do [ -x $PEER ] || ! pgrep -f 'llama_server.py build' > /dev/null && break; sleep 5; done
 if [ -x $PEER ]; then M=default,full,llama; else M=default,full; fi
 log "served replay, human pace ($M)"
-timeout 360 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 8 --max-keys 60 \
+timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
   --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer.log \
   --methods $M --pace human --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
 log "replay rc=$?"
 log "latency, real weights"
-timeout 240 python3 bench/latency_gpu.py --device cuda --models model --model $G --data $D/dev150.jsonl.gz \
-  --contexts 2048,8192,16384 --json $R/latency_qwen.json > $R/latency_qwen.txt 2>&1
+timeout 180 python3 bench/latency_gpu.py --device cuda --models model --model $G --data $D/dev150.jsonl.gz \
+  --contexts 2048,8192 --json $R/latency_qwen.json > $R/latency_qwen.txt 2>&1
 log "latency rc=$?"
-log "served dropdown alone (beam vs superposed timings)"
-for v in fim l2r; do
+if [ ! -f /root/stop ]; then
+  log "served dropdown alone (beam vs superposed timings)"
   timeout 150 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 40 \
-    --view $v --methods "greedy,superposed,beam k,beam k early" --json $R/md_$v.json > $R/md_$v.txt 2>&1
-  log "dropdown $v rc=$?"
-done
+    --view fim --methods "greedy,superposed,beam k,beam k early" --json $R/md_fim.json > $R/md_fim.txt 2>&1
+  log "dropdown rc=$?"
+fi
 touch $R/done
