@@ -3,7 +3,7 @@
 # (/root/stage/llama.tar.gz) into $XDG_CACHE_HOME/editkv/peers while the quality runs use the GPU: nice 19,
 # so the build takes only the cores they leave. cmake and ninja come from their wheels (/tmp/tools).
 export XDG_CACHE_HOME=/root/xdg PYTHONPATH=/tmp/tools:/tmp/site:/tmp/pkgs
-export PATH=/tmp/tools/cmake/data/bin:/tmp/tools/ninja/data/bin:/tmp/tools/bin:/usr/local/cuda/bin:$PATH
+export PATH=/tmp/tools/cmake/data/bin:/tmp/site/ninja/data/bin:/tmp/tools/bin:/usr/local/cuda/bin:$PATH
 R=/root/results
 echo "[$(date +%T)] peer build start ($(which cmake ninja nvcc | tr '\n' ' '))" >> $R/progress.log
 nice -n 19 python3 bench/peers/llama_server.py build --cuda --sdist /root/stage/llama.tar.gz -j 16 > $R/peer_build.log 2>&1
