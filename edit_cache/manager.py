@@ -56,6 +56,9 @@ class DocumentCache:
         self.evictions = 0
         self.token_repairs = 0  # documents whose incremental tokens differed from a full tokenization
         self._checked: dict[str, int] = {}  # document -> its version when its tokens were last verified
+        # KV bytes held outside the documents under the same budget (the server's cross-file
+        # context blocks): the documents get what is left of the budget
+        self.reserved: Callable[[], int] = lambda: 0
 
     def open(self, key: str, text: str) -> Document:
         """Open (or reopen, replacing) a document; its cache is built when first needed."""
@@ -116,7 +119,8 @@ class DocumentCache:
         return doc, ready
 
     def total_kv_bytes(self) -> int:
-        return sum(doc.kv_bytes() for doc in self.docs.values())
+        """The documents' KV bytes plus what `reserved` holds outside them."""
+        return sum(doc.kv_bytes() for doc in self.docs.values()) + self.reserved()
 
     def enforce_budget(self, keep: str | None = None) -> None:
         """Drop least recently used caches until the total fits the budget."""

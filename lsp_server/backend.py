@@ -194,6 +194,7 @@ class ModelBackend(Backend):
 
         self.cross_file = cross_file or CrossFileOptions()  # other open documents' caches before a view
         self.context = CrossFileContext()
+        self.cache.reserved = self.context.kv_bytes  # context blocks count against the KV budget
         self.speculator = Speculator()  # outlives requests: the model table, acceptance estimates, recent drafts
         self.index = NgramIndex(max_tokens=ngram_tokens)  # every open document's n-grams
         corpus = Path(loaded.source) / "ngram.npz"
@@ -429,6 +430,8 @@ class ModelBackend(Backend):
                         self.cache.open(uri, text)
                 self.context.forget_workspace_files(self.cache)
             block, context = self.context.block_for(request.uri, doc, self.cache.docs, self.cross_file)
+            if context.get("context_built"):
+                self.cache.enforce_budget(keep=request.uri)
         if use_fim:
             view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=request.max_tokens,
                                   whole_suffix=not self.background or self.recompute, block=block)

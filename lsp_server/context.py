@@ -21,9 +21,10 @@ client replaces its copy. A file changed on disk since it was read (its modifica
 size differ, checked at each request that imports it: one stat) is read again, and the
 document takes the difference as one edit, so PIE repairs its cache instead of re-encoding it.
 
-The blocks are KV buffers of their own, outside the documents' KV budget: at most `KEEP` of
-them (one per recently served document), each at most `budget` tokens plus the format's
-wrapper tokens.
+The blocks are KV buffers of their own, at most `KEEP` of them (one per recently served
+document), each at most `budget` tokens plus the format's wrapper tokens; their bytes count
+against the documents' KV budget (`kv_bytes`, the cache's `reserved`): a new block may evict
+documents' caches, least recently used first, as a document's growth does.
 """
 
 from __future__ import annotations
@@ -202,6 +203,10 @@ class CrossFileContext:
             old, _ = self.from_disk.popitem(last=False)
             cache.close(old)
             self.blocks.pop(old, None)
+
+    def kv_bytes(self) -> int:
+        """The KV bytes the kept blocks hold."""
+        return sum(block.cache.nbytes() for _, block in self.blocks.values())
 
     def clear(self) -> None:
         self.blocks.clear()

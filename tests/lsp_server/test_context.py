@@ -125,6 +125,30 @@ def test_other_documents_reach_the_view_through_the_backend(trained):
     backend.close(main)
 
 
+def test_context_blocks_count_against_the_kv_budget(trained):
+    """A block's KV is part of the budget: building one with the documents just under the budget
+    evicts the least recently used document's cache (never the one being served)."""
+    backend = ModelBackend(trained, **cache_options(Settings(cross_file=True)))
+    main, util, other = "file:///w/app/main.py", "file:///w/geometry/util.py", "file:///w/app/other.py"
+    backend.open(util, UTIL)
+    backend.open(other, OTHER)
+    backend.open(main, MAIN)
+    backend.complete(_request(main, MAIN))
+    while backend.refresh_idle():
+        pass
+    docs = backend.cache.docs
+    documents = sum(d.kv_bytes() for d in docs.values())
+    assert backend.context.kv_bytes() == 0 and backend.cache.total_kv_bytes() == documents
+    backend.cache.budget_bytes = documents  # every document fits, nothing more
+    served = backend.complete(_request(main, MAIN))
+    assert served.stats["context_built"] is True
+    block = backend.context.blocks[main][1]
+    assert backend.context.kv_bytes() == block.cache.nbytes() > 0
+    assert backend.cache.evictions >= 1 and docs[main].kv_bytes() > 0
+    assert backend.cache.total_kv_bytes() <= backend.cache.budget_bytes
+    assert backend.cache.total_kv_bytes() == sum(d.kv_bytes() for d in docs.values()) + block.cache.nbytes()
+
+
 def test_context_changes_what_the_model_reads(trained):
     """The block holds the other file's tokens in the model's format, before the document's head,
     and the view over it gives another first-token distribution than the document alone."""
