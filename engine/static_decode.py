@@ -26,7 +26,9 @@ the same graph as one near its end. Norms, RoPE with the KV write, and SwiGLU ar
 (buffer, bucket, width, rows wanted) is captured on first use and replayed after; the width is
 the token count rounded up to a power of two (up to 256), padding rows write into the buffer's
 last slot, which the caller keeps free, and the head runs on the rows the caller wants logits
-of: all (a verification), the last real one (a view), none (a repair).
+of: all (a verification), the last real one (a view), none (a repair). A forward up to twice
+the widest graph (a FIM view's `<SUF>` with its 256 re-encoded suffix tokens) replays as parts,
+each part seeing the ones before it in the buffer; wider ones run eagerly.
 
 `chain` runs plain greedy decoding on the device: it replays the one-token step `steps` times,
 each fed the argmax of the step before by device ops queued between the replays, and hands
@@ -75,6 +77,7 @@ from editkv.kernels.span_attention import span_attention
 BUCKET = 1024
 MAX_WIDTH = 256  # a multi-line paste or a realedits-sized repair (~70 tokens) still replays
 MAX_GRAPHS = 96
+MAX_SPLIT = 2  # a forward up to this many times max_width runs as parts (a FIM view's head); wider: eager
 MAX_CHAIN = 16
 CHAIN_STEPS = 8  # engine.generate.decode's chain length (0: decode step by step)
 SOURCE = 16384  # tokens a device-side prompt lookup searches (`lookup_chain`)
@@ -217,6 +220,7 @@ class StaticForward:
         self.replays = 0
         self.captures = 0
         self.eager = 0  # forwards this object passed back to the eager path
+        self.split = 0  # forwards wider than max_width run as parts (each part counted in `handled`)
         self.embedded = 0  # forwards run here from input embeddings instead of ids
         self.chains = 0  # chained greedy runs (each `steps` forwards)
         self.lookup_chains = 0  # lookup_chain runs (each `steps` verification forwards)
@@ -235,6 +239,8 @@ class StaticForward:
             self.eager += 1
             return False, None
         count = inputs.shape[1]
+        if self.max_width < count <= MAX_SPLIT * self.max_width:
+            return self._in_parts(ids, positions, write, write_at, context, logits, embeds)
         found = visibility(write, write_at, count, context) if count <= self.max_width else None
         if found is None:
             self.eager += 1
@@ -267,6 +273,34 @@ class StaticForward:
         if logits == "last":
             return True, out[-1:].clone()
         return True, out[None, :count].clone()
+
+    def _in_parts(self, ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
+                  context: Sequence[Span], logits: str,
+                  embeds: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+        """A forward a little wider than the graphs (a FIM view's `<SUF>` and fresh suffix, a
+        pasted block) as consecutive parts of at most `max_width` tokens, each part also seeing
+        the ones before it in the write buffer: what one forward computes, in graph replays.
+        (False, None) before anything runs when a part's spans are not of the served shape."""
+        count = (embeds if embeds is not None else ids).shape[1]
+        parts = [(start, min(count, start + self.max_width)) for start in range(0, count, self.max_width)]
+        contexts = [[*context, Span(write, write_at, write_at + start)] if start else list(context)
+                    for start, _ in parts]
+        if any(visibility(write, write_at + start, end - start, ctx) is None
+               for (start, end), ctx in zip(parts, contexts, strict=True)):
+            self.eager += 1
+            return False, None
+        outs = []
+        for (start, end), ctx in zip(parts, contexts, strict=True):
+            last = end == count
+            rows = logits if logits == "all" else (logits if last else "none")
+            _, out = self.forward(ids[:, start:end] if ids is not None else None, positions[..., start:end],
+                                  write, write_at + start, ctx, rows,
+                                  embeds=embeds[:, start:end] if embeds is not None else None)
+            outs.append(out)
+        self.split += 1
+        if logits == "all":
+            return True, torch.cat(outs, dim=1)
+        return True, outs[-1]
 
     def chain(self, token: int, position: int, write: KVCache, write_at: int, context: Sequence[Span],
               steps: int) -> torch.Tensor | None:

@@ -67,6 +67,40 @@ def test_static_forward_matches_span_forward_through_edits_and_views(template):
         assert g_lp == pytest.approx(w_lp, abs=1e-3)
 
 
+@pytest.mark.parametrize("logits", ["all", "last", "none"])
+def test_a_forward_up_to_twice_the_width_runs_as_parts(template, logits):
+    """A forward wider than the graphs but at most MAX_SPLIT times as wide (a FIM view's `<SUF>` and
+    fresh suffix) runs as parts of at most max_width tokens, each seeing the ones before it: the
+    logits and keys of one eager forward. Wider ones stay eager."""
+    model = template.model
+    ids = torch.tensor([template.tokenizer.encode(TEXT)[:60]])
+    prefix = 20
+
+    def run(static):
+        model.static = static
+        try:
+            cache = model.new_cache(128)
+            model(ids[:, :prefix], torch.arange(prefix), write=cache, write_at=0, logits="none")
+            out = model(ids[:, prefix:], torch.arange(prefix, 60) + 3, write=cache, write_at=prefix,
+                        context=[Span(cache, 0, prefix)], logits=logits)
+            return out, cache.k[:, :, :, :60].clone()
+        finally:
+            model.static = None
+
+    want, want_keys = run(None)
+    static = StaticForward(model, bucket=32, max_width=32, mode="static")  # 40 new tokens: 32 + 8
+    got, got_keys = run(static)
+    assert static.split == 1 and static.handled == 3 and static.eager == 0  # the 20-token prefill, 2 parts
+    torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)
+    if logits == "none":
+        assert got is None and want is None
+    else:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    narrow = StaticForward(model, bucket=32, max_width=8, mode="static")  # 20 and 40 > 2 x 8: eager
+    run(narrow)
+    assert narrow.split == 0 and narrow.eager == 2
+
+
 def test_documents_longer_than_the_context_take_the_static_path():
     """Windowed forwards (a sink moved in front of the window, a prefix from the window start)
     replay the static forward too, and compute what the span forward computes."""
