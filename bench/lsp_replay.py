@@ -549,7 +549,8 @@ def print_tables(result: dict) -> None:
                        _x(s[f"p50_ms_vs_{base}"]), _x(s[f"p95_ms_vs_{base}"]), _fmt(s["tokens_per_key"], 1),
                        _x(s[f"tokens_per_key_vs_{base}"]), s["lines"], s["lines_shown"], _pct(s["em"]), _pct(s["es"]),
                        _pct(s["saved_fraction"])] for s in rows]
-        how = ("each keystroke after the last answer" if pace["interval_ms"] <= 0 else
+        how = ("every keystroke a change, a request only at each scored line, waited for" if pace["name"] == "lines"
+               else "each keystroke after the last answer" if pace["interval_ms"] <= 0 else
                f"one keystroke every {pace['interval_ms']:.0f} ms, {pace['hunk_pause_ms']:.0f} ms before each "
                "later hunk")
         title = (f"pace {pace['name']} ({how}): {result['records']} realedits records, at most {result['max_keys']} "

@@ -122,8 +122,33 @@ def did_change(ls: EditkvServer, params: types.DidChangeTextDocumentParams) -> N
     doc.version = params.text_document.version
     doc.changed()
     doc.supersede()
+    _follow_along(doc, params.content_changes, ls.encoding)
     changes = [(_range(getattr(c, "range", None)), c.text) for c in params.content_changes]
     ls.worker.change(doc.uri, changes, ls.encoding)
+
+
+def _units(text: str, encoding: str) -> int:
+    """`text`'s length in the position encoding's units."""
+    if encoding == "utf-8":
+        return len(text.encode("utf-8", errors="surrogatepass"))
+    if encoding == "utf-16":
+        return len(text) + sum(ord(ch) > 0xFFFF for ch in text)
+    return len(text)
+
+
+def _follow_along(doc: DocState, changes: list, encoding: str) -> None:
+    """Keep `doc.along` when the change types the next characters of the ghost text at its
+    cursor (one insertion, no line break); forget it on any other change."""
+    along, doc.along = doc.along, None
+    if along is None or len(changes) != 1 or along[0] != doc.edits - 1:
+        return
+    edits, line, character, rest = along
+    rng, text = getattr(changes[0], "range", None), changes[0].text
+    if rng is None or (rng.start.line, rng.start.character, rng.end.line, rng.end.character) \
+            != (line, character, line, character):
+        return
+    if text and len(text) < len(rest) and rest.startswith(text) and "\n" not in text and "\r" not in text:
+        doc.along = (doc.edits, line, character + _units(text, encoding), rest[len(text):])
 
 
 @handles(types.TEXT_DOCUMENT_DID_CLOSE)
@@ -224,14 +249,31 @@ async def inline_completion(ls: EditkvServer,
     """Ghost-text suggestions at the cursor; several on an explicit invocation, for cycling."""
     context = params.context
     invoked = context is not None and context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
-    outcome = await _serve(ls, "inline", params.text_document.uri, params.position, invoked)
+    selected = context.selected_completion_info if context is not None else None
+    uri, position = params.text_document.uri, params.position
+    settings = ls.settings
+    along_ok = not invoked and selected is None and settings.type_along and settings.cache_mode != "recompute"
+    doc = ls.docs.get(uri)
+    if along_ok and doc is not None and ls.session_started and (along := doc.along) is not None \
+            and along[0] == doc.edits and (position.line, position.character) == along[1:3]:
+        # the user typed the start of the ghost text shown last: its rest, at once (no worker, no model)
+        doc.supersede("inline")
+        ls.stats.count("inline", "requests")
+        ls.stats.count("inline", "typed_along")
+        ls.typed_along += 1
+        return types.InlineCompletionList(items=[types.InlineCompletionItem(
+            insert_text=along[3], range=types.Range(start=position, end=position),
+            command=_accept(ls.stats.new_id("inline", along[3])))])
+    edits_then = doc.edits if doc is not None else None
+    outcome = await _serve(ls, "inline", uri, position, invoked)
     if outcome is None:
         return None
     if not outcome.suggestions:  # also a refused document (too big, binary): no cursor to place items at
         return types.InlineCompletionList(items=[])
     at = types.Position(line=params.position.line, character=outcome.cursor.character)
     texts = [s.text for s in outcome.suggestions[: (ls.settings.num_drafts if invoked else 1)]]
-    selected = context.selected_completion_info if context is not None else None
+    if along_ok and texts[0] and doc is not None and doc.edits == edits_then:
+        doc.along = (doc.edits, at.line, at.character, texts[0])
     if selected is None:
         edits = [(text, types.Range(start=at, end=at)) for text in texts]
     else:

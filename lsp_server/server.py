@@ -66,6 +66,9 @@ class DocState:
     pending: dict[str, Pending] = field(default_factory=dict)  # newest request per kind
     last_change: float = float("-inf")  # time.monotonic() of the last content change
     change_gap: float = float("inf")  # seconds between the last two content changes
+    # the ghost text shown last, as far as the user has typed along it since: (edits when it held,
+    # line, character of its cursor, the rest of it); None once any other change comes
+    along: tuple[int, int, int, str] | None = None
 
     def changed(self) -> None:
         """Note a content change (the debounce asks how fast they come)."""
@@ -91,6 +94,7 @@ class EditkvServer(LanguageServer):
         self.base_settings = base_settings
         self.settings = base_settings
         self.settings_problems: list[str] = []
+        self.typed_along = 0  # inline requests answered on the event loop from the ghost text typed along
         self.docs: dict[str, DocState] = {}
         self.encoding = "utf-16"
         self.session_started = False  # initialize received
@@ -201,7 +205,8 @@ class EditkvServer(LanguageServer):
                 "description": backend.description if backend is not None else None,
                 "view": backend.view_choice if backend is not None else None,  # what `view: auto` serves, and why
                 "error": self.worker.load_error, "completed": self.worker.completed,
-                "typed_along": self.worker.typed_along,  # answered from the last ghost text, no model
+                # answered from the last ghost text, no model: on the event loop, or on the worker
+                "typed_along": self.worker.typed_along + self.typed_along,
                 "last_request": self.worker.last_stats,
                 "evictions": getattr(getattr(backend, "cache", None), "evictions", None),
                 "idle_refreshed_tokens": self.worker.idle_refreshed,

@@ -8,7 +8,7 @@ import pytest_lsp
 from lsp_testing import SERVER_ENV, lsp_command
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
-from test_protocol import inline, open_doc, server_stats, start, type_at
+from test_protocol import URI, inline, open_doc, server_stats, start, type_at
 
 pytestmark = pytest.mark.asyncio
 
@@ -41,7 +41,9 @@ async def test_typing_the_shown_text_is_answered_from_it(client: LanguageClient)
     type_at(client, 4, 1, "f", 2)
     assert await _texts(client, 4, 2) == ["ake 4:0>"]
     stats = await server_stats(client)
-    assert stats["backend"]["typed_along"] == 2 and stats["backend"]["last_request"]["strategy"] == "typed_along"
+    # answered on the event loop: neither the worker nor the model saw these two requests
+    assert stats["backend"]["typed_along"] == 2 and stats["requests"]["inline"]["typed_along"] == 2
+    assert stats["backend"]["completed"] == 1
     # a character the suggestion does not have: the model again
     type_at(client, 4, 2, "x", 3)
     assert await _texts(client, 4, 3) == ["<fake 4:3>"]
@@ -53,6 +55,26 @@ async def test_typing_the_shown_text_is_answered_from_it(client: LanguageClient)
     type_at(client, 4, 4, "<fake 4:4>"[:1], 6)  # (answered from the shown text)
     assert await _texts(client, 4, 5) == ["fake 4:4>"]
     assert (await server_stats(client))["backend"]["typed_along"] == 3
+
+
+async def test_typing_along_in_changes_the_event_loop_does_not_follow_is_answered_by_the_worker(client: LanguageClient):
+    """Two characters of the ghost text in one didChange (two content changes): the event loop
+    forgets what was shown, the worker compares texts and still answers from it; an insertion
+    elsewhere on the line, of the right character, is no typing along."""
+    await start(client, "visual-studio-code", {"debounceMs": 0})
+    open_doc(client, TEXT)
+    assert await _texts(client, 4, 0) == ["<fake 4:0>"]
+    at, after = types.Position(line=4, character=0), types.Position(line=4, character=1)
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=1),
+        content_changes=[types.TextDocumentContentChangePartial(range=types.Range(start=at, end=at), text="<"),
+                         types.TextDocumentContentChangePartial(range=types.Range(start=after, end=after), text="f")]))
+    assert await _texts(client, 4, 2) == ["ake 4:0>"]
+    stats = await server_stats(client)
+    assert stats["backend"]["typed_along"] == 1 and stats["backend"]["last_request"]["strategy"] == "typed_along"
+    assert "typed_along" not in stats["requests"]["inline"]
+    type_at(client, 4, 0, "a", 2)  # the next ghost character, typed before the cursor
+    assert await _texts(client, 4, 3) == ["<fake 4:3>"]
 
 
 async def test_type_along_off_and_the_recompute_baseline_always_ask_the_model(client: LanguageClient):
