@@ -107,6 +107,7 @@ def did_open(ls: EditkvServer, params: types.DidOpenTextDocumentParams) -> None:
     td = params.text_document
     if (old := ls.docs.get(td.uri)) is not None:
         old.supersede()
+        old.stop_finishing()
     ls.docs[td.uri] = DocState(td.uri, td.language_id, td.version)
     ls.worker.open(td.uri, td.text, td.language_id)
 
@@ -121,6 +122,7 @@ def did_change(ls: EditkvServer, params: types.DidChangeTextDocumentParams) -> N
     doc.edits += 1
     doc.version = params.text_document.version
     doc.changed()
+    _finish_typed_along(ls, doc, params.content_changes)
     doc.supersede()
     _follow_along(doc, params.content_changes, ls.encoding)
     changes = [(_range(getattr(c, "range", None)), c.text) for c in params.content_changes]
@@ -136,6 +138,42 @@ def _units(text: str, encoding: str) -> int:
     return len(text)
 
 
+def _insertion_at(changes: list, line: int, character: int) -> str | None:
+    """The text of a change that only inserts at (line, character) without a line break, else None."""
+    if len(changes) != 1:
+        return None
+    rng, text = getattr(changes[0], "range", None), changes[0].text
+    if rng is None or not text or "\n" in text or "\r" in text:
+        return None
+    if (rng.start.line, rng.start.character, rng.end.line, rng.end.character) != (line, character, line, character):
+        return None
+    return text
+
+
+def _finish_typed_along(ls: EditkvServer, doc: DocState, changes: list) -> None:
+    """A running inline request superseded by characters typed at its cursor runs to its end
+    (the worker keeps its suggestion: if the user typed its start, the next request is answered
+    from it without the model); any other change stops it, as every superseded request stops.
+    On a slow device this is what lets typing along start at all: without it no request
+    outlives the next keystroke."""
+    settings = ls.settings
+    pending = doc.pending.get("inline")
+    if pending is not None and pending.job.started and pending.job.num_drafts == 1:
+        job, line, character = pending.job, pending.job.line, pending.job.character
+    elif doc.finishing is not None:
+        job, line, character = doc.finishing
+    else:
+        return
+    text = _insertion_at(changes, line, character) \
+        if settings.type_along and settings.cache_mode != "recompute" else None
+    if text is None:
+        doc.stop_finishing()
+        job.finish = False
+        return
+    job.finish = True
+    doc.finishing = (job, line, character + _units(text, ls.encoding))
+
+
 def _follow_along(doc: DocState, changes: list, encoding: str) -> None:
     """Keep `doc.along` when the change types the next characters of the ghost text at its
     cursor (one insertion, no line break); forget it on any other change."""
@@ -143,11 +181,8 @@ def _follow_along(doc: DocState, changes: list, encoding: str) -> None:
     if along is None or len(changes) != 1 or along[0] != doc.edits - 1:
         return
     edits, line, character, rest = along
-    rng, text = getattr(changes[0], "range", None), changes[0].text
-    if rng is None or (rng.start.line, rng.start.character, rng.end.line, rng.end.character) \
-            != (line, character, line, character):
-        return
-    if text and len(text) < len(rest) and rest.startswith(text) and "\n" not in text and "\r" not in text:
+    text = _insertion_at(changes, line, character)
+    if text is not None and len(text) < len(rest) and rest.startswith(text):
         doc.along = (doc.edits, line, character + _units(text, encoding), rest[len(text):])
 
 
@@ -157,6 +192,7 @@ def did_close(ls: EditkvServer, params: types.DidCloseTextDocumentParams) -> Non
     doc = ls.docs.pop(params.text_document.uri, None)
     if doc is not None:
         doc.supersede()
+        doc.stop_finishing()
         ls.worker.close(doc.uri)
 
 

@@ -87,9 +87,13 @@ class Job:
     num_drafts: int
     settings: Settings
     stop: bool = False  # set by the event loop (cancelled / superseded), polled by the decode
+    started: bool = False  # set by the worker when the job starts
+    # set by the event loop when the keystrokes that superseded the job only type at its cursor:
+    # the decode runs to its end anyway, and its suggestion is kept for the worker's typing along
+    finish: bool = False
 
     def should_stop(self) -> bool:
-        return self.stop
+        return self.stop and not self.finish
 
 
 @dataclass
@@ -432,6 +436,7 @@ class EngineWorker:
     def _complete(self, job: Job) -> Outcome:
         if job.stop or self.closing:
             return Outcome("dropped")
+        job.started = True
         doc = self.docs.get(job.uri)
         if doc is None:
             raise UnknownDocumentError(job.uri)
@@ -461,7 +466,7 @@ class EngineWorker:
             roots=self.workspace_roots,
         )
         try:
-            result = self.backend.complete(request, should_stop=lambda: job.stop or self.closing)
+            result = self.backend.complete(request, should_stop=lambda: job.should_stop() or self.closing)
         except Exception as err:
             if self._recover(err, "completing", job.uri) is None:
                 raise  # a bug: the handler turns it into an error response
@@ -473,12 +478,16 @@ class EngineWorker:
                 if self._recover(again, "completing (after recovering)", job.uri) is None:
                     raise
                 return Outcome("dropped")
-        if job.stop:
+        if job.stop and not job.finish:
             return Outcome("dropped", stats=result.stats)
         self.completed += 1
         self.last_stats = dict(result.stats)
         word = _WORD.search(ctx.before).group(0)
         suggestions = finish([(d.text, d.score) for d in result.drafts], ctx)
+        if job.stop:  # finished for typing along: no one waits for it, the next request may use it
+            if job.num_drafts == 1 and suggestions and suggestions[0].text:
+                self._shown[job.uri] = (doc.text, cursor, suggestions[0])
+            return Outcome("dropped", stats=result.stats)
         if job.num_drafts == 1 and suggestions and suggestions[0].text:
             self._shown[job.uri] = (doc.text, cursor, suggestions[0])
         else:

@@ -69,6 +69,9 @@ class DocState:
     # the ghost text shown last, as far as the user has typed along it since: (edits when it held,
     # line, character of its cursor, the rest of it); None once any other change comes
     along: tuple[int, int, int, str] | None = None
+    # a superseded request the worker finishes because the keystrokes since only typed at its
+    # cursor, and where the next such keystroke would go: (job, line, character)
+    finishing: tuple[Job, int, int] | None = None
 
     def changed(self) -> None:
         """Note a content change (the debounce asks how fast they come)."""
@@ -78,6 +81,12 @@ class DocState:
     def in_burst(self, window_s: float) -> bool:
         """Whether keystrokes come faster than `window_s` apart (a burst: wait for its end)."""
         return self.change_gap < window_s
+
+    def stop_finishing(self) -> None:
+        """Stop the request being finished for typing along (its document changed otherwise, or closed)."""
+        if self.finishing is not None:
+            self.finishing[0].finish = False
+            self.finishing = None
 
     def supersede(self, kind: str | None = None) -> None:
         for k, p in list(self.pending.items()):

@@ -3,6 +3,8 @@ answered with the rest of it, without the model (setting `typeAlong`, on by defa
 else goes to the model. The fake engine makes every answer name its position, so an answer from
 the model and one from the shown text tell themselves apart; then the same through the embedded model."""
 
+import asyncio
+
 import pytest
 import pytest_lsp
 from lsp_testing import SERVER_ENV, lsp_command
@@ -17,6 +19,13 @@ TEXT = "def add(a, b):\n    return a + b\n\n\n"
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--fake"), server_env=SERVER_ENV))
 async def client(lsp_client: LanguageClient):
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--fake", "--fake-delay-ms", "600"),
+                                              server_env=SERVER_ENV))
+async def slow_client(lsp_client: LanguageClient):
     yield
     await lsp_client.shutdown_session()
 
@@ -101,3 +110,32 @@ async def test_typing_along_the_default_models_suggestion(model_client: Language
     assert await _texts(model_client, 5, 12) == [shown[0][1:]]
     stats = await server_stats(model_client)
     assert stats["backend"]["typed_along"] == 1 and stats["backend"]["completed"] == 1
+
+
+async def test_a_request_superseded_by_typing_at_its_cursor_finishes_for_typing_along(slow_client: LanguageClient):
+    """A slow engine (600 ms a request) and a keystroke every few ms: the request running when
+    characters are typed at its cursor runs to its end (its own answer is dropped: the editor moved
+    on), and the next request, whose typed text starts that suggestion, is answered from it
+    without the engine. A keystroke elsewhere stops the running request, as before."""
+    client = slow_client
+    await start(client, "visual-studio-code", {"debounceMs": 0})
+    open_doc(client, TEXT)
+    first = asyncio.ensure_future(inline(client, 4, 0))
+    await asyncio.sleep(0.2)  # the worker has started it
+    type_at(client, 4, 0, "<", 1)
+    assert await first is None  # superseded: dropped for the editor
+    type_at(client, 4, 1, "f", 2)
+    assert await _texts(client, 4, 2) == ["ake 4:0>"]  # the finished suggestion, typed along
+    stats = await server_stats(client)
+    assert stats["backend"]["typed_along"] == 1 and stats["backend"]["completed"] == 1
+
+    # a request superseded by an edit elsewhere stops (nothing finished, nothing to type along)
+    type_at(client, 4, 2, "x", 3)  # not the suggestion's next character: the engine again
+    second = asyncio.ensure_future(inline(client, 4, 3))
+    await asyncio.sleep(0.2)
+    type_at(client, 0, 0, "#", 4)
+    assert await second is None
+    type_at(client, 4, 3, "<", 5)
+    assert await _texts(client, 4, 4) == ["<fake 4:4>"]  # from the engine: nothing was kept
+    stats = await server_stats(client)
+    assert stats["backend"]["typed_along"] == 1 and stats["backend"]["completed"] == 2
