@@ -46,6 +46,7 @@ from common import (
     load_records,
     machine,
     parser,
+    shard_flags,
     table,
     write_json,
 )
@@ -109,45 +110,71 @@ def summarize(name: str, results: list[Completion]) -> dict:
 
 # --- realedits ----------------------------------------------------------------------------
 
+def target_row(view: str, name: str, index: int, result: Completion, expected: str, prefill_ms: float) -> dict:
+    """One method's completion of one target: what the summary and --merge read."""
+    e = result.stats.extra
+    return {"view": view, "method": name, "target": index, "em": exact_match(result.text, expected),
+            "es": edit_similarity(result.text, expected), "prefill_ms": prefill_ms,
+            "decode_ms": result.stats.decode_ms, "decode_tokens": result.stats.decode_tokens,
+            "forwards": result.stats.forwards, "steps": e.get("adadec_steps", 0),
+            "gate_fires": e.get("adadec_gate_fires", 0), "changed": e.get("adadec_changed", 0),
+            "extra_forwards": e.get("adadec_extra_forwards", 0), "reused": e.get("adadec_reused_steps", 0),
+            "text": result.text}
+
+
+def realedits_tables(rows: list[dict]) -> str:
+    """Per view: EM, ES, decode time and the gate's work per method, against greedy, from target rows."""
+    out = []
+    for view in dict.fromkeys(r["view"] for r in rows):
+        by: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["view"] == view:
+                by.setdefault(r["method"], []).append(r)
+        n = len(by.get("greedy", next(iter(by.values()))))
+        base_ms = float(np.mean([r["prefill_ms"] for r in by.get("greedy", [])] or [0.0]))
+        g_ms = float(np.mean([r["decode_ms"] for r in by["greedy"]])) if "greedy" in by else float("nan")
+        lines = []
+        for name, rs in by.items():
+            ms = float(np.mean([r["decode_ms"] for r in rs]))
+            steps = sum(r["steps"] for r in rs)
+            request = base_ms + ms
+            lines.append([name, len(rs), 100 * np.mean([r["em"] for r in rs]), 100 * np.mean([r["es"] for r in rs]),
+                          ms, f"{ms / g_ms:.2f}x", request, f"{request / (base_ms + g_ms):.2f}x",
+                          f"{100 * sum(r['gate_fires'] for r in rs) / steps:.1f}%" if steps else "-",
+                          sum(r["changed"] for r in rs), sum(r["extra_forwards"] for r in rs),
+                          sum(r["reused"] for r in rs)])
+        out.append(table(["method", "n", "EM", "ES", "decode ms", "vs greedy", "request ms", "vs greedy", "gate",
+                          "changed", "extra fwd", "reused"], lines,
+                         title=f"realedits, {view} view, {n} targets, prefill {base_ms:.0f} ms/target"))
+    return "\n\n".join(out)
+
+
 def bench_realedits(args, loaded, methods) -> dict:
     tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
     cases = build_cases(load_records(args.data), args.subset, args.limit, args.offset)
+    shard, shards = args.shard
+    picked = list(range(len(cases)))[shard::shards]
     rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
-    print(f"realedits: {len(cases)} targets (subset {args.subset}, offset {args.offset}), views {args.views}, "
-          f"{machine(args.device)}", flush=True)
-    payload = {}
+    print(f"realedits: {len(picked)} of {len(cases)} targets (subset {args.subset}, offset {args.offset}, shard "
+          f"{shard}/{shards}), views {args.views}, {machine(args.device)}", flush=True)
+    rows: list[dict] = []
+    head = {"task": "realedits", "model": loaded.source, "machine": machine(args.device)}
     for view in args.views.split(","):
-        per_method: dict[str, list[Completion]] = {name: [] for name in methods}
-        prefill_ms = []
-        for i, (_rec, _target, prefix, suffix) in enumerate(cases):
+        for done, i in enumerate(picked):
+            _rec, target, prefix, suffix = cases[i]
             prompt, heal = build_prompt(tok, cfg, prefix, suffix, view, args.max_prefix_tokens, args.max_suffix_tokens)
             t0 = time.perf_counter()
             state = DecodeState.from_prompt(model, tok, prompt, heal=heal, max_new_tokens=args.max_tokens)
-            prefill_ms.append(1000 * (time.perf_counter() - t0))
+            prefill_ms = 1000 * (time.perf_counter() - t0)
             for name, result in run_methods(state, methods, rules).items():
-                per_method[name].append(result)
-            if (i + 1) % 25 == 0:
-                print(f"  {view}: {i + 1}/{len(cases)}", flush=True)
-        base_ms = np.mean(prefill_ms)
-        greedy = per_method["greedy"]
-        rows = []
-        for name, results in per_method.items():
-            em = 100 * np.mean([exact_match(r.text, c[1]["expected"]) for r, c in zip(results, cases, strict=True)])
-            es = 100 * np.mean([edit_similarity(r.text, c[1]["expected"]) for r, c in zip(results, cases,
-                                                                                        strict=True)])
-            s = summarize(name, results)
-            g = summarize("greedy", greedy)
-            request = base_ms + s["decode_ms"]
-            rows.append([name, em, es, s["decode_ms"], f"{s['decode_ms'] / g['decode_ms']:.2f}x", request,
-                         f"{request / (base_ms + g['decode_ms']):.2f}x", f"{100 * s['gate_rate']:.1f}%",
-                         s["changed"], s["extra_forwards"], s["reused"]])
-            payload[f"{view}/{name}"] = {"em": em, "es": es, "prefill_ms": base_ms, **s,
-                                         "texts": [r.text for r in results]}
-        print(table(["method", "EM", "ES", "decode ms", "vs greedy", "request ms", "vs greedy", "gate",
-                     "changed", "extra fwd", "reused"], rows,
-                    title=f"realedits, {view} view, {len(cases)} targets, prefill {base_ms:.0f} ms/target"),
-              flush=True)
-    return payload
+                rows.append(target_row(view, name, i, result, target["expected"], prefill_ms))
+            if args.progress:
+                print(f"  {view}: {done + 1}/{len(picked)}", flush=True)
+                write_json(args.json, {**head, "rows": rows, "partial": True})  # what a run cut short leaves
+            elif (done + 1) % 25 == 0:
+                print(f"  {view}: {done + 1}/{len(picked)}", flush=True)
+    print(realedits_tables(rows), flush=True)
+    return {"rows": rows, "partial": False}
 
 
 # --- teacher-forced token accuracy at gated positions --------------------------------------
@@ -322,7 +349,12 @@ def main() -> None:
     p.add_argument("--max-file-tokens", type=int, default=512)
     p.add_argument("--per-file", type=int, default=20, help="tokens: most gated positions scored per file")
     p.add_argument("--seed", type=int, default=1)
+    shard_flags(p)
     args = p.parse_args()
+    if args.merge:  # realedits shards' rows, one summary
+        rows = [row for f in args.merge for row in json.loads(f.read_text())["rows"]]
+        print(realedits_tables(rows))
+        return
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device)
     tau = args.tau if args.tau is not None else AdaDecConfig.for_model(args.model).tau

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import platform
 import sys
 import time
@@ -137,7 +138,9 @@ def write_json(path: Path | None, payload: dict) -> None:
         return
     payload = {"command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
+    tmp = path.with_name(path.name + ".tmp")  # a run killed mid-write leaves the last whole file
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
 
 
 def sync(device) -> None:

@@ -718,11 +718,21 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                         print(f"  {pace.name} {i + 1}/{len(cases)} {method.name:<14} {case.record_id} "
                               f"({case.tokens} tokens, {case.position}): {len(k)} keys, {answered} answered, "
                               f"{len(ln)} lines; {time.perf_counter() - started:.0f} s", file=sys.stderr)
+                        if args.json:  # what is done so far survives a run stopped by its time limit
+                            write_json(args.json, {**_result(args, methods, paces, cases, description, load_start,
+                                                             keys, lines, opens, calls, served), "partial": True})
         finally:
             for client in clients.values():
                 await client.close()
             for server in servers:
                 server.stop()
+    return {**_result(args, methods, paces, cases, description, load_start, keys, lines, opens, calls, served),
+            "partial": False}
+
+
+def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], description: dict[str, str],
+            load_start: tuple[float, ...], keys: list[KeyRow], lines: list[LineRow], opens: list[OpenRow],
+            calls: list[dict], served: list[dict]) -> dict:
     models = sorted(set(description.values()))
     return {
         "model": "; ".join(models) if len(models) > 1 else models[0], "machine": machine(args.device),

@@ -138,6 +138,7 @@ def test_smoke_on_the_fake_engine(data, tmp_path):
                   "--json", str(out))
     assert "pace service" in proc.stdout and "pace human" in proc.stdout and "p99 ms" in proc.stdout
     result = json.loads(out.read_text())
+    assert result["partial"] is False  # (written after every record with True, then whole)
     assert result["methods"] == ["full", "default", "nobudget"]
     assert result["method_settings"]["nobudget"] == {"staleBudget": 0}
     session = editor_session(RECORD)
