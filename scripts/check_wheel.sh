@@ -24,6 +24,11 @@ for need in ("editkv/__init__.py", "editkv/kernels/rerotate.py", "editkv/engine/
              "editkv/engine/default_model/tokenizer.json", "editkv/lsp_server/examples/inventory.py"):
     assert need in names, f"the wheel lacks {need}"
 assert any(n.startswith("editkv/engine/default_model/") and n.endswith(".safetensors") for n in names)
+# every module of the source tree is in the wheel (a new subpackage must be listed in pyproject.toml)
+import pathlib
+for folder in ("kernels", "engine", "edit_cache", "lsp_server"):
+    for path in pathlib.Path(folder).rglob("*.py"):
+        assert f"editkv/{path.as_posix()}" in names, f"the wheel lacks editkv/{path.as_posix()}"
 print(f"check_wheel: {sys.argv[1].rsplit('/', 1)[-1]}: {len(names)} files, top level {sorted(top)}")
 PY
 

@@ -21,7 +21,7 @@ distribution the token is chosen from, and each rollout row keeps spelling out i
 remaining healed bytes.
 
 Composing with n-gram speculation: `Gate` is the step-level component; it needs only a
-position's logits and the batch-1 spans before it. engine/decoding/speculative.py's verifier
+position's logits and the batch-1 spans before it. engine/decoding/speculative/verify.py's verifier
 scores its drafts with one forward that yields logits at every drafted position,
 `gate.fires` marks the uncertain ones, drafts are accepted as before (equal to the argmax) up
 to the first position that fires, and there `gate.rerank` picks the token in place of the

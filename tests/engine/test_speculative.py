@@ -20,7 +20,9 @@ from editkv.edit_cache.positions import line_starts
 from editkv.edit_cache.views import fill_in_middle, left_to_right
 from editkv.engine.decoding import ModelTable, PromptLookup, Reference, SpecCounters, SpeculationConfig, Speculator
 from editkv.engine.decoding.drafters import TokenHistory
-from editkv.engine.decoding.speculative import _Output, _search_buffer, _tokens_left, expected_accepted, verify
+from editkv.engine.decoding.speculative import expected_accepted, verify
+from editkv.engine.decoding.speculative.device import search_buffer
+from editkv.engine.decoding.speculative.output import Output, tokens_left
 from editkv.engine.generate import DecodeState, LineStopper, StopRules, decode
 from editkv.engine.healing import healer_for
 from editkv.engine.loading import load_model
@@ -359,7 +361,7 @@ def test_greedy_stop_rules_match(tiny, rules):
 
 @pytest.mark.parametrize("model", ["tiny", "trained"])
 def test_output_counts_line_ends_as_the_decoded_text_does(model, request):
-    """_Output counts line ends from token bytes, once per token: the same count and the same
+    """Output counts line ends from token bytes, once per token: the same count and the same
     stop as LineStopper's decoding of all ids, with multi-byte characters split across tokens."""
     tok = request.getfixturevalue(model).tokenizer
     token_bytes = healer_for(tok).token_bytes
@@ -372,7 +374,7 @@ def test_output_counts_line_ends_as_the_decoded_text_does(model, request):
     rng = random.Random(2)
     for max_lines in (1, 2, 5):
         for _ in range(40):
-            out = _Output(tok, StopRules(max_tokens=60, max_lines=max_lines), b"")
+            out = Output(tok, StopRules(max_tokens=60, max_lines=max_lines), b"")
             stopper = LineStopper(tok, max_lines)
             while out.reason is None:
                 pool = rng.choice([newline, broken, any_token])
@@ -622,25 +624,25 @@ def test_device_chains_are_sized_to_the_lines_left(trained):
 def test_search_buffer_keeps_the_history_tail_and_reference_heads():
     history = TokenHistory(list(range(100)))
     refs = [Reference.of("suffix", [7] * 30), Reference.of("workspace", [8] * 30)]
-    buf = _search_buffer(history, refs, 1000).tolist()
+    buf = search_buffer(history, refs, 1000).tolist()
     assert buf == [-1, *[7] * 30, -1, *[8] * 30, -1, *range(100)]  # the history last: chains append there
-    buf = _search_buffer(history, refs, 120).tolist()
+    buf = search_buffer(history, refs, 120).tolist()
     assert len(buf) == 120 and buf[-100:] == list(range(100)) and buf[:2] == [-1, 7]  # the suffix's head
-    buf = _search_buffer(TokenHistory(list(range(5000))), refs, 1000).tolist()
+    buf = search_buffer(TokenHistory(list(range(5000))), refs, 1000).tolist()
     assert buf == [-1, *range(4001, 5000)]  # a long history: its tail, no room for references
-    assert _search_buffer(TokenHistory([]), refs, 1000) is None
+    assert search_buffer(TokenHistory([]), refs, 1000) is None
 
 
 def test_tokens_left_under_a_line_rule(trained):
-    out = _Output(trained.tokenizer, StopRules(max_tokens=40, max_lines=2), b"")
-    assert _tokens_left(out, None) == 40
+    out = Output(trained.tokenizer, StopRules(max_tokens=40, max_lines=2), b"")
+    assert tokens_left(out, None) == 40
     out.ids, out.lines, out.in_line = [1] * 13, 1, 3
-    assert _tokens_left(out, 10.0) == 7  # one line left, 3 of its ~10 tokens emitted
-    assert _tokens_left(out, 100.0) == 27  # never past the token budget
+    assert tokens_left(out, 10.0) == 7  # one line left, 3 of its ~10 tokens emitted
+    assert tokens_left(out, 100.0) == 27  # never past the token budget
     out.in_line = 30
-    assert _tokens_left(out, 10.0) == 15  # a line running long: half as long again
+    assert tokens_left(out, 10.0) == 15  # a line running long: half as long again
     out.in_line = 1
-    assert _tokens_left(out, 1.0) == 1  # at least one token
+    assert tokens_left(out, 1.0) == 1  # at least one token
 
 
 def test_device_speculation_stops_and_cancels_between_chains(trained):
