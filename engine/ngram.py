@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from editkv.kernels.context_hash import BITS, MULT, SHIFT
 
-_MULT = np.uint64(0x9E3779B97F4A7C15)
+_MULT = np.uint64(MULT)  # kernels/context_hash.py defines the hash; this is its numpy form
 _VOCAB_BITS = 14  # vocabularies up to 16384 ids are packed next to the context hash
 _LIMIT = 1 << _VOCAB_BITS
 
@@ -27,9 +28,9 @@ def _context_hashes(tokens: np.ndarray, c: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         for j in range(c):
             h = (h ^ (t[j : j + n] + np.uint64(1))) * _MULT
-            h ^= h >> np.uint64(29)
+            h ^= h >> np.uint64(SHIFT)
         h = h * _MULT  # spread the last token's bits into the high bits we keep
-    return h >> np.uint64(64 - 50)
+    return h >> np.uint64(64 - BITS)
 
 
 def _hash_one(context: list[int], c: int) -> int:

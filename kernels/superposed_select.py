@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 import torch
+from editkv.kernels.context_hash import MULT_I64
 
 try:
     import triton
@@ -43,7 +44,7 @@ except ImportError:  # Triton is optional on CPU-only installs
 
 ORDERS = 5
 PROBES = 32  # keys a round of the corpus search reads at once
-MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # engine.ngram's hash multiplier as a wrapping int64
+MULT = MULT_I64  # kernels/context_hash.py's multiplier as a wrapping int64 (the kernel hashes inline)
 
 if triton is not None:
 

@@ -62,6 +62,7 @@ from editkv.engine.generate import DecodeState, DecodeStats, LineStopper, StopRu
 from editkv.engine.healing import healer_for
 from editkv.engine.model import Span, Transformer
 from editkv.engine.ngram import NgramTable
+from editkv.kernels.context_hash import context_hash_int
 
 
 @dataclass(frozen=True)
@@ -192,20 +193,10 @@ class NgramMixture:
         return [dist.get(x, 0.0) for x in candidates] if dist else None
 
 
-_MASK64 = (1 << 64) - 1
-_CORPUS_MULT = 0x9E3779B97F4A7C15
-
-
 def corpus_context_hash(context: tuple[int, ...]) -> int:
-    """NgramTable's context hash, in Python ints: numpy's version costs ~40 us a call, this ~2.
-
-    tests/engine/test_superposed.py pins it to engine.ngram's.
-    """
-    h = len(context)
-    for t in context:
-        h = ((h ^ (t + 1)) * _CORPUS_MULT) & _MASK64
-        h ^= h >> 29
-    return ((h * _CORPUS_MULT) & _MASK64) >> 14
+    """NgramTable's context hash in Python ints (numpy's version costs ~40 us a call, this ~2):
+    kernels/context_hash.py's definition."""
+    return context_hash_int(context)
 
 
 def _corpus_distribution(corpus: NgramTable, context: tuple[int, ...]) -> dict[int, float]:

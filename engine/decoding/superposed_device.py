@@ -46,6 +46,7 @@ from editkv.engine.healing import healer_for
 from editkv.engine.identity_cache import IdentityCache
 from editkv.engine.ngram import NgramTable
 from editkv.engine.readback import Readback
+from editkv.kernels.context_hash import BITS, context_hash_ref
 from editkv.kernels.logit_summary import logit_summary
 from editkv.kernels.superposed_select import counts_buffer, superposed_select_triton
 from editkv.kernels.superposed_select import triton as _triton
@@ -62,8 +63,6 @@ RUNNING, NO_LIVE, POOL_FULL, BUDGET, RESET = range(5)
 LENGTH, COMMITTED, BUDGET_AT, REASON, STEPS, POSITION, SLOT, LEFT, MAX_TOKENS, HEAL = range(10)
 META = 10
 MAX_HEAL_ROWS = 32  # healing tables: one row per byte offset into the healed text, and a last row
-_MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # engine.ngram's multiplier as a wrapping int64
-_CORPUS_ORDER_BITS = 50  # corpus hashes have 50 bits; the order goes above them
 
 
 @dataclass
@@ -193,7 +192,7 @@ def device_corpus(corpus: NgramTable, device: torch.device) -> DeviceCorpus:
     if found is not None:
         return found
     orders = [c for c in range(1, corpus.max_order) if len(corpus.hashes.get(c, ()))]
-    keys = np.concatenate([corpus.hashes[c].astype(np.int64) + (c << _CORPUS_ORDER_BITS) for c in orders]
+    keys = np.concatenate([corpus.hashes[c].astype(np.int64) + (c << BITS) for c in orders]
                           or [np.zeros(0, np.int64)])
     ids = np.concatenate([corpus.next_ids[c].astype(np.int64) for c in orders] or [np.zeros((0, 1), np.int64)])
     counts = np.concatenate([corpus.counts[c].astype(np.float64) for c in orders]
@@ -204,22 +203,13 @@ def device_corpus(corpus: NgramTable, device: torch.device) -> DeviceCorpus:
     return found
 
 
-def _shift_right(h: torch.Tensor, bits: int) -> torch.Tensor:
-    """A logical right shift of int64 values (as uint64 would shift)."""
-    return (h >> bits) & ((1 << (64 - bits)) - 1)
-
-
 def corpus_keys(ctx: torch.Tensor, max_order: int) -> torch.Tensor:
     """[k, ORDERS] keys into DeviceCorpus.keys of each draft's last c = 1..ORDERS tokens (orders
-    the table lacks get -1); engine.ngram's context hash in wrapping int64 arithmetic."""
+    the table lacks get -1); kernels/context_hash.py's hash."""
     k = ctx.shape[0]
     out = torch.full((k, ORDERS), -1, dtype=torch.long, device=ctx.device)
     for c in range(1, min(max_order, ORDERS + 1)):
-        h = torch.full((k,), c, dtype=torch.long, device=ctx.device)
-        for t in ctx[:, ORDERS - c :].unbind(1):
-            h = (h ^ (t + 1)) * _MULT
-            h = h ^ _shift_right(h, 29)
-        out[:, c - 1] = _shift_right(h * _MULT, 64 - _CORPUS_ORDER_BITS) + (c << _CORPUS_ORDER_BITS)
+        out[:, c - 1] = context_hash_ref(ctx[:, ORDERS - c :]) + (c << BITS)
     return out
 
 
