@@ -1,12 +1,18 @@
 """bench/adadec.py realedits: shards write per-target rows (a partial file after each target with
 --progress) and --merge summarizes the shards' rows together, on the embedded model."""
 
+import gzip
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+AFTER = ("import os\n\n\ndef add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+         "def mul(a, b):\n    return a * b\n")
+RECORD = {"id": "example/repo@abc1234:ops.py", "repo": "example/repo", "path": "ops.py", "after": AFTER,
+          "targets": [{"line": line, "prefix": "    ", "expected": expected}
+                      for line, expected in ((4, "return a + b"), (8, "return a - b"), (12, "return a * b"))]}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -17,7 +23,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_shards_merge_into_the_whole_runs_summary(tmp_path):
-    common = ["realedits", "--subset", "3", "--views", "fim", "--beams", "0", "--max-tokens", "8"]
+    data = tmp_path / "edits.jsonl.gz"
+    with gzip.open(data, "wt") as f:
+        f.write(json.dumps(RECORD) + "\n")
+    common = ["realedits", "--data", str(data), "--subset", "3", "--views", "fim", "--beams", "0",
+              "--max-tokens", "8"]
     whole = tmp_path / "whole.json"
     _run(*common, "--json", str(whole))
     parts = [tmp_path / f"part{i}.json" for i in range(2)]
