@@ -1,7 +1,7 @@
 """Per-token decode latency on the CPU per weight format (engine/quant.py, issue 23).
 
 For each --formats entry the model is loaded with that `cpu_weights`, a prompt of --prompt
-tokens (lsp_server/scheduler.py, or with --data the first record's file) is prefilled in one
+tokens (lsp_server/worker.py, or with --data the first record's file) is prefilled in one
 forward (timed), then
 --steps greedy one-token forwards are timed, each attending to everything before it (what a
 decode step of a request does). Reported per format: load seconds, process RSS after the
@@ -25,7 +25,7 @@ from editkv.engine.loading import load_model
 from editkv.engine.model import Span
 from editkv.engine.quant import QuantLinear, quantize_model
 
-SAMPLE = Path(__file__).resolve().parents[1] / "lsp_server" / "scheduler.py"
+SAMPLE = Path(__file__).resolve().parents[1] / "lsp_server" / "worker.py"
 
 
 def _rss_mb() -> float:
@@ -94,7 +94,7 @@ def measure(spec: str, fmt: str, prompt: list[int], steps: int) -> dict:
 
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
-    p.set_defaults(data=None)  # the prompt: lsp_server/scheduler.py unless --data names realedits
+    p.set_defaults(data=None)  # the prompt: lsp_server/worker.py unless --data names realedits
     p.add_argument("--formats", default="fp32,int8,int4")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed")

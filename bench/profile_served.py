@@ -3,7 +3,7 @@
 The LSP server runs model work on a worker thread, which cProfile (main thread only) does not
 see; this script builds the same backend the server builds (lsp_server.server.model_factory,
 default settings plus --model) and, per keystroke of a record typed as lsp_replay types it
-(replay.editor_session), applies the change and asks for a completion the way the scheduler
+(replay.editor_session), applies the change and asks for a completion the way the worker
 asks (same CompletionRequest fields), one after the other (service pace, nothing dropped). It
 prints the per-request stats the backend reports and cProfile's top functions.
 

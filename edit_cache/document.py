@@ -88,7 +88,7 @@ class DocumentOptions:
     mode: str = "pie"
     refresh_window: int = 0  # tokens after each edit re-encoded with the edit
     # more stale tokens than this make background refresh start without waiting for the editor
-    # to go idle (lsp_server/scheduler.py); None: only when idle. Never on the request path.
+    # to go idle (lsp_server/worker.py); None: only when idle. Never on the request path.
     stale_budget: int | None = None
     prefill_chunk: int | None = None  # tokens per prefill forward (None: the device's default, engine.generate)
     # FIM views re-encode this many of the suffix's first cached tokens after <SUF> (they were

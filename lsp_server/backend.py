@@ -126,7 +126,7 @@ class Backend(Protocol):
     def complete(self, request: CompletionRequest, should_stop: Callable[[], bool]) -> CompletionResult: ...
 
     def configure(self, **options: Any) -> None:
-        """New cache options (scheduler.cache_options) for every document, without a reload."""
+        """New cache options (worker.cache_options) for every document, without a reload."""
 
     def refresh_idle(self, max_tokens: int = 256, should_stop: Callable[[], bool] | None = None) -> int:
         """Background work while no request waits; the number of tokens it re-encoded."""

@@ -18,10 +18,10 @@ from typing import Any
 
 from editkv.edit_cache.positions import Position, PositionError, Range
 from editkv.lsp_server.protocol import choose_encoding
-from editkv.lsp_server.scheduler import BackendFactory, Job, Outcome, UnknownDocumentError
 from editkv.lsp_server.server import DocState, EditkvServer, Pending
 from editkv.lsp_server.settings import SECTION, Settings, parse_settings, section_of
 from editkv.lsp_server.stats import default_stats_path
+from editkv.lsp_server.worker import BackendFactory, Job, Outcome, UnknownDocumentError
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcServerNotInitialized
 

@@ -3,7 +3,7 @@
 The server's state lives on one `EditkvServer` (a pygls `LanguageServer`); the LSP handlers
 are top-level functions in `features.py`. The event loop only does bookkeeping: document
 versions, which request is the newest per document, debounce timers, settings. All model
-work, and the only copy of each document's text, is on the engine worker (`scheduler.py`).
+work, and the only copy of each document's text, is on the engine worker (`worker.py`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 from editkv.lsp_server import server_version
 from editkv.lsp_server.backend import Backend
 from editkv.lsp_server.protocol import PARSE_ERROR, EditkvProtocol
-from editkv.lsp_server.scheduler import BackendFactory, EngineWorker, Job, cache_options
 from editkv.lsp_server.settings import Settings
 from editkv.lsp_server.stats import Stats, default_stats_path
+from editkv.lsp_server.worker import BackendFactory, EngineWorker, Job, cache_options
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 

@@ -133,7 +133,7 @@ class ClientDoc:
     history: list = field(default_factory=list)  # every didChange since the didOpen (for reproducing a failure)
 
     def receive(self, changes: list) -> None:
-        """What the server does with a didChange (lsp_server/scheduler.py `_change`)."""
+        """What the server does with a didChange (lsp_server/worker.py `_change`)."""
         self.history.append(changes)
         if self.refused:
             return

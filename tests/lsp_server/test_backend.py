@@ -210,7 +210,7 @@ def test_workspace_index_follows_documents_within_its_bound(tmp_path):
 
 
 def test_decoding_settings_reach_the_backend(trained):
-    from editkv.lsp_server.scheduler import cache_options
+    from editkv.lsp_server.worker import cache_options
 
     backend = ModelBackend(trained)
     settings = Settings(speculation=False, superposed=False, adadec=True)
@@ -221,7 +221,7 @@ def test_decoding_settings_reach_the_backend(trained):
 
 def test_cache_options_tuned_for_the_model_unless_the_user_sets_them(trained, tmp_path):
     from editkv.edit_cache.document import RECOMMENDED
-    from editkv.lsp_server.scheduler import cache_options
+    from editkv.lsp_server.worker import cache_options
 
     backend = ModelBackend(trained, **cache_options(Settings()))
     assert trained.cache["fim_fresh_suffix"] == 0  # engine/default_model/editkv.json
@@ -273,8 +273,8 @@ def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_pa
 
 
 def _big_backend(tmp_path, **settings):
-    from editkv.lsp_server.scheduler import cache_options
     from editkv.lsp_server.settings import Settings
+    from editkv.lsp_server.worker import cache_options
 
     tiny = load_model(make_checkpoint(tmp_path / "m", "llama", max_position_embeddings=512))
     backend = ModelBackend(tiny, **cache_options(Settings(**settings)))
@@ -380,7 +380,7 @@ def test_every_request_reports_the_tokens_it_encoded(tmp_path):
 def test_fim_requests_typed_on_one_line_reuse_the_suffix_window(trained):
     """Served FIM requests while typing on the cursor's line: with `fimSuffixCache` the suffix's
     re-encoded window is encoded once, then reused (the view encodes the line, <SUF>, <MID>)."""
-    from editkv.lsp_server.scheduler import cache_options
+    from editkv.lsp_server.worker import cache_options
 
     text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n" * 3
     cursor = text.index("a + b") + len("a + b")  # the end of a line

@@ -11,8 +11,8 @@ from editkv.edit_cache.positions import Position, Range, to_position
 from editkv.engine.loading import load_model
 from editkv.lsp_server.backend import CompletionRequest, ModelBackend
 from editkv.lsp_server.context import context_sources, imported_modules, module_parts, relative_paths
-from editkv.lsp_server.scheduler import cache_options
 from editkv.lsp_server.settings import CrossFileOptions, Settings, parse_settings
+from editkv.lsp_server.worker import cache_options
 from lsp_testing import SERVER_ENV, lsp_command
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 from editkv.engine.healing import healer_for
-from editkv.lsp_server.scheduler import EngineWorker, Job
 from editkv.lsp_server.server import model_factory
 from editkv.lsp_server.settings import Settings
+from editkv.lsp_server.worker import EngineWorker, Job
 from helpers import make_checkpoint
 
 URI = "file:///w/a.py"

@@ -46,7 +46,7 @@ def test_decoding_switches_are_validated_booleans():
 
 
 def test_staleness_settings_reach_the_cache_options():
-    from editkv.lsp_server.scheduler import cache_options
+    from editkv.lsp_server.worker import cache_options
 
     s, problems = parse_settings({"editkv": {"staleBudget": 0, "idleRefreshMs": 250, "fimFreshSuffix": 8}})
     assert not problems and s.stale_budget == 0 and s.idle_refresh_ms == 250

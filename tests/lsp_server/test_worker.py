@@ -6,8 +6,8 @@ import threading
 import pytest
 from editkv.edit_cache.positions import Position, Range
 from editkv.lsp_server.backend import CompletionResult, Draft, FakeBackend
-from editkv.lsp_server.scheduler import EngineWorker, Job
 from editkv.lsp_server.settings import Settings
+from editkv.lsp_server.worker import EngineWorker, Job
 
 URI = "file:///w/a.py"
 
@@ -241,7 +241,7 @@ def test_urgent_background_work_waits_for_a_short_quiet_spell_not_for_idle(tmp_p
 
     from editkv.engine.loading import load_model
     from editkv.lsp_server.backend import ModelBackend
-    from editkv.lsp_server.scheduler import cache_options
+    from editkv.lsp_server.worker import cache_options
     from helpers import make_checkpoint
 
     class Clock:
