@@ -569,6 +569,26 @@ class Transformer(nn.Module):
             self._fused = [_fuse(block) for block in self.layers]
         return self._fused
 
+    def _weights_replaced(self) -> None:
+        """The parameters are new tensors (`.to()`, `.half()`, `load_state_dict`): the fused copies
+        and any CUDA graphs read the old ones, so both are dropped; the fused ones are made again on
+        the next forward, graphs only by `static_decode.enable_graphs` again."""
+        if getattr(self, "weight_format", "fp32") == "fp32":  # quantized: the fused QuantLinears are the weights
+            self._fused = None
+        if getattr(self, "static", None) is not None:
+            log.warning("the model's weights changed: CUDA graphs turned off until enable_graphs is called again")
+            self.static = None
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's hook for .to(), .cuda(), .half(), ...
+        out = super()._apply(fn, recurse)
+        self._weights_replaced()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ANN001
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._weights_replaced()
+        return out
+
     def _rope_inputs(self, positions: torch.Tensor, groups: Sequence[TokenGroup]) -> RopeInputs:
         """cos/sin of every rotation; with several groups rotation r of a token is its group's r-th
         shift (groups have few: 0 and their sink's), so q is rotated R times, not once per shift."""

@@ -130,3 +130,32 @@ def test_gguf_that_is_not_gguf(tmp_path):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(EngineError, match="could not read GGUF"):
         load_model(bad)
+
+
+def test_moving_or_reloading_the_weights_remakes_the_fused_copies():
+    """The forward reads each layer's fused q/k/v and gate/up copies; after `.to()` (a new dtype)
+    or `load_state_dict(assign=True)` they are made again from the new weights, so the forward
+    equals that of a model built directly with those weights."""
+    import torch
+    from editkv.engine.loading import load_model
+    from editkv.engine.model import KVCache
+
+    loaded = load_model(None)
+    model = loaded.model
+    ids = torch.tensor([loaded.tokenizer.encode("def add(a, b):\n    return")])
+    positions = torch.arange(ids.shape[1])
+
+    def logits(m, dtype):
+        cache = KVCache.allocate(m.config, ids.shape[1], dtype=dtype, device=m.device)
+        return m(ids, positions, write=cache, write_at=0, logits="last")
+
+    logits(model, torch.float32)  # fuses
+    model.to(torch.float64)
+    reference = load_model(None).model.to(torch.float64)
+    torch.testing.assert_close(logits(model, torch.float64), logits(reference, torch.float64))
+    # new weights by assignment: the forward follows them
+    state = {k: v * 0.5 if k.endswith("q_proj.weight") else v for k, v in reference.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    changed = load_model(None).model.to(torch.float64)
+    changed.load_state_dict(state)
+    torch.testing.assert_close(logits(model, torch.float64), logits(changed, torch.float64))
