@@ -35,7 +35,7 @@ for i in 0 1; do
     --views fim --methods none,exact,blend_r15 --progress --shard $i/2 --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
 done
 # served-path quality (issue 21: default within 0.5 EM of full recompute): requests at the scored lines only
-timeout 900 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 80 --max-keys 400 \
+timeout 900 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 40 --max-keys 300 \
   --methods default,full --pace lines --json $R/lines_qwen.json > $R/lines_qwen.txt 2>&1 &
 EDITKV_FAULTS_DEVICE=cuda timeout 900 python3 -m pytest -q -p no:cacheprovider tests/lsp_server/test_faults.py > $R/faults_cuda.log 2>&1 &
 [ -x scripts/gpu/session_extra.sh ] && bash scripts/gpu/session_extra.sh $G > $R/extra.log 2>&1 &
