@@ -293,10 +293,13 @@ async def inline_completion(ls: EditkvServer,
     if along_ok and doc is not None and ls.session_started and (along := doc.along) is not None \
             and along[0] == doc.edits and (position.line, position.character) == along[1:3]:
         # the user typed the start of the ghost text shown last: its rest, at once (no worker, no model)
+        started = time.perf_counter()
         doc.supersede("inline")
         ls.stats.count("inline", "requests")
         ls.stats.count("inline", "typed_along")
         ls.typed_along += 1
+        ls.stats.served_request(1000 * (time.perf_counter() - started),
+                                {"strategy": "typed_along", "total_ms": 0.0, "encoded_tokens": 0})
         return types.InlineCompletionList(items=[types.InlineCompletionItem(
             insert_text=along[3], range=types.Range(start=position, end=position),
             command=_accept(ls.stats.new_id("inline", along[3])))])

@@ -53,6 +53,7 @@ async def test_typing_the_shown_text_is_answered_from_it(client: LanguageClient)
     # answered on the event loop: neither the worker nor the model saw these two requests
     assert stats["backend"]["typed_along"] == 2 and stats["requests"]["inline"]["typed_along"] == 2
     assert stats["backend"]["completed"] == 1
+    assert stats["latency_ms"]["count"] == 3  # the two typed along are in the server's latency too
     # a character the suggestion does not have: the model again
     type_at(client, 4, 2, "x", 3)
     assert await _texts(client, 4, 3) == ["<fake 4:3>"]
