@@ -9,7 +9,9 @@
 
 Every backend call happens on this thread, so the backend needs no locks and the LSP event
 loop never waits for the model. A `Job` carries a `stop` flag the event loop sets when the
-request is cancelled or superseded; the decode polls it before every step. Each document
+request is cancelled or superseded; the decode polls it before every step, unless the event
+loop also set `finish` (the keystrokes since only typed at the request's cursor): then it runs
+to its end and its suggestion is kept for typing along, though no one waits for it. Each document
 counts its content changes on both sides (`edits`): a job runs only if the worker's copy has
 seen exactly the changes the request was made after, so an answer for an older version of a
 document can't be computed, let alone returned. Messages for the user go through `notify`,
