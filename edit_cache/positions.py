@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _TERMINATOR = re.compile(r"\r\n|\r|\n")
@@ -34,6 +35,26 @@ class Range:
 
     start: Position
     end: Position
+
+
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading items (characters, token ids) `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def common_suffix(a: Sequence, b: Sequence) -> int:
+    """How many trailing items `a` and `b` share."""
+    n = 0
+    for x, y in zip(reversed(a), reversed(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def line_starts(text: str) -> list[int]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from editkv.edit_cache.crossfile import ContextBlock
 from editkv.edit_cache.document import Document
+from editkv.edit_cache.positions import common_prefix, common_suffix
 from editkv.engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode, windowed
 from editkv.engine.healing import healer_for
 from editkv.engine.model import KVCache, Span, TokenGroup
@@ -133,7 +134,7 @@ def _split_prefix(doc: Document, cursor: int) -> tuple[int, list[int]]:
         t = 0 if cut == 0 else doc.tokens.first_token_at_or_after(cut)
         return t, doc.tokenizer.encode(text[cut:cursor])
     fresh = doc.tokenizer.encode(text[:cursor])
-    t = _common_prefix(doc.ids, fresh)
+    t = common_prefix(doc.ids, fresh)
     return t, fresh[t:]
 
 
@@ -145,26 +146,8 @@ def _split_suffix(doc: Document, start: int) -> tuple[int, list[int]]:
         t = len(doc.ids) if cut >= len(text) else doc.tokens.first_token_at_or_after(cut)
         return t, doc.tokenizer.encode(text[start:cut])
     fresh = doc.tokenizer.encode(text[start:])
-    k = _common_suffix(doc.ids, fresh)
+    k = common_suffix(doc.ids, fresh)
     return len(doc.ids) - k, fresh[: len(fresh) - k]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _common_suffix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(reversed(a), reversed(b), strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _prefix_part(doc: Document, cursor: int, *, heal: bool = True) -> tuple[int, list[int], bytes]:

@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlparse
 
 from editkv.edit_cache.crossfile import ContextBlock, block_layout, build_block, choose_chunks
 from editkv.edit_cache.document import Document
-from editkv.edit_cache.positions import Range, to_position
+from editkv.edit_cache.positions import Range, common_prefix, common_suffix, to_position
 
 if TYPE_CHECKING:
     from editkv.lsp_server.settings import CrossFileOptions
@@ -128,13 +128,8 @@ def module_files(modules: Iterable[tuple[str, ...]], roots: Iterable[str]) -> li
 def text_change(old: str, new: str) -> tuple[Range, str]:
     """One change that turns `old` into `new`: the range between their common prefix and common
     suffix (code points: utf-32 positions) and the text that replaces it."""
-    start = 0
-    limit = min(len(old), len(new))
-    while start < limit and old[start] == new[start]:
-        start += 1
-    end = 0
-    while end < limit - start and old[len(old) - 1 - end] == new[len(new) - 1 - end]:
-        end += 1
+    start = common_prefix(old, new)
+    end = common_suffix(old[start:], new[start:])  # not into the common prefix
     rng = Range(to_position(old, start, "utf-32"), to_position(old, len(old) - end, "utf-32"))
     return rng, new[start : len(new) - end]
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from editkv.edit_cache.positions import Position, Range, apply_change, line_starts
+from editkv.edit_cache.positions import Position, Range, apply_change, common_prefix, line_starts
 from editkv.lsp_server.lsp_client import LspClient, LspError
 
 CANCELLED = -32800
@@ -192,13 +192,6 @@ def _indentation(text: str) -> str:
     return text[: len(text) - len(text.lstrip(" \t"))]
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def _is_scored(rest: str) -> bool:
     """Blank and comment-only lines are not scored (nothing, or nothing a model should guess)."""
     body = rest.strip()
@@ -272,7 +265,7 @@ class _Editor:
                     self.probe(rest)
             elif content or not brk:  # a blank line in the middle waits for the next Enter to trim it
                 auto = self.before_cursor()
-                keep = _common_prefix(auto, indent)
+                keep = common_prefix(auto, indent)
                 if keep < len(auto):
                     self.press((self.cursor[0], keep), self.cursor, "", hunk)
                 self.type_chars(indent[keep:], hunk)
