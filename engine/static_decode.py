@@ -239,23 +239,40 @@ class StaticForward:
             self.eager += 1
             return False, None
         count = inputs.shape[1]
-        if self.max_width < count <= MAX_SPLIT * self.max_width:
-            return self._in_parts(ids, positions, write, write_at, context, logits, embeds)
-        found = visibility(write, write_at, count, context) if count <= self.max_width else None
-        if found is None:
+        # parts of at most max_width tokens, each also seeing the ones before it in the write buffer:
+        # what one forward computes; wider than MAX_SPLIT parts, or a part not of the served shape: eager
+        parts = [(start, min(count, start + self.max_width)) for start in range(0, count, self.max_width)]
+        found = [visibility(write, write_at + start, end - start,
+                            [*context, Span(write, write_at, write_at + start)] if start else context)
+                 for start, end in parts] if len(parts) <= MAX_SPLIT else [None]
+        if None in found:
             self.eager += 1
             return False, None
-        base, (at, *meta) = found
+        if len(parts) > 1:
+            self.split += 1
+        outs = [self._replay(layout, ids, positions, embeds, start, end,
+                             logits if logits == "all" or end == count else "none")
+                for layout, (start, end) in zip(found, parts, strict=True)]
+        if logits == "none":
+            return True, None
+        return True, torch.cat(outs, dim=1) if logits == "all" else outs[-1]
+
+    def _replay(self, layout: tuple[KVCache, list[int]], ids: torch.Tensor | None, positions: torch.Tensor,
+                embeds: torch.Tensor | None, start: int, end: int, logits: str) -> torch.Tensor | None:
+        """Tokens [start, end) of a forward (at most max_width) through the graph for `layout`
+        (`visibility`'s answer for them)."""
+        base, (at, *meta) = layout
+        count = end - start
         self.handled += 1
         width = _next_power_of_two(count)
         bucket = self._stage(base, at, meta, count, at + count)
         # ids and positions usually arrive on the device already: copied there, not via the host
         if embeds is not None:
-            self._embeds[:, :count].copy_(embeds)
+            self._embeds[:, :count].copy_(embeds[:, start:end])
             self.embedded += 1
         else:
-            self._ids[0, :count].copy_(ids[0], non_blocking=True)
-        self._positions[:count].copy_(positions.reshape(-1), non_blocking=True)
+            self._ids[0, :count].copy_(ids[0, start:end], non_blocking=True)
+        self._positions[:count].copy_(positions.reshape(-1)[start:end], non_blocking=True)
         # a single row's "last" is its "all": one graph serves decode steps and chains
         rows = "all" if width == 1 and logits == "last" else logits
         source = "embeds" if embeds is not None else "ids"
@@ -269,38 +286,10 @@ class StaticForward:
             faults.hit("replay")
             out = self._run(base, bucket, width, rows=rows, source=source)
         if logits == "none":
-            return True, None
+            return None
         if logits == "last":
-            return True, out[-1:].clone()
-        return True, out[None, :count].clone()
-
-    def _in_parts(self, ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
-                  context: Sequence[Span], logits: str,
-                  embeds: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
-        """A forward a little wider than the graphs (a FIM view's `<SUF>` and fresh suffix, a
-        pasted block) as consecutive parts of at most `max_width` tokens, each part also seeing
-        the ones before it in the write buffer: what one forward computes, in graph replays.
-        (False, None) before anything runs when a part's spans are not of the served shape."""
-        count = (embeds if embeds is not None else ids).shape[1]
-        parts = [(start, min(count, start + self.max_width)) for start in range(0, count, self.max_width)]
-        contexts = [[*context, Span(write, write_at, write_at + start)] if start else list(context)
-                    for start, _ in parts]
-        if any(visibility(write, write_at + start, end - start, ctx) is None
-               for (start, end), ctx in zip(parts, contexts, strict=True)):
-            self.eager += 1
-            return False, None
-        outs = []
-        for (start, end), ctx in zip(parts, contexts, strict=True):
-            last = end == count
-            rows = logits if logits == "all" else (logits if last else "none")
-            _, out = self.forward(ids[:, start:end] if ids is not None else None, positions[..., start:end],
-                                  write, write_at + start, ctx, rows,
-                                  embeds=embeds[:, start:end] if embeds is not None else None)
-            outs.append(out)
-        self.split += 1
-        if logits == "all":
-            return True, torch.cat(outs, dim=1)
-        return True, outs[-1]
+            return out[-1:].clone()
+        return out[None, :count].clone()
 
     def chain(self, token: int, position: int, write: KVCache, write_at: int, context: Sequence[Span],
               steps: int) -> torch.Tensor | None:
