@@ -573,9 +573,9 @@ class Transformer(nn.Module):
         """The parameters are new tensors (`.to()`, `.half()`, `load_state_dict`): the fused copies
         and any CUDA graphs read the old ones, so both are dropped; the fused ones are made again on
         the next forward, graphs only by `static_decode.enable_graphs` again."""
-        if getattr(self, "weight_format", "fp32") == "fp32":  # quantized: the fused QuantLinears are the weights
+        if self.weight_format == "fp32":  # quantized: the fused QuantLinears are the weights
             self._fused = None
-        if getattr(self, "static", None) is not None:
+        if self.static is not None:
             log.warning("the model's weights changed: CUDA graphs turned off until enable_graphs is called again")
             self.static = None
 

@@ -13,7 +13,6 @@ from editkv.engine.decoding.ngram_index import NgramIndex
 from editkv.engine.decoding.superposed import (
     SuperposedParams,
     _corpus_distribution,
-    corpus_context_hash,
     left_context,
     superposed_drafts,
 )
@@ -24,6 +23,7 @@ from editkv.engine.ngram import NgramTable, _hash_one
 from editkv.engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids, left_to_right_ids
 from editkv.engine.static_decode import StaticForward
 from editkv.engine.tokenizer import Tokenizer
+from editkv.kernels.context_hash import context_hash_int
 
 GREEDY = SuperposedParams(alpha=0.0, keep_empty=True)
 PROMPTS = ["def add(a, b):\n", "import os\nfor name in", "class Point:\n    def __init__(self, x, y):\n        self."]
@@ -149,7 +149,7 @@ def test_corpus_hash_and_distribution_match_ngram_table():
     for _ in range(200):
         ctx = rng.integers(0, 20, 5).tolist()
         for c in (1, 2, 3):
-            assert corpus_context_hash(tuple(ctx[-c:])) == _hash_one(ctx, c)
+            assert context_hash_int(tuple(ctx[-c:])) == _hash_one(ctx, c)
             assert _corpus_distribution(table, tuple(ctx[-c:])) == table.distribution(ctx, c)
 
 

@@ -8,7 +8,7 @@ import torch
 from editkv.edit_cache.document import Document
 from editkv.edit_cache.views import fill_in_middle, left_to_right
 from editkv.engine.decoding.ngram_index import NgramIndex
-from editkv.engine.decoding.superposed import NgramMixture, SuperposedParams, corpus_context_hash, superposed_drafts
+from editkv.engine.decoding.superposed import NgramMixture, SuperposedParams, superposed_drafts
 from editkv.engine.decoding.superposed_device import (
     LEFT,
     LENGTH,
@@ -24,6 +24,7 @@ from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
 from editkv.engine.ngram import NgramTable
 from editkv.engine.prompting import doc_start_ids, healed_left_to_right_ids
 from editkv.engine.static_decode import StaticForward
+from editkv.kernels.context_hash import context_hash_int
 
 HOST = 0  # SuperposedParams.device_steps that keeps every step on the host
 PROMPTS = ["def add(a, b):\n", "import os\nfor name in", "class Point:\n    def __init__(self, x, y):\n        self."]
@@ -68,7 +69,7 @@ def test_corpus_keys_are_the_table_hash():
     for i in range(len(ctx)):
         row = ctx[i].tolist()
         for c in range(1, 4):
-            assert keys[i, c - 1] == corpus_context_hash(tuple(row[ORDERS - c :])) + (c << 50)
+            assert keys[i, c - 1] == context_hash_int(tuple(row[ORDERS - c :])) + (c << 50)
         assert (keys[i, 3:] == -1).all()  # orders the table does not have
 
 
