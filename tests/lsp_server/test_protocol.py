@@ -8,11 +8,10 @@ import asyncio
 import time
 
 import pytest
-import pytest_lsp
-from lsp_testing import SERVER_ENV, SOURCE, lsp_command
+from lsp_testing import SOURCE
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
-from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
+from pytest_lsp import LanguageClient, client_capabilities
 
 pytestmark = pytest.mark.asyncio
 URI = "file:///work/example.py"
@@ -74,20 +73,6 @@ def plain(value):
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
-
-
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--fake"), server_env=SERVER_ENV))
-async def client(lsp_client: LanguageClient):
-    yield
-    await lsp_client.shutdown_session()
-
-
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--fake", "--fake-delay-ms", "2000"),
-                                              server_env=SERVER_ENV))
-async def slow_client(lsp_client: LanguageClient):
-    """A fake engine that takes 2 s per completion (polling its stop callback every 5 ms)."""
-    yield
-    await lsp_client.shutdown_session()
 
 
 @pytest.mark.parametrize("caps", CLIENTS)

@@ -17,19 +17,6 @@ pytestmark = pytest.mark.asyncio
 TEXT = "def add(a, b):\n    return a + b\n\n\n"
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--fake"), server_env=SERVER_ENV))
-async def client(lsp_client: LanguageClient):
-    yield
-    await lsp_client.shutdown_session()
-
-
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--fake", "--fake-delay-ms", "600"),
-                                              server_env=SERVER_ENV))
-async def slow_client(lsp_client: LanguageClient):
-    yield
-    await lsp_client.shutdown_session()
-
-
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=lsp_command("--device", "cpu"), server_env=SERVER_ENV))
 async def model_client(lsp_client: LanguageClient):
     yield
@@ -114,7 +101,7 @@ async def test_typing_along_the_default_models_suggestion(model_client: Language
 
 
 async def test_a_request_superseded_by_typing_at_its_cursor_finishes_for_typing_along(slow_client: LanguageClient):
-    """A slow engine (600 ms a request) and a keystroke every few ms: the request running when
+    """A slow engine (2 s a request) and a keystroke every few ms: the request running when
     characters are typed at its cursor runs to its end (its own answer is dropped: the editor moved
     on), and the next request, whose typed text starts that suggestion, is answered from it
     without the engine. A keystroke elsewhere stops the running request, as before."""
