@@ -239,7 +239,10 @@ class ModelBackend(Backend):
         """Background work: encode tokens that have no keys yet, then stale ones, most recent
         document first, stopping between small chunks when `should_stop` says so; then, with
         cross-file context on, the open documents the last request wanted to show and could not
-        (no keys yet); 0 when none are left."""
+        (no keys yet); 0 when none are left. Nothing when recomputing: every request drops the
+        document's KV first, so keys encoded now would be thrown away."""
+        if self.recompute:
+            return 0
         done = self.cache.refresh_idle(max_tokens, should_stop)
         if done or not self.cross_file.on:
             return done

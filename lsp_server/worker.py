@@ -637,7 +637,8 @@ def cache_options(settings: Settings) -> dict:
     tuned = {name: getattr(settings, name) for name in TUNED}
     return {"budget_bytes": settings.budget_bytes, "options": options, "tuned": tuned,
             "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings),
-            "background": settings.idle_refresh_ms > 0, "cross_file": CrossFileOptions.from_settings(settings)}
+            "background": settings.idle_refresh_ms > 0 and settings.cache_mode != "recompute",
+            "cross_file": CrossFileOptions.from_settings(settings)}
 
 
 def load_error_message(settings: Settings, err: BaseException) -> str:

@@ -272,6 +272,25 @@ def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_pa
     assert error() < 1e-4  # refreshed: what a fresh prefill of the text gives
 
 
+def test_recompute_mode_does_no_background_work(tmp_path):
+    """The baseline drops a document's KV before every request, so idle work would only burn
+    the time between keystrokes (and land in the baseline's token counts)."""
+    from editkv.edit_cache.positions import Position, Range
+    from editkv.lsp_server.worker import cache_options
+
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
+    text = "def add(a, b):\n    return a + b\n" * 3
+    for mode, busy in (("pie", True), ("recompute", False)):
+        backend = ModelBackend(tiny, **cache_options(Settings(cache_mode=mode)))
+        backend.open("file:///a.py", text)
+        backend.cache.prepare("file:///a.py")
+        backend.change("file:///a.py", [(Range(Position(0, 4), Position(0, 7)), "plus")])
+        backend.cache.prepare("file:///a.py")
+        assert backend.cache.get("file:///a.py").num_stale > 0
+        assert backend.urgent_work() is False or busy
+        assert (backend.refresh_idle(8) > 0) is busy, mode
+
+
 def _big_backend(tmp_path, **settings):
     from editkv.lsp_server.settings import Settings
     from editkv.lsp_server.worker import cache_options
