@@ -751,7 +751,7 @@ def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], d
 
 
 SERVED_FIELDS = ("total_ms", "repair_ms", "view_ms", "view_encoded_tokens", "encoded_tokens", "decode_tokens",
-                 "forwards")
+                 "forwards", "graph_captures")
 
 
 def summarize_served(requests: list[dict]) -> list[dict]:

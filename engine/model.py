@@ -71,6 +71,12 @@ class KVCache:
     # to this many slots (rounded up) lets one captured graph serve every small write into
     # the buffer, wherever it lands. None: only the slots a forward names.
     extent: int | None = None
+    # A window's region: the allocation it lies in (a document's cache, for its scratch window);
+    # None: this cache is its own region (a buffer of its own, or an allocation from a pool).
+    home: KVCache | None = None
+    # The engine.kv_pool.KVPool this region was allocated from (None: a buffer of its own or a
+    # window): `ensure_capacity` and `shrink` ask it for room instead of reallocating.
+    pool: object | None = None
 
     @classmethod
     def allocate(
@@ -111,39 +117,65 @@ class KVCache:
         """Bytes one slot takes across layers, keys and values."""
         return self.nbytes() // max(self.capacity, 1)
 
+    @property
+    def region(self) -> KVCache:
+        """The allocation this cache lies in: itself, or for a window its owner's region."""
+        return self.home or self
+
+    @property
+    def origin(self) -> int:
+        """The slot of the root buffer (`base`, else this one) where the region's slot 0 is."""
+        return self.region.offset
+
     def window(self, offset: int, size: int) -> KVCache:
         """Slots `[offset, offset + size)` of this cache as a cache of their own (same memory).
 
         A view's scratch is such a window into the spare slots after its document, so that a
-        decode step's keys all live in one buffer (what CUDA-graph replay needs).
+        decode step's keys all live in one buffer (what CUDA-graph replay needs). A window of a
+        window is a window of the root buffer (`base`), lying in the same region.
         """
         assert 0 <= offset and offset + size <= self.capacity
         end = offset + size
-        return KVCache(self.k[:, :, :, offset:end], self.v[:, :, :, offset:end], self, offset)
+        return KVCache(self.k[:, :, :, offset:end], self.v[:, :, :, offset:end], self.base or self,
+                       self.offset + offset, home=self.region)
 
     def ensure_capacity(self, needed: int, *, keep: int | None = None) -> None:
         """Grow (x1.5, or to `needed`) so that `needed` slots fit; copies the first `keep` slots.
 
-        A window that grows becomes a cache of its own (its base is left as it was).
+        A pool's allocation asks its pool (which may move it); a window that grows becomes a
+        cache of its own (its base is left as it was).
         """
         if needed <= self.capacity:
             return
-        self.base, self.offset = None, 0
         new_capacity = max(needed, int(self.capacity * 1.5) + 16)
         keep = self.capacity if keep is None else min(keep, self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            shape = (*old.shape[:3], new_capacity, old.shape[4])
+        if self.pool is not None and self.pool.resize(self, new_capacity, keep, needed):
+            return
+        self._own_buffer(new_capacity, keep)
+
+    def _own_buffer(self, capacity: int, keep: int) -> None:
+        """Move the first `keep` slots into a new buffer of `capacity` slots of this cache's own."""
+        old_k, old_v = self.k, self.v
+        self._leave_pool()
+        for name, old in (("k", old_k), ("v", old_v)):
+            shape = (*old.shape[:3], capacity, old.shape[4])
             new = torch.zeros(shape, dtype=old.dtype, device=old.device)
-            new[:, :, :, :keep] = old[:, :, :, :keep]
+            new[:, :, :, :keep] = old[:, :, :, :min(keep, capacity)]
             setattr(self, name, new)
+
+    def _leave_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.release(self)
+        self.base, self.offset, self.home, self.pool = None, 0, None, None
 
     def shrink(self, capacity: int) -> None:
         """Drop slots past `capacity` (frees memory after a document gets shorter)."""
-        if capacity < self.capacity:
-            self.k = self.k[:, :, :, :capacity].clone()
-            self.v = self.v[:, :, :, :capacity].clone()
-            self.base, self.offset = None, 0
+        if capacity >= self.capacity:
+            return
+        if self.pool is not None:
+            self.pool.resize(self, capacity, capacity, capacity)
+            return
+        self._own_buffer(capacity, capacity)
 
 
 @dataclass(frozen=True)
@@ -473,6 +505,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config)
         self.static = None  # engine.static_decode.StaticForward, once static_decode.enable_graphs(model)
+        self.kv_pool = None  # engine.kv_pool.KVPool: where new_cache takes batch-1 buffers from
         self._fused: list[Fused] | None = None
         # "fp32": projections in the model's dtype; "int8"/"int4": weight-only quantized on the
         # CPU (engine/quant.py: the q/k/v and gate/up modules are then None, see `Fused`)
@@ -496,7 +529,13 @@ class Transformer(nn.Module):
         return self.embed_tokens(ids)
 
     def new_cache(self, capacity: int, *, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV buffer on the model's device in the model's dtype."""
+        """A KV buffer on the model's device in the model's dtype: slots of the model's KV pool
+        (`kv_pool`, engine/kv_pool.py) when it has one and room, else a buffer of its own."""
+        pool = self.kv_pool
+        if pool is not None and batch == 1 and (dtype is None or dtype == pool.dtype):
+            cache = pool.allocate(capacity)
+            if cache is not None:
+                return cache
         return KVCache.allocate(
             self.config, capacity, batch=batch, dtype=dtype or self.dtype, device=self.device
         )

@@ -23,7 +23,10 @@ into static device tensors; attention (kernels/span_attention.py) reads the buff
 use) and applies the visibility rule on the device, so a repair near the top of a file replays
 the same graph as one near its end. Norms, RoPE with the KV write, and SwiGLU are fused kernels
 (kernels/fused.py); q/k/v and gate/up are one GEMM each. One graph per
-(buffer, bucket, width, rows wanted) is captured on first use and replayed after; the width is
+(buffer, bucket, width, rows wanted) is captured on first use and replayed after. On a GPU the
+documents' caches are regions of one KV pool (engine/kv_pool.py): the buffer is the pool's, the
+spans and the bucket count from the region's first slot (the `origin`, a static input), so the
+graphs are per shape and every document replays the same ones; the width is
 the token count rounded up to a power of two (up to 256), padding rows write into the buffer's
 last slot, which the caller keeps free, and the head runs on the rows the caller wants logits
 of: all (a verification), the last real one (a view), none (a repair). A forward up to twice
@@ -62,6 +65,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -91,16 +95,26 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def visibility(write: KVCache, write_at: int, count: int,
-               context: Sequence[Span]) -> tuple[KVCache, list[int]] | None:
-    """(buffer, [write slot, prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start,
-    sink_end, sink_shift]) or None.
+class Layout(NamedTuple):
+    """Where a forward's tokens go and what they see, as the static inputs hold it."""
 
-    None when the spans are not of the one-buffer shape described in the module docstring. A
-    shifted span from slot 0 is an attention window's sink (engine.generate.windowed); any other
-    shifted span is the FIM view's suffix.
+    base: KVCache  # the root buffer the graphs read (a document's, or the KV pool's)
+    at: int  # the first written slot, in `base`
+    # prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start, sink_end,
+    # sink_shift, counted from `origin`, then `origin`: the region's first slot in `base`
+    meta: list[int]
+    extent: int  # slots of the region in use (from `origin`): what the bucket covers at least
+
+
+def visibility(write: KVCache, write_at: int, count: int, context: Sequence[Span]) -> Layout | None:
+    """The forward's `Layout`, or None when its spans are not of the one-buffer shape described
+    in the module docstring, or reach out of the write's region (another document of the pool).
+    A shifted span from the region's slot 0 is an attention window's sink
+    (engine.generate.windowed); any other shifted span is the FIM view's suffix.
     """
     base = write.base or write
+    region = write.region
+    origin, limit = region.offset, region.offset + region.capacity
     at = write.offset + write_at
     zero, sink, suffix = [], [], []
     for span in context:
@@ -108,7 +122,9 @@ def visibility(write: KVCache, write_at: int, count: int,
             continue
         if (span.cache.base or span.cache) is not base:
             return None
-        lo, hi = span.cache.offset + span.start, span.cache.offset + span.end
+        lo, hi = span.cache.offset + span.start - origin, span.cache.offset + span.end - origin
+        if lo < 0 or hi > limit - origin:
+            return None
         if not span.shift:
             zero.append((lo, hi))
         else:
@@ -122,9 +138,9 @@ def visibility(write: KVCache, write_at: int, count: int,
             merged[-1][1] = hi
         else:
             merged.append([lo, hi])
-    prefix_start, prefix_end, scratch_start = 0, 0, at
+    prefix_start, prefix_end, scratch_start = 0, 0, at - origin
     for lo, hi in merged:
-        if hi == at:  # the run up to the new tokens (from slot 0 on a plain repair)
+        if hi == at - origin:  # the run up to the new tokens (from slot 0 on a plain repair)
             scratch_start = lo
         elif prefix_end == 0:
             prefix_start, prefix_end = lo, hi
@@ -136,7 +152,8 @@ def visibility(write: KVCache, write_at: int, count: int,
     _, sink_end, sink_shift = sink[0] if sink else (0, 0, 0)
     if at + count > base.capacity - 1:  # the last slot takes the padding rows' writes
         return None
-    return base, [at, prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start, sink_end, sink_shift]
+    meta = [prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start, sink_end, sink_shift, origin]
+    return Layout(base, at, meta, region.extent or 0)
 
 
 @dataclass
@@ -186,16 +203,17 @@ class StaticForward:
         self._fused = model.fused() if mode != "off" else []
         dev = model.device
         # Every static input in one device tensor, filled from one (pinned) host buffer per call:
-        # ids [W], positions [W], slots [W], the eight visibility numbers, the last real row.
+        # ids [W], positions [W], slots [W], the eight visibility numbers and the region's origin, the
+        # last real row.
         w = self.max_width
-        self._inputs = torch.zeros(3 * w + 9, dtype=torch.long, device=dev)
-        self._host = torch.zeros(3 * w + 9, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._inputs = torch.zeros(3 * w + 10, dtype=torch.long, device=dev)
+        self._host = torch.zeros(3 * w + 10, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._host_np = self._host.numpy()
         self._ids = self._inputs[:w][None]
         self._positions = self._inputs[w : 2 * w]
         self._slots = self._inputs[2 * w : 3 * w]
-        self._meta = self._inputs[3 * w : 3 * w + 8]
-        self._last = self._inputs[3 * w + 8 :]
+        self._meta = self._inputs[3 * w : 3 * w + 9]
+        self._last = self._inputs[3 * w + 9 :]
         # input embeddings in place of ids (superposed decoding); padding rows read what an earlier
         # call left, and write only the spare slot
         self._embeds = torch.zeros((1, w, model.config.hidden_size), dtype=model.dtype, device=dev)
@@ -257,15 +275,15 @@ class StaticForward:
             return True, None
         return True, torch.cat(outs, dim=1) if logits == "all" else outs[-1]
 
-    def _replay(self, layout: tuple[KVCache, list[int]], ids: torch.Tensor | None, positions: torch.Tensor,
+    def _replay(self, layout: Layout, ids: torch.Tensor | None, positions: torch.Tensor,
                 embeds: torch.Tensor | None, start: int, end: int, logits: str) -> torch.Tensor | None:
         """Tokens [start, end) of a forward (at most max_width) through the graph for `layout`
         (`visibility`'s answer for them)."""
-        base, (at, *meta) = layout
+        base, at = layout.base, layout.at
         count = end - start
         self.handled += 1
         width = _next_power_of_two(count)
-        bucket = self._stage(base, at, meta, count, at + count)
+        bucket = self._stage(layout, count, at + count)
         # ids and positions usually arrive on the device already: copied there, not via the host
         if embeds is not None:
             self._embeds[:, :count].copy_(embeds[:, start:end])
@@ -307,10 +325,10 @@ class StaticForward:
         found = visibility(write, write_at, steps, context)
         if found is None:
             return None
-        base, (at, *meta) = found
+        base, at = found.base, found.at
         self.chains += 1
         self.handled += steps
-        bucket = self._stage(base, at, meta, 1, at + steps, first=(token, position))
+        bucket = self._stage(found, 1, at + steps, first=(token, position))
         if self.mode != "graphs":
             self._static_key((base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, 1, "all", "ids"))
             faults.hit("replay")
@@ -388,10 +406,10 @@ class StaticForward:
         found = visibility(write, write_at, room * width, context)
         if found is None:
             return None
-        base, (at, *meta) = found
+        base, at = found.base, found.at
         # the bucket covers two of the longest chains, so that a document's chains of any length
         # replay the same graph
-        bucket = self._stage(base, at, meta, width, at + 2 * MAX_CHAIN * width)
+        bucket = self._stage(found, width, at + 2 * MAX_CHAIN * width)
         self._spec_host.copy_(torch.tensor([token, position, at, 0, length, 0]))
         self._spec.copy_(self._spec_host, non_blocking=True)
         graph = self._lookup_graph(base, bucket, width) if self.mode == "graphs" else None
@@ -444,9 +462,8 @@ class StaticForward:
         found = visibility(write, write_at, room, context)
         if found is None:
             return None
-        base, (at, *meta) = found
-        bucket = self._stage(base, at, meta, 1, at + room)
-        return base, bucket, at
+        bucket = self._stage(found, 1, found.at + room)
+        return found.base, bucket, found.at
 
     def superposed_chain(self, buf, base: KVCache, bucket: int, steps: int, rules, corpus, params,
                          mixed: bool) -> tuple[int, torch.cuda.Event | None, int]:
@@ -501,13 +518,14 @@ class StaticForward:
         accept(summary.ids[:, 0], summary.values[:, 0], summary.logsumexp, self._ids[0, :width], self._source,
                self._spec, self._kept, self._accepts)
 
-    def _stage(self, base: KVCache, at: int, meta: list[int], count: int, reach: int,
-               first: tuple[int, int] | None = None) -> int:
-        """Fill the static inputs for `count` tokens written from slot `at` under `meta`; the
-        attention bucket (covering `reach`, the spans and the buffer's extent) is returned. Ids and
-        positions are the caller's to copy, or `first` = (id, position) of a single token."""
+    def _stage(self, layout: Layout, count: int, reach: int, first: tuple[int, int] | None = None) -> int:
+        """Fill the static inputs for `count` tokens written from slot `layout.at`; the attention
+        bucket (slots from the region's origin covering `reach`, a slot of the base buffer, the
+        spans and the region's extent) is returned. Ids and positions are the caller's to copy, or
+        `first` = (id, position) of a single token."""
+        base, at, meta = layout.base, layout.at, layout.meta
         width = _next_power_of_two(count)
-        reach = max(meta[0], meta[2], meta[6], reach, base.extent or 0)
+        reach = max(meta[0], meta[2], meta[6], reach - meta[8], layout.extent)
         w = self.max_width
         host = self._host_np
         host[: 2 * w] = 0  # padding rows read id 0 at position 0
@@ -515,8 +533,8 @@ class StaticForward:
             host[0], host[w] = first
         host[2 * w : 2 * w + width] = base.capacity - 1  # padding rows write the spare last slot
         host[2 * w : 2 * w + count] = range(at, at + count)
-        host[3 * w : 3 * w + 8] = meta
-        host[3 * w + 8] = count - 1
+        host[3 * w : 3 * w + 9] = meta
+        host[3 * w + 9] = count - 1
         if self._host.is_pinned():
             # the previous call's copy must be done reading the buffer before it is refilled
             torch.cuda.current_stream().synchronize()

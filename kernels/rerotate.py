@@ -95,7 +95,11 @@ def move_rerotate_triton(
     if end <= start:
         return
     assert k.shape == v.shape and k.dim() == 5, "k, v must be [layers, batch, heads, slots, dim]"
-    assert k.is_contiguous() and v.is_contiguous(), "KV buffers must be contiguous"
+    # a region of a bigger buffer (engine/kv_pool.py) is a view: rows (layer, batch, head) must be
+    # evenly strided and each row's slots contiguous
+    assert k.stride(4) == 1 and k.stride(3) == k.shape[4], "each row's slots must be contiguous"
+    assert k.stride(1) == k.shape[2] * k.stride(2) and k.stride(0) == k.shape[1] * k.stride(1), (
+        "rows must be evenly strided")
     assert 0 <= start + delta and end + delta <= k.shape[3], "move leaves the buffer"
     layers, batch, heads, slots, dim = k.shape
     count = end - start
@@ -106,7 +110,7 @@ def move_rerotate_triton(
     grid = (layers * batch * heads, triton.cdiv(count, block))
     _rerotate_kernel[grid](
         source, destination, cos.to(torch.float64).contiguous(), sin.to(torch.float64).contiguous(),
-        count * dim, slots * dim, dim, count,
+        count * dim, k.stride(2), dim, count,
         HALF=half, HALF_PAD=triton.next_power_of_2(half),
         PASS=dim - rotary_dim, PASS_PAD=max(triton.next_power_of_2(max(dim - rotary_dim, 1)), 1),
         BLOCK=block,

@@ -13,10 +13,14 @@ into the buffer; each token sees up to four runs of its slots:
     [scratch_start, slots[t]]       causally, queried by q[:, :, 0]
 
 and nothing at or past `bucket`. The numbers live in `meta` (int64: prefix_end, suffix_start,
-suffix_end, shift, scratch_start, then optionally prefix_start, sink_end, sink_shift; the
-shifts themselves are already in q's rotations; a 5-number meta means prefix_start = 0 and no
-sink) and the slots in
-`slots` (int64 [T]), both on the device: nothing on the host reads them, and the grid depends
+suffix_end, shift, scratch_start, then optionally prefix_start, sink_end, sink_shift, and then
+optionally `origin`; the shifts themselves are already in q's rotations; a 5-number meta means
+prefix_start = 0 and no sink) and the slots in
+`slots` (int64 [T]), both on the device. Slots and spans count from `origin` (0 unless given):
+the keys a call reads are `origin + [0, bucket)`, so a document that is a region of a shared
+buffer (engine/kv_pool.py) replays the same graph as any other, its origin a device input;
+`slots` are the buffer's own (where the new keys were written). Nothing on the host reads them,
+and the grid depends
 only on (kv heads, groups, tokens, bucket), so one launch can be captured in a CUDA graph and
 replayed as the numbers change underneath it.
 
@@ -71,7 +75,7 @@ def span_attention_ref(
     q: torch.Tensor,  # [KVH, G, R, T, D], R = 2, or 3 with a sink
     keys: torch.Tensor,  # [KVH, S, D]
     values: torch.Tensor,  # [KVH, S, D]
-    meta: torch.Tensor,  # int64 [5] or [8] (see the module docstring)
+    meta: torch.Tensor,  # int64 [5], [8] or [9] (see the module docstring)
     slots: torch.Tensor,  # int64 [T]
     scale: float,
     bucket: int,
@@ -79,14 +83,21 @@ def span_attention_ref(
     """The definition, in fp32: softmax over each token's visible keys among the first `bucket`."""
     _check_meta(q, meta)
     prefix_end, suffix_start, suffix_end, _, scratch_start = meta[:5].unbind()
-    prefix_start, sink_end = (meta[5], meta[6]) if meta.shape[0] == 8 else (0, 0)
+    prefix_start, sink_end = (meta[5], meta[6]) if meta.shape[0] >= 8 else (0, 0)
+    origin = int(meta[8]) if meta.shape[0] == 9 else 0  # a region of the buffer: counted from its origin
+    keys, values, slots = keys[:, origin : origin + bucket], values[:, origin : origin + bucket], slots - origin
+    present = keys.shape[1]  # the bucket may run past the buffer's end: nothing is there
+    if present < bucket:
+        keys = torch.cat((keys, keys.new_zeros(keys.shape[0], bucket - present, keys.shape[2])), dim=1)
+        values = torch.cat((values, values.new_zeros(values.shape[0], bucket - present, values.shape[2])), dim=1)
     j = torch.arange(bucket, device=keys.device)
     in_suffix = (j >= suffix_start) & (j < suffix_end)  # [bucket]
     in_sink = j < sink_end
     in_prefix = (j >= prefix_start) & (j < prefix_end)
     visible = (in_prefix | in_suffix | in_sink)[None] | ((j[None] >= scratch_start) & (j[None] <= slots[:, None]))
-    k = keys[:, :bucket].float()
-    v = values[:, :bucket].float()
+    visible = visible & (j < present)[None]
+    k = keys.float()
+    v = values.float()
     scores = torch.einsum("hgwtd,hsd->hgwts", q.float(), k) * scale  # [KVH, G, R, T, bucket]
     picked = torch.where(in_suffix, scores[:, :, 1], scores[:, :, 0])  # [KVH, G, T, bucket]
     if q.shape[2] == 3:
@@ -103,9 +114,9 @@ def span_attention_ref(
 
 def _check_meta(q: torch.Tensor, meta: torch.Tensor) -> None:
     assert q.dim() == 5 and q.shape[2] in (2, 3), "q must be [kv_heads, groups, 2 or 3 rotations, tokens, head_dim]"
-    assert meta.dtype == torch.int64 and meta.dim() == 1 and meta.shape[0] in (5, 8) and meta.is_contiguous(), (
-        "meta must be int64 [5] or [8]")
-    assert q.shape[2] == 2 or meta.shape[0] == 8, "a sink (third rotation) needs the 8-number meta"
+    assert meta.dtype == torch.int64 and meta.dim() == 1 and meta.shape[0] in (5, 8, 9) and meta.is_contiguous(), (
+        "meta must be int64 [5], [8] or [9]")
+    assert q.shape[2] == 2 or meta.shape[0] >= 8, "a sink (third rotation) needs the 8- or 9-number meta"
 
 
 @dataclass(frozen=True)
@@ -163,11 +174,11 @@ if triton is not None:
         part_max_ptr, part_sum_ptr, part_out_ptr,
         stride_qh, stride_qg, stride_qw, stride_qt,
         stride_kh, stride_ks, stride_vh, stride_vs, stride_slot,
-        num_tokens, num_rows, num_splits, bucket, qk_scale,
+        num_tokens, num_rows, num_splits, bucket, num_keys, qk_scale,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         SPLIT_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-        LONG_META: tl.constexpr, HAS_SINK: tl.constexpr,
+        LONG_META: tl.constexpr, HAS_SINK: tl.constexpr, HAS_ORIGIN: tl.constexpr,
     ):
         split = tl.program_id(0)
         row_block = tl.program_id(1)
@@ -182,6 +193,9 @@ if triton is not None:
         if LONG_META:
             prefix_start = tl.load(meta_ptr + 5)
             sink_end = tl.load(meta_ptr + 6)
+        origin = tl.zeros([], tl.int64)
+        if HAS_ORIGIN:
+            origin = tl.load(meta_ptr + 8)
 
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
@@ -189,6 +203,7 @@ if triton is not None:
         token = (rows % num_tokens).to(tl.int64)
         # padding rows get slot -1: they see no scratch key and don't widen `last_slot`
         slot = tl.load(slots_ptr + token * stride_slot, mask=row_ok, other=-1)
+        slot = tl.where(row_ok, slot - origin, -1)
         last_slot = tl.max(slot, axis=0)
 
         d = tl.arange(0, HEAD_DIM_PAD)
@@ -205,9 +220,9 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
         lo = split * SPLIT_KEYS
-        hi = tl.minimum(lo + SPLIT_KEYS, bucket)
-        k_head = k_ptr + head * stride_kh
-        v_head = v_ptr + head * stride_vh
+        hi = tl.minimum(tl.minimum(lo + SPLIT_KEYS, bucket), num_keys - origin)
+        k_head = k_ptr + head * stride_kh + origin * stride_ks
+        v_head = v_ptr + head * stride_vh + origin * stride_vs
         for start in range(lo, hi, BLOCK_N):
             touches_suffix = (start < suffix_end) & (start + BLOCK_N > suffix_start)
             touches_scratch = (start <= last_slot) & (start + BLOCK_N > scratch_start)
@@ -298,7 +313,7 @@ def span_attention_triton(
     q: torch.Tensor,  # [KVH, G, R, T, D]
     keys: torch.Tensor,  # [KVH, S, D]
     values: torch.Tensor,  # [KVH, S, D]
-    meta: torch.Tensor,  # int64 [5] or [8], on q's device
+    meta: torch.Tensor,  # int64 [5], [8] or [9], on q's device
     slots: torch.Tensor,  # int64 [T], on q's device
     scale: float,
     bucket: int,
@@ -342,12 +357,13 @@ def span_attention_triton(
         part_max, part_sum, part_out,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), slots.stride(0),
-        num_tokens, num_rows, plan.num_splits, bucket, float(scale) * math.log2(math.e),
+        num_tokens, num_rows, plan.num_splits, bucket, keys.shape[1], float(scale) * math.log2(math.e),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         SPLIT_KEYS=plan.split_keys, BLOCK_M=plan.block_m, BLOCK_N=block_n,
         # fp32 is the tests' dtype: TF32 would round its inputs to 10 bits
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 or upcast_dot else "tf32",
-        UPCAST_DOT=upcast_dot, LONG_META=meta.shape[0] == 8, HAS_SINK=rotations == 3,
+        UPCAST_DOT=upcast_dot, LONG_META=meta.shape[0] >= 8, HAS_SINK=rotations == 3,
+        HAS_ORIGIN=meta.shape[0] == 9,
         num_warps=num_warps or NUM_WARPS,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )
@@ -366,7 +382,7 @@ def span_attention(
     q: torch.Tensor,  # [KVH, G, R, T, D]
     keys: torch.Tensor,  # [KVH, S, D]
     values: torch.Tensor,  # [KVH, S, D]
-    meta: torch.Tensor,  # int64 [5] or [8]
+    meta: torch.Tensor,  # int64 [5], [8] or [9]
     slots: torch.Tensor,  # int64 [T]
     scale: float,
     bucket: int,

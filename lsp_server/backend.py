@@ -180,6 +180,8 @@ class ModelBackend(Backend):
         options = (options or DocumentOptions()).tuned(loaded.cache, **(tuned or {}))
         self.cache = DocumentCache(loaded.model, loaded.tokenizer, loaded.config,
                                    budget_bytes=budget_bytes, options=options)
+        self._pool_dropped = False  # drop_caches let the pool go; the next request installs one
+        self._install_pool()
         self.description = f"{loaded.source} on {loaded.device}"  # clients parse "<source> on <device>"
         from editkv.engine.calibrate import auto_view
 
@@ -212,6 +214,7 @@ class ModelBackend(Backend):
         """New cache settings, applied from each document's next repair on; new decoding options.
         `tuned`: the model-tuned options the user set (None or absent: the model's recommendation)."""
         self.cache.set_options(options.tuned(self.loaded.cache, **(tuned or {})), budget_bytes)
+        self._install_pool()
         self.recompute = recompute
         self.background = background
         if cross_file is not None:
@@ -261,12 +264,21 @@ class ModelBackend(Backend):
         """Whether background work should start as soon as the worker is free (see DocumentCache)."""
         return self.background and self.cache.urgent_work()
 
+    def _install_pool(self) -> None:
+        """One KV pool (the KV budget's size) that every document's cache is a region of, when the
+        model replays CUDA graphs: then graphs serve every document (engine/kv_pool.py)."""
+        from editkv.engine import kv_pool
+
+        kv_pool.install(self.loaded.model, self.cache.budget_bytes)
+
     def drop_caches(self) -> None:
-        """Forget every document's KV and the captured graphs (after running out of memory or a
-        device fault); texts stay."""
+        """Forget every document's KV, the KV pool and the captured graphs (after running out of
+        memory or a device fault); texts stay. The next request makes a new pool."""
         for doc in self.cache.docs.values():
             doc.drop_kv()
         self.context.clear()
+        self.loaded.model.kv_pool = None
+        self._pool_dropped = True
         static = self.loaded.model.static
         if static is not None:
             static.reset()
@@ -286,6 +298,7 @@ class ModelBackend(Backend):
         self.drop_caches()
         self.cache.docs.clear()
         self.loaded.model.static = None
+        self.loaded.model.kv_pool = None
         self.index = None
         self._references.clear()
 
@@ -386,6 +399,9 @@ class ModelBackend(Backend):
 
     def complete(self, request: CompletionRequest, should_stop: Callable[[], bool] = lambda: False) -> CompletionResult:
         """Drafts at the request's position (see the module docstring)."""
+        if self._pool_dropped:
+            self._pool_dropped = False
+            self._install_pool()
         result = self._complete(request, should_stop)
         self.cache.enforce_budget(keep=request.uri)  # the view's scratch window may have grown the cache
         static = self.loaded.model.static
@@ -403,6 +419,8 @@ class ModelBackend(Backend):
         if self.recompute:
             doc.drop_kv()
         repair_ms_before = doc.stats.repair_ms
+        static = self.loaded.model.static
+        captures_before = static.captures if static is not None else 0
         encoded_before = doc.stats.tokens_encoded
         moved_before = doc.stats.slots_moved
         # the text before the cursor; with background work off (or recomputing), all of it
@@ -469,6 +487,8 @@ class ModelBackend(Backend):
             "encoded_tokens": encoded,  # prefill, repair, refreshes and view tokens of this request
             "decode_tokens": stats.decode_tokens,
             "forwards": stats.forwards,
+            # CUDA graphs this request captured (each costs a few forwards' time; see engine/kv_pool.py)
+            "graph_captures": (static.captures - captures_before) if static is not None else 0,
             **context,
             **counters,
             "total_ms": 1000 * (time.perf_counter() - started),

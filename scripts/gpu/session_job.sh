@@ -19,21 +19,15 @@ log "qwen load (conversion cache)"
 python3 -c "from editkv.engine.loading import load_model; import time; t=time.time(); m=load_model('$G', device='cuda'); print('first load', time.time()-t, m.source)" > $R/qwen_load.txt 2>&1
 touch $R/phase1_done
 log "phase 2: quality side by side"
-mkdir -p $R/re
-# FIM only, full and PIE and prefix reuse: the 256-token fresh suffix against the exact FIM prefill
-# (l2r met in session 11); ten shards (22 processes ran out of the H100's 80 GB in session 11)
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-for i in $(seq 0 9); do
-  timeout 1200 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz --views fim \
-    --methods full,pie,prefix_reuse --progress --shard $i/10 --json $R/re/re_$i.json > $R/re/re_$i.txt 2>&1 &
-done
-mkdir -p $R/xf
-XF="--crossfile $D/dev-crossfile.jsonl.gz --blobs $D/dev-blobs.jsonl.gz --budget 2048"
-# cross-file FIM with the 256-token fresh suffix (session 11's runs had 64)
-for i in 0 1; do
-  timeout 1200 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz $XF --sets xfile --subset 240 \
-    --views fim --methods none,exact,blend_r15 --progress --shard $i/2 --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
-done
+# realedits/crossfile FIM quality (sessions 11-12) are not re-run unless RE=1
+if [ "${RE:-0}" = 1 ]; then
+  mkdir -p $R/re
+  for i in $(seq 0 9); do
+    timeout 1200 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz --views fim \
+      --methods full,pie,prefix_reuse --progress --shard $i/10 --json $R/re/re_$i.json > $R/re/re_$i.txt 2>&1 &
+  done
+fi
 # served-path quality (issue 21: default within 0.5 EM of full recompute): requests at the scored lines only
 timeout 900 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 40 --max-keys 300 \
   --methods default,full --pace lines --json $R/lines_qwen.json > $R/lines_qwen.txt 2>&1 &
@@ -48,14 +42,18 @@ if [ -f /root/go3 ]; then
   sleep 5
 fi
 log "phase 2 done"
-python3 bench/realedits.py --merge $R/re/re_*.json > $R/re_merged.txt 2>&1
-python3 bench/crossfile.py --merge $R/xf/xf_*.json > $R/xf_merged.txt 2>&1
-python3 bench/crossfile.py --merge $R/xf/xo_*.json > $R/xo_merged.txt 2>&1
+[ -d $R/re ] && python3 bench/realedits.py --merge $R/re/re_*.json > $R/re_merged.txt 2>&1
+python3 bench/adadec.py realedits --merge $R/adadec_*.json > $R/adadec_merged.txt 2>&1
 log "phase 3: timings alone"
 unset PYTORCH_CUDA_ALLOC_CONF
 PEER=/root/xdg/editkv/peers/llama-b11434-cuda/bin/llama-server
 for i in $(seq 1 36); do [ -x $PEER ] || ! pgrep -f 'llama_server.py build' > /dev/null && break; sleep 5; done
 if [ -x $PEER ]; then M=default,full,llama; else M=default,full; fi
+# the KV pool's effect in the same run: editkv without it first (one buffer per document)
+log "served replay, human pace, no KV pool"
+EDITKV_KV_POOL=0 timeout 200 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 \
+  --max-keys 60 --methods default --pace human --json $R/replay_nopool.json > $R/replay_nopool.txt 2>&1
+log "replay (no pool) rc=$?"
 log "served replay, human pace ($M)"
 timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
   --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer.log \

@@ -28,12 +28,15 @@ def template():
     return Document.create_simulated(TEXT)
 
 
-def _edit_session(template, static: StaticForward | None, seed: int = 0, text: str = TEXT):
-    """A document through random edits, repairs and views; what each view decodes."""
+def _edit_session(template, static: StaticForward | None, seed: int = 0, text: str = TEXT, keep: list | None = None):
+    """A document through random edits, repairs and views; what each view decodes. `keep`: a list
+    the document is added to (so that it stays open, as in a server)."""
     model = template.model
     model.static = static
     try:
         doc = Document(model, template.tokenizer, text, head=template.head)
+        if keep is not None:
+            keep.append(doc)
         rng = random.Random(seed)
         out = []
         for step in range(6):
@@ -65,6 +68,37 @@ def test_static_forward_matches_span_forward_through_edits_and_views(template):
         torch.testing.assert_close(g_logits, w_logits, atol=1e-4, rtol=1e-4)
         assert g_ids == w_ids
         assert g_lp == pytest.approx(w_lp, abs=1e-3)
+
+
+def test_documents_of_a_kv_pool_match_and_share_one_set_of_graphs(template):
+    """Documents that are regions of one KV pool compute what documents with buffers of their own
+    compute, and a second document replays the first one's graphs (the keys a capture is taken
+    for): graphs are per shape, not per document buffer."""
+    from editkv.engine.kv_pool import KVPool
+
+    model = template.model
+    want, want_keys = _edit_session(template, None)
+    for pooled in (False, True):
+        pool = KVPool(model.config, 4000, dtype=model.dtype, device=model.device) if pooled else None
+        model.kv_pool = pool
+        static = StaticForward(model, bucket=32, max_width=8, mode="static", max_graphs=10_000)
+        try:
+            docs = []  # both stay open
+            got, got_keys = _edit_session(template, static, keep=docs)
+            first = static.num_graphs
+            again, _ = _edit_session(template, static, keep=docs)  # another document, the same edits
+        finally:
+            model.kv_pool = None
+        torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)
+        for (g_logits, g_ids, _), (w_logits, w_ids, _) in zip(got, want, strict=True):
+            torch.testing.assert_close(g_logits, w_logits, atol=1e-4, rtol=1e-4)
+            assert g_ids == w_ids
+        assert [ids for _, ids, _ in again] == [ids for _, ids, _ in got]
+        if pooled:
+            assert pool.allocations >= 2 and static.handled > 40
+            assert static.num_graphs == first, "the second document should replay the first one's graphs"
+        else:
+            assert static.num_graphs > first  # a buffer of its own: graphs of its own
 
 
 @pytest.mark.parametrize("logits", ["all", "last", "none"])
@@ -148,27 +182,41 @@ def test_families_with_a_shifted_span(tmp_path, family):
 
 
 def test_visibility_accepts_the_view_shapes_and_rejects_others(template):
+    from editkv.engine.kv_pool import KVPool
+
     config = template.model.config
-    cache = KVCache.allocate(config, 100)
-    scratch = cache.window(60, 20)
-    other = KVCache.allocate(config, 100)
-    # FIM-like: prefix, shifted suffix, scratch; the write lands after the scratch span
-    base, meta = visibility(scratch, 5, 2, [Span(cache, 0, 30), Span(cache, 40, 60, 9), Span(scratch, 0, 5)])
-    assert base is cache and meta == [65, 30, 40, 60, 9, 60, 0, 0, 0]
-    # a repair: one span from 0 to the write slot
-    assert visibility(cache, 30, 3, [Span(cache, 0, 30)])[1] == [30, 0, 0, 0, 0, 0, 0, 0, 0]
-    assert visibility(cache, 30, 3, [])[1] == [30, 0, 0, 0, 0, 30, 0, 0, 0]
-    # windowed (a document longer than the context): the sink [0, 2) moved on by 20, the window
-    # [22, 30), the suffix, the scratch; and a windowed repair
-    windowed = [Span(cache, 0, 2, 20), Span(cache, 22, 30), Span(cache, 40, 60, 9), Span(scratch, 0, 5)]
-    assert visibility(scratch, 5, 1, windowed)[1] == [65, 30, 40, 60, 9, 60, 22, 2, 20]
-    assert visibility(cache, 30, 3, [Span(cache, 0, 2, 20), Span(cache, 22, 30)])[1] == [30, 0, 0, 0, 0, 22, 0, 2, 20]
-    assert visibility(scratch, 0, 1, [Span(other, 0, 10)]) is None  # another buffer
-    assert visibility(scratch, 0, 1, [Span(cache, 3, 10, 2), Span(cache, 20, 30, 4)]) is None  # two suffixes
-    # a FIM suffix that lands at its own positions (shift 0) is still the suffix
-    assert visibility(scratch, 0, 1, [Span(cache, 0, 10), Span(cache, 20, 30)])[1] == [60, 10, 20, 30, 0, 60, 0, 0, 0]
-    assert visibility(scratch, 0, 1, [Span(cache, 0, 10), Span(cache, 20, 30), Span(cache, 40, 50, 3)]) is None
-    assert visibility(cache, 98, 2, [Span(cache, 0, 98)]) is None  # no free last slot for padding rows
+    pool = KVPool(config, 300, dtype=torch.float32, device="cpu")
+    pool.allocate(40)  # the pool's first region: the next one starts at slot 40
+    for cache in (KVCache.allocate(config, 100), pool.allocate(100)):
+        origin = cache.offset  # 0 for a buffer of its own, 40 in the pool
+
+        def flat(*args):  # the first written slot (in the root buffer), then the static meta
+            found = visibility(*args)
+            assert found.base is (cache.base or cache) and found.meta[8] == origin
+            return [found.at - origin, *found.meta[:8]]
+
+        scratch = cache.window(60, 20)
+        assert scratch.region is cache and scratch.origin == origin
+        other = KVCache.allocate(config, 100)
+        # FIM-like: prefix, shifted suffix, scratch; the write lands after the scratch span
+        fim = [Span(cache, 0, 30), Span(cache, 40, 60, 9), Span(scratch, 0, 5)]
+        assert flat(scratch, 5, 2, fim) == [65, 30, 40, 60, 9, 60, 0, 0, 0]
+        # a repair: one span from 0 to the write slot
+        assert flat(cache, 30, 3, [Span(cache, 0, 30)]) == [30, 0, 0, 0, 0, 0, 0, 0, 0]
+        assert flat(cache, 30, 3, []) == [30, 0, 0, 0, 0, 30, 0, 0, 0]
+        # windowed (a document longer than the context): the sink [0, 2) moved on by 20, the window
+        # [22, 30), the suffix, the scratch; and a windowed repair
+        windowed = [Span(cache, 0, 2, 20), Span(cache, 22, 30), Span(cache, 40, 60, 9), Span(scratch, 0, 5)]
+        assert flat(scratch, 5, 1, windowed) == [65, 30, 40, 60, 9, 60, 22, 2, 20]
+        assert flat(cache, 30, 3, [Span(cache, 0, 2, 20), Span(cache, 22, 30)]) == [30, 0, 0, 0, 0, 22, 0, 2, 20]
+        assert visibility(scratch, 0, 1, [Span(other, 0, 10)]) is None  # another buffer
+        assert visibility(scratch, 0, 1, [Span(cache, 3, 10, 2), Span(cache, 20, 30, 4)]) is None  # two suffixes
+        # a FIM suffix that lands at its own positions (shift 0) is still the suffix
+        assert flat(scratch, 0, 1, [Span(cache, 0, 10), Span(cache, 20, 30)]) == [60, 10, 20, 30, 0, 60, 0, 0, 0]
+        assert visibility(scratch, 0, 1, [Span(cache, 0, 10), Span(cache, 20, 30), Span(cache, 40, 50, 3)]) is None
+    assert visibility(cache, 30, 3, [Span(pool.allocate(10), 0, 10)]) is None  # another region of the pool
+    alone = KVCache.allocate(config, 100)
+    assert visibility(alone, 98, 2, [Span(alone, 0, 98)]) is None  # no free last slot for padding rows
 
 
 def test_graph_modes_are_checked(template):
@@ -181,13 +229,19 @@ def test_graph_modes_are_checked(template):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_matches_static_forward(tmp_path):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_cuda_graph_replay_matches_static_forward(tmp_path, pooled):
+    from editkv.engine.kv_pool import KVPool
+
     loaded = load_model(make_checkpoint(tmp_path / "qwen2", "qwen2"), device="cuda", dtype="float32")
     template = Document(loaded.model, loaded.tokenizer, TEXT, head=[0])
     static = StaticForward(loaded.model, bucket=32, max_width=8, mode="static")
     graphs = StaticForward(loaded.model, bucket=32, max_width=8, mode="graphs")
     want, want_keys = _edit_session(template, static)
+    if pooled:  # the graphs read regions of one pool; the static forward read buffers of their own
+        loaded.model.kv_pool = KVPool(loaded.model.config, 4000, dtype=loaded.model.dtype, device="cuda")
     got, got_keys = _edit_session(template, graphs)
+    loaded.model.kv_pool = None
     assert graphs.replays > 10 and graphs.captures > 0 and graphs.chains > 0
     assert graphs.replays > graphs.captures, "graphs should be replayed, not captured every time"
     torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)

@@ -208,3 +208,24 @@ def test_replays_in_a_cuda_graph_as_meta_and_slots_change(dtype):
         ref = span_attention_ref(q, keys, values, meta, slots, scale, bucket)
         assert torch.isfinite(out).all()
         assert (msg := _first_mismatch(out, ref, atol, rtol)) is None, f"{new_meta}: {msg}"
+
+
+@pytest.mark.parametrize("kernel", ["ref", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("origin", [0, 40, 150])
+def test_origin_reads_a_region_of_the_buffer(kernel, origin):
+    """A 9-number meta counts spans and visibility from `origin`, with slots the buffer's own: the
+    same as the 8-number meta over the buffer from `origin` on (a document that is a region of the
+    KV pool), also where the bucket runs past the buffer's end (origin 150: 138 slots are left)."""
+    q, keys, values = _inputs(3, 6, 64, torch.float32, rotations=3)
+    meta, slots = _visibility("windowed", 3, SLOTS)
+    slots = (slots - 100).to(DEVICE)  # within every region below
+    meta8 = torch.tensor([*meta[:4].tolist(), 0, *meta[5:].tolist()], device=DEVICE)  # scratch from 0
+    meta9 = torch.cat((meta8, torch.tensor([origin], device=DEVICE)))
+    run = span_attention_ref if kernel == "ref" else span_attention_triton
+    got = run(q, keys, values, meta9, slots + origin, 0.125, BUCKET)
+    region = (keys[:, origin:], values[:, origin:])
+    bucket = min(BUCKET, SLOTS - origin)
+    want = span_attention_ref(q, *region, meta8, slots, 0.125, bucket)
+    assert (msg := _first_mismatch(got, want, *TOLERANCES[torch.float32])) is None, msg
+    if origin:  # and not the keys before the origin
+        assert not torch.allclose(got, span_attention_ref(q, keys, values, meta8, slots, 0.125, BUCKET))

@@ -36,7 +36,9 @@ async def client(tiny_model):
 
 
 class Steps:
-    """Opens a fresh document per step (a new KV buffer: new graph keys, so a capture happens)."""
+    """Opens a fresh document per step: a new KV buffer, new graph keys, so a capture happens. (With
+    a KV pool, the GPU's default, graphs are per shape, not per document: the capture step first
+    changes the KV budget, which makes a new pool.)"""
 
     def __init__(self, client: LspClient) -> None:
         self.client = client
@@ -91,6 +93,8 @@ async def test_injected_faults_are_recovered_from_and_told_once(client: LspClien
             await steps.complete(uri)
             client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 1}, "contentChanges": [
                 {"range": {"start": {"line": 0, "character": 4}, "end": {"line": 0, "character": 7}}, "text": "plus"}]})
+        if plan.startswith("capture"):
+            client.notify("workspace/didChangeConfiguration", {"settings": {"editkv": {"kvBudgetMb": 512}}})
         await steps.plan(plan)
         answer = await steps.complete(uri)
         assert answer is not None and "items" in answer

@@ -1,0 +1,195 @@
+"""One KV buffer that every document's cache is a region of.
+
+CUDA graphs bake in the addresses they read. With one buffer per document, a graph captured for
+one document's repair serves no other document, and a document that moves to a bigger buffer
+captures its graphs again (engine/static_decode.py keys graphs by buffer). With every document a
+region of one pool, the graphs read the pool and take the region's first slot as a device
+input: one graph per shape (tokens written, slots attended, rows of logits) serves them all.
+
+A region is a `KVCache` whose `base` is the pool's buffer and whose `offset` is its first slot;
+its `k`, `v` are views of the pool's. Regions are carved first-fit from a sorted list of free
+runs; one that must grow takes the free run right after it when there is one, else moves to a
+new region (its kept slots copied), and when the pool has no run large enough it leaves the pool
+for a buffer of its own (still correct; its forwards replay graphs of their own, as before the
+pool). A region goes back to the free list when its last reference goes (a finalizer), so
+callers never free by hand. The pool's last slot belongs to no region: the static forward's
+padding rows write there.
+
+Windows of a region (a view's scratch) lie inside it and hold it alive. A region that moves
+while a window of it is alive leaves that window pointing at the old slots: regions grow only in
+repairs and allocations, before a request's views take their windows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import weakref
+
+import torch
+from editkv.engine.config import ModelConfig
+from editkv.engine.model import KVCache
+
+
+class KVPool:
+    """`slots` slots of K/V for `config` in one buffer, handed out as regions (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, slots: int, *, dtype: torch.dtype, device: torch.device | str) -> None:
+        if slots < 1:
+            raise ValueError(f"a pool needs at least one slot, not {slots}")
+        self.buffer = KVCache.allocate(config, slots + 1, dtype=dtype, device=device)  # + the padding slot
+        self.slots = slots
+        self._free: list[tuple[int, int]] = [(0, slots)]  # sorted (start, size) runs, never adjacent
+        self._released: list[list[int]] = []  # given back by finalizers; merged into _free at the next call
+        self.allocations = 0
+        self.moves = 0  # regions moved to grow
+        self.left = 0  # regions that could not fit and took a buffer of their own
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.buffer.dtype
+
+    def slot_bytes(self) -> int:
+        return self.buffer.slot_bytes()
+
+    def allocate(self, capacity: int) -> KVCache | None:
+        """A zeroed region of `capacity` slots, or None when no free run is that large."""
+        self._collect()
+        start = self._take(capacity)
+        if start is None:
+            return None
+        region = KVCache(*self._views(start, capacity), self.buffer, start, pool=self)
+        region.k.zero_()
+        region.v.zero_()
+        record = [start, capacity]  # what the finalizer gives back (resize updates it in place)
+        region.pool_slots = record
+        weakref.finalize(region, self._released.append, record)
+        self.allocations += 1
+        return region
+
+    def resize(self, region: KVCache, capacity: int, keep: int, needed: int) -> bool:
+        """Give `region` `capacity` slots (at least `needed` when growing), its first `keep` slots
+        kept: shrunk or grown in place, or moved. False: it can't have `needed` (the caller moves
+        it to a buffer of its own)."""
+        self._collect()
+        record = region.pool_slots
+        start, size = record
+        if capacity <= size:  # shrink: the tail goes back
+            self._give(start + capacity, size - capacity)
+            record[1] = capacity
+            region.k, region.v = self._views(start, capacity)
+            return True
+        grown = self._extend(start + size, capacity - size, needed - size)
+        if grown is not None:
+            self.buffer.k[:, :, :, start + size : start + size + grown].zero_()
+            self.buffer.v[:, :, :, start + size : start + size + grown].zero_()
+            record[1] = size + grown
+            region.k, region.v = self._views(start, size + grown)
+            return True
+        for want in (capacity, needed):
+            new = self._take(want)
+            if new is not None:
+                break
+        else:
+            self.left += 1
+            return False
+        k, v = self._views(new, want)
+        k.zero_()
+        v.zero_()
+        k[:, :, :, :keep] = region.k[:, :, :, :keep]
+        v[:, :, :, :keep] = region.v[:, :, :, :keep]
+        self._give(start, size)
+        record[0], record[1] = new, want
+        region.k, region.v, region.offset = k, v, new
+        self.moves += 1
+        return True
+
+    def release(self, region: KVCache) -> None:
+        """`region` leaves the pool now (it is taking a buffer of its own): its slots are free."""
+        record = region.pool_slots
+        if record[1]:
+            self._give(record[0], record[1])
+            record[1] = 0  # the finalizer, when it runs, gives nothing back
+
+    def used_slots(self) -> int:
+        self._collect()
+        return self.slots - sum(size for _, size in self._free)
+
+    def _views(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.buffer.k[:, :, :, start : start + size], self.buffer.v[:, :, :, start : start + size]
+
+    def _collect(self) -> None:
+        """Merge the runs finalizers gave back (they only append, so they may run at any time)."""
+        while self._released:
+            record = self._released.pop()
+            if record[1]:
+                self._give(record[0], record[1])
+                record[1] = 0
+
+    def _take(self, size: int) -> int | None:
+        for i, (start, free) in enumerate(self._free):
+            if free >= size:
+                if free == size:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + size, free - size)
+                return start
+        return None
+
+    def _extend(self, at: int, wanted: int, least: int) -> int | None:
+        """Take up to `wanted` (at least `least`) slots of the free run starting at `at`."""
+        i = bisect.bisect_left(self._free, (at, 0))
+        if i == len(self._free) or self._free[i][0] != at or self._free[i][1] < least:
+            return None
+        free = self._free[i][1]
+        got = min(wanted, free)
+        if got == free:
+            del self._free[i]
+        else:
+            self._free[i] = (at + got, free - got)
+        return got
+
+    def _give(self, start: int, size: int) -> None:
+        if size <= 0:
+            return
+        i = bisect.bisect_left(self._free, (start, 0))
+        if i < len(self._free) and self._free[i][0] == start + size:  # merge with the run after
+            size += self._free.pop(i)[1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:  # and the one before
+            start, size = self._free[i - 1][0], self._free[i - 1][1] + size
+            self._free[i - 1] = (start, size)
+        else:
+            self._free.insert(i, (start, size))
+
+
+DEFAULT_BYTES = 1 << 30  # a pool's size when the KV budget is unlimited
+DEVICE_SHARE = 0.5  # at most this share of the device's free memory (CUDA) at creation
+
+
+def wanted(model) -> bool:
+    """Whether `model` should take its caches from a pool: when its small forwards replay CUDA
+    graphs (what the pool is for). EDITKV_KV_POOL=1 or 0 overrides (tests run pools on the CPU)."""
+    forced = os.environ.get("EDITKV_KV_POOL", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return model.static is not None and model.static.mode == "graphs"
+
+
+def install(model, budget_bytes: int | None) -> KVPool | None:
+    """Give `model` a pool of `budget_bytes` (the KV budget; DEFAULT_BYTES when unlimited), or
+    none when it does not want one (`wanted`); returns the model's pool. The old pool, if any,
+    lives on until its last region goes."""
+    if not wanted(model):
+        model.kv_pool = None
+        return None
+    slot_bytes = KVCache.allocate(model.config, 1, dtype=model.dtype, device="meta").slot_bytes()
+    size = budget_bytes or DEFAULT_BYTES
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        size = min(size, int(free * DEVICE_SHARE))
+    slots = size // slot_bytes - 1
+    pool = model.kv_pool
+    if pool is not None and pool.slots == slots:
+        return pool
+    model.kv_pool = KVPool(model.config, slots, dtype=model.dtype, device=model.device) if slots > 0 else None
+    return model.kv_pool
