@@ -320,7 +320,8 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
         ids, groups = [*head_ids, *middle_ids], [TokenGroup(len(head_ids), head_context),
                                                  TokenGroup(len(middle_ids), middle_context)]
         write, write_at = scratch, 0
-        if window is not None and scratch.home is doc.cache and scratch.offset == doc.cache.offset + window.start + window.size:
+        right_after = scratch.offset == doc.cache.offset + window.start + window.size if window is not None else False
+        if window is not None and scratch.home is doc.cache and right_after:
             # the window's slots right before the scratch: its tokens join the forward, first
             ids = [*_window_ids(doc, window), *ids]
             positions = [*range(first_position, first_position + window.size), *positions]

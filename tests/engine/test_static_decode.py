@@ -190,7 +190,7 @@ def test_visibility_accepts_the_view_shapes_and_rejects_others(template):
     for cache in (KVCache.allocate(config, 100), pool.allocate(100)):
         origin = cache.offset  # 0 for a buffer of its own, 40 in the pool
 
-        def flat(*args):  # the first written slot (in the root buffer), then the static meta
+        def flat(*args, cache=cache, origin=origin):  # the first written slot, then the static meta
             found = visibility(*args)
             assert found.base is (cache.base or cache) and found.meta[8] == origin
             return [found.at - origin, *found.meta[:8]]
