@@ -64,6 +64,12 @@ after the user visited them. editkv gets the same files only in a method whose s
 `crossFile` on: they are opened beside the record's file and read once before it. A further table gives the
 peer's prompt tokens per keystroke request, answers from its cache and background requests.
 
+The editor: methods talk to `editkv lsp` as a bare LSP client (Neovim, any LSP editor) unless
+their settings say `"client": "vscode"` (the method "vscode": the defaults so): then requests go
+through bench/vscode_client.py, the VS Code extension's typing along, which answers a request
+that types the ghost text in the editor, without the server (the JSON's editor_answers counts
+them) — the like-for-like comparison with llama.vscode, whose cache answers count the same way.
+
     python bench/lsp_replay.py --limit 6 --max-keys 40 --pace human --methods full,default --timeout 60
     python bench/lsp_replay.py --limit 4 --max-keys 40 --pace human --methods default,llama \
         --model ~/.cache/editkv/qwen2.5-coder-0.5b-instruct-q4.gguf --threads 2
@@ -91,6 +97,7 @@ from peers.llama_server import BUILD as PEER_BUILD
 from peers.llama_server import LlamaServer, binary
 from peers.llama_server import PeerError as PeerStartError
 from peers.llamavscode import LlamaVscodeClient, Settings
+from vscode_client import ExtensionClient
 
 METHODS: dict[str, dict] = {
     "default": {},  # the server's defaults, whatever they are
@@ -98,7 +105,11 @@ METHODS: dict[str, dict] = {
     "prefix_reuse": {"cacheMode": "prefix_reuse"},  # re-encode from the first changed token (llama.cpp, vLLM)
     "pie": {"cacheMode": "pie"},  # PIE repair, pinned even if the default changes
     "llama": {"peer": "llama-server"},  # llama-server driven as llama.vscode drives it (bench/peers/)
+    # the server's defaults behind editkv's VS Code extension: typing along answered in the editor
+    # (bench/vscode_client.py), as llama.vscode answers from its own cache
+    "vscode": {"client": "vscode"},
 }
+CLIENT = "client"  # "vscode": the method's requests go through the extension's typing along; not a server setting
 PEER = "peer"  # a method whose settings name a peer is not `editkv lsp`; its other settings are llama.vscode's
 # (bench/peers/llamavscode.Settings), and "threads": the server's -t for this method (default --threads)
 BASELINE = "full"
@@ -300,14 +311,18 @@ def build_cases(records: list[dict], count: Callable[[list[str]], list[int]], li
 # ---- the servers --------------------------------------------------------------------------------
 
 
-async def start_server(args, method: Method, cache_home: str) -> LspClient:
+async def start_server(args, method: Method, cache_home: str) -> LspClient | ExtensionClient:
     """`editkv lsp` with `method`'s settings, model loaded and warmed up; BenchError on bad settings."""
     flags = ["--device", args.device] + (["--model", args.model] if args.model else [])
     flags += (["--dtype", args.dtype] if args.dtype else []) + (["--fake"] if args.fake else [])
     env = server_env()
     env["XDG_CACHE_HOME"] = cache_home  # statsFile keeps its default without writing to the user's cache
     client = await LspClient.start(server_command(*flags), env=env)
-    await client.initialize(options=method.settings or None)
+    settings = {k: v for k, v in method.settings.items() if k != CLIENT}
+    if method.settings.get(CLIENT, "lsp") not in ("lsp", "vscode"):
+        await client.close()
+        raise BenchError(f"method {method.name}: client must be lsp or vscode, not {method.settings[CLIENT]!r}")
+    await client.initialize(options=settings or None)
     try:
         await client.wait_ready()
     except LspError as err:
@@ -318,7 +333,7 @@ async def start_server(args, method: Method, cache_home: str) -> LspClient:
         await client.close()
         raise BenchError(f"method {method.name} {json.dumps(method.settings)}: {problems[0]}")
     await settle(client)
-    return client
+    return ExtensionClient(client) if method.settings.get(CLIENT) == "vscode" else client
 
 
 async def start_peer(args, method: Method, servers: list[LlamaServer]) -> LlamaVscodeClient:
@@ -361,7 +376,7 @@ async def start_servers(args, methods: list[Method], cache_home: str,
     failed = [s for s in started if isinstance(s, BaseException)]
     if failed:
         for client in started:
-            if isinstance(client, LspClient | LlamaVscodeClient):
+            if isinstance(client, LspClient | LlamaVscodeClient | ExtensionClient):
                 await client.close()
         raise failed[0]
     return {m.name: c for m, c in zip(methods, started, strict=True)}
@@ -675,13 +690,14 @@ def parse_methods(names: str, overrides: Iterable[str], common: str | None = Non
 
 
 async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case]) -> dict:
-    clients: dict[str, LspClient | LlamaVscodeClient] = {}
+    clients: dict[str, LspClient | LlamaVscodeClient | ExtensionClient] = {}
     servers: list[LlamaServer] = []
     keys: list[KeyRow] = []
     lines: list[LineRow] = []
     opens: list[OpenRow] = []
     calls: list[dict] = []
     served: list[dict] = []  # editkv's per-request stats (where its time went)
+    editor: dict[str, int] = {}  # "pace/method" -> requests the VS Code extension answered itself (typing along)
     load_start = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lsp_replay_") as cache_home:
@@ -704,7 +720,11 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                         context_uris = []
                         if not isinstance(client, LlamaVscodeClient) and wants_context(method):
                             context_uris = await open_context(client, case, max(args.timeout, 600.0))
+                        here = client.answered_here if isinstance(client, ExtensionClient) else 0
                         k, ln = await replay_case(client, method, case, pace, args, opens, served)
+                        if isinstance(client, ExtensionClient):
+                            cell = f"{pace.name}/{method.name}"
+                            editor[cell] = editor.get(cell, 0) + client.answered_here - here
                         for uri in context_uris:
                             client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
                         if isinstance(client, LlamaVscodeClient):
@@ -719,20 +739,21 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                               f"({case.tokens} tokens, {case.position}): {len(k)} keys, {answered} answered, "
                               f"{len(ln)} lines; {time.perf_counter() - started:.0f} s", file=sys.stderr)
                         if args.json:  # what is done so far survives a run stopped by its time limit
-                            write_json(args.json, {**_result(args, methods, paces, cases, description, load_start,
-                                                             keys, lines, opens, calls, served), "partial": True})
+                            done = _result(args, methods, paces, cases, description, load_start, keys, lines, opens,
+                                           calls, served, editor)
+                            write_json(args.json, {**done, "partial": True})
         finally:
             for client in clients.values():
                 await client.close()
             for server in servers:
                 server.stop()
-    return {**_result(args, methods, paces, cases, description, load_start, keys, lines, opens, calls, served),
+    return {**_result(args, methods, paces, cases, description, load_start, keys, lines, opens, calls, served, editor),
             "partial": False}
 
 
 def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], description: dict[str, str],
             load_start: tuple[float, ...], keys: list[KeyRow], lines: list[LineRow], opens: list[OpenRow],
-            calls: list[dict], served: list[dict]) -> dict:
+            calls: list[dict], served: list[dict], editor: dict[str, int]) -> dict:
     models = sorted(set(description.values()))
     return {
         "model": "; ".join(models) if len(models) > 1 else models[0], "machine": machine(args.device),
@@ -747,6 +768,7 @@ def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], d
         "lines": [asdict(r) for r in lines], "opens": [asdict(o) for o in opens],
         "first_suggestion": summarize_opens(opens), "peer_calls": calls, "peer_requests": summarize_peer_calls(calls),
         "served_requests": served, "served_breakdown": summarize_served(served),
+        "editor_answers": editor,
     }
 
 

@@ -50,7 +50,7 @@ log "phase 3: timings alone"
 unset PYTORCH_CUDA_ALLOC_CONF
 PEER=/root/xdg/editkv/peers/llama-b11434-cuda/bin/llama-server
 for i in $(seq 1 36); do [ -x $PEER ] || ! pgrep -f 'llama_server.py build' > /dev/null && break; sleep 5; done
-if [ -x $PEER ]; then M=default,full,llama; else M=default,full; fi
+if [ -x $PEER ]; then M=default,vscode,full,llama; else M=default,vscode,full; fi
 # the KV pool's effect in the same run: editkv without it first (one buffer per document)
 log "served replay, human pace, no KV pool"
 EDITKV_KV_POOL=0 timeout 200 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 \

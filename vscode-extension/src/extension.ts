@@ -11,7 +11,7 @@ import { DidChangeConfigurationNotification, State, type LanguageClient } from '
 
 import { createServer } from './client';
 import { DropdownGate } from './dropdown';
-import { acceptedId, type Suggestion } from './inline';
+import { acceptedId, TypeAlong, type Suggestion } from './inline';
 import { SuggestionTracker } from './lifecycle';
 import { INLINE_ACCEPT_COMMAND, STATS_REQUEST, SUGGESTION_EVENT, asStatsSnapshot, type StatsSnapshot, type SuggestionEvent } from './protocol';
 import { DEFAULT_LAUNCH, LaunchError, describeCommand, resolveServerCommand, type ServerLaunch } from './serverCommand';
@@ -42,6 +42,7 @@ class Editkv implements vscode.Disposable {
   private readonly item = vscode.window.createStatusBarItem('editkv.status', vscode.StatusBarAlignment.Right, 100);
   private readonly tracker = new SuggestionTracker();
   private readonly dropdown = new DropdownGate();
+  private readonly typeAlong = new TypeAlong();
   private readonly disposables: vscode.Disposable[] = [];
   private config: ExtensionConfig = readConfig();
   private client: LanguageClient | undefined;
@@ -88,7 +89,13 @@ class Editkv implements vscode.Disposable {
           this.configurationChanged();
         }
       }),
-      vscode.workspace.onDidCloseTextDocument((doc) => this.send(this.tracker.dismissed(doc.uri.toString()))),
+      vscode.workspace.onDidChangeTextDocument((e) =>
+        this.typeAlong.changed(e.document.uri.toString(), e.document.version, e.contentChanges),
+      ),
+      vscode.workspace.onDidCloseTextDocument((doc) => {
+        this.typeAlong.clear();
+        this.send(this.tracker.dismissed(doc.uri.toString()));
+      }),
       vscode.window.onDidChangeActiveTextEditor((editor) =>
         this.send(this.tracker.dismissAllBut(editor?.document.uri.toString())),
       ),
@@ -146,7 +153,9 @@ class Editkv implements vscode.Disposable {
       config: () => this.config,
       onInlineAnswer: (document, position, suggestions, ms) => this.inlineAnswer(document, position, suggestions, ms),
       admitsCompletion: (triggerKind) => this.dropdown.admits(triggerKind),
+      typeAlong: this.typeAlong,
     });
+    this.typeAlong.clear();
     this.client = client;
     client.onDidChangeState((e) => {
       if (this.generation !== generation) {

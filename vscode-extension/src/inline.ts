@@ -77,3 +77,65 @@ export function acceptedId(args: readonly unknown[]): string | undefined {
   const first = args[0];
   return typeof first === 'string' && first !== '' ? first : undefined;
 }
+
+/** A change to a document as VS Code reports it: a replaced range (0-based lines and characters) and its new text. */
+export interface ChangeLike {
+  range: { start: { line: number; character: number }; end: { line: number; character: number } };
+  text: string;
+}
+
+/** What typing along answers: the rest of the ghost text, and the suggestion it belongs to. */
+export interface AlongHit {
+  id: string;
+  text: string;
+}
+
+/**
+ * Typing along the ghost text without asking the server (as the server itself does on its event
+ * loop, lsp_server/features.py): after an answer shown at (line, character), each change that
+ * inserts, at that spot, the next characters of the suggestion (one insertion, no line break,
+ * shorter than what is left) moves the spot on; any other change to the document forgets it. A
+ * request at the spot, in the document version the last change left, is answered with the rest
+ * at once: no round trip, no server time.
+ */
+export class TypeAlong {
+  private state: { uri: string; version: number; line: number; character: number; rest: string; id: string } | undefined;
+
+  /** The suggestion `id` with `text` was shown at (line, character) of `uri` at `version`. */
+  shown(uri: string, version: number, line: number, character: number, text: string, id: string): void {
+    this.state = text === '' ? undefined : { uri, version, line, character, rest: text, id };
+  }
+
+  /** `uri` changed to `version` by `changes`. */
+  changed(uri: string, version: number, changes: readonly ChangeLike[]): void {
+    const s = this.state;
+    if (s === undefined || s.uri !== uri) {
+      return;
+    }
+    this.state = undefined;
+    const change = changes.length === 1 ? changes[0] : undefined;
+    if (change === undefined || version !== s.version + 1) {
+      return;
+    }
+    const { range, text } = change;
+    const atSpot = range.start.line === s.line && range.start.character === s.character
+      && range.end.line === s.line && range.end.character === s.character;
+    if (atSpot && text !== '' && !/[\r\n]/.test(text) && text.length < s.rest.length && s.rest.startsWith(text)) {
+      this.state = { ...s, version, character: s.character + text.length, rest: s.rest.slice(text.length) };
+    }
+  }
+
+  /** The rest of the ghost text when a request at (line, character) of `uri` at `version` is typing along it. */
+  lookup(uri: string, version: number, line: number, character: number): AlongHit | undefined {
+    const s = this.state;
+    if (s === undefined || s.uri !== uri || s.version !== version || s.line !== line || s.character !== character) {
+      return undefined;
+    }
+    return { id: s.id, text: s.rest };
+  }
+
+  /** Forget the ghost text (closed document, server restart). */
+  clear(): void {
+    this.state = undefined;
+  }
+}
