@@ -123,10 +123,12 @@ class DocumentOptions:
 # measured with Qwen2.5-Coder-0.5B on realedits (BENCHMARKS.md, edit cache): refreshing the
 # stale tokens among the 64 before the cursor brings PIE's l2r view to full recompute's exact
 # matches; in FIM, 64 fresh suffix tokens left PIE 3.8 EM under an exact FIM prefill on the
-# GPU's 292 targets (files of ~3,000 tokens, where most of the suffix is cached), and 256
-# brought PIE's lines back to the exact prefill's on most of the targets that 64 got wrong.
+# GPU's 292 targets (files of ~3,000 tokens, where most of the suffix is cached); over the whole
+# dev set (1,560 targets, H100) 256 left it 1.09 EM under, 384 0.77 EM (at 6% of the exact
+# prefill's recomputed tokens). A view's suffix tokens run as at most two graph parts
+# (engine/static_decode.MAX_SPLIT x MAX_WIDTH = 512), which 384 + `<SUF>` fits.
 TUNED = ("fim_fresh_suffix", "refresh_near_cursor")
-RECOMMENDED = {"fim_fresh_suffix": 256, "refresh_near_cursor": 64}
+RECOMMENDED = {"fim_fresh_suffix": 384, "refresh_near_cursor": 64}
 
 
 class Document:
