@@ -62,6 +62,7 @@ returns `handled=False` and runs eagerly.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -243,6 +244,12 @@ class StaticForward:
         self.chains = 0  # chained greedy runs (each `steps` forwards)
         self.lookup_chains = 0  # lookup_chain runs (each `steps` verification forwards)
         self.superposed_chains = 0  # superposed_chain runs (each `steps` superposed steps)
+        # Deferred captures (`defer_captures`, set by a server that captures when idle): a forward
+        # whose graph is not captured yet runs its static ops eagerly (a forward's time, not a
+        # capture's tens of milliseconds) and its key waits here for `capture_pending`
+        self.defer_captures = False
+        self._pending: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (weakref(base), bucket, width, rows, source)
+        self.deferred = 0  # forwards run eagerly because their graph was not captured yet
         self._superposed: dict[tuple, object] = {}  # (k, m, max tokens) -> SuperposedBuffers
         self._superposed_refs: dict[int, object] = {}  # token rules and corpus tables graphs read
 
@@ -294,13 +301,17 @@ class StaticForward:
         # a single row's "last" is its "all": one graph serves decode steps and chains
         rows = "all" if width == 1 and logits == "last" else logits
         source = "embeds" if embeds is not None else "ids"
-        if self.mode == "graphs":
-            graph, out = self._graph(base, bucket, width, rows=rows, source=source)
+        found = self._graph(base, bucket, width, rows=rows, source=source) if self.mode == "graphs" else None
+        if found is not None:
+            graph, out = found
             faults.hit("replay")
             graph.replay()
             self.replays += 1
+        elif self.mode == "graphs":  # not captured yet: the same ops, eagerly (captured when idle)
+            self.deferred += 1
+            out = self._run(base, bucket, width, rows=rows, source=source)
         else:
-            self._static_key((base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows, source))
+            self._static_key(base, bucket, width, rows, source)
             faults.hit("replay")
             out = self._run(base, bucket, width, rows=rows, source=source)
         if logits == "none":
@@ -330,14 +341,18 @@ class StaticForward:
         self.handled += steps
         bucket = self._stage(found, 1, at + steps, first=(token, position))
         if self.mode != "graphs":
-            self._static_key((base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, 1, "all", "ids"))
+            self._static_key(base, bucket, 1, "all", "ids")
             faults.hit("replay")
             return self._run_chain(base, bucket, steps)
         # The one-token step's graph, replayed `steps` times; between replays a few device ops
         # choose the token and advance the static inputs. Nothing waits for the GPU, so the host
         # queues the whole chain while the first steps run, and no graph is captured per chain
         # length (each would cost a document its first completions' time).
-        graph, out = self._graph(base, bucket, 1, rows="all")
+        found = self._graph(base, bucket, 1, rows="all")
+        if found is None:  # not captured yet: the same steps, eagerly
+            self.deferred += steps
+            return self._run_chain(base, bucket, steps)
+        graph, out = found
         result = torch.empty((2, steps), dtype=torch.float64, device=out.device)
         for step in range(steps):
             faults.hit("replay")
@@ -541,9 +556,14 @@ class StaticForward:
         self._inputs.copy_(self._host, non_blocking=True)
         return min(_round_up(reach, self.bucket), base.capacity)
 
-    def _graph(self, base: KVCache, bucket: int, width: int, rows: str = "all",
-               source: str = "ids") -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+    def _graph(self, base: KVCache, bucket: int, width: int, rows: str = "all", source: str = "ids",
+               defer: bool | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None] | None:
+        """The graph for these shapes, captured now if need be; None when it is not captured yet
+        and captures are deferred (`defer_captures`): its key waits for `capture_pending`."""
         key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows, source)
+        if key not in self._graphs and (self.defer_captures if defer is None else defer):
+            self._defer(key, base, bucket, width, rows, source)
+            return None
         # The warm-up runs compute the very step being asked for (same inputs, same slots),
         # so their writes are the ones the replay repeats. Two the first time a shape is
         # captured (compiles, library workspaces); one for the same shape on another buffer.
@@ -552,6 +572,47 @@ class StaticForward:
                               warmups=1 if shape in self._captured_shapes else 2)
         self._captured_shapes.add(shape)
         return found
+
+    def _defer(self, key: tuple, base: KVCache, bucket: int, width: int, rows: str, source: str) -> None:
+        """Remember a graph a forward ran without, for `capture_pending` (a bounded set)."""
+        self._pending[key] = (weakref.ref(base), bucket, width, rows, source)
+        self._pending.move_to_end(key)
+        while len(self._pending) > self.max_graphs:
+            self._pending.popitem(last=False)
+
+    @property
+    def pending_captures(self) -> int:
+        """Graphs a forward wanted and ran without (deferred captures), not captured yet."""
+        return len(self._pending)
+
+    def capture_pending(self, should_stop=lambda: False, limit: int = 1) -> int:
+        """Capture up to `limit` of the deferred graphs, most recently wanted first, stopping early
+        when `should_stop` says so; how many were captured. Their warm-up and capture runs read
+        harmless static inputs: every row writes only the buffer's spare last slot (the one
+        padding rows write), so no document's keys change."""
+        done = 0
+        while self._pending and done < limit and not should_stop():
+            key, (ref, bucket, width, rows, source) = self._pending.popitem(last=True)
+            base = ref()
+            if base is None or key in self._graphs or key != (base.k.data_ptr(), base.v.data_ptr(),
+                                                              tuple(base.k.shape), bucket, width, rows, source):
+                continue  # its buffer is gone or moved (or it was captured meanwhile)
+            w = self.max_width
+            host = self._host_np
+            host[:] = 0
+            host[2 * w : 3 * w] = base.capacity - 1
+            if self._host.is_pinned():
+                torch.cuda.current_stream().synchronize()
+            self._inputs.copy_(self._host, non_blocking=True)
+            if self.mode == "graphs":
+                self._graph(base, bucket, width, rows=rows, source=source, defer=False)
+            else:  # static: what a capture's warm-up runs, and the key it leaves
+                faults.hit("capture")
+                self._run(base, bucket, width, rows=rows, source=source)
+                self._graphs[key] = (None, None)
+                self._evict()
+            done += 1
+        return done
 
     def _capture(self, key: tuple, run, warmups: int,
                  restore: Sequence[torch.Tensor] = ()) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
@@ -582,12 +643,16 @@ class StaticForward:
         self._evict()
         return graph, out
 
-    def _static_key(self, key: tuple) -> None:
-        """The "static" mode's stand-in for `_capture`: the keys a graph would be taken for, kept
-        under the same bound, so that the cache's growth and the capture site (faults) can be
-        exercised on the CPU."""
+    def _static_key(self, base: KVCache, bucket: int, width: int, rows: str, source: str) -> None:
+        """The "static" mode's stand-in for `_graph`: the keys a graph would be taken for, kept
+        under the same bound (or left pending, with deferred captures), so that the cache's
+        growth, the capture site (faults) and deferral can be exercised on the CPU."""
+        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows, source)
         if key in self._graphs:
             self._graphs.move_to_end(key)
+            return
+        if self.defer_captures:
+            self._defer(key, base, bucket, width, rows, source)
             return
         faults.hit("capture")
         self._graphs[key] = (None, None)
@@ -612,6 +677,7 @@ class StaticForward:
         """Drop every captured graph and its memory pool (after a device fault: a graph captured
         around it may be broken; the next forwards capture afresh)."""
         self._graphs.clear()
+        self._pending.clear()
         self._superposed_refs.clear()
         self._captured_shapes.clear()
         self._pool = None

@@ -140,6 +140,14 @@ class Backend(Protocol):
         """Whether background work should not wait for the idle delay."""
         return False
 
+    def pending_captures(self) -> int:
+        """CUDA graphs requests ran without (deferred captures), for `capture_idle`."""
+        return 0
+
+    def capture_idle(self, should_stop: Callable[[], bool] | None = None) -> int:
+        """Take one deferred CUDA graph capture (only ever when the user has been idle); how many."""
+        return 0
+
     def drop_caches(self) -> None:
         """Free every cached document's KV (after an out-of-memory or device fault)."""
 
@@ -182,6 +190,7 @@ class ModelBackend(Backend):
                                    budget_bytes=budget_bytes, options=options)
         self._pool_dropped = False  # drop_caches let the pool go; the next request installs one
         self._install_pool()
+
         self.description = f"{loaded.source} on {loaded.device}"  # clients parse "<source> on <device>"
         from editkv.engine.calibrate import auto_view
 
@@ -192,6 +201,7 @@ class ModelBackend(Backend):
         # requests encode only the text they need (before the cursor); the worker encodes the
         # rest between requests (`refresh_idle`). Off: every request makes the whole document ready.
         self.background = background
+        self._defer_captures()
         from editkv.lsp_server.context import CrossFileContext
 
         self.cross_file = cross_file or CrossFileOptions()  # other open documents' caches before a view
@@ -217,6 +227,7 @@ class ModelBackend(Backend):
         self._install_pool()
         self.recompute = recompute
         self.background = background
+        self._defer_captures()
         if cross_file is not None:
             self.cross_file = cross_file
             if not cross_file.on:
@@ -264,12 +275,28 @@ class ModelBackend(Backend):
         """Whether background work should start as soon as the worker is free (see DocumentCache)."""
         return self.background and self.cache.urgent_work()
 
+    def _defer_captures(self) -> None:
+        """With background work on, a CUDA graph a request lacks is not captured on its keystroke
+        (tens of milliseconds): the request runs the same ops eagerly and the worker captures the
+        graph once the user is idle (`capture_idle`). Without background work: captured at once."""
+        static = self.loaded.model.static
+        if static is not None:
+            static.defer_captures = self.background
+
     def _install_pool(self) -> None:
         """One KV pool (the KV budget's size) that every document's cache is a region of, when the
         model replays CUDA graphs: then graphs serve every document (engine/kv_pool.py)."""
         from editkv.engine import kv_pool
 
         kv_pool.install(self.loaded.model, self.cache.budget_bytes)
+
+    def pending_captures(self) -> int:
+        static = self.loaded.model.static
+        return static.pending_captures if static is not None else 0
+
+    def capture_idle(self, should_stop: Callable[[], bool] | None = None) -> int:
+        static = self.loaded.model.static
+        return static.capture_pending(should_stop or (lambda: False)) if static is not None else 0
 
     def drop_caches(self) -> None:
         """Forget every document's KV, the KV pool and the captured graphs (after running out of

@@ -219,6 +219,7 @@ class EditkvServer(LanguageServer):
                 "last_request": self.worker.last_stats,
                 "evictions": getattr(getattr(backend, "cache", None), "evictions", None),
                 "idle_refreshed_tokens": self.worker.idle_refreshed,
+                "idle_captures": self.worker.idle_captures,  # CUDA graphs taken while the user was idle
                 # every token the requests ran through the model (idle refresh: the line above)
                 "encoded_tokens": getattr(backend, "encoded_tokens", None),
                 # faults recovered from by kind (oom, device, error), models reloaded after one

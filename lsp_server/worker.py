@@ -148,6 +148,7 @@ class EngineWorker:
         self._idle_timer: threading.Timer | None = None
         self.idle_refreshed = 0  # tokens encoded by background work
         self.idle_runs = 0  # background jobs run
+        self.idle_captures = 0  # CUDA graphs captured by background jobs (deferred from requests)
         self._urgent = False  # the backend has work that need not wait for idle_refresh_ms (see below)
         self.backend_settings: Settings | None = None  # what the backend was built with
         self.faults: dict[str, int] = {"oom": 0, "device": 0, "error": 0}  # recovered from, by kind
@@ -273,18 +274,28 @@ class EngineWorker:
         def work_came() -> bool:
             return self.closing or self._work_count != work_before
 
-        checked = 0
+        checked = captured = 0
+        quieter = False  # graphs wait to be captured, and the user has not been idle long enough yet
         try:
             done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS, work_came) if self.backend is not None else 0
             if not done and self.backend is not None and not work_came():
                 checked = self.backend.verify_tokens_idle()  # documents cross-checked against a full tokenization
+            if not done and not checked and self.backend is not None and not work_came() \
+                    and self.backend.pending_captures():
+                # a capture can't stop halfway: only after idle_refresh_ms without work, never in
+                # the short quiet between keys that urgent work takes
+                if (self._clock() - self._last_work) * 1000 >= self.settings.idle_refresh_ms:
+                    captured = self.backend.capture_idle(work_came)
+                    self.idle_captures += captured
+                else:
+                    quieter = True
         except Exception as err:  # idle work must never take the server down
             self._recover(err, "background work")
             done = 0
         self.idle_refreshed += done
         with self._lock:  # no work came meanwhile: the next chunk goes without a new wait
             if self._work_count == work_before:
-                self._idle_next = "more" if done or checked else "done"
+                self._idle_next = "more" if done or checked or captured else None if quieter else "done"
 
     # ---- on the worker thread ---------------------------------------------------------------
 

@@ -101,6 +101,34 @@ def test_documents_of_a_kv_pool_match_and_share_one_set_of_graphs(template):
             assert static.num_graphs > first  # a buffer of its own: graphs of its own
 
 
+def test_deferred_captures_run_eagerly_then_are_taken_when_idle_without_touching_documents(template):
+    """With deferred captures a forward whose graph is not taken yet runs the same ops eagerly
+    and leaves its key pending; `capture_pending` takes them later, its runs writing only the
+    spare last slot, so the open documents' keys stay as they were."""
+    from editkv.engine.kv_pool import KVPool
+
+    model = template.model
+    want, _ = _edit_session(template, None)
+    model.kv_pool = KVPool(model.config, 4000, dtype=model.dtype, device=model.device)
+    static = StaticForward(model, bucket=32, max_width=8, mode="static", max_graphs=10_000)
+    static.defer_captures = True
+    try:
+        docs = []
+        got, _ = _edit_session(template, static, keep=docs)
+        assert static.num_graphs == 0 and static.pending_captures > 5
+        assert [ids for _, ids, _ in got] == [ids for _, ids, _ in want]
+        before = [d.cache.k.clone() for d in docs]
+        pending = static.pending_captures
+        assert static.capture_pending(limit=2) == 2 and static.num_graphs == 2
+        assert static.capture_pending(lambda: True) == 0  # work came: stops before the next one
+        assert static.capture_pending(limit=10_000) == pending - 2 and static.pending_captures == 0
+        assert all(torch.equal(b, d.cache.k) for b, d in zip(before, docs, strict=True))
+        again, _ = _edit_session(template, static, keep=docs)  # the same shapes: nothing new pending
+        assert static.pending_captures == 0 and [ids for _, ids, _ in again] == [ids for _, ids, _ in want]
+    finally:
+        model.kv_pool = None
+
+
 @pytest.mark.parametrize("logits", ["all", "last", "none"])
 def test_a_forward_up_to_twice_the_width_runs_as_parts(template, logits):
     """A forward wider than the graphs but at most MAX_SPLIT times as wide (a FIM view's `<SUF>` and
@@ -229,8 +257,8 @@ def test_graph_modes_are_checked(template):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("pooled", [False, True])
-def test_cuda_graph_replay_matches_static_forward(tmp_path, pooled):
+@pytest.mark.parametrize("pooled,deferred", [(False, False), (True, False), (True, True)])
+def test_cuda_graph_replay_matches_static_forward(tmp_path, pooled, deferred):
     from editkv.engine.kv_pool import KVPool
 
     loaded = load_model(make_checkpoint(tmp_path / "qwen2", "qwen2"), device="cuda", dtype="float32")
@@ -240,6 +268,15 @@ def test_cuda_graph_replay_matches_static_forward(tmp_path, pooled):
     want, want_keys = _edit_session(template, static)
     if pooled:  # the graphs read regions of one pool; the static forward read buffers of their own
         loaded.model.kv_pool = KVPool(loaded.model.config, 4000, dtype=loaded.model.dtype, device="cuda")
+    if deferred:  # a first session runs eagerly, its graphs are taken "when idle", a second replays them
+        graphs.defer_captures = True
+        docs = []
+        first, _ = _edit_session(template, graphs, keep=docs)
+        assert graphs.replays == 0 and graphs.deferred > 10 and graphs.pending_captures > 0
+        assert [ids for _, ids, _ in first] == [ids for _, ids, _ in want]
+        before = [d.cache.k.clone() for d in docs]
+        assert graphs.capture_pending(limit=10_000) > 0 and graphs.pending_captures == 0
+        assert all(torch.equal(b, d.cache.k) for b, d in zip(before, docs, strict=True))
     got, got_keys = _edit_session(template, graphs)
     loaded.model.kv_pool = None
     assert graphs.replays > 10 and graphs.captures > 0 and graphs.chains > 0

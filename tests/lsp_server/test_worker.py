@@ -277,3 +277,49 @@ def test_urgent_background_work_waits_for_a_short_quiet_spell_not_for_idle(tmp_p
         assert doc.num_stale == 0
     finally:
         w.stop()
+
+
+def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tmp_path):
+    """A request's missing CUDA graphs (here the static forward's keys on the CPU) are captured by
+    background work only once the user has been idle for idle_refresh_ms: a capture can't stop
+    halfway, so the short quiet that urgent work takes (URGENT_QUIET_MS) is not enough."""
+    import time
+
+    from editkv.engine.loading import load_model
+    from editkv.engine.static_decode import enable_graphs
+    from editkv.lsp_server.backend import ModelBackend
+    from editkv.lsp_server.worker import cache_options
+    from helpers import make_checkpoint
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    settings = Settings(idle_refresh_ms=200)  # real timers fire; idleness is the test's clock's
+    loaded = load_model(make_checkpoint(tmp_path / "m", "llama"))
+    static = enable_graphs(loaded.model, mode="static")
+    backend = ModelBackend(loaded, **cache_options(settings))
+    assert static.defer_captures  # background work on: captures wait for it
+    w = EngineWorker(lambda s: backend, lambda level, text: None, clock=clock)
+    try:
+        assert w.load(settings).result(30)[0]
+        w.open(URI, "def add(a, b):\n    return a + b\n" * 20, "python").result(10)
+        w.complete(job(0, line=2, character=4)).result(30)  # text after the cursor left for later
+        doc = backend.cache.get(URI)
+        pending = static.pending_captures
+        assert pending > 0 and static.num_graphs == 0 and doc.num_unencoded > 0
+        clock.now += (EngineWorker.URGENT_QUIET_MS + 1) / 1000  # urgent work's quiet spell
+        deadline = time.monotonic() + 60
+        while doc.num_unencoded and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert doc.num_unencoded == 0 and w.idle_captures == 0  # the documents' work, not the captures
+        clock.now += settings.idle_refresh_ms / 1000  # idle
+        while static.pending_captures and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert static.pending_captures == 0 and w.idle_captures >= pending and static.num_graphs >= pending
+    finally:
+        w.stop()
