@@ -26,7 +26,10 @@ the same graph as one near its end. Norms, RoPE with the KV write, and SwiGLU ar
 (buffer, bucket, width, rows wanted) is captured on first use and replayed after. On a GPU the
 documents' caches are regions of one KV pool (engine/kv_pool.py): the buffer is the pool's, the
 spans and the bucket count from the region's first slot (the `origin`, a static input), so the
-graphs are per shape and every document replays the same ones; the width is
+graphs are per shape and every document replays the same ones. A server defers captures
+(`defer_captures`): a forward whose graph is missing runs the same static ops eagerly, and the
+graph is captured when the user is idle (`capture_pending`; chained greedy steps too, while
+`lookup_chain` and superposed graphs are still captured on first use); the width is
 the token count rounded up to a power of two (up to 256), padding rows write into the buffer's
 last slot, which the caller keeps free, and the head runs on the rows the caller wants logits
 of: all (a verification), the last real one (a view), none (a repair). A forward up to twice
