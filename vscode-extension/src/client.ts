@@ -51,8 +51,9 @@ export function createServer(resolved: ResolvedCommand, log: vscode.LogOutputCha
           && context.selectedCompletionInfo === undefined;
         const hit = along ? hooks.typeAlong.lookup(uri, version, position.line, position.character) : undefined;
         if (hit !== undefined) {
+          // the same suggestion, further along: the tracker keeps it as it was shown (anchored where
+          // it was shown, so typing all of it still ends as accepted, and no second "shown" is sent)
           const command = { title: 'editkv: suggestion accepted', command: INLINE_ACCEPT_COMMAND, arguments: [hit.id] };
-          hooks.onInlineAnswer(document, position, [hit], performance.now() - started);
           return [new vscode.InlineCompletionItem(hit.text, new vscode.Range(position, position), command)];
         }
         const result = await next(document, position, context, token);
