@@ -274,21 +274,22 @@ class EngineWorker:
         def work_came() -> bool:
             return self.closing or self._work_count != work_before
 
-        checked = captured = 0
+        done = checked = captured = 0
         quieter = False  # graphs wait to be captured, and the user has not been idle long enough yet
         try:
-            done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS, work_came) if self.backend is not None else 0
-            if not done and self.backend is not None and not work_came():
-                checked = self.backend.verify_tokens_idle()  # documents cross-checked against a full tokenization
-            if not done and not checked and self.backend is not None and not work_came() \
-                    and self.backend.pending_captures():
-                # a capture can't stop halfway: only after idle_refresh_ms without work, never in
-                # the short quiet between keys that urgent work takes
+            if self.backend is not None and self.backend.pending_captures():
+                # CUDA graphs requests ran without: captured first (each speeds every later request
+                # of its shape), but a capture can't stop halfway, so only after idle_refresh_ms
+                # without work, never in the short quiet between keys that urgent work takes
                 if (self._clock() - self._last_work) * 1000 >= self.settings.idle_refresh_ms:
                     captured = self.backend.capture_idle(work_came)
                     self.idle_captures += captured
                 else:
                     quieter = True
+            if not captured and self.backend is not None and not work_came():
+                done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS, work_came)
+            if not captured and not done and self.backend is not None and not work_came():
+                checked = self.backend.verify_tokens_idle()  # documents cross-checked against a full tokenization
         except Exception as err:  # idle work must never take the server down
             self._recover(err, "background work")
             done = 0
