@@ -89,7 +89,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common import edit_similarity, exact_match, load_records, machine, parser, table, write_json
-from editkv.edit_cache.positions import to_position
+from editkv.edit_cache.positions import common_prefix, to_position
 from editkv.lsp_server.lsp_client import LspClient, LspError, server_command, server_env
 from editkv.lsp_server.replay import KeyRecord, Session, editor_session, type_session
 from editkv.lsp_server.stats import percentile
@@ -217,12 +217,7 @@ class LineScore:
 
 def chars_saved(suggestion: str, typed: str) -> int:
     """Characters of `typed` that accepting `suggestion` up to its first wrong character gives."""
-    n = 0
-    for a, b in zip(suggestion, typed, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
+    return common_prefix(suggestion, typed)
 
 
 def score_line(suggestion: str, typed: str) -> LineScore:

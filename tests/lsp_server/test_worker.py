@@ -12,6 +12,15 @@ from editkv.lsp_server.worker import EngineWorker, Job
 URI = "file:///w/a.py"
 
 
+class Clock:
+    """The worker's clock in tests that move it by hand (idleness is measured on it)."""
+
+    now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
 class RecordingBackend(FakeBackend):
     """A FakeBackend that notes which thread made each call."""
 
@@ -182,12 +191,6 @@ def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
     from editkv.lsp_server.backend import ModelBackend
     from helpers import make_checkpoint
 
-    class Clock:
-        now = 1000.0
-
-        def __call__(self):
-            return self.now
-
     clock = Clock()
     backend = ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")))
     refresh_threads = []
@@ -244,12 +247,6 @@ def test_urgent_background_work_waits_for_a_short_quiet_spell_not_for_idle(tmp_p
     from editkv.lsp_server.worker import cache_options
     from helpers import make_checkpoint
 
-    class Clock:
-        now = 1000.0
-
-        def __call__(self):
-            return self.now
-
     clock = Clock()
     settings = Settings(idle_refresh_ms=600_000, stale_budget=8)
     backend = ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")), **cache_options(settings))
@@ -290,12 +287,6 @@ def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tm
     from editkv.lsp_server.backend import ModelBackend
     from editkv.lsp_server.worker import cache_options
     from helpers import make_checkpoint
-
-    class Clock:
-        now = 1000.0
-
-        def __call__(self):
-            return self.now
 
     clock = Clock()
     settings = Settings(idle_refresh_ms=200)  # real timers fire; idleness is the test's clock's
