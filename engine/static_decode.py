@@ -105,7 +105,8 @@ class Layout(NamedTuple):
     base: KVCache  # the root buffer the graphs read (a document's, or the KV pool's)
     at: int  # the first written slot, in `base`
     # prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start, sink_end,
-    # sink_shift, counted from `origin`, then `origin`: the region's first slot in `base`
+    # sink_shift, counted from `origin`, then `origin`: the region's first slot in `base`, then
+    # lane_start (from `origin`) and lanes (1: none), as kernels/span_attention.py reads them
     meta: list[int]
     extent: int  # slots of the region in use (from `origin`): what the bucket covers at least
 
@@ -156,7 +157,8 @@ def visibility(write: KVCache, write_at: int, count: int, context: Sequence[Span
     _, sink_end, sink_shift = sink[0] if sink else (0, 0, 0)
     if at + count > base.capacity - 1:  # the last slot takes the padding rows' writes
         return None
-    meta = [prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start, sink_end, sink_shift, origin]
+    meta = [prefix_end, suffix_start, suffix_end, shift, scratch_start, prefix_start, sink_end, sink_shift, origin,
+            0, 1]  # no lanes (StaticForward.forward's `lanes` sets the last two)
     return Layout(base, at, meta, region.extent or 0)
 
 
@@ -207,17 +209,17 @@ class StaticForward:
         self._fused = model.fused() if mode != "off" else []
         dev = model.device
         # Every static input in one device tensor, filled from one (pinned) host buffer per call:
-        # ids [W], positions [W], slots [W], the eight visibility numbers and the region's origin, the
-        # last real row.
+        # ids [W], positions [W], slots [W], the eight visibility numbers, the region's origin and
+        # the two lane numbers, the last real row.
         w = self.max_width
-        self._inputs = torch.zeros(3 * w + 10, dtype=torch.long, device=dev)
-        self._host = torch.zeros(3 * w + 10, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._inputs = torch.zeros(3 * w + 12, dtype=torch.long, device=dev)
+        self._host = torch.zeros(3 * w + 12, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._host_np = self._host.numpy()
         self._ids = self._inputs[:w][None]
         self._positions = self._inputs[w : 2 * w]
         self._slots = self._inputs[2 * w : 3 * w]
-        self._meta = self._inputs[3 * w : 3 * w + 9]
-        self._last = self._inputs[3 * w + 9 :]
+        self._meta = self._inputs[3 * w : 3 * w + 11]
+        self._last = self._inputs[3 * w + 11 :]
         # input embeddings in place of ids (superposed decoding); padding rows read what an earlier
         # call left, and write only the spare slot
         self._embeds = torch.zeros((1, w, model.config.hidden_size), dtype=model.dtype, device=dev)
@@ -257,16 +259,26 @@ class StaticForward:
         self._superposed_refs: dict[int, object] = {}  # token rules and corpus tables graphs read
 
     def forward(self, ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
-                context: Sequence[Span], logits: str,
-                embeds: torch.Tensor | None = None) -> tuple[bool, torch.Tensor | None]:
+                context: Sequence[Span], logits: str, embeds: torch.Tensor | None = None,
+                lanes: tuple[int, int] | None = None) -> tuple[bool, torch.Tensor | None]:
         """(True, what Transformer.forward returns) when replayed; (False, None) to run eagerly.
 
-        `embeds` [1, T, hidden] in place of `ids` (superposed decoding's weighted embeddings)."""
+        `embeds` [1, T, hidden] in place of `ids` (superposed decoding's weighted embeddings).
+        `lanes` = (first slot in `write`, count): from that slot on, the write's slots interleave
+        that many sequences (beam search's beams, one slot per lane and step), and each token
+        sees only its own lane there (kernels/span_attention.py); no eager path exists for it."""
         inputs = embeds if embeds is not None else ids
         if self.mode == "off" or inputs is None or inputs.shape[0] != 1 or write.batch != 1:
             self.eager += 1
             return False, None
         count = inputs.shape[1]
+        if lanes is not None:
+            layout = visibility(write, write_at, count, context) if count <= self.max_width else None
+            if layout is None:
+                self.eager += 1
+                return False, None
+            meta = [*layout.meta[:9], write.offset + lanes[0] - layout.meta[8], lanes[1]]
+            return True, self._replay(layout._replace(meta=meta), ids, positions, embeds, 0, count, logits)
         # parts of at most max_width tokens, each also seeing the ones before it in the write buffer:
         # what one forward computes; wider than MAX_SPLIT parts, or a part not of the served shape: eager
         parts = [(start, min(count, start + self.max_width)) for start in range(0, count, self.max_width)]
@@ -551,8 +563,8 @@ class StaticForward:
             host[0], host[w] = first
         host[2 * w : 2 * w + width] = base.capacity - 1  # padding rows write the spare last slot
         host[2 * w : 2 * w + count] = range(at, at + count)
-        host[3 * w : 3 * w + 9] = meta
-        host[3 * w + 9] = count - 1
+        host[3 * w : 3 * w + 11] = meta
+        host[3 * w + 11] = count - 1
         if self._host.is_pinned():
             # the previous call's copy must be done reading the buffer before it is refilled
             torch.cuda.current_stream().synchronize()

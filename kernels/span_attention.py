@@ -10,16 +10,21 @@ into the buffer; each token sees up to four runs of its slots:
     [prefix_start, prefix_end)      keys at their positions, queried by q[:, :, 0]
     [suffix_start, suffix_end)      keys acting `shift` positions later, queried by q[:, :, 1]
                                     (the query rotated to position - shift, so keys stay put)
-    [scratch_start, slots[t]]       causally, queried by q[:, :, 0]
+    [scratch_start, slots[t]]       causally, queried by q[:, :, 0]; from `lane_start` on, only
+                                    the slots of the token's own lane (below)
 
 and nothing at or past `bucket`. The numbers live in `meta` (int64: prefix_end, suffix_start,
-suffix_end, shift, scratch_start, then optionally prefix_start, sink_end, sink_shift, and then
-optionally `origin`; the shifts themselves are already in q's rotations; a 5-number meta means
-prefix_start = 0 and no sink) and the slots in
+suffix_end, shift, scratch_start, then optionally prefix_start, sink_end, sink_shift, then
+optionally `origin`, then optionally `lane_start`, `lanes`; the shifts themselves are already in
+q's rotations; a 5-number meta means prefix_start = 0 and no sink) and the slots in
 `slots` (int64 [T]), both on the device. Slots and spans count from `origin` (0 unless given):
 the keys a call reads are `origin + [0, bucket)`, so a document that is a region of a shared
 buffer (engine/kv_pool.py) replays the same graph as any other, its origin a device input;
-`slots` are the buffer's own (where the new keys were written). Nothing on the host reads them,
+`slots` are the buffer's own (where the new keys were written). Lanes are several sequences
+decoded side by side after one shared prompt (beam search's beams): their tokens interleave from
+`lane_start` on, one slot per lane and step, so a scratch slot j >= lane_start is visible to a
+token at slot s only when (j - lane_start) and (s - lane_start) are equal modulo `lanes` (1 or
+less: no lanes, the plain causal rule). Nothing on the host reads them,
 and the grid depends
 only on (kv heads, groups, tokens, bucket), so one launch can be captured in a CUDA graph and
 replayed as the numbers change underneath it.
@@ -75,7 +80,7 @@ def span_attention_ref(
     q: torch.Tensor,  # [KVH, G, R, T, D], R = 2, or 3 with a sink
     keys: torch.Tensor,  # [KVH, S, D]
     values: torch.Tensor,  # [KVH, S, D]
-    meta: torch.Tensor,  # int64 [5], [8] or [9] (see the module docstring)
+    meta: torch.Tensor,  # int64 [5], [8], [9] or [11] (see the module docstring)
     slots: torch.Tensor,  # int64 [T]
     scale: float,
     bucket: int,
@@ -84,7 +89,8 @@ def span_attention_ref(
     _check_meta(q, meta)
     prefix_end, suffix_start, suffix_end, _, scratch_start = meta[:5].unbind()
     prefix_start, sink_end = (meta[5], meta[6]) if meta.shape[0] >= 8 else (0, 0)
-    origin = int(meta[8]) if meta.shape[0] == 9 else 0  # a region of the buffer: counted from its origin
+    origin = int(meta[8]) if meta.shape[0] >= 9 else 0  # a region of the buffer: counted from its origin
+    lane_start, lanes = (int(meta[9]), int(meta[10])) if meta.shape[0] == 11 else (0, 1)
     keys, values, slots = keys[:, origin : origin + bucket], values[:, origin : origin + bucket], slots - origin
     present = keys.shape[1]  # the bucket may run past the buffer's end: nothing is there
     if present < bucket:
@@ -94,7 +100,10 @@ def span_attention_ref(
     in_suffix = (j >= suffix_start) & (j < suffix_end)  # [bucket]
     in_sink = j < sink_end
     in_prefix = (j >= prefix_start) & (j < prefix_end)
-    visible = (in_prefix | in_suffix | in_sink)[None] | ((j[None] >= scratch_start) & (j[None] <= slots[:, None]))
+    scratch = (j[None] >= scratch_start) & (j[None] <= slots[:, None])
+    if lanes > 1:  # interleaved lanes: a token sees its own lane's slots only
+        scratch &= (j[None] < lane_start) | ((j[None] - lane_start) % lanes == (slots[:, None] - lane_start) % lanes)
+    visible = (in_prefix | in_suffix | in_sink)[None] | scratch
     visible = visible & (j < present)[None]
     k = keys.float()
     v = values.float()
@@ -114,8 +123,8 @@ def span_attention_ref(
 
 def _check_meta(q: torch.Tensor, meta: torch.Tensor) -> None:
     assert q.dim() == 5 and q.shape[2] in (2, 3), "q must be [kv_heads, groups, 2 or 3 rotations, tokens, head_dim]"
-    assert meta.dtype == torch.int64 and meta.dim() == 1 and meta.shape[0] in (5, 8, 9) and meta.is_contiguous(), (
-        "meta must be int64 [5], [8] or [9]")
+    assert meta.dtype == torch.int64 and meta.dim() == 1 and meta.shape[0] in (5, 8, 9, 11) and meta.is_contiguous(), (
+        "meta must be int64 [5], [8], [9] or [11]")
     assert q.shape[2] == 2 or meta.shape[0] >= 8, "a sink (third rotation) needs the 8- or 9-number meta"
 
 
@@ -178,7 +187,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         SPLIT_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-        LONG_META: tl.constexpr, HAS_SINK: tl.constexpr, HAS_ORIGIN: tl.constexpr,
+        LONG_META: tl.constexpr, HAS_SINK: tl.constexpr, HAS_ORIGIN: tl.constexpr, HAS_LANES: tl.constexpr,
     ):
         split = tl.program_id(0)
         row_block = tl.program_id(1)
@@ -196,6 +205,11 @@ if triton is not None:
         origin = tl.zeros([], tl.int64)
         if HAS_ORIGIN:
             origin = tl.load(meta_ptr + 8)
+        lane_start = tl.zeros([], tl.int64)
+        lanes = tl.full([], 1, tl.int64)
+        if HAS_LANES:
+            lane_start = tl.load(meta_ptr + 9)
+            lanes = tl.maximum(tl.load(meta_ptr + 10), 1)
 
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
@@ -246,8 +260,13 @@ if triton is not None:
                         sunk = _dot(q_sink, tl.trans(k), INPUT_PRECISION, UPCAST_DOT)
                         scores = tl.where(in_sink[None, :], sunk, scores)
                 in_prefix = (j >= prefix_start) & (j < prefix_end)
-                visible = (in_prefix | in_suffix | in_sink)[None, :] | (
-                    (j[None, :] >= scratch_start) & (j[None, :] <= slot[:, None]))
+                scratch = (j[None, :] >= scratch_start) & (j[None, :] <= slot[:, None])
+                if HAS_LANES:
+                    if lanes > 1:  # interleaved lanes (beams): only the token's own lane
+                        own = (j[None, :] < lane_start) | (
+                            (j[None, :] - lane_start) % lanes == (slot[:, None] - lane_start) % lanes)
+                        scratch = scratch & own
+                visible = (in_prefix | in_suffix | in_sink)[None, :] | scratch
                 visible = visible & key_ok[None, :]
                 scores = tl.where(visible, scores * qk_scale, float("-inf"))
 
@@ -313,7 +332,7 @@ def span_attention_triton(
     q: torch.Tensor,  # [KVH, G, R, T, D]
     keys: torch.Tensor,  # [KVH, S, D]
     values: torch.Tensor,  # [KVH, S, D]
-    meta: torch.Tensor,  # int64 [5], [8] or [9], on q's device
+    meta: torch.Tensor,  # int64 [5], [8], [9] or [11], on q's device
     slots: torch.Tensor,  # int64 [T], on q's device
     scale: float,
     bucket: int,
@@ -363,7 +382,7 @@ def span_attention_triton(
         # fp32 is the tests' dtype: TF32 would round its inputs to 10 bits
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 or upcast_dot else "tf32",
         UPCAST_DOT=upcast_dot, LONG_META=meta.shape[0] >= 8, HAS_SINK=rotations == 3,
-        HAS_ORIGIN=meta.shape[0] == 9,
+        HAS_ORIGIN=meta.shape[0] >= 9, HAS_LANES=meta.shape[0] == 11,
         num_warps=num_warps or NUM_WARPS,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )
@@ -382,7 +401,7 @@ def span_attention(
     q: torch.Tensor,  # [KVH, G, R, T, D]
     keys: torch.Tensor,  # [KVH, S, D]
     values: torch.Tensor,  # [KVH, S, D]
-    meta: torch.Tensor,  # int64 [5], [8] or [9]
+    meta: torch.Tensor,  # int64 [5], [8], [9] or [11]
     slots: torch.Tensor,  # int64 [T]
     scale: float,
     bucket: int,

@@ -11,8 +11,13 @@ tokens whichever way they split the healed text, as greedy's `logprob`) -> exten
 non-empty unless `keep_empty`; the best `num_beams` others, distinct by text, live on -> one
 batch-`num_beams` forward of their last tokens.
 
-KV: beams share the state's batch-1 spans (document, view tokens) by broadcast; their own
-tokens live in a batch-`num_beams` cache whose rows are re-ordered by parent at every step.
+KV: beams share the state's batch-1 spans (document, view tokens). Where the model has a static
+forward (engine/static_decode.py: CUDA graphs on a GPU) and the state's scratch has room, the
+beams' own tokens interleave in the scratch after the view's tokens, one slot per beam and step
+(lanes: each token sees the shared spans and its own lane), so a step is one width-`num_beams`
+forward of the graphs every other decode step replays; at each step the lanes' slots are
+re-ordered by parent. Elsewhere their tokens live in a batch-`num_beams` cache whose rows are
+re-ordered by parent, and the shared spans broadcast (eager).
 
 Ranking: summed log-prob, or with `length_normalize` the mean per chosen token (a stop token
 counts). Search ends when no beam is live, or the pool holds `num_beams` beams and either
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from editkv.engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules
 from editkv.engine.healing import healer_for
-from editkv.engine.model import Span
+from editkv.engine.model import KVCache, Span
 
 
 @dataclass
@@ -92,7 +97,12 @@ def beam_search(
     stopper = LineStopper(tok, rules.max_lines)
     healer = healer_for(tok) if state.heal else None
     healed = state.heal.decode("utf-8", errors="replace")
-    cache = model.new_cache(rules.max_tokens + 1, batch=num_beams)
+    # lanes in the scratch (one graphed forward per step) when there is a static forward and room
+    # for every step's slots; else a batch cache of their own (eager forwards)
+    static = model.static if model.static is not None and model.static.mode != "off" else None
+    lane_start = state.scratch_used
+    lanes = static is not None and lane_start + num_beams * rules.max_tokens < state.scratch.capacity
+    cache = None
     context = [*state.context, Span(state.scratch, 0, state.scratch_used)]
 
     def strip(text: str) -> str:
@@ -156,14 +166,34 @@ def beam_search(
             unfinished = "cancelled"
             break
         pad = num_beams - len(live)
-        if step:
-            index = torch.tensor([h.parent for h in live] + [live[0].parent] * pad, device=dev)
-            cache.k[:, :, :, :step] = cache.k[:, :, :, :step].index_select(1, index)
-            cache.v[:, :, :, :step] = cache.v[:, :, :, :step].index_select(1, index)
+        parents = [h.parent for h in live] + [live[0].parent] * pad
         tokens = [h.ids[-1] for h in live] + [live[0].ids[-1]] * pad  # pad rows are ignored
-        position = torch.tensor([state.next_position + step], device=dev)
-        logits = model(torch.tensor(tokens, device=dev)[:, None], position, write=cache, write_at=step,
-                       context=[*context, Span(cache, 0, step)], logits="last")[: len(live)]  # [live, V]
+        logits = None
+        if lanes:
+            if step and parents != list(range(num_beams)):
+                _reorder_lanes(state.scratch, lane_start, step, torch.tensor(parents, device=dev))
+            write_at = lane_start + step * num_beams
+            handled, out = static.forward(torch.tensor(tokens, device=dev)[None],
+                                          torch.full((num_beams,), state.next_position + step, device=dev),
+                                          state.scratch, write_at, [*state.context, Span(state.scratch, 0, write_at)],
+                                          "all", lanes=(lane_start, num_beams))
+            if handled:
+                logits = out[0, : len(live)]  # [live, V]
+                stats.extra["beam_lanes"] = 1
+            elif step:
+                raise RuntimeError("the static forward took beam search's first step but not a later one")
+            else:  # not the static forward's shape: a batch cache, eagerly
+                lanes = False
+        if logits is None:
+            if cache is None:
+                cache = model.new_cache(rules.max_tokens + 1, batch=num_beams)
+            if step:
+                index = torch.tensor(parents, device=dev)
+                cache.k[:, :, :, :step] = cache.k[:, :, :, :step].index_select(1, index)
+                cache.v[:, :, :, :step] = cache.v[:, :, :, :step].index_select(1, index)
+            position = torch.tensor([state.next_position + step], device=dev)
+            logits = model(torch.tensor(tokens, device=dev)[:, None], position, write=cache, write_at=step,
+                           context=[*context, Span(cache, 0, step)], logits="last")[: len(live)]  # [live, V]
         stats.forwards += 1
         step += 1
     for h in sorted(live, key=lambda h: -score(h)):  # only when the search was cut short
@@ -174,3 +204,13 @@ def beam_search(
     stats.decode_tokens += len(beams[0].ids) if beams else 0
     stats.decode_ms += 1000 * (time.perf_counter() - started)
     return BeamResult(beams, stats)
+
+
+def _reorder_lanes(scratch: KVCache, lane_start: int, steps: int, parents: torch.Tensor) -> None:
+    """Lane b's first `steps` slots (interleaved from `lane_start`) become lane `parents[b]`'s."""
+    base = scratch.base or scratch
+    lo = scratch.offset + lane_start
+    hi = lo + steps * parents.shape[0]
+    for buf in (base.k, base.v):  # [layers, 1, kv_heads, slots, head_dim]
+        lanes = buf[:, :, :, lo:hi].unflatten(3, (steps, parents.shape[0]))
+        lanes.copy_(lanes.index_select(4, parents))

@@ -6,7 +6,9 @@ import pytest
 import torch
 from editkv.engine.decoding.beam import beam_search
 from editkv.engine.generate import DecodeState, StopRules, decode, prefill
+from editkv.engine.model import Span
 from editkv.engine.prompting import healed_left_to_right_ids, left_to_right_ids
+from editkv.engine.static_decode import StaticForward
 
 PREFIXES = ["def add(a, b):\n", "for name in os.li", "class Point:\n    def __init__(self, x, y):\n        self."]
 
@@ -93,3 +95,52 @@ def test_cancellation_returns_live_beams_and_stops_forwards(tiny):
     assert result.stats.forwards == 2
     assert result.beams and all(b.stop_reason in ("cancelled", "stop_token") for b in result.beams)
     assert math.isfinite(result.best().logprob)
+
+
+def _one_buffer_state(loaded, prefix, room):
+    """A state whose scratch is a window after the prompt's slots in one buffer (as a document's
+    views are), so that the static forward can take beam search's steps."""
+    tok, model = loaded.tokenizer, loaded.model
+    ids = left_to_right_ids(tok, loaded.config, prefix)
+    cache = model.new_cache(len(ids) + room + 1)
+    logits = prefill(model, ids, cache)
+    return DecodeState(model, tok, logits, [Span(cache, 0, len(ids))], cache.window(len(ids), room), 0, len(ids),
+                       b"", list(ids))
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("num_beams", [2, 3])
+def test_lanes_in_the_scratch_score_what_the_batch_cache_scores(tiny, prefix, num_beams):
+    """With a static forward, the beams interleave in the scratch (lanes, one width-`num_beams`
+    forward per step, slots re-ordered by parent): the same beams, each log-prob exact."""
+    rules = StopRules(max_tokens=6, max_lines=None)
+    batch = beam_search(_state(tiny, prefix), num_beams, rules)
+    model = tiny.model
+    static = StaticForward(model, bucket=32, max_width=8, mode="static")
+    model.static = static
+    try:
+        state = _one_buffer_state(tiny, prefix, num_beams * rules.max_tokens + 1)
+        before = static.handled
+        lanes = beam_search(state, num_beams, rules)
+    finally:
+        model.static = None
+    assert lanes.stats.extra.get("beam_lanes") == 1 and static.handled - before == lanes.stats.forwards > 1
+    assert [b.text for b in lanes.beams] == [b.text for b in batch.beams]
+    for got, want in zip(lanes.beams, batch.beams, strict=True):
+        assert got.ids == want.ids and got.logprob == pytest.approx(want.logprob, abs=1e-3)
+        stops = tiny.tokenizer.stop_ids if got.stop_reason == "stop_token" else ()
+        expect = _teacher_forced_logprobs(tiny, state.prompt_ids, got.ids, stops)
+        assert any(got.logprob == pytest.approx(e, abs=1e-3) for e in expect), (got, expect)
+
+
+def test_lanes_need_room_in_the_scratch(tiny):
+    """A scratch too small for every step's lanes: the batch cache (eager), same beams."""
+    rules = StopRules(max_tokens=6, max_lines=None)
+    model = tiny.model
+    model.static = StaticForward(model, bucket=32, max_width=8, mode="static")
+    try:
+        result = beam_search(_one_buffer_state(tiny, PREFIXES[0], 10), 3, rules)
+    finally:
+        model.static = None
+    assert "beam_lanes" not in result.stats.extra
+    assert [b.text for b in result.beams] == [b.text for b in beam_search(_state(tiny, PREFIXES[0]), 3, rules).beams]

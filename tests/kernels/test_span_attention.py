@@ -117,11 +117,16 @@ def _gathered_attention(q, keys, values, meta, slots, scale, bucket):
     """Plain softmax attention in fp64, token by token over an explicit list of visible slots."""
     numbers = meta.tolist()
     prefix_end, suffix_start, suffix_end, _, scratch_start = numbers[:5]
-    prefix_start, sink_end = numbers[5:7] if len(numbers) == 8 else (0, 0)
+    prefix_start, sink_end = numbers[5:7] if len(numbers) >= 8 else (0, 0)
+    lane_start, lanes = numbers[9:11] if len(numbers) == 11 else (0, 1)
+
+    def own_lane(j, slot):  # written out: lane = how many slots past lane_start, modulo lanes
+        return j < lane_start or lanes <= 1 or (j - lane_start) % lanes == (slot - lane_start) % lanes
+
     out = torch.zeros(q.shape[0], q.shape[1], q.shape[3], q.shape[4], dtype=torch.float64)
     for t, slot in enumerate(slots.tolist()):
         seen = [j for j in range(bucket) if j < sink_end or prefix_start <= j < prefix_end
-                or suffix_start <= j < suffix_end or scratch_start <= j <= slot]
+                or suffix_start <= j < suffix_end or (scratch_start <= j <= slot and own_lane(j, slot))]
         if not seen:
             continue
         which = torch.tensor([2 if j < sink_end else 1 if suffix_start <= j < suffix_end else 0 for j in seen])
@@ -138,10 +143,13 @@ def _gathered_attention(q, keys, values, meta, slots, scale, bucket):
     ([12, 12, 30, 7, 30], [30, 31, 32, 33, 34]),  # suffix right after the prefix, scratch right after it
     ([14, 20, 28, 2, 30, 8, 2, 6], [30, 31, 32, 33, 34]),  # windowed: sink [0, 2), window [8, 14), suffix
     ([0, 0, 0, 0, 9, 0, 3, 6], [20, 21, 22, 23, 24]),  # windowed repair: sink, then [9, own slot]
+    # three beams interleaved from slot 24 (view tokens [20, 24) shared), at their fourth step
+    ([6, 10, 18, 3, 20, 0, 0, 0, 0, 24, 3], [33, 34, 35, 35, 33]),
+    ([6, 10, 18, 3, 20, 0, 0, 0, 0, 24, 1], [33, 34, 35, 35, 33]),  # one lane: the causal rule
 ])
 def test_reference_equals_softmax_over_gathered_keys(meta, slots):
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 3, 3 if len(meta) == 8 else 2, 5, 16, generator=g)
+    q = torch.randn(2, 3, 3 if len(meta) >= 8 else 2, 5, 16, generator=g)
     keys, values = torch.randn(2, 2, 40, 16, generator=g)
     meta, slots = torch.tensor(meta), torch.tensor(slots)
     ref = span_attention_ref(q, keys, values, meta, slots, 0.3, 36)
@@ -208,6 +216,26 @@ def test_replays_in_a_cuda_graph_as_meta_and_slots_change(dtype):
         ref = span_attention_ref(q, keys, values, meta, slots, scale, bucket)
         assert torch.isfinite(out).all()
         assert (msg := _first_mismatch(out, ref, atol, rtol)) is None, f"{new_meta}: {msg}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lanes", [1, 3, 4])
+def test_kernel_matches_reference_with_lanes(dtype, lanes):
+    """Interleaved lanes (beam search's beams after a shared view): each row sees the shared
+    scratch and only its own lane's slots after `lane_start`; with a region origin too."""
+    q, keys, values = _inputs(4, 6, 64, dtype)
+    origin, lane_start, steps = 20, 150, 9
+    meta = torch.tensor([100, 110, 130, 5, 140, 0, 0, 0, origin, lane_start, lanes], device=DEVICE)
+    at = origin + lane_start + steps * lanes
+    slots = torch.tensor([at + row if row < lanes else SLOTS - 1 for row in range(4)], device=DEVICE)
+    out = span_attention_triton(q, keys, values, meta, slots, 0.125, BUCKET)
+    ref = span_attention_ref(q, keys, values, meta, slots, 0.125, BUCKET)
+    atol, rtol = TOLERANCES[dtype]
+    assert (msg := _first_mismatch(out, ref, atol, rtol)) is None, msg
+    if lanes > 1:  # the rule is in force: not what the plain causal rule gives
+        plain = span_attention_ref(q, keys, values, meta[:9].contiguous(), slots, 0.125, BUCKET)
+        assert not torch.allclose(ref[:, :, :lanes].float(), plain[:, :, :lanes].float(), atol=atol)
 
 
 @pytest.mark.parametrize("kernel", ["ref", pytest.param("triton", marks=needs_triton)])
