@@ -236,7 +236,9 @@ def main() -> None:
             doc = Document(model, tok, prefix + "\n" + suffix, head=doc_start_ids(tok, cfg))
             doc.ensure_ready()
             make = fill_in_middle if args.view == "fim" else left_to_right
-            view = make(doc, len(prefix), max_new_tokens=args.max_tokens)
+            # room for beam search's k lanes in the scratch, as the server leaves it (lsp_server/backend.py)
+            lanes = k if any(m.startswith("beam") for m in methods) else 1
+            view = make(doc, len(prefix), max_new_tokens=args.max_tokens * lanes)
             state_of = view.state  # each method decodes into the view's scratch from the same state
         else:
             state = DecodeState.from_prompt(model, tok, ids, heal=heal, max_new_tokens=args.max_tokens)

@@ -480,11 +480,13 @@ class ModelBackend(Backend):
             block, context = self.context.block_for(request.uri, doc, self.cache.docs, self.cross_file)
             if context.get("context_built"):
                 self.cache.enforce_budget(keep=request.uri)
+        # beam search's beams interleave in the view's scratch (engine/decoding/beam.py): room for each
+        scratch_tokens = request.max_tokens * (request.num_drafts if self.decoding.beam else 1)
         if use_fim:
-            view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=request.max_tokens,
+            view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=scratch_tokens,
                                   whole_suffix=not self.background or self.recompute, block=block)
         else:
-            view = left_to_right(doc, cursor, max_new_tokens=request.max_tokens, block=block)
+            view = left_to_right(doc, cursor, max_new_tokens=scratch_tokens, block=block)
         stats = DecodeStats()
         drafts: list[Draft] = []
         counters: dict[str, Any] = {}
@@ -584,6 +586,7 @@ class ModelBackend(Backend):
             # done once k beams have finished: 1.29x / 1.37x greedy's time on the CPU instead of 1.5x / 1.67x
             result = beam_search(view.state(), num_drafts, rules, early_stopping=True, stats=stats)
             counters["strategy"] = "beam"
+            counters["beam_lanes"] = bool(stats.extra.get("beam_lanes"))  # on the static forward (graphs)
             drafts = []
             for b in result.beams:
                 if b.text.strip():

@@ -159,6 +159,33 @@ def test_several_drafts_by_beam_search_when_it_is_on(trained):
     assert seen_several >= 2 and differ >= 1
 
 
+def test_beam_search_runs_on_the_static_forward_with_the_same_drafts(trained):
+    """With the graph path's static forward (as on a GPU), the beams are lanes of the view's
+    scratch, one static forward per step: the same drafts as the eager batch cache."""
+    from editkv.engine.static_decode import enable_graphs
+
+    eager = ModelBackend(trained, decoding=DecodingOptions(beam=True))
+    answers = {}
+    for uri, text, cursor, _ in _contexts(3):
+        eager.open(uri, text)
+        result = eager.complete(_request(uri, text, cursor, max_tokens=16, num_drafts=3))
+        assert result.stats["beam_lanes"] is False
+        answers[uri] = [(d.text, d.score) for d in result.drafts]
+    static = enable_graphs(trained.model, mode="static")
+    try:
+        backend = ModelBackend(trained, decoding=DecodingOptions(beam=True))
+        for uri, text, cursor, _ in _contexts(3):
+            backend.open(uri, text)
+            before = static.handled
+            result = backend.complete(_request(uri, text, cursor, max_tokens=16, num_drafts=3))
+            assert result.stats["beam_lanes"] is True and static.handled - before >= result.stats["forwards"]
+            got = [(d.text, d.score) for d in result.drafts]
+            assert [t for t, _ in got] == [t for t, _ in answers[uri]]
+            assert [s for _, s in got] == pytest.approx([s for _, s in answers[uri]], abs=1e-3)
+    finally:
+        trained.model.static = None
+
+
 def test_adadec_option_composes_with_speculation(trained):
     uri, text, cursor, _ = _contexts(1)[0]
     backend = ModelBackend(trained, decoding=DecodingOptions(adadec=True))
