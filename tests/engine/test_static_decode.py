@@ -400,3 +400,38 @@ def test_lookup_chain_keeps_greedy_tokens_and_accepts_what_the_buffer_predicts(t
                                          10, 16, 16) is None
     finally:
         model.static = None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_beam_lanes_replay_graphs_and_find_the_eager_beams():
+    """Beam search on graphs (its beams as lanes of the view's scratch, the Triton kernel's lane
+    rule) finds the beams the eager batch cache finds, with the same log-probs."""
+    from editkv.engine.decoding.beam import beam_search
+
+    loaded = load_model(None, device="cuda", dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
+    rules = StopRules(max_tokens=12, max_lines=1)
+    marks = ("def write_", "        for line in l", "    words = 0\n", "return [li")
+    cursors = [DEFAULT_TEXT.index(s) + len(s) for s in marks]
+    found = {}
+    for graphs in (False, True):
+        static = StaticForward(model, bucket=64, max_width=8, mode="graphs") if graphs else None
+        model.static = static
+        try:
+            got = []
+            for cursor in cursors:
+                doc = Document(model, tok, DEFAULT_TEXT, head=doc_start_ids(tok, loaded.config))
+                for build in (left_to_right, fill_in_middle):
+                    view = build(doc, cursor, max_new_tokens=3 * rules.max_tokens)
+                    result = beam_search(view.state(), 3, rules)
+                    assert bool(result.stats.extra.get("beam_lanes")) == graphs
+                    got.append([(b.text, b.logprob) for b in result.beams])
+            found[graphs] = got
+            if graphs:
+                assert static.replays > static.captures > 0
+        finally:
+            model.static = None
+    for lanes, batch in zip(found[True], found[False], strict=True):
+        assert [t for t, _ in lanes] == [t for t, _ in batch]
+        assert [p for _, p in lanes] == pytest.approx([p for _, p in batch], abs=2e-3)
