@@ -32,6 +32,7 @@ everything from the first changed token (what llama.cpp / vLLM prefix caching do
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -48,7 +49,44 @@ from editkv.kernels.rerotate import move_rerotate
 MODES = ("pie", "conflict", "prefix_reuse")
 SPARE_SLOTS = 256  # free slots kept after a document's last one: views' scratch windows live there
 GAP_SLOTS = 256  # free slots a gap is (re)opened with: this many typed tokens before anything moves
-BACKGROUND_CHUNK = 32  # tokens per forward in background encoding: a newer request waits for one at most
+# Interruptible encoding (background work, and a request's own encoding while a newer one may
+# overtake it) goes in chunks that poll a stop flag: a newer request waits for one chunk at most.
+# The chunk is sized by time (`ChunkPacer`): from BACKGROUND_CHUNK tokens, doubled while a chunk
+# takes under half of CHUNK_TARGET_MS, halved above it. On a GPU a forward of 32 tokens costs
+# about what one of 1,024 does (launches), so fixed 32-token chunks made a 2,000-token prefix
+# take ~70 forwards (~170 ms on an H100) where a handful do.
+BACKGROUND_CHUNK = 32
+MAX_BACKGROUND_CHUNK = 2048
+CHUNK_TARGET_MS = 10.0
+
+
+class ChunkPacer:
+    """Tokens per interruptible forward, so that one takes about `target_ms` (see BACKGROUND_CHUNK)."""
+
+    def __init__(self, target_ms: float = CHUNK_TARGET_MS, least: int = BACKGROUND_CHUNK,
+                 most: int = MAX_BACKGROUND_CHUNK) -> None:
+        self.target_ms, self.least, self.most = target_ms, least, most
+        self.size = least
+
+    def took(self, tokens: int, ms: float) -> None:
+        """A chunk of `tokens` took `ms` (device work included)."""
+        if tokens < self.size:  # a short last chunk says nothing about a full one
+            return
+        if ms < self.target_ms / 2 and self.size < self.most:
+            self.size *= 2
+        elif ms > self.target_ms and self.size > self.least:
+            self.size //= 2
+
+
+_PACERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ChunkPacer
+
+
+def pacer_for(model: Transformer) -> ChunkPacer:
+    """The model's chunk pacer, shared by its documents (it measures the model and device)."""
+    pacer = _PACERS.get(model)
+    if pacer is None:
+        pacer = _PACERS[model] = ChunkPacer()
+    return pacer
 
 
 @dataclass
@@ -422,18 +460,29 @@ class Document:
         the gap): they join the gap's near side and the gap moves after them; else they go past
         the gap, which stays where the last edit left it."""
         follow = follow and self.gap_at == self.frontier
-        # the request path takes every token in one prefill, which sizes its own forwards
-        step = BACKGROUND_CHUNK if should_stop is not None else self.options.prefill_chunk or max(1, upto)
+        # uninterruptible: every token in one prefill, which sizes its own forwards
+        pacer = pacer_for(self.model) if should_stop is not None else None
         while self.frontier < upto:
             if should_stop is not None and should_stop():
                 return False
-            hi = min(upto, self.frontier + step)
+            hi = min(upto, self.frontier + (pacer.size if pacer else self.options.prefill_chunk or max(1, upto)))
             if follow:  # past the frontier nothing is encoded: the gap may simply move on
                 self.gap_at = hi
-            self._encode(self.frontier, hi, grow=True)
+            self._paced(pacer, self.frontier, hi, grow=True)
             self.frontier = hi
             self.runs = [_Run(0, hi)]  # (no edits are pending while encoding)
         return True
+
+    def _paced(self, pacer: ChunkPacer | None, first: int, last: int, *, grow: bool = False) -> None:
+        """`_encode`, timed (device work included) for the pacer when there is one."""
+        if pacer is None:
+            self._encode(first, last, grow=grow)
+            return
+        started = time.perf_counter()
+        self._encode(first, last, grow=grow)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        pacer.took(last - first, 1000 * (time.perf_counter() - started))
 
     def _encode(self, first: int, last: int, *, grow: bool = False) -> None:
         """(Re-)encode tokens `[first, last)` into their slots, each attending to every token before it.
@@ -704,7 +753,7 @@ class Document:
 
     def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
         """Re-encode stale tokens from the first one on (at most `max_tokens`); returns how many.
-        With `should_stop`, in small chunks that poll it (background work)."""
+        With `should_stop`, in chunks that poll it (background work; sized by `ChunkPacer`)."""
         self.ensure_encoded_without_refresh()
         stale = np.flatnonzero(self.stale[: self.frontier])
         if not len(stale):
@@ -715,9 +764,10 @@ class Document:
             self._encode(first, last)
             return last - first
         done = first
+        pacer = pacer_for(self.model)
         while done < last and not should_stop():
-            hi = min(last, done + BACKGROUND_CHUNK)
-            self._encode(done, hi)
+            hi = min(last, done + pacer.size)
+            self._paced(pacer, done, hi)
             done = hi
         return done - first
 

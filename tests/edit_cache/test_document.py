@@ -431,6 +431,54 @@ def test_a_stopped_request_keeps_what_it_encoded():
     assert doc.num_unencoded == 0 and _all_error(doc) < 1e-4
 
 
+def test_the_chunk_pacer_sizes_chunks_by_time():
+    from editkv.edit_cache.document import BACKGROUND_CHUNK, MAX_BACKGROUND_CHUNK, ChunkPacer
+
+    pacer = ChunkPacer(target_ms=10.0)
+    for ms in (1.0, 2.0):  # under half the target: doubled
+        pacer.took(pacer.size, ms)
+    assert pacer.size == 4 * BACKGROUND_CHUNK
+    pacer.took(10, 0.1)  # a short last chunk says nothing
+    assert pacer.size == 4 * BACKGROUND_CHUNK
+    pacer.took(pacer.size, 30.0)  # over the target: halved
+    assert pacer.size == 2 * BACKGROUND_CHUNK
+    pacer.took(pacer.size, 7.0)  # within it: kept
+    assert pacer.size == 2 * BACKGROUND_CHUNK
+    for _ in range(10):
+        pacer.took(pacer.size, 50.0)
+    assert pacer.size == BACKGROUND_CHUNK
+    for _ in range(20):
+        pacer.took(pacer.size, 0.0)
+    assert pacer.size == MAX_BACKGROUND_CHUNK
+
+
+def test_interruptible_encoding_takes_the_pacers_chunks():
+    """A request's encoding that a newer one may stop, and background refresh, go in the model's
+    pacer's chunks (here one that doubles after every chunk); the keys are a prefill's."""
+    from editkv.edit_cache.document import _PACERS, ChunkPacer
+
+    class Doubling(ChunkPacer):
+        def __init__(self):
+            super().__init__()
+            self.chunks = []
+
+        def took(self, tokens, ms):
+            self.chunks.append(tokens)
+            self.size = min(2 * self.size, 256)
+
+    doc = Document.create_simulated(BASE * 6)
+    _PACERS[doc.model] = pacer = Doubling()
+    assert doc.ensure_ready(should_stop=lambda: False)
+    assert pacer.chunks[:4] == [32, 64, 128, 256] and sum(pacer.chunks) == len(doc.ids)
+    assert _all_error(doc) < 1e-4
+    doc.apply_change(Range(to_position(doc.text, 5), to_position(doc.text, 5)), "q")
+    doc.ensure_ready()
+    pacer.chunks.clear()
+    stale = doc.num_stale
+    assert doc.refresh(should_stop=lambda: False) == stale > 256
+    assert set(pacer.chunks[:-1]) == {256} and _exact_error(doc) < 1e-4
+
+
 def test_a_gap_that_fills_up_grows_and_a_large_deletion_closes(template):
     from editkv.edit_cache.document import GAP_SLOTS
 
