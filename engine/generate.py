@@ -38,6 +38,9 @@ class StopRules:
     max_lines: int | None = 1
     stop_ids: frozenset[int] = frozenset()
     should_stop: Callable[[], bool] | None = None  # polled before every forward
+    # a time.perf_counter() instant: past it, the completion ends at its next line end (one with
+    # text before it); a multi-line suggestion's time limit
+    lines_until: float | None = None
     ignore_eos: bool = False  # don't stop at the tokenizer's end/stop tokens (benchmarks of fixed length)
 
     def stop_set(self, tokenizer: Tokenizer) -> frozenset[int]:
@@ -234,6 +237,7 @@ class LineStopper:
     def __init__(self, tokenizer: Tokenizer, max_lines: int | None) -> None:
         self.tokenizer = tokenizer
         self.max_lines = max_lines
+        self._limit = max_lines  # the rule's own (`out_of_time` may end the text sooner)
         self._token_bytes: dict[int, bytes] | None = None
 
     def line_ends(self, token: int) -> int:
@@ -242,6 +246,17 @@ class LineStopper:
         if self._token_bytes is None:
             self._token_bytes = healer_for(self.tokenizer).token_bytes
         return self._token_bytes.get(token, b"").count(b"\n")
+
+    def out_of_time(self, lines_until: float | None, ids: list[int], lines: int) -> bool:
+        """After a line end: whether `lines_until` has passed and the text up to it holds more than
+        white space; then the cut moves there (`max_lines` = `lines`)."""
+        if lines_until is None or time.perf_counter() <= lines_until:
+            return False
+        self.max_lines = lines
+        if not self.cut(ids)[0].strip():
+            self.max_lines = self._limit
+            return False
+        return True
 
     def cut(self, ids: list[int]) -> tuple[str, bool]:
         """(text to show, whether the line limit was reached)."""
@@ -364,11 +379,14 @@ def decode(
                 float(torch.log_softmax(logits[0].float(), -1)[token])
         logprob += token_logprob
         ids.append(token)
+        ends = stopper.line_ends(token)
+        lines += ends
         if stop_text is not None:  # it reads the text: decode it
             text, hit = stopper.cut(ids)
         else:
-            lines += stopper.line_ends(token)
             hit = rules.max_lines is not None and lines >= rules.max_lines
+        if not hit and ends and stopper.out_of_time(rules.lines_until, ids, lines):
+            hit = True
         if hit:
             reason = "lines"
             break

@@ -34,6 +34,9 @@ class Settings:
     max_tokens: int = 64
     multiline: str = "auto"  # "auto": several lines where a block starts; "never"; "always"
     max_lines: int = 8  # most lines of a multi-line suggestion
+    # a multi-line suggestion ends at its first line end after this many ms from the request's start
+    # (the first line is always whole); None: 30 on a GPU, 250 on the CPU; 0: no time limit
+    multiline_ms: int | None = None
     num_drafts: int = 3  # suggestions on an explicit invocation and in the dropdown
     debounce_ms: int = 40  # while keystrokes come faster than this (a burst), wait this long after the last
     kv_budget_mb: int = 1024  # KV cache memory of all documents together; 0 = no limit
@@ -86,6 +89,7 @@ class Settings:
 _INT_RANGES = {
     "max_tokens": (1, 1024),
     "max_lines": (1, 200),
+    "multiline_ms": (0, 600_000),
     "num_drafts": (1, 8),
     "debounce_ms": (0, 5000),
     "kv_budget_mb": (0, 1 << 20),
@@ -152,8 +156,8 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
 def _validate(name: str, value: Any) -> tuple[bool, Any, str]:
     if name in ("model", "dtype") and (value is None or value == ""):
         return True, None, ""
-    if name in _MODEL_TUNED and value is None:
-        return True, None, ""  # back to the model's recommendation
+    if (name in _MODEL_TUNED or name == "multiline_ms") and value is None:
+        return True, None, ""  # back to the model's (the device's) recommendation
     if name in _INT_RANGES:
         lo, hi = _INT_RANGES[name]
         if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:

@@ -476,7 +476,8 @@ class EngineWorker:
                            to_position(doc.text, cursor, job.encoding), multiline, dict(self.last_stats))
         request = CompletionRequest(
             job.uri, job.line, job.character, encoding=job.encoding, max_tokens=settings.max_tokens,
-            max_lines=settings.max_lines if multiline else 1, num_drafts=job.num_drafts, view=settings.view,
+            max_lines=settings.max_lines if multiline else 1, multiline_ms=settings.multiline_ms,
+            num_drafts=job.num_drafts, view=settings.view,
             roots=self.workspace_roots,
         )
         try:

@@ -18,10 +18,9 @@ cp /root/stage/data/* $D/ 2>/dev/null
 log "qwen load (conversion cache)"
 python3 -c "from editkv.engine.loading import load_model; import time; t=time.time(); m=load_model('$G', device='cuda'); print('first load', time.time()-t, m.source)" > $R/qwen_load.txt 2>&1
 touch $R/phase1_done
-log "phase 2: quality side by side"
+log "phase 2: beside the peer's CPU build (nice 19)"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-# realedits FIM over the whole dev set, PIE against the exact FIM prefill, with FRESH (default
-# 384) re-encoded suffix tokens (session 13: -0.77 EM, session 12 with 256: -1.09); RE=1 runs it
+# realedits FIM over the whole dev set, PIE against the exact FIM prefill (session 13: -0.77 EM); RE=1 runs it
 if [ "${RE:-0}" = 1 ]; then
   mkdir -p $R/re
   for i in $(seq 0 7); do
@@ -30,14 +29,18 @@ if [ "${RE:-0}" = 1 ]; then
       > $R/re/re_$i.txt 2>&1 &
   done
 fi
-# served-path quality (issue 21: default within 0.5 EM of full recompute): requests at the scored lines only
-timeout 900 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 40 --max-keys 300 \
-  --methods default,full --pace lines --json $R/lines_qwen.json > $R/lines_qwen.txt 2>&1 &
+# served-path quality against full recompute (session 13: equal EM); LINES=1 runs it
+[ "${LINES:-0}" = 1 ] && timeout 900 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz \
+  --limit 40 --max-keys 300 --methods default,full --pace lines --json $R/lines_qwen.json > $R/lines_qwen.txt 2>&1 &
 EDITKV_FAULTS_DEVICE=cuda timeout 900 python3 -m pytest -q -p no:cacheprovider tests/lsp_server/test_faults.py > $R/faults_cuda.log 2>&1 &
-[ -x scripts/gpu/session_extra.sh ] && bash scripts/gpu/session_extra.sh $G > $R/extra.log 2>&1 &
-# phase 3 needs the GPU alone: it starts when phase 2 is over, or when /root/go3 appears (then
-# whatever still runs is stopped; its results are lost)
+[ "${EXTRA:-0}" = 1 ] && bash scripts/gpu/session_extra.sh $G > $R/extra.log 2>&1 &
 while [ "$(jobs -r | wc -l)" -gt 0 ] && [ ! -f /root/go3 ]; do sleep 5; done
+unset PYTORCH_CUDA_ALLOC_CONF
+# the served dropdown while the peer still builds on the CPU (GPU alone; the build at nice 19)
+log "served dropdown (beside the peer build)"
+timeout 150 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 40 \
+  --view fim --methods "greedy,superposed,beam k,beam k early" --json $R/md_fim_build.json > $R/md_fim_build.txt 2>&1
+log "dropdown rc=$?"
 if [ -f /root/go3 ]; then
   log "go3: stopping $(jobs -r | wc -l) jobs"
   pkill -f 'bench/(realedits|fim_prompts|crossfile|multidraft|adadec|lsp_replay).py'; pkill -f 'lsp_server.cli lsp'; pkill -f 'pytest -m fuzz_long'; pkill -f 'test_faults.py'; pkill -f 'editkv calibrate'; pkill -f 'pytest -m gpu'
@@ -45,30 +48,26 @@ if [ -f /root/go3 ]; then
 fi
 log "phase 2 done"
 [ -d $R/re ] && python3 bench/realedits.py --merge $R/re/re_*.json > $R/re_merged.txt 2>&1
-python3 bench/adadec.py realedits --merge $R/adadec_*.json > $R/adadec_merged.txt 2>&1
-log "phase 3: timings alone"
-unset PYTORCH_CUDA_ALLOC_CONF
 PEER=/root/xdg/editkv/peers/llama-b11434-cuda/bin/llama-server
-for i in $(seq 1 36); do [ -x $PEER ] || ! pgrep -f 'llama_server.py build' > /dev/null && break; sleep 5; done
+for i in $(seq 1 60); do [ -x $PEER ] || ! pgrep -f 'llama_server.py build' > /dev/null && break; sleep 5; done
+log "phase 3: timings alone"
 if [ -x $PEER ]; then M=default,vscode,full,llama; else M=default,vscode,full; fi
-# the KV pool's effect in the same run: editkv without it first (one buffer per document)
-log "served replay, human pace, no KV pool"
-EDITKV_KV_POOL=0 timeout 200 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 \
-  --max-keys 60 --methods default --pace human --json $R/replay_nopool.json > $R/replay_nopool.txt 2>&1
-log "replay (no pool) rc=$?"
 log "served replay, human pace ($M)"
 timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
   --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer.log \
   --methods $M --pace human --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
 log "replay rc=$?"
-log "latency, real weights"
-timeout 180 python3 bench/latency_gpu.py --device cuda --models model --model $G --data $D/dev150.jsonl.gz \
-  --contexts 2048,8192 --json $R/latency_qwen.json > $R/latency_qwen.txt 2>&1
-log "latency rc=$?"
 if [ ! -f /root/stop ]; then
-  log "served dropdown alone (beam vs superposed timings)"
+  log "served dropdown alone (beam lanes vs superposed timings)"
   timeout 150 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 40 \
     --view fim --methods "greedy,superposed,beam k,beam k early" --json $R/md_fim.json > $R/md_fim.txt 2>&1
   log "dropdown rc=$?"
+fi
+if [ -x $PEER ] && [ ! -f /root/stop2 ]; then
+  log "suggestion quality side by side with llama-server (lines pace)"
+  timeout 480 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 40 --max-keys 300 \
+    --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer_lines.log \
+    --methods default,llama --pace lines --json $R/lines_llama_gpu.json > $R/lines_llama_gpu.txt 2>&1
+  log "lines rc=$?"
 fi
 touch $R/done

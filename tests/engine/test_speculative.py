@@ -730,3 +730,38 @@ def test_device_speculation_replays_graphs_and_keeps_greedy_output():
             _check_counters(out)
     chains = loaded.model.static.lookup_chains
     assert chains > 0 and loaded.model.static.captures < loaded.model.static.replays
+
+
+def test_a_passed_lines_deadline_ends_at_the_first_line_end_with_text(trained):
+    """`lines_until` (a multi-line suggestion's time limit) in the past: plain decoding and
+    speculation, on the host and on the device, end at the first line end with text before it,
+    as the line rule would there; one in the future changes nothing."""
+    import time
+    from dataclasses import replace
+
+    tok = trained.tokenizer
+    head = doc_start_ids(tok, trained.config)
+    free = StopRules(max_tokens=40, max_lines=None)
+    late = replace(free, lines_until=0.0)
+    cut_short = 0
+    trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+    try:
+        speculators = (Speculator(SpeculationConfig()), Speculator(SpeculationConfig(device_lookup=True)))
+        for text, cursor in _repo_contexts(8):
+            doc = Document(trained.model, tok, text, head=head)
+            view = left_to_right(doc, cursor, max_new_tokens=40)
+            whole = view.decode(rules=free)
+            parts = tok.decode(whole.ids).split("\n")
+            k = next((i for i in range(1, len(parts)) if "\n".join(parts[:i]).strip()), None)
+            cut = view.decode(rules=late)
+            if k is None:
+                assert cut.text == whole.text
+            else:
+                assert (cut.text, cut.stop_reason) == (view.decode(rules=replace(free, max_lines=k)).text, "lines")
+                cut_short += len(cut.text) < len(whole.text)
+            for spec in speculators:
+                _same(cut, spec.decode(view.state(), rules=late))
+            assert view.decode(rules=replace(free, lines_until=time.perf_counter() + 3600)).text == whole.text
+    finally:
+        trained.model.static = None
+    assert cut_short >= 2

@@ -186,6 +186,25 @@ def test_beam_search_runs_on_the_static_forward_with_the_same_drafts(trained):
         trained.model.static = None
 
 
+def test_a_multiline_suggestion_ends_at_a_line_end_past_its_time_limit(trained):
+    """`multiline_ms`: a multi-line request past its limit ends at the next line end with text
+    before it (1 ms: always past by then); 0 is no limit; one-line requests never change."""
+    backend = ModelBackend(trained)
+    shorter = 0
+    for uri, text, cursor, _ in _contexts(6):
+        backend.open(uri, text)
+        whole = backend.complete(_request(uri, text, cursor, max_tokens=40, max_lines=8, multiline_ms=0))
+        quick = backend.complete(_request(uri, text, cursor, max_tokens=40, max_lines=8, multiline_ms=1))
+        assert whole.drafts and quick.drafts
+        full, cut = whole.drafts[0].text, quick.drafts[0].text
+        assert full.startswith(cut) and "\n" not in cut.strip("\n")  # one line (of text) at most
+        shorter += len(cut) < len(full)
+        one = [backend.complete(_request(uri, text, cursor, max_tokens=40, max_lines=1, multiline_ms=ms)).drafts[0].text
+               for ms in (0, 1)]
+        assert one[0] == one[1]
+    assert shorter >= 2
+
+
 def test_adadec_option_composes_with_speculation(trained):
     uri, text, cursor, _ = _contexts(1)[0]
     backend = ModelBackend(trained, decoding=DecodingOptions(adadec=True))

@@ -54,6 +54,10 @@ def test_staleness_settings_reach_the_cache_options():
     assert cache_options(s)["tuned"]["fim_fresh_suffix"] == 8
     # unset: the backend takes the model's recommendation
     assert cache_options(Settings())["tuned"] == {"fim_fresh_suffix": None, "refresh_near_cursor": None}
+    limited, problems = parse_settings({"multilineMs": 40})
+    assert limited.multiline_ms == 40 and not problems
+    assert parse_settings({"multilineMs": None}, limited)[0].multiline_ms is None  # back to the device's
+    assert parse_settings({"multilineMs": -1})[1]  # out of range: reported
     back, problems = parse_settings({"fimFreshSuffix": None, "refreshNearCursor": 128}, s)
     assert not problems and back.fim_fresh_suffix is None and back.refresh_near_cursor == 128
     assert cache_options(Settings())["options"].stale_budget == 4096

@@ -23,6 +23,7 @@ export const SERVER_DEFAULTS = {
   maxTokens: 64,
   multiline: 'auto',
   maxLines: 8,
+  multilineMs: null, // null: the device's (30 ms on a GPU, 250 on the CPU)
   numDrafts: 3,
   debounceMs: 40,
   kvBudgetMb: 1024,

@@ -70,11 +70,14 @@ class Output:
                 return n
             self.logprob += logprob
             self.ids.append(token)
-            if max_lines is not None:
+            if max_lines is not None or self.rules.lines_until is not None:
                 ends = self.stopper.line_ends(token)
                 self.lines += ends
                 self.in_line = 0 if ends else self.in_line + 1
-                if self.lines >= max_lines:
+                if max_lines is not None and self.lines >= max_lines:
+                    self.reason = "lines"
+                    return n + 1
+                if ends and self.stopper.out_of_time(self.rules.lines_until, self.ids, self.lines):
                     self.reason = "lines"
                     return n + 1
             if len(self.ids) >= self.rules.max_tokens:
