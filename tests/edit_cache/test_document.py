@@ -595,7 +595,10 @@ def test_conflict_mode_encodes_text_added_after_a_stopped_encoding(template):
     """Found by tests/fuzz: in "conflict" mode the table of slot positions was sized when the
     cache was allocated, so tokens encoded later (the rest of a text that grew meanwhile) fell
     outside it and the next repair failed."""
+    from editkv.edit_cache.document import _PACERS, ChunkPacer
+
     doc = _doc(template, text=BASE * 2, mode="conflict")
+    _PACERS[doc.model] = ChunkPacer(most=32)  # small chunks: the stop comes part way
     calls = []
     assert not doc.ensure_ready(should_stop=lambda: len(calls) > 1 or calls.append(1))  # stopped part way
     end = to_position(doc.text, len(doc.text))

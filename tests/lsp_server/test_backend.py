@@ -386,10 +386,14 @@ def test_a_big_file_is_encoded_up_to_the_cursor_first_and_the_rest_in_the_backgr
     assert result.drafts and needed - 40 <= result.stats["document_encoded_tokens"] <= needed + 1
     assert result.stats["unencoded_tokens"] == len(doc.ids) - doc.frontier > 1000
     assert backend.urgent_work()
-    # background chunks stop as soon as work comes (here: after the first poll)
+    # background chunks stop as soon as work comes (here: after the first poll; chunks held to 64
+    # tokens, which the model's pacer would otherwise size by time)
+    from editkv.edit_cache.document import _PACERS, ChunkPacer
+
+    _PACERS[backend.loaded.model] = ChunkPacer(least=64, most=64)
     polls = []
     done = backend.refresh_idle(256, lambda: len(polls) > 0 or polls.append(1))
-    assert 0 < done < 256
+    assert done == 64
     while backend.refresh_idle(256, lambda: False):
         pass
     assert doc.num_unencoded == 0 and not backend.urgent_work()

@@ -311,6 +311,7 @@ def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tm
         clock.now += settings.idle_refresh_ms / 1000  # idle
         while static.pending_captures and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert static.pending_captures == 0 and w.idle_captures >= pending and static.num_graphs >= pending
+        # (a key whose buffer moved since is dropped, not captured: count what was captured)
+        assert static.pending_captures == 0 and w.idle_captures > 0 and static.num_graphs == w.idle_captures
     finally:
         w.stop()
