@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from editkv.lsp_server import server_version
+
+SWITCH_INTERVAL_S = 0.0005  # `editkv lsp`'s GIL switch interval (Python's default: 0.005)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,6 +259,10 @@ def _cmd_lsp(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).info("editkv lsp listening on %s:%d", args.host, args.port)
         server.start_tcp(args.host, args.port)
         return 0
+    # The event loop answers what needs no model (typed-along suggestions, stats) while the engine
+    # worker's thread runs Python between torch ops: a thread waiting for the GIL gets it after the
+    # switch interval (5 ms by default), which was most of such an answer's time.
+    sys.setswitchinterval(float(os.environ.get("EDITKV_SWITCH_INTERVAL", SWITCH_INTERVAL_S)))
     # stdout carries the protocol only: anything a library prints goes to stderr instead.
     out = sys.stdout.buffer
     sys.stdout = sys.stderr
