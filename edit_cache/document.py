@@ -51,31 +51,51 @@ SPARE_SLOTS = 256  # free slots kept after a document's last one: views' scratch
 GAP_SLOTS = 256  # free slots a gap is (re)opened with: this many typed tokens before anything moves
 # Interruptible encoding (background work, and a request's own encoding while a newer one may
 # overtake it) goes in chunks that poll a stop flag: a newer request waits for one chunk at most.
-# The chunk is sized by time (`ChunkPacer`): from BACKGROUND_CHUNK tokens, doubled while a chunk
-# takes under half of CHUNK_TARGET_MS, halved above it. On a GPU a forward of 32 tokens costs
-# about what one of 1,024 does (launches), so fixed 32-token chunks made a 2,000-token prefix
-# take ~70 forwards (~170 ms on an H100) where a handful do.
+# The chunk is sized by time (`ChunkPacer`): about CHUNK_TARGET_MS a chunk, or, where a forward's
+# fixed cost alone is more (launch-bound forwards on a GPU: 32 tokens cost about what 1,024 do),
+# as many tokens as add half of it. Fixed 32-token chunks made a 2,000-token prefix take ~70
+# forwards (~170 ms on an H100) where two or three do. These chunks run eagerly, never on the
+# static forward (a graph per chunk width would be captured for one use).
 BACKGROUND_CHUNK = 32
 MAX_BACKGROUND_CHUNK = 2048
 CHUNK_TARGET_MS = 10.0
 
 
 class ChunkPacer:
-    """Tokens per interruptible forward, so that one takes about `target_ms` (see BACKGROUND_CHUNK)."""
+    """Tokens per interruptible forward (see BACKGROUND_CHUNK).
+
+    A chunk's time is modelled as fixed + per-token cost, fitted (least squares) to the running
+    mean time of each chunk size tried; the next size is the largest power of two that keeps to
+    `target_ms`, or where the fixed cost alone exceeds the target, the one whose tokens add half
+    of it. Sizes double from `least` until two have been measured, and while bigger ones measure
+    no slower."""
 
     def __init__(self, target_ms: float = CHUNK_TARGET_MS, least: int = BACKGROUND_CHUNK,
                  most: int = MAX_BACKGROUND_CHUNK) -> None:
         self.target_ms, self.least, self.most = target_ms, least, most
         self.size = least
+        self._ms: dict[int, float] = {}  # chunk size -> running mean ms
 
     def took(self, tokens: int, ms: float) -> None:
         """A chunk of `tokens` took `ms` (device work included)."""
-        if tokens < self.size:  # a short last chunk says nothing about a full one
+        if tokens != self.size:  # a short last chunk: not a size the model has tried
             return
-        if ms < self.target_ms / 2 and self.size < self.most:
-            self.size *= 2
-        elif ms > self.target_ms and self.size > self.least:
-            self.size //= 2
+        self._ms[tokens] = ms if tokens not in self._ms else 0.7 * self._ms[tokens] + 0.3 * ms
+        if len(self._ms) < 2:
+            self.size = min(self.most, 2 * self.size)
+            return
+        sizes = np.array(list(self._ms), dtype=np.float64)
+        times = np.array(list(self._ms.values()), dtype=np.float64)
+        per_token = float(np.polyfit(sizes, times, 1)[0])
+        fixed = max(0.0, float(times.mean() - per_token * sizes.mean()))
+        if per_token <= 0:  # bigger chunks were no slower (or noise says so): try the next size
+            wanted = float(2 * self.size)
+        elif fixed < self.target_ms:
+            wanted = (self.target_ms - fixed) / per_token
+        else:
+            wanted = 0.5 * fixed / per_token
+        wanted = int(min(max(wanted, self.least), self.most))
+        self.size = 1 << (wanted.bit_length() - 1)  # a power of two: few sizes to keep means of
 
 
 _PACERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ChunkPacer
@@ -474,20 +494,22 @@ class Document:
         return True
 
     def _paced(self, pacer: ChunkPacer | None, first: int, last: int, *, grow: bool = False) -> None:
-        """`_encode`, timed (device work included) for the pacer when there is one."""
+        """`_encode`, timed (device work included) for the pacer when there is one; its chunks
+        run eagerly (not on the static forward)."""
         if pacer is None:
             self._encode(first, last, grow=grow)
             return
         started = time.perf_counter()
-        self._encode(first, last, grow=grow)
+        self._encode(first, last, grow=grow, static=False)
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         pacer.took(last - first, 1000 * (time.perf_counter() - started))
 
-    def _encode(self, first: int, last: int, *, grow: bool = False) -> None:
+    def _encode(self, first: int, last: int, *, grow: bool = False, static: bool = True) -> None:
         """(Re-)encode tokens `[first, last)` into their slots, each attending to every token before it.
 
         `grow`: the tokens are new at the frontier (their slots follow the gap rule too).
+        `static=False`: never on the model's static forward (engine.generate.prefill).
         """
         if last <= first:
             return
@@ -508,7 +530,7 @@ class Document:
             self.cache.ensure_capacity(self.end_slot + 1)
             self._wrote(at, at + b - a)
             prefill(self.model, ids[a:b], self.cache, start=at, first_position=at, context=context,
-                    chunk=self.options.prefill_chunk, logits="none", **self._window())
+                    chunk=self.options.prefill_chunk, logits="none", static=static, **self._window())
         # exact only if everything before them is: a token encoded after a stale one attended
         # to stale keys, so it is stale too (the stale tokens are always a suffix of the encoded ones)
         self.stale[first:last] = bool(self.stale[:first].any())

@@ -19,8 +19,8 @@ scratch window after its last slot) and attend to slots of that same buffer in t
 context: engine.generate.windowed keeps the window of keys a query may see and moves the
 document start in front of it.) Those numbers, the tokens' ids, positions and slots are copied
 into static device tensors; attention (kernels/span_attention.py) reads the buffer's first
-`bucket` slots (a multiple of 1024 covering the buffer's `extent`, the slots its owner has in
-use) and applies the visibility rule on the device, so a repair near the top of a file replays
+`bucket` slots (1024 times a power of two, covering the buffer's `extent`, the slots its owner
+has in use) and applies the visibility rule on the device, so a repair near the top of a file replays
 the same graph as one near its end. Norms, RoPE with the KV write, and SwiGLU are fused kernels
 (kernels/fused.py); q/k/v and gate/up are one GEMM each. One graph per
 (buffer, bucket, width, rows wanted) is captured on first use and replayed after. On a GPU the
@@ -89,10 +89,6 @@ MAX_SPLIT = 2  # a forward up to this many times max_width runs as parts (a FIM 
 MAX_CHAIN = 16
 CHAIN_STEPS = 8  # engine.generate.decode's chain length (0: decode step by step)
 SOURCE = 16384  # tokens a device-side prompt lookup searches (`lookup_chain`)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _next_power_of_two(n: int) -> int:
@@ -569,7 +565,9 @@ class StaticForward:
             # the previous call's copy must be done reading the buffer before it is refilled
             torch.cuda.current_stream().synchronize()
         self._inputs.copy_(self._host, non_blocking=True)
-        return min(_round_up(reach, self.bucket), base.capacity)
+        # a power of two of `bucket`s: fewer graph shapes (each captured once) for little more work,
+        # as the kernel skips the key blocks past every span
+        return min(self.bucket * _next_power_of_two(-(-reach // self.bucket)), base.capacity)
 
     def _graph(self, base: KVCache, bucket: int, width: int, rows: str = "all", source: str = "ids",
                defer: bool | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None] | None:

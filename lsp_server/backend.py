@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 NGRAM_INDEX_TOKENS = 300_000  # workspace n-gram index bound (~100 bytes a token: ~30 MB)
 REFERENCE_TOKENS = 100_000  # other open documents speculation drafts from, most recently used first
 SUFFIX_TOKENS = 8192  # of the document after the cursor (left-to-right view)
+# Off: on the H100 replay (BENCHMARKS.md, session 14) deferred graphs left most requests on the
+# static ops run eagerly (a 400-token FIM view 25-60 ms instead of ~5) for want of idle time to
+# capture them: p95 75 / p99 103 ms against 42 / 75 capturing at once.
+DEFER_CAPTURES = False
 # A multi-line suggestion's time limit by device (setting `multilineMs`): past it, decoding ends at the
 # next line end (llama.cpp's t_max_predict_ms is the same rule). On an H100 a 64-token block of Qwen2.5-
 # Coder-0.5B took up to 75 ms where one line takes ~10; the CPU's limit sits under its p95 target (300).
@@ -283,12 +287,12 @@ class ModelBackend(Backend):
         return self.background and self.cache.urgent_work()
 
     def _defer_captures(self) -> None:
-        """With background work on, a CUDA graph a request lacks is not captured on its keystroke
-        (tens of milliseconds): the request runs the same ops eagerly and the worker captures the
-        graph once the user is idle (`capture_idle`). Without background work: captured at once."""
+        """With DEFER_CAPTURES and background work on, a CUDA graph a request lacks is not captured
+        on its keystroke (tens of milliseconds): the request runs the same ops eagerly and the
+        worker captures the graph once the user is idle (`capture_idle`). Otherwise captured at once."""
         static = self.loaded.model.static
         if static is not None:
-            static.defer_captures = self.background
+            static.defer_captures = DEFER_CAPTURES and self.background
 
     def _install_pool(self) -> None:
         """One KV pool (the KV budget's size) that every document's cache is a region of, when the

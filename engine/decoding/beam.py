@@ -133,12 +133,13 @@ def beam_search(
     unfinished = ""
     while True:
         logp = torch.log_softmax(logits.float(), -1)  # [live, V]
-        candidates = []
-        for b, beam in enumerate(live):
-            row = healer.mask(logp[b : b + 1], beam.remaining)[0] if beam.remaining else logp[b]
-            top = row.topk(2 * num_beams)
-            candidates += [(beam.logprob + s, b, t) for s, t in zip(top.values.tolist(), top.indices.tolist(),
-                                                                   strict=True) if s > float("-inf")]
+        if any(beam.remaining for beam in live):  # healing: only tokens that spell the cut text
+            logp = torch.cat([healer.mask(logp[b : b + 1], beam.remaining) if beam.remaining else logp[b : b + 1]
+                              for b, beam in enumerate(live)])
+        top = logp.topk(2 * num_beams, dim=-1)
+        values, indices = torch.stack((top.values.double(), top.indices.double())).tolist()  # one host read
+        candidates = [(beam.logprob + s, b, int(t)) for b, beam in enumerate(live)
+                      for s, t in zip(values[b], indices[b], strict=True) if s > float("-inf")]
         candidates.sort(key=lambda c: -c[0])
         children: list[_Hyp] = []
         seen: set[str] = set()

@@ -36,11 +36,6 @@ EDITKV_FAULTS_DEVICE=cuda timeout 900 python3 -m pytest -q -p no:cacheprovider t
 [ "${EXTRA:-0}" = 1 ] && bash scripts/gpu/session_extra.sh $G > $R/extra.log 2>&1 &
 while [ "$(jobs -r | wc -l)" -gt 0 ] && [ ! -f /root/go3 ]; do sleep 5; done
 unset PYTORCH_CUDA_ALLOC_CONF
-# the served dropdown while the peer still builds on the CPU (GPU alone; the build at nice 19)
-log "served dropdown (beside the peer build)"
-timeout 150 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 40 \
-  --view fim --methods "greedy,superposed,beam k,beam k early" --json $R/md_fim_build.json > $R/md_fim_build.txt 2>&1
-log "dropdown rc=$?"
 if [ -f /root/go3 ]; then
   log "go3: stopping $(jobs -r | wc -l) jobs"
   pkill -f 'bench/(realedits|fim_prompts|crossfile|multidraft|adadec|lsp_replay).py'; pkill -f 'lsp_server.cli lsp'; pkill -f 'pytest -m fuzz_long'; pkill -f 'test_faults.py'; pkill -f 'editkv calibrate'; pkill -f 'pytest -m gpu'
@@ -63,7 +58,7 @@ if [ ! -f /root/stop ]; then
     --view fim --methods "greedy,superposed,beam k,beam k early" --json $R/md_fim.json > $R/md_fim.txt 2>&1
   log "dropdown rc=$?"
 fi
-if [ -x $PEER ] && [ ! -f /root/stop2 ]; then
+if [ -x $PEER ] && [ "${LINES_LLAMA:-1}" = 1 ] && [ ! -f /root/stop2 ]; then
   log "suggestion quality side by side with llama-server (lines pace)"
   timeout 480 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 40 --max-keys 300 \
     --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer_lines.log \

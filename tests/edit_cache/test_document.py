@@ -432,24 +432,33 @@ def test_a_stopped_request_keeps_what_it_encoded():
 
 
 def test_the_chunk_pacer_sizes_chunks_by_time():
+    """Fixed + per-token cost fitted to the sizes tried: the largest chunk within the target, or
+    where the fixed cost alone exceeds it (launch-bound), the one that adds half of it."""
     from editkv.edit_cache.document import BACKGROUND_CHUNK, MAX_BACKGROUND_CHUNK, ChunkPacer
 
-    pacer = ChunkPacer(target_ms=10.0)
-    for ms in (1.0, 2.0):  # under half the target: doubled
-        pacer.took(pacer.size, ms)
-    assert pacer.size == 4 * BACKGROUND_CHUNK
-    pacer.took(10, 0.1)  # a short last chunk says nothing
-    assert pacer.size == 4 * BACKGROUND_CHUNK
-    pacer.took(pacer.size, 30.0)  # over the target: halved
-    assert pacer.size == 2 * BACKGROUND_CHUNK
-    pacer.took(pacer.size, 7.0)  # within it: kept
-    assert pacer.size == 2 * BACKGROUND_CHUNK
-    for _ in range(10):
-        pacer.took(pacer.size, 50.0)
+    def pacer_after(*times):
+        pacer = ChunkPacer(target_ms=10.0)
+        for ms in times:
+            pacer.took(pacer.size, ms)
+        return pacer
+
+    assert pacer_after(10.0).size == 2 * BACKGROUND_CHUNK  # one size measured: try the next
+    # a CPU: 2 ms + 0.25 ms a token: 32 tokens keep to 10 ms
+    assert pacer_after(10.0, 18.0).size == 32
+    # a GPU's eager forwards: 11.8 ms fixed + 6 us a token: 944 tokens add half of the fixed cost
+    assert pacer_after(12.0, 12.2).size == 512
+    # 7.8 ms fixed: 352 tokens keep to 10 ms
+    assert pacer_after(8.0, 8.2).size == 256
+    # fast forwards: 0.5 ms + 16 us a token: 608 tokens in 10 ms
+    assert pacer_after(1.0, 1.5).size == 512
+    assert pacer_after(0.1, 0.1).size == 128  # bigger chunks no slower: the next size
+    assert pacer_after(*[0.1] * 12).size == MAX_BACKGROUND_CHUNK
+    pacer = pacer_after(10.0, 18.0)
+    pacer.took(10, 100.0)  # a short last chunk says nothing
+    assert pacer.size == 32
+    for _ in range(10):  # a slower machine now (1 ms a token): still at least the smallest
+        pacer.took(pacer.size, pacer.size * 1.0)
     assert pacer.size == BACKGROUND_CHUNK
-    for _ in range(20):
-        pacer.took(pacer.size, 0.0)
-    assert pacer.size == MAX_BACKGROUND_CHUNK
 
 
 def test_interruptible_encoding_takes_the_pacers_chunks():

@@ -276,7 +276,7 @@ def test_urgent_background_work_waits_for_a_short_quiet_spell_not_for_idle(tmp_p
         w.stop()
 
 
-def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tmp_path):
+def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tmp_path, monkeypatch):
     """A request's missing CUDA graphs (here the static forward's keys on the CPU) are captured by
     background work only once the user has been idle for idle_refresh_ms: a capture can't stop
     halfway, so the short quiet that urgent work takes (URGENT_QUIET_MS) is not enough."""
@@ -284,10 +284,12 @@ def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tm
 
     from editkv.engine.loading import load_model
     from editkv.engine.static_decode import enable_graphs
+    from editkv.lsp_server import backend as backend_module
     from editkv.lsp_server.backend import ModelBackend
     from editkv.lsp_server.worker import cache_options
     from helpers import make_checkpoint
 
+    monkeypatch.setattr(backend_module, "DEFER_CAPTURES", True)  # (off by default: BENCHMARKS.md)
     clock = Clock()
     settings = Settings(idle_refresh_ms=200)  # real timers fire; idleness is the test's clock's
     loaded = load_model(make_checkpoint(tmp_path / "m", "llama"))
