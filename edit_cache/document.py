@@ -32,7 +32,6 @@ everything from the first changed token (what llama.cpp / vLLM prefix caching do
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -49,64 +48,7 @@ from editkv.kernels.rerotate import move_rerotate
 MODES = ("pie", "conflict", "prefix_reuse")
 SPARE_SLOTS = 256  # free slots kept after a document's last one: views' scratch windows live there
 GAP_SLOTS = 256  # free slots a gap is (re)opened with: this many typed tokens before anything moves
-# Interruptible encoding (background work, and a request's own encoding while a newer one may
-# overtake it) goes in chunks that poll a stop flag: a newer request waits for one chunk at most.
-# The chunk is sized by time (`ChunkPacer`): about CHUNK_TARGET_MS a chunk, or, where a forward's
-# fixed cost alone is more (launch-bound forwards on a GPU: 32 tokens cost about what 1,024 do),
-# as many tokens as add half of it. Fixed 32-token chunks made a 2,000-token prefix take ~70
-# forwards (~170 ms on an H100) where two or three do. These chunks run eagerly, never on the
-# static forward (a graph per chunk width would be captured for one use).
-BACKGROUND_CHUNK = 32
-MAX_BACKGROUND_CHUNK = 2048
-CHUNK_TARGET_MS = 10.0
-
-
-class ChunkPacer:
-    """Tokens per interruptible forward (see BACKGROUND_CHUNK).
-
-    A chunk's time is modelled as fixed + per-token cost, fitted (least squares) to the running
-    mean time of each chunk size tried; the next size is the largest power of two that keeps to
-    `target_ms`, or where the fixed cost alone exceeds the target, the one whose tokens add half
-    of it. Sizes double from `least` until two have been measured, and while bigger ones measure
-    no slower."""
-
-    def __init__(self, target_ms: float = CHUNK_TARGET_MS, least: int = BACKGROUND_CHUNK,
-                 most: int = MAX_BACKGROUND_CHUNK) -> None:
-        self.target_ms, self.least, self.most = target_ms, least, most
-        self.size = least
-        self._ms: dict[int, float] = {}  # chunk size -> running mean ms
-
-    def took(self, tokens: int, ms: float) -> None:
-        """A chunk of `tokens` took `ms` (device work included)."""
-        if tokens != self.size:  # a short last chunk: not a size the model has tried
-            return
-        self._ms[tokens] = ms if tokens not in self._ms else 0.7 * self._ms[tokens] + 0.3 * ms
-        if len(self._ms) < 2:
-            self.size = min(self.most, 2 * self.size)
-            return
-        sizes = np.array(list(self._ms), dtype=np.float64)
-        times = np.array(list(self._ms.values()), dtype=np.float64)
-        per_token = float(np.polyfit(sizes, times, 1)[0])
-        fixed = max(0.0, float(times.mean() - per_token * sizes.mean()))
-        if per_token <= 0:  # bigger chunks were no slower (or noise says so): try the next size
-            wanted = float(2 * self.size)
-        elif fixed < self.target_ms:
-            wanted = (self.target_ms - fixed) / per_token
-        else:
-            wanted = 0.5 * fixed / per_token
-        wanted = int(min(max(wanted, self.least), self.most))
-        self.size = 1 << (wanted.bit_length() - 1)  # a power of two: few sizes to keep means of
-
-
-_PACERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ChunkPacer
-
-
-def pacer_for(model: Transformer) -> ChunkPacer:
-    """The model's chunk pacer, shared by its documents (it measures the model and device)."""
-    pacer = _PACERS.get(model)
-    if pacer is None:
-        pacer = _PACERS[model] = ChunkPacer()
-    return pacer
+BACKGROUND_CHUNK = 32  # tokens per forward in background encoding: a newer request waits for one at most
 
 
 @dataclass
@@ -480,36 +422,23 @@ class Document:
         the gap): they join the gap's near side and the gap moves after them; else they go past
         the gap, which stays where the last edit left it."""
         follow = follow and self.gap_at == self.frontier
-        # uninterruptible: every token in one prefill, which sizes its own forwards
-        pacer = pacer_for(self.model) if should_stop is not None else None
+        # the request path takes every token in one prefill, which sizes its own forwards
+        step = BACKGROUND_CHUNK if should_stop is not None else self.options.prefill_chunk or max(1, upto)
         while self.frontier < upto:
             if should_stop is not None and should_stop():
                 return False
-            hi = min(upto, self.frontier + (pacer.size if pacer else self.options.prefill_chunk or max(1, upto)))
+            hi = min(upto, self.frontier + step)
             if follow:  # past the frontier nothing is encoded: the gap may simply move on
                 self.gap_at = hi
-            self._paced(pacer, self.frontier, hi, grow=True)
+            self._encode(self.frontier, hi, grow=True)
             self.frontier = hi
             self.runs = [_Run(0, hi)]  # (no edits are pending while encoding)
         return True
 
-    def _paced(self, pacer: ChunkPacer | None, first: int, last: int, *, grow: bool = False) -> None:
-        """`_encode`, timed (device work included) for the pacer when there is one; its chunks
-        run eagerly (not on the static forward)."""
-        if pacer is None:
-            self._encode(first, last, grow=grow)
-            return
-        started = time.perf_counter()
-        self._encode(first, last, grow=grow, static=False)
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize(self.model.device)
-        pacer.took(last - first, 1000 * (time.perf_counter() - started))
-
-    def _encode(self, first: int, last: int, *, grow: bool = False, static: bool = True) -> None:
+    def _encode(self, first: int, last: int, *, grow: bool = False) -> None:
         """(Re-)encode tokens `[first, last)` into their slots, each attending to every token before it.
 
         `grow`: the tokens are new at the frontier (their slots follow the gap rule too).
-        `static=False`: never on the model's static forward (engine.generate.prefill).
         """
         if last <= first:
             return
@@ -530,7 +459,7 @@ class Document:
             self.cache.ensure_capacity(self.end_slot + 1)
             self._wrote(at, at + b - a)
             prefill(self.model, ids[a:b], self.cache, start=at, first_position=at, context=context,
-                    chunk=self.options.prefill_chunk, logits="none", static=static, **self._window())
+                    chunk=self.options.prefill_chunk, logits="none", **self._window())
         # exact only if everything before them is: a token encoded after a stale one attended
         # to stale keys, so it is stale too (the stale tokens are always a suffix of the encoded ones)
         self.stale[first:last] = bool(self.stale[:first].any())
@@ -775,7 +704,7 @@ class Document:
 
     def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
         """Re-encode stale tokens from the first one on (at most `max_tokens`); returns how many.
-        With `should_stop`, in chunks that poll it (background work; sized by `ChunkPacer`)."""
+        With `should_stop`, in small chunks that poll it (background work)."""
         self.ensure_encoded_without_refresh()
         stale = np.flatnonzero(self.stale[: self.frontier])
         if not len(stale):
@@ -786,10 +715,9 @@ class Document:
             self._encode(first, last)
             return last - first
         done = first
-        pacer = pacer_for(self.model)
         while done < last and not should_stop():
-            hi = min(last, done + pacer.size)
-            self._paced(pacer, done, hi)
+            hi = min(last, done + BACKGROUND_CHUNK)
+            self._encode(done, hi)
             done = hi
         return done - first
 

@@ -118,7 +118,6 @@ def prefill(
     window: int | None = None,
     sink: tuple[KVCache, int] | None = None,
     per_forward: int | None = None,
-    static: bool = True,
 ) -> torch.Tensor | None:
     """Encode `ids` into `cache[start:start+n]` at consecutive positions; last (or all) logits.
 
@@ -129,8 +128,7 @@ def prefill(
     token groups (`TokenGroup`), each with its own window; default: one chunk, or with the
     default chunk the device's forward size (a window's chunks are small, and every forward
     costs a fixed overhead: ~1 ms of host time on a GPU, the parallel regions of every op on a
-    CPU, which other processes on a shared machine make expensive). `static=False`: never the
-    model's static forward (Transformer.forward).
+    CPU, which other processes on a shared machine make expensive).
     """
     n = len(ids)
     if per_forward is None and chunk is None:
@@ -156,7 +154,7 @@ def prefill(
         positions = torch.arange(first_position + lo, first_position + hi, device=model.device)
         if len(groups) == 1:
             out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo,
-                        context=groups[0].context, logits=want, static=static)
+                        context=groups[0].context, logits=want)
         else:
             out = model(tensor[:, lo:hi], positions, write=cache, write_at=start + lo, groups=groups, logits=want)
         if logits == "all":

@@ -552,14 +552,11 @@ class Transformer(nn.Module):
         logits: str = "all",
         input_embeds: torch.Tensor | None = None,  # [B, T, hidden], instead of input_ids
         groups: Sequence[TokenGroup] | None = None,
-        static: bool = True,
     ) -> torch.Tensor | None:  # [B, T, V] ("all"), [B, V] ("last"), None ("none")
         """Encode T new tokens into `write[write_at:write_at+T]` and return their logits.
 
         `groups` (instead of `context`): consecutive token groups, each with its own context,
-        as if each were a forward of its own, one after the other (`TokenGroup`). `static=False`
-        keeps the forward off `self.static` (bulk encoding in chunks: a graph per chunk width
-        would be captured for one use)."""
+        as if each were a forward of its own, one after the other (`TokenGroup`)."""
         if groups is not None:
             assert not context, "groups carry their own context"
             assert sum(g.count for g in groups) == positions.shape[-1], "groups must cover the tokens"
@@ -573,7 +570,7 @@ class Transformer(nn.Module):
         assert write.batch == bsz, f"write cache batch {write.batch} != input batch {bsz}"
         for span in context:
             assert span.cache.batch in (1, bsz), "context span batch must be 1 or the input's"
-        if self.static is not None and groups is None and static:
+        if self.static is not None and groups is None:
             handled, out = self.static.forward(input_ids, positions, write, write_at, context, logits,
                                                embeds=input_embeds)
             if handled:

@@ -85,7 +85,7 @@ class DecodingOptions:
     speculation: bool = True
     superposed: bool = True
     adadec: bool = False
-    beam: bool = False  # several drafts by beam search (before superposed decoding)
+    beam: bool | None = None  # several drafts by beam search (before superposed decoding); None: on graphs
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DecodingOptions:
@@ -285,6 +285,15 @@ class ModelBackend(Backend):
     def urgent_work(self) -> bool:
         """Whether background work should start as soon as the worker is free (see DocumentCache)."""
         return self.background and self.cache.urgent_work()
+
+    @property
+    def beam(self) -> bool:
+        """Whether several drafts come from beam search: the setting, or by default where the model's
+        forwards replay CUDA graphs (the beams are lanes of one graphed forward per step)."""
+        if self.decoding.beam is not None:
+            return self.decoding.beam
+        static = self.loaded.model.static
+        return static is not None and static.mode == "graphs"
 
     def _defer_captures(self) -> None:
         """With DEFER_CAPTURES and background work on, a CUDA graph a request lacks is not captured
@@ -492,7 +501,7 @@ class ModelBackend(Backend):
             if context.get("context_built"):
                 self.cache.enforce_budget(keep=request.uri)
         # beam search's beams interleave in the view's scratch (engine/decoding/beam.py): room for each
-        scratch_tokens = request.max_tokens * (request.num_drafts if self.decoding.beam else 1)
+        scratch_tokens = request.max_tokens * (request.num_drafts if self.beam else 1)
         if use_fim:
             view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=scratch_tokens,
                                   whole_suffix=not self.background or self.recompute, block=block)
@@ -595,10 +604,11 @@ class ModelBackend(Backend):
                 counters: dict) -> list[Draft]:
         """Beam search when it is on, else superposed decoding; with both off, greedy continuations
         of the top first tokens."""
-        if self.decoding.beam:
+        if self.beam:
             from editkv.engine.decoding.beam import beam_search
 
-            # done once k beams have finished: 1.29x / 1.37x greedy's time on the CPU instead of 1.5x / 1.67x
+            # done once k beams have finished: 1.28x greedy's time on the H100 (1.76x without), on the
+            # CPU 1.29x / 1.37x (1.5x / 1.67x)
             result = beam_search(view.state(), num_drafts, rules, early_stopping=True, stats=stats)
             counters["strategy"] = "beam"
             counters["beam_lanes"] = bool(stats.extra.get("beam_lanes"))  # on the static forward (graphs)

@@ -50,10 +50,11 @@ class Settings:
     # "recompute" (the baseline re-reads the file for every request)
     type_along: bool = True
     superposed: bool = True  # several drafts: superposed decoding (off: a greedy decode per draft)
-    # several drafts by beam search instead (k beams, one batched forward per step): more often the
-    # right line among them than superposed decoding in FIM, but 1.3-1.4x greedy's time on the CPU
-    # (superposed: 1.25x; BENCHMARKS.md, multi-draft), so not the default
-    beam_search: bool = False
+    # several drafts by beam search instead of superposed decoding (k beams, one forward per step).
+    # None: where the forwards replay CUDA graphs (the beams run as lanes of one graphed forward:
+    # on the H100 1.28x greedy's time with twice superposed decoding's best-of-3 EM), not on the
+    # CPU (1.29-1.37x, eager batch forwards); BENCHMARKS.md, multi-draft
+    beam_search: bool | None = None
     # more stale tokens than this and background refresh starts after a short quiet spell instead of
     # waiting for idle_refresh_ms; 0: only when idle. Requests never re-encode stale tokens beyond
     # refresh_near_cursor (the ones right before the cursor).
@@ -156,7 +157,7 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
 def _validate(name: str, value: Any) -> tuple[bool, Any, str]:
     if name in ("model", "dtype") and (value is None or value == ""):
         return True, None, ""
-    if (name in _MODEL_TUNED or name == "multiline_ms") and value is None:
+    if (name in _MODEL_TUNED or name in ("multiline_ms", "beam_search")) and value is None:
         return True, None, ""  # back to the model's (the device's) recommendation
     if name in _INT_RANGES:
         lo, hi = _INT_RANGES[name]

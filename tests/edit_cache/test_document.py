@@ -431,63 +431,6 @@ def test_a_stopped_request_keeps_what_it_encoded():
     assert doc.num_unencoded == 0 and _all_error(doc) < 1e-4
 
 
-def test_the_chunk_pacer_sizes_chunks_by_time():
-    """Fixed + per-token cost fitted to the sizes tried: the largest chunk within the target, or
-    where the fixed cost alone exceeds it (launch-bound), the one that adds half of it."""
-    from editkv.edit_cache.document import BACKGROUND_CHUNK, MAX_BACKGROUND_CHUNK, ChunkPacer
-
-    def pacer_after(*times):
-        pacer = ChunkPacer(target_ms=10.0)
-        for ms in times:
-            pacer.took(pacer.size, ms)
-        return pacer
-
-    assert pacer_after(10.0).size == 2 * BACKGROUND_CHUNK  # one size measured: try the next
-    # a CPU: 2 ms + 0.25 ms a token: 32 tokens keep to 10 ms
-    assert pacer_after(10.0, 18.0).size == 32
-    # a GPU's eager forwards: 11.8 ms fixed + 6 us a token: 944 tokens add half of the fixed cost
-    assert pacer_after(12.0, 12.2).size == 512
-    # 7.8 ms fixed: 352 tokens keep to 10 ms
-    assert pacer_after(8.0, 8.2).size == 256
-    # fast forwards: 0.5 ms + 16 us a token: 608 tokens in 10 ms
-    assert pacer_after(1.0, 1.5).size == 512
-    assert pacer_after(0.1, 0.1).size == 128  # bigger chunks no slower: the next size
-    assert pacer_after(*[0.1] * 12).size == MAX_BACKGROUND_CHUNK
-    pacer = pacer_after(10.0, 18.0)
-    pacer.took(10, 100.0)  # a short last chunk says nothing
-    assert pacer.size == 32
-    for _ in range(10):  # a slower machine now (1 ms a token): still at least the smallest
-        pacer.took(pacer.size, pacer.size * 1.0)
-    assert pacer.size == BACKGROUND_CHUNK
-
-
-def test_interruptible_encoding_takes_the_pacers_chunks():
-    """A request's encoding that a newer one may stop, and background refresh, go in the model's
-    pacer's chunks (here one that doubles after every chunk); the keys are a prefill's."""
-    from editkv.edit_cache.document import _PACERS, ChunkPacer
-
-    class Doubling(ChunkPacer):
-        def __init__(self):
-            super().__init__()
-            self.chunks = []
-
-        def took(self, tokens, ms):
-            self.chunks.append(tokens)
-            self.size = min(2 * self.size, 256)
-
-    doc = Document.create_simulated(BASE * 6)
-    _PACERS[doc.model] = pacer = Doubling()
-    assert doc.ensure_ready(should_stop=lambda: False)
-    assert pacer.chunks[:4] == [32, 64, 128, 256] and sum(pacer.chunks) == len(doc.ids)
-    assert _all_error(doc) < 1e-4
-    doc.apply_change(Range(to_position(doc.text, 5), to_position(doc.text, 5)), "q")
-    doc.ensure_ready()
-    pacer.chunks.clear()
-    stale = doc.num_stale
-    assert doc.refresh(should_stop=lambda: False) == stale > 256
-    assert set(pacer.chunks[:-1]) == {256} and _exact_error(doc) < 1e-4
-
-
 def test_a_gap_that_fills_up_grows_and_a_large_deletion_closes(template):
     from editkv.edit_cache.document import GAP_SLOTS
 
@@ -604,10 +547,7 @@ def test_conflict_mode_encodes_text_added_after_a_stopped_encoding(template):
     """Found by tests/fuzz: in "conflict" mode the table of slot positions was sized when the
     cache was allocated, so tokens encoded later (the rest of a text that grew meanwhile) fell
     outside it and the next repair failed."""
-    from editkv.edit_cache.document import _PACERS, ChunkPacer
-
     doc = _doc(template, text=BASE * 2, mode="conflict")
-    _PACERS[doc.model] = ChunkPacer(most=32)  # small chunks: the stop comes part way
     calls = []
     assert not doc.ensure_ready(should_stop=lambda: len(calls) > 1 or calls.append(1))  # stopped part way
     end = to_position(doc.text, len(doc.text))

@@ -34,7 +34,7 @@ export const SERVER_DEFAULTS = {
   typeAlong: true,
   speculation: true,
   superposed: true,
-  beamSearch: false,
+  beamSearch: null, // null: on a GPU, off on the CPU
   staleBudget: 4096,
   fimFreshSuffix: null, // null: the model's recommendation
   fimSuffixCache: false,
