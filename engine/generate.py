@@ -271,6 +271,70 @@ class LineStopper:
         return text[:pos], True
 
 
+class Output:
+    """Emitted ids through the output rules, in this order: heal, stop id, line (the line limit,
+    then the multi-line time limit), stop text, length. Plain decoding (`decode`) and speculative
+    decoding on the host and on the device (engine/decoding/speculative) emit through it; `emit`
+    takes a token at a time or a verified run of them.
+
+    Line ends are counted per emitted token (`LineStopper.line_ends`) instead of decoding all ids
+    at each token as `LineStopper.cut` does; with `stop_text` (which reads the text) it is decoded.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, rules: StopRules, heal: bytes,
+                 stop_text: Callable[[str], int | None] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.rules = rules
+        self.stop_ids = rules.stop_set(tokenizer)
+        self.stopper = LineStopper(tokenizer, rules.max_lines)
+        self.healer = healer_for(tokenizer)
+        self.remaining = heal
+        self.stop_text = stop_text
+        self.ids: list[int] = []
+        self.lines = 0  # line ends in the emitted ids' text
+        self.in_line = 0  # emitted ids since the last line end (counted under a line rule)
+        self.logprob = 0.0
+        self.reason: str | None = None
+        self._cut_text: str | None = None  # the text `stop_text` ended
+
+    def emit(self, tokens: Sequence[int], logprobs: Sequence[float]) -> int:
+        """Append tokens until a rule fires (then `reason` says which); returns how many were appended."""
+        max_lines = self.rules.max_lines
+        for n, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
+            if self.remaining:
+                self.remaining = self.healer.advance(self.remaining, token)
+            if token in self.stop_ids:
+                self.reason = "stop_token"
+                return n
+            self.logprob += logprob
+            self.ids.append(token)
+            if max_lines is not None or self.rules.lines_until is not None or self.stop_text is not None:
+                ends = self.stopper.line_ends(token)
+                self.lines += ends
+                self.in_line = 0 if ends else self.in_line + 1
+                if max_lines is not None and self.lines >= max_lines:
+                    self.reason = "lines"
+                    return n + 1
+                if ends and self.stopper.out_of_time(self.rules.lines_until, self.ids, self.lines):
+                    self.reason = "lines"
+                    return n + 1
+            if self.stop_text is not None:
+                text = self.stopper.cut(self.ids)[0]
+                if (at := self.stop_text(text)) is not None:
+                    self._cut_text, self.reason = text[:at], "stop_text"
+                    return n + 1
+            if len(self.ids) >= self.rules.max_tokens:
+                self.reason = "max_tokens"
+                return n + 1
+        return len(tokens)
+
+    def text(self, heal: bytes) -> str:
+        """The emitted text as shown: cut by the rules, the healed prefix taken off."""
+        text = self._cut_text if self._cut_text is not None else self.stopper.cut(self.ids)[0]
+        healed = heal.decode("utf-8", errors="replace")
+        return text[len(healed):] if text.startswith(healed) else text
+
+
 class TokenChooser(Protocol):
     """Chooses each token of a greedy decode in place of the argmax (AdaDec's gate plugs in here).
 
@@ -338,28 +402,23 @@ def decode(
     scratch.ensure_capacity(scratch_used + rules.max_tokens + 1, keep=scratch_used)
     if chooser is not None and not params.greedy:
         raise ValueError("a TokenChooser replaces greedy's argmax; it does not combine with sampling")
-    stop_ids = rules.stop_set(tokenizer)
-    stopper = LineStopper(tokenizer, rules.max_lines)
-    lines = 0
+    out = Output(tokenizer, rules, heal, stop_text)
     generator = make_generator(params, model.device)
-    ids: list[int] = []
-    logprob = 0.0
     logits = first_logits
-    text, reason = "", "max_tokens"
     healer = healer_for(tokenizer) if heal else None
-    remaining = heal
     started = time.perf_counter()
     # Plain greedy decoding on graphed forwards chains its steps on the device
     # (StaticForward.chain): `chained` holds the tokens a chain chose, not yet through the
-    # stop rules, with their log-probabilities and whether their K/V are written already.
+    # output rules, with their log-probabilities and whether their K/V are written already.
     chain_steps = model.static.chain_steps if model.static is not None and chooser is None and params.greedy else 0
     chained: deque[tuple[int, float, bool]] = deque()
     while True:
-        step = len(ids)
+        step = len(out.ids)
         token_logprob, written, full = None, False, None
         if chained:
             token, token_logprob, written = chained.popleft()
         else:
+            remaining = out.remaining
             choose_from = healer.mask(logits, remaining) if remaining else logits
             if chooser is not None:
                 full = logit_summary(logits, 1)  # queued before the chooser's wait; read after it
@@ -369,34 +428,13 @@ def decode(
                 token, token_logprob = _greedy_step(logits, choose_from)
             else:
                 token = int(next_token(choose_from, params, generator)[0])
-        if remaining:
-            remaining = healer.advance(remaining, token)
-        if token in stop_ids:
-            reason = "stop_token"
-            break
-        if token_logprob is None:
+        if token_logprob is None and token not in out.stop_ids:
             token_logprob = _token_logprob(logits, token, full) if full is not None else \
                 float(torch.log_softmax(logits[0].float(), -1)[token])
-        logprob += token_logprob
-        ids.append(token)
-        ends = stopper.line_ends(token)
-        lines += ends
-        if stop_text is not None:  # it reads the text: decode it
-            text, hit = stopper.cut(ids)
-        else:
-            hit = rules.max_lines is not None and lines >= rules.max_lines
-        if not hit and ends and stopper.out_of_time(rules.lines_until, ids, lines):
-            hit = True
-        if hit:
-            reason = "lines"
-            break
-        if stop_text is not None and (cut := stop_text(text)) is not None:
-            text, reason = text[:cut], "stop_text"
-            break
-        if len(ids) >= rules.max_tokens:
+        if not out.emit([token], [token_logprob or 0.0]) or out.reason is not None:
             break
         if rules.should_stop is not None and rules.should_stop():
-            reason = "cancelled"
+            out.reason = "cancelled"
             break
         slot = scratch_used + step
         if written:  # a chain encoded this token on its way to the next one
@@ -405,12 +443,12 @@ def decode(
         if reused is not None:
             logits = reused
             continue
-        steps = chain_length(chain_steps, rules.max_tokens - len(ids))
-        if steps and not remaining:
-            out = model.static.chain(token, next_position + step, scratch, slot,
-                                     [*context, Span(scratch, 0, slot)], steps)
-            if out is not None:
-                chosen, logprobs = out.tolist()
+        steps = chain_length(chain_steps, rules.max_tokens - len(out.ids))
+        if steps and not out.remaining:
+            chain = model.static.chain(token, next_position + step, scratch, slot,
+                                       [*context, Span(scratch, 0, slot)], steps)
+            if chain is not None:
+                chosen, logprobs = chain.tolist()
                 for k in range(steps):
                     chained.append((int(chosen[k]), logprobs[k], k < steps - 1))
                 stats.forwards += steps
@@ -424,10 +462,7 @@ def decode(
             logits="last",
         )
         stats.forwards += 1
-    if reason != "stop_text":
-        text = stopper.cut(ids)[0]
-    healed = heal.decode("utf-8", errors="replace")
-    text = text[len(healed):] if text.startswith(healed) else text
+    ids, text, reason = out.ids, out.text(heal), out.reason
     stats.decode_tokens += len(ids)
     stats.decode_ms += 1000 * (time.perf_counter() - started)
-    return Completion(ids, text, reason, stats, logprob)
+    return Completion(ids, text, reason, stats, out.logprob)

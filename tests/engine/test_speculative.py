@@ -22,8 +22,8 @@ from editkv.engine.decoding import ModelTable, PromptLookup, Reference, SpecCoun
 from editkv.engine.decoding.drafters import TokenHistory
 from editkv.engine.decoding.speculative import expected_accepted, verify
 from editkv.engine.decoding.speculative.device import search_buffer
-from editkv.engine.decoding.speculative.output import Output, tokens_left
-from editkv.engine.generate import DecodeState, LineStopper, StopRules, decode
+from editkv.engine.decoding.speculative.output import draft_cut, tokens_left
+from editkv.engine.generate import DecodeState, LineStopper, Output, StopRules, decode
 from editkv.engine.healing import healer_for
 from editkv.engine.loading import load_model
 from editkv.engine.model import Span
@@ -379,7 +379,7 @@ def test_output_counts_line_ends_as_the_decoded_text_does(model, request):
             while out.reason is None:
                 pool = rng.choice([newline, broken, any_token])
                 out.emit([rng.choice(pool)], [0.0])
-                assert out.cut().lines_left == max_lines - tok.decode(out.ids).count("\n")
+                assert draft_cut(out).lines_left == max_lines - tok.decode(out.ids).count("\n")
                 assert (out.reason == "lines") == stopper.cut(out.ids)[1]
 
 

@@ -18,8 +18,8 @@ from editkv.engine.decoding.drafters import (
     TokenHistory,
 )
 from editkv.engine.decoding.speculative.config import SpecCounters
-from editkv.engine.decoding.speculative.output import Output, tokens_left
-from editkv.engine.generate import DecodeState, DecodeStats, chain_length
+from editkv.engine.decoding.speculative.output import tokens_left
+from editkv.engine.generate import DecodeState, DecodeStats, Output, chain_length
 from editkv.engine.model import Span
 from editkv.engine.static_decode import MAX_CHAIN, SOURCE
 

@@ -24,10 +24,10 @@ from editkv.engine.decoding.drafters import (
 )
 from editkv.engine.decoding.speculative.config import SpecCounters, SpeculationConfig
 from editkv.engine.decoding.speculative.device import plain_chain, speculate_on_device
-from editkv.engine.decoding.speculative.output import DraftCut, Output
+from editkv.engine.decoding.speculative.output import DraftCut, draft_cut
 from editkv.engine.decoding.speculative.planning import Plan, StepCost, expected_accepted
 from editkv.engine.decoding.speculative.verify import first_fire, judge, rollout_candidate
-from editkv.engine.generate import Completion, DecodeState, DecodeStats, StopRules, chain_length
+from editkv.engine.generate import Completion, DecodeState, DecodeStats, Output, StopRules, chain_length
 from editkv.engine.model import KVCache, Span
 from editkv.engine.sampling import SamplingParams
 
@@ -268,7 +268,7 @@ def speculative_decode(
         # a step's cost runs from its drafting to its verdict: what a chain's tokens compete with
         forward_started = time.perf_counter()
         plan = speculator.plan(history, refs, budget, greedy=greedy, temperature=params.temperature,
-                               generator=generator, cut=out.cut(), extra=extra, chain=chainable)
+                               generator=generator, cut=draft_cut(out), extra=extra, chain=chainable)
         # Nothing to draft: plain greedy steps chained on the device cost a fraction of a
         # verification step each (no drafting, no verdict, no wait between them); drafting
         # resumes after the chain.
@@ -291,7 +291,7 @@ def speculative_decode(
             budget = min(cfg.max_draft, rules.max_tokens - n - 1)
             forward_started = time.perf_counter()
             plan = speculator.plan(history, refs, budget, greedy=greedy, temperature=params.temperature,
-                                   generator=generator, cut=out.cut(), chain=True)
+                                   generator=generator, cut=draft_cut(out), chain=True)
         if out.reason is not None:
             break
         rows = [[out.ids[-1], *d] for d in plan.drafts]

@@ -14,8 +14,9 @@ from editkv.engine.decoding.adadec import Gate, Rerank
 from editkv.engine.decoding.drafters import (
     Candidate,
 )
-from editkv.engine.decoding.speculative.output import Output
+from editkv.engine.decoding.speculative.output import draft_cut
 from editkv.engine.decoding.speculative.planning import Plan
+from editkv.engine.generate import Output
 from editkv.engine.sampling import SamplingParams, sampling_probs
 
 
@@ -126,7 +127,7 @@ def first_fire(gate: Gate, row_logits: torch.Tensor, accepted: Sequence[int], ou
     `row_logits` [T, V]: position j gives the token after `accepted[:j]`. Positions after a
     token that ends the output are never emitted, so they are not gated.
     """
-    end = out.cut().ends_at(accepted)
+    end = draft_cut(out).ends_at(accepted)
     last = len(accepted) if end is None else end
     scored = row_logits[: last + 1]
     if out.remaining:  # healing: no drafts, one position, gated on the masked distribution
