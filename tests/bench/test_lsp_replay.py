@@ -177,11 +177,12 @@ def test_smoke_on_a_tiny_model_counts_the_tokens_each_method_encodes(data, tmp_p
     full = [k for k in result["keys"] if k["method"] == "full"]
     assert len(full) == 8 and all(k["outcome"] in ("shown", "empty") for k in full)
     # the whole (growing) file every keystroke, plus the view's own tokens; not a running total. A
-    # keystroke's count may hold the one before it (a request the server finished after answering
-    # from typing along counts when it ends), so the bounds are on the sum and on the largest
+    # keystroke's count may hold the ones before it (a request the server finished after answering
+    # from typing along counts when it ends: a fresh clone's run had one key at 3.02 files), so the
+    # bounds are on the sum and, well under a running total's last key (8 files), on the largest
     counts = [k["encoded_tokens"] for k in full]
     assert len(full) * file_tokens <= sum(counts) <= 2 * len(full) * file_tokens
-    assert max(counts) <= 3 * file_tokens
+    assert max(counts) < len(full) // 2 * file_tokens
     summary = {(s["method"], s["group"]): s for s in result["summary"]}
     assert 0 < summary["default", "all"]["tokens_per_key"] < summary["full", "all"]["tokens_per_key"] / 2
     assert summary["default", "all"]["tokens_per_key_vs_full"] > 2
