@@ -31,6 +31,7 @@ everything from the first changed token (what llama.cpp / vLLM prefix caching do
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -48,7 +49,11 @@ from editkv.kernels.rerotate import move_rerotate
 MODES = ("pie", "conflict", "prefix_reuse")
 SPARE_SLOTS = 256  # free slots kept after a document's last one: views' scratch windows live there
 GAP_SLOTS = 256  # free slots a gap is (re)opened with: this many typed tokens before anything moves
-BACKGROUND_CHUNK = 32  # tokens per forward in background encoding: a newer request waits for one at most
+# tokens per forward in interruptible encoding (background work, a request's own prefix): a newer
+# request waits for one at most. EDITKV_ENCODE_CHUNK overrides it, to compare chunk sizes on a GPU
+# (over 512 tokens the forwards run eagerly; session 14: 32 on graphs opened a 6k-token file in
+# 264 ms on the H100, where one eager forward took 110-340 ms for 7k; DEVELOPERS.md)
+BACKGROUND_CHUNK = int(os.environ.get("EDITKV_ENCODE_CHUNK", "32"))
 
 
 @dataclass

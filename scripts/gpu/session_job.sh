@@ -52,6 +52,12 @@ timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev15
   --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer.log \
   --methods $M --pace human --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
 log "replay rc=$?"
+if [ "${CHUNK_AB:-0}" = 1 ]; then  # the same replay with big eager chunks for a file's first encoding
+  log "served replay, human pace, EDITKV_ENCODE_CHUNK=2048"
+  EDITKV_ENCODE_CHUNK=2048 timeout 200 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz \
+    --limit 6 --max-keys 60 --methods default,vscode --pace human --json $R/replay_chunk2048.json > $R/replay_chunk2048.txt 2>&1
+  log "replay (chunk 2048) rc=$?"
+fi
 if [ ! -f /root/stop ]; then
   log "served dropdown alone (beam lanes vs superposed timings)"
   timeout 150 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 40 \
