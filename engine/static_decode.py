@@ -36,6 +36,11 @@ of: all (a verification), the last real one (a view), none (a repair). A forward
 the widest graph (a FIM view's `<SUF>` with its 256 re-encoded suffix tokens) replays as parts,
 each part seeing the ones before it in the buffer; wider ones run eagerly.
 
+`forward(..., lanes=(first slot, k))` takes k sequences decoded side by side after one shared
+prompt (beam search's beams, engine/decoding/beam.py): their tokens interleave in the scratch
+from that slot on, one per lane and step, and each sees the shared spans and its own lane only
+(the two lane numbers are static inputs, so it replays the graphs every width-k forward does).
+
 `chain` runs plain greedy decoding on the device: it replays the one-token step `steps` times,
 each fed the argmax of the step before by device ops queued between the replays, and hands
 back the chosen ids with their log-probabilities in one small copy. Between two graphed decode
