@@ -51,8 +51,9 @@ SPARE_SLOTS = 256  # free slots kept after a document's last one: views' scratch
 GAP_SLOTS = 256  # free slots a gap is (re)opened with: this many typed tokens before anything moves
 # tokens per forward in interruptible encoding (background work, a request's own prefix): a newer
 # request waits for one at most. EDITKV_ENCODE_CHUNK overrides it, to compare chunk sizes on a GPU
-# (over 512 tokens the forwards run eagerly; session 14: 32 on graphs opened a 6k-token file in
-# 264 ms on the H100, where one eager forward took 110-340 ms for 7k; DEVELOPERS.md)
+# (over 512 tokens the forwards run eagerly; on the H100, 32-token chunks on graphs encoded a
+# 5.9k-token prefix in 264 ms in session 13, while session 14's full-recompute requests, one eager
+# forward each, answered 7k-token files in 110-340 ms; DEVELOPERS.md)
 BACKGROUND_CHUNK = int(os.environ.get("EDITKV_ENCODE_CHUNK", "32"))
 
 

@@ -308,7 +308,7 @@ class Output:
                 return n
             self.logprob += logprob
             self.ids.append(token)
-            if max_lines is not None or self.rules.lines_until is not None or self.stop_text is not None:
+            if max_lines is not None or self.rules.lines_until is not None:
                 ends = self.stopper.line_ends(token)
                 self.lines += ends
                 self.in_line = 0 if ends else self.in_line + 1
@@ -405,7 +405,6 @@ def decode(
     out = Output(tokenizer, rules, heal, stop_text)
     generator = make_generator(params, model.device)
     logits = first_logits
-    healer = healer_for(tokenizer) if heal else None
     started = time.perf_counter()
     # Plain greedy decoding on graphed forwards chains its steps on the device
     # (StaticForward.chain): `chained` holds the tokens a chain chose, not yet through the
@@ -419,7 +418,7 @@ def decode(
             token, token_logprob, written = chained.popleft()
         else:
             remaining = out.remaining
-            choose_from = healer.mask(logits, remaining) if remaining else logits
+            choose_from = out.healer.mask(logits, remaining) if remaining else logits
             if chooser is not None:
                 full = logit_summary(logits, 1)  # queued before the chooser's wait; read after it
                 token = chooser.choose(choose_from, [*context, Span(scratch, 0, scratch_used + step)],

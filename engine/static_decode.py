@@ -566,19 +566,28 @@ class StaticForward:
         host[2 * w : 2 * w + count] = range(at, at + count)
         host[3 * w : 3 * w + 11] = meta
         host[3 * w + 11] = count - 1
+        self._upload()
+        # a power of two of `bucket`s: fewer graph shapes (each captured once) for little more work,
+        # as the kernel skips the key blocks past every span
+        return min(self.bucket * _next_power_of_two(-(-reach // self.bucket)), base.capacity)
+
+    def _upload(self) -> None:
+        """The host buffer's static inputs to the device (one copy)."""
         if self._host.is_pinned():
             # the previous call's copy must be done reading the buffer before it is refilled
             torch.cuda.current_stream().synchronize()
         self._inputs.copy_(self._host, non_blocking=True)
-        # a power of two of `bucket`s: fewer graph shapes (each captured once) for little more work,
-        # as the kernel skips the key blocks past every span
-        return min(self.bucket * _next_power_of_two(-(-reach // self.bucket)), base.capacity)
+
+    @staticmethod
+    def _key(base: KVCache, bucket: int, width: int, rows: str, source: str) -> tuple:
+        """A forward graph's key: the buffer it reads (address and shape) and its shapes."""
+        return (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows, source)
 
     def _graph(self, base: KVCache, bucket: int, width: int, rows: str = "all", source: str = "ids",
                defer: bool | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None] | None:
         """The graph for these shapes, captured now if need be; None when it is not captured yet
         and captures are deferred (`defer_captures`): its key waits for `capture_pending`."""
-        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows, source)
+        key = self._key(base, bucket, width, rows, source)
         if key not in self._graphs and (self.defer_captures if defer is None else defer):
             self._defer(key, base, bucket, width, rows, source)
             return None
@@ -612,16 +621,12 @@ class StaticForward:
         while self._pending and done < limit and not should_stop():
             key, (ref, bucket, width, rows, source) = self._pending.popitem(last=True)
             base = ref()
-            if base is None or key in self._graphs or key != (base.k.data_ptr(), base.v.data_ptr(),
-                                                              tuple(base.k.shape), bucket, width, rows, source):
+            if base is None or key in self._graphs or key != self._key(base, bucket, width, rows, source):
                 continue  # its buffer is gone or moved (or it was captured meanwhile)
             w = self.max_width
-            host = self._host_np
-            host[:] = 0
-            host[2 * w : 3 * w] = base.capacity - 1
-            if self._host.is_pinned():
-                torch.cuda.current_stream().synchronize()
-            self._inputs.copy_(self._host, non_blocking=True)
+            self._host_np[:] = 0
+            self._host_np[2 * w : 3 * w] = base.capacity - 1
+            self._upload()
             if self.mode == "graphs":
                 self._graph(base, bucket, width, rows=rows, source=source, defer=False)
             else:  # static: what a capture's warm-up runs, and the key it leaves
@@ -665,7 +670,7 @@ class StaticForward:
         """The "static" mode's stand-in for `_graph`: the keys a graph would be taken for, kept
         under the same bound (or left pending, with deferred captures), so that the cache's
         growth, the capture site (faults) and deferral can be exercised on the CPU."""
-        key = (base.k.data_ptr(), base.v.data_ptr(), tuple(base.k.shape), bucket, width, rows, source)
+        key = self._key(base, bucket, width, rows, source)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return
