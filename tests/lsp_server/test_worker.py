@@ -1,7 +1,9 @@
 """The engine worker on its own: one thread for every backend call, stale jobs never reach the
 backend, failures (loading, out of memory, bad changes) become messages, not crashes."""
 
+import contextlib
 import threading
+import time
 
 import pytest
 from editkv.edit_cache.positions import Position, Range
@@ -61,6 +63,27 @@ def worker():
     assert w.load(Settings()).result(10) == (True, "fake backend")
     yield w
     w.stop()
+
+
+@contextlib.contextmanager
+def _serving_a_file(backend, settings: Settings, clock: Clock):
+    """A worker on `backend` (its clock `clock`) with a 20-function file open and one completion
+    on its third line answered (the text after the cursor left for background work): (worker,
+    the backend's document)."""
+    w = EngineWorker(lambda s: backend, lambda level, text: None, clock=clock)
+    try:
+        assert w.load(settings).result(30)[0]
+        w.open(URI, "def add(a, b):\n    return a + b\n" * 20, "python").result(10)
+        w.complete(job(0, line=2, character=4)).result(30)
+        yield w, backend.cache.get(URI)
+    finally:
+        w.stop()
+
+
+def _wait_while(busy, deadline: float) -> None:
+    """Poll `busy()` until it is false or time.monotonic() passes `deadline`."""
+    while busy() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def job(edits: int, line: int = 0, character: int = 0, **kw) -> Job:
@@ -185,8 +208,6 @@ def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
     """A real model backend: stale tokens left by PIE are re-encoded once the worker has been
     idle for idle_refresh_ms, in chunks on the worker thread; busy periods get none of it.
     Idleness is measured on a clock the test moves, so a slow machine can't make it idle."""
-    import time
-
     from editkv.engine.loading import load_model
     from editkv.lsp_server.backend import ModelBackend
     from helpers import make_checkpoint
@@ -222,13 +243,11 @@ def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
         assert w.idle_refreshed == 0 and not refresh_threads  # still not idle on its clock
         clock.now += 1.0  # now idle for 50x idle_refresh_ms
         deadline = time.monotonic() + 60
-        while (doc.num_stale or doc.pending_edits) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_while(lambda: doc.num_stale or doc.pending_edits, deadline)
         assert doc.num_stale == 0 and w.idle_refreshed >= len(doc.ids) - 40
         assert set(refresh_threads) == {w.thread_id}
         # nothing stale is left: the worker stops looking until new work comes (no busy loop)
-        while not (w._idle_next == "done" and not w._pending) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_while(lambda: not (w._idle_next == "done" and not w._pending), deadline)
         runs = w.idle_runs
         clock.now += 10.0
         time.sleep(0.3)
@@ -240,8 +259,6 @@ def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
 def test_urgent_background_work_waits_for_a_short_quiet_spell_not_for_idle(tmp_path):
     """Text past the cursor with no keys yet, or more stale tokens than the stale budget, start
     background work after URGENT_QUIET_MS of quiet (the worker's clock), not idle_refresh_ms."""
-    import time
-
     from editkv.engine.loading import load_model
     from editkv.lsp_server.backend import ModelBackend
     from editkv.lsp_server.worker import cache_options
@@ -250,38 +267,27 @@ def test_urgent_background_work_waits_for_a_short_quiet_spell_not_for_idle(tmp_p
     clock = Clock()
     settings = Settings(idle_refresh_ms=600_000, stale_budget=8)
     backend = ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")), **cache_options(settings))
-    w = EngineWorker(lambda s: backend, lambda level, text: None, clock=clock)
-    try:
-        assert w.load(settings).result(30)[0]
-        w.open(URI, "def add(a, b):\n    return a + b\n" * 20, "python").result(10)
-        w.complete(job(0, line=2, character=4)).result(30)  # encodes the text before the cursor only
-        doc = backend.cache.get(URI)
+    with _serving_a_file(backend, settings, clock) as (w, doc):  # the text before the cursor encoded only
         assert doc.num_unencoded > 0
         time.sleep(0.1)
         assert w.idle_runs == 0  # no quiet on the worker's clock yet
         clock.now += (EngineWorker.URGENT_QUIET_MS + 1) / 1000  # far less than idle_refresh_ms
         deadline = time.monotonic() + 60
-        while doc.num_unencoded and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_while(lambda: doc.num_unencoded, deadline)
         assert doc.num_unencoded == 0 and w.idle_runs > 0
         # an edit at the top leaves more stale tokens than the budget: urgent again
         w.change(URI, [(at(0, 0), "# top\n")], "utf-16").result(10)
         w.complete(job(1, line=1, character=0)).result(30)
         assert doc.num_stale > 8
         clock.now += (EngineWorker.URGENT_QUIET_MS + 1) / 1000
-        while doc.num_stale and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_while(lambda: doc.num_stale, deadline)
         assert doc.num_stale == 0
-    finally:
-        w.stop()
 
 
 def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tmp_path, monkeypatch):
     """A request's missing CUDA graphs (here the static forward's keys on the CPU) are captured by
     background work only once the user has been idle for idle_refresh_ms: a capture can't stop
     halfway, so the short quiet that urgent work takes (URGENT_QUIET_MS) is not enough."""
-    import time
-
     from editkv.engine.loading import load_model
     from editkv.engine.static_decode import enable_graphs
     from editkv.lsp_server import backend as backend_module
@@ -296,24 +302,15 @@ def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tm
     static = enable_graphs(loaded.model, mode="static")
     backend = ModelBackend(loaded, **cache_options(settings))
     assert static.defer_captures  # background work on: captures wait for it
-    w = EngineWorker(lambda s: backend, lambda level, text: None, clock=clock)
-    try:
-        assert w.load(settings).result(30)[0]
-        w.open(URI, "def add(a, b):\n    return a + b\n" * 20, "python").result(10)
-        w.complete(job(0, line=2, character=4)).result(30)  # text after the cursor left for later
-        doc = backend.cache.get(URI)
+    with _serving_a_file(backend, settings, clock) as (w, doc):  # text after the cursor left for later
         pending = static.pending_captures
         assert pending > 0 and static.num_graphs == 0 and doc.num_unencoded > 0
         clock.now += (EngineWorker.URGENT_QUIET_MS + 1) / 1000  # urgent work's quiet spell
         deadline = time.monotonic() + 60
-        while doc.num_unencoded and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_while(lambda: doc.num_unencoded, deadline)
         time.sleep(0.3)
         assert doc.num_unencoded == 0 and w.idle_captures == 0  # the documents' work, not the captures
         clock.now += settings.idle_refresh_ms / 1000  # idle
-        while static.pending_captures and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_while(lambda: static.pending_captures, deadline)
         # (a key whose buffer moved since is dropped, not captured: count what was captured)
         assert static.pending_captures == 0 and w.idle_captures > 0 and static.num_graphs == w.idle_captures
-    finally:
-        w.stop()
