@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ROOT="$PWD"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-PIP=(--disable-pip-version-check -q)
+PIP=(--disable-pip-version-check -q --no-cache-dir)  # no second copy of the wheels in the pip cache
 quiet() { grep -v "is ignored" || true; }
 
 .venv/bin/python -m pip wheel "${PIP[@]}" --no-deps -w "$WORK/dist" . 2>&1 | quiet

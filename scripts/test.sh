@@ -4,6 +4,8 @@
 # Slow real-model runs are excluded by default (pytest -m slow runs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the setup takes ~4 GB (this venv and the wheel check's); say what there is, so a full disk reads as one
+df -h . 2>/dev/null | awk 'NR==2 {print "scripts/test.sh: " $4 " free on " $6}' || true
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
