@@ -107,7 +107,8 @@ class CountTable:
 
     def add(self, keys: np.ndarray, sign: int = 1) -> None:
         """Count each of `keys` [N] uint64 once more (`sign` -1: once less)."""
-        if len(keys) > _BULK:  # a whole document: straight into the arrays
+        if len(keys) > _BULK:  # a whole document: straight into the arrays, after the pending edits
+            self.merge()  # (a key an edit added may be one this removes)
             uniq, num = np.unique(keys, return_counts=True)
             self._merge_sorted(uniq, sign * num.astype(np.int64))
             return

@@ -86,6 +86,22 @@ def test_index_counts_equal_brute_force_after_random_edits(merge_at):
     assert index.num_tokens == sum(map(len, docs.values()))
 
 
+def test_index_forgets_an_edited_document_whose_edits_wait_unmerged():
+    """A document too large for the pending dictionary is added and removed in bulk; the n-grams an
+    edit added before (still pending) are removed with it, not found missing."""
+    rng = random.Random(3)
+    index = NgramIndex()
+    ids = [rng.randrange(50) for _ in range(3000)]
+    index.add("big", ids)
+    index.add("small", [1, 2, 3, 4])
+    for at in (10, 500, 2000):  # n-grams no document had: they exist only in the pending counts
+        index.apply_edit("big", TokenEdit(at, at, (1000 + at, 1001 + at)))
+        ids[at:at] = [1000 + at, 1001 + at]
+    assert index.ngrams.pending
+    index.remove("big")
+    _assert_index_equals(index, [[1, 2, 3, 4]])
+
+
 def test_index_follows_tokenized_text_edits():
     """The edits TokenizedText.update reports keep the index equal to one built from scratch."""
     if not (DEFAULT_MODEL_DIR / "tokenizer.json").is_file():
