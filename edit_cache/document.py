@@ -50,11 +50,21 @@ MODES = ("pie", "conflict", "prefix_reuse")
 SPARE_SLOTS = 256  # free slots kept after a document's last one: views' scratch windows live there
 GAP_SLOTS = 256  # free slots a gap is (re)opened with: this many typed tokens before anything moves
 # tokens per forward in interruptible encoding (background work, a request's own prefix): a newer
-# request waits for one at most. EDITKV_ENCODE_CHUNK overrides it, to compare chunk sizes on a GPU
-# (over 512 tokens the forwards run eagerly; on the H100, 32-token chunks on graphs encoded a
-# 5.9k-token prefix in 264 ms in session 13, while session 14's full-recompute requests, one eager
-# forward each, answered 7k-token files in 110-340 ms; DEVELOPERS.md)
-BACKGROUND_CHUNK = int(os.environ.get("EDITKV_ENCODE_CHUNK", "32"))
+# request waits for one at most. On the CPU 32; where forwards replay CUDA graphs the widest graph
+# (engine.static_decode.MAX_WIDTH, 256): one replay of a few ms, where 32-token chunks took a
+# 5.9k-token prefix 264 ms on the H100 (session 13) against 110-340 ms for a whole 7k-token file in
+# one eager forward (session 14; DEVELOPERS.md). EDITKV_ENCODE_CHUNK overrides both, to compare.
+BACKGROUND_CHUNK = 32
+GRAPH_CHUNK = 256
+
+
+def encode_chunk(model: Transformer) -> int:
+    """Tokens per interruptible encoding forward for `model` (see BACKGROUND_CHUNK)."""
+    forced = os.environ.get("EDITKV_ENCODE_CHUNK")
+    if forced:
+        return max(1, int(forced))
+    static = model.static
+    return GRAPH_CHUNK if static is not None and static.mode == "graphs" else BACKGROUND_CHUNK
 
 
 @dataclass
@@ -429,7 +439,7 @@ class Document:
         the gap, which stays where the last edit left it."""
         follow = follow and self.gap_at == self.frontier
         # the request path takes every token in one prefill, which sizes its own forwards
-        step = BACKGROUND_CHUNK if should_stop is not None else self.options.prefill_chunk or max(1, upto)
+        step = encode_chunk(self.model) if should_stop is not None else self.options.prefill_chunk or max(1, upto)
         while self.frontier < upto:
             if should_stop is not None and should_stop():
                 return False
@@ -722,7 +732,7 @@ class Document:
             return last - first
         done = first
         while done < last and not should_stop():
-            hi = min(last, done + BACKGROUND_CHUNK)
+            hi = min(last, done + encode_chunk(self.model))
             self._encode(done, hi)
             done = hi
         return done - first

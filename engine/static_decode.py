@@ -89,7 +89,7 @@ from editkv.kernels.span_attention import span_attention
 
 BUCKET = 1024
 MAX_WIDTH = 256  # a multi-line paste or a realedits-sized repair (~70 tokens) still replays
-MAX_GRAPHS = 96
+MAX_GRAPHS = 256  # the warm-up at load takes ~25 per 1024-slot bucket up to 16,384 (lsp_server/warm_up.py)
 MAX_SPLIT = 2  # a forward up to this many times max_width runs as parts (a FIM view's head); wider: eager
 MAX_CHAIN = 16
 CHAIN_STEPS = 8  # engine.generate.decode's chain length (0: decode step by step)
@@ -243,7 +243,7 @@ class StaticForward:
         self._captured_shapes: set[tuple] = set()
         self.handled = 0  # forwards run here (replayed, or static without graphs), chained ones included
         self.replays = 0
-        self.captures = 0
+        self.captures = 0  # graphs captured (in the static mode: graph keys taken)
         self.eager = 0  # forwards this object passed back to the eager path
         self.split = 0  # forwards wider than max_width run as parts (each part counted in `handled`)
         self.embedded = 0  # forwards run here from input embeddings instead of ids
@@ -614,28 +614,37 @@ class StaticForward:
 
     def capture_pending(self, should_stop=lambda: False, limit: int = 1) -> int:
         """Capture up to `limit` of the deferred graphs, most recently wanted first, stopping early
-        when `should_stop` says so; how many were captured. Their warm-up and capture runs read
-        harmless static inputs: every row writes only the buffer's spare last slot (the one
-        padding rows write), so no document's keys change."""
+        when `should_stop` says so; how many were captured (see `capture_shape`)."""
         done = 0
         while self._pending and done < limit and not should_stop():
             key, (ref, bucket, width, rows, source) = self._pending.popitem(last=True)
             base = ref()
-            if base is None or key in self._graphs or key != self._key(base, bucket, width, rows, source):
-                continue  # its buffer is gone or moved (or it was captured meanwhile)
-            w = self.max_width
-            self._host_np[:] = 0
-            self._host_np[2 * w : 3 * w] = base.capacity - 1
-            self._upload()
-            if self.mode == "graphs":
-                self._graph(base, bucket, width, rows=rows, source=source, defer=False)
-            else:  # static: what a capture's warm-up runs, and the key it leaves
-                faults.hit("capture")
-                self._run(base, bucket, width, rows=rows, source=source)
-                self._graphs[key] = (None, None)
-                self._evict()
-            done += 1
+            if base is None or key != self._key(base, bucket, width, rows, source):
+                continue  # its buffer is gone or moved
+            done += self.capture_shape(base, bucket, width, rows, source)
         return done
+
+    def capture_shape(self, base: KVCache, bucket: int, width: int, rows: str, source: str = "ids") -> bool:
+        """Capture the forward graph of this shape over `base` now (a deferred one, or the warm-up
+        at load); whether it was not there yet. Its warm-up and capture runs read harmless static
+        inputs: every row writes only the buffer's spare last slot (the one padding rows write),
+        so no document's keys change."""
+        key = self._key(base, bucket, width, rows, source)
+        if key in self._graphs:
+            return False
+        w = self.max_width
+        self._host_np[:] = 0
+        self._host_np[2 * w : 3 * w] = base.capacity - 1
+        self._upload()
+        if self.mode == "graphs":
+            self._graph(base, bucket, width, rows=rows, source=source, defer=False)
+        else:  # static: what a capture's warm-up runs, and the key it leaves
+            faults.hit("capture")
+            self._run(base, bucket, width, rows=rows, source=source)
+            self._graphs[key] = (None, None)
+            self.captures += 1
+            self._evict()
+        return True
 
     def _capture(self, key: tuple, run, warmups: int,
                  restore: Sequence[torch.Tensor] = ()) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
@@ -679,6 +688,7 @@ class StaticForward:
             return
         faults.hit("capture")
         self._graphs[key] = (None, None)
+        self.captures += 1
         self._evict()
 
     def _evict(self) -> None:

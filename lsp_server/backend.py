@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from editkv.edit_cache.positions import Position, Range, to_offset
+from editkv.lsp_server.request import CompletionRequest
 from editkv.lsp_server.settings import CrossFileOptions, Settings
 
 if TYPE_CHECKING:  # the model stack (torch) is imported when a ModelBackend is made, not before
@@ -51,25 +52,6 @@ DEFER_CAPTURES = False
 # next line end (llama.cpp's t_max_predict_ms is the same rule). On an H100 a 64-token block of Qwen2.5-
 # Coder-0.5B took up to 75 ms where one line takes ~10; the CPU's limit sits under its p95 target (300).
 MULTILINE_MS = {"cuda": 30, "cpu": 250}
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    """One completion at a position of an open document."""
-
-    uri: str
-    line: int
-    character: int
-    encoding: str = "utf-16"
-    max_tokens: int = 64
-    max_lines: int | None = 1  # None: no line limit (multi-line policy "always")
-    # several lines end at the first line end after this many ms from the request's start (None: the
-    # device's MULTILINE_MS; 0: no time limit)
-    multiline_ms: int | None = None
-    num_drafts: int = 1
-    view: str = "auto"  # "auto" (ModelBackend.view_choice: calibrated, else the model's own), "fim", "l2r"
-    suffix: str = "next_line"  # FIM: "next_line" leaves the rest of the cursor's line out
-    roots: tuple[str, ...] = ()  # workspace folders: cross-file context reads imported files there
 
 
 @dataclass(frozen=True)
@@ -125,6 +107,7 @@ class Backend(Protocol):
     description: str
     view_choice: dict | None = None  # what `view: auto` serves, and why (None: the backend has no views)
     idle_work: bool = False  # whether `refresh_idle` can do anything (the worker arms its idle timer only then)
+    warm_up_report: dict | None = None  # what `warm_up` did, once it ran
 
     def open(self, uri: str, text: str) -> None: ...
 
@@ -158,6 +141,15 @@ class Backend(Protocol):
     def capture_idle(self, should_stop: Callable[[], bool] | None = None) -> int:
         """Take one deferred CUDA graph capture (only ever when the user has been idle); how many."""
         return 0
+
+    def warm_up(self, *, view: str = "auto", num_drafts: int = 3, max_tokens: int = 64,
+                max_bucket: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> dict:
+        """Make what requests would otherwise make on first use (graphs, compiled kernels); what it did."""
+        return {}
+
+    def graphs_replay(self) -> bool:
+        """Whether the backend's forwards replay CUDA graphs (what `warmUp` unset warms up for)."""
+        return False
 
     def drop_caches(self) -> None:
         """Free every cached document's KV (after an out-of-memory or device fault)."""
@@ -228,6 +220,7 @@ class ModelBackend(Backend):
         self.adadec_problem: str | None = None
         self._set_decoding(decoding or DecodingOptions())
         self.encoded_tokens = 0  # tokens complete() has run through the model (cache and views), all documents
+        self.warm_up_report: dict | None = None  # `warm_up`'s, once it ran
 
     def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
                   decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None,
@@ -292,6 +285,9 @@ class ModelBackend(Backend):
         forwards replay CUDA graphs (the beams are lanes of one graphed forward per step)."""
         if self.decoding.beam is not None:
             return self.decoding.beam
+        return self.graphs_replay()
+
+    def graphs_replay(self) -> bool:
         static = self.loaded.model.static
         return static is not None and static.mode == "graphs"
 
@@ -317,6 +313,17 @@ class ModelBackend(Backend):
     def capture_idle(self, should_stop: Callable[[], bool] | None = None) -> int:
         static = self.loaded.model.static
         return static.capture_pending(should_stop or (lambda: False)) if static is not None else 0
+
+    def warm_up(self, *, view: str = "auto", num_drafts: int = 3, max_tokens: int = 64,
+                max_bucket: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> dict:
+        """Capture every graph a served session uses and compile its kernels now, on made-up
+        documents (lsp_server/warm_up.py); what it did. Nothing where no static forward runs."""
+        from editkv.lsp_server import warm_up
+
+        report = warm_up.warm_up(self, view=view, num_drafts=num_drafts, max_tokens=max_tokens,
+                                 max_bucket=max_bucket or warm_up.MAX_BUCKET, should_stop=should_stop)
+        self.warm_up_report = report.as_dict()
+        return self.warm_up_report
 
     def drop_caches(self) -> None:
         """Forget every document's KV, the KV pool and the captured graphs (after running out of

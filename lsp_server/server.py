@@ -220,6 +220,8 @@ class EditkvServer(LanguageServer):
                 "evictions": getattr(getattr(backend, "cache", None), "evictions", None),
                 "idle_refreshed_tokens": self.worker.idle_refreshed,
                 "idle_captures": self.worker.idle_captures,  # CUDA graphs taken while the user was idle
+                # the load's warm-up (lsp_server/warm_up.py): buckets, requests, graphs captured, ms
+                "warm_up": backend.warm_up_report if backend is not None else None,
                 # every token the requests ran through the model (idle refresh: the line above)
                 "encoded_tokens": getattr(backend, "encoded_tokens", None),
                 # faults recovered from by kind (oom, device, error), models reloaded after one

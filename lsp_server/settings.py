@@ -55,6 +55,10 @@ class Settings:
     # on the H100 1.28x greedy's time with twice superposed decoding's best-of-3 EM), not on the
     # CPU (1.29-1.37x, eager batch forwards); BENCHMARKS.md, multi-draft
     beam_search: bool | None = None
+    # at load, before the server is ready: an editing session on made-up files captures every CUDA
+    # graph a keystroke uses and compiles the kernels (lsp_server/warm_up.py; seconds on a GPU), so
+    # no keystroke pays a first use. None: where forwards replay CUDA graphs; false: never
+    warm_up: bool | None = None
     # more stale tokens than this and background refresh starts after a short quiet spell instead of
     # waiting for idle_refresh_ms; 0: only when idle. Requests never re-encode stale tokens beyond
     # refresh_near_cursor (the ones right before the cursor).
@@ -105,8 +109,8 @@ _INT_RANGES = {
 _CHOICES = {"multiline": MULTILINE_POLICIES, "cache_mode": CACHE_MODES, "view": VIEWS,
             "dtype": ("float32", "bfloat16", "float16"), "cpu_weights": CPU_WEIGHTS}
 _MODEL_TUNED = ("fim_fresh_suffix", "refresh_near_cursor")  # None: the model's value
-_BOOLS = ("stats_file", "type_along", "speculation", "superposed", "beam_search", "adadec", "fim_suffix_cache",
-          "cross_file")
+_BOOLS = ("stats_file", "type_along", "speculation", "superposed", "beam_search", "warm_up", "adadec",
+          "fim_suffix_cache", "cross_file")
 _FIELDS = {f.name for f in fields(Settings)}
 
 

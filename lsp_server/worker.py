@@ -418,10 +418,29 @@ class EngineWorker:
                                     f"{str(again)[:200]}); no suggestions until a model loads.")
                 self.load_error = message
                 return False, message
+            self._warm_up(backend, settings)
             self._install(backend, settings)
             return True, backend.description
         finally:
             self.loading = False
+
+    def _warm_up(self, backend: Backend, settings: Settings) -> None:
+        """The backend's warm-up (setting `warmUp`; unset: where graphs replay), before it serves.
+        A warm-up that fails leaves the backend as it is: requests then pay their first uses."""
+        if settings.warm_up is False or (settings.warm_up is None and not backend.graphs_replay()):
+            return
+        try:
+            report = backend.warm_up(view=settings.view, num_drafts=settings.num_drafts, max_tokens=settings.max_tokens,
+                                     should_stop=lambda: self.closing)
+        except Exception:
+            log.error("warm-up failed (requests capture their graphs on first use): %s", traceback.format_exc())
+            try:
+                backend.drop_caches()  # nothing half made is kept (a device fault may have broken it)
+            except Exception:
+                log.error("dropping the warm-up's caches: %s", traceback.format_exc())
+            return
+        if report:
+            log.info("warm-up: %s", report)
 
     def _install(self, backend: Backend, settings: Settings) -> None:
         """Make `backend` the one in use and hand it every open document."""

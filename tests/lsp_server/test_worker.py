@@ -314,3 +314,50 @@ def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tm
         _wait_while(lambda: static.pending_captures, deadline)
         # (a key whose buffer moved since is dropped, not captured: count what was captured)
         assert static.pending_captures == 0 and w.idle_captures > 0 and static.num_graphs == w.idle_captures
+
+
+class WarmingBackend(FakeBackend):
+    """A FakeBackend whose forwards 'replay graphs' as the test says, noting its warm-ups."""
+
+    def __init__(self, graphs: bool, fail: bool = False) -> None:
+        super().__init__()
+        self.graphs, self.fail, self.warm_ups = graphs, fail, []
+        self.dropped = False
+
+    def graphs_replay(self):
+        return self.graphs
+
+    def warm_up(self, **kw):
+        self.warm_ups.append((kw, threading.get_ident()))
+        if self.fail:
+            raise RuntimeError("a kernel did not compile")
+        self.warm_up_report = {"buckets": [1024], "graphs": 3}
+        return self.warm_up_report
+
+    def drop_caches(self):
+        self.dropped = True
+
+
+@pytest.mark.parametrize("graphs, setting, warmed", [(True, None, True), (False, None, False),
+                                                     (True, False, False), (False, True, True)])
+def test_the_load_warms_up_where_graphs_replay_or_the_setting_says(graphs, setting, warmed):
+    backend = WarmingBackend(graphs)
+    w = EngineWorker(lambda s: backend, lambda level, text: None)
+    try:
+        assert w.load(Settings(warm_up=setting, num_drafts=5, view="l2r")).result(10)[0]
+        assert bool(backend.warm_ups) == warmed
+        if warmed:  # with the user's request settings, on the worker thread, before the backend serves
+            kw, thread = backend.warm_ups[0]
+            assert kw["num_drafts"] == 5 and kw["view"] == "l2r" and thread == w.thread_id
+    finally:
+        w.stop()
+
+
+def test_a_failed_warm_up_leaves_a_serving_backend_without_its_caches():
+    backend = WarmingBackend(True, fail=True)
+    w = EngineWorker(lambda s: backend, lambda level, text: None)
+    try:
+        assert w.load(Settings()).result(10) == (True, "fake backend")
+        assert backend.warm_ups and backend.dropped and w.backend is backend
+    finally:
+        w.stop()

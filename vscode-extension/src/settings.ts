@@ -35,6 +35,7 @@ export const SERVER_DEFAULTS = {
   speculation: true,
   superposed: true,
   beamSearch: null, // null: on a GPU, off on the CPU
+  warmUp: null, // null: where graphs replay (a GPU)
   staleBudget: 4096,
   fimFreshSuffix: null, // null: the model's recommendation
   fimSuffixCache: false,

@@ -1,0 +1,112 @@
+"""The warm-up at load (lsp_server/warm_up.py) through a real ModelBackend on the GPU's cache layout.
+
+On the CPU the graph path runs as the static forward (the same shapes and graph keys, run eagerly,
+EDITKV_KV_POOL=1 for the pool every document shares): after the warm-up a user's session in a
+file of a warmed bucket takes no graph it did not already have, where without it the same session
+takes several; and the warm-up leaves no trace but the graphs.
+"""
+
+import pytest
+from editkv.edit_cache.positions import Position, Range
+from editkv.engine.loading import load_model
+from editkv.engine.static_decode import enable_graphs
+from editkv.lsp_server import warm_up
+from editkv.lsp_server.backend import CompletionRequest, ModelBackend
+
+MAX_WIDTH = 64  # (the GPU's is 256) fewer, narrower shapes: the static forward is slow on the CPU
+TEXT = '''import json
+
+
+def load(path):
+    """Read the items of a JSON file."""
+    with open(path) as f:
+        return json.load(f)
+
+
+class Inventory:
+    def __init__(self, items):
+        self.items = list(items)
+
+    def total(self):
+        return sum(item["price"] * item["count"] for item in self.items)
+
+    def names(self):
+        return sorted(item["name"] for item in self.items)
+'''
+
+
+@pytest.fixture
+def static_backend(monkeypatch):
+    """A ModelBackend over the default model whose forwards take the static (graph) path, with the pool."""
+    monkeypatch.setenv("EDITKV_KV_POOL", "1")
+    loaded = load_model(None)
+    static = enable_graphs(loaded.model, mode="static", max_width=MAX_WIDTH)
+    backend = ModelBackend(loaded, budget_bytes=32 << 20)
+    assert loaded.model.kv_pool is not None
+    yield backend, static
+    backend.release()
+
+
+def _session(backend) -> list[int]:
+    """A user's session in a ~200-token file: a suggestion, typing a line, a paste, the dropdown;
+    the graphs each request captured."""
+    uri = "file:///inventory.py"
+    backend.open(uri, TEXT)
+    lines = TEXT.split("\n")
+    line = next(i for i, t in enumerate(lines) if t.startswith("        return sum"))
+    captured = []
+
+    def ask(at: Position, drafts: int = 1) -> None:
+        result = backend.complete(CompletionRequest(uri, at.line, at.character, max_tokens=12, num_drafts=drafts))
+        captured.append(result.stats["graph_captures"])
+
+    end = Position(line, len(lines[line]))
+    ask(end)
+    typed = "\n        count = len(self.items)"
+    at = end
+    for ch in typed:
+        backend.change(uri, [(Range(at, at), ch)], "utf-32")
+        at = Position(at.line + 1, 0) if ch == "\n" else Position(at.line, at.character + 1)
+        ask(at)
+    paste = "\n        assert count >= 0, 'no items'\n        values = [item['price'] for item in self.items]"
+    backend.change(uri, [(Range(at, at), paste)], "utf-32")
+    last = paste.split("\n")[-1]
+    at = Position(at.line + paste.count("\n"), len(last))
+    ask(at)
+    ask(at, drafts=3)
+    backend.close(uri)
+    return captured
+
+
+def test_after_the_warm_up_a_session_captures_no_graph(static_backend):
+    backend, static = static_backend
+    report = backend.warm_up(max_bucket=1024)
+    assert report["buckets"] == [1024] and report["requests"] > 10 and not report["stopped"]
+    assert report["graphs"] == static.captures >= len(warm_up.shapes(MAX_WIDTH))
+    # no trace of the made-up files but the graphs
+    assert not backend.cache.docs and not backend.index.docs and backend.encoded_tokens == 0
+    assert not backend.speculator.recent and backend.speculator.line_tokens is None
+    captured = _session(backend)
+    assert captured and sum(captured) == 0, captured
+
+
+def test_without_the_warm_up_the_same_session_captures_graphs(static_backend):
+    """(What the test above would see if the warm-up missed the shapes a session uses.)"""
+    backend, static = static_backend
+    captured = _session(backend)
+    assert sum(captured) >= 3 and static.captures == sum(captured)
+
+
+def test_shapes_cover_every_forward_kind():
+    got = warm_up.shapes(256)
+    assert (1, "none") in got and (1, "all") in got and (1, "last") not in got  # one row: "last" is "all"
+    assert {w for w, rows in got if rows == "none"} == {1, 2, 4, 8, 16, 32, 64, 128, 256}
+    assert {w for w, rows in got if rows == "all"} == {1, 2, 4, 8, 16}
+
+
+def test_paste_text_fits_its_token_count():
+    loaded = load_model(None)
+    for tokens in (1, 2, 5, 17, 65, 129):
+        text = warm_up.paste_text(loaded.tokenizer, tokens)
+        count = len(loaded.tokenizer.encode(text))
+        assert count <= tokens and (tokens == 1 or count > tokens // 2), (tokens, count)
