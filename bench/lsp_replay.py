@@ -21,6 +21,24 @@ only, not in "both") types every keystroke as a change but asks for a suggestion
 scored lines, each waited for: the suggestion quality of many lines at little cost, with the
 cache state the typing left (its latencies are not a pace's).
 
+"hop" (issue 24; not in "both") keeps many files open and moves between them, as a user working
+across a project does: --docs records (default 50, the spread subset below, so files of every
+size; replaces --limit) are opened at once, each under a URI of its own, and each read once by
+an untimed request; then round robin, each document's turn types its next --keys-per-turn
+keystrokes (5) at the human pace (--interval-ms, --hunk-pause-ms within a document; the first
+keystroke of a turn --hop-pause-ms after the turn before, default --interval-ms), each with its
+automatic request, which cancels the requests still open, the previous document's too; --rounds
+rounds (4), a document sitting its turns out once its keystrokes (up to --max-keys) are typed.
+One server per method, the methods one after another. Besides the usual table (round 1 is the
+warm-up: every document's first requests), per method: p50 / p95 / p99 and p95 / p50 over every
+keystroke and after round 1; CUDA graphs captured after round 1 and in all (the server's running
+count, `graph_captures` in editkv/stats, which idle captures join; the JSON also sums the sampled
+requests' own `graph_captures`); the device memory editkv/stats reports (allocated, the allocator's
+peak, the KV pool's buffer; None off CUDA), sampled with the stats poll of each turn's last
+keystroke: first, max, last and the spread (max - min) after round 1. Flat memory: last about
+first, a spread near 0. JSON: "hop", per method. Peers are left out; cross-file companion files
+are not opened (the other open documents are there to be used).
+
 Reported per pace, method and group: keystrokes; answered (a suggestion, or an empty answer),
 dropped (the server answered null: a newer keystroke superseded the request), cancelled
 (RequestCancelled after our $/cancelRequest), late (answered after the next keystroke was
@@ -73,6 +91,8 @@ them) — the like-for-like comparison with llama.vscode, whose cache answers co
     python bench/lsp_replay.py --limit 6 --max-keys 40 --pace human --methods full,default --timeout 60
     python bench/lsp_replay.py --limit 4 --max-keys 40 --pace human --methods default,llama \
         --model ~/.cache/editkv/qwen2.5-coder-0.5b-instruct-q4.gguf --threads 2
+    python bench/lsp_replay.py --pace hop --docs 50 --rounds 4 --keys-per-turn 5 --methods default,full \
+        --device cuda --model qwen2.5-coder-0.5b-instruct-q4.gguf --json hop.json
 """
 
 from __future__ import annotations
@@ -85,13 +105,25 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from common import edit_similarity, exact_match, load_records, machine, parser, table, write_json
 from editkv.edit_cache.positions import common_prefix, to_position
+from editkv.lsp_server.backend import DEVICE_STATS
 from editkv.lsp_server.lsp_client import LspClient, LspError, server_command, server_env
-from editkv.lsp_server.replay import KeyRecord, Session, editor_session, type_session
+from editkv.lsp_server.replay import (
+    InFlight,
+    KeyRecord,
+    Session,
+    close_document,
+    editor_session,
+    finish_requests,
+    open_document,
+    prime,
+    type_keys,
+    type_session,
+)
 from editkv.lsp_server.stats import percentile
 from peers.llama_server import BUILD as PEER_BUILD
 from peers.llama_server import LlamaServer, binary
@@ -115,7 +147,7 @@ PEER = "peer"  # a method whose settings name a peer is not `editkv lsp`; its ot
 BASELINE = "full"
 BUCKETS = (("<4k", 4096), ("4-16k", 16384), (">16k", None))  # tokens of `before`, upper bounds exclusive
 POSITIONS = ("top", "middle", "bottom")
-PACES = ("service", "human", "lines")
+PACES = ("service", "human", "lines", "hop")
 ANSWERED = ("shown", "empty")
 WARM_URI = "file:///lsp_replay/warm_up.py"
 WARM_TEXT = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
@@ -170,6 +202,7 @@ class KeyRow:
     late: bool  # answered after the next keystroke was sent: the editor had moved on
     timed_out: bool
     encoded_tokens: int | None  # tokens the server encoded from this keystroke to the next
+    round: int | None = None  # hop pace: the round it was typed in (1 = warm-up)
 
 
 @dataclass
@@ -420,6 +453,18 @@ def _encoded_so_far(stats: dict) -> int | None:
     return backend["encoded_tokens"] + backend.get("idle_refreshed_tokens", 0)
 
 
+async def _settled_stats(client: LspClient, timeout_s: float) -> tuple[dict, int | None]:
+    """The server's stats once its work is done, and its encoded-token count less settle's own
+    request: work still running for a replay (a repair is not interrupted) ends before settle's
+    request runs; settle's tokens (the last request the server served) are not the replay's."""
+    await settle(client)
+    final = await client.request("editkv/stats", timeout=timeout_s)
+    end = _encoded_so_far(final)
+    if end is not None:
+        end -= (final["backend"]["last_request"] or {}).get("encoded_tokens", 0)
+    return final, end
+
+
 async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace, args,
                       opens: list[OpenRow] | None = None,
                       requests: list[dict] | None = None) -> tuple[list[KeyRow], list[LineRow]]:
@@ -434,32 +479,37 @@ async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace,
         on_key=lambda i: polls.append(client.send_request("editkv/stats")[1]),
         on_prime=lambda ms: opens.append(OpenRow(*where, case.tokens, ms)) if opens is not None else None,
         ask_at={p.key for p in case.session.probes} if pace.name == "lines" else None)
-    # work still running for this record (a repair is not interrupted) ends before settle's request
-    # runs; settle's own tokens (the last request the server served) are not this record's
-    await settle(client)
-    final = await client.request("editkv/stats", timeout=args.timeout)
-    end = _encoded_so_far(final)
-    if end is not None:
-        end -= (final["backend"]["last_request"] or {}).get("encoded_tokens", 0)
+    _, end = await _settled_stats(client, args.timeout)
     snapshots = await asyncio.gather(*polls)
     counts = [_encoded_so_far(s) for s in snapshots] + [end]
     if requests is not None:
-        seen = set()
-        for snap in snapshots:
-            last = snap["backend"].get("last_request")
-            mark = json.dumps(last, sort_keys=True)
-            if last and "total_ms" in last and mark not in seen:
-                seen.add(mark)
-                requests.append({"pace": pace.name, "method": method.name, "record": case.record_id, **last})
+        _served_rows(snapshots, [{"pace": pace.name, "method": method.name, "record": case.record_id}] * len(snapshots),
+                     requests)
     keys = []
     for i, r in enumerate(records):
         late = r.outcome in ANSWERED and pace.name != "lines" and _late(records, i)
         tokens = counts[i + 1] - counts[i] if counts[i] is not None and counts[i + 1] is not None else None
         if r.outcome != "unasked":
             keys.append(KeyRow(*where, i, r.label, r.outcome, r.latency_ms, late, r.timed_out, tokens))
+    return keys, _line_rows(where, case.session, records, {k.index: k.late for k in keys})
+
+
+def _served_rows(snapshots: list[dict], labels: list[dict], requests: list[dict]) -> None:
+    """The per-request stats in `editkv/stats` snapshots (its last request finished), each request
+    once, with the labels of the keystroke whose poll it was, to `requests`."""
+    seen = set()
+    for snap, label in zip(snapshots, labels, strict=True):
+        last = snap["backend"].get("last_request")
+        mark = json.dumps(last, sort_keys=True)
+        if last and "total_ms" in last and mark not in seen:
+            seen.add(mark)
+            requests.append({**label, **last})
+
+
+def _line_rows(where: tuple, session: Session, records: list[KeyRecord], late_at: dict[int, bool]) -> list[LineRow]:
+    """The scored lines among the keystrokes typed (`records`): what was shown there, against the line."""
     lines = []
-    late_at = {k.index: k.late for k in keys}
-    for probe in case.session.probes:
+    for probe in session.probes:
         if probe.key >= len(records):
             continue
         r = records[probe.key]
@@ -468,7 +518,107 @@ async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace,
         score = score_line(suggestion, probe.expected)
         lines.append(LineRow(*where, probe.key, probe.expected, suggestion.split("\n", 1)[0], shown,
                              score.em, score.es, score.saved))
-    return keys, lines
+    return lines
+
+
+def hop_sessions(cases: list[Case]) -> list[Session]:
+    """The cases' sessions, each under a URI of its own (two records of one file share a path)."""
+    return [replace(c.session, uri=f"file:///lsp_replay/hop/{k:03d}/{c.session.uri.rsplit('/realedits/', 1)[-1]}")
+            for k, c in enumerate(cases)]
+
+
+async def replay_hop(client: LspClient, method: Method, cases: list[Case], pace: Pace, args,
+                     opens: list[OpenRow], requests: list[dict]) -> tuple[list[KeyRow], list[LineRow], dict]:
+    """The hop pace on one server: every case's document open at once, then --keys-per-turn keystrokes
+    of each in turn, round robin, for --rounds rounds (a document whose keystrokes, up to --max-keys,
+    are all typed sits its turns out). Keystrokes go as type_session sends them (the pace's interval;
+    each cancels the requests still open, the last one of the document left behind too); the first of
+    a turn waits --hop-pause-ms after the turn before. Its keystroke and line rows, and its summary
+    (summarize_hop) with the device memory after every turn (the stats poll of its last keystroke)."""
+    sessions = hop_sessions(cases)
+    stops = [min(len(s.keys), args.max_keys) if args.max_keys else len(s.keys) for s in sessions]
+    hop_pause_s = (pace.interval_ms if args.hop_pause_ms is None else args.hop_pause_ms) / 1000
+    start = (await client.request("editkv/stats", timeout=args.timeout))["backend"]
+    for session in sessions:
+        open_document(client, session)
+    for case, session in zip(cases, sessions, strict=True):  # each read once, as in the other paces
+        ms = await prime(client, session, max(args.timeout, 600.0), args.max_keys)
+        opens.append(OpenRow(pace.name, method.name, case.record_id, case.bucket, case.position, case.tokens, ms))
+    records: list[list[KeyRecord]] = [[] for _ in sessions]
+    in_flight: InFlight = []
+    sent: list[tuple[int, int]] = []  # (document, keystroke) in the order sent, one stats poll each
+    polls: list[asyncio.Future] = []
+    turns: list[tuple[int, int, int]] = []  # (round, document, its last keystroke's place in `sent`)
+
+    def on_key(d: int, i: int) -> None:
+        sent.append((d, i))
+        polls.append(client.send_request("editkv/stats")[1])
+
+    for r in range(1, args.rounds + 1):
+        for d, session in enumerate(sessions):
+            stop = min(stops[d], r * args.keys_per_turn)
+            if len(records[d]) >= stop:
+                continue
+            if sent:
+                last = records[sent[-1][0]][-1].sent_at
+                await asyncio.sleep(max(0.0, last + hop_pause_s - time.perf_counter()))
+            await type_keys(client, session, stop, records[d], in_flight, interval_s=pace.interval_ms / 1000,
+                            timeout_s=args.timeout, hunk_pause_s=pace.hunk_pause_ms / 1000,
+                            on_key=lambda i, d=d: on_key(d, i))
+            turns.append((r, d, len(sent) - 1))
+    await finish_requests(client, in_flight, args.timeout)
+    final, end = await _settled_stats(client, args.timeout)
+    opened = sum(s.uri in final["documents"] for s in sessions)  # open on the server at the end
+    for session in sessions:
+        close_document(client, session)
+    snapshots = await asyncio.gather(*polls)
+    counts = [_encoded_so_far(s) for s in snapshots] + [end]
+
+    def round_of(i: int) -> int:
+        return i // args.keys_per_turn + 1
+
+    _served_rows(snapshots, [{"pace": pace.name, "method": method.name, "record": cases[d].record_id,
+                              "round": round_of(i)} for d, i in sent], requests)
+    keys: list[KeyRow] = []
+    for j, (d, i) in enumerate(sent):
+        case, r = cases[d], records[d][i]
+        following = records[sent[j + 1][0]][sent[j + 1][1]].sent_at if j + 1 < len(sent) else None
+        late = (r.outcome in ANSWERED and following is not None and r.latency_ms is not None
+                and r.sent_at + r.latency_ms / 1000 > following)
+        tokens = counts[j + 1] - counts[j] if counts[j] is not None and counts[j + 1] is not None else None
+        keys.append(KeyRow(pace.name, method.name, case.record_id, case.bucket, case.position, i, r.label, r.outcome,
+                           r.latency_ms, late, r.timed_out, tokens, round_of(i)))
+    late_at: list[dict[int, bool]] = [{} for _ in sessions]
+    for (d, i), k in zip(sent, keys, strict=True):
+        late_at[d][i] = k.late
+    lines = []
+    for d, (case, session) in enumerate(zip(cases, sessions, strict=True)):
+        lines += _line_rows((pace.name, method.name, case.record_id, case.bucket, case.position), session,
+                            records[d], late_at[d])
+    samples = [{"round": r, "record": cases[d].record_id,
+                **{name: snapshots[j]["backend"].get(name) for name in DEVICE_STATS}} for r, d, j in turns]
+    captures = _hop_captures(start, final["backend"], [snapshots[j]["backend"] for r, _, j in turns if r == 1][-1:])
+    served = [q for q in requests if q["pace"] == pace.name and q["method"] == method.name]
+    summary = summarize_hop(keys, samples, captures, served)
+    summary.update(documents=len(sessions), opened=opened, rounds=max((r for r, _, _ in turns), default=0),
+                   keys_per_turn=args.keys_per_turn, hop_pause_ms=1000 * hop_pause_s,
+                   document_tokens=[c.tokens for c in cases])
+    return keys, lines, summary
+
+
+def _hop_captures(start: dict, final: dict, first_round_end: list[dict]) -> dict:
+    """CUDA graphs captured over the replay and after its first round, from the server's running
+    count (`graph_captures` in editkv/stats: requests' and idle captures; None without graphs), less
+    the one request settle sent after the replay."""
+    def count(backend: dict) -> int | None:
+        return backend.get("graph_captures")
+
+    end = count(final)
+    if end is not None:
+        end -= (final.get("last_request") or {}).get("graph_captures", 0)
+    warm = count(first_round_end[0]) if first_round_end else None
+    return {"all": end - count(start) if end is not None and count(start) is not None else None,
+            "after_round1": end - warm if end is not None and warm is not None else None}
 
 
 def _late(records: list[KeyRecord], i: int) -> bool:
@@ -521,6 +671,39 @@ def _summary(pace: str, method: str, group: str, keys: list[KeyRow], lines: list
     }
 
 
+def summarize_hop(keys: list[KeyRow], samples: list[dict], captures: dict, served: list[dict]) -> dict:
+    """One method's hop replay: keystroke counts and latencies, over all rounds and after the first
+    (the warm-up), the ratio p95 / p50; CUDA graphs captured (`captures`: the server's running count;
+    `request_graph_captures`: the per-request counts of the requests the polls sampled); device memory
+    sampled after every turn (`samples`, rows of DEVICE_STATS): first, max, last, and the spread
+    (max - min) after the first round."""
+    def latencies(rows: list[KeyRow]) -> dict:
+        answered = [k.latency_ms for k in rows if k.outcome in ANSWERED and k.latency_ms is not None]
+        p50, p95 = percentile(answered, 50), percentile(answered, 95)
+        return {"keystrokes": len(rows), "answered": len(answered), "p50_ms": p50, "p95_ms": p95,
+                "p99_ms": percentile(answered, 99), "p95_over_p50": _ratio(p95, p50)}
+
+    warm = [k for k in keys if (k.round or 1) > 1]
+    counts = {o: sum(k.outcome == o for k in keys) for o in ("dropped", "cancelled")}
+    out = {**latencies(keys), **counts, "other": len(keys) - sum(k.outcome in ANSWERED for k in keys)
+           - sum(counts.values()), "late": sum(k.late for k in keys), "timed_out": sum(k.timed_out for k in keys),
+           "after_round1": latencies(warm), "graph_captures": captures,
+           "request_graph_captures": {
+               "all": sum(q.get("graph_captures") or 0 for q in served),
+               "after_round1": sum(q.get("graph_captures") or 0 for q in served if q.get("round", 1) > 1),
+               "requests_sampled": len(served)}}
+    memory = {}
+    for name in ("device_allocated_bytes", "device_max_allocated_bytes"):
+        values = [m[name] for m in samples if m.get(name) is not None]
+        later = [m[name] for m in samples if m.get(name) is not None and m["round"] > 1]
+        memory[name] = {"first": values[0] if values else None, "max": max(values, default=None),
+                        "last": values[-1] if values else None,
+                        "spread_after_round1": max(later) - min(later) if later else None}
+    pools = [m["kv_pool_bytes"] for m in samples if m.get("kv_pool_bytes") is not None]
+    out["memory"] = {**memory, "kv_pool_bytes": pools[-1] if pools else None, "samples": samples}
+    return out
+
+
 def summarize_opens(opens: list[OpenRow]) -> list[dict]:
     """Time to the first suggestion after opening a file, per pace, method and file-size bucket."""
     cells: dict[tuple[str, str, str], list[OpenRow]] = {}
@@ -559,7 +742,11 @@ def print_tables(result: dict) -> None:
                        _x(s[f"p50_ms_vs_{base}"]), _x(s[f"p95_ms_vs_{base}"]), _fmt(s["tokens_per_key"], 1),
                        _x(s[f"tokens_per_key_vs_{base}"]), s["lines"], s["lines_shown"], _pct(s["em"]), _pct(s["es"]),
                        _pct(s["saved_fraction"])] for s in rows]
-        how = ("every keystroke a change, a request only at each scored line, waited for" if pace["name"] == "lines"
+        hop = next(iter(result.get("hop", {}).values()), None) if pace["name"] == "hop" else None
+        how = (f"{hop['documents']} documents open, {hop['keys_per_turn']} keystrokes of each in turn, one every "
+               f"{pace['interval_ms']:.0f} ms, {hop['hop_pause_ms']:.0f} ms to the next document; "
+               f"{hop['rounds']} rounds" if hop is not None else
+               "every keystroke a change, a request only at each scored line, waited for" if pace["name"] == "lines"
                else "each keystroke after the last answer" if pace["interval_ms"] <= 0 else
                f"one keystroke every {pace['interval_ms']:.0f} ms, {pace['hunk_pause_ms']:.0f} ms before each "
                "later hunk")
@@ -568,6 +755,8 @@ def print_tables(result: dict) -> None:
                  f"model: {result['model']}; machine: {result['machine']}; load average {_load(result)}; "
                  f"'vs {base}' = {base}'s value / this method's (> 1: less than {base})")
         print(table(headers, table_rows, title))
+        if hop is not None:
+            print(hop_table(result))
         first = sorted((s for s in result.get("first_suggestion", []) if s["pace"] == pace["name"]),
                        key=lambda s: (group_order.index(s["group"]), order[s["method"]]))
         if first:
@@ -594,6 +783,30 @@ def print_tables(result: dict) -> None:
                     "editkv: where a request's time goes (its own stats, the last request finished at each "
                     "keystroke's poll)"))
     print("\nmethods: " + "; ".join(f"{m} = {json.dumps(s)}" for m, s in result["method_settings"].items()))
+
+
+def hop_table(result: dict) -> str:
+    """The hop pace, one row per method: latencies (all rounds; p95 / p50 also after the first),
+    CUDA graphs captured after the first round and in all, device memory after each turn."""
+    rows = []
+    for method, h in result["hop"].items():
+        memory, captures = h["memory"]["device_allocated_bytes"], h["graph_captures"]
+        rows.append([method, f"{h['opened']} / {h['documents']}", h["keystrokes"], h["answered"], h["dropped"],
+                     h["cancelled"], _fmt(h["p50_ms"], 0), _fmt(h["p95_ms"], 0), _fmt(h["p99_ms"], 0),
+                     _x(h["p95_over_p50"]), _x(h["after_round1"]["p95_over_p50"]),
+                     f"{_fmt(captures['after_round1'], 0)} / {_fmt(captures['all'], 0)}",
+                     " / ".join(_mib(memory[k]) for k in ("first", "max", "last")),
+                     _mib(memory["spread_after_round1"]), _mib(h["memory"]["device_max_allocated_bytes"]["last"]),
+                     _mib(h["memory"]["kv_pool_bytes"])])
+    return table(["method", "documents open", "keys", "answered", "dropped", "cancelled", "p50 ms", "p95 ms", "p99 ms",
+                  "p95/p50", "p95/p50 after round 1", "graph captures after round 1 / all",
+                  "device MiB first / max / last", "spread after round 1 MiB", "peak MiB", "KV pool MiB"], rows,
+                 "hop: latency over every keystroke; graph captures from the server's running count (- without "
+                 "CUDA graphs); device memory allocated, sampled after each turn (- off CUDA)")
+
+
+def _mib(x: int | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.0f}"
 
 
 def _load(result: dict) -> str:
@@ -629,11 +842,17 @@ def _args():
     p.add_argument("--settings", default=None, metavar="JSON",
                    help="settings for every method, under each method's own, e.g. '{\"maxTokens\": 8}'")
     p.add_argument("--max-file-chars", type=int, default=None, help="leave out records with larger files")
-    p.add_argument("--pace", choices=("service", "human", "both", "lines"), default="both",
-                   help="both = service and human; lines = quality only (requests at the scored lines alone)")
+    p.add_argument("--pace", choices=("service", "human", "both", "lines", "hop"), default="both",
+                   help="both = service and human; lines = quality only (requests at the scored lines alone); "
+                        "hop = --docs documents open at once, typed by turns at the human pace")
     p.add_argument("--interval-ms", type=float, default=100.0, help="human pace: between keystrokes (100)")
     p.add_argument("--hunk-pause-ms", type=float, default=1500.0, help="human pace: before each later hunk (1500)")
     p.add_argument("--max-keys", type=int, default=80, help="keystrokes per record at most (80)")
+    p.add_argument("--docs", type=int, default=50, help="hop pace: documents open at once (50; replaces --limit)")
+    p.add_argument("--rounds", type=int, default=4, help="hop pace: turns of every document (4)")
+    p.add_argument("--keys-per-turn", type=int, default=5, help="hop pace: keystrokes a document's turn types (5)")
+    p.add_argument("--hop-pause-ms", type=float, default=None,
+                   help="hop pace: from a turn's last keystroke to the next turn's first (default --interval-ms)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for one answer at service pace, and for the open ones after a record (60)")
     p.add_argument("--order", choices=("spread", "file"), default="spread",
@@ -693,6 +912,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
     calls: list[dict] = []
     served: list[dict] = []  # editkv's per-request stats (where its time went)
     editor: dict[str, int] = {}  # "pace/method" -> requests the VS Code extension answered itself (typing along)
+    hop: dict[str, dict] = {}  # method -> its hop replay's summary (summarize_hop)
     load_start = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lsp_replay_") as cache_home:
@@ -705,6 +925,23 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
             description = {m.name: (await clients[m.name].request("editkv/stats"))["backend"]["description"]
                            for m in methods}
             for pace in paces:
+                if pace.name == "hop":  # every document open at once, on each server in turn
+                    for method in methods:
+                        client = clients[method.name]
+                        here = client.answered_here if isinstance(client, ExtensionClient) else 0
+                        k, ln, hop[method.name] = await replay_hop(client, method, cases, pace, args, opens, served)
+                        if isinstance(client, ExtensionClient):
+                            editor[f"{pace.name}/{method.name}"] = client.answered_here - here
+                        keys += k
+                        lines += ln
+                        print(f"  hop {method.name:<14} {len(cases)} documents: {len(k)} keys, "
+                              f"{hop[method.name]['answered']} answered; {time.perf_counter() - started:.0f} s",
+                              file=sys.stderr)
+                        if args.json:
+                            done = _result(args, methods, paces, cases, description, load_start, keys, lines, opens,
+                                           calls, served, editor, hop)
+                            write_json(args.json, {**done, "partial": True})
+                    continue
                 for i, case in enumerate(cases):
                     for method in methods[i % len(methods):] + methods[: i % len(methods)]:
                         client = clients[method.name]
@@ -735,20 +972,20 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                               f"{len(ln)} lines; {time.perf_counter() - started:.0f} s", file=sys.stderr)
                         if args.json:  # what is done so far survives a run stopped by its time limit
                             done = _result(args, methods, paces, cases, description, load_start, keys, lines, opens,
-                                           calls, served, editor)
+                                           calls, served, editor, hop)
                             write_json(args.json, {**done, "partial": True})
         finally:
             for client in clients.values():
                 await client.close()
             for server in servers:
                 server.stop()
-    return {**_result(args, methods, paces, cases, description, load_start, keys, lines, opens, calls, served, editor),
-            "partial": False}
+    return {**_result(args, methods, paces, cases, description, load_start, keys, lines, opens, calls, served, editor,
+                      hop), "partial": False}
 
 
 def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], description: dict[str, str],
             load_start: tuple[float, ...], keys: list[KeyRow], lines: list[LineRow], opens: list[OpenRow],
-            calls: list[dict], served: list[dict], editor: dict[str, int]) -> dict:
+            calls: list[dict], served: list[dict], editor: dict[str, int], hop: dict[str, dict]) -> dict:
     models = sorted(set(description.values()))
     return {
         "model": "; ".join(models) if len(models) > 1 else models[0], "machine": machine(args.device),
@@ -763,7 +1000,7 @@ def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], d
         "lines": [asdict(r) for r in lines], "opens": [asdict(o) for o in opens],
         "first_suggestion": summarize_opens(opens), "peer_calls": calls, "peer_requests": summarize_peer_calls(calls),
         "served_requests": served, "served_breakdown": summarize_served(served),
-        "editor_answers": editor,
+        "editor_answers": editor, "hop": hop,
     }
 
 
@@ -841,11 +1078,17 @@ def main() -> None:
     args.baseline = args.baseline or (BASELINE if BASELINE in names else peers[0] if peers else names[0])
     if args.baseline not in names:
         sys.exit(f"lsp_replay: --baseline {args.baseline} is not among --methods {args.methods}")
-    paces = [Pace(name, args.interval_ms if name == "human" else 0.0, args.hunk_pause_ms if name == "human" else 0.0)
-             for name in PACES if args.pace == name or (args.pace == "both" and name != "lines")]
-    records = load_records(args.data, args.limit if args.order == "file" else None, args.max_file_chars)
-    cases = build_cases(records, token_counter(None if args.fake else args.model), args.limit, args.order,
-                        args.max_keys)
+    human = ("human", "hop")  # the hop pace types at the human pace's interval and hunk pause
+    paces = [Pace(name, args.interval_ms if name in human else 0.0, args.hunk_pause_ms if name in human else 0.0)
+             for name in PACES if args.pace == name or (args.pace == "both" and name in ("service", "human"))]
+    if args.pace == "hop" and peers:
+        sys.exit(f"lsp_replay: the hop pace drives editkv only (llama.vscode's client types one record at a time); "
+                 f"leave {', '.join(peers)} out of --methods")
+    if args.pace == "hop" and min(args.docs, args.rounds, args.keys_per_turn) < 1:
+        sys.exit("lsp_replay: --docs, --rounds and --keys-per-turn must be at least 1")
+    limit = args.docs if args.pace == "hop" else args.limit
+    records = load_records(args.data, limit if args.order == "file" else None, args.max_file_chars)
+    cases = build_cases(records, token_counter(None if args.fake else args.model), limit, args.order, args.max_keys)
     crossfile = args.crossfile or args.data.with_name(args.data.name.replace(".jsonl", "-crossfile.jsonl"))
     if any(wants_context(m) for m in methods) and crossfile.is_file() and crossfile != args.data:
         context = load_crossfile(crossfile, {c.record_id for c in cases})

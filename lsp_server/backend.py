@@ -52,6 +52,10 @@ DEFER_CAPTURES = False
 # next line end (llama.cpp's t_max_predict_ms is the same rule). On an H100 a 64-token block of Qwen2.5-
 # Coder-0.5B took up to 75 ms where one line takes ~10; the CPU's limit sits under its p95 target (300).
 MULTILINE_MS = {"cuda": 30, "cpu": 250}
+# what `Backend.device_stats` reports: bytes the CUDA caching allocator has handed out now and at most
+# since the process started, the KV pool's buffer, CUDA graphs captured since the model loaded
+# (requests' and idle ones; a replay's captures after warm-up are this count's difference)
+DEVICE_STATS = ("device_allocated_bytes", "device_max_allocated_bytes", "kv_pool_bytes", "graph_captures")
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,10 @@ class Backend(Protocol):
     def debug_document(self, uri: str, kv: bool = False) -> dict:
         """The backend's part of `editkv/debugDocument`."""
         return {}
+
+    def device_stats(self) -> dict:
+        """Device memory and CUDA graphs for `editkv/stats` (DEVICE_STATS; None where there are none)."""
+        return dict.fromkeys(DEVICE_STATS)
 
 
 class ModelBackend(Backend):
@@ -399,6 +407,19 @@ class ModelBackend(Backend):
             "device_allocated": _device_allocated(self.loaded.device),
         })
         return out
+
+    def device_stats(self) -> dict:
+        """Device memory and CUDA graphs for `editkv/stats` (DEVICE_STATS): read from the event loop
+        while the worker runs, so only counters that reading does not disturb."""
+        device = self.loaded.device
+        pool = self.loaded.model.kv_pool
+        static = self.loaded.model.static
+        return {
+            "device_allocated_bytes": _device_allocated(device),
+            "device_max_allocated_bytes": _device_allocated(device, peak=True),
+            "kv_pool_bytes": pool.buffer.nbytes() if pool is not None else None,
+            "graph_captures": static.captures if static is not None and static.mode == "graphs" else None,
+        }
 
     def _kv_difference(self, doc: Document) -> dict[str, Any]:
         """Refresh `doc` whole, then its KV against a fresh prefill of its text: `kv_max_diff`, the
@@ -665,13 +686,14 @@ class ModelBackend(Backend):
         return drafts
 
 
-def _device_allocated(device) -> int | None:
-    """Bytes the CUDA caching allocator has handed out on `device` (None off CUDA)."""
+def _device_allocated(device, peak: bool = False) -> int | None:
+    """Bytes the CUDA caching allocator has handed out on `device`, now or (`peak`) at most since
+    the process started (None off CUDA)."""
     if device.type != "cuda":
         return None
     import torch
 
-    return torch.cuda.memory_allocated(device)
+    return torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
 
 
 class FakeBackend(Backend):

@@ -298,6 +298,9 @@ def _position(p: tuple[int, int]) -> dict:
     return {"line": p[0], "character": p[1]}
 
 
+InFlight = list[tuple[int, asyncio.Future, KeyRecord]]  # (message id, its answer, its record): requests still open
+
+
 async def type_session(client: LspClient, session: Session, *, interval_s: float, max_keys: int | None = None,
                        timeout_s: float = 300.0, hunk_pause_s: float = 0.0, prime_timeout_s: float = 0.0,
                        on_record: Callable[[KeyRecord], None] | None = None,
@@ -319,24 +322,63 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
 
     `ask_at`: the keystrokes that get a request (None: every one); the others are sent as changes
     only, their records keep the outcome "unasked" (with interval 0 nothing waits for them).
+
+    The steps (open_document, prime, type_keys, finish_requests, close_document) are public for a
+    replay that types several open documents by turns.
     """
-    uri = session.uri
-    client.notify("textDocument/didOpen", {"textDocument": {
-        "uri": uri, "languageId": session.language_id, "version": 0, "text": session.text}})
+    open_document(client, session)
     records: list[KeyRecord] = []
-    open_requests: list[tuple[int, asyncio.Future, KeyRecord]] = []
+    in_flight: InFlight = []
     keys = session.keys[:max_keys] if max_keys else session.keys
     if prime_timeout_s > 0 and keys:
-        primed = time.perf_counter()
-        prime_ms = None
-        with contextlib.suppress(TimeoutError, LspError):  # typing goes on; the first keystrokes wait longer
-            await client.request("textDocument/inlineCompletion", {
-                "textDocument": {"uri": uri}, "position": _position(keys[0].start), "context": {"triggerKind": 2}},
-                timeout=prime_timeout_s)
-            prime_ms = 1000 * (time.perf_counter() - primed)
+        prime_ms = await prime(client, session, prime_timeout_s, max_keys)
         if on_prime is not None:
             on_prime(prime_ms)
-    for i, key in enumerate(keys):
+    await type_keys(client, session, len(keys), records, in_flight, interval_s=interval_s, timeout_s=timeout_s,
+                    hunk_pause_s=hunk_pause_s, on_record=on_record, on_key=on_key, ask_at=ask_at)
+    await finish_requests(client, in_flight, timeout_s)
+    close_document(client, session)
+    return records
+
+
+def open_document(client: LspClient, session: Session) -> None:
+    """didOpen `session`'s text at version 0 (its keystroke i is version i + 1)."""
+    client.notify("textDocument/didOpen", {"textDocument": {
+        "uri": session.uri, "languageId": session.language_id, "version": 0, "text": session.text}})
+
+
+def close_document(client: LspClient, session: Session) -> None:
+    """didClose `session`'s document."""
+    client.notify("textDocument/didClose", {"textDocument": {"uri": session.uri}})
+
+
+async def prime(client: LspClient, session: Session, timeout_s: float, max_keys: int | None = None) -> float | None:
+    """One request at the first keystroke's position, waited for up to `timeout_s`: its latency in
+    ms, None if it failed or timed out (typing goes on; the first keystrokes wait longer)."""
+    keys = session.keys[:max_keys] if max_keys else session.keys
+    if not keys:
+        return None
+    primed = time.perf_counter()
+    with contextlib.suppress(TimeoutError, LspError):
+        await client.request("textDocument/inlineCompletion", {
+            "textDocument": {"uri": session.uri}, "position": _position(keys[0].start), "context": {"triggerKind": 2}},
+            timeout=timeout_s)
+        return 1000 * (time.perf_counter() - primed)
+    return None
+
+
+async def type_keys(client: LspClient, session: Session, stop: int, records: list[KeyRecord], in_flight: InFlight, *,
+                    interval_s: float, timeout_s: float = 300.0, hunk_pause_s: float = 0.0,
+                    on_record: Callable[[KeyRecord], None] | None = None,
+                    on_key: Callable[[int], None] | None = None,
+                    ask_at: Collection[int] | None = None) -> None:
+    """Type `session`'s keystrokes from the next one (`len(records)`: the document's records so far)
+    up to `stop`, as type_session does, each one's record appended to `records`. `in_flight` holds
+    the requests still open, of this document or others: each keystroke cancels those (the editor
+    moved on), and its own request joins them."""
+    keys = session.keys
+    for i in range(len(records), stop):
+        key = keys[i]
         if i and hunk_pause_s > 0 and key.hunk != keys[i - 1].hunk:  # from the last keystroke (or answer)
             since = records[-1].sent_at if interval_s > 0 else time.perf_counter()
             await asyncio.sleep(max(0.0, since + hunk_pause_s - time.perf_counter()))
@@ -344,7 +386,7 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
             await asyncio.sleep(max(0.0, records[-1].sent_at + interval_s - time.perf_counter()))
         sent = time.perf_counter()
         client.notify("textDocument/didChange", {
-            "textDocument": {"uri": uri, "version": i + 1},
+            "textDocument": {"uri": session.uri, "version": i + 1},
             "contentChanges": [{"range": {"start": _position(key.start), "end": _position(key.end)}, "text": key.text}],
         })
         if ask_at is not None and i not in ask_at:
@@ -352,21 +394,26 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
             if on_key is not None:
                 on_key(i)
             continue
-        for msg_id, future, _ in open_requests:
+        for msg_id, future, _ in in_flight:
             if not future.done():
                 client.cancel(msg_id)
         msg_id, future = client.send_request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": uri}, "position": _position(key.cursor), "context": {"triggerKind": 2}})
+            "textDocument": {"uri": session.uri}, "position": _position(key.cursor), "context": {"triggerKind": 2}})
         record = KeyRecord(i, key.label, sent_at=sent)
         records.append(record)
-        open_requests = [r for r in open_requests if not r[1].done()] + [(msg_id, future, record)]
+        in_flight[:] = [r for r in in_flight if not r[1].done()] + [(msg_id, future, record)]
         future.add_done_callback(lambda f, m=msg_id, s=sent, r=record: _finish(client, f, m, s, r, on_record))
         if on_key is not None:
             on_key(i)
         if interval_s <= 0:
             await asyncio.wait([future], timeout=timeout_s)
             record.timed_out = not future.done()
-    late = [(m, f, r) for m, f, r in open_requests if not f.done()]
+
+
+async def finish_requests(client: LspClient, in_flight: InFlight, timeout_s: float) -> None:
+    """Wait up to `timeout_s` for the requests still open; the ones that stay open are marked timed
+    out and cancelled, then waited for once more (their cancellation's answer)."""
+    late = [(m, f, r) for m, f, r in in_flight if not f.done()]
     if late:
         await asyncio.wait([f for _, f, _ in late], timeout=timeout_s)
     for msg_id, future, record in late:
@@ -375,8 +422,7 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
             client.cancel(msg_id)
     if late:
         await asyncio.wait([f for _, f, _ in late], timeout=timeout_s)
-    client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
-    return records
+    in_flight.clear()
 
 
 def _finish(client: LspClient, future: asyncio.Future, msg_id: int, sent: float, record: KeyRecord,

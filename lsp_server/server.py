@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from editkv.lsp_server import server_version
-from editkv.lsp_server.backend import Backend
+from editkv.lsp_server.backend import DEVICE_STATS, Backend
 from editkv.lsp_server.protocol import PARSE_ERROR, EditkvProtocol
 from editkv.lsp_server.settings import Settings
 from editkv.lsp_server.stats import Stats, default_stats_path
@@ -229,6 +229,8 @@ class EditkvServer(LanguageServer):
                 "last_fault": self.worker.last_fault,
                 # documents whose incremental tokens differed from a full tokenization (reopened)
                 "token_repairs": getattr(backend, "token_repairs", None),
+                # device memory now and at its peak, the KV pool, CUDA graphs captured (None off CUDA)
+                **(backend.device_stats() if backend is not None else dict.fromkeys(DEVICE_STATS)),
             },
             "documents": {uri: {"version": d.version, "edits": d.edits, "pending": sorted(d.pending)}
                           for uri, d in self.docs.items()},

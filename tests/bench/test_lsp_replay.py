@@ -24,6 +24,7 @@ from lsp_replay import (  # noqa: E402
     score_line,
     select_cases,
     summarize,
+    summarize_hop,
 )
 
 BEFORE = "import os\n\n\ndef main():\n    print(os.getcwd())\n    return 0\n"
@@ -228,3 +229,65 @@ def test_the_lines_pace_asks_at_the_scored_lines_only(data, tmp_path):
         assert all(k["outcome"] in ("shown", "empty") for k in keys)
         lines = [r for r in result["lines"] if r["method"] == method]
         assert sorted(r["key"] for r in lines) == probe_keys and all(not r.get("late") for r in keys)
+
+
+def test_hop_summary_counts_latencies_captures_and_memory_after_the_first_round():
+    def key(rnd, outcome, latency):
+        return KeyRow("hop", "default", "r", "<4k", "top", 0, "a", outcome, latency, False, False, None, rnd)
+
+    keys = [key(1, "shown", 100.0), key(1, "dropped", 5.0), key(2, "shown", 10.0), key(2, "empty", 20.0),
+            key(2, "cancelled", None)]
+    mib = 2**20
+    samples = [{"round": r, "device_allocated_bytes": m * mib, "device_max_allocated_bytes": 9 * mib,
+                "kv_pool_bytes": 4 * mib, "graph_captures": None} for r, m in ((1, 5), (1, 8), (2, 7), (2, 6))]
+    served = [{"round": 1, "graph_captures": 3}, {"round": 2, "graph_captures": 1}, {"round": 2}]
+    h = summarize_hop(keys, samples, {"all": 4, "after_round1": 1}, served)
+    assert (h["keystrokes"], h["answered"], h["dropped"], h["cancelled"], h["other"]) == (5, 3, 1, 1, 0)
+    assert (h["p50_ms"], h["p95_ms"]) == (20.0, 100.0) and h["p95_over_p50"] == 5.0
+    assert h["after_round1"]["keystrokes"] == 3 and h["after_round1"]["p95_over_p50"] == 2.0
+    assert h["request_graph_captures"] == {"all": 4, "after_round1": 1, "requests_sampled": 3}
+    allocated = h["memory"]["device_allocated_bytes"]
+    assert allocated == {"first": 5 * mib, "max": 8 * mib, "last": 6 * mib, "spread_after_round1": mib}
+    assert h["memory"]["kv_pool_bytes"] == 4 * mib and h["memory"]["samples"] == samples
+    none = summarize_hop(keys, [{**m, "device_allocated_bytes": None} for m in samples], {}, [])
+    assert set(none["memory"]["device_allocated_bytes"].values()) == {None}
+
+
+def test_the_hop_pace_types_open_documents_by_turns(tmp_path):
+    """--pace hop on the fake engine: every document opened (each under its own URI: two of the
+    records share a path) and read once, then --keys-per-turn keystrokes of each in turn for
+    --rounds rounds; every keystroke accounted for, memory fields there (None off CUDA)."""
+    records = [{**RECORD, "id": f"example/repo@abc{k}:tool.py"} for k in range(2)]
+    records.append({**RECORD, "id": "example/repo@abc9:other.py", "path": "other.py",
+                    "before": BEFORE + "\n\nX = 1\n" * 3})
+    data = tmp_path / "edits.jsonl.gz"
+    with gzip.open(data, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "replay.json"
+    proc = _bench("--fake", "--data", str(data), "--pace", "hop", "--docs", "3", "--rounds", "2", "--keys-per-turn",
+                  "2", "--interval-ms", "5", "--hunk-pause-ms", "20", "--methods", "default,full", "--json", str(out))
+    assert "pace hop" in proc.stdout and "p95/p50 after round 1" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["partial"] is False and result["paces"][0]["name"] == "hop" and result["records"] == 3
+    for method in ("default", "full"):
+        keys = [k for k in result["keys"] if k["method"] == method]
+        assert len(keys) == 3 * 2 * 2
+        for r in records:  # each document: its first four keystrokes, two a round
+            mine = [k for k in keys if k["record"] == r["id"]]
+            assert [(k["index"], k["round"]) for k in mine] == [(0, 1), (1, 1), (2, 2), (3, 2)]
+        opened = [o for o in result["opens"] if o["method"] == method]
+        assert sorted(o["record"] for o in opened) == sorted(r["id"] for r in records)
+        assert all(o["first_ms"] is not None for o in opened)  # a request on a document the server has
+        hop = result["hop"][method]
+        assert (hop["documents"], hop["opened"], hop["rounds"], hop["keys_per_turn"]) == (3, 3, 2, 2)  # open at the end
+        assert hop["keystrokes"] == len(keys) and hop["other"] == 0 and hop["timed_out"] == 0
+        assert hop["answered"] + hop["dropped"] + hop["cancelled"] == hop["keystrokes"]
+        assert hop["after_round1"]["keystrokes"] == 6
+        assert hop["graph_captures"] == {"all": None, "after_round1": None}  # the fake has no graphs
+        memory = hop["memory"]
+        assert len(memory["samples"]) == 3 * 2  # one a turn
+        assert all(set(m) >= {"round", "record", "device_allocated_bytes", "device_max_allocated_bytes",
+                              "kv_pool_bytes", "graph_captures"} for m in memory["samples"])
+        assert memory["device_allocated_bytes"] == dict.fromkeys(("first", "max", "last", "spread_after_round1"))
+        summary = {s["group"]: s for s in result["summary"] if s["method"] == method and s["pace"] == "hop"}
+        assert summary["all"]["keystrokes"] == len(keys)

@@ -480,3 +480,19 @@ def test_fim_requests_typed_on_one_line_reuse_the_suffix_window(trained):
     # the first request encodes the window (and its own <SUF>), the keystrokes after it don't
     assert encoded[True][0] == encoded[False][0] + 1
     assert [off - on for on, off in zip(encoded[True][1:], encoded[False][1:], strict=True)] == [16] * 4
+
+
+def test_device_stats_for_editkv_stats_off_cuda(tmp_path, monkeypatch):
+    """`editkv/stats` reads device_stats: no CUDA memory or graphs on the CPU, the KV pool's
+    buffer when there is one; the fake backend reports the same keys, all None."""
+    from editkv.lsp_server.backend import DEVICE_STATS, FakeBackend
+
+    tiny = load_model(make_checkpoint(tmp_path / "m", "llama"))
+    monkeypatch.setenv("EDITKV_KV_POOL", "0")
+    assert ModelBackend(tiny).device_stats() == dict.fromkeys(DEVICE_STATS)
+    monkeypatch.setenv("EDITKV_KV_POOL", "1")
+    backend = ModelBackend(tiny, budget_bytes=1 << 20)
+    stats = backend.device_stats()
+    assert stats["kv_pool_bytes"] == tiny.model.kv_pool.buffer.nbytes() and 0 < stats["kv_pool_bytes"] <= 1 << 20
+    assert stats["device_allocated_bytes"] is stats["device_max_allocated_bytes"] is stats["graph_captures"] is None
+    assert FakeBackend().device_stats() == dict.fromkeys(DEVICE_STATS)
