@@ -34,15 +34,30 @@ fi
   --limit 40 --max-keys 300 --methods default,full --pace lines --json $R/lines_qwen.json > $R/lines_qwen.txt 2>&1 &
 EDITKV_FAULTS_DEVICE=cuda timeout 900 python3 -m pytest -q -p no:cacheprovider tests/lsp_server/test_faults.py > $R/faults_cuda.log 2>&1 &
 [ "${EXTRA:-0}" = 1 ] && bash scripts/gpu/session_extra.sh $G > $R/extra.log 2>&1 &
-while [ "$(jobs -r | wc -l)" -gt 0 ] && [ ! -f /root/go3 ]; do sleep 5; done
+# realedits, left-to-right view, all four methods over the dev set in 24 shards, 8 at a time (RE_L2R=1);
+# shards still running when phase 2 ends are stopped (the finished ones are merged)
+if [ "${RE_L2R:-0}" = 1 ]; then
+  mkdir -p $R/rel
+  (seq 0 23 | xargs -P 8 -I{} sh -c "timeout 900 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz \
+      --views l2r --methods full,pie,conflict,prefix_reuse --shard {}/24 --json $R/rel/rel_{}.json > $R/rel/rel_{}.txt 2>&1") &
+fi
+P2=$(date +%s)
+# phase 2 ends when its jobs do, at /root/go3, or PHASE2_S seconds after it began
+while [ "$(jobs -r | wc -l)" -gt 0 ] && [ ! -f /root/go3 ]; do
+  sleep 5
+  if [ -n "${PHASE2_S:-}" ] && [ $(( $(date +%s) - P2 )) -ge "$PHASE2_S" ] && ! pgrep -f 'pytest -m gpu' > /dev/null; then
+    touch /root/go3
+  fi
+done
 unset PYTORCH_CUDA_ALLOC_CONF
 if [ -f /root/go3 ]; then
   log "go3: stopping $(jobs -r | wc -l) jobs"
-  pkill -f 'bench/(realedits|fim_prompts|crossfile|multidraft|adadec|lsp_replay).py'; pkill -f 'lsp_server.cli lsp'; pkill -f 'pytest -m fuzz_long'; pkill -f 'test_faults.py'; pkill -f 'editkv calibrate'; pkill -f 'pytest -m gpu'
+  pkill -f 'xargs -P 8'; pkill -f 'bench/(realedits|fim_prompts|crossfile|multidraft|adadec|lsp_replay).py'; pkill -f 'lsp_server.cli lsp'; pkill -f 'pytest -m fuzz_long'; pkill -f 'test_faults.py'; pkill -f 'editkv calibrate'; pkill -f 'pytest -m gpu'
   sleep 5
 fi
 log "phase 2 done"
 [ -d $R/re ] && python3 bench/realedits.py --merge $R/re/re_*.json > $R/re_merged.txt 2>&1
+[ -d $R/rel ] && ls $R/rel/rel_*.json > /dev/null 2>&1 && python3 bench/realedits.py --merge $R/rel/rel_*.json > $R/rel_merged.txt 2>&1
 PEER=/root/xdg/editkv/peers/llama-b11434-cuda/bin/llama-server
 for i in $(seq 1 60); do [ -x $PEER ] || ! pgrep -f 'llama_server.py build' > /dev/null && break; sleep 5; done
 log "phase 3: timings alone"
@@ -52,17 +67,29 @@ timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev15
   --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer.log \
   --methods $M --pace human --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
 log "replay rc=$?"
+if [ "${HOP:-0}" = 1 ]; then  # issue 24: 50 open documents, typed into in turns; the warm-up at load against none
+  log "served replay hopping between 50 documents (default, warmUp false)"
+  timeout 420 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --pace hop --docs 50 \
+    --rounds 3 --keys-per-turn 4 --methods default --method-settings 'nowarm={"warmUp": false}' \
+    --json $R/hop_qwen.json > $R/hop_qwen.txt 2>&1
+  log "hop rc=$?"
+fi
 if [ "${CHUNK_AB:-0}" = 1 ]; then  # the same replay with big eager chunks for a file's first encoding
   log "served replay, human pace, EDITKV_ENCODE_CHUNK=2048"
   EDITKV_ENCODE_CHUNK=2048 timeout 200 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz \
-    --limit 6 --max-keys 60 --methods default,vscode --pace human --json $R/replay_chunk2048.json > $R/replay_chunk2048.txt 2>&1
+    --limit 6 --max-keys 60 --methods default --pace human --json $R/replay_chunk2048.json > $R/replay_chunk2048.txt 2>&1
   log "replay (chunk 2048) rc=$?"
 fi
 if [ ! -f /root/stop ]; then
   log "served dropdown alone (beam lanes vs superposed timings)"
-  timeout 150 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset 40 \
+  timeout 200 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset ${MD_N:-40} \
     --view fim --methods "greedy,superposed,beam k,beam k early" --json $R/md_fim.json > $R/md_fim.txt 2>&1
   log "dropdown rc=$?"
+  if [ "${MD_L2R:-0}" = 1 ]; then
+    timeout 200 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset ${MD_N:-40} \
+      --view l2r --methods "greedy,superposed,beam k,beam k early" --json $R/md_l2r.json > $R/md_l2r.txt 2>&1
+    log "dropdown l2r rc=$?"
+  fi
 fi
 if [ -x $PEER ] && [ "${LINES_LLAMA:-1}" = 1 ] && [ ! -f /root/stop2 ]; then
   log "suggestion quality side by side with llama-server (lines pace)"

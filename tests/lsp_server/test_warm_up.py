@@ -37,28 +37,39 @@ class Inventory:
 
 @pytest.fixture
 def static_backend(monkeypatch):
-    """A ModelBackend over the default model whose forwards take the static (graph) path, with the pool."""
+    """make() -> (a ModelBackend over the default model whose forwards take the static (graph) path,
+    with the pool; its static forward), each over a fresh static forward and pool."""
     monkeypatch.setenv("EDITKV_KV_POOL", "1")
     loaded = load_model(None)
-    static = enable_graphs(loaded.model, mode="static", max_width=MAX_WIDTH)
-    backend = ModelBackend(loaded, budget_bytes=32 << 20)
-    assert loaded.model.kv_pool is not None
-    yield backend, static
-    backend.release()
+    made = []
+
+    def make():
+        for old in made:
+            old.release()
+        static = enable_graphs(loaded.model, mode="static", max_width=MAX_WIDTH)
+        backend = ModelBackend(loaded, budget_bytes=32 << 20)
+        assert loaded.model.kv_pool is not None
+        made.append(backend)
+        return backend, static
+
+    yield make
+    for old in made:
+        old.release()
 
 
-def _session(backend) -> list[int]:
+def _session(backend) -> tuple[list[int], list[list[str]]]:
     """A user's session in a ~200-token file: a suggestion, typing a line, a paste, the dropdown;
-    the graphs each request captured."""
+    the graphs each request captured, and its suggestions."""
     uri = "file:///inventory.py"
     backend.open(uri, TEXT)
     lines = TEXT.split("\n")
     line = next(i for i, t in enumerate(lines) if t.startswith("        return sum"))
-    captured = []
+    captured, answers = [], []
 
     def ask(at: Position, drafts: int = 1) -> None:
         result = backend.complete(CompletionRequest(uri, at.line, at.character, max_tokens=12, num_drafts=drafts))
         captured.append(result.stats["graph_captures"])
+        answers.append([d.text for d in result.drafts])
 
     end = Position(line, len(lines[line]))
     ask(end)
@@ -75,26 +86,39 @@ def _session(backend) -> list[int]:
     ask(at)
     ask(at, drafts=3)
     backend.close(uri)
-    return captured
+    return captured, answers
 
 
-def test_after_the_warm_up_a_session_captures_no_graph(static_backend):
-    backend, static = static_backend
+def test_after_the_warm_up_a_session_captures_no_graph_and_gets_the_same_suggestions(static_backend):
+    backend, static = static_backend()
     report = backend.warm_up(max_bucket=1024)
     assert report["buckets"] == [1024] and report["requests"] > 10 and not report["stopped"]
     assert report["graphs"] == static.captures >= len(warm_up.shapes(MAX_WIDTH))
     # no trace of the made-up files but the graphs
     assert not backend.cache.docs and not backend.index.docs and backend.encoded_tokens == 0
     assert not backend.speculator.recent and backend.speculator.line_tokens is None
-    captured = _session(backend)
+    captured, warm = _session(backend)
     assert captured and sum(captured) == 0, captured
-
-
-def test_without_the_warm_up_the_same_session_captures_graphs(static_backend):
-    """(What the test above would see if the warm-up missed the shapes a session uses.)"""
-    backend, static = static_backend
-    captured = _session(backend)
+    # (and without the warm-up the same session takes several graphs, for the same suggestions)
+    backend, static = static_backend()
+    captured, cold = _session(backend)
     assert sum(captured) >= 3 and static.captures == sum(captured)
+    assert warm == cold and any(any(texts) for texts in warm)
+
+
+@pytest.mark.gpu
+def test_after_the_warm_up_a_session_captures_no_cuda_graph():
+    """On a GPU, real graphs: the warm-up captures them, and the session replays only those."""
+    loaded = load_model(None, device="cuda")
+    backend = ModelBackend(loaded)
+    try:
+        assert backend.graphs_replay() and loaded.model.kv_pool is not None
+        report = backend.warm_up(max_bucket=2048)
+        assert report["buckets"] == [1024, 2048] and report["graphs"] > 2 * len(warm_up.shapes(256))
+        captured, answers = _session(backend)
+        assert sum(captured) == 0 and any(any(texts) for texts in answers)
+    finally:
+        backend.release()
 
 
 def test_shapes_cover_every_forward_kind():
