@@ -150,6 +150,7 @@ POSITIONS = ("top", "middle", "bottom")
 PACES = ("service", "human", "lines", "hop")
 ANSWERED = ("shown", "empty")
 WARM_URI = "file:///lsp_replay/warm_up.py"
+STARTS: list[dict] = []  # each editkv server's start: seconds to ready after initialize, its warm-up
 WARM_TEXT = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
 
 
@@ -351,8 +352,9 @@ async def start_server(args, method: Method, cache_home: str) -> LspClient | Ext
         await client.close()
         raise BenchError(f"method {method.name}: client must be lsp or vscode, not {method.settings[CLIENT]!r}")
     await client.initialize(options=settings or None)
+    started = time.perf_counter()
     try:
-        await client.wait_ready()
+        ready = await client.wait_ready()
     except LspError as err:
         await client.close()
         raise BenchError(f"the server could not load the model: {err.message}") from None
@@ -360,6 +362,9 @@ async def start_server(args, method: Method, cache_home: str) -> LspClient | Ext
     if problems:
         await client.close()
         raise BenchError(f"method {method.name} {json.dumps(method.settings)}: {problems[0]}")
+    STARTS.append({"method": method.name, "ready_s": round(time.perf_counter() - started, 2),
+                   "warm_up": ready["backend"].get("warm_up")})  # the load's warm-up: what it took
+    print(f"{method.name}: ready in {STARTS[-1]['ready_s']} s, warm-up {STARTS[-1]['warm_up']}", file=sys.stderr)
     await settle(client)
     return ExtensionClient(client) if method.settings.get(CLIENT) == "vscode" else client
 
@@ -1000,7 +1005,7 @@ def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], d
         "lines": [asdict(r) for r in lines], "opens": [asdict(o) for o in opens],
         "first_suggestion": summarize_opens(opens), "peer_calls": calls, "peer_requests": summarize_peer_calls(calls),
         "served_requests": served, "served_breakdown": summarize_served(served),
-        "editor_answers": editor, "hop": hop,
+        "editor_answers": editor, "hop": hop, "server_starts": STARTS,
     }
 
 
