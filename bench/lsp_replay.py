@@ -21,6 +21,20 @@ only, not in "both") types every keystroke as a change but asks for a suggestion
 scored lines, each waited for: the suggestion quality of many lines at little cost, with the
 cache state the typing left (its latencies are not a pace's).
 
+--dropdown (lines pace only; off by default): at each scored line, once its inline request is
+answered, a `textDocument/completion` request at the same position as an editor's explicit
+invocation (triggerKind 1), waited for (up to --timeout, then cancelled) before typing goes on.
+editkv answers it with up to `numDrafts` drafts (beam search where CUDA graphs replay, superposed
+decoding on the CPU; a method's settings can pin `numDrafts` and `beamSearch`, e.g.
+--methods default --method-settings 'superposed={"beamSearch": false}'). Each item is applied as
+an editor applies it (its textEdit: editkv's replaces the word before the cursor with the word
+plus the draft; else insertText at the cursor) and its first line scored as the inline suggestion
+is, against the line the user then typed (dropdown_score). Per pace, method and group: requests,
+answered, items per answer, latency p50 / p95 (request sent -> answer, answered only), first
+item's EM, best-of-k EM (any item exact) and best ES, the last three over every request. JSON:
+"dropdown" (those rows) and "dropdown_lines" (one per scored line). Peers get no dropdown. The
+dropdown's model work joins its keystroke's tokens per keystroke.
+
 "hop" (issue 24; not in "both") keeps many files open and moves between them, as a user working
 across a project does: --docs records (default 50, the spread subset below, so files of every
 size; replaces --limit) are opened at once, each under a URI of its own, and each read once by
@@ -91,6 +105,8 @@ them) — the like-for-like comparison with llama.vscode, whose cache answers co
     python bench/lsp_replay.py --limit 6 --max-keys 40 --pace human --methods full,default --timeout 60
     python bench/lsp_replay.py --limit 4 --max-keys 40 --pace human --methods default,llama \
         --model ~/.cache/editkv/qwen2.5-coder-0.5b-instruct-q4.gguf --threads 2
+    python bench/lsp_replay.py --pace lines --dropdown --limit 9 --methods default \
+        --method-settings 'superposed={"beamSearch": false}' --device cuda --json dropdown.json
     python bench/lsp_replay.py --pace hop --docs 50 --rounds 4 --keys-per-turn 5 --methods default,full \
         --device cuda --model qwen2.5-coder-0.5b-instruct-q4.gguf --json hop.json
 """
@@ -109,10 +125,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from common import edit_similarity, exact_match, load_records, machine, parser, table, write_json
-from editkv.edit_cache.positions import common_prefix, to_position
+from editkv.edit_cache.positions import Position, Range, apply_change, common_prefix, to_offset, to_position
 from editkv.lsp_server.backend import DEVICE_STATS
 from editkv.lsp_server.lsp_client import LspClient, LspError, server_command, server_env
 from editkv.lsp_server.replay import (
+    CANCELLED,
     InFlight,
     KeyRecord,
     Session,
@@ -237,6 +254,27 @@ class LineRow:
     saved: int
 
 
+@dataclass
+class DropdownRow:
+    """The dropdown (textDocument/completion, invoked) at one scored line of one replay (--dropdown)."""
+
+    pace: str
+    method: str
+    record: str
+    bucket: str
+    position: str
+    key: int
+    expected: str
+    outcome: str  # "answered" (a list, maybe empty), "cancelled", "error", "timed_out"
+    latency_ms: float | None  # request sent -> its answer
+    items: int  # the answer's items (0 unless answered)
+    texts: list[str]  # each item's first line as it reads once applied (see dropdown_score), in the server's order
+    first_em: float
+    best_em: float  # 1 when any item is exact
+    best_es: float
+    first_saved: int
+
+
 @dataclass(frozen=True)
 class LineScore:
     """A suggestion's first line against the rest of the line the user typed."""
@@ -259,6 +297,37 @@ def score_line(suggestion: str, typed: str) -> LineScore:
     first = suggestion.replace("\r\n", "\n").replace("\r", "\n").split("\n", 1)[0]
     typed = typed.rstrip()
     return LineScore(exact_match(first, typed), edit_similarity(first, typed), chars_saved(first.rstrip(), typed))
+
+
+def item_edit(item: dict, cursor: dict) -> tuple[dict, dict, str]:
+    """(start, end, new text) of a CompletionItem as an editor applies it: its textEdit (the `insert`
+    range of an InsertReplaceEdit, an editor's default), else insertText or label at the cursor (no
+    word range guessed; editkv always sends a textEdit). Snippet syntax is taken as plain text
+    (editkv's items are PlainText)."""
+    edit = item.get("textEdit")
+    if edit is not None:
+        rng = edit.get("range") or edit["insert"]
+        return rng["start"], rng["end"], edit["newText"]
+    text = item.get("insertText")
+    return cursor, cursor, item["label"] if text is None else text
+
+
+def dropdown_score(item: dict, text: str, cursor: dict, typed: str) -> tuple[str, LineScore]:
+    """A dropdown item applied to the document `text` (cursor at `cursor`, LSP UTF-16) against the
+    rest of the line the user then typed: (the item's first line as compared, its score).
+
+    The comparison starts where the item's edit starts, or at the cursor if later: an item that
+    replaces the word before the cursor (editkv's: the word plus the suggestion) is compared, from
+    the word's start, with that word plus `typed`; an item inserted at the cursor is scored exactly
+    as score_line scores inline ghost text. Text right of the cursor is left out on both sides (as
+    for the inline suggestion). Characters saved do not count the ones already left of the cursor."""
+    start, end, new = item_edit(item, cursor)
+    s, e, c = (to_offset(text, Position(p["line"], p["character"])) for p in (start, end, cursor))
+    result = (text[c:s] if s > c else "") + new + (text[e:c] if e < c else "")
+    base = min(s, c)
+    score = score_line(result, text[base:c] + typed)
+    first = result.replace("\r\n", "\n").replace("\r", "\n").split("\n", 1)[0]
+    return first, replace(score, saved=max(0, score.saved - (c - base)))
 
 
 # ---- which records ------------------------------------------------------------------------------
@@ -471,19 +540,29 @@ async def _settled_stats(client: LspClient, timeout_s: float) -> tuple[dict, int
 
 
 async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace, args,
-                      opens: list[OpenRow] | None = None,
-                      requests: list[dict] | None = None) -> tuple[list[KeyRow], list[LineRow]]:
+                      opens: list[OpenRow] | None = None, requests: list[dict] | None = None,
+                      dropdown: list[DropdownRow] | None = None) -> tuple[list[KeyRow], list[LineRow]]:
     """Type one record into one server at one pace; its keystroke and line rows (the first
     request after opening goes to `opens`; the per-request stats the server reported after the
-    keystrokes, each once, to `requests`)."""
+    keystrokes, each once, to `requests`). With `dropdown` (lines pace only): after each scored
+    line's inline request, a dropdown request at the same spot, waited for, its row to `dropdown`."""
     polls: list[asyncio.Future] = []
     where = (pace.name, method.name, case.record_id, case.bucket, case.position)
+    answers: dict[int, tuple[str, float | None, list[dict]]] = {}
+
+    async def ask_dropdown(i: int) -> None:
+        answers[i] = await request_dropdown(client, case.session.uri, case.session.keys[i].cursor, args.timeout)
+
+    lines_pace = pace.name == "lines"
     records = await type_session(
         client, case.session, interval_s=pace.interval_ms / 1000, max_keys=args.max_keys, timeout_s=args.timeout,
         hunk_pause_s=pace.hunk_pause_ms / 1000, prime_timeout_s=max(args.timeout, 600.0),
         on_key=lambda i: polls.append(client.send_request("editkv/stats")[1]),
         on_prime=lambda ms: opens.append(OpenRow(*where, case.tokens, ms)) if opens is not None else None,
-        ask_at={p.key for p in case.session.probes} if pace.name == "lines" else None)
+        ask_at={p.key for p in case.session.probes} if lines_pace else None,
+        after_answer=ask_dropdown if lines_pace and dropdown is not None else None)
+    if dropdown is not None:
+        dropdown += _dropdown_rows(where, case.session, answers)
     _, end = await _settled_stats(client, args.timeout)
     snapshots = await asyncio.gather(*polls)
     counts = [_encoded_so_far(s) for s in snapshots] + [end]
@@ -497,6 +576,53 @@ async def replay_case(client: LspClient, method: Method, case: Case, pace: Pace,
         if r.outcome != "unasked":
             keys.append(KeyRow(*where, i, r.label, r.outcome, r.latency_ms, late, r.timed_out, tokens))
     return keys, _line_rows(where, case.session, records, {k.index: k.late for k in keys})
+
+
+async def request_dropdown(client: LspClient, uri: str, cursor: tuple[int, int],
+                           timeout_s: float) -> tuple[str, float | None, list[dict]]:
+    """textDocument/completion at `cursor` as an editor's explicit invocation (triggerKind 1),
+    waited for up to `timeout_s` (then cancelled): (outcome, latency in ms, the items)."""
+    position = {"line": cursor[0], "character": cursor[1]}
+    sent = time.perf_counter()
+    msg_id, future = client.send_request("textDocument/completion", {
+        "textDocument": {"uri": uri}, "position": position, "context": {"triggerKind": 1}})
+    await asyncio.wait([future], timeout=timeout_s)
+    if not future.done():
+        client.cancel(msg_id)
+        await asyncio.wait([future], timeout=timeout_s)
+        return "timed_out", None, []
+    latency = 1000 * (client.arrived.get(msg_id, time.perf_counter()) - sent)
+    if future.cancelled():
+        return "error", None, []
+    if (err := future.exception()) is not None:
+        return "cancelled" if isinstance(err, LspError) and err.code == CANCELLED else "error", None, []
+    result = future.result()
+    items = (result.get("items") or []) if isinstance(result, dict) else (result or [])  # CompletionList or a list
+    return "answered", latency, items
+
+
+def _dropdown_rows(where: tuple, session: Session,
+                   answers: dict[int, tuple[str, float | None, list[dict]]]) -> list[DropdownRow]:
+    """The dropdown answers at the scored lines (`answers`: keystroke -> request_dropdown's answer),
+    each item applied to the document as it was after that keystroke and scored (dropdown_score)."""
+    rows = []
+    text, applied = session.text, 0
+    for probe in session.probes:
+        if probe.key not in answers:
+            continue
+        for key in session.keys[applied : probe.key + 1]:  # the document after the probe's keystroke
+            text = apply_change(text, Range(Position(*key.start), Position(*key.end)), key.text)[0]
+        applied = probe.key + 1
+        outcome, latency, items = answers[probe.key]
+        cursor = session.keys[probe.key].cursor
+        scored = [dropdown_score(item, text, {"line": cursor[0], "character": cursor[1]}, probe.expected)
+                  for item in items]
+        scores = [score for _, score in scored]
+        rows.append(DropdownRow(*where, probe.key, probe.expected, outcome, latency, len(items),
+                                [first for first, _ in scored], scores[0].em if scores else 0.0,
+                                max((x.em for x in scores), default=0.0), max((x.es for x in scores), default=0.0),
+                                scores[0].saved if scores else 0))
+    return rows
 
 
 def _served_rows(snapshots: list[dict], labels: list[dict], requests: list[dict]) -> None:
@@ -636,7 +762,7 @@ def _late(records: list[KeyRecord], i: int) -> bool:
 # ---- summaries ----------------------------------------------------------------------------------
 
 
-def groups_of(row: KeyRow | LineRow) -> list[str]:
+def groups_of(row: KeyRow | LineRow | DropdownRow) -> list[str]:
     return ["all", f"size {row.bucket}", f"pos {row.position}"]
 
 
@@ -724,6 +850,28 @@ def summarize_opens(opens: list[OpenRow]) -> list[dict]:
     return out
 
 
+def summarize_dropdown(rows: list[DropdownRow]) -> list[dict]:
+    """Per pace, method and group (as summarize's): dropdown requests, answered, latency of the
+    answered, the mean number of items per answer; first-item EM, best-of-k EM and best ES as means
+    over every request (one unanswered or empty scores 0, as a line without ghost text does)."""
+    cells: dict[tuple[str, str, str], list[DropdownRow]] = {}
+    for row in rows:
+        for group in groups_of(row):
+            cells.setdefault((row.pace, row.method, group), []).append(row)
+    out = []
+    for (pace, method, group), cell in cells.items():
+        answered = [r for r in cell if r.outcome == "answered"]
+        ms = [r.latency_ms for r in answered if r.latency_ms is not None]
+        out.append({"pace": pace, "method": method, "group": group, "requests": len(cell),
+                    "answered": len(answered), "with_items": sum(r.items > 0 for r in answered),
+                    "timed_out": sum(r.outcome == "timed_out" for r in cell),
+                    "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+                    "items_mean": _mean([r.items for r in answered]),
+                    "first_em": _mean([r.first_em for r in cell]), "best_em": _mean([r.best_em for r in cell]),
+                    "best_es": _mean([r.best_es for r in cell])})
+    return out
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -770,6 +918,16 @@ def print_tables(result: dict) -> None:
                           _fmt(s["max_ms"], 0), s["max_tokens"]] for s in first],
                         f"first suggestion after opening a file (pace {pace['name']}): didOpen, then one request "
                         "at the first keystroke's position"))
+    dropdown = sorted(result.get("dropdown") or [],
+                      key=lambda s: (s["pace"], group_order.index(s["group"]), order[s["method"]]))
+    if dropdown:
+        print(table(["pace", "group", "method", "requests", "answered", "with items", "p50 ms", "p95 ms", "items",
+                     "first EM %", "best-of-k EM %", "best ES %"],
+                    [[s["pace"], s["group"], s["method"], s["requests"], s["answered"], s["with_items"],
+                      _fmt(s["p50_ms"], 0), _fmt(s["p95_ms"], 0), _fmt(s["items_mean"], 1), _pct(s["first_em"]),
+                      _pct(s["best_em"]), _pct(s["best_es"])] for s in dropdown],
+                    "dropdown (--dropdown): textDocument/completion, invoked, at each scored line after its inline "
+                    "request, waited for; its items applied as an editor applies them, against the line typed"))
     peer = result.get("peer_requests") or []
     if peer:
         print(table(["pace", "method", "keystroke requests", "prompt tokens p50", "mean", "p95", "cached tokens p50",
@@ -850,6 +1008,9 @@ def _args():
     p.add_argument("--pace", choices=("service", "human", "both", "lines", "hop"), default="both",
                    help="both = service and human; lines = quality only (requests at the scored lines alone); "
                         "hop = --docs documents open at once, typed by turns at the human pace")
+    p.add_argument("--dropdown", action="store_true",
+                   help="lines pace: also ask for the dropdown (textDocument/completion, invoked) at each scored line "
+                        "and score its items")
     p.add_argument("--interval-ms", type=float, default=100.0, help="human pace: between keystrokes (100)")
     p.add_argument("--hunk-pause-ms", type=float, default=1500.0, help="human pace: before each later hunk (1500)")
     p.add_argument("--max-keys", type=int, default=80, help="keystrokes per record at most (80)")
@@ -918,6 +1079,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
     served: list[dict] = []  # editkv's per-request stats (where its time went)
     editor: dict[str, int] = {}  # "pace/method" -> requests the VS Code extension answered itself (typing along)
     hop: dict[str, dict] = {}  # method -> its hop replay's summary (summarize_hop)
+    dropdown: list[DropdownRow] = []  # --dropdown: the dropdown at each scored line (lines pace, editkv only)
     load_start = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lsp_replay_") as cache_home:
@@ -944,7 +1106,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                               file=sys.stderr)
                         if args.json:
                             done = _result(args, methods, paces, cases, description, load_start, keys, lines, opens,
-                                           calls, served, editor, hop)
+                                           calls, served, editor, hop, dropdown)
                             write_json(args.json, {**done, "partial": True})
                     continue
                 for i, case in enumerate(cases):
@@ -958,7 +1120,9 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                         if not isinstance(client, LlamaVscodeClient) and wants_context(method):
                             context_uris = await open_context(client, case, max(args.timeout, 600.0))
                         here = client.answered_here if isinstance(client, ExtensionClient) else 0
-                        k, ln = await replay_case(client, method, case, pace, args, opens, served)
+                        asks = args.dropdown and not isinstance(client, LlamaVscodeClient)  # peers have none
+                        k, ln = await replay_case(client, method, case, pace, args, opens, served,
+                                                  dropdown if asks else None)
                         if isinstance(client, ExtensionClient):
                             cell = f"{pace.name}/{method.name}"
                             editor[cell] = editor.get(cell, 0) + client.answered_here - here
@@ -977,7 +1141,7 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
                               f"{len(ln)} lines; {time.perf_counter() - started:.0f} s", file=sys.stderr)
                         if args.json:  # what is done so far survives a run stopped by its time limit
                             done = _result(args, methods, paces, cases, description, load_start, keys, lines, opens,
-                                           calls, served, editor, hop)
+                                           calls, served, editor, hop, dropdown)
                             write_json(args.json, {**done, "partial": True})
         finally:
             for client in clients.values():
@@ -985,12 +1149,13 @@ async def run(args, methods: list[Method], paces: list[Pace], cases: list[Case])
             for server in servers:
                 server.stop()
     return {**_result(args, methods, paces, cases, description, load_start, keys, lines, opens, calls, served, editor,
-                      hop), "partial": False}
+                      hop, dropdown), "partial": False}
 
 
 def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], description: dict[str, str],
             load_start: tuple[float, ...], keys: list[KeyRow], lines: list[LineRow], opens: list[OpenRow],
-            calls: list[dict], served: list[dict], editor: dict[str, int], hop: dict[str, dict]) -> dict:
+            calls: list[dict], served: list[dict], editor: dict[str, int], hop: dict[str, dict],
+            dropdown: list[DropdownRow]) -> dict:
     models = sorted(set(description.values()))
     return {
         "model": "; ".join(models) if len(models) > 1 else models[0], "machine": machine(args.device),
@@ -1006,6 +1171,7 @@ def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], d
         "first_suggestion": summarize_opens(opens), "peer_calls": calls, "peer_requests": summarize_peer_calls(calls),
         "served_requests": served, "served_breakdown": summarize_served(served),
         "editor_answers": editor, "hop": hop, "server_starts": STARTS,
+        "dropdown": summarize_dropdown(dropdown), "dropdown_lines": [asdict(r) for r in dropdown],
     }
 
 
@@ -1086,6 +1252,8 @@ def main() -> None:
     human = ("human", "hop")  # the hop pace types at the human pace's interval and hunk pause
     paces = [Pace(name, args.interval_ms if name in human else 0.0, args.hunk_pause_ms if name in human else 0.0)
              for name in PACES if args.pace == name or (args.pace == "both" and name in ("service", "human"))]
+    if args.dropdown and args.pace != "lines":
+        sys.exit("lsp_replay: --dropdown goes with --pace lines (each scored line's requests are waited for)")
     if args.pace == "hop" and peers:
         sys.exit(f"lsp_replay: the hop pace drives editkv only (llama.vscode's client types one record at a time); "
                  f"leave {', '.join(peers)} out of --methods")

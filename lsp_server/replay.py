@@ -23,7 +23,7 @@ import gzip
 import json
 import re
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,7 +306,8 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
                        on_record: Callable[[KeyRecord], None] | None = None,
                        on_key: Callable[[int], None] | None = None,
                        on_prime: Callable[[float | None], None] | None = None,
-                       ask_at: Collection[int] | None = None) -> list[KeyRecord]:
+                       ask_at: Collection[int] | None = None,
+                       after_answer: Callable[[int], Awaitable[None]] | None = None) -> list[KeyRecord]:
     """Open `session`'s document, type its keystrokes, close it; one record per keystroke.
 
     `hunk_pause_s`: the wait before the first keystroke of each later hunk (a user moving to
@@ -322,6 +323,8 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
 
     `ask_at`: the keystrokes that get a request (None: every one); the others are sent as changes
     only, their records keep the outcome "unasked" (with interval 0 nothing waits for them).
+    `after_answer(i)` (interval 0 only): awaited once keystroke i's request is answered (or timed
+    out), before the next keystroke: a further request at the same spot, as a user who stops there.
 
     The steps (open_document, prime, type_keys, finish_requests, close_document) are public for a
     replay that types several open documents by turns.
@@ -335,7 +338,8 @@ async def type_session(client: LspClient, session: Session, *, interval_s: float
         if on_prime is not None:
             on_prime(prime_ms)
     await type_keys(client, session, len(keys), records, in_flight, interval_s=interval_s, timeout_s=timeout_s,
-                    hunk_pause_s=hunk_pause_s, on_record=on_record, on_key=on_key, ask_at=ask_at)
+                    hunk_pause_s=hunk_pause_s, on_record=on_record, on_key=on_key, ask_at=ask_at,
+                    after_answer=after_answer)
     await finish_requests(client, in_flight, timeout_s)
     close_document(client, session)
     return records
@@ -371,11 +375,14 @@ async def type_keys(client: LspClient, session: Session, stop: int, records: lis
                     interval_s: float, timeout_s: float = 300.0, hunk_pause_s: float = 0.0,
                     on_record: Callable[[KeyRecord], None] | None = None,
                     on_key: Callable[[int], None] | None = None,
-                    ask_at: Collection[int] | None = None) -> None:
+                    ask_at: Collection[int] | None = None,
+                    after_answer: Callable[[int], Awaitable[None]] | None = None) -> None:
     """Type `session`'s keystrokes from the next one (`len(records)`: the document's records so far)
     up to `stop`, as type_session does, each one's record appended to `records`. `in_flight` holds
     the requests still open, of this document or others: each keystroke cancels those (the editor
     moved on), and its own request joins them."""
+    if after_answer is not None and interval_s > 0:
+        raise ValueError("type_keys: after_answer needs interval 0 (each request answered before the next key)")
     keys = session.keys
     for i in range(len(records), stop):
         key = keys[i]
@@ -408,6 +415,8 @@ async def type_keys(client: LspClient, session: Session, stop: int, records: lis
         if interval_s <= 0:
             await asyncio.wait([future], timeout=timeout_s)
             record.timed_out = not future.done()
+            if after_answer is not None:
+                await after_answer(i)
 
 
 async def finish_requests(client: LspClient, in_flight: InFlight, timeout_s: float) -> None:

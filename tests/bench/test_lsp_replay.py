@@ -19,6 +19,7 @@ from lsp_replay import (  # noqa: E402
     LineRow,
     bucket_of,
     chars_saved,
+    dropdown_score,
     parse_methods,
     position_of,
     score_line,
@@ -55,6 +56,31 @@ def test_score_line_takes_the_suggestion_first_line_against_the_typed_rest():
     assert s.em == 0.0 and s.es == pytest.approx(1 - 1 / 12) and s.saved == len("return x ")
     s = score_line("", "pass")
     assert (s.em, s.es, s.saved) == (0.0, 0.0, 0)
+
+
+def test_a_dropdown_item_is_scored_as_applied_to_the_line():
+    """editkv's items replace the word before the cursor with the word plus the draft: the text the
+    user gets is the line with that range replaced, not the new text inserted at the cursor."""
+    text = "def f(x):\n    ret\n"
+    cursor = {"line": 1, "character": 7}  # after "ret"
+    word = {"range": {"start": {"line": 1, "character": 4}, "end": cursor}}
+    item = {"label": "return x + 1", "insertText": "wrong", "textEdit": {**word, "newText": "return x + 1"}}
+    first, s = dropdown_score(item, text, cursor, "urn x + 1")
+    assert first == "return x + 1" and (s.em, s.es, s.saved) == (1.0, 1.0, len("urn x + 1"))
+    first, s = dropdown_score(item, text, cursor, "urn y")  # saved: only what is right past the cursor
+    assert first == "return x + 1" and s.em == 0.0 and s.saved == len("urn ")
+    # an InsertReplaceEdit is applied over its insert range
+    replace_edit = {"textEdit": {"insert": word["range"], "replace": word["range"], "newText": "return x + 1\n  y"},
+                    "label": "r"}
+    assert dropdown_score(replace_edit, text, cursor, "urn x + 1")[1].em == 1.0
+    # no textEdit: insertText goes in at the cursor, scored as the inline ghost text is
+    first, s = dropdown_score({"label": "r", "insertText": "urn x + 1"}, text, cursor, "urn x + 1")
+    assert first == "urn x + 1" and (s.em, s.saved) == (1.0, len("urn x + 1"))
+    # an edit that keeps text between its end and the cursor ("et" stays after the new "r")
+    first, _ = dropdown_score({"label": "r", "textEdit": {"range": {"start": {"line": 1, "character": 4},
+                                                                    "end": {"line": 1, "character": 5}},
+                                                          "newText": "R"}}, text, cursor, "urn")
+    assert first == "Ret"
 
 
 def test_buckets_and_positions():
@@ -229,6 +255,29 @@ def test_the_lines_pace_asks_at_the_scored_lines_only(data, tmp_path):
         assert all(k["outcome"] in ("shown", "empty") for k in keys)
         lines = [r for r in result["lines"] if r["method"] == method]
         assert sorted(r["key"] for r in lines) == probe_keys and all(not r.get("late") for r in keys)
+
+
+def test_the_dropdown_is_asked_at_every_scored_line(data, tmp_path):
+    """--pace lines --dropdown on the fake engine: one invoked completion request per scored line,
+    its items (the fake's numbered drafts at the cursor) applied and scored, the counts consistent."""
+    out = tmp_path / "replay.json"
+    proc = _bench("--fake", "--data", str(data), "--max-keys", "0", "--pace", "lines", "--dropdown",
+                  "--methods", "default,two", "--method-settings", 'two={"numDrafts": 2}', "--json", str(out))
+    assert "dropdown (--dropdown)" in proc.stdout
+    result = json.loads(out.read_text())
+    session = editor_session(RECORD)
+    for method, drafts in (("default", 3), ("two", 2)):
+        rows = [r for r in result["dropdown_lines"] if r["method"] == method]
+        assert sorted(r["key"] for r in rows) == sorted(p.key for p in session.probes)
+        for r in rows:
+            line, character = session.keys[r["key"]].cursor
+            assert r["outcome"] == "answered" and r["items"] == drafts and r["latency_ms"] > 0
+            assert r["texts"][0] == f"<fake {line}:{character}>" and r["first_em"] == r["best_em"] == 0.0
+        summary = {s["group"]: s for s in result["dropdown"] if s["method"] == method}
+        s = summary["all"]
+        assert s["pace"] == "lines" and s["requests"] == len(session.probes) >= s["answered"] == s["with_items"]
+        assert s["items_mean"] == drafts and 0.0 <= s["best_es"] <= 1.0
+        assert summary["size <4k"]["requests"] == s["requests"]
 
 
 def test_hop_summary_counts_latencies_captures_and_memory_after_the_first_round():
