@@ -1,6 +1,7 @@
 """Beam search's and superposed decoding's outputs, pinned: texts, ids, finish reasons and scores
 over prompts and rule settings (line rule 1 / 2 / none, stop ids, healing, small token limits),
-on the tiny random model and the default one, host loop and device chains (the CPU's static form).
+on the tiny random model and the default one, host loop and device chains (the CPU's static form,
+from a document's view).
 
 The pins were captured from the strategies as they were before they emitted through
 engine.generate.Output (issue 24); they hold the move to one output builder to the same drafts.
@@ -14,13 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from editkv.edit_cache.document import Document
+from editkv.edit_cache.views import left_to_right
 from editkv.engine.decoding.beam import beam_search
 from editkv.engine.decoding.ngram_index import NgramIndex
 from editkv.engine.decoding.superposed import SuperposedParams, superposed_drafts
 from editkv.engine.generate import DecodeState, StopRules
 from editkv.engine.loading import DEFAULT_MODEL_DIR
 from editkv.engine.ngram import NgramTable
-from editkv.engine.prompting import healed_left_to_right_ids, left_to_right_ids
+from editkv.engine.prompting import doc_start_ids, healed_left_to_right_ids, left_to_right_ids
 from editkv.engine.static_decode import StaticForward
 
 PINS = Path(__file__).resolve().parents[1] / "fixtures" / "output_pins.json"
@@ -40,6 +43,15 @@ def _state(loaded, prefix, heal, room=48):
     tok, cfg = loaded.tokenizer, loaded.config
     ids, healed = healed_left_to_right_ids(tok, cfg, prefix) if heal else (left_to_right_ids(tok, cfg, prefix), b"")
     return DecodeState.from_prompt(loaded.model, tok, ids, heal=healed, max_new_tokens=room)
+
+
+def _view_state(loaded, prefix, heal):
+    """A document's left-to-right view (the state device chains run from; the view decides the
+    healing), at the end of `prefix`, or without `heal` one line further."""
+    tok, cfg = loaded.tokenizer, loaded.config
+    text = prefix if heal else prefix + "\n"
+    doc = Document(loaded.model, tok, text, head=doc_start_ids(tok, cfg))
+    return left_to_right(doc, len(text)).state()
 
 
 def _rules(loaded, prefix, heal, kw, first):
@@ -100,10 +112,13 @@ def superposed_cases(loaded, name, corpus=None):
                     static = params.device_steps > 0
                     model.static = StaticForward(model, bucket=256, max_width=16, mode="static") if static else None
                     try:
-                        out[key] = _drafts(superposed_drafts(_state(loaded, prefix, heal), k, rules,
-                                                             ngram_index=index, corpus=corpus, params=params))
+                        state = _view_state(loaded, prefix, heal) if static else _state(loaded, prefix, heal)
+                        result = superposed_drafts(state, k, rules, ngram_index=index, corpus=corpus, params=params)
                     finally:
                         model.static = None
+                    # the device chains serve the line rules they have tables for
+                    assert (result.stats.device_steps > 0) == (static and rules.max_lines in (None, 1)), key
+                    out[key] = _drafts(result)
     return out
 
 
