@@ -3,7 +3,8 @@
 prefill: ids -> slots `[start, start+n)` of a cache, chunked so memory stays bounded.
 decode: from the logits after a context, sample tokens one forward at a time into a scratch
 cache until a stop rule fires (EOS/stop token, N line ends, max tokens, or a callback, which
-is how a cancelled request stops at its next step). Other strategies (speculation, AdaDec,
+is how a cancelled request stops at its next step). The rules live in `Output`, the one output
+builder every strategy emits through. Other strategies (speculation, AdaDec, beam search,
 superposed drafts) build on the same pieces; a strategy that only changes which token greedy
 decoding commits at a step (AdaDec's gate) plugs into `decode` as a `TokenChooser` instead of
 copying its loop.
@@ -283,8 +284,10 @@ class Output:
     """Emitted ids through the output rules, in this order: heal, stop id, line (the line limit,
     then the multi-line time limit), stop text, length. Every decoding strategy emits through it:
     plain decoding (`decode`, AdaDec's chooser), speculative decoding on the host and on the
-    device (engine/decoding/speculative) and beam search (engine/decoding/beam.py). `emit` takes
-    a token at a time or a verified run of them.
+    device (engine/decoding/speculative), beam search (engine/decoding/beam.py) and superposed
+    decoding (engine/decoding/superposed.py; its device chains apply the tables
+    `superposed_device.token_rules` derives from an Output). `emit` takes a token at a time or a
+    verified run of them.
 
     A strategy that keeps several hypotheses gives each its own Output: a child is its parent's
     `fork` plus one `emit` (`extended`), so the state a fork copies is small (ids, heal bytes
@@ -332,8 +335,7 @@ class Output:
         """A fork of this (empty) Output standing after `ids`, emitted elsewhere with no rule firing
         (the drafts device chains extended), `remaining` heal bytes still to spell out."""
         child = self.fork()
-        child.ids = list(ids)
-        child.remaining = remaining
+        child.ids, child.remaining, child._cut = list(ids), remaining, None
         if self.rules.max_lines is not None or self.rules.lines_until is not None:
             for token in child.ids:
                 ends = child.stopper.line_ends(token)
