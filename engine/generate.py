@@ -3,7 +3,8 @@
 prefill: ids -> slots `[start, start+n)` of a cache, chunked so memory stays bounded.
 decode: from the logits after a context, sample tokens one forward at a time into a scratch
 cache until a stop rule fires (EOS/stop token, N line ends, max tokens, or a callback, which
-is how a cancelled request stops at its next step). Other strategies (speculation, AdaDec,
+is how a cancelled request stops at its next step). The rules live in `Output`, the one output
+builder every strategy emits through. Other strategies (speculation, AdaDec, beam search,
 superposed drafts) build on the same pieces; a strategy that only changes which token greedy
 decoding commits at a step (AdaDec's gate) plugs into `decode` as a `TokenChooser` instead of
 copying its loop.
@@ -11,6 +12,7 @@ copying its loop.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -231,6 +233,13 @@ def chain_length(chain_steps: int, allowed: int) -> int:
     return 1 << (allowed.bit_length() - 1)
 
 
+def line_ends(data: bytes) -> int:
+    """Line ends in a token's bytes: what the line rule counts, on the host (`Output`) and in the
+    device's tables (engine.decoding.superposed_device.token_rules). A newline byte is never part
+    of another character, so per-token counts add up to the decoded text's."""
+    return data.count(b"\n")
+
+
 class LineStopper:
     """Tracks generated text and says where it must be cut for the line rule."""
 
@@ -241,11 +250,11 @@ class LineStopper:
         self._token_bytes: dict[int, bytes] | None = None
 
     def line_ends(self, token: int) -> int:
-        """Line ends in one token's bytes. They add up to `cut`'s count over the decoded text (a
-        newline byte is never part of another character), without decoding all ids per token."""
+        """Line ends in one token's bytes (`line_ends`). They add up to `cut`'s count over the
+        decoded text, without decoding all ids per token."""
         if self._token_bytes is None:
             self._token_bytes = healer_for(self.tokenizer).token_bytes
-        return self._token_bytes.get(token, b"").count(b"\n")
+        return line_ends(self._token_bytes.get(token, b""))
 
     def out_of_time(self, lines_until: float | None, ids: list[int], lines: int) -> bool:
         """After a line end: whether `lines_until` has passed and the text up to it holds more than
@@ -273,9 +282,16 @@ class LineStopper:
 
 class Output:
     """Emitted ids through the output rules, in this order: heal, stop id, line (the line limit,
-    then the multi-line time limit), stop text, length. Plain decoding (`decode`) and speculative
-    decoding on the host and on the device (engine/decoding/speculative) emit through it; `emit`
-    takes a token at a time or a verified run of them.
+    then the multi-line time limit), stop text, length. Every decoding strategy emits through it:
+    plain decoding (`decode`, AdaDec's chooser), speculative decoding on the host and on the
+    device (engine/decoding/speculative), beam search (engine/decoding/beam.py) and superposed
+    decoding (engine/decoding/superposed.py; its device chains apply the tables
+    `superposed_device.token_rules` derives from an Output). `emit` takes a token at a time or a
+    verified run of them.
+
+    A strategy that keeps several hypotheses gives each its own Output: a child is its parent's
+    `fork` plus one `emit` (`extended`), so the state a fork copies is small (ids, heal bytes
+    left, line counts, log-prob, reason); rules, tokenizer and healer are shared.
 
     Line ends are counted per emitted token (`LineStopper.line_ends`) instead of decoding all ids
     at each token as `LineStopper.cut` does; with `stop_text` (which reads the text) it is decoded.
@@ -288,6 +304,7 @@ class Output:
         self.stop_ids = rules.stop_set(tokenizer)
         self.stopper = LineStopper(tokenizer, rules.max_lines)
         self.healer = healer_for(tokenizer)
+        self.heal = heal
         self.remaining = heal
         self.stop_text = stop_text
         self.ids: list[int] = []
@@ -296,6 +313,35 @@ class Output:
         self.logprob = 0.0
         self.reason: str | None = None
         self._cut_text: str | None = None  # the text `stop_text` ended
+        self._cut: str | None = None  # `cut()` of the ids as they are
+
+    def fork(self) -> Output:
+        """A copy that goes on on its own (a hypothesis's child): the small state copied, rules,
+        tokenizer and healer shared."""
+        child = Output.__new__(Output)
+        child.__dict__.update(self.__dict__)
+        child.ids = list(self.ids)
+        if self.rules.lines_until is not None:  # the time limit moves its stopper's cut
+            child.stopper = copy.copy(self.stopper)
+        return child
+
+    def extended(self, token: int, logprob: float = 0.0) -> Output:
+        """A fork with `token` emitted (`reason` says whether a rule ended it)."""
+        child = self.fork()
+        child.emit([token], [logprob])
+        return child
+
+    def resumed(self, ids: Sequence[int], remaining: bytes) -> Output:
+        """A fork of this (empty) Output standing after `ids`, emitted elsewhere with no rule firing
+        (the drafts device chains extended), `remaining` heal bytes still to spell out."""
+        child = self.fork()
+        child.ids, child.remaining, child._cut = list(ids), remaining, None
+        if self.rules.max_lines is not None or self.rules.lines_until is not None:
+            for token in child.ids:
+                ends = child.stopper.line_ends(token)
+                child.lines += ends
+                child.in_line = 0 if ends else child.in_line + 1
+        return child
 
     def emit(self, tokens: Sequence[int], logprobs: Sequence[float]) -> int:
         """Append tokens until a rule fires (then `reason` says which); returns how many were appended."""
@@ -308,6 +354,7 @@ class Output:
                 return n
             self.logprob += logprob
             self.ids.append(token)
+            self._cut = None
             if max_lines is not None or self.rules.lines_until is not None:
                 ends = self.stopper.line_ends(token)
                 self.lines += ends
@@ -328,10 +375,18 @@ class Output:
                 return n + 1
         return len(tokens)
 
-    def text(self, heal: bytes) -> str:
-        """The emitted text as shown: cut by the rules, the healed prefix taken off."""
-        text = self._cut_text if self._cut_text is not None else self.stopper.cut(self.ids)[0]
-        healed = heal.decode("utf-8", errors="replace")
+    def cut(self) -> str:
+        """The emitted text cut by the rules, the healed prefix still in it (decoded once per length)."""
+        if self._cut_text is not None:
+            return self._cut_text
+        if self._cut is None:
+            self._cut = self.stopper.cut(self.ids)[0]
+        return self._cut
+
+    def text(self, heal: bytes | None = None) -> str:
+        """The emitted text as shown: cut by the rules, the healed prefix (default: this Output's) taken off."""
+        text = self.cut()
+        healed = (self.heal if heal is None else heal).decode("utf-8", errors="replace")
         return text[len(healed):] if text.startswith(healed) else text
 
 

@@ -3,13 +3,15 @@
 The baseline the benchmarks hold AdaDec (bench/adadec.py: the best beam) and superposed
 decoding (bench/multidraft.py: k distinct drafts) against.
 
-Data flow of a step: live beams (ids, summed log-prob, healing bytes left) -> each beam's top
-`2 * num_beams` next tokens by log-probability (under token healing, among the tokens that
-spell the cut text; not renormalised, so a beam's score is the model's probability of its
-tokens whichever way they split the healed text, as greedy's `logprob`) -> extensions a stop rule ends
-(stop token, line rule, max tokens) go to a pool of finished beams, distinct by text and
-non-empty unless `keep_empty`; the best `num_beams` others, distinct by text, live on -> one
-batch-`num_beams` forward of their last tokens.
+Data flow of a step: live beams (an engine.generate.Output each: ids, healing bytes left, line
+counts; and the summed log-prob) -> each beam's top `2 * num_beams` next tokens by log-probability
+(under token healing, among the tokens that spell the cut text; not renormalised, so a beam's
+score is the model's probability of its tokens whichever way they split the healed text, as
+greedy's `logprob`) -> each extension is its beam's Output plus one `emit`: those the output
+rules end (stop token, line rule or the multi-line time limit, stop text, max tokens) go to a
+pool of finished beams, distinct by text and non-empty unless `keep_empty`; the best
+`num_beams` others, distinct by text, live on -> one batch-`num_beams` forward of their last
+tokens.
 
 KV: beams share the state's batch-1 spans (document, view tokens). Where the model has a static
 forward (engine/static_decode.py: CUDA graphs on a GPU) and the state's scratch has room, the
@@ -31,11 +33,11 @@ Knows nothing about documents or LSP: a DecodeState in, beams out.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from editkv.engine.generate import Completion, DecodeState, DecodeStats, LineStopper, StopRules
-from editkv.engine.healing import healer_for
+from editkv.engine.generate import Completion, DecodeState, DecodeStats, Output, StopRules
 from editkv.engine.model import KVCache, Span
 
 
@@ -47,7 +49,7 @@ class Beam:
     ids: list[int]
     logprob: float
     score: float
-    stop_reason: str  # "stop_token" | "lines" | "max_tokens" | "cancelled" | "" (still live when search ended)
+    stop_reason: str  # "stop_token" | "lines" | "max_tokens" | "stop_text" | "cancelled" | "" (live when search ended)
 
 
 @dataclass
@@ -67,10 +69,8 @@ class BeamResult:
 
 @dataclass
 class _Hyp:
-    ids: list[int]
-    logprob: float
-    remaining: bytes
-    text: str
+    out: Output  # ids, healing bytes left, line counts, why the rules ended it
+    logprob: float  # summed over the chosen tokens, a final stop token included (`out.logprob` is not)
     parent: int = 0
     chosen: int = 0  # tokens chosen, a final stop token included
 
@@ -84,8 +84,10 @@ def beam_search(
     early_stopping: bool = False,
     keep_empty: bool = False,
     stats: DecodeStats | None = None,
+    stop_text: Callable[[str], int | None] | None = None,
 ) -> BeamResult:
-    """Beam search continuing `state` under `rules` (stop ids, line limit, max tokens, should_stop)."""
+    """Beam search continuing `state` under `rules` (stop ids, line limit and multi-line time
+    limit, max tokens, should_stop); `stop_text` as `decode` takes it, per beam."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     started = time.perf_counter()
@@ -93,10 +95,7 @@ def beam_search(
     stats = stats or DecodeStats()
     model, tok = state.model, state.tokenizer
     dev = model.device
-    stop_ids = rules.stop_set(tok)
-    stopper = LineStopper(tok, rules.max_lines)
-    healer = healer_for(tok) if state.heal else None
-    healed = state.heal.decode("utf-8", errors="replace")
+    root = Output(tok, rules, state.heal, stop_text)
     # lanes in the scratch (one graphed forward per step) when there is a static forward and room
     # for every step's slots; else a batch cache of their own (eager forwards)
     static = model.static if model.static is not None and model.static.mode != "off" else None
@@ -105,20 +104,17 @@ def beam_search(
     cache = None
     context = [*state.context, Span(state.scratch, 0, state.scratch_used)]
 
-    def strip(text: str) -> str:
-        return text[len(healed):] if healed and text.startswith(healed) else text
-
     def score(h: _Hyp) -> float:
         return h.logprob / max(h.chosen, 1) if length_normalize else h.logprob
 
     pool: list[tuple[_Hyp, str]] = []  # (finished beam, why), best first
 
     def finish(h: _Hyp, reason: str) -> None:
-        key = strip(h.text).rstrip()
+        key = h.out.text().rstrip()
         if not keep_empty and not key.strip():
             return
         for i, (other, _) in enumerate(pool):
-            if strip(other.text).rstrip() == key:
+            if other.out.text().rstrip() == key:
                 if score(other) >= score(h):
                     return
                 del pool[i]
@@ -127,15 +123,15 @@ def beam_search(
         pool.sort(key=lambda p: -score(p[0]))
         del pool[num_beams:]
 
-    live = [_Hyp([], 0.0, state.heal, "")]
+    live = [_Hyp(root, 0.0)]
     logits = state.first_logits  # [live, V]
     step = 0
     unfinished = ""
     while True:
         logp = torch.log_softmax(logits.float(), -1)  # [live, V]
-        if any(beam.remaining for beam in live):  # healing: only tokens that spell the cut text
-            logp = torch.cat([healer.mask(logp[b : b + 1], beam.remaining) if beam.remaining else logp[b : b + 1]
-                              for b, beam in enumerate(live)])
+        if any(beam.out.remaining for beam in live):  # healing: only tokens that spell the cut text
+            logp = torch.cat([root.healer.mask(logp[b : b + 1], beam.out.remaining) if beam.out.remaining
+                              else logp[b : b + 1] for b, beam in enumerate(live)])
         top = logp.topk(2 * num_beams, dim=-1)
         values, indices = torch.stack((top.values.double(), top.indices.double())).tolist()  # one host read
         candidates = [(beam.logprob + s, b, int(t)) for b, beam in enumerate(live)
@@ -145,16 +141,10 @@ def beam_search(
         seen: set[str] = set()
         for logprob, b, token in candidates:
             parent = live[b]
-            remaining = healer.advance(parent.remaining, token) if parent.remaining else b""
-            if token in stop_ids:
-                finish(_Hyp(parent.ids, logprob, remaining, parent.text, b, parent.chosen + 1), "stop_token")
-                continue
-            ids = [*parent.ids, token]
-            text, hit = stopper.cut(ids)
-            child = _Hyp(ids, logprob, remaining, text, b, parent.chosen + 1)
-            if hit or len(ids) >= rules.max_tokens:
-                finish(child, "lines" if hit else "max_tokens")
-            elif text not in seen:
+            child = _Hyp(parent.out.extended(token), logprob, b, parent.chosen + 1)
+            if child.out.reason is not None:
+                finish(child, child.out.reason)
+            elif (text := child.out.cut()) not in seen:
                 seen.add(text)
                 children.append(child)
                 if len(children) == num_beams:
@@ -168,7 +158,7 @@ def beam_search(
             break
         pad = num_beams - len(live)
         parents = [h.parent for h in live] + [live[0].parent] * pad
-        tokens = [h.ids[-1] for h in live] + [live[0].ids[-1]] * pad  # pad rows are ignored
+        tokens = [h.out.ids[-1] for h in live] + [live[0].out.ids[-1]] * pad  # pad rows are ignored
         logits = None
         if lanes:
             if step and parents != list(range(num_beams)):
@@ -201,7 +191,7 @@ def beam_search(
         if len(pool) >= num_beams:
             break
         finish(h, unfinished)
-    beams = [Beam(strip(h.text), h.ids, h.logprob, score(h), reason) for h, reason in pool]
+    beams = [Beam(h.out.text(), h.out.ids, h.logprob, score(h), reason) for h, reason in pool]
     stats.decode_tokens += len(beams[0].ids) if beams else 0
     stats.decode_ms += 1000 * (time.perf_counter() - started)
     return BeamResult(beams, stats)

@@ -1,16 +1,17 @@
 """Superposed decoding: k drafts from one forward pass per step (arXiv 2405.18400).
 
-Data flow of a step: k live drafts (token ids, cumulative score) -> one input embedding
+Data flow of a step: k live drafts (an Output each, cumulative score) -> one input embedding
 `sum_i gamma_i * E[last token of draft i]`, gamma = softmax(scores) -> one batch-1 forward
 into the next slot of the state's scratch cache, shared by all drafts -> one distribution
 p_LLM = softmax(logits / T) -> for each draft its top m tokens, scored
 `(1 - alpha) log p_LLM(x) + alpha log p_ng(x | the draft's last tokens)` and renormalised
-over the m -> of the k x m extensions, those a stop rule ends go to the pool of finished
-drafts (unless empty: an empty line is no suggestion) and the best k unfinished, distinct by
-text, live on. Decoding ends when no draft is live, or the pool holds k drafts no live one
-can beat (scores only fall as drafts grow), or at the latency budget: once the best draft is
-finished (where greedy decoding would have stopped, after s tokens) the others get until
-max(1.5 s, s + 8) tokens, and unfinished ones are returned as they are, after the finished.
+over the m -> each extension is its draft's engine.generate.Output plus one `emit`: of the
+k x m, those the output rules end go to the pool of finished drafts (unless empty: an empty
+line is no suggestion) and the best k unfinished, distinct by text, live on. Decoding ends
+when no draft is live, or the pool holds k drafts no live one can beat (scores only fall as
+drafts grow), or at the latency budget: once the best draft is finished (where greedy
+decoding would have stopped, after s tokens) the others get until max(1.5 s, s + 8) tokens,
+and unfinished ones are returned as they are, after the finished.
 
 Superposition blurs the cache: after a few steps the shared slots hold mixtures. Every
 `reset_every` superposed steps the best live draft is committed: its tokens since the last
@@ -25,21 +26,27 @@ default model (engine.ngram) are mixed. Where p_ng has no mass for any of a draf
 others get `ngram_floor` instead of 0, a penalty rather than a veto, so a new identifier the
 model is sure of still wins.
 
-The contract is engine.generate.decode's: StopRules (stop ids, line limit, max tokens,
-`should_stop` polled before every forward) and token healing (a draft's first tokens spell
-`state.heal`, which is cut from its text). Embedding scaling: the mixture goes through
-`Transformer.embed`, the one place a family that scales embeddings would do it; the sum is
-linear, so scaling each E_i or the sum is the same. The families we load scale nothing.
+The contract is engine.generate.decode's, through its Output (one per draft): StopRules (stop
+ids, line limit and multi-line time limit, max tokens, `should_stop` polled before every
+forward), `stop_text`, and token healing (a draft's first tokens spell `state.heal`, which is
+cut from its text). Embedding scaling: the mixture goes through `Transformer.embed`, the one
+place a family that scales embeddings would do it; the sum is linear, so scaling each E_i or
+the sum is the same. The families we load scale nothing.
 Where the model's static forward serves the state (CUDA graphs: the server's views), the steps
 run in chains on the device instead (engine.decoding.superposed_device, `device_steps` per host
-read), with the same drafts. Knows nothing about documents or LSP: a DecodeState in, drafts out.
+read), with the same drafts: the chains apply the tables `token_rules` derives from the drafts'
+Output (stop ids, line rule). The tables hold no text and no clock: `stop_text` keeps a request
+on the host loop, and the multi-line time limit applies to the steps the host loop runs only
+(chains go on to the token limit, as before the time limit existed). Knows nothing about
+documents or LSP: a DecodeState in, drafts out.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -58,8 +65,7 @@ from editkv.engine.decoding.superposed_device import (
     device_corpus,
     token_rules,
 )
-from editkv.engine.generate import DecodeState, DecodeStats, LineStopper, StopRules
-from editkv.engine.healing import healer_for
+from editkv.engine.generate import DecodeState, DecodeStats, Output, StopRules
 from editkv.engine.model import Span, Transformer
 from editkv.engine.ngram import NgramTable
 from editkv.kernels.context_hash import context_hash_int
@@ -112,7 +118,8 @@ class Draft:
     text: str
     score: float
     ids: list[int]
-    stop_reason: str  # "stop_token" | "lines" | "max_tokens" | "cancelled" | "budget" (cut by finish_ratio)
+    # "stop_token" | "lines" | "max_tokens" | "stop_text" | "cancelled" | "budget" (cut by finish_ratio)
+    stop_reason: str
 
 
 @dataclass
@@ -141,11 +148,13 @@ class SuperposedResult:
 
 @dataclass
 class _Draft:
-    ids: list[int]
+    out: Output  # ids, healed bytes still to spell out, line counts, the rule that ended it
     score: float
-    remaining: bytes  # healed bytes still to spell out
-    text: str = ""  # decoded, cut at the line rule
     stop_reason: str = ""  # "" while live
+
+    @property
+    def ids(self) -> list[int]:
+        return self.out.ids
 
 
 class NgramMixture:
@@ -242,6 +251,7 @@ def superposed_drafts(
     params: SuperposedParams | None = None,
     stats: DecodeStats | None = None,
     trace: list[dict] | None = None,
+    stop_text: Callable[[str], int | None] | None = None,
 ) -> SuperposedResult:
     """Up to k distinct drafts continuing `state`, best first, from one forward per step.
 
@@ -249,6 +259,7 @@ def superposed_drafts(
     None; with neither, or alpha 0, drafts are scored by the model alone). `stats` (as decode
     takes it) gets forwards, tokens and time added; `trace`, if given, gets one record per
     superposed forward (the drafts' last ids, scores and weights), for tests and debugging.
+    `stop_text` as `decode` takes it, per draft.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -259,9 +270,9 @@ def superposed_drafts(
     dev = model.device
     run = SuperposedStats()
     m = params.top_tokens or k
-    stop_ids = rules.stop_set(tok)
-    stopper = LineStopper(tok, rules.max_lines)
-    healer = healer_for(tok) if state.heal else None
+    root = Output(tok, rules, state.heal, stop_text)  # every draft's Output is a fork of it
+    # the pool's drafts as device chains finished them (no clock: `token_rules`)
+    chained = root if rules.lines_until is None else Output(tok, replace(rules, lines_until=None), state.heal)
     mixture = None
     if params.alpha > 0 and (ngram_index is not None or corpus is not None):
         mixture = NgramMixture(ngram_index, corpus, params.lambdas, params.workspace_weight)
@@ -296,8 +307,8 @@ def superposed_drafts(
         unmasked = None  # every draft without a healing mask extends from the same row
         for d in live:
             row = logits[0]
-            if d.remaining:
-                keep = healer.allowed_ids(d.remaining, logits.device)
+            if d.out.remaining:
+                keep = root.healer.allowed_ids(d.out.remaining, logits.device)
                 row = torch.full_like(row, float("-inf")).index_copy_(0, keep, row[keep])
                 ids, scores = candidates(row, logp)
             else:
@@ -318,7 +329,7 @@ def superposed_drafts(
             norm = _logsumexp(scores)
             for token, s in zip(ids, scores, strict=True):
                 child = _child(d, token, d.score + s - norm)
-                key = (child.text, bool(child.stop_reason))
+                key = (child.out.cut(), bool(child.stop_reason))
                 if key in children and (not child.stop_reason or parent_of[key] is not d):
                     run.merged += 1  # another draft's child spells the same text
                 if key not in children or children[key].score < child.score:
@@ -326,13 +337,8 @@ def superposed_drafts(
         return sorted(children.values(), key=lambda c: -c.score)
 
     def _child(d: _Draft, token: int, score: float) -> _Draft:
-        remaining = healer.advance(d.remaining, token) if d.remaining else b""
-        if token in stop_ids:
-            return _Draft(d.ids, score, remaining, stopper.cut(d.ids)[0], "stop_token")
-        ids = [*d.ids, token]
-        text, hit = stopper.cut(ids)
-        reason = "lines" if hit else ("max_tokens" if len(ids) >= rules.max_tokens else "")
-        return _Draft(ids, score, remaining, text, reason)
+        out = d.out.extended(token)
+        return _Draft(out, score, out.reason or "")
 
     def commit(best: _Draft, committed: int) -> torch.Tensor:
         """A reset: re-encode the best draft's tokens since the last commit over the superposed
@@ -362,7 +368,7 @@ def superposed_drafts(
             if started is None:
                 return live, "host", logits, committed, budget
             buffer, bucket, at = started
-            buf.stage([(d.ids, d.score, bool(_strip_heal(d.text, heal).strip()), len(heal) - len(d.remaining))
+            buf.stage([(d.ids, d.score, bool(d.out.text().strip()), len(heal) - len(d.out.remaining))
                        for d in live], left,
                       {"length": length, "committed": committed, "budget": budget, "position": state.next_position,
                        "slot": at - length, "left": len(left), "max_tokens": rules.max_tokens, "heal": len(heal),
@@ -393,9 +399,9 @@ def superposed_drafts(
                     found = [(float(scored[i, c]), i, c) for i in range(k) for c in range(m)
                              if scored[i, c] > float("-inf")]
                     for score, i, c in sorted(found, key=lambda f: -f[0]):
-                        child = _child(_Draft(parents[i], 0.0, b""), tokens[i][c], score)
-                        if params.keep_empty or _strip_heal(child.text, state.heal).strip():
-                            _pool_add(pool, child, k, state.heal)
+                        child = _child(_Draft(chained.resumed(parents[i], b""), 0.0), tokens[i][c], score)
+                        if params.keep_empty or child.out.text().strip():
+                            _pool_add(pool, child, k)
                 forwards = steps - (reason != RUNNING)
                 run.steps += forwards
                 run.forwards += forwards
@@ -405,9 +411,8 @@ def superposed_drafts(
                 live = []
                 for i in range(k):
                     if out["score"][i] > float("-inf"):
-                        ids = out["ids"][i, :now].tolist()
-                        live.append(_Draft(ids, float(out["score"][i]), heal[int(out["heal_at"][i]) :],
-                                           stopper.cut(ids)[0]))
+                        live.append(_Draft(root.resumed(out["ids"][i, :now].tolist(), heal[int(out["heal_at"][i]) :]),
+                                           float(out["score"][i])))
                 committed, budget = int(meta[COMMITTED]), int(meta[BUDGET_AT])
                 if reason in (NO_LIVE, POOL_FULL):
                     return live, "", logits, committed, budget
@@ -428,8 +433,8 @@ def superposed_drafts(
     device_rules = None
     if (model.static is not None and model.static.mode != "off" and params.device_steps > 0 and trace is None
             and rules.max_tokens < 256 and k <= 8 and m <= 8):  # the select kernel's sizes
-        device_rules = token_rules(tok, stop_ids, rules.max_lines, model.config.vocab_size, dev)
-    live = [_Draft([], 0.0, state.heal)]
+        device_rules = token_rules(root, model.config.vocab_size, dev) if stop_text is None else None
+    live = [_Draft(root, 0.0)]
     pool: list[_Draft] = []
     logits = state.first_logits
     committed = 0  # leading tokens of every live draft whose K/V in the scratch are real
@@ -444,8 +449,8 @@ def superposed_drafts(
         survivors = []
         for child in extend(live, logits):
             if child.stop_reason:
-                if params.keep_empty or _strip_heal(child.text, state.heal).strip():
-                    _pool_add(pool, child, k, state.heal)
+                if params.keep_empty or child.out.text().strip():
+                    _pool_add(pool, child, k)
             elif len(survivors) < k:
                 survivors.append(child)
         live = survivors
@@ -483,11 +488,11 @@ def superposed_drafts(
     if unfinished:  # fill up with the live drafts as they are, ranked after every finished one
         partial: list[_Draft] = []
         for d in live:
-            if params.keep_empty or _strip_heal(d.text, state.heal).strip():
-                _pool_add(partial, _Draft(d.ids, d.score, d.remaining, d.text, unfinished), k, state.heal)
-        seen = {_strip_heal(d.text, state.heal).rstrip() for d in pool}
-        pool += [d for d in partial if _strip_heal(d.text, state.heal).rstrip() not in seen][: k - len(pool)]
-    drafts = [Draft(_strip_heal(d.text, state.heal), d.score, d.ids, d.stop_reason) for d in pool]
+            if params.keep_empty or d.out.text().strip():
+                _pool_add(partial, _Draft(d.out, d.score, unfinished), k)
+        seen = {d.out.text().rstrip() for d in pool}
+        pool += [d for d in partial if d.out.text().rstrip() not in seen][: k - len(pool)]
+    drafts = [Draft(d.out.text(), d.score, d.ids, d.stop_reason) for d in pool]
     run.total_ms = 1000 * (time.perf_counter() - started)
     if stats is not None:
         stats.forwards += run.forwards
@@ -498,11 +503,11 @@ def superposed_drafts(
     return SuperposedResult(drafts, run)
 
 
-def _pool_add(pool: list[_Draft], draft: _Draft, k: int, heal: bytes) -> None:
-    """Keep the best k finished drafts, distinct after trimming; `pool` stays sorted best first."""
-    key = _strip_heal(draft.text, heal).rstrip()
+def _pool_add(pool: list[_Draft], draft: _Draft, k: int) -> None:
+    """Keep the best k finished drafts, distinct by shown text after trimming; `pool` stays sorted best first."""
+    key = draft.out.text().rstrip()
     for i, other in enumerate(pool):
-        if _strip_heal(other.text, heal).rstrip() == key:
+        if other.out.text().rstrip() == key:
             if other.score >= draft.score:
                 return
             del pool[i]
@@ -512,11 +517,6 @@ def _pool_add(pool: list[_Draft], draft: _Draft, k: int, heal: bytes) -> None:
     pool.append(draft)
     pool.sort(key=lambda d: -d.score)
     del pool[k:]
-
-
-def _strip_heal(text: str, heal: bytes) -> str:
-    healed = heal.decode("utf-8", errors="replace")
-    return text[len(healed):] if healed and text.startswith(healed) else text
 
 
 def _logsumexp(values: list[float]) -> float:

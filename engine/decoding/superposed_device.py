@@ -20,6 +20,10 @@ the forward included) and the host reads the drafts once per chain of steps:
 CUDA `advance` runs kernels/superposed_select.py instead (two Triton programs in place of ~150
 small kernels; tests/kernels/test_superposed_select.py holds them to the definition).
 
+The per-vocabulary tables a step applies (`token_rules`: which ids stop, which tokens end a
+line, what text a finished draft leaves) derive from the engine.generate.Output the host loop's
+drafts emit through: its stop ids and its line rule (`line_ends`).
+
 It computes what the host loop computes (tests/engine/test_superposed_device.py holds the
 drafts equal), with two differences in what it sees:
   - the line rule is per token: a token that holds a newline ends its draft (max_lines 1),
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from editkv.engine.decoding.ngram_index import NgramIndex
-from editkv.engine.healing import healer_for
+from editkv.engine.generate import Output, line_ends
 from editkv.engine.identity_cache import IdentityCache
 from editkv.engine.ngram import NgramTable
 from editkv.engine.readback import Readback
@@ -84,9 +88,12 @@ _RULES = IdentityCache()  # tokenizer -> {(stop ids, max lines, vocab, device): 
 _WHITESPACE = frozenset(b" \t\r\n\x0b\x0c")
 
 
-def token_rules(tokenizer, stop_ids: frozenset[int], max_lines: int | None, vocab: int,
-                device: torch.device) -> TokenRules | None:
-    """The rules for `max_lines` None or 1 (None for more lines: the host loop serves those)."""
+def token_rules(out: Output, vocab: int, device: torch.device) -> TokenRules | None:
+    """The tables of `out`'s rules (engine.generate.Output, an empty one: what a draft emits
+    through on the host): its stop ids, and its line rule per token by `line_ends`, for
+    `max_lines` None or 1 (None for more lines: the host loop serves those). The multi-line time
+    limit and `stop_text` have no table (the caller decides whether chains run without them)."""
+    tokenizer, stop_ids, max_lines = out.tokenizer, out.stop_ids, out.rules.max_lines
     if max_lines not in (None, 1):
         return None
     key = (stop_ids, max_lines, vocab, str(device))
@@ -96,7 +103,7 @@ def token_rules(tokenizer, stop_ids: frozenset[int], max_lines: int | None, voca
     found = kept.get(key)
     if found is not None:
         return found
-    healer = healer_for(tokenizer)
+    healer = out.healer
     token_bytes = healer.token_bytes
     finish = np.full(vocab, -1, dtype=np.int64)
     content = np.zeros(vocab, dtype=bool)
@@ -106,10 +113,11 @@ def token_rules(tokenizer, stop_ids: frozenset[int], max_lines: int | None, voca
         if token >= vocab:
             continue
         content[token] = any(b not in _WHITESPACE for b in data)
-        end = data.find(b"\n")
-        if end >= 0:
+        ends = line_ends(data)
+        if ends:
+            end = data.find(b"\n")
             before[token] = any(b not in _WHITESPACE for b in data[:end])
-            if max_lines == 1:
+            if max_lines is not None and ends >= max_lines:  # Output's line rule, from a draft with no line end
                 finish[token] = classes.setdefault(data[:end], len(classes))
         else:
             before[token] = content[token]

@@ -1,6 +1,8 @@
 """Beam search (engine.decoding.beam): batched beams score what a fresh forward scores, ranking, stop rules."""
 
 import math
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -144,3 +146,29 @@ def test_lanes_need_room_in_the_scratch(tiny):
         model.static = None
     assert "beam_lanes" not in result.stats.extra
     assert [b.text for b in result.beams] == [b.text for b in beam_search(_state(tiny, PREFIXES[0]), 3, rules).beams]
+
+
+
+def test_beams_stop_where_stop_text_says(tiny):
+    """Each beam emits through engine.generate.Output: `stop_text` ends a beam where it says."""
+    rules = StopRules(max_tokens=12, max_lines=None)
+    cut = beam_search(_state(tiny, PREFIXES[0]), 3, rules, stop_text=lambda text: 2 if len(text) >= 2 else None)
+    assert cut.beams and all(b.stop_reason in ("stop_text", "stop_token") and len(b.text) <= 2 for b in cut.beams)
+    assert any(b.stop_reason == "stop_text" for b in cut.beams)
+
+
+def test_a_passed_lines_deadline_ends_beams_at_their_first_line_with_text(default):
+    """The multi-line time limit (`StopRules.lines_until`) applies per beam, as in `decode`; a
+    deadline still ahead changes nothing."""
+    prefix = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n"
+    rules = StopRules(max_tokens=24, max_lines=None)
+    free = beam_search(_state(default, prefix), 3, rules)
+    ahead = beam_search(_state(default, prefix), 3, replace(rules, lines_until=time.perf_counter() + 1e6))
+    assert [(b.ids, b.text, b.stop_reason) for b in ahead.beams] == [(b.ids, b.text, b.stop_reason)
+                                                                     for b in free.beams]
+    assert all("\n" in b.text for b in free.beams)
+    passed = beam_search(_state(default, prefix), 3, replace(rules, lines_until=0.0))
+    assert len(passed.beams) == 3
+    for b in passed.beams:
+        assert b.stop_reason == "lines" and b.text.strip() and "\n" not in b.text
+        assert default.tokenizer.decode(b.ids) == b.text + "\n"

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from editkv.engine.decoding import superposed_device
 from editkv.engine.decoding.superposed_device import device_corpus, heal_tables, token_rules
+from editkv.engine.generate import Output, StopRules
 from editkv.engine.healing import _HEALERS, healer_for
 from editkv.engine.identity_cache import IdentityCache
 from editkv.engine.loading import load_model
@@ -37,10 +38,10 @@ def test_a_dropped_tokenizer_takes_its_healer_rules_and_corpus_with_it(tmp_path)
     tok, vocab, cpu = loaded.tokenizer, loaded.config.vocab_size, torch.device("cpu")
     gc.collect()  # (objects of earlier tests go now, not while this one counts)
     healers, kept_rules = len(_HEALERS), len(superposed_device._RULES)
-    rules = token_rules(tok, frozenset(tok.stop_ids), 1, vocab, cpu)
+    rules = token_rules(Output(tok, StopRules(max_lines=1), b""), vocab, cpu)
     assert healer_for(tok) is rules.healer and len(_HEALERS) == healers + 1
     heal_tables(rules, b"  ", 4)
-    assert rules.heal_cache and token_rules(tok, frozenset(tok.stop_ids), 1, vocab, cpu) is rules
+    assert rules.heal_cache and token_rules(Output(tok, StopRules(max_lines=1), b""), vocab, cpu) is rules
     table = NgramTable.build(np.array(tok.encode("def f(x):\n    return x\n") * 3, dtype=np.int64), max_order=3)
     corpus = device_corpus(table, cpu)
     assert device_corpus(table, cpu) is corpus

@@ -1,7 +1,9 @@
 """Superposed decoding and the workspace n-gram index: counts, bounds, greedy equivalence, the mixed input."""
 
 import random
+import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -358,6 +360,25 @@ def test_latency_budget_returns_partial_drafts_after_finished_ones(tiny):
         free = superposed_drafts(state, 3, rules, params=SuperposedParams(finish_ratio=None))
         assert "budget" not in [d.stop_reason for d in free.drafts]
         assert tight.stats.steps <= free.stats.steps
+
+
+def test_drafts_emit_through_output_stop_text_and_the_lines_deadline(default):
+    """Each draft is an engine.generate.Output: `stop_text` ends a draft where it says, a passed
+    multi-line deadline ends drafts at their first line end with text before it (host loop), and
+    a deadline still ahead changes nothing."""
+    prefix = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n"
+    rules = StopRules(max_tokens=24, max_lines=None)
+    free = superposed_drafts(_state(default, prefix), 3, rules)
+    ahead = superposed_drafts(_state(default, prefix), 3, replace(rules, lines_until=time.perf_counter() + 1e6))
+    assert [(d.ids, d.text, d.stop_reason) for d in ahead.drafts] == [(d.ids, d.text, d.stop_reason)
+                                                                      for d in free.drafts]
+    assert all("\n" in d.text for d in free.drafts)
+    passed = superposed_drafts(_state(default, prefix), 3, replace(rules, lines_until=0.0))
+    assert len(passed.drafts) == 3
+    for d in passed.drafts:
+        assert d.stop_reason == "lines" and d.text.strip() and default.tokenizer.decode(d.ids) == d.text + "\n"
+    cut = superposed_drafts(_state(default, prefix), 3, rules, stop_text=lambda text: 6 if len(text) >= 6 else None)
+    assert len(cut.drafts) == 3 and all(d.stop_reason == "stop_text" and len(d.text) == 6 for d in cut.drafts)
 
 
 @pytest.mark.gpu

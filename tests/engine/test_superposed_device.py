@@ -19,7 +19,7 @@ from editkv.engine.decoding.superposed_device import (
     ngram_probs,
     token_rules,
 )
-from editkv.engine.generate import StopRules
+from editkv.engine.generate import Output, StopRules
 from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
 from editkv.engine.ngram import NgramTable
 from editkv.engine.prompting import doc_start_ids, healed_left_to_right_ids
@@ -120,7 +120,7 @@ def test_token_rules_classes(default):
     from editkv.engine.healing import healer_for
 
     tok = default.tokenizer
-    rules = token_rules(tok, frozenset(tok.stop_ids), 1, default.config.vocab_size, torch.device("cpu"))
+    rules = token_rules(Output(tok, StopRules(max_lines=1), b""), default.config.vocab_size, torch.device("cpu"))
     by_bytes = {b: t for t, b in healer_for(tok).token_bytes.items()}
     nl = by_bytes[b"\n"]
     stop = next(iter(tok.stop_ids))
@@ -137,8 +137,8 @@ def test_token_rules_classes(default):
     word = tok.encode("return")[0]
     assert rules.finish_class[word] == -1 and rules.content[word] and not rules.content[nl]
     assert rules.is_stop[stop] and not rules.is_stop[nl]
-    assert token_rules(tok, frozenset(tok.stop_ids), 2, default.config.vocab_size, torch.device("cpu")) is None
-    free = token_rules(tok, frozenset(tok.stop_ids), None, default.config.vocab_size, torch.device("cpu"))
+    assert token_rules(Output(tok, StopRules(max_lines=2), b""), default.config.vocab_size, torch.device("cpu")) is None
+    free = token_rules(Output(tok, StopRules(max_lines=None), b""), default.config.vocab_size, torch.device("cpu"))
     assert free.finish_class[nl] == -1 and free.finish_class[stop] == 0
 
 
@@ -295,7 +295,7 @@ def test_heal_tables_rows(default):
     from editkv.engine.healing import healer_for
 
     tok = default.tokenizer
-    rules = token_rules(tok, frozenset(tok.stop_ids), 1, default.config.vocab_size, torch.device("cpu"))
+    rules = token_rules(Output(tok, StopRules(max_lines=1), b""), default.config.vocab_size, torch.device("cpu"))
     healer = healer_for(tok)
     heal = b"    ret"
     rows = heal_rows(heal)
@@ -311,3 +311,27 @@ def test_heal_tables_rows(default):
     assert not masks[0, word] and not masks[5, ret]
     buf = SuperposedBuffers(3, 3, 16, default.config.vocab_size, torch.device("cpu"))
     assert not buf.stage_heal(rules, b" " * 40) and buf.stage_heal(rules, heal) and buf.rows == 8
+
+
+
+def test_chains_have_no_clock_and_no_text_rule(default):
+    """The tables `token_rules` derives from the drafts' Output hold neither the multi-line time
+    limit nor `stop_text`: chains run to the token limit past a deadline (as before there was
+    one), and `stop_text` keeps a request on the host loop."""
+    tok, model = default.tokenizer, default.model
+    text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n"
+    runs = {}
+    for name, deadline, stop_text in (("free", None, None), ("passed", 0.0, None),
+                                      ("text", None, lambda text: 3 if len(text) >= 3 else None)):
+        model.static = StaticForward(model, bucket=256, max_width=16, mode="static")
+        try:
+            doc = Document(model, tok, text, head=doc_start_ids(tok, default.config))
+            runs[name] = superposed_drafts(left_to_right(doc, len(text)).state(), 3,
+                                           StopRules(max_tokens=24, max_lines=None, lines_until=deadline),
+                                           stop_text=stop_text)
+        finally:
+            model.static = None
+    _same(runs["free"], runs["passed"])
+    assert any("\n" in d.text.strip() for d in runs["passed"].drafts)  # where the host loop would have cut
+    assert runs["passed"].stats.device_steps > 0 and runs["text"].stats.device_steps == 0
+    assert all(len(d.text) <= 3 for d in runs["text"].drafts)
