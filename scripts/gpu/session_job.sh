@@ -74,11 +74,12 @@ if [ "${HOP:-0}" = 1 ]; then  # issue 24: 50 open documents, typed into in turns
     --json $R/hop_qwen.json > $R/hop_qwen.txt 2>&1
   log "hop rc=$?"
 fi
-if [ "${CHUNK_AB:-0}" = 1 ]; then  # the same replay with big eager chunks for a file's first encoding
-  log "served replay, human pace, EDITKV_ENCODE_CHUNK=2048"
-  EDITKV_ENCODE_CHUNK=2048 timeout 200 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz \
-    --limit 6 --max-keys 60 --methods default --pace human --json $R/replay_chunk2048.json > $R/replay_chunk2048.txt 2>&1
-  log "replay (chunk 2048) rc=$?"
+if [ "${DD:-0}" = 1 ]; then  # issue 22: the dropdown through editkv lsp (textDocument/completion), beam against superposed
+  log "served dropdown through editkv lsp (lines pace, beam vs superposed)"
+  timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit ${DD_N:-30} --max-keys 300 \
+    --pace lines --dropdown --methods default --method-settings 'superposed={"beamSearch": false}' \
+    --json $R/dropdown_served.json > $R/dropdown_served.txt 2>&1
+  log "served dropdown rc=$?"
 fi
 if [ ! -f /root/stop ]; then
   log "served dropdown alone (beam lanes vs superposed timings)"
@@ -97,5 +98,11 @@ if [ -x $PEER ] && [ "${LINES_LLAMA:-1}" = 1 ] && [ ! -f /root/stop2 ]; then
     --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer_lines.log \
     --methods default,llama --pace lines --json $R/lines_llama_gpu.json > $R/lines_llama_gpu.txt 2>&1
   log "lines rc=$?"
+fi
+if [ "${CHUNK_AB:-0}" = 1 ]; then  # the same replay with big eager chunks for a file's first encoding
+  log "served replay, human pace, EDITKV_ENCODE_CHUNK=2048"
+  EDITKV_ENCODE_CHUNK=2048 timeout 200 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz \
+    --limit 6 --max-keys 60 --methods default --pace human --json $R/replay_chunk2048.json > $R/replay_chunk2048.txt 2>&1
+  log "replay (chunk 2048) rc=$?"
 fi
 touch $R/done
