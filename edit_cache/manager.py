@@ -12,12 +12,13 @@ a mismatch reopens it from its text (its KV is rebuilt) and is counted in `token
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
 from editkv.edit_cache.document import Document, DocumentOptions
-from editkv.edit_cache.positions import Range
+from editkv.edit_cache.positions import Range, line_starts
 from editkv.edit_cache.tokens import TokenEdit, is_line_local
 from editkv.engine.config import ModelConfig
 from editkv.engine.model import Transformer
@@ -117,6 +118,23 @@ class DocumentCache:
         ready = doc.ensure_ready(upto, should_stop)
         self.enforce_budget(keep=key)
         return doc, ready
+
+    def window(self, key: str, cursor: int, before: int, after: int) -> tuple[Document, int, int]:
+        """A throwaway document over whole lines of `key` around `cursor` (a character offset): from
+        the line `before` tokens back to the line `after` tokens on, for requests that cannot wait
+        for the whole text before the cursor to be encoded; (it, the offset of its first character
+        in `key`'s text, its first line). Not one of `docs`: its cache goes with it."""
+        doc = self.get(key)
+        text, starts = doc.text, doc.tokens.starts
+        at = doc.tokens.first_token_at_or_after(cursor)
+        lines = line_starts(text)
+        first = bisect.bisect_right(lines, int(starts[at - before]) if at - before > 0 else 0) - 1
+        far = int(starts[at + after]) if at + after < len(starts) else len(text)
+        last = bisect.bisect_right(lines, max(far, cursor)) - 1
+        lo, hi = lines[first], (lines[last + 1] if last + 1 < len(lines) else len(text))
+        window = Document(self.model, self.tokenizer, text[lo:hi], head=self.head, options=self.options,
+                          line_local=self.line_local)
+        return window, lo, first
 
     def total_kv_bytes(self) -> int:
         """The documents' KV bytes plus what `reserved` holds outside them."""

@@ -52,6 +52,13 @@ DEFER_CAPTURES = False
 # next line end (llama.cpp's t_max_predict_ms is the same rule). On an H100 a 64-token block of Qwen2.5-
 # Coder-0.5B took up to 75 ms where one line takes ~10; the CPU's limit sits under its p95 target (300).
 MULTILINE_MS = {"cuda": 30, "cpu": 250}
+# (tokens before, after the cursor): a request with more than twice as many tokens before the
+# cursor still without keys (a big file just opened) is answered from a window of the text around
+# the cursor, as llama.vscode always does (its prefix and suffix are 256 and 64 lines), and the file
+# is encoded in the background. On the CPU the embedded model reads ~1.3k tokens in a fraction of a
+# second where a 14k-token file took seconds (Qwen2.5-Coder-0.5B: 32 s). Not on a GPU: 256-token graph
+# chunks encode a file's first 5k tokens in about a window's time there (not measured yet).
+WINDOW: dict[str, tuple[int, int]] = {"cpu": (1024, 256)}
 # what `Backend.device_stats` reports: bytes the CUDA caching allocator has handed out now and at most
 # since the process started, the KV pool's buffer, CUDA graphs captured since the model loaded
 # (requests' and idle ones; a replay's captures after warm-up are this count's difference)
@@ -229,6 +236,10 @@ class ModelBackend(Backend):
         self._set_decoding(decoding or DecodingOptions())
         self.encoded_tokens = 0  # tokens complete() has run through the model (cache and views), all documents
         self.warm_up_report: dict | None = None  # `warm_up`'s, once it ran
+        # uri -> (window document, its first character's offset and line): what requests are answered
+        # from while the file's text before the cursor has no keys yet (WINDOW)
+        self._windows: dict[str, tuple[Document, int, int]] = {}
+        self.window = WINDOW.get(loaded.model.device.type)  # (tokens before, after the cursor); None: never
 
     def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
                   decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None,
@@ -336,6 +347,7 @@ class ModelBackend(Backend):
     def drop_caches(self) -> None:
         """Forget every document's KV, the KV pool and the captured graphs (after running out of
         memory or a device fault); texts stay. The next request makes a new pool."""
+        self._windows.clear()
         for doc in self.cache.docs.values():
             doc.drop_kv()
         self.context.clear()
@@ -452,6 +464,7 @@ class ModelBackend(Backend):
                 "fits_context": fits}
 
     def open(self, uri: str, text: str) -> None:
+        self._windows.pop(uri, None)
         self.context.from_disk.pop(uri, None)  # the client's now (it may differ from the file)
         doc = self.cache.open(uri, text)
         self.index.add(uri, doc.ids)
@@ -460,10 +473,13 @@ class ModelBackend(Backend):
     def change(self, uri: str, changes: list[tuple[Range | None, str]], encoding: str = "utf-16") -> None:
         for rng, text in changes:
             edit = self.cache.change(uri, rng, text, encoding)
+            if uri in self._windows:
+                self._follow_window(uri, rng, text, encoding)
             if edit is not None:
                 self.index.apply_edit(uri, edit)
 
     def close(self, uri: str) -> None:
+        self._windows.pop(uri, None)
         self.cache.close(uri)
         self.index.remove(uri)
         self._references.pop(uri, None)
@@ -500,7 +516,19 @@ class ModelBackend(Backend):
         moved_before = doc.stats.slots_moved
         # the text before the cursor; with background work off (or recomputing), all of it
         upto = doc.tokens.first_token_at_or_after(cursor) if self.background and not self.recompute else None
-        doc, ready = self.cache.prepare(request.uri, upto, should_stop)
+        # far more of it without keys than a window around the cursor holds: answer from the window
+        # (a throwaway document) and leave the file to background work, which starts at once
+        window = self.window if upto is not None else None
+        missing = upto - (doc.frontier if doc.cache is not None else 0) if upto is not None else 0
+        vdoc, vcursor, window_doc = doc, cursor, None
+        if window is not None and missing > 2 * sum(window):
+            doc, ready = self.cache.prepare(request.uri, 0, should_stop)  # its cache, for background work
+            window_doc, start = self._window(request.uri, doc, cursor, window)
+            ready = ready and window_doc.ensure_ready(None, should_stop)  # (its edits: a PIE repair)
+            vdoc, vcursor = window_doc, cursor - start
+        else:
+            self._windows.pop(request.uri, None)
+            doc, ready = self.cache.prepare(request.uri, upto, should_stop)
         if not ready:  # cancelled while encoding: what was encoded stays for the next request
             encoded = doc.stats.tokens_encoded - encoded_before
             self.encoded_tokens += encoded
@@ -514,7 +542,7 @@ class ModelBackend(Backend):
         view_kind = self.view_choice["auto"] if request.view == "auto" else request.view
         use_fim = view_kind == "fim" and doc.tokenizer.fim is not None
         block, context = None, {}
-        if self.cross_file.on and not self.recompute:
+        if self.cross_file.on and not self.recompute and window_doc is None:
             if request.roots:  # imported files that are not open: read from the workspace, kept as documents
                 from editkv.lsp_server.context import text_change
 
@@ -531,10 +559,10 @@ class ModelBackend(Backend):
         # beam search's beams interleave in the view's scratch (engine/decoding/beam.py): room for each
         scratch_tokens = request.max_tokens * (request.num_drafts if self.beam else 1)
         if use_fim:
-            view = fill_in_middle(doc, cursor, suffix=request.suffix, max_new_tokens=scratch_tokens,
+            view = fill_in_middle(vdoc, vcursor, suffix=request.suffix, max_new_tokens=scratch_tokens,
                                   whole_suffix=not self.background or self.recompute, block=block)
         else:
-            view = left_to_right(doc, cursor, max_new_tokens=scratch_tokens, block=block)
+            view = left_to_right(vdoc, vcursor, max_new_tokens=scratch_tokens, block=block)
         stats = DecodeStats()
         drafts: list[Draft] = []
         counters: dict[str, Any] = {}
@@ -549,7 +577,8 @@ class ModelBackend(Backend):
             else:
                 drafts = self._drafts(view, rules, request.num_drafts, stats, counters)
         encoded = (doc.stats.tokens_encoded - encoded_before + (view.encoded_tokens if view is not None else 0)
-                   + context.get("context_recomputed_tokens", 0))  # a context block built for this request
+                   + context.get("context_recomputed_tokens", 0)  # a context block built for this request
+                   + (window_doc.stats.tokens_encoded if window_doc is not None else 0))
         self.encoded_tokens += encoded
         return CompletionResult(drafts, {
             "repair_ms": doc.stats.repair_ms - repair_ms_before,
@@ -558,6 +587,8 @@ class ModelBackend(Backend):
             "document_encoded_tokens": doc.stats.tokens_encoded - encoded_before,
             "slots_moved": doc.stats.slots_moved - moved_before,
             "unencoded_tokens": doc.num_unencoded,
+            # tokens of the window this request was answered from (0: the document's own cache)
+            "window_tokens": len(window_doc.ids) if window_doc is not None else 0,
             "stale_tokens": doc.num_stale,
             "view": "fim" if use_fim else "l2r",
             "view_why": (f"auto: {self.view_choice['why']}" if request.view == "auto" else
@@ -574,6 +605,35 @@ class ModelBackend(Backend):
             **counters,
             "total_ms": 1000 * (time.perf_counter() - started),
         })
+
+    def _window(self, uri: str, doc: Document, cursor: int, window: tuple[int, int]) -> tuple[Document, int]:
+        """The window document `uri`'s requests are answered from while its text before the cursor
+        has no keys (WINDOW), and its first character's offset: the one kept from the last request
+        (edited in step with the document) while the cursor has at least half the window's text
+        before and a quarter after it, else a new one."""
+        before, after = window
+        held = self._windows.get(uri)
+        if held is not None:
+            wdoc, lo, _ = held
+            hi = lo + len(wdoc.text)
+            if lo <= cursor <= hi:
+                at = wdoc.tokens.first_token_at_or_after(cursor - lo)
+                if (lo == 0 or at >= before // 2) and (hi == len(doc.text) or len(wdoc.ids) - at >= after // 4):
+                    return wdoc, lo
+        wdoc, lo, first = self.cache.window(uri, cursor, before, after)
+        self._windows[uri] = (wdoc, lo, first)
+        return wdoc, lo
+
+    def _follow_window(self, uri: str, rng: Range | None, text: str, encoding: str) -> None:
+        """Apply a change of `uri` to its window document too, or drop the window when the change
+        is not inside it (a later request makes a new one where it is needed)."""
+        wdoc, lo, first = self._windows[uri]
+        lines = wdoc.text.count("\n") + wdoc.text.count("\r") - wdoc.text.count("\r\n")
+        if rng is None or not (first <= rng.start.line and rng.end.line < first + lines):
+            del self._windows[uri]
+            return
+        wdoc.apply_change(Range(Position(rng.start.line - first, rng.start.character),
+                                Position(rng.end.line - first, rng.end.character)), text, encoding)
 
     def _one_draft(self, uri: str, doc: Document, cursor: int, view: ContextView, rules: StopRules,
                    stats: DecodeStats, counters: dict) -> list[Draft]:
