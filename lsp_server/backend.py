@@ -55,7 +55,7 @@ MULTILINE_MS = {"cuda": 30, "cpu": 250}
 # (tokens before, after the cursor): a request with more than twice as many tokens before the
 # cursor still without keys (a big file just opened) is answered from a window of the text around
 # the cursor, as llama.vscode always does (its prefix and suffix are 256 and 64 lines), and the file
-# is encoded in the background. On the CPU the embedded model reads ~1.3k tokens in a fraction of a
+# is encoded in the background; the window serves until fewer than an eighth as many are left. On the CPU the embedded model reads ~1.3k tokens in a fraction of a
 # second where a 14k-token file took seconds (Qwen2.5-Coder-0.5B: 32 s). Not on a GPU: 256-token graph
 # chunks encode a file's first 5k tokens in about a window's time there (not measured yet).
 WINDOW: dict[str, tuple[int, int]] = {"cpu": (1024, 256)}
@@ -521,9 +521,11 @@ class ModelBackend(Backend):
         window = self.window if upto is not None else None
         missing = upto - (doc.frontier if doc.cache is not None else 0) if upto is not None else 0
         vdoc, vcursor, window_doc = doc, cursor, None
-        if window is not None and missing > 2 * sum(window):
+        # (held until what is left is a few chunks' work, not the most a request may encode itself)
+        if window is not None and missing > (sum(window) // 8 if request.uri in self._windows else 2 * sum(window)):
             doc, ready = self.cache.prepare(request.uri, 0, should_stop)  # its cache, for background work
             window_doc, start = self._window(request.uri, doc, cursor, window)
+            window_before = window_doc.stats.tokens_encoded
             ready = ready and window_doc.ensure_ready(None, should_stop)  # (its edits: a PIE repair)
             vdoc, vcursor = window_doc, cursor - start
         else:
@@ -578,7 +580,7 @@ class ModelBackend(Backend):
                 drafts = self._drafts(view, rules, request.num_drafts, stats, counters)
         encoded = (doc.stats.tokens_encoded - encoded_before + (view.encoded_tokens if view is not None else 0)
                    + context.get("context_recomputed_tokens", 0)  # a context block built for this request
-                   + (window_doc.stats.tokens_encoded if window_doc is not None else 0))
+                   + (window_doc.stats.tokens_encoded - window_before if window_doc is not None else 0))
         self.encoded_tokens += encoded
         return CompletionResult(drafts, {
             "repair_ms": doc.stats.repair_ms - repair_ms_before,

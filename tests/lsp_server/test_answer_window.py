@@ -60,7 +60,15 @@ def test_a_big_file_is_answered_from_a_window_until_its_text_has_keys(loaded):
         assert answer.stats["window_tokens"] and backend._windows[URI][0] is window
     assert window.text == text[lo : lo + len(window.text)] and backend.cache.get(URI).text == text
 
-    # once background work has encoded the file, requests use its own cache
+    # with most of the text before the cursor encoded in the background, the window still serves
+    # (no request encodes more than a few chunks of the file itself) ...
+    doc = backend.cache.get(URI)
+    upto = doc.tokens.first_token_at_or_after(at)
+    while upto - doc.frontier > 600:
+        assert backend.refresh_idle(256, lambda: False)
+    middle = _ask(backend, text, at)
+    assert middle.stats["window_tokens"] and middle.stats["document_encoded_tokens"] < 50
+    # ... and once it has encoded the file, requests use its own cache
     while backend.refresh_idle(256, lambda: False):
         pass
     again = _ask(backend, text, at)
