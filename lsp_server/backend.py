@@ -52,13 +52,23 @@ DEFER_CAPTURES = False
 # next line end (llama.cpp's t_max_predict_ms is the same rule). On an H100 a 64-token block of Qwen2.5-
 # Coder-0.5B took up to 75 ms where one line takes ~10; the CPU's limit sits under its p95 target (300).
 MULTILINE_MS = {"cuda": 30, "cpu": 250}
-# (tokens before, after the cursor): a request with more than twice as many tokens before the
-# cursor still without keys (a big file just opened) is answered from a window of the text around
-# the cursor, as llama.vscode always does (its prefix and suffix are 256 and 64 lines), and the file
-# is encoded in the background; the window serves until fewer than an eighth as many are left. On the CPU the embedded model reads ~1.3k tokens in a fraction of a
-# second where a 14k-token file took seconds (Qwen2.5-Coder-0.5B: 32 s). Not on a GPU: 256-token graph
-# chunks encode a file's first 5k tokens in about a window's time there (not measured yet).
+# (tokens before, after the cursor; setting `windowTokens`): a request with more than twice as many
+# tokens before the cursor still without keys (a big file just opened) is answered from a window of
+# the text around the cursor, as llama.vscode always does (its prefix and suffix are 256 and 64
+# lines), and the file is encoded in the background; the window serves until fewer than an eighth
+# as many are left. On the CPU the embedded model reads a 1.3k-token window in ~0.7 s where a 16.6k-
+# token file took up to 4.3 s to the cursor (Qwen2.5-Coder-0.5B: 32 s; BENCHMARKS.md). Not on a GPU:
+# 256-token graph chunks should encode a file's first 5k tokens in about a window's time there
+# (not measured yet).
 WINDOW: dict[str, tuple[int, int]] = {"cpu": (1024, 256)}
+
+
+def answer_window(tokens: int | None, device: str) -> tuple[int, int] | None:
+    """The window of setting `windowTokens` (None: the device's WINDOW; 0: none): (tokens before the
+    cursor, after it)."""
+    if tokens is None:
+        return WINDOW.get(device)
+    return (tokens, max(32, tokens // 4)) if tokens > 0 else None
 # what `Backend.device_stats` reports: bytes the CUDA caching allocator has handed out now and at most
 # since the process started, the KV pool's buffer, CUDA graphs captured since the model loaded
 # (requests' and idle ones; a replay's captures after warm-up are this count's difference)
@@ -195,7 +205,7 @@ class ModelBackend(Backend):
                  options: DocumentOptions | None = None, recompute: bool = False,
                  decoding: DecodingOptions | None = None, ngram_tokens: int = NGRAM_INDEX_TOKENS,
                  tuned: dict[str, int | None] | None = None, background: bool = True,
-                 cross_file: CrossFileOptions | None = None) -> None:
+                 cross_file: CrossFileOptions | None = None, window: int | None = None) -> None:
         from editkv.edit_cache.document import DocumentOptions
         from editkv.edit_cache.manager import DocumentCache
         from editkv.engine.decoding.ngram_index import NgramIndex
@@ -239,14 +249,19 @@ class ModelBackend(Backend):
         # uri -> (window document, its first character's offset and line): what requests are answered
         # from while the file's text before the cursor has no keys yet (WINDOW)
         self._windows: dict[str, tuple[Document, int, int]] = {}
-        self.window = WINDOW.get(loaded.model.device.type)  # (tokens before, after the cursor); None: never
+        self.window = answer_window(window, loaded.model.device.type)  # (tokens before, after the cursor)
 
     def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
                   decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None,
-                  background: bool = True, cross_file: CrossFileOptions | None = None) -> None:
+                  background: bool = True, cross_file: CrossFileOptions | None = None,
+                  window: int | None = None) -> None:
         """New cache settings, applied from each document's next repair on; new decoding options.
         `tuned`: the model-tuned options the user set (None or absent: the model's recommendation)."""
         self.cache.set_options(options.tuned(self.loaded.cache, **(tuned or {})), budget_bytes)
+        window_now = answer_window(window, self.loaded.model.device.type)
+        if window_now != self.window:
+            self.window = window_now
+            self._windows.clear()
         self._install_pool()
         self.recompute = recompute
         self.background = background

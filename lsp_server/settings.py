@@ -72,6 +72,11 @@ class Settings:
     # background work: after this long without work, re-encode stale tokens; files are encoded up to
     # the cursor first and the rest in the background. 0: off (every request encodes whole files)
     idle_refresh_ms: int = 1000
+    # a file just opened, with more than twice this many tokens (plus a quarter) before the cursor not
+    # encoded yet, is answered from a window of this many tokens before the cursor and a quarter of it
+    # after until background work has encoded the file (lsp_server/backend.py WINDOW). None: 1024 on the
+    # CPU, none on a GPU; 0: never
+    window_tokens: int | None = None
     # other open documents (the ones the file imports first) in front of each view, their caches
     # reused (CacheBlend): off by default (BENCHMARKS.md, cross-file); budget in tokens; recompute:
     # percent of the reused tokens re-encoded with the context
@@ -101,6 +106,7 @@ _INT_RANGES = {
     "max_file_kb": (1, 1 << 20),
     "stale_budget": (0, 1 << 24),
     "idle_refresh_ms": (0, 3_600_000),
+    "window_tokens": (0, 1 << 16),
     "fim_fresh_suffix": (0, 4096),
     "refresh_near_cursor": (0, 1 << 20),
     "cross_file_budget": (0, 16384),
@@ -161,7 +167,7 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
 def _validate(name: str, value: Any) -> tuple[bool, Any, str]:
     if name in ("model", "dtype") and (value is None or value == ""):
         return True, None, ""
-    if (name in _MODEL_TUNED or name in ("multiline_ms", "beam_search")) and value is None:
+    if (name in _MODEL_TUNED or name in ("multiline_ms", "beam_search", "window_tokens")) and value is None:
         return True, None, ""  # back to the model's (the device's) recommendation
     if name in _INT_RANGES:
         lo, hi = _INT_RANGES[name]

@@ -670,7 +670,7 @@ def cache_options(settings: Settings) -> dict:
     return {"budget_bytes": settings.budget_bytes, "options": options, "tuned": tuned,
             "recompute": settings.cache_mode == "recompute", "decoding": DecodingOptions.from_settings(settings),
             "background": settings.idle_refresh_ms > 0 and settings.cache_mode != "recompute",
-            "cross_file": CrossFileOptions.from_settings(settings)}
+            "cross_file": CrossFileOptions.from_settings(settings), "window": settings.window_tokens}
 
 
 def load_error_message(settings: Settings, err: BaseException) -> str:

@@ -5,6 +5,8 @@ import pytest
 from editkv.edit_cache.positions import Position, Range, to_position
 from editkv.engine.loading import load_model
 from editkv.lsp_server.backend import WINDOW, CompletionRequest, ModelBackend
+from editkv.lsp_server.settings import Settings
+from editkv.lsp_server.worker import cache_options
 
 URI = "file:///big.py"
 
@@ -91,3 +93,17 @@ def test_an_edit_outside_the_window_drops_it_and_small_files_never_take_one(load
     small = TEXT[: TEXT.index("def measure_20(")]
     backend.open(URI, small)
     assert _ask(backend, small, len(small)).stats["window_tokens"] == 0 and URI not in backend._windows
+
+
+def test_the_window_setting(loaded):
+    """`windowTokens`: unset the device's, a size (a quarter of it after the cursor), 0 none; a new
+    value drops the windows held."""
+    assert ModelBackend(loaded, **cache_options(Settings())).window == WINDOW["cpu"]
+    backend = ModelBackend(loaded, **cache_options(Settings(window_tokens=512)))
+    assert backend.window == (512, 128)
+    backend.open(URI, TEXT)
+    answer = _ask(backend, TEXT, TEXT.index("def measure_120("))
+    assert 0 < answer.stats["window_tokens"] < 512 + 128 + 60 and URI in backend._windows
+    backend.configure(**cache_options(Settings(window_tokens=0)))
+    assert backend.window is None and not backend._windows
+    assert _ask(backend, TEXT, TEXT.index("def measure_120(")).stats["window_tokens"] == 0

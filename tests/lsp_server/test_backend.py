@@ -357,8 +357,8 @@ def _big_backend(tmp_path, **settings):
     from editkv.lsp_server.worker import cache_options
 
     tiny = load_model(make_checkpoint(tmp_path / "m", "llama", max_position_embeddings=512))
-    backend = ModelBackend(tiny, **cache_options(Settings(**settings)))
-    backend.window = None  # (a window answers the first requests on the CPU: test_answer_window.py)
+    # (no answer window: on the CPU it answers a big file's first requests; test_answer_window.py)
+    backend = ModelBackend(tiny, **cache_options(Settings(window_tokens=0, **settings)))
     text = "".join(f"def f{i}(a, b):\n    return a * {i} + b\n\n" for i in range(120))  # ~2,500 tokens
     backend.open("file:///big.py", text)
     return backend, text

@@ -41,6 +41,7 @@ export const SERVER_DEFAULTS = {
   fimSuffixCache: false,
   refreshNearCursor: null,
   idleRefreshMs: 1000,
+  windowTokens: null, // null: 1024 on the CPU, none on a GPU
   crossFile: false,
   crossFileBudget: 1024,
   crossFileRecompute: 15,
