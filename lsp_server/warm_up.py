@@ -153,7 +153,7 @@ def warm_up(backend: ModelBackend, *, view: str = "auto", num_drafts: int = 3, m
             complete(uri, line, end.character)
             while backend.refresh_idle(256, lambda: False):  # the rest of the file, as idle work encodes it
                 pass
-            for width in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            for width in (w for w, rows in shapes(static.max_width) if rows == "none"):  # every repair width
                 paste = paste_text(tokenizer, width // 2 + 1 if width > 1 else 1)
                 backend.change(uri, [(Range(end, end), paste)], "utf-32")
                 pasted = paste.split("\n")
