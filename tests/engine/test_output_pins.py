@@ -27,6 +27,7 @@ from editkv.engine.prompting import doc_start_ids, healed_left_to_right_ids, lef
 from editkv.engine.static_decode import StaticForward
 
 PINS = Path(__file__).resolve().parents[1] / "fixtures" / "output_pins.json"
+CAPTURED = "_captured_on"  # the pins' key for the machine they were captured on (`_machine`)
 PROMPTS = ["def add(a, b):\n", "import os\nfor name in os.li",
            "class Point:\n    def __init__(self, x, y):\n        self."]
 DEFAULT_PROMPTS = ["def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    ret",
@@ -126,8 +127,20 @@ def _corpus():
     return NgramTable.load(DEFAULT_MODEL_DIR / "ngram.npz")
 
 
+def _machine() -> dict:
+    """What exact float pins depend on: torch's build and whether the CPU has AVX-512 (its kernels
+    sum in another order without it, and a near-tie may then fall the other way)."""
+    import torch
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return {"torch": torch.__version__, "avx512f": " avx512f" in flags}
+
+
 def _assert_pinned(got, model):
     pins = json.loads(PINS.read_text())
+    captured = pins.pop(CAPTURED)
+    if captured != _machine():
+        pytest.skip(f"the pins were captured on {captured}, this machine is {_machine()}")
     want = {key: value for key, value in pins.items() if f"/{model}/" in key and key.split("/")[0] in
             {key.split("/")[0] for key in got}}
     assert sorted(got) == sorted(want)
@@ -164,7 +177,7 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
         tiny = load_model(make_checkpoint(Path(folder), "llama"))
         default = load_model(None)
-        pins = {**beam_cases(tiny, "tiny"), **beam_cases(default, "default"),
+        pins = {CAPTURED: _machine(), **beam_cases(tiny, "tiny"), **beam_cases(default, "default"),
                 **superposed_cases(tiny, "tiny"), **superposed_cases(default, "default", _corpus())}
     PINS.write_text(json.dumps(pins, indent=None, separators=(",", ":")).replace('],"', '],\n"') + "\n")
     print(f"{len(pins)} cases -> {PINS}")
