@@ -343,7 +343,9 @@ def _extending(selected: types.SelectedCompletionInfo, outcome: Outcome, at: typ
          types.CompletionOptions(trigger_characters=COMPLETION_TRIGGERS, resolve_provider=False))
 async def completion(ls: EditkvServer, params: types.CompletionParams) -> types.CompletionList:
     """Model suggestions as dropdown items that sort after other servers' items at equal match."""
-    outcome = await _serve(ls, "completion", params.text_document.uri, params.position, invoked=False)
+    # asked for (Ctrl+Space) is never held by the burst debounce; a trigger character may be
+    invoked = params.context is not None and params.context.trigger_kind == types.CompletionTriggerKind.Invoked
+    outcome = await _serve(ls, "completion", params.text_document.uri, params.position, invoked=invoked)
     if outcome is None or not outcome.suggestions:
         return types.CompletionList(is_incomplete=True, items=[])
     doc = ls.docs.get(params.text_document.uri)

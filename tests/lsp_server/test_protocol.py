@@ -57,9 +57,13 @@ def inline(client: LanguageClient, line: int, character: int, invoked: bool = Fa
         context=types.InlineCompletionContext(trigger_kind=kind)))
 
 
-def complete(client: LanguageClient, line: int, character: int, uri: str = URI):
+def complete(client: LanguageClient, line: int, character: int, uri: str = URI, invoked: bool | None = None):
+    context = None if invoked is None else types.CompletionContext(
+        trigger_kind=types.CompletionTriggerKind.Invoked if invoked else types.CompletionTriggerKind.TriggerCharacter,
+        trigger_character=None if invoked else ".")
     return client.text_document_completion_async(types.CompletionParams(
-        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line=line, character=character)))
+        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line=line, character=character),
+        context=context))
 
 
 async def server_stats(client: LanguageClient) -> dict:
@@ -236,6 +240,18 @@ async def test_the_debounce_holds_requests_only_in_a_burst_of_keystrokes(client:
     type_at(client, 0, 2, "a", 3)  # right after the last one: a burst, held for its end
     assert (await inline(client, 0, 3)).items
     assert (await server_stats(client))["requests"]["inline"]["debounced"] == 1
+
+
+async def test_an_invoked_dropdown_is_not_debounced_in_a_burst_but_a_trigger_character_is(client: LanguageClient):
+    await start(client, "visual-studio-code", {"debounceMs": 300})
+    open_doc(client)
+    type_at(client, 0, 0, "#", 1)
+    type_at(client, 0, 1, ".", 2)  # a burst
+    assert (await complete(client, 0, 2, invoked=False)).items
+    assert (await server_stats(client))["requests"]["completion"]["debounced"] == 1
+    type_at(client, 0, 2, "a", 3)  # a burst again, and Ctrl+Space
+    assert (await complete(client, 0, 3, invoked=True)).items
+    assert (await server_stats(client))["requests"]["completion"]["debounced"] == 1
 
 
 async def test_edit_during_a_running_decode_drops_its_result(slow_client: LanguageClient):
