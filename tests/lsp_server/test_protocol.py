@@ -250,7 +250,8 @@ async def test_an_invoked_dropdown_is_not_debounced_in_a_burst_but_a_trigger_cha
     assert (await complete(client, 0, 2, invoked=False)).items
     assert (await server_stats(client))["requests"]["completion"]["debounced"] == 1
     type_at(client, 0, 2, "a", 3)  # a burst again, and Ctrl+Space
-    assert (await complete(client, 0, 3, invoked=True)).items
+    type_at(client, 0, 3, "b", 4)
+    assert (await complete(client, 0, 4, invoked=True)).items
     assert (await server_stats(client))["requests"]["completion"]["debounced"] == 1
 
 
