@@ -164,7 +164,8 @@ class Backend(Protocol):
         return 0
 
     def warm_up(self, *, view: str = "auto", num_drafts: int = 3, max_tokens: int = 64,
-                max_bucket: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> dict:
+                max_bucket: int | None = None, max_seconds: float | None = None,
+                should_stop: Callable[[], bool] = lambda: False) -> dict:
         """Make what requests would otherwise make on first use (graphs, compiled kernels); what it did."""
         return {}
 
@@ -349,13 +350,16 @@ class ModelBackend(Backend):
         return static.capture_pending(should_stop or (lambda: False)) if static is not None else 0
 
     def warm_up(self, *, view: str = "auto", num_drafts: int = 3, max_tokens: int = 64,
-                max_bucket: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> dict:
+                max_bucket: int | None = None, max_seconds: float | None = None,
+                should_stop: Callable[[], bool] = lambda: False) -> dict:
         """Capture every graph a served session uses and compile its kernels now, on made-up
         documents (lsp_server/warm_up.py); what it did. Nothing where no static forward runs."""
         from editkv.lsp_server import warm_up
 
         report = warm_up.warm_up(self, view=view, num_drafts=num_drafts, max_tokens=max_tokens,
-                                 max_bucket=max_bucket or warm_up.MAX_BUCKET, should_stop=should_stop)
+                                 max_bucket=max_bucket or warm_up.MAX_BUCKET,
+                                 max_seconds=warm_up.MAX_SECONDS if max_seconds is None else max_seconds,
+                                 should_stop=should_stop)
         self.warm_up_report = report.as_dict()
         return self.warm_up_report
 

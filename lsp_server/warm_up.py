@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 URI = "editkv-warm-up:///bucket-{}.py"  # never an editor's: no client sees these documents
 MAX_BUCKET = 16384  # slots: documents up to ~15k tokens find every graph they need ready
+MAX_SECONDS = 60.0  # a slower device stops warming between buckets past this; the rest come on first use
 EDGE = 1024  # slots a warm-up document leaves free below its bucket's top (gap, spare, pastes, scratch)
 
 
@@ -115,7 +116,8 @@ def buckets(backend: ModelBackend, max_bucket: int) -> list[int]:
 
 
 def warm_up(backend: ModelBackend, *, view: str = "auto", num_drafts: int = 3, max_tokens: int = 64,
-            max_bucket: int = MAX_BUCKET, should_stop: Callable[[], bool] = lambda: False) -> WarmUpReport:
+            max_bucket: int = MAX_BUCKET, max_seconds: float = MAX_SECONDS,
+            should_stop: Callable[[], bool] = lambda: False) -> WarmUpReport:
     """Capture the graphs (and compile the kernels) a served session uses, see the module docstring."""
     from editkv.engine.decoding.speculative import Speculator
 
@@ -134,7 +136,7 @@ def warm_up(backend: ModelBackend, *, view: str = "auto", num_drafts: int = 3, m
 
     try:
         for bucket in buckets(backend, max_bucket):
-            if should_stop():
+            if should_stop() or time.perf_counter() - started >= max_seconds:
                 report.stopped = True
                 break
             pool = backend.loaded.model.kv_pool

@@ -122,6 +122,13 @@ def test_after_the_warm_up_a_session_captures_no_cuda_graph():
         backend.release()
 
 
+def test_the_warm_up_stops_between_buckets_when_told_or_past_its_time(static_backend):
+    backend, static = static_backend()
+    assert backend.warm_up(max_seconds=0) == {"buckets": [], "requests": 0, "graphs": 0,
+                                              "ms": backend.warm_up_report["ms"], "stopped": True}
+    assert backend.warm_up(should_stop=lambda: True)["stopped"] and static.captures == 0
+
+
 def test_shapes_cover_every_forward_kind():
     got = warm_up.shapes(256)
     assert (1, "none") in got and (1, "all") in got and (1, "last") not in got  # one row: "last" is "all"
