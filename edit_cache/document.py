@@ -56,15 +56,14 @@ GAP_SLOTS = 256  # free slots a gap is (re)opened with: this many typed tokens b
 # one eager forward (session 14; DEVELOPERS.md). EDITKV_ENCODE_CHUNK overrides both, to compare.
 BACKGROUND_CHUNK = 32
 GRAPH_CHUNK = 256
+_FORCED_CHUNK = max(1, int(os.environ["EDITKV_ENCODE_CHUNK"])) if os.environ.get("EDITKV_ENCODE_CHUNK") else None
 
 
 def encode_chunk(model: Transformer) -> int:
     """Tokens per interruptible encoding forward for `model` (see BACKGROUND_CHUNK)."""
-    forced = os.environ.get("EDITKV_ENCODE_CHUNK")
-    if forced:
-        return max(1, int(forced))
-    static = model.static
-    return GRAPH_CHUNK if static is not None and static.mode == "graphs" else BACKGROUND_CHUNK
+    if _FORCED_CHUNK is not None:
+        return _FORCED_CHUNK
+    return GRAPH_CHUNK if model.replays_graphs else BACKGROUND_CHUNK
 
 
 @dataclass
@@ -730,9 +729,9 @@ class Document:
         if should_stop is None:
             self._encode(first, last)
             return last - first
-        done = first
+        done, step = first, encode_chunk(self.model)
         while done < last and not should_stop():
-            hi = min(last, done + encode_chunk(self.model))
+            hi = min(last, done + step)
             self._encode(done, hi)
             done = hi
         return done - first

@@ -63,12 +63,16 @@ class DocumentCache:
 
     def open(self, key: str, text: str) -> Document:
         """Open (or reopen, replacing) a document; its cache is built when first needed."""
-        doc = Document(self.model, self.tokenizer, text, head=self.head, options=self.options,
-                       line_local=self.line_local)
+        doc = self._document(text)
         self.docs[key] = doc
         self.docs.move_to_end(key)
         self._checked[key] = doc.version  # a full tokenization: nothing to verify yet
         return doc
+
+    def _document(self, text: str) -> Document:
+        """A Document of `text` with this cache's model, head and options (no cache until needed)."""
+        return Document(self.model, self.tokenizer, text, head=self.head, options=self.options,
+                        line_local=self.line_local)
 
     def get(self, key: str) -> Document:
         """The open document `key` (UnknownDocument if it isn't)."""
@@ -101,8 +105,7 @@ class DocumentCache:
             self.token_repairs += 1
             log.warning("incremental tokens of %s differ from a full tokenization (%d vs %d tokens): reopened",
                         key, len(doc.ids), len(fresh.ids))
-            reopened = Document(self.model, self.tokenizer, doc.text, head=self.head, options=self.options,
-                                line_local=self.line_local)
+            reopened = self._document(doc.text)
             reopened.last_used = doc.last_used
             self.docs[key] = reopened  # (same place in the LRU order)
             self._checked[key] = reopened.version
@@ -132,9 +135,7 @@ class DocumentCache:
         far = int(starts[at + after]) if at + after < len(starts) else len(text)
         last = bisect.bisect_right(lines, max(far, cursor)) - 1
         lo, hi = lines[first], (lines[last + 1] if last + 1 < len(lines) else len(text))
-        window = Document(self.model, self.tokenizer, text[lo:hi], head=self.head, options=self.options,
-                          line_local=self.line_local)
-        return window, lo, first
+        return self._document(text[lo:hi]), lo, first
 
     def total_kv_bytes(self) -> int:
         """The documents' KV bytes plus what `reserved` holds outside them."""

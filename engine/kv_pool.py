@@ -172,7 +172,7 @@ def wanted(model) -> bool:
     forced = os.environ.get("EDITKV_KV_POOL", "")
     if forced in ("0", "1"):
         return forced == "1"
-    return model.static is not None and model.static.mode == "graphs"
+    return model.replays_graphs
 
 
 def install(model, budget_bytes: int | None) -> KVPool | None:

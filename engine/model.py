@@ -540,6 +540,12 @@ class Transformer(nn.Module):
             self.config, capacity, batch=batch, dtype=dtype or self.dtype, device=self.device
         )
 
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether small forwards replay CUDA graphs (`static` in "graphs" mode; its "static" mode
+        runs the same ops eagerly, as tests on the CPU do)."""
+        return self.static is not None and self.static.mode == "graphs"
+
     @torch.inference_mode()
     def forward(
         self,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from editkv.edit_cache.positions import Position, Range, to_offset
+from editkv.edit_cache.positions import Position, Range, line_starts, to_offset
 from editkv.lsp_server.request import CompletionRequest
 from editkv.lsp_server.settings import CrossFileOptions, Settings
 
@@ -323,8 +323,7 @@ class ModelBackend(Backend):
         return self.graphs_replay()
 
     def graphs_replay(self) -> bool:
-        static = self.loaded.model.static
-        return static is not None and static.mode == "graphs"
+        return self.loaded.model.replays_graphs
 
     def _defer_captures(self) -> None:
         """With DEFER_CAPTURES and background work on, a CUDA graph a request lacks is not captured
@@ -449,7 +448,7 @@ class ModelBackend(Backend):
             "device_allocated_bytes": _device_allocated(device),
             "device_max_allocated_bytes": _device_allocated(device, peak=True),
             "kv_pool_bytes": pool.buffer.nbytes() if pool is not None else None,
-            "graph_captures": static.captures if static is not None and static.mode == "graphs" else None,
+            "graph_captures": static.captures if self.loaded.model.replays_graphs else None,
         }
 
     def _kv_difference(self, doc: Document) -> dict[str, Any]:
@@ -649,7 +648,7 @@ class ModelBackend(Backend):
         """Apply a change of `uri` to its window document too, or drop the window when the change
         is not inside it (a later request makes a new one where it is needed)."""
         wdoc, lo, first = self._windows[uri]
-        lines = wdoc.text.count("\n") + wdoc.text.count("\r") - wdoc.text.count("\r\n")
+        lines = len(line_starts(wdoc.text)) - 1  # whole lines, each ending in a terminator
         if rng is None or not (first <= rng.start.line and rng.end.line < first + lines):
             del self._windows[uri]
             return
