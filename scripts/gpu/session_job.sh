@@ -70,7 +70,7 @@ log "replay rc=$?"
 if [ "${HOP:-0}" = 1 ]; then  # issue 24: 50 open documents, typed into in turns; the warm-up at load against none
   log "served replay hopping between 50 documents (default, warmUp false)"
   timeout 420 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --pace hop --docs 50 \
-    --rounds 3 --keys-per-turn 4 --methods default --method-settings 'nowarm={"warmUp": false}' \
+    --rounds ${HOP_ROUNDS:-3} --keys-per-turn 4 --methods default --method-settings 'nowarm={"warmUp": false}' \
     --json $R/hop_qwen.json > $R/hop_qwen.txt 2>&1
   log "hop rc=$?"
 fi
