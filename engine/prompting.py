@@ -6,7 +6,8 @@ FIM is prefix-suffix-middle: `<PRE> prefix <SUF> suffix <MID>`, generation follo
 may ask for its prefix's last tokens again after `<MID>`: `FimTokens.tail`). This is the
 file-level layout of Qwen2.5-Coder, StarCoder and DeepSeek-Coder token for token; their
 repo-level header (`<|repo_name|>R\n<|file_sep|>P\n` before `<PRE>`, which llama.cpp's
-`/infill` always adds) is not used: it measured no better (BENCHMARKS.md, FIM prompt layouts).
+`/infill` always adds) is not used (bench/fim_prompts.py compares the layouts with exact prefills; its run's table
+was never kept in BENCHMARKS.md, so rerun it before relying on the choice).
 
 Token healing (engine/healing.py) applies to prompts whose last tokens generation continues:
 left-to-right, and FIM layouts with a tail. A FIM model learned prefix and middle tokenized
