@@ -43,6 +43,7 @@ from editkv.edit_cache.tokens import TokenEdit, TokenizedText
 from editkv.engine import faults
 from editkv.engine.generate import prefill
 from editkv.engine.model import KVCache, Span, Transformer
+from editkv.engine.pacing import Pacer
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.rerotate import move_rerotate
 
@@ -439,6 +440,7 @@ class Document:
         follow = follow and self.gap_at == self.frontier
         # the request path takes every token in one prefill, which sizes its own forwards
         step = encode_chunk(self.model) if should_stop is not None else self.options.prefill_chunk or max(1, upto)
+        pacer = Pacer(self.cache.device) if should_stop is not None else None  # see engine/pacing.py
         while self.frontier < upto:
             if should_stop is not None and should_stop():
                 return False
@@ -446,6 +448,8 @@ class Document:
             if follow:  # past the frontier nothing is encoded: the gap may simply move on
                 self.gap_at = hi
             self._encode(self.frontier, hi, grow=True)
+            if pacer is not None:
+                pacer.step()
             self.frontier = hi
             self.runs = [_Run(0, hi)]  # (no edits are pending while encoding)
         return True
@@ -730,9 +734,11 @@ class Document:
             self._encode(first, last)
             return last - first
         done, step = first, encode_chunk(self.model)
+        pacer = Pacer(self.cache.device)  # the device at most one chunk behind (engine/pacing.py)
         while done < last and not should_stop():
             hi = min(last, done + step)
             self._encode(done, hi)
+            pacer.step()
             done = hi
         return done - first
 

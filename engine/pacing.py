@@ -1,0 +1,35 @@
+"""Interruptible device work that stays interruptible: `Pacer` keeps the host at most one chunk
+ahead of the device.
+
+Background encoding runs in chunks that poll a stop flag between them (edit_cache/document.py).
+On a GPU a chunk's forward is queued, not run, when the call returns (a replayed CUDA graph
+queues in microseconds), so a loop that only polls the flag can queue a whole file's chunks
+before the device has run the first: a request arriving meanwhile then waits behind all of them
+(the H100 replay of session 16: ~4,000 tokens queued between two keystrokes, keystrokes 50-60 ms
+instead of ~15). The pacer waits, after queueing chunk i, until chunk i-1 is done, so a stop
+leaves at most one chunk for the next request to wait behind, and the device is never idle
+between chunks. On the CPU every forward has run when it returns: nothing to wait for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Pacer:
+    """Call `step()` after queueing each chunk of work on `device`'s current stream."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self._cuda = torch.device(device).type == "cuda"
+        self._last: torch.cuda.Event | None = None
+        self.waits = 0  # steps that waited for an earlier chunk (for tests and stats)
+
+    def step(self) -> None:
+        if not self._cuda:
+            return
+        done = torch.cuda.Event()
+        done.record()
+        if self._last is not None:
+            self._last.synchronize()
+            self.waits += 1
+        self._last = done
