@@ -10,6 +10,7 @@ requests alone hides the dropped ones). No plotting library needed.
 from __future__ import annotations
 
 import argparse
+import gzip
 import html
 import json
 import math
@@ -78,7 +79,8 @@ def main() -> None:
     p.add_argument("--pace", default="human")
     p.add_argument("--title", default=None)
     args = p.parse_args()
-    result = json.loads(args.json.read_text())
+    raw = args.json.read_bytes()
+    result = json.loads(gzip.decompress(raw) if args.json.suffix == ".gz" else raw)  # results are kept gzipped
     series = []
     for method in result["methods"]:
         rows = [k for k in result["keys"] if k["pace"] == args.pace and k["method"] == method]
