@@ -213,7 +213,7 @@ def test_cuda_prefill_matches_the_cpu(tmp_path, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_kernel_choice(tmp_path):
-    model = load_model(make_checkpoint(tmp_path, "qwen2"), device="cuda", dtype=torch.bfloat16).model
+    model = load_model(make_checkpoint(tmp_path, "qwen2"), device="cuda", dtype=torch.bfloat16).runner
     cache = model.new_cache(64)
     assert one_buffer(cache, 0, [TokenGroup(16, [])], [{0: 0}]).kernel == "sdpa"  # nothing before: transformers' call
     assert one_buffer(cache, 16, [TokenGroup(16, [Span(cache, 0, 16)])], [{0: 0}]).kernel == "sdpa"  # a short head
