@@ -150,7 +150,7 @@ def realedits_tables(rows: list[dict]) -> str:
 
 
 def bench_realedits(args, loaded, methods) -> dict:
-    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
+    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.runner
     cases = build_cases(load_records(args.data), args.subset, args.limit, args.offset)
     shard, shards = args.shard
     picked = list(range(len(cases)))[shard::shards]
@@ -191,7 +191,7 @@ def bench_tokens(args, loaded, methods) -> dict:
     from editkv.engine.calibrate import entropy, python_files
     from editkv.engine.decoding.adadec import Lookahead
 
-    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
+    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.runner
     files = python_files(args.code)
     random.Random(args.seed).shuffle(files)
     configs = {n: m for n, m in methods.items() if isinstance(m, AdaDecConfig) and m.tau < math.inf}
@@ -285,7 +285,7 @@ def run_program(program: str, timeout: float = 15.0, prefix: list[str] | None = 
 
 
 def bench_humaneval(args, loaded, methods) -> dict:
-    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
+    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.runner
     problems = read_humaneval()
     lo, _, hi = args.problems.partition(":")
     problems = problems[int(lo or 0) : int(hi) if hi else len(problems)]

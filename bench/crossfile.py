@@ -163,7 +163,7 @@ def ring_ids(tok, cfg, sources: list[tuple[str, str]], budget: int, seed: int) -
 
 def run(args) -> dict:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    model, tok, cfg = loaded.model, loaded.tokenizer, loaded.config
+    model, tok, cfg = loaded.runner, loaded.tokenizer, loaded.config
     head = doc_start_ids(tok, cfg)
     line_local = is_line_local(tok)
     views = [v for v in args.views.split(",") if v]
@@ -224,7 +224,7 @@ def run(args) -> dict:
 
 def _exact(loaded, prompt, heal, rules, view):
     """A fresh prefill of `prompt` and a greedy decode (under the model's attention window)."""
-    model = loaded.model
+    model = loaded.runner
     cache = model.new_cache(len(prompt))
     logits, context = prefill_prompt(model, prompt, cache, sink=1, room=rules.max_tokens + DRAFT_SLOTS)
     return decode(model, loaded.tokenizer, logits, context=context, next_position=len(prompt), rules=rules,
@@ -233,7 +233,7 @@ def _exact(loaded, prompt, heal, rules, view):
 
 def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, chunks, style, rec) -> dict:
     """One timed completion: {pred, recomputed, compute, context_tokens, ms}."""
-    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
+    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.runner
     h = doc.h
     sync(loaded.device)
     t0 = time.perf_counter()

@@ -61,11 +61,11 @@ def measure(spec: str, fmt: str, prompt: list[int], steps: int) -> dict:
         loaded = load_model(spec, cpu_weights="fp32", dtype="bfloat16")
     elif fmt.startswith("int4g"):  # int4 with groups of another size
         loaded = load_model(spec, cpu_weights="fp32")
-        quantize_model(loaded.model, "int4", group_size=int(fmt.removeprefix("int4g")))
+        quantize_model(loaded.runner.model, "int4", group_size=int(fmt.removeprefix("int4g")))
     else:
         loaded = load_model(spec, cpu_weights=fmt)
     load_s = time.perf_counter() - started
-    model = loaded.model
+    model = loaded.runner
     n = len(prompt)
     cache = model.new_cache(n + steps + 1)
     ids = torch.tensor([prompt])
@@ -83,7 +83,7 @@ def measure(spec: str, fmt: str, prompt: list[int], steps: int) -> dict:
         times.append((time.perf_counter() - start) * 1e3)
         tokens.append(token)
     row = {"format": fmt, "load_s": load_s, "rss_mb": _rss_mb(),
-           "weight_mb": _weight_bytes(model) / 2**20,
+           "weight_mb": _weight_bytes(model.model) / 2**20,
            "prefill_ms": prefill_ms, "decode_ms_p50": statistics.median(times),
            "decode_ms_p90": sorted(times)[int(0.9 * (len(times) - 1))], "tokens": tokens,
            "text": loaded.tokenizer.decode(tokens)}

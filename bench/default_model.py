@@ -70,7 +70,7 @@ def build_prompt(tok, cfg, prefix: str, suffix: str, view: str, max_prefix: int,
 
 
 def model_predictions(loaded, cases, view, args) -> list[tuple[str, float]]:
-    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
+    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.runner
     rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
     out = []
     for _rec, _target, prefix, suffix in cases:
@@ -130,7 +130,7 @@ def _ngram_next(seq, tables, healer, remaining: bytes) -> int | None:
 
 def bits_per_byte(loaded, records, max_tokens: int) -> float:
     """Cross-entropy of whole files (first `max_tokens` tokens), in bits per UTF-8 byte."""
-    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
+    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.runner
     head = doc_start_ids(tok, cfg)
     total_bits, total_bytes = 0.0, 0
     for rec in records:

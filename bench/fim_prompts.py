@@ -78,7 +78,7 @@ _PLAN = {"l2r_pre": ("pre", None, True), "l2r_raw": ("raw", None, True), "l2r_re
 
 def run(args) -> dict:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = loaded.runner, loaded.tokenizer
     healer = healer_for(tok)
     layouts = [x for x in args.layouts.split(",") if x]
     records = load_records(args.data, max_file_chars=args.max_file_chars)

@@ -241,7 +241,7 @@ def _ms_per_token(view, steps: int, device, graphs: bool, chained: bool = False)
     """Steady-state decode ms/token on a view: the eager span forward, graphed steps one by
     one, or engine.generate.decode's device-side chains of graphed steps."""
     model = view.document.model
-    static, model.static = model.static, (model.static if graphs else None)
+    static = model.use_graphs(model.static if graphs else None)
 
     def run(n):
         if not chained:
@@ -257,7 +257,7 @@ def _ms_per_token(view, steps: int, device, graphs: bool, chained: bool = False)
         sync(device)
         return 1000 * (time.perf_counter() - t) / max(forwards, 1)
     finally:
-        model.static = static
+        model.use_graphs(static)
 
 
 def _prefill_ms(doc: Document, hf, device, reps: int = 3) -> tuple[float, float]:
@@ -294,7 +294,7 @@ def run(args) -> dict:
     results = []
     for name, model, hf, tokenizer in bench_models(args.models.split(","), args.model, device, args.dtype):
         config = model.config
-        weight_bytes = _weight_bytes(model)
+        weight_bytes = _weight_bytes(model.model)
         head = doc_start_ids(tokenizer, config)
         for context in (int(c) for c in args.contexts.split(",")):
             candidates = [r for r in records[: args.limit or len(records)]

@@ -26,15 +26,15 @@ SHAPES = {
 
 
 def bench_models(names, model_path, device, dtype):
-    """Yield (name, our Transformer, transformers model, tokenizer); one at a time."""
+    """Yield (name, our ModelRunner, transformers model, tokenizer); one at a time."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     default = load_model(None, device=device, dtype=dtype)
-    hf_dtype = default.model.dtype
+    hf_dtype = default.runner.dtype
     for name in names:
         if name == "default":
             hf = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=hf_dtype).to(device).eval()
-            yield name, default.model, hf, default.tokenizer
+            yield name, default.runner, hf, default.tokenizer
         elif name == "model":
             if not model_path:
                 raise SystemExit("--models names 'model' but no --model PATH was given")
@@ -44,7 +44,7 @@ def bench_models(names, model_path, device, dtype):
                 hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=hf_dtype)
             else:
                 hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=hf_dtype)
-            yield Path(model_path).name, loaded.model, hf.to(device).eval(), loaded.tokenizer
+            yield Path(model_path).name, loaded.runner, hf.to(device).eval(), loaded.tokenizer
             del loaded
         else:
             family, shape = SHAPES[name]

@@ -204,7 +204,7 @@ def main() -> None:
     records = load_records(args.data)
     cases = build_cases(records, args.subset, args.limit, args.offset)
     loaded = load_model(args.model, device=args.device)
-    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.model
+    tok, cfg, model = loaded.tokenizer, loaded.config, loaded.runner
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     corpus_path = model_dir / "ngram.npz"
     corpus = None if args.no_corpus or not corpus_path.is_file() else NgramTable.load(corpus_path)

@@ -67,7 +67,7 @@ def _next_line_start(text: str, cursor: int) -> int:
 
 def _exact(loaded, prompt, heal, rules):
     """A fresh prefill of `prompt` and a greedy decode, under the model's attention window."""
-    model = loaded.model
+    model = loaded.runner
     cache = model.new_cache(len(prompt))
     logits, context = prefill_prompt(model, prompt, cache, sink=len(doc_start_ids(loaded.tokenizer, loaded.config)),
                                      room=rules.max_tokens + DRAFT_SLOTS)
@@ -112,7 +112,7 @@ def run(args) -> dict:
         for method in methods:
             if method == "full":
                 continue
-            doc = Document(loaded.model, tok, rec["before"], head=head, options=_options(method, args, loaded),
+            doc = Document(loaded.runner, tok, rec["before"], head=head, options=_options(method, args, loaded),
                            line_local=line_local)
             doc.ensure_ready()
             for rng, text in edits:

@@ -28,7 +28,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     loaded = load_model(args.model, device=args.device, dtype="float32")
-    model, cfg, rot = loaded.model, loaded.config, loaded.model.rotary
+    model, cfg, rot = loaded.runner.model, loaded.config, loaded.runner.rotary
     text = (ROOT / "engine" / "calibrate.py").read_text()
     ids = torch.tensor([loaded.tokenizer.encode(text)[: args.tokens]], device=model.device)
     n = ids.shape[1]

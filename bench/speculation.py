@@ -96,7 +96,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = loaded.runner, loaded.tokenizer
     device = loaded.device
     head = doc_start_ids(tok, loaded.config)
     records = load_records(args.data, max_file_chars=args.max_file_chars)

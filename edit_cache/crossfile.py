@@ -39,6 +39,7 @@ from editkv.edit_cache.document import Document
 from editkv.engine.model import KVCache, Span, Transformer
 from editkv.engine.prompting import doc_start_ids
 from editkv.engine.rope import apply_rotary
+from editkv.engine.runner import ModelRunner
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.rerotate import move_rerotate
 
@@ -308,7 +309,7 @@ class ContextBlock:
         return (self.cache, 1)
 
 
-def build_block(model: Transformer, layout: BlockLayout, *, recompute_ratio: float = 0.15,
+def build_block(model: ModelRunner, layout: BlockLayout, *, recompute_ratio: float = 0.15,
                 check_layer: int = 1, spare: int = 0) -> ContextBlock:
     """The block's KV: pieces copied and re-rotated, wrapper tokens encoded, and CacheBlend's
     selective recompute of `recompute_ratio` of the pieces' tokens (0: none, the copies as they
@@ -335,14 +336,14 @@ def build_block(model: Transformer, layout: BlockLayout, *, recompute_ratio: flo
     k = round(recompute_ratio * num_reused)
     num_layers = model.config.num_layers
     check = min(check_layer, num_layers - 1) if k > 0 else -1
-    selected = _recompute(model, cache, layout.ids, reused, k, check)
+    selected = _recompute(model.model, cache, layout.ids, reused, k, check)
     full_layers = check + 1
     compute = (length * full_layers + selected * (num_layers - full_layers)) / num_layers
     return ContextBlock(cache, list(layout.ids), layout.head, layout.document_tokens, num_reused, selected,
                         length if check >= 0 else 0, compute, 1000 * (time.perf_counter() - started))
 
 
-def _copy_rotated(model: Transformer, span: Span, cache: KVCache, at: int) -> None:
+def _copy_rotated(model: ModelRunner, span: Span, cache: KVCache, at: int) -> None:
     """Slots of `span` into `cache[at:]`, keys re-rotated to act at `at...` with no shift (a stored key
     is rotated at its slot's index; a span's shift only moves the query)."""
     n = span.end - span.start

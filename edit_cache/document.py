@@ -44,6 +44,7 @@ from editkv.engine import faults
 from editkv.engine.generate import prefill
 from editkv.engine.model import KVCache, Span, Transformer
 from editkv.engine.pacing import Pacer
+from editkv.engine.runner import ModelRunner
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.rerotate import move_rerotate
 
@@ -60,7 +61,7 @@ GRAPH_CHUNK = 256
 _FORCED_CHUNK = max(1, int(os.environ["EDITKV_ENCODE_CHUNK"])) if os.environ.get("EDITKV_ENCODE_CHUNK") else None
 
 
-def encode_chunk(model: Transformer) -> int:
+def encode_chunk(model: ModelRunner) -> int:
     """Tokens per interruptible encoding forward for `model` (see BACKGROUND_CHUNK)."""
     if _FORCED_CHUNK is not None:
         return _FORCED_CHUNK
@@ -152,7 +153,7 @@ class Document:
 
     def __init__(
         self,
-        model: Transformer,
+        model: ModelRunner,
         tokenizer: Tokenizer,
         text: str = "",
         *,
@@ -217,7 +218,7 @@ class Document:
         from editkv.engine.training.bpe import train_tokenizer
 
         torch.manual_seed(0)
-        model = Transformer(config).eval()
+        model = ModelRunner(Transformer(config).eval())
         sample = ["def f(x):\n    return x + 1\n", "class A:\n\tpass\r\n", "é 😀 ✓ = [1, 2]\n"] * 50
         tokenizer = Tokenizer(train_tokenizer(sample, vocab_size=config.vocab_size))
         return cls(model, tokenizer, text, head=[tokenizer.fim.prefix], **kwargs)

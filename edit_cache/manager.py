@@ -21,8 +21,8 @@ from editkv.edit_cache.document import Document, DocumentOptions
 from editkv.edit_cache.positions import Range, line_starts
 from editkv.edit_cache.tokens import TokenEdit, is_line_local
 from editkv.engine.config import ModelConfig
-from editkv.engine.model import Transformer
 from editkv.engine.prompting import doc_start_ids
+from editkv.engine.runner import ModelRunner
 from editkv.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class DocumentCache:
 
     def __init__(
         self,
-        model: Transformer,
+        model: ModelRunner,
         tokenizer: Tokenizer,
         config: ModelConfig,
         *,

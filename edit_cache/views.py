@@ -191,9 +191,9 @@ def _sink(doc: Document, block: ContextBlock | None) -> tuple[KVCache, int]:
 
 
 def _graphs_on(doc: Document) -> bool:
-    """Whether the model replays CUDA graphs, which want a view's spans in one shape (see
-    engine/static_decode.py): then a FIM view moves the document's gap out of its suffix."""
-    return getattr(doc.model, "static", None) is not None
+    """Whether the model's runner has a static forward (CUDA graphs), which wants a view's spans in
+    one shape (see engine/static_decode.py): then a FIM view moves the document's gap out of its suffix."""
+    return doc.model.static is not None
 
 
 def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64,

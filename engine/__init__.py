@@ -5,8 +5,9 @@ positions or document text beyond the tokenizer's encode/decode: edit_cache deci
 slots hold which tokens at which positions, and the engine computes what it is asked to.
 
 Data flow: a checkpoint folder / hub id / GGUF file -> `load_model` -> `LoadedModel`
-(`Transformer` + `Tokenizer` + `ModelConfig`); callers allocate `KVCache` buffers and call
-`Transformer.forward(ids, positions, write=..., context=[Span, ...])` -> logits.
+(`ModelRunner` around the `Transformer` + `Tokenizer` + `ModelConfig`); callers take `KVCache`
+buffers from `runner.new_cache` and call `runner(ids, positions, write=..., context=[Span, ...])`
+-> logits (engine/runner.py: CUDA graphs where they serve, else the model's eager forward).
 """
 
 from editkv.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig

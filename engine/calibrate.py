@@ -23,12 +23,16 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from editkv.engine.errors import EngineError
-from editkv.engine.model import Span, Transformer
+from editkv.engine.model import Span
 from editkv.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # annotations only
+    from editkv.engine.runner import ModelRunner
 
 FORMAT = "editkv-adadec/1"
 FILE_NAME = "adadec.json"  # next to a model folder's weights
@@ -54,7 +58,7 @@ class Observations:
 
 
 def teacher_force(
-    model: Transformer,
+    model: ModelRunner,
     tokenizer: Tokenizer,
     texts: Iterable[str],
     *,
@@ -281,7 +285,7 @@ def python_files(paths: Sequence[str | Path], *, min_bytes: int = 1000, max_byte
 
 
 def calibrate(
-    model: Transformer,
+    model: ModelRunner,
     tokenizer: Tokenizer,
     files: Sequence[Path],
     *,
@@ -331,7 +335,7 @@ def run(model_spec: str | None, data: Sequence[str | Path], *, out: Path | None 
     files = python_files(data)
     loaded = load_model(model_spec, device=device, dtype=dtype)
     with torch.inference_mode():
-        result = calibrate(loaded.model, loaded.tokenizer, files,
+        result = calibrate(loaded.runner, loaded.tokenizer, files,
                            head=doc_start_ids(loaded.tokenizer, loaded.config), max_files=max_files,
                            max_file_tokens=max_file_tokens, max_tokens=max_tokens, seed=seed)
     result.model = "default" if _is_default(model_spec) else str(model_spec)

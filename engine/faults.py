@@ -8,7 +8,8 @@ EDITKV_FAULTS set (e.g. to "none"), by the `editkv/debugFaults` request. With no
 lookup on a module global and costs nothing measurable.
 
 Sites (where `hit` is called):
-    forward   every Transformer.forward (eager or static)
+    forward   every forward: Transformer.forward (eager), or ModelRunner.forward's static one
+              (there after the static forward ran it)
     replay    a forward StaticForward runs (a graph replay on CUDA, the static forward elsewhere)
     capture   StaticForward taking a new graph (on CUDA: a capture; in "static" mode: the first
               use of a graph key, which is where a capture would be)

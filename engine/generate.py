@@ -17,14 +17,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from editkv.engine.healing import healer_for
-from editkv.engine.model import KVCache, Span, TokenGroup, Transformer
+from editkv.engine.model import KVCache, Span, TokenGroup
 from editkv.engine.sampling import SamplingParams, make_generator, next_token
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.logit_summary import LogitSummary, logit_summary
+
+if TYPE_CHECKING:  # annotations only: engine.runner -> static_decode -> superposed_device imports this module
+    from editkv.engine.runner import ModelRunner
 
 PREFILL_CHUNK = 4096  # tokens per prefill forward on the CPU (~1 GB of activations at 7B)
 # On a GPU: a whole file in one forward when it fits (large GEMMs, few launches; attention is
@@ -87,7 +90,7 @@ class DecodeState:
     prompt the state stands for (drafters search it); edit_cache's views build these.
     """
 
-    model: Transformer
+    model: ModelRunner
     tokenizer: Tokenizer
     first_logits: torch.Tensor  # [1, V]
     context: list[Span]
@@ -98,7 +101,7 @@ class DecodeState:
     prompt_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_prompt(cls, model: Transformer, tokenizer: Tokenizer, prompt: list[int], *, heal: bytes = b"",
+    def from_prompt(cls, model: ModelRunner, tokenizer: Tokenizer, prompt: list[int], *, heal: bytes = b"",
                     max_new_tokens: int = 64) -> DecodeState:
         """Prefill `prompt` into a fresh cache (the no-edit-cache path: CLI, benches)."""
         cache = model.new_cache(len(prompt))
@@ -108,7 +111,7 @@ class DecodeState:
 
 
 def prefill(
-    model: Transformer,
+    model: ModelRunner,
     ids: Sequence[int],
     cache: KVCache,
     *,
@@ -180,7 +183,7 @@ def prefill_chunk(window: int | None, chunk: int | None = None, *, device: torch
 
 
 def prefill_prompt(
-    model: Transformer, prompt: Sequence[int], cache: KVCache, *, sink: int, room: int
+    model: ModelRunner, prompt: Sequence[int], cache: KVCache, *, sink: int, room: int
 ) -> tuple[torch.Tensor, list[Span]]:
     """A whole prompt into `cache` under the model's attention window, its first `sink` ids
     the document start: (last logits, the context its decode steps see while they generate
@@ -426,7 +429,7 @@ def _token_logprob(logits: torch.Tensor, token: int, full: LogitSummary) -> floa
 
 
 def decode(
-    model: Transformer,
+    model: ModelRunner,
     tokenizer: Tokenizer,
     first_logits: torch.Tensor,  # [1, V]: logits for the first generated token
     *,

@@ -166,30 +166,21 @@ DEFAULT_BYTES = 1 << 30  # a pool's size when the KV budget is unlimited
 DEVICE_SHARE = 0.5  # at most this share of the device's free memory (CUDA) at creation
 
 
-def wanted(model) -> bool:
-    """Whether `model` should take its caches from a pool: when its small forwards replay CUDA
+def wanted(replays_graphs: bool) -> bool:
+    """Whether a runner should take its caches from a pool: when its small forwards replay CUDA
     graphs (what the pool is for). EDITKV_KV_POOL=1 or 0 overrides (tests run pools on the CPU)."""
     forced = os.environ.get("EDITKV_KV_POOL", "")
     if forced in ("0", "1"):
         return forced == "1"
-    return model.replays_graphs
+    return replays_graphs
 
 
-def install(model, budget_bytes: int | None) -> KVPool | None:
-    """Give `model` a pool of `budget_bytes` (the KV budget; DEFAULT_BYTES when unlimited), or
-    none when it does not want one (`wanted`); returns the model's pool. The old pool, if any,
-    lives on until its last region goes."""
-    if not wanted(model):
-        model.kv_pool = None
-        return None
-    slot_bytes = KVCache.allocate(model.config, 1, dtype=model.dtype, device="meta").slot_bytes()
+def pool_slots(config: ModelConfig, budget_bytes: int | None, *, dtype: torch.dtype, device: torch.device) -> int:
+    """How many slots a pool of `budget_bytes` (the KV budget; DEFAULT_BYTES when unlimited) gets,
+    on CUDA at most DEVICE_SHARE of the device's free memory (`ModelRunner.install_pool`)."""
+    slot_bytes = KVCache.allocate(config, 1, dtype=dtype, device="meta").slot_bytes()
     size = budget_bytes or DEFAULT_BYTES
-    if model.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(model.device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         size = min(size, int(free * DEVICE_SHARE))
-    slots = size // slot_bytes - 1
-    pool = model.kv_pool
-    if pool is not None and pool.slots == slots:
-        return pool
-    model.kv_pool = KVPool(model.config, slots, dtype=model.dtype, device=model.device) if slots > 0 else None
-    return model.kv_pool
+    return size // slot_bytes - 1

@@ -31,6 +31,7 @@ from editkv.engine.errors import EngineError
 from editkv.engine.model import Transformer
 from editkv.engine.quant import choose_format, quantize_model
 from editkv.engine.rope import Rotary
+from editkv.engine.runner import ModelRunner
 from editkv.engine.tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
@@ -43,9 +44,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    """What `load_model` returns: the network, its tokenizer and config, and where it came from."""
+    """What `load_model` returns: the network in its runner (`runner.model`: the Transformer), its
+    tokenizer and config, and where it came from."""
 
-    model: Transformer
+    runner: ModelRunner
     tokenizer: Tokenizer
     config: ModelConfig
     source: str
@@ -60,7 +62,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.runner.device
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -133,6 +135,7 @@ def load_model(
     if dtype not in (torch.float32, torch.bfloat16):
         weights = "fp32"  # torch's weight-only kernels take fp32 or bf16 activations
     quantize_model(model, weights)
+    runner = _runner(model)
     view = "fim" if tokenizer.fim is not None else "l2r"
     reason = "the model has FIM tokens" if view == "fim" else "the model has no FIM tokens"
     cache: dict[str, int] = {}
@@ -153,18 +156,29 @@ def load_model(
         if not isinstance(cache, dict) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 20 for v in cache.values()):
             raise EngineError(f"{path / EDITKV_JSON}: cache must map option names to whole numbers >= 0")
-    return LoadedModel(model, tokenizer, config, spec, time.perf_counter() - started, view, cache, how, reason,
+    return LoadedModel(runner, tokenizer, config, spec, time.perf_counter() - started, view, cache, how, reason,
                        weights)
 
 
 def model_from_weights(
     hf_config: dict, state: dict[str, torch.Tensor], *, device: str | None = "cpu",
     dtype: torch.dtype | str | None = None, source: str = "weights in memory",
-) -> Transformer:
-    """Our model over HF-named weights already in memory (tensors on the target device and
-    dtype are shared, not copied): benches run it beside a transformers model of the same weights."""
+) -> ModelRunner:
+    """Our model (in its runner) over HF-named weights already in memory (tensors on the target
+    device and dtype are shared, not copied): benches run it beside a transformers model of the
+    same weights."""
     dev = resolve_device(device)
-    return _build(ModelConfig.from_hf(hf_config), state, dev, _resolve_dtype(dtype, dev), source=source)
+    return _runner(_build(ModelConfig.from_hf(hf_config), state, dev, _resolve_dtype(dtype, dev), source=source))
+
+
+def _runner(model: Transformer) -> ModelRunner:
+    """`model`'s runner: its weights fused once, here (`Transformer.fused`); on CUDA small batch-1
+    forwards replay as CUDA graphs."""
+    model.fused()
+    runner = ModelRunner(model)
+    if model.device.type == "cuda":
+        runner.enable_graphs()
+    return runner
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, dev: torch.device) -> torch.dtype:
@@ -489,8 +503,4 @@ def _build(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = Rotary(config, device)
-    if device.type == "cuda":
-        from editkv.engine.static_decode import enable_graphs
-
-        enable_graphs(model)  # small batch-1 forwards replay as CUDA graphs
     return model.eval()

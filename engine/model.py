@@ -18,14 +18,16 @@ views, decode steps) rotates q and k and writes K/V in one fused op, then attend
 flash-style call per layer over the buffer's segments, each with its query rotation; any other
 forward (several buffers, batched forks) attends per run of keys, merged by log-sum-exp.
 Residual adds are fused into the norms after them, and q/k/v and gate/up are one GEMM each
-(`Transformer.fused`). Small batch-1 forwards on a GPU replay CUDA graphs instead
-(engine/static_decode.py).
+(`Transformer.fused`). The model knows nothing of CUDA graphs or KV pools: its forward is
+always this eager one. A `engine.runner.ModelRunner` owns the model with its graphs
+(engine/static_decode.py) and its KV pool, and replays small batch-1 forwards on a GPU.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -504,8 +506,8 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config)
-        self.static = None  # engine.static_decode.StaticForward, once static_decode.enable_graphs(model)
-        self.kv_pool = None  # engine.kv_pool.KVPool: where new_cache takes batch-1 buffers from
+        # called when the parameters become new tensors (`on_weights_replaced`; held weakly)
+        self._weights_hooks: list[weakref.WeakMethod] = []
         self._fused: list[Fused] | None = None
         # "fp32": projections in the model's dtype; "int8"/"int4": weight-only quantized on the
         # CPU (engine/quant.py: the q/k/v and gate/up modules are then None, see `Fused`)
@@ -528,24 +530,6 @@ class Transformer(nn.Module):
         """Input embeddings of ids `[B, T]` -> `[B, T, hidden]` (these families apply no scaling)."""
         return self.embed_tokens(ids)
 
-    def new_cache(self, capacity: int, *, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV buffer on the model's device in the model's dtype: slots of the model's KV pool
-        (`kv_pool`, engine/kv_pool.py) when it has one and room, else a buffer of its own."""
-        pool = self.kv_pool
-        if pool is not None and batch == 1 and (dtype is None or dtype == pool.dtype):
-            cache = pool.allocate(capacity)
-            if cache is not None:
-                return cache
-        return KVCache.allocate(
-            self.config, capacity, batch=batch, dtype=dtype or self.dtype, device=self.device
-        )
-
-    @property
-    def replays_graphs(self) -> bool:
-        """Whether small forwards replay CUDA graphs (`static` in "graphs" mode; its "static" mode
-        runs the same ops eagerly, as tests on the CPU do)."""
-        return self.static is not None and self.static.mode == "graphs"
-
     @torch.inference_mode()
     def forward(
         self,
@@ -559,28 +543,15 @@ class Transformer(nn.Module):
         input_embeds: torch.Tensor | None = None,  # [B, T, hidden], instead of input_ids
         groups: Sequence[TokenGroup] | None = None,
     ) -> torch.Tensor | None:  # [B, T, V] ("all"), [B, V] ("last"), None ("none")
-        """Encode T new tokens into `write[write_at:write_at+T]` and return their logits.
+        """Encode T new tokens into `write[write_at:write_at+T]` and return their logits (eagerly;
+        `ModelRunner.forward` replays graphs where they serve).
 
         `groups` (instead of `context`): consecutive token groups, each with its own context,
         as if each were a forward of its own, one after the other (`TokenGroup`)."""
-        if groups is not None:
-            assert not context, "groups carry their own context"
-            assert sum(g.count for g in groups) == positions.shape[-1], "groups must cover the tokens"
-            if len(groups) == 1:
-                context, groups = groups[0].context, None
+        context, groups = check_forward(input_ids, positions, write, write_at, context, input_embeds, groups)
         faults.hit("forward")
         x = self.embed(input_ids) if input_embeds is None else input_embeds
         bsz, num_new, _ = x.shape
-        assert positions.shape[-1] == num_new, "one position per new token"
-        assert write_at + num_new <= write.capacity, "write region exceeds the cache's capacity"
-        assert write.batch == bsz, f"write cache batch {write.batch} != input batch {bsz}"
-        for span in context:
-            assert span.cache.batch in (1, bsz), "context span batch must be 1 or the input's"
-        if self.static is not None and groups is None:
-            handled, out = self.static.forward(input_ids, positions, write, write_at, context, logits,
-                                               embeds=input_embeds)
-            if handled:
-                return out
         if positions.dim() == 1:
             positions = positions[None]
         positions = positions.to(self.device)
@@ -614,15 +585,22 @@ class Transformer(nn.Module):
             self._fused = [_fuse(block) for block in self.layers]
         return self._fused
 
+    def on_weights_replaced(self, hook: Callable[[], None]) -> None:
+        """Call `hook`, a bound method (held weakly), whenever the parameters become new tensors:
+        a `ModelRunner` drops the CUDA graphs that read the old ones."""
+        self._weights_hooks.append(weakref.WeakMethod(hook))
+
     def _weights_replaced(self) -> None:
         """The parameters are new tensors (`.to()`, `.half()`, `load_state_dict`): the fused copies
-        and any CUDA graphs read the old ones, so both are dropped; the fused ones are made again on
-        the next forward, graphs only by `static_decode.enable_graphs` again."""
+        read the old ones, so they are dropped (made again on the next forward), and the hooks are
+        called (a runner's graphs read them too)."""
         if self.weight_format == "fp32":  # quantized: the fused QuantLinears are the weights
             self._fused = None
-        if self.static is not None:
-            log.warning("the model's weights changed: CUDA graphs turned off until enable_graphs is called again")
-            self.static = None
+        self._weights_hooks = [ref for ref in self._weights_hooks if ref() is not None]
+        for ref in list(self._weights_hooks):
+            hook = ref()
+            if hook is not None:
+                hook()
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's hook for .to(), .cuda(), .half(), ...
         out = super()._apply(fn, recurse)
@@ -664,6 +642,26 @@ class Transformer(nn.Module):
         if logits == "all":
             return torch.cat(outs, dim=1)
         return outs[-1]
+
+
+def check_forward(input_ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
+                  context: Sequence[Span], input_embeds: torch.Tensor | None,
+                  groups: Sequence[TokenGroup] | None) -> tuple[Sequence[Span], Sequence[TokenGroup] | None]:
+    """A forward's arguments checked (`Transformer.forward`'s, as every forward path takes them);
+    (context, groups) with a single group turned into a plain context."""
+    if groups is not None:
+        assert not context, "groups carry their own context"
+        assert sum(g.count for g in groups) == positions.shape[-1], "groups must cover the tokens"
+        if len(groups) == 1:
+            context, groups = groups[0].context, None
+    inputs = input_ids if input_embeds is None else input_embeds
+    bsz, num_new = inputs.shape[:2]
+    assert positions.shape[-1] == num_new, "one position per new token"
+    assert write_at + num_new <= write.capacity, "write region exceeds the cache's capacity"
+    assert write.batch == bsz, f"write cache batch {write.batch} != input batch {bsz}"
+    for span in context:
+        assert span.cache.batch in (1, bsz), "context span batch must be 1 or the input's"
+    return context, groups
 
 
 def _shifts(context: Sequence[Span]) -> list[int]:

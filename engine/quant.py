@@ -118,7 +118,7 @@ def quantize_model(model, mode: str, *, group_size: int = 32) -> None:
         raise ValueError(f"unknown weight format {mode!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     if mode == "fp32" or getattr(model, "weight_format", "fp32") != "fp32":
         return
-    if model.device.type != "cpu" or model.static is not None:
+    if model.device.type != "cpu":
         raise ValueError("quantized weights are for the CPU path only")
     for block, fused in zip(model.layers, model.fused(), strict=True):
         attn, mlp = block.self_attn, block.mlp
@@ -130,6 +130,7 @@ def quantize_model(model, mode: str, *, group_size: int = 32) -> None:
         mlp.down_proj = QuantLinear(mlp.down_proj.weight, mlp.down_proj.bias, mode, group_size=group_size)
     model.lm_head = QuantLinear(model.lm_head.weight, None, mode, group_size=group_size)
     model.weight_format = mode
+    model._weights_replaced()  # a runner's static forward reads the fp weights: it is dropped
 
 
 # The default on the CPU ("auto", see `choose_format`), and the size from which it applies.

@@ -183,7 +183,8 @@ class LookupTicket:
 
 
 class StaticForward:
-    """CUDA-graph replay of one model's small batch-1 forwards (see the module docstring)."""
+    """CUDA-graph replay of one model's small batch-1 forwards (see the module docstring); an
+    engine.runner.ModelRunner holds one (`ModelRunner.enable_graphs`) and hands it its forwards."""
 
     def __init__(self, model: Transformer, *, bucket: int = BUCKET, max_width: int = MAX_WIDTH,
                  max_graphs: int = MAX_GRAPHS, mode: str = "auto", chain_steps: int = CHAIN_STEPS) -> None:
@@ -203,6 +204,8 @@ class StaticForward:
             raise ValueError("CUDA graphs need a CUDA model without dynamic RoPE scaling")
         if mode == "static" and dynamic:
             raise ValueError("the static forward does not support dynamic RoPE scaling")
+        if mode != "off" and model.weight_format != "fp32":
+            raise ValueError("the static forward needs the model's own weights, not quantized ones")
         self.mode = mode
         if not 0 <= chain_steps <= MAX_CHAIN:
             raise ValueError(f"chain_steps must be in [0, {MAX_CHAIN}], not {chain_steps}")
@@ -262,7 +265,8 @@ class StaticForward:
     def forward(self, ids: torch.Tensor | None, positions: torch.Tensor, write: KVCache, write_at: int,
                 context: Sequence[Span], logits: str, embeds: torch.Tensor | None = None,
                 lanes: tuple[int, int] | None = None) -> tuple[bool, torch.Tensor | None]:
-        """(True, what Transformer.forward returns) when replayed; (False, None) to run eagerly.
+        """(True, what Transformer.forward returns) when replayed; (False, None) to run eagerly
+        (`ModelRunner.forward` then calls the model's forward).
 
         `embeds` [1, T, hidden] in place of `ids` (superposed decoding's weighted embeddings).
         `lanes` = (first slot in `write`, count): from that slot on, the write's slots interleave
@@ -787,10 +791,3 @@ def _attend(attn: Attention, fused: Fused, x: torch.Tensor, cos: torch.Tensor, s
     out = out.view(1, c.num_heads, count, c.head_dim).transpose(1, 2).reshape(1, count, -1)
     return attn.o_proj(out.to(x.dtype))
 
-
-def enable_graphs(model: Transformer, **options) -> StaticForward:
-    """Let `model` run batch-1 forwards of few tokens as replayed CUDA graphs where their spans allow
-    it (`Transformer.forward` hands them to `model.static`); other forwards, and every forward on
-    the CPU, stay eager. `options`: StaticForward's."""
-    model.static = StaticForward(model, **options)
-    return model.static

@@ -215,7 +215,7 @@ class ModelBackend(Backend):
 
         self.loaded = loaded
         options = (options or DocumentOptions()).tuned(loaded.cache, **(tuned or {}))
-        self.cache = DocumentCache(loaded.model, loaded.tokenizer, loaded.config,
+        self.cache = DocumentCache(loaded.runner, loaded.tokenizer, loaded.config,
                                    budget_bytes=budget_bytes, options=options)
         self._pool_dropped = False  # drop_caches let the pool go; the next request installs one
         self._install_pool()
@@ -250,7 +250,7 @@ class ModelBackend(Backend):
         # uri -> (window document, its first character's offset and line): what requests are answered
         # from while the file's text before the cursor has no keys yet (WINDOW)
         self._windows: dict[str, tuple[Document, int, int]] = {}
-        self.window = answer_window(window, loaded.model.device.type)  # (tokens before, after the cursor)
+        self.window = answer_window(window, loaded.runner.device.type)  # (tokens before, after the cursor)
 
     def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
                   decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None,
@@ -259,7 +259,7 @@ class ModelBackend(Backend):
         """New cache settings, applied from each document's next repair on; new decoding options.
         `tuned`: the model-tuned options the user set (None or absent: the model's recommendation)."""
         self.cache.set_options(options.tuned(self.loaded.cache, **(tuned or {})), budget_bytes)
-        window_now = answer_window(window, self.loaded.model.device.type)
+        window_now = answer_window(window, self.loaded.runner.device.type)
         if window_now != self.window:
             self.window = window_now
             self._windows.clear()
@@ -323,29 +323,27 @@ class ModelBackend(Backend):
         return self.graphs_replay()
 
     def graphs_replay(self) -> bool:
-        return self.loaded.model.replays_graphs
+        return self.loaded.runner.replays_graphs
 
     def _defer_captures(self) -> None:
         """With DEFER_CAPTURES and background work on, a CUDA graph a request lacks is not captured
         on its keystroke (tens of milliseconds): the request runs the same ops eagerly and the
         worker captures the graph once the user is idle (`capture_idle`). Otherwise captured at once."""
-        static = self.loaded.model.static
+        static = self.loaded.runner.static
         if static is not None:
             static.defer_captures = DEFER_CAPTURES and self.background
 
     def _install_pool(self) -> None:
         """One KV pool (the KV budget's size) that every document's cache is a region of, when the
         model replays CUDA graphs: then graphs serve every document (engine/kv_pool.py)."""
-        from editkv.engine import kv_pool
-
-        kv_pool.install(self.loaded.model, self.cache.budget_bytes)
+        self.loaded.runner.install_pool(self.cache.budget_bytes)
 
     def pending_captures(self) -> int:
-        static = self.loaded.model.static
+        static = self.loaded.runner.static
         return static.pending_captures if static is not None else 0
 
     def capture_idle(self, should_stop: Callable[[], bool] | None = None) -> int:
-        static = self.loaded.model.static
+        static = self.loaded.runner.static
         return static.capture_pending(should_stop or (lambda: False)) if static is not None else 0
 
     def warm_up(self, *, view: str = "auto", num_drafts: int = 3, max_tokens: int = 64,
@@ -369,28 +367,27 @@ class ModelBackend(Backend):
         for doc in self.cache.docs.values():
             doc.drop_kv()
         self.context.clear()
-        self.loaded.model.kv_pool = None
+        self.loaded.runner.drop_pool()
         self._pool_dropped = True
-        static = self.loaded.model.static
+        static = self.loaded.runner.static
         if static is not None:
             static.reset()
 
     def disable_graphs(self) -> bool:
         """Run every forward eagerly from now on (after a device fault in the graph path);
         False if they already were."""
-        static = self.loaded.model.static
+        static = self.loaded.runner.disable_graphs()
         if static is None:
             return False
         static.reset()
-        self.loaded.model.static = None
         return True
 
     def release(self) -> None:
         """Drop everything this backend holds on the device (before the worker forgets it)."""
         self.drop_caches()
         self.cache.docs.clear()
-        self.loaded.model.static = None
-        self.loaded.model.kv_pool = None
+        self.loaded.runner.disable_graphs()
+        self.loaded.runner.drop_pool()
         self.index = None
         self._references.clear()
 
@@ -426,7 +423,7 @@ class ModelBackend(Backend):
         if kv:
             out.update(self._kv_difference(doc))
             self.cache.enforce_budget(keep=uri)
-        static = self.loaded.model.static
+        static = self.loaded.runner.static
         sizes = [d.kv_bytes() for d in self.cache.docs.values()]
         out.update({
             "kv_bytes": doc.kv_bytes(), "total_kv_bytes": sum(sizes), "largest_kv_bytes": max(sizes, default=0),
@@ -442,13 +439,13 @@ class ModelBackend(Backend):
         """Device memory and CUDA graphs for `editkv/stats` (DEVICE_STATS): read from the event loop
         while the worker runs, so only counters that reading does not disturb."""
         device = self.loaded.device
-        pool = self.loaded.model.kv_pool
-        static = self.loaded.model.static
+        pool = self.loaded.runner.kv_pool
+        static = self.loaded.runner.static
         return {
             "device_allocated_bytes": _device_allocated(device),
             "device_max_allocated_bytes": _device_allocated(device, peak=True),
             "kv_pool_bytes": pool.buffer.nbytes() if pool is not None else None,
-            "graph_captures": static.captures if self.loaded.model.replays_graphs else None,
+            "graph_captures": static.captures if self.loaded.runner.replays_graphs else None,
         }
 
     def _kv_difference(self, doc: Document) -> dict[str, Any]:
@@ -471,7 +468,7 @@ class ModelBackend(Backend):
         n = k.shape[3]
         if not n:
             return {"kv_max_diff": 0.0, "kv_layer0_max_diff": 0.0, "fits_context": fits}
-        model = self.loaded.model
+        model = self.loaded.runner
         ids = doc.head + doc.ids
         fresh = model.new_cache(len(ids) + 1)
         prefill(model, ids, fresh, chunk=doc.options.prefill_chunk, logits="none", window=doc.context_size,
@@ -513,7 +510,7 @@ class ModelBackend(Backend):
             self._install_pool()
         result = self._complete(request, should_stop)
         self.cache.enforce_budget(keep=request.uri)  # the view's scratch window may have grown the cache
-        static = self.loaded.model.static
+        static = self.loaded.runner.static
         if static is not None:  # nothing of this request is left running when its answer goes out
             static.quiesce()
         return result
@@ -528,7 +525,7 @@ class ModelBackend(Backend):
         if self.recompute:
             doc.drop_kv()
         repair_ms_before = doc.stats.repair_ms
-        static = self.loaded.model.static
+        static = self.loaded.runner.static
         captures_before = static.captures if static is not None else 0
         encoded_before = doc.stats.tokens_encoded
         moved_before = doc.stats.slots_moved
@@ -589,7 +586,7 @@ class ModelBackend(Backend):
         if view is not None:
             limit = request.multiline_ms
             if limit is None:
-                limit = MULTILINE_MS.get(self.loaded.model.device.type, MULTILINE_MS["cpu"])
+                limit = MULTILINE_MS.get(self.loaded.runner.device.type, MULTILINE_MS["cpu"])
             rules = StopRules(max_tokens=request.max_tokens, max_lines=request.max_lines, should_stop=should_stop,
                               lines_until=started + limit / 1000 if limit and request.max_lines != 1 else None)
             if request.num_drafts <= 1:

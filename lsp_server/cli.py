@@ -307,21 +307,21 @@ def _cmd_complete(args: argparse.Namespace) -> int:
         ids, heal = healed_fim_ids(tok, cfg, prefix, suffix, room=args.max_tokens)
     else:
         ids, heal = healed_left_to_right_ids(tok, cfg, prefix)
-        keep = loaded.model.config.max_position_embeddings - args.max_tokens - head
+        keep = loaded.runner.config.max_position_embeddings - args.max_tokens - head
         if len(ids) - head > keep > 0:  # one-shot: read only what the attention window would reach
             ids = ids[:head] + ids[len(ids) - keep:]
     stats = DecodeStats(prefill_tokens=len(ids))
-    cache = loaded.model.new_cache(len(ids))
+    cache = loaded.runner.new_cache(len(ids))
     started = time.perf_counter()
     # files longer than the model's context: attend at most the context back (see windowed)
-    logits, context = prefill_prompt(loaded.model, ids, cache, sink=head, room=args.max_tokens)
+    logits, context = prefill_prompt(loaded.runner, ids, cache, sink=head, room=args.max_tokens)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
     stats.prefill_ms = 1000 * (time.perf_counter() - started)
-    stats.forwards += -(-len(ids) // prefill_chunk(loaded.model.config.max_position_embeddings))
+    stats.forwards += -(-len(ids) // prefill_chunk(loaded.runner.config.max_position_embeddings))
     rules = StopRules(max_tokens=args.max_tokens, max_lines=args.lines or None)
     result = decode(
-        loaded.model, tok, logits, context=context, next_position=len(ids),
+        loaded.runner, tok, logits, context=context, next_position=len(ids),
         params=params, rules=rules, stats=stats, heal=heal,
     )
     if args.json:

@@ -271,11 +271,9 @@ def model_factory() -> BackendFactory:
                             cpu_weights=settings.cpu_weights)
         graphs = os.environ.get(GRAPHS_ENV)
         if graphs == "off":
-            loaded.model.static = None
+            loaded.runner.disable_graphs()
         elif graphs:  # "static": the graph path's static-shape forward, eagerly (tests on the CPU)
-            from editkv.engine.static_decode import enable_graphs
-
-            enable_graphs(loaded.model, mode=graphs)
+            loaded.runner.enable_graphs(mode=graphs)
         return ModelBackend(loaded, **cache_options(settings))
 
     return make

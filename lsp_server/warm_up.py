@@ -103,9 +103,9 @@ def shapes(max_width: int) -> list[tuple[int, str]]:
 def buckets(backend: ModelBackend, max_bucket: int) -> list[int]:
     """The attention buckets worth warming: 1024 slots, doubling, up to `max_bucket`, the
     model's context (longer files run in an attention window of that size) and half the KV pool."""
-    static = backend.loaded.model.static
+    static = backend.loaded.runner.static
     top = min(max_bucket, backend.loaded.config.max_position_embeddings)
-    pool = backend.loaded.model.kv_pool
+    pool = backend.loaded.runner.kv_pool
     if pool is not None:
         top = min(top, pool.slots // 2)
     out, b = [], static.bucket
@@ -122,7 +122,7 @@ def warm_up(backend: ModelBackend, *, view: str = "auto", num_drafts: int = 3, m
     from editkv.engine.decoding.speculative import Speculator
 
     report = WarmUpReport()
-    static = backend.loaded.model.static
+    static = backend.loaded.runner.static
     if static is None or static.mode == "off":
         return report
     started, captures = time.perf_counter(), static.captures
@@ -139,7 +139,7 @@ def warm_up(backend: ModelBackend, *, view: str = "auto", num_drafts: int = 3, m
             if should_stop() or time.perf_counter() - started >= max_seconds:
                 report.stopped = True
                 break
-            pool = backend.loaded.model.kv_pool
+            pool = backend.loaded.runner.kv_pool
             if pool is not None:  # every forward shape of this bucket, over the pool every document shares
                 for width, rows in shapes(static.max_width):
                     static.capture_shape(pool.buffer, bucket, width, rows)

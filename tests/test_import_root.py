@@ -65,7 +65,7 @@ with tempfile.TemporaryDirectory() as folder:
     from helpers import tiny_tokenizer_json
     open(folder + "/tokenizer.json", "w").write(tiny_tokenizer_json(64))
     ours = load_model(folder, device="cpu", dtype=torch.float32)
-    got = prefill(ours.model, ids[0].tolist(), ours.model.new_cache(6), logits="all")
+    got = prefill(ours.runner, ids[0].tolist(), ours.runner.new_cache(6), logits="all")
 assert (got - want).abs().max() <= 1e-4, (got - want).abs().max()
 print("ok", kernels.__file__, editkv.kernels.__path__[0])
 """

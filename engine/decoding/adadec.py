@@ -39,13 +39,17 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from editkv.engine.calibrate import load_calibration
 from editkv.engine.generate import Completion, DecodeState, DecodeStats, StopRules, decode
 from editkv.engine.healing import TokenHealer, healer_for
-from editkv.engine.model import KVCache, Span, Transformer
+from editkv.engine.model import KVCache, Span
 from editkv.kernels.logit_summary import LogitSummary, logit_summary
+
+if TYPE_CHECKING:  # annotations only
+    from editkv.engine.runner import ModelRunner
 
 NUM_CANDIDATES = 2  # B (paper: 3); bench/adadec.py found no config that helps, 2x2 costs least
 LOOKAHEAD = 2  # L (paper: 5)
@@ -102,7 +106,7 @@ class Rerank:
 class Lookahead:
     """Batched greedy rollouts of the top-B candidates at one position over shared batch-1 context."""
 
-    def __init__(self, model: Transformer, num_candidates: int, lookahead: int, stop_ids: frozenset[int],
+    def __init__(self, model: ModelRunner, num_candidates: int, lookahead: int, stop_ids: frozenset[int],
                  healer: TokenHealer | None = None) -> None:
         self.model = model
         self.num_candidates = num_candidates
@@ -181,7 +185,7 @@ class Gate:
     them, then `rerank` at the first that fires).
     """
 
-    def __init__(self, model: Transformer, config: AdaDecConfig, stop_ids: frozenset[int],
+    def __init__(self, model: ModelRunner, config: AdaDecConfig, stop_ids: frozenset[int],
                  healer: TokenHealer | None = None) -> None:
         self.config = config
         self.counters = AdaDecCounters()

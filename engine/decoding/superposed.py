@@ -47,6 +47,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -66,9 +67,12 @@ from editkv.engine.decoding.superposed_device import (
     token_rules,
 )
 from editkv.engine.generate import DecodeState, DecodeStats, Output, StopRules
-from editkv.engine.model import Span, Transformer
+from editkv.engine.model import Span
 from editkv.engine.ngram import NgramTable
 from editkv.kernels.context_hash import context_hash_int
+
+if TYPE_CHECKING:  # annotations only
+    from editkv.engine.runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -232,8 +236,8 @@ def left_context(state: DecodeState, max_len: int) -> list[int]:
     return list(tail)
 
 
-def superposed_embedding(model: Transformer, last_ids: list[int], scores: list[float]) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
+def superposed_embedding(model: ModelRunner, last_ids: list[int],
+                         scores: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(input embedding [1, 1, hidden], weights gamma [k]): sum_i softmax(scores)_i * E[last_ids[i]]."""
     gamma = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)  # [k]
     emb = model.embed(torch.tensor([last_ids], device=model.device))  # [1, k, hidden]

@@ -16,6 +16,7 @@ from editkv.edit_cache.positions import Range, to_position
 from editkv.edit_cache.views import fill_in_middle, left_to_right
 from editkv.engine.generate import prefill
 from editkv.engine.model import Transformer
+from editkv.engine.runner import ModelRunner
 
 HELPERS = (
     "import os\n\nLIMIT_VALUE = 10\n\n\ndef helper_alpha(x):\n    return x * 2\n\n\n"
@@ -128,7 +129,7 @@ def test_no_recompute_keeps_the_other_documents_keys_rerotated(template):
 def test_selective_recompute_counts_and_moves_toward_exact(template):
     # four layers: the check layer (1) leaves two that only the selected tokens go through
     torch.manual_seed(1)
-    deep = Transformer(replace(template.model.config, num_layers=4)).eval()
+    deep = ModelRunner(Transformer(replace(template.model.config, num_layers=4)).eval())
     deep_template = Document(deep, template.tokenizer, "", head=template.head)
     helpers, small, current = _docs(deep_template)
     model, tok = current.model, current.tokenizer

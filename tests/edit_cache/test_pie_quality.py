@@ -37,12 +37,12 @@ def _kl(p_logits, q_logits):
 
 
 def _exact(loaded, prompt):
-    cache = loaded.model.new_cache(len(prompt))
-    return prefill(loaded.model, prompt, cache)
+    cache = loaded.runner.new_cache(len(prompt))
+    return prefill(loaded.runner, prompt, cache)
 
 
 def _doc(loaded, text, mode):
-    doc = Document(loaded.model, loaded.tokenizer, text, head=doc_start_ids(loaded.tokenizer, loaded.config),
+    doc = Document(loaded.runner, loaded.tokenizer, text, head=doc_start_ids(loaded.tokenizer, loaded.config),
                    options=DocumentOptions(mode=mode))
     doc.ensure_ready()
     return doc
@@ -110,7 +110,7 @@ def test_files_longer_than_the_context_stay_in_distribution(loaded):
     import torch.nn.functional as F
 
     source = Path(torch.__file__).parent / "nn" / "modules" / "module.py"
-    tok, model = loaded.tokenizer, loaded.model
+    tok, model = loaded.tokenizer, loaded.runner
     ctx = model.config.max_position_embeddings
     ids = tok.encode(source.read_text(encoding="utf-8"))
     assert len(ids) > 2 * ctx, "the probe file must exceed twice the context"

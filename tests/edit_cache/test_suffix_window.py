@@ -21,12 +21,13 @@ def template():
     # staleness changes (with two, its keys depend on layer 0 only, exact after any PIE repair)
     from editkv.engine.config import ModelConfig
     from editkv.engine.model import Transformer
+    from editkv.engine.runner import ModelRunner
 
     doc = Document.create_simulated(BASE)
     config = ModelConfig(family="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                          num_layers=3, num_heads=4, num_kv_heads=2)
     torch.manual_seed(0)
-    return Document(Transformer(config).eval(), doc.tokenizer, BASE, head=doc.head)
+    return Document(ModelRunner(Transformer(config).eval()), doc.tokenizer, BASE, head=doc.head)
 
 
 def _pair(template, **options):

@@ -38,13 +38,13 @@ def test_windowed_drops_old_keys_and_moves_the_sink_before_the_rest():
 @pytest.fixture()
 def long_doc():
     doc = Document.create_simulated(LINE * 30)  # ~300 tokens, 3x the context below
-    doc.model.config = replace(doc.model.config, max_position_embeddings=CONTEXT)
+    doc.model.model.config = replace(doc.model.config, max_position_embeddings=CONTEXT)
     return doc
 
 
 def _record_reach(doc, reach):
-    """Wrap the model so every forward notes how far back its queries attend into the document."""
-    model = doc.model
+    """Wrap the model so every (eager) forward notes how far back its queries attend into the document."""
+    model = doc.model.model
     inner = model.forward
 
     def forward(ids, positions, *args, context=(), groups=None, **kw):

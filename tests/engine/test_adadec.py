@@ -29,7 +29,7 @@ from editkv.engine.prompting import doc_start_ids, healed_left_to_right_ids, lef
 def _state(loaded, prefix, *, heal=True, max_new_tokens=16):
     tok, cfg = loaded.tokenizer, loaded.config
     ids, healed = healed_left_to_right_ids(tok, cfg, prefix) if heal else (left_to_right_ids(tok, cfg, prefix), b"")
-    return DecodeState.from_prompt(loaded.model, tok, ids, heal=healed, max_new_tokens=max_new_tokens)
+    return DecodeState.from_prompt(loaded.runner, tok, ids, heal=healed, max_new_tokens=max_new_tokens)
 
 
 # --- calibration ------------------------------------------------------------------------
@@ -66,11 +66,11 @@ def test_teacher_forcing_records_every_predicted_position(tiny):
     tok = tiny.tokenizer
     text = "def add(a, b):\n    return a + b\n"
     head = doc_start_ids(tok, tiny.config)
-    obs = teacher_force(tiny.model, tok, [text, text], head=head, chunk=5)
+    obs = teacher_force(tiny.runner, tok, [text, text], head=head, chunk=5)
     n = len(tok.encode(text))
     assert len(obs.entropy) == 2 * (n + len(head) - max(len(head), 1)) and set(obs.group.tolist()) == {0, 1}
     ids = head + tok.encode(text)
-    logits = prefill(tiny.model, ids, tiny.model.new_cache(len(ids)), logits="all")[0]
+    logits = prefill(tiny.runner, ids, tiny.runner.new_cache(len(ids)), logits="all")[0]
     first = max(len(head) - 1, 0)
     expect = entropy(logits[first:-1]).double().numpy()
     assert np.allclose(obs.entropy[:len(expect)], expect, atol=1e-4)
@@ -104,7 +104,7 @@ def test_default_model_ships_calibrated():
 def test_infinite_tau_is_greedy_exactly(tiny, prefix):
     rules = StopRules(max_tokens=12, max_lines=None)
     state = _state(tiny, prefix)
-    greedy = decode(tiny.model, tiny.tokenizer, state.first_logits, context=state.context,
+    greedy = decode(tiny.runner, tiny.tokenizer, state.first_logits, context=state.context,
                     next_position=state.next_position, rules=rules, heal=state.heal)
     ours = adadec_decode(_state(tiny, prefix), AdaDecConfig(math.inf), rules)
     assert (ours.ids, ours.text, ours.stop_reason, ours.logprob) == \
@@ -114,7 +114,7 @@ def test_infinite_tau_is_greedy_exactly(tiny, prefix):
 
 def _reference_scores(loaded, prompt, remaining, num_candidates, lookahead, stop_ids):
     """Unbatched, no cache reuse: every rollout token is the argmax of a fresh prefill of the whole sequence."""
-    model = loaded.model
+    model = loaded.runner
     healer = healer_for(loaded.tokenizer)
 
     def last_logits(ids, heal):
@@ -167,7 +167,7 @@ def test_gate_at_zero_commits_the_argmax_of_reference_scores(tiny, prefix):
 def test_rerank_scores_match_the_reference(tiny):
     state = _state(tiny, "def add(a, b):\n", heal=False)
     stop_ids = tiny.tokenizer.stop_ids
-    lookahead = Lookahead(tiny.model, 3, 4, stop_ids)
+    lookahead = Lookahead(tiny.runner, 3, 4, stop_ids)
     result = lookahead.rerank(state.first_logits, state.context, state.next_position)
     ref = _reference_scores(tiny, state.prompt_ids, b"", 3, 4, stop_ids)
     assert result.candidates == list(ref)
@@ -177,7 +177,7 @@ def test_rerank_scores_match_the_reference(tiny):
 
 def test_rollouts_are_batched_one_forward_per_step_without_reprefill(tiny):
     calls = []
-    hook = tiny.model.register_forward_pre_hook(
+    hook = tiny.runner.model.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(tuple(args[0].shape)), with_kwargs=True)
     try:
         state = _state(tiny, "def add(a, b):\n", heal=False)
@@ -221,10 +221,10 @@ def test_gate_is_a_step_level_component(tiny):
     state = _state(tiny, "def add(a, b):\n", heal=False)
     logits = torch.cat([state.first_logits, torch.zeros_like(state.first_logits)])  # second row: uniform
     h = entropy(logits)
-    gate = Gate(tiny.model, AdaDecConfig(float(h.max()) - 1e-3), tiny.tokenizer.stop_ids)
+    gate = Gate(tiny.runner, AdaDecConfig(float(h.max()) - 1e-3), tiny.tokenizer.stop_ids)
     assert gate.fires(logits).tolist() == [False, True] or bool(h[0] >= h[1])
-    assert not Gate(tiny.model, AdaDecConfig(math.inf), frozenset()).fires(logits).any()
-    token, decision = Gate(tiny.model, AdaDecConfig(0.0), tiny.tokenizer.stop_ids).choose(
+    assert not Gate(tiny.runner, AdaDecConfig(math.inf), frozenset()).fires(logits).any()
+    token, decision = Gate(tiny.runner, AdaDecConfig(0.0), tiny.tokenizer.stop_ids).choose(
         state.first_logits, state.context, state.next_position)
     assert decision is not None and token == decision.token in decision.candidates
     token, decision = gate.choose(state.first_logits, state.context, state.next_position)
@@ -259,7 +259,7 @@ def _speculate(state, rules, config, refs=(), **spec):
 @pytest.mark.parametrize("prefix", ["def add(a, b):\n", "for name in os.li", "x = "])
 def test_speculation_with_infinite_tau_is_greedy(tiny, prefix):
     rules = StopRules(max_tokens=14, max_lines=None)
-    greedy = decode(tiny.model, tiny.tokenizer, _state(tiny, prefix).first_logits,
+    greedy = decode(tiny.runner, tiny.tokenizer, _state(tiny, prefix).first_logits,
                     context=_state(tiny, prefix).context, next_position=_state(tiny, prefix).next_position,
                     rules=rules, heal=_state(tiny, prefix).heal)
     refs = [Reference.of("recent", greedy.ids * 2)]  # drafts that are right
@@ -274,7 +274,7 @@ def _median_tau(loaded, prefix, n=12):
     out = decode(state.model, state.tokenizer, state.first_logits, context=state.context,
                  next_position=state.next_position, rules=StopRules(max_tokens=n, max_lines=None), heal=state.heal)
     ids = state.prompt_ids + out.ids
-    logits = prefill(loaded.model, ids, loaded.model.new_cache(len(ids)), logits="all")[0, len(state.prompt_ids) - 1:]
+    logits = prefill(loaded.runner, ids, loaded.runner.new_cache(len(ids)), logits="all")[0, len(state.prompt_ids) - 1:]
     return float(entropy(logits).median())
 
 
@@ -286,7 +286,7 @@ def test_speculation_with_gating_equals_adadec_decode(tiny, prefix, max_rows):
     ref = adadec_decode(_state(tiny, prefix), config, rules)
     assert 0 < ref.stats.extra["adadec_gate_fires"] < ref.stats.extra["adadec_steps"]
     state = _state(tiny, prefix)
-    plain = decode(tiny.model, tiny.tokenizer, state.first_logits, context=state.context,
+    plain = decode(tiny.runner, tiny.tokenizer, state.first_logits, context=state.context,
                    next_position=state.next_position, rules=rules, heal=state.heal)
     assert plain.ids != ref.ids, "the gate should change this output, or the test shows nothing"
     # drafts of the gated output (right) and of plain greedy (accepted by the argmax where the
@@ -363,7 +363,7 @@ def test_calibrate_command_on_the_default_model(tmp_path, capsys):
 
 def test_default_model_views(default_model):
     tok = default_model.tokenizer
-    doc = Document(default_model.model, tok, SOURCE, head=doc_start_ids(tok, default_model.config))
+    doc = Document(default_model.runner, tok, SOURCE, head=doc_start_ids(tok, default_model.config))
     config = AdaDecConfig.for_model(None)
     rules = StopRules(max_tokens=24, max_lines=1)
     cursor = SOURCE.index("return sum") + len("return ")

@@ -18,14 +18,14 @@ PREFIXES = ["def add(a, b):\n", "for name in os.li", "class Point:\n    def __in
 def _state(loaded, prefix, *, heal=False, max_new_tokens=16):
     tok, cfg = loaded.tokenizer, loaded.config
     ids, healed = healed_left_to_right_ids(tok, cfg, prefix) if heal else (left_to_right_ids(tok, cfg, prefix), b"")
-    return DecodeState.from_prompt(loaded.model, tok, ids, heal=healed, max_new_tokens=max_new_tokens)
+    return DecodeState.from_prompt(loaded.runner, tok, ids, heal=healed, max_new_tokens=max_new_tokens)
 
 
 def _teacher_forced_logprobs(loaded, prompt, ids, stop_ids=()):
     """Sum of log p(ids[i] | prompt + ids[:i]) from one fresh prefill; with `stop_ids`, one sum per
     stop token that may end them."""
     seq = prompt + ids
-    logits = prefill(loaded.model, seq, loaded.model.new_cache(len(seq)), logits="all")[0]  # [T, V]
+    logits = prefill(loaded.runner, seq, loaded.runner.new_cache(len(seq)), logits="all")[0]  # [T, V]
     logp = torch.log_softmax(logits.float(), -1)
     total = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(ids))
     return [total + float(logp[-1, s]) for s in stop_ids] if stop_ids else [total]
@@ -55,7 +55,7 @@ def test_summed_search_finds_at_least_the_greedy_score_when_greedy_survives(tiny
     """With as many beams as the search ever keeps, the greedy path is never pruned."""
     rules = StopRules(max_tokens=3, max_lines=None)
     state = _state(tiny, PREFIXES[0])
-    greedy = decode(tiny.model, tiny.tokenizer, state.first_logits, context=state.context,
+    greedy = decode(tiny.runner, tiny.tokenizer, state.first_logits, context=state.context,
                     next_position=state.next_position, rules=rules)
     best = beam_search(_state(tiny, PREFIXES[0]), 8, rules).beams[0]
     assert best.logprob >= greedy.logprob - 1e-4
@@ -65,7 +65,7 @@ def test_summed_search_finds_at_least_the_greedy_score_when_greedy_survives(tiny
 def test_width_one_is_greedy(tiny, prefix):
     rules = StopRules(max_tokens=10, max_lines=1)
     state = _state(tiny, prefix, heal=True)
-    greedy = decode(tiny.model, tiny.tokenizer, state.first_logits, context=state.context,
+    greedy = decode(tiny.runner, tiny.tokenizer, state.first_logits, context=state.context,
                     next_position=state.next_position, rules=rules, heal=state.heal)
     for kw in ({}, {"length_normalize": True, "early_stopping": True, "keep_empty": True}):
         best = beam_search(_state(tiny, prefix, heal=True), 1, rules, **kw).best()
@@ -102,7 +102,7 @@ def test_cancellation_returns_live_beams_and_stops_forwards(tiny):
 def _one_buffer_state(loaded, prefix, room):
     """A state whose scratch is a window after the prompt's slots in one buffer (as a document's
     views are), so that the static forward can take beam search's steps."""
-    tok, model = loaded.tokenizer, loaded.model
+    tok, model = loaded.tokenizer, loaded.runner
     ids = left_to_right_ids(tok, loaded.config, prefix)
     cache = model.new_cache(len(ids) + room + 1)
     logits = prefill(model, ids, cache)
@@ -117,15 +117,15 @@ def test_lanes_in_the_scratch_score_what_the_batch_cache_scores(tiny, prefix, nu
     forward per step, slots re-ordered by parent): the same beams, each log-prob exact."""
     rules = StopRules(max_tokens=6, max_lines=None)
     batch = beam_search(_state(tiny, prefix), num_beams, rules)
-    model = tiny.model
-    static = StaticForward(model, bucket=32, max_width=8, mode="static")
-    model.static = static
+    model = tiny.runner
+    static = StaticForward(model.model, bucket=32, max_width=8, mode="static")
+    model.use_graphs(static)
     try:
         state = _one_buffer_state(tiny, prefix, num_beams * rules.max_tokens + 1)
         before = static.handled
         lanes = beam_search(state, num_beams, rules)
     finally:
-        model.static = None
+        model.disable_graphs()
     assert lanes.stats.extra.get("beam_lanes") == 1 and static.handled - before == lanes.stats.forwards > 1
     assert [b.text for b in lanes.beams] == [b.text for b in batch.beams]
     for got, want in zip(lanes.beams, batch.beams, strict=True):
@@ -138,12 +138,12 @@ def test_lanes_in_the_scratch_score_what_the_batch_cache_scores(tiny, prefix, nu
 def test_lanes_need_room_in_the_scratch(tiny):
     """A scratch too small for every step's lanes: the batch cache (eager), same beams."""
     rules = StopRules(max_tokens=6, max_lines=None)
-    model = tiny.model
-    model.static = StaticForward(model, bucket=32, max_width=8, mode="static")
+    model = tiny.runner
+    model.enable_graphs(bucket=32, max_width=8, mode="static")
     try:
         result = beam_search(_one_buffer_state(tiny, PREFIXES[0], 10), 3, rules)
     finally:
-        model.static = None
+        model.disable_graphs()
     assert "beam_lanes" not in result.stats.extra
     assert [b.text for b in result.beams] == [b.text for b in beam_search(_state(tiny, PREFIXES[0]), 3, rules).beams]
 

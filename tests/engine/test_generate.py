@@ -17,9 +17,9 @@ def loaded(tmp_path_factory):
 
 def _run(loaded, prefix, **kw):
     ids = left_to_right_ids(loaded.tokenizer, loaded.config, prefix)
-    cache = loaded.model.new_cache(len(ids))
-    logits = prefill(loaded.model, ids, cache)
-    return decode(loaded.model, loaded.tokenizer, logits, context=[Span(cache, 0, len(ids))],
+    cache = loaded.runner.new_cache(len(ids))
+    logits = prefill(loaded.runner, ids, cache)
+    return decode(loaded.runner, loaded.tokenizer, logits, context=[Span(cache, 0, len(ids))],
                   next_position=len(ids), **kw)
 
 
@@ -28,7 +28,7 @@ def test_greedy_equals_argmax_of_full_recompute(loaded):
     out = _run(loaded, "def add(a, b):\n", rules=StopRules(max_tokens=6, max_lines=None,
                                                             stop_ids=frozenset({-1})))
     ids = left_to_right_ids(loaded.tokenizer, loaded.config, "def add(a, b):\n")
-    model = loaded.model
+    model = loaded.runner
     stop = loaded.tokenizer.stop_ids
     for token in out.ids:
         cache = model.new_cache(len(ids))

@@ -25,8 +25,8 @@ def test_qwen_gguf_logits_match_transformers():
     ours = load_model(GGUF)
     assert ours.config.family == "qwen2" and ours.tokenizer.fim.convention == "qwen"
     ids = ours.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
-    cache = ours.model.new_cache(len(ids))
-    got = ours.model(torch.tensor([ids]), torch.arange(len(ids)), write=cache, write_at=0)
+    cache = ours.runner.new_cache(len(ids))
+    got = ours.runner(torch.tensor([ids]), torch.arange(len(ids)), write=cache, write_at=0)
     hf = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32)
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits

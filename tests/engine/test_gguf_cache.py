@@ -41,9 +41,9 @@ def conversions(monkeypatch, tmp_path):
 
 def _logits(loaded):
     ids = loaded.tokenizer.encode(TEXT)
-    cache = loaded.model.new_cache(len(ids))
+    cache = loaded.runner.new_cache(len(ids))
     with torch.inference_mode():
-        return ids, loaded.model(torch.tensor([ids]), torch.arange(len(ids)), write=cache, write_at=0)
+        return ids, loaded.runner(torch.tensor([ids]), torch.arange(len(ids)), write=cache, write_at=0)
 
 
 def _entry(gguf_file):
@@ -69,8 +69,8 @@ def test_second_load_reads_the_cache_and_gives_identical_logits(gguf_file, conve
     # document text that spells a control token stays text in both
     assert second.tokenizer.token_id("<|fim_prefix|>") not in ids_b
     # a bf16 load from the cache is the fp32 weights rounded, the same as from the GGUF
-    assert torch.equal(load_model(gguf_file, dtype="bfloat16").model.lm_head.weight,
-                       first.model.lm_head.weight.to(torch.bfloat16))
+    assert torch.equal(load_model(gguf_file, dtype="bfloat16").runner.model.lm_head.weight,
+                       first.runner.model.lm_head.weight.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "garbage_manifest", "no_manifest", "changed_weights"])

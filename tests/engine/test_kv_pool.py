@@ -5,7 +5,6 @@ import gc
 
 import pytest
 import torch
-from editkv.engine import kv_pool
 from editkv.engine.kv_pool import KVPool
 from editkv.engine.loading import load_model
 from helpers import make_checkpoint
@@ -65,17 +64,17 @@ def test_growing_takes_the_free_run_after_or_moves_keeping_slots(config):
 
 def test_install_sizes_the_pool_from_the_budget_and_only_when_wanted(config, tmp_path, monkeypatch):
     loaded = load_model(make_checkpoint(tmp_path / "m", "llama"))
-    model = loaded.model
+    model = loaded.runner
     monkeypatch.delenv("EDITKV_KV_POOL", raising=False)
-    assert kv_pool.install(model, 1 << 20) is None and model.kv_pool is None  # no graphs on the CPU
+    assert model.install_pool(1 << 20) is None and model.kv_pool is None  # no graphs on the CPU
     monkeypatch.setenv("EDITKV_KV_POOL", "1")
-    pool = kv_pool.install(model, 1 << 20)
+    pool = model.install_pool(1 << 20)
     slot = model.new_cache(1).slot_bytes()
     assert pool is model.kv_pool and pool.slots == (1 << 20) // slot - 1
-    assert kv_pool.install(model, 1 << 20) is pool  # same size: kept
+    assert model.install_pool(1 << 20) is pool  # same size: kept
     cache = model.new_cache(64)
     assert cache.pool is pool and cache.base is pool.buffer
     assert model.new_cache(8, batch=2).pool is None  # batched buffers stay out of the pool
     assert model.new_cache(pool.slots + 1).pool is None  # too large: a buffer of its own
     monkeypatch.setenv("EDITKV_KV_POOL", "0")
-    assert kv_pool.install(model, 1 << 20) is None and model.kv_pool is None
+    assert model.install_pool(1 << 20) is None and model.kv_pool is None

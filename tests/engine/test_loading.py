@@ -25,7 +25,7 @@ def test_loads_folder_and_reports_tokenizer_fim(ckpt):
     loaded = load_model(ckpt)
     assert loaded.config.family == "llama"
     assert loaded.tokenizer.fim is not None and loaded.tokenizer.fim.prefix == 1
-    assert loaded.model.dtype == torch.float32
+    assert loaded.runner.dtype == torch.float32
 
 
 def test_sharded_safetensors_load_identically(ckpt, tmp_path):
@@ -36,7 +36,7 @@ def test_sharded_safetensors_load_identically(ckpt, tmp_path):
     hf.save_pretrained(sharded, max_shard_size="60KB", safe_serialization=True)
     shutil.copy(ckpt / "tokenizer.json", sharded)
     assert len(list(sharded.glob("*.safetensors"))) > 1
-    a, b = load_model(ckpt).model, load_model(sharded).model
+    a, b = load_model(ckpt).runner.model, load_model(sharded).runner.model
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
 
@@ -141,7 +141,7 @@ def test_moving_or_reloading_the_weights_remakes_the_fused_copies():
     from editkv.engine.model import KVCache
 
     loaded = load_model(None)
-    model = loaded.model
+    model = loaded.runner.model
     ids = torch.tensor([loaded.tokenizer.encode("def add(a, b):\n    return")])
     positions = torch.arange(ids.shape[1])
 
@@ -151,11 +151,11 @@ def test_moving_or_reloading_the_weights_remakes_the_fused_copies():
 
     logits(model, torch.float32)  # fuses
     model.to(torch.float64)
-    reference = load_model(None).model.to(torch.float64)
+    reference = load_model(None).runner.model.to(torch.float64)
     torch.testing.assert_close(logits(model, torch.float64), logits(reference, torch.float64))
     # new weights by assignment: the forward follows them
     state = {k: v * 0.5 if k.endswith("q_proj.weight") else v for k, v in reference.state_dict().items()}
     model.load_state_dict(state, assign=True)
-    changed = load_model(None).model.to(torch.float64)
+    changed = load_model(None).runner.model.to(torch.float64)
     changed.load_state_dict(state)
     torch.testing.assert_close(logits(model, torch.float64), logits(changed, torch.float64))

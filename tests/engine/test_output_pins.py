@@ -24,7 +24,6 @@ from editkv.engine.generate import DecodeState, StopRules
 from editkv.engine.loading import DEFAULT_MODEL_DIR
 from editkv.engine.ngram import NgramTable
 from editkv.engine.prompting import doc_start_ids, healed_left_to_right_ids, left_to_right_ids
-from editkv.engine.static_decode import StaticForward
 
 PINS = Path(__file__).resolve().parents[1] / "fixtures" / "output_pins.json"
 CAPTURED = "_captured_on"  # the pins' key for the machine they were captured on (`_machine`)
@@ -43,7 +42,7 @@ RULES = [("lines_none", dict(max_tokens=6, max_lines=None)),
 def _state(loaded, prefix, heal, room=48):
     tok, cfg = loaded.tokenizer, loaded.config
     ids, healed = healed_left_to_right_ids(tok, cfg, prefix) if heal else (left_to_right_ids(tok, cfg, prefix), b"")
-    return DecodeState.from_prompt(loaded.model, tok, ids, heal=healed, max_new_tokens=room)
+    return DecodeState.from_prompt(loaded.runner, tok, ids, heal=healed, max_new_tokens=room)
 
 
 def _view_state(loaded, prefix, heal):
@@ -51,7 +50,7 @@ def _view_state(loaded, prefix, heal):
     healing), at the end of `prefix`, or without `heal` one line further."""
     tok, cfg = loaded.tokenizer, loaded.config
     text = prefix if heal else prefix + "\n"
-    doc = Document(loaded.model, tok, text, head=doc_start_ids(tok, cfg))
+    doc = Document(loaded.runner, tok, text, head=doc_start_ids(tok, cfg))
     return left_to_right(doc, len(text)).state()
 
 
@@ -93,7 +92,7 @@ def superposed_cases(loaded, name, corpus=None):
     """{case id: drafts} over prompts x healing x rules x parameters, host loop and device chains."""
     out = {}
     prompts = PROMPTS if name == "tiny" else DEFAULT_PROMPTS
-    model = loaded.model
+    model = loaded.runner
     for p, prefix in enumerate(prompts):
         index = NgramIndex()
         index.add("doc", loaded.tokenizer.encode(prefix * 3))
@@ -111,12 +110,13 @@ def superposed_cases(loaded, name, corpus=None):
                     key = (f"superposed/{name}/p{p}/heal{int(heal)}/{rule_name}/k{k}/"
                            f"a{params.alpha}/r{params.reset_every}/f{params.finish_ratio}/d{params.device_steps}")
                     static = params.device_steps > 0
-                    model.static = StaticForward(model, bucket=256, max_width=16, mode="static") if static else None
+                    if static:
+                        model.enable_graphs(bucket=256, max_width=16, mode="static")
                     try:
                         state = _view_state(loaded, prefix, heal) if static else _state(loaded, prefix, heal)
                         result = superposed_drafts(state, k, rules, ngram_index=index, corpus=corpus, params=params)
                     finally:
-                        model.static = None
+                        model.disable_graphs()
                     # the device chains serve the line rules they have tables for
                     assert (result.stats.device_steps > 0) == (static and rules.max_lines in (None, 1)), key
                     out[key] = _drafts(result)

@@ -29,10 +29,10 @@ def _hf_logits(hf, ids, position_ids=None):
 def test_prefill_logits_match(pair):
     family, ours, hf = pair
     ids = _ids(24)
-    cache = ours.model.new_cache(24)
+    cache = ours.runner.new_cache(24)
     # Dynamic NTK picks frequencies from the largest position of each forward: no chunking.
     chunk = 64 if family == "dynamic" else 7
-    got = prefill(ours.model, ids[0].tolist(), cache, logits="all", chunk=chunk)
+    got = prefill(ours.runner, ids[0].tolist(), cache, logits="all", chunk=chunk)
     want = _hf_logits(hf, ids)
     assert (got - want).abs().max() <= TOL, family
 
@@ -42,11 +42,11 @@ def test_cached_decode_steps_match(pair):
     if family == "dynamic":
         pytest.skip("dynamic NTK rescales all positions per forward in the reference; cached keys can't")
     ids = _ids(20)
-    cache = ours.model.new_cache(20)
-    prefill(ours.model, ids[0, :12].tolist(), cache)
+    cache = ours.runner.new_cache(20)
+    prefill(ours.runner, ids[0, :12].tolist(), cache)
     want = _hf_logits(hf, ids)
     for t in range(12, 20):
-        got = ours.model(ids[:, t : t + 1], torch.tensor([t]), write=cache, write_at=t,
+        got = ours.runner(ids[:, t : t + 1], torch.tensor([t]), write=cache, write_at=t,
                          context=[Span(cache, 0, t)], logits="last")
         assert (got - want[:, t]).abs().max() <= TOL, (family, t)
 
@@ -59,10 +59,10 @@ def test_multi_token_step_at_explicit_positions(pair):
     ids = _ids(16)
     positions = torch.arange(40, 56)
     want = _hf_logits(hf, ids, positions[None])
-    cache = ours.model.new_cache(32)
+    cache = ours.runner.new_cache(32)
     # First 10 tokens into slots 5..15 (slots need not equal positions), then a 6-token step.
-    ours.model(ids[:, :10], positions[:10], write=cache, write_at=5, logits="none")
-    got = ours.model(ids[:, 10:], positions[10:], write=cache, write_at=20,
+    ours.runner(ids[:, :10], positions[:10], write=cache, write_at=5, logits="none")
+    got = ours.runner(ids[:, 10:], positions[10:], write=cache, write_at=20,
                      context=[Span(cache, 5, 15)], logits="all")
     assert (got - want[:, 10:]).abs().max() <= TOL, family
 
@@ -72,7 +72,7 @@ def test_shifted_span_equals_reencoding_at_shifted_positions(pair):
     family, ours, hf = pair
     if family == "dynamic":
         pytest.skip("dynamic frequencies change with length")
-    model = ours.model
+    model = ours.runner
     ids = _ids(12)
     cache = model.new_cache(32)
     model(ids[:, :8], torch.arange(0, 8), write=cache, write_at=0, logits="none")
@@ -89,7 +89,7 @@ def test_shifted_span_equals_reencoding_at_shifted_positions(pair):
 
 def test_batch_rows_broadcast_a_batch1_context(pair):
     family, ours, hf = pair
-    model = ours.model
+    model = ours.runner
     ids = _ids(10)
     cache = model.new_cache(10)
     prefill(model, ids[0, :8].tolist(), cache)

@@ -39,7 +39,7 @@ def test_prefill_chunk_policy():
 @pytest.mark.parametrize("window", [None, 48])
 def test_prefill_logits_do_not_depend_on_the_chunk_within_the_context(gqa, window):
     """Without dropping keys (window None, or the text shorter than it) chunks are only a memory bound."""
-    model = gqa.model
+    model = gqa.runner
     ids = _ids(45)
     outs = []
     for chunk in (5, 16, None):
@@ -52,7 +52,7 @@ def test_prefill_logits_do_not_depend_on_the_chunk_within_the_context(gqa, windo
 def test_one_buffer_forward_equals_the_any_span_forward(gqa):
     """The same context as slots of the write buffer (one segment-attention call, fused RoPE write)
     and as spans of a copy (runs of another buffer): a sink acting 20 on, a window, a shifted run."""
-    model = gqa.model
+    model = gqa.runner
     cache = model.new_cache(120)
     prefill(model, _ids(90), cache, logits="none")
     other = _copy(cache)
@@ -71,13 +71,13 @@ def test_one_buffer_forward_equals_the_any_span_forward(gqa):
 @needs_triton
 @pytest.mark.parametrize("case", ["windowed", "repair", "fim"])
 def test_flash_kernel_through_the_model(gqa, case):
-    """model.attention = "triton" runs kernels/segment_attention.py's kernel for every one-buffer
+    """model.model.attention = "triton" runs kernels/segment_attention.py's kernel for every one-buffer
     forward (the interpreter here): same logits and cache as the CPU path, windows and sinks included."""
-    model = gqa.model
+    model = gqa.runner
     ids = _ids(70, seed=2)
     results = []
     for kernel in ("auto", "triton"):
-        model.attention = kernel
+        model.model.attention = kernel
         try:
             cache = model.new_cache(100)
             if case == "windowed":  # 40 tokens under a 24-token window: 6-token chunks, a sink of 1
@@ -91,7 +91,7 @@ def test_flash_kernel_through_the_model(gqa, case):
                 out = model(torch.tensor([ids[60:66]]), torch.arange(62, 68), write=cache, write_at=60,
                             context=[Span(cache, 0, 30), Span(cache, 30, 60, 2)], logits="all")
         finally:
-            model.attention = "auto"
+            model.model.attention = "auto"
         results.append((out, cache.k.clone()))
     (auto, auto_k), (flash, flash_k) = results
     assert (auto - flash).abs().max() <= TOL, case
@@ -103,18 +103,18 @@ def test_window_chunks_as_token_groups_of_one_forward(gqa, monkeypatch):
     """Several window chunks per forward (what prefill does by default), through the CPU path
     (one flash call per group and run) and the flash kernel (a segment table per token block,
     each token's own sink rotation): the logits and cache of one forward per chunk."""
-    model = gqa.model
+    model = gqa.runner
     ids = _ids(100, seed=6)
     results = []
     for per_forward, kernel in ((16, "auto"), (48, "auto"), (48, "triton")):  # chunks of 16 (window 64 // 4)
-        model.attention, model.attention_config = kernel, ((16, 16, 4, 1) if kernel == "triton" else None)
+        model.model.attention, model.model.attention_config = kernel, ((16, 16, 4, 1) if kernel == "triton" else None)
         if per_forward > 16:  # grouped forwards must not split into one forward per group
-            monkeypatch.setattr(model, "_one_group_at_a_time", None)
+            monkeypatch.setattr(model.model, "_one_group_at_a_time", None)
         try:
             cache = model.new_cache(len(ids))
             out = prefill(model, ids, cache, logits="all", window=64, sink=(cache, 1), per_forward=per_forward)
         finally:
-            model.attention, model.attention_config = "auto", None
+            model.model.attention, model.model.attention_config = "auto", None
             monkeypatch.undo()
         results.append((out, cache.k.clone()))
     (one, one_k), *grouped = results
@@ -125,7 +125,7 @@ def test_window_chunks_as_token_groups_of_one_forward(gqa, monkeypatch):
 
 def test_token_groups_fall_back_to_one_forward_each(gqa):
     """Groups the flash kernel can't take (here: the CPU's path) run as forwards of their own."""
-    model = gqa.model
+    model = gqa.runner
     ids = torch.tensor([_ids(30, seed=7)])
     cache, other = model.new_cache(40), model.new_cache(40)
     groups = lambda c: [TokenGroup(10, [Span(c, 0, 2, 5)]), TokenGroup(20, [Span(c, 0, 10)])]  # noqa: E731
@@ -139,7 +139,7 @@ def test_forwards_over_more_spans_take_the_segment_kernels(gqa):
     """Attention over two cached spans and the new tokens (a view's prefix and suffix, say) is no
     case for the one causal SDPA call: the choice says so instead of failing (it raised on such
     forwards on the GPU, where half precision asks for SDPA first)."""
-    cache = gqa.model.new_cache(64)
+    cache = gqa.runner.new_cache(64)
     context = [Span(cache, 0, 8), Span(cache, 16, 24)]
     for choice in ("sdpa", "auto"):
         assert one_buffer(cache, 32, [TokenGroup(8, context)], [{0: 0}], choice).kernel == "cpu"
@@ -151,11 +151,11 @@ def test_forwards_over_more_spans_take_the_segment_kernels(gqa):
 def test_sdpa_call_after_a_short_prefix(gqa, head):
     """A file's tokens after its head (a few slots encoded before): one causal SDPA call over
     both, the queries padded in front (what a GPU runs in half precision), equals the CPU path."""
-    model = gqa.model
+    model = gqa.runner
     ids = _ids(60, seed=8)
     outs = []
     for kernel in ("auto", "sdpa"):
-        model.attention = kernel
+        model.model.attention = kernel
         try:
             cache = model.new_cache(64)
             if head:
@@ -166,14 +166,14 @@ def test_sdpa_call_after_a_short_prefix(gqa, head):
             outs.append(prefill(model, ids[head:], cache, start=head, first_position=head, context=context,
                                 logits="all"))
         finally:
-            model.attention = "auto"
+            model.model.attention = "auto"
     assert (outs[0] - outs[1]).abs().max() <= TOL
 
 
 def test_prefill_materialises_no_score_matrix(tmp_path):
     """A 2048-token chunk over 2048 cached keys: no tensor of the forward holds T x S scores
     (the old eager path made [1, KVH, G*T, S] fp32 ones; 8M elements here)."""
-    model = load_model(make_checkpoint(tmp_path, "llama-gqa-tied-linear", max_position_embeddings=8192)).model
+    model = load_model(make_checkpoint(tmp_path, "llama-gqa-tied-linear", max_position_embeddings=8192)).runner
     ids = _ids(4096, seed=3)
     cache = model.new_cache(len(ids))
     prefill(model, ids[:2048], cache, logits="none", chunk=2048)
@@ -194,7 +194,7 @@ def test_cuda_prefill_matches_the_cpu(tmp_path, dtype):
     takes) and a repair after each, against the CPU in fp32."""
     folder = make_checkpoint(tmp_path, "qwen2", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=2048)
-    cpu, gpu = load_model(folder).model, load_model(folder, device="cuda", dtype=dtype).model
+    cpu, gpu = load_model(folder).runner, load_model(folder, device="cuda", dtype=dtype).runner
     tol = 1e-3 if dtype == torch.float32 else 0.1
     ids, more = _ids(2600, seed=4), _ids(300, seed=5)
     for kwargs in ({}, {"window": 2048, "chunk": 300}):
@@ -213,7 +213,7 @@ def test_cuda_prefill_matches_the_cpu(tmp_path, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_kernel_choice(tmp_path):
-    model = load_model(make_checkpoint(tmp_path, "qwen2"), device="cuda", dtype=torch.bfloat16).model
+    model = load_model(make_checkpoint(tmp_path, "qwen2"), device="cuda", dtype=torch.bfloat16).runner
     cache = model.new_cache(64)
     assert one_buffer(cache, 0, [TokenGroup(16, [])], [{0: 0}]).kernel == "sdpa"  # nothing before: transformers' call
     assert one_buffer(cache, 16, [TokenGroup(16, [Span(cache, 0, 16)])], [{0: 0}]).kernel == "sdpa"  # a short head
@@ -231,12 +231,12 @@ def test_a_flash_kernel_that_fails_to_build_hands_attention_to_torch(gqa, monkey
     def broken(*args, **kwargs):
         raise RuntimeError("PTX assembly failed (simulated)")
 
-    model = gqa.model
+    model = gqa.runner
     ids = torch.tensor([_ids(20, seed=3)])
     want = model(ids, torch.arange(20), write=model.new_cache(24), write_at=0, logits="all")
     monkeypatch.setattr(engine_model, "segment_attention_triton", broken)
     monkeypatch.setattr(engine_model, "TRITON_FAILED", None)
-    model.attention = "triton"
+    model.model.attention = "triton"
     try:
         cache = model.new_cache(24)
         assert one_buffer(cache, 0, [TokenGroup(20, [])], [{0: 0}], "triton").kernel == "triton"
@@ -245,4 +245,4 @@ def test_a_flash_kernel_that_fails_to_build_hands_attention_to_torch(gqa, monkey
         assert (got - want).abs().max() <= TOL
         assert one_buffer(cache, 0, [TokenGroup(20, [])], [{0: 0}], "triton").kernel != "triton"
     finally:
-        model.attention = "auto"
+        model.model.attention = "auto"

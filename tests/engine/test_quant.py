@@ -69,15 +69,15 @@ def test_int4_needs_inputs_in_groups_of_32_else_int8():
 def test_quantized_model_forward_is_close_to_fp32(tiny, mode, tol):
     ref = load_model(tiny, cpu_weights="fp32")
     quant = load_model(tiny, cpu_weights=mode)
-    assert ref.weights == "fp32" and quant.weights == quant.model.weight_format == mode
-    model = quant.model
+    assert ref.weights == "fp32" and quant.weights == quant.runner.model.weight_format == mode
+    model = quant.runner.model
     assert isinstance(model.lm_head, QuantLinear) and model.layers[0].self_attn.q_proj is None
     assert isinstance(model.layers[0].mlp.down_proj, QuantLinear)
-    assert torch.equal(model.embed_tokens.weight, ref.model.embed_tokens.weight)  # embeddings stay fp32
+    assert torch.equal(model.embed_tokens.weight, ref.runner.model.embed_tokens.weight)  # embeddings stay fp32
     ids = torch.randint(5, 320, (1, 12), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(12)
     logits = []
-    for m in (ref.model, model):
+    for m in (ref.runner, quant.runner):
         cache = m.new_cache(16)
         prefix = m(ids[:, :8], pos[:8], write=cache, write_at=0, logits="all")
         step = m(ids[:, 8:], pos[8:], write=cache, write_at=8, logits="all",
@@ -95,7 +95,7 @@ def _span(cache, end):
 
 def test_a_tied_head_gets_its_own_quantized_copy(tiny):
     loaded = load_model(tiny, cpu_weights="fp32")
-    model = loaded.model
+    model = loaded.runner.model
     assert model.config.tie_word_embeddings
     embed = model.embed_tokens.weight.detach().clone()
     quantize_model(model, "int8")
@@ -119,7 +119,7 @@ def test_auto_keeps_the_embedded_model_in_fp32():
 
 def test_env_overrides_the_load_option(tiny, monkeypatch):
     monkeypatch.setenv(ENV, "int8")
-    assert load_model(tiny, cpu_weights="fp32").model.weight_format == "int8"
+    assert load_model(tiny, cpu_weights="fp32").runner.model.weight_format == "int8"
     monkeypatch.setenv(ENV, "bogus")
     with pytest.raises(EngineError, match=ENV):
         load_model(tiny)
@@ -136,7 +136,7 @@ def test_served_backend_decodes_with_quantized_weights():
     answers = {}
     for mode in ("fp32", "int8"):
         loaded = load_model(None, cpu_weights=mode)
-        assert loaded.model.weight_format == mode
+        assert loaded.runner.model.weight_format == mode
         backend = ModelBackend(loaded, background=False)
         got = []
         for i, text in enumerate(texts):
@@ -160,4 +160,4 @@ def test_the_setting_reaches_the_model(tiny):
     assert settings.model_key != Settings(model=str(tiny), device="cpu").model_key  # a change reloads
     assert parse_settings({"cpuWeights": "int2"})[1]  # reported, not taken
     backend = model_factory()(settings)
-    assert backend.loaded.model.weight_format == "int4" and backend.loaded.weights == "int4"
+    assert backend.loaded.runner.model.weight_format == "int4" and backend.loaded.weights == "int4"

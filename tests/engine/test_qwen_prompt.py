@@ -60,7 +60,7 @@ def qwen_vocab_model(tmp_path_factory):
     """A tiny random Qwen2 network with Qwen2.5-Coder's vocabulary size (its weights don't matter here)."""
     ckpt = make_checkpoint(tmp_path_factory.mktemp("qwen-vocab"), "qwen2", vocab_size=151936,
                            max_position_embeddings=4096)
-    return load_model(ckpt).model
+    return load_model(ckpt).runner
 
 
 def test_the_subset_tokenizes_as_qwen_does(qwen_tok):

@@ -29,7 +29,6 @@ from editkv.engine.loading import load_model
 from editkv.engine.model import Span
 from editkv.engine.prompting import doc_start_ids
 from editkv.engine.sampling import SamplingParams, sampling_probs
-from editkv.engine.static_decode import StaticForward
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "realedits" / "dev.jsonl.gz"
 
@@ -520,10 +519,10 @@ def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False, cont
                                         device_width=4, device_in_flight=1))
     healed = multi_line = accepted = chained_tokens = device_forwards = 0
     if chained or device:  # the static forward the GPU replays, run eagerly
-        trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+        trained.runner.enable_graphs(bucket=256, max_width=16, mode="static")
     try:
         for i, (text, cursor) in enumerate(contexts or _realedits_contexts(n, max_file_chars)):
-            doc = Document(trained.model, tok, text, head=head)
+            doc = Document(trained.runner, tok, text, head=head)
             rules = rules_for(i)
             suffix = [Reference.of("suffix", tok.encode(text[cursor : cursor + 4000]))]
             # each view built right before its decodes: the two share the document's scratch slots
@@ -542,7 +541,7 @@ def _greedy_identical(trained, n, max_file_chars, rules_for, chained=False, cont
                 healed += bool(view.heal)
                 multi_line += "\n" in out.text
     finally:
-        trained.model.static = None
+        trained.runner.disable_graphs()
     assert healed > 0 and multi_line > 0 and accepted > 0
     if not device:  # the device path may also run plain chains where its drafts do not pay
         assert (chained_tokens > 0) == chained
@@ -579,11 +578,11 @@ def test_device_speculation_switches_to_plain_chains_where_drafts_do_not_pay(tra
     spec.cost.record_chain(plain_costs)
     spec.cost.record(1, 4, 1.0)
     rules = StopRules(max_tokens=40, max_lines=None)
-    trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+    trained.runner.enable_graphs(bucket=256, max_width=16, mode="static")
     try:
         chained = device = 0
         for text, cursor in _repo_contexts(3):
-            view = left_to_right(Document(trained.model, tok, text, head=head), cursor, max_new_tokens=40)
+            view = left_to_right(Document(trained.runner, tok, text, head=head), cursor, max_new_tokens=40)
             spec.cost.chain_ms = plain_costs  # as measured: the runs' own timings would move it
             out = spec.decode(view.state(), rules=rules)
             _same(view.decode(rules=rules), out)
@@ -591,7 +590,7 @@ def test_device_speculation_switches_to_plain_chains_where_drafts_do_not_pay(tra
             chained += counters.chained
             device += counters.forwards
     finally:
-        trained.model.static = None
+        trained.runner.disable_graphs()
     assert device > 0
     assert (chained > 0) == (plain_costs < 1)
 
@@ -602,11 +601,11 @@ def test_device_chains_are_sized_to_the_lines_left(trained):
     tok = trained.tokenizer
     head = doc_start_ids(tok, trained.config)
     rules = StopRules(max_tokens=48, max_lines=1)
-    trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+    trained.runner.enable_graphs(bucket=256, max_width=16, mode="static")
     try:
         fewer = 0
         for text, cursor in _repo_contexts(4):
-            view = left_to_right(Document(trained.model, tok, text, head=head), cursor, max_new_tokens=48)
+            view = left_to_right(Document(trained.runner, tok, text, head=head), cursor, max_new_tokens=48)
             forwards = []
             for line_tokens in (None, 1.0):
                 spec = Speculator(SpeculationConfig(drafters=("lookup",), measure_cost=False))
@@ -617,7 +616,7 @@ def test_device_chains_are_sized_to_the_lines_left(trained):
             assert forwards[1] <= forwards[0]
             fewer += forwards[1] < forwards[0]
     finally:
-        trained.model.static = None
+        trained.runner.disable_graphs()
     assert fewer > 0
 
 
@@ -652,9 +651,9 @@ def test_device_speculation_stops_and_cancels_between_chains(trained):
     tok = trained.tokenizer
     text, cursor = _repo_contexts(1)[0]
     rules = StopRules(max_tokens=40, max_lines=None)
-    trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+    trained.runner.enable_graphs(bucket=256, max_width=16, mode="static")
     try:
-        view = left_to_right(Document(trained.model, tok, text, head=doc_start_ids(tok, trained.config)), cursor,
+        view = left_to_right(Document(trained.runner, tok, text, head=doc_start_ids(tok, trained.config)), cursor,
                              max_new_tokens=40)
         plain = view.decode(rules=rules)
         spec = Speculator(SpeculationConfig(drafters=("lookup",), measure_cost=False, device_steps=2))
@@ -668,7 +667,7 @@ def test_device_speculation_stops_and_cancels_between_chains(trained):
         _check_counters(cancelled)
         _same(plain, spec.decode(view.state(), rules=rules))
     finally:
-        trained.model.static = None
+        trained.runner.disable_graphs()
 
 
 @pytest.mark.slow
@@ -681,7 +680,7 @@ def test_verification_rows_reuse_the_views_spans(trained):
     """The first verification attends to the view's spans + its scratch, like plain decoding's steps."""
     tok = trained.tokenizer
     text = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
-    doc = Document(trained.model, tok, text, head=doc_start_ids(tok, trained.config))
+    doc = Document(trained.runner, tok, text, head=doc_start_ids(tok, trained.config))
     cursor = text.index("return a - b") + len("return a ")
     view = fill_in_middle(doc, cursor)
     state = view.state()
@@ -721,15 +720,15 @@ def test_device_speculation_replays_graphs_and_keeps_greedy_output():
     spec = Speculator(SpeculationConfig(drafters=("lookup",)))
     rules = StopRules(max_tokens=48, max_lines=None)
     for text, cursor in _repo_contexts(6):
-        doc = Document(loaded.model, tok, text, head=head)
+        doc = Document(loaded.runner, tok, text, head=head)
         for build in (left_to_right, fill_in_middle):
             view = build(doc, cursor, max_new_tokens=rules.max_tokens)
             plain = view.decode(rules=rules)
             out = spec.decode(view.state(), rules=rules, references=[Reference.of("suffix", tok.encode(text[cursor:]))])
             _same(plain, out)
             _check_counters(out)
-    chains = loaded.model.static.lookup_chains
-    assert chains > 0 and loaded.model.static.captures < loaded.model.static.replays
+    chains = loaded.runner.static.lookup_chains
+    assert chains > 0 and loaded.runner.static.captures < loaded.runner.static.replays
 
 
 def test_a_passed_lines_deadline_ends_at_the_first_line_end_with_text(trained):
@@ -744,11 +743,11 @@ def test_a_passed_lines_deadline_ends_at_the_first_line_end_with_text(trained):
     free = StopRules(max_tokens=40, max_lines=None)
     late = replace(free, lines_until=0.0)
     cut_short = 0
-    trained.model.static = StaticForward(trained.model, bucket=256, max_width=16, mode="static")
+    trained.runner.enable_graphs(bucket=256, max_width=16, mode="static")
     try:
         speculators = (Speculator(SpeculationConfig()), Speculator(SpeculationConfig(device_lookup=True)))
         for text, cursor in _repo_contexts(8):
-            doc = Document(trained.model, tok, text, head=head)
+            doc = Document(trained.runner, tok, text, head=head)
             view = left_to_right(doc, cursor, max_new_tokens=40)
             whole = view.decode(rules=free)
             parts = tok.decode(whole.ids).split("\n")
@@ -763,5 +762,5 @@ def test_a_passed_lines_deadline_ends_at_the_first_line_end_with_text(trained):
                 _same(cut, spec.decode(view.state(), rules=late))
             assert view.decode(rules=replace(free, lines_until=time.perf_counter() + 3600)).text == whole.text
     finally:
-        trained.model.static = None
+        trained.runner.disable_graphs()
     assert cut_short >= 2

@@ -32,7 +32,7 @@ def _edit_session(template, static: StaticForward | None, seed: int = 0, text: s
     """A document through random edits, repairs and views; what each view decodes. `keep`: a list
     the document is added to (so that it stays open, as in a server)."""
     model = template.model
-    model.static = static
+    model.use_graphs(static)
     try:
         doc = Document(model, template.tokenizer, text, head=template.head)
         if keep is not None:
@@ -53,11 +53,11 @@ def _edit_session(template, static: StaticForward | None, seed: int = 0, text: s
         keys = doc.materialize()[0]  # in text order: the layouts differ (views on graphs move the gap)
         return out, keys
     finally:
-        model.static = None
+        model.disable_graphs()
 
 
 def test_static_forward_matches_span_forward_through_edits_and_views(template):
-    static = StaticForward(template.model, bucket=32, max_width=8, mode="static")
+    static = StaticForward(template.model.model, bucket=32, max_width=8, mode="static")
     want, want_keys = _edit_session(template, None)
     got, got_keys = _edit_session(template, static)
     assert static.handled > 20, "repairs, views and decode steps should have taken the static path"
@@ -80,15 +80,15 @@ def test_documents_of_a_kv_pool_match_and_share_one_set_of_graphs(template):
     want, want_keys = _edit_session(template, None)
     for pooled in (False, True):
         pool = KVPool(model.config, 4000, dtype=model.dtype, device=model.device) if pooled else None
-        model.kv_pool = pool
-        static = StaticForward(model, bucket=32, max_width=8, mode="static", max_graphs=10_000)
+        model.use_pool(pool)
+        static = StaticForward(model.model, bucket=32, max_width=8, mode="static", max_graphs=10_000)
         try:
             docs = []  # both stay open
             got, got_keys = _edit_session(template, static, keep=docs)
             first = static.num_graphs
             again, _ = _edit_session(template, static, keep=docs)  # another document, the same edits
         finally:
-            model.kv_pool = None
+            model.drop_pool()
         torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)
         for (g_logits, g_ids, _), (w_logits, w_ids, _) in zip(got, want, strict=True):
             torch.testing.assert_close(g_logits, w_logits, atol=1e-4, rtol=1e-4)
@@ -109,8 +109,8 @@ def test_deferred_captures_run_eagerly_then_are_taken_when_idle_without_touching
 
     model = template.model
     want, _ = _edit_session(template, None)
-    model.kv_pool = KVPool(model.config, 4000, dtype=model.dtype, device=model.device)
-    static = StaticForward(model, bucket=32, max_width=8, mode="static", max_graphs=10_000)
+    model.use_pool(KVPool(model.config, 4000, dtype=model.dtype, device=model.device))
+    static = StaticForward(model.model, bucket=32, max_width=8, mode="static", max_graphs=10_000)
     static.defer_captures = True
     try:
         docs = []
@@ -126,7 +126,7 @@ def test_deferred_captures_run_eagerly_then_are_taken_when_idle_without_touching
         again, _ = _edit_session(template, static, keep=docs)  # the same shapes: nothing new pending
         assert static.pending_captures == 0 and [ids for _, ids, _ in again] == [ids for _, ids, _ in want]
     finally:
-        model.kv_pool = None
+        model.drop_pool()
 
 
 @pytest.mark.parametrize("logits", ["all", "last", "none"])
@@ -139,7 +139,7 @@ def test_a_forward_up_to_twice_the_width_runs_as_parts(template, logits):
     prefix = 20
 
     def run(static):
-        model.static = static
+        model.use_graphs(static)
         try:
             cache = model.new_cache(128)
             model(ids[:, :prefix], torch.arange(prefix), write=cache, write_at=0, logits="none")
@@ -147,10 +147,10 @@ def test_a_forward_up_to_twice_the_width_runs_as_parts(template, logits):
                         context=[Span(cache, 0, prefix)], logits=logits)
             return out, cache.k[:, :, :, :60].clone()
         finally:
-            model.static = None
+            model.disable_graphs()
 
     want, want_keys = run(None)
-    static = StaticForward(model, bucket=32, max_width=32, mode="static")  # 40 new tokens: 32 + 8
+    static = StaticForward(model.model, bucket=32, max_width=32, mode="static")  # 40 new tokens: 32 + 8
     got, got_keys = run(static)
     assert static.split == 1 and static.handled == 3 and static.eager == 0  # the 20-token prefill, 2 parts
     torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)
@@ -158,7 +158,7 @@ def test_a_forward_up_to_twice_the_width_runs_as_parts(template, logits):
         assert got is None and want is None
     else:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    narrow = StaticForward(model, bucket=32, max_width=8, mode="static")  # 20 and 40 > 2 x 8: eager
+    narrow = StaticForward(model.model, bucket=32, max_width=8, mode="static")  # 20 and 40 > 2 x 8: eager
     run(narrow)
     assert narrow.split == 0 and narrow.eager == 2
 
@@ -167,9 +167,9 @@ def test_documents_longer_than_the_context_take_the_static_path():
     """Windowed forwards (a sink moved in front of the window, a prefix from the window start)
     replay the static forward too, and compute what the span forward computes."""
     template = Document.create_simulated(TEXT)
-    template.model.config = replace(template.model.config, max_position_embeddings=96)
+    template.model.model.config = replace(template.model.config, max_position_embeddings=96)
     long_text = TEXT * 4  # ~4x the context
-    static = StaticForward(template.model, bucket=32, max_width=8, mode="static")
+    static = StaticForward(template.model.model, bucket=32, max_width=8, mode="static")
     want, want_keys = _edit_session(template, None, text=long_text)
     got, got_keys = _edit_session(template, static, text=long_text)
     assert static.handled > 30 and static.chains >= 6
@@ -183,7 +183,7 @@ def test_documents_longer_than_the_context_take_the_static_path():
 @pytest.mark.parametrize("family", ["llama-gqa-tied-linear", "phi3-partial-rotary", "qwen2", "yarn"])
 def test_families_with_a_shifted_span(tmp_path, family):
     loaded = load_model(make_checkpoint(tmp_path / family, family))
-    model = loaded.model
+    model = loaded.runner
     torch.manual_seed(1)
     cache = model.new_cache(64)
     model(torch.randint(5, 300, (1, 40)), torch.arange(40), write=cache, write_at=0, logits="none")
@@ -194,16 +194,16 @@ def test_families_with_a_shifted_span(tmp_path, family):
     want = model(ids, positions, write=scratch, write_at=0, context=context, logits="all")
     want_kv = cache.k[:, :, :, 40:43].clone()
     cache.k[:, :, :, 40:].zero_()
-    model.static = StaticForward(model, bucket=16, mode="static")
+    model.enable_graphs(bucket=16, mode="static")
     got = model(ids, positions, write=scratch, write_at=0, context=context, logits="all")
     assert model.static.handled == 1
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cache.k[:, :, :, 40:43], want_kv, atol=1e-5, rtol=1e-5)
     # one more token after those three, attending to them through the scratch span
-    model.static = None
+    model.disable_graphs()
     want = model(torch.tensor([[11]]), torch.tensor([50]), write=scratch, write_at=3,
                  context=[*context, Span(scratch, 0, 3)], logits="last")
-    model.static = StaticForward(model, bucket=16, mode="static")
+    model.enable_graphs(bucket=16, mode="static")
     got = model(torch.tensor([[11]]), torch.tensor([50]), write=scratch, write_at=3,
                 context=[*context, Span(scratch, 0, 3)], logits="last")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -249,10 +249,10 @@ def test_visibility_accepts_the_view_shapes_and_rejects_others(template):
 
 def test_graph_modes_are_checked(template):
     with pytest.raises(ValueError, match="CUDA"):
-        StaticForward(template.model, mode="graphs")
+        StaticForward(template.model.model, mode="graphs")
     with pytest.raises(ValueError, match="mode"):
-        StaticForward(template.model, mode="fast")
-    assert StaticForward(template.model).mode == "off"  # auto on the CPU
+        StaticForward(template.model.model, mode="fast")
+    assert StaticForward(template.model.model).mode == "off"  # auto on the CPU
 
 
 @pytest.mark.gpu
@@ -262,12 +262,12 @@ def test_cuda_graph_replay_matches_static_forward(tmp_path, pooled, deferred):
     from editkv.engine.kv_pool import KVPool
 
     loaded = load_model(make_checkpoint(tmp_path / "qwen2", "qwen2"), device="cuda", dtype="float32")
-    template = Document(loaded.model, loaded.tokenizer, TEXT, head=[0])
-    static = StaticForward(loaded.model, bucket=32, max_width=8, mode="static")
-    graphs = StaticForward(loaded.model, bucket=32, max_width=8, mode="graphs")
+    template = Document(loaded.runner, loaded.tokenizer, TEXT, head=[0])
+    static = StaticForward(loaded.runner.model, bucket=32, max_width=8, mode="static")
+    graphs = StaticForward(loaded.runner.model, bucket=32, max_width=8, mode="graphs")
     want, want_keys = _edit_session(template, static)
     if pooled:  # the graphs read regions of one pool; the static forward read buffers of their own
-        loaded.model.kv_pool = KVPool(loaded.model.config, 4000, dtype=loaded.model.dtype, device="cuda")
+        loaded.runner.use_pool(KVPool(loaded.runner.config, 4000, dtype=loaded.runner.dtype, device="cuda"))
     if deferred:  # a first session runs eagerly, its graphs are taken "when idle", a second replays them
         graphs.defer_captures = True
         docs = []
@@ -278,7 +278,7 @@ def test_cuda_graph_replay_matches_static_forward(tmp_path, pooled, deferred):
         assert graphs.capture_pending(limit=10_000) > 0 and graphs.pending_captures == 0
         assert all(torch.equal(b, d.cache.k) for b, d in zip(before, docs, strict=True))
     got, got_keys = _edit_session(template, graphs)
-    loaded.model.kv_pool = None
+    loaded.runner.drop_pool()
     assert graphs.replays > 10 and graphs.captures > 0 and graphs.chains > 0
     assert graphs.replays > graphs.captures, "graphs should be replayed, not captured every time"
     torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)
@@ -308,13 +308,13 @@ def trained():
 def test_chained_greedy_decoding_equals_step_by_step(trained, max_tokens, max_lines):
     """Chains stop mid-way on line ends and stop tokens, end on odd token budgets and start after
     token healing; their text, ids, stop reason and logprob are step-by-step decoding's."""
-    model, tok = trained.model, trained.tokenizer
+    model, tok = trained.runner, trained.tokenizer
     rules = StopRules(max_tokens=max_tokens, max_lines=max_lines)
     marks = ("def write_", "        for line in l", "    words = 0\n", "return [li")
     cursors = [DEFAULT_TEXT.index(s) + len(s) for s in marks]
     outputs = {}
     for chain_steps in (0, 4, 8):
-        model.static = StaticForward(model, bucket=64, max_width=8, mode="static", chain_steps=chain_steps)
+        model.enable_graphs(bucket=64, max_width=8, mode="static", chain_steps=chain_steps)
         try:
             doc = Document(model, tok, DEFAULT_TEXT, head=doc_start_ids(tok, trained.config))
             got = []
@@ -326,7 +326,7 @@ def test_chained_greedy_decoding_equals_step_by_step(trained, max_tokens, max_li
             outputs[chain_steps] = got
             assert (model.static.chains > 0) == (chain_steps > 0 and max_tokens > 1), model.static.chains
         finally:
-            model.static = None
+            model.disable_graphs()
     assert outputs[4] == outputs[0] and outputs[8] == outputs[0]
     reasons = {r for _, _, r, _, _ in outputs[0]}
     assert max_tokens == 1 or len(reasons) > 1 or "lines" in reasons, reasons  # stops inside chains happened
@@ -336,7 +336,7 @@ def test_chained_greedy_decoding_equals_step_by_step(trained, max_tokens, max_li
 def test_ignore_eos_decodes_past_the_end_token(trained):
     """A completion that ends at the model's end token goes on with `ignore_eos` (fixed-length
     benchmarks), the same tokens up to there, chained or step by step."""
-    model, tok = trained.model, trained.tokenizer
+    model, tok = trained.runner, trained.tokenizer
     doc = Document(model, tok, DEFAULT_TEXT, head=doc_start_ids(tok, trained.config))
     stopped = None
     for cursor in range(len(DEFAULT_TEXT) - 1, 0, -7):
@@ -348,12 +348,12 @@ def test_ignore_eos_decodes_past_the_end_token(trained):
     assert stopped is not None, "the default model should end some FIM completion with its end token"
     cursor, out = stopped
     for chain_steps in (0, 8):
-        model.static = StaticForward(model, bucket=64, max_width=8, mode="static", chain_steps=chain_steps)
+        model.enable_graphs(bucket=64, max_width=8, mode="static", chain_steps=chain_steps)
         try:
             view = fill_in_middle(doc, cursor, max_new_tokens=24)
             longer = view.decode(rules=StopRules(max_tokens=24, max_lines=None, ignore_eos=True))
         finally:
-            model.static = None
+            model.disable_graphs()
         assert longer.stop_reason == "max_tokens" and len(longer.ids) == 24
         assert longer.ids[: len(out.ids)] == out.ids and longer.ids[len(out.ids)] in tok.stop_ids
 
@@ -375,10 +375,10 @@ def test_lookup_chain_keeps_greedy_tokens_and_accepts_what_the_buffer_predicts(t
     """A search buffer that holds the greedy continuation (after the prompt's last tokens) is
     drafted from and accepted in full; one that holds nothing useful still gives greedy's
     tokens, one or more per verification."""
-    model, tok = trained.model, trained.tokenizer
+    model, tok = trained.runner, trained.tokenizer
     cursor = DEFAULT_TEXT.index("    words = 0\n") + 4
     steps = 3
-    model.static = StaticForward(model, bucket=64, max_width=16, mode="static")
+    model.enable_graphs(bucket=64, max_width=16, mode="static")
     try:
         doc = Document(model, tok, DEFAULT_TEXT, head=doc_start_ids(tok, trained.config))
         view = left_to_right(doc, cursor, max_new_tokens=64)
@@ -399,7 +399,7 @@ def test_lookup_chain_keeps_greedy_tokens_and_accepts_what_the_buffer_predicts(t
                                          [*state.context, Span(state.scratch, 0, state.scratch_used)],
                                          10, 16, 16) is None
     finally:
-        model.static = None
+        model.disable_graphs()
 
 
 @pytest.mark.gpu
@@ -410,14 +410,14 @@ def test_cuda_beam_lanes_replay_graphs_and_find_the_eager_beams():
     from editkv.engine.decoding.beam import beam_search
 
     loaded = load_model(None, device="cuda", dtype="float32")
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = loaded.runner, loaded.tokenizer
     rules = StopRules(max_tokens=12, max_lines=1)
     marks = ("def write_", "        for line in l", "    words = 0\n", "return [li")
     cursors = [DEFAULT_TEXT.index(s) + len(s) for s in marks]
     found = {}
     for graphs in (False, True):
-        static = StaticForward(model, bucket=64, max_width=8, mode="graphs") if graphs else None
-        model.static = static
+        static = StaticForward(model.model, bucket=64, max_width=8, mode="graphs") if graphs else None
+        model.use_graphs(static)
         try:
             got = []
             for cursor in cursors:
@@ -431,7 +431,7 @@ def test_cuda_beam_lanes_replay_graphs_and_find_the_eager_beams():
             if graphs:
                 assert static.replays > static.captures > 0
         finally:
-            model.static = None
+            model.disable_graphs()
     for lanes, batch in zip(found[True], found[False], strict=True):
         assert [t for t, _ in lanes] == [t for t, _ in batch]
         assert [p for _, p in lanes] == pytest.approx([p for _, p in batch], abs=2e-3)

@@ -36,7 +36,7 @@ def _state(loaded, prefix, *, heal=True, max_new_tokens=32):
         ids, healed = healed_left_to_right_ids(loaded.tokenizer, loaded.config, prefix)
     else:
         ids, healed = left_to_right_ids(loaded.tokenizer, loaded.config, prefix), b""
-    return DecodeState.from_prompt(loaded.model, loaded.tokenizer, ids, heal=healed, max_new_tokens=max_new_tokens)
+    return DecodeState.from_prompt(loaded.runner, loaded.tokenizer, ids, heal=healed, max_new_tokens=max_new_tokens)
 
 
 def _greedy(state, rules):
@@ -188,9 +188,9 @@ def test_k1_alpha0_is_greedy_decoding(tiny, prefix, heal):
 
 
 def test_superposed_input_is_the_score_weighted_sum_of_embeddings(tiny):
-    model = tiny.model
+    model = tiny.runner
     seen = []
-    forward = model.forward
+    forward = model.model.forward  # (no static forward here: every forward is the model's)
 
     def spy(*args, **kwargs):
         if kwargs.get("input_embeds") is not None:
@@ -199,14 +199,14 @@ def test_superposed_input_is_the_score_weighted_sum_of_embeddings(tiny):
 
     trace = []
     state = _state(tiny, PROMPTS[0], heal=False)
-    model.forward = spy
+    model.model.forward = spy
     try:
         out = superposed_drafts(state, 3, StopRules(max_tokens=8, max_lines=None),
                                 params=SuperposedParams(alpha=0.0, weight_scale=0.05), trace=trace)
     finally:
-        del model.forward
+        del model.model.forward
     assert trace and len(seen) == len(trace)
-    weights = model.embed_tokens.weight
+    weights = model.model.embed_tokens.weight
     for rec, embeds in zip(trace, seen, strict=True):
         assert embeds.shape == (1, 1, model.config.hidden_size)
         gamma = torch.softmax(0.05 * torch.tensor(rec["scores"], dtype=torch.float64), 0)
@@ -218,7 +218,7 @@ def test_superposed_input_is_the_score_weighted_sum_of_embeddings(tiny):
 
 def test_first_drafts_come_from_first_logits_and_see_the_mixed_input(tiny):
     """Step 1: the top k first tokens; step 2 extends them from one forward of the mixture."""
-    model = tiny.model
+    model = tiny.runner
     state = _state(tiny, PROMPTS[1], heal=False)
     params = SuperposedParams(alpha=0.0, keep_empty=True, weight_scale=0.05)
     trace = []
@@ -231,7 +231,7 @@ def test_first_drafts_come_from_first_logits_and_see_the_mixed_input(tiny):
     assert rec["scores"] == pytest.approx((lp - torch.logsumexp(lp, 0)).tolist(), abs=1e-4)
     # the same mixture, encoded by hand into a copy of the scratch, predicts the next tokens
     gamma = torch.softmax(0.05 * torch.tensor(rec["scores"], dtype=torch.float64), 0)
-    mixed = sum(float(g) * model.embed_tokens.weight[i] for g, i in zip(gamma, top2, strict=True))
+    mixed = sum(float(g) * model.model.embed_tokens.weight[i] for g, i in zip(gamma, top2, strict=True))
     scratch = model.new_cache(state.scratch.capacity)
     scratch.k.copy_(state.scratch.k)
     scratch.v.copy_(state.scratch.v)
@@ -293,15 +293,15 @@ def test_healing_first_tokens_spell_the_cut_text(default):
 def test_left_context_is_the_text_before_the_cursor(default):
     tok, cfg = default.tokenizer, default.config
     ids, _ = healed_fim_ids(tok, cfg, "x = 1\ny = x + 1\n", "z = 2\n")
-    state = DecodeState.from_prompt(default.model, tok, ids)
+    state = DecodeState.from_prompt(default.runner, tok, ids)
     assert left_context(state, 3) == tok.encode("x = 1\ny = x + 1\n")[-3:]
     l2r, _ = healed_left_to_right_ids(tok, cfg, "a")
-    assert left_context(DecodeState.from_prompt(default.model, tok, l2r), 5) == []  # only the head is left
+    assert left_context(DecodeState.from_prompt(default.runner, tok, l2r), 5) == []  # only the head is left
 
 
 @pytest.mark.parametrize("view", ["l2r", "fim"])
 def test_default_model_through_document_views(default, view):
-    tok, model = default.tokenizer, default.model
+    tok, model = default.tokenizer, default.runner
     text = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
             "def mul(a, b):\n    \n\n\ndef div(a, b):\n    return a / b\n")
     cursor = text.index("    \n\n\ndef div") + 4
@@ -326,7 +326,7 @@ def test_default_model_through_document_views(default, view):
 def test_superposed_steps_take_the_static_path(default, view):
     """Superposed forwards from input embeddings run on the static forward the GPU replays
     (here its static form on the CPU), with the drafts of the eager path."""
-    tok, model = default.tokenizer, default.model
+    tok, model = default.tokenizer, default.runner
     text = ("import os\n\n\ndef read(path):\n    with open(path) as f:\n        return f.read()\n\n\n"
             "def write(path, text):\n    with open(path, 'w') as f:\n        \n")
     cursor = len(text) - 1
@@ -334,8 +334,8 @@ def test_superposed_steps_take_the_static_path(default, view):
     rules = StopRules(max_tokens=16, max_lines=1)
     index = NgramIndex()
     results = []
-    for static in (None, StaticForward(model, bucket=256, max_width=16, mode="static")):
-        model.static = static
+    for static in (None, StaticForward(model.model, bucket=256, max_width=16, mode="static")):
+        model.use_graphs(static)
         try:
             doc = Document(model, tok, text, head=doc_start_ids(tok, default.config))
             index.add("doc", doc.ids)
@@ -343,7 +343,7 @@ def test_superposed_steps_take_the_static_path(default, view):
             eager_before = static.eager if static is not None else 0  # the prefill was wider than 16
             results.append(superposed_drafts(state, 3, rules, ngram_index=index))
         finally:
-            model.static = None
+            model.disable_graphs()
     eager, staticed = results
     assert [d.ids for d in staticed.drafts] == [d.ids for d in eager.drafts]
     assert [d.score for d in staticed.drafts] == pytest.approx([d.score for d in eager.drafts], abs=1e-3)
@@ -387,14 +387,14 @@ def test_superposed_steps_replay_graphs():
     """On CUDA the superposed forwards replay graphs of their own (input embeddings), with the
     drafts of the static forward run eagerly (fp32)."""
     loaded = load_model(None, device="cuda", dtype="float32")
-    tok, model = loaded.tokenizer, loaded.model
+    tok, model = loaded.tokenizer, loaded.runner
     text = ("import os\n\n\ndef read(path):\n    with open(path) as f:\n        return f.read()\n\n\n"
             "def write(path, text):\n    with open(path, 'w') as f:\n        \n")
     rules = StopRules(max_tokens=16, max_lines=1)
     graphs = model.static
     out = []
-    for static in (StaticForward(model, mode="static"), graphs):
-        model.static = static
+    for static in (StaticForward(model.model, mode="static"), graphs):
+        model.use_graphs(static)
         doc = Document(model, tok, text, head=doc_start_ids(tok, loaded.config))
         out.append(superposed_drafts(fill_in_middle(doc, len(text) - 1).state(), 3, rules))
     assert [d.ids for d in out[1].drafts] == [d.ids for d in out[0].drafts]

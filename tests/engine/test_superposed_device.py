@@ -23,7 +23,6 @@ from editkv.engine.generate import Output, StopRules
 from editkv.engine.loading import DEFAULT_MODEL_DIR, load_model
 from editkv.engine.ngram import NgramTable
 from editkv.engine.prompting import doc_start_ids, healed_left_to_right_ids
-from editkv.engine.static_decode import StaticForward
 from editkv.kernels.context_hash import context_hash_int
 
 HOST = 0  # SuperposedParams.device_steps that keeps every step on the host
@@ -33,10 +32,10 @@ PROMPTS = ["def add(a, b):\n", "import os\nfor name in", "class Point:\n    def 
 def _both(loaded, make_state, k, rules, params, **kwargs):
     """(host drafts, device drafts, the device run's static forward) of one request, each from a
     fresh state; the static forward's `eager` counts the decoding's eager forwards only."""
-    model = loaded.model
+    model = loaded.runner
     out = []
     for steps in (HOST, params.device_steps):
-        model.static = StaticForward(model, bucket=256, max_width=16, mode="static")
+        model.enable_graphs(bucket=256, max_width=16, mode="static")
         try:
             p = SuperposedParams(**{**params.__dict__, "device_steps": steps})
             state = make_state()
@@ -44,7 +43,7 @@ def _both(loaded, make_state, k, rules, params, **kwargs):
             out.append(superposed_drafts(state, k, rules, params=p, **kwargs))
             static.eager -= eager  # what decoding passed back to the eager path
         finally:
-            model.static = None
+            model.disable_graphs()
     return out[0], out[1], static
 
 
@@ -157,7 +156,7 @@ def test_one_draft_on_the_device_is_the_host_loop(tiny, max_lines):
         index.add("doc", tok.encode(prefix * 3))
         for params in PARAMS:
             def make():
-                doc = Document(tiny.model, tok, prefix, head=doc_start_ids(tok, cfg))  # noqa: B023
+                doc = Document(tiny.runner, tok, prefix, head=doc_start_ids(tok, cfg))  # noqa: B023
                 return left_to_right(doc, len(prefix)).state()  # noqa: B023
 
             host, device, static = _both(tiny, make, 1, rules, params, ngram_index=index, corpus=corpus)
@@ -177,7 +176,7 @@ def test_device_drafts_equal_host_drafts(default, k, max_lines):
     """Chains of device steps (resets between them, the latency budget, n-grams from the
     workspace and the shipped corpus) return the host loop's drafts, token for token, wherever
     the host merged no two drafts of equal text (the one documented difference)."""
-    tok, model = default.tokenizer, default.model
+    tok, model = default.tokenizer, default.runner
     corpus = NgramTable.load(DEFAULT_MODEL_DIR / "ngram.npz")
     rules = StopRules(max_tokens=20, max_lines=max_lines)
     cursors = [CODE.index(s) + len(s) for s in ("with open(path) as f:\n        ", "return os.", "def ", "self.")]
@@ -208,7 +207,7 @@ def test_device_drafts_equal_host_drafts(default, k, max_lines):
 def test_default_model_views_on_the_device(default, view):
     """The server's path: a document's view, healing first on the host, then device chains with
     the document's n-grams and the shipped corpus table."""
-    tok, model = default.tokenizer, default.model
+    tok, model = default.tokenizer, default.runner
     text = ("import os\n\n\ndef read(path):\n    with open(path) as f:\n        return f.read()\n\n\n"
             "def write(path, text):\n    with open(path, 'w') as f:\n        \n")
     corpus = NgramTable.load(DEFAULT_MODEL_DIR / "ngram.npz")
@@ -234,7 +233,7 @@ def test_healing_steps_run_on_the_device(tiny):
     assert healed_left_to_right_ids(tok, cfg, text)[1]
 
     def make():
-        doc = Document(tiny.model, tok, text, head=doc_start_ids(tok, cfg))
+        doc = Document(tiny.runner, tok, text, head=doc_start_ids(tok, cfg))
         view = left_to_right(doc, len(text))
         assert view.state().heal
         return view.state()
@@ -248,8 +247,8 @@ def test_healing_steps_run_on_the_device(tiny):
 
 def test_cancel_between_chains(tiny):
     tok, cfg = tiny.tokenizer, tiny.config
-    model = tiny.model
-    model.static = StaticForward(model, bucket=256, max_width=16, mode="static")
+    model = tiny.runner
+    model.enable_graphs(bucket=256, max_width=16, mode="static")
     calls = []
     try:
         rules = StopRules(max_tokens=20, max_lines=None, should_stop=lambda: calls.append(1) or len(calls) > 1)
@@ -257,7 +256,7 @@ def test_cancel_between_chains(tiny):
         state = left_to_right(doc, len(PROMPTS[2])).state()
         out = superposed_drafts(state, 3, rules, params=SuperposedParams(device_steps=3, finish_ratio=None))
     finally:
-        model.static = None
+        model.disable_graphs()
     assert out.stats.device_steps == 3  # one chain, then the cancel
     assert out.drafts and all(d.stop_reason in ("cancelled", "stop_token", "max_tokens") for d in out.drafts)
     assert any(d.stop_reason == "cancelled" and len(d.ids) == 3 for d in out.drafts)
@@ -269,7 +268,7 @@ def test_device_chains_replay_graphs():
     """On CUDA each device step is one replayed graph (the forward with the selection); its drafts
     are the host loop's (fp32)."""
     loaded = load_model(None, device="cuda", dtype="float32")
-    tok, model = loaded.tokenizer, loaded.model
+    tok, model = loaded.tokenizer, loaded.runner
     text = ("import os\n\n\ndef read(path):\n    with open(path) as f:\n        return f.read()\n\n\n"
             "def write(path, text):\n    with open(path, 'w') as f:\n        \n")
     corpus = NgramTable.load(DEFAULT_MODEL_DIR / "ngram.npz")
@@ -318,19 +317,19 @@ def test_chains_have_no_clock_and_no_text_rule(default):
     """The tables `token_rules` derives from the drafts' Output hold neither the multi-line time
     limit nor `stop_text`: chains run to the token limit past a deadline (as before there was
     one), and `stop_text` keeps a request on the host loop."""
-    tok, model = default.tokenizer, default.model
+    tok, model = default.tokenizer, default.runner
     text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n"
     runs = {}
     for name, deadline, stop_text in (("free", None, None), ("passed", 0.0, None),
                                       ("text", None, lambda text: 3 if len(text) >= 3 else None)):
-        model.static = StaticForward(model, bucket=256, max_width=16, mode="static")
+        model.enable_graphs(bucket=256, max_width=16, mode="static")
         try:
             doc = Document(model, tok, text, head=doc_start_ids(tok, default.config))
             runs[name] = superposed_drafts(left_to_right(doc, len(text)).state(), 3,
                                            StopRules(max_tokens=24, max_lines=None, lines_until=deadline),
                                            stop_text=stop_text)
         finally:
-            model.static = None
+            model.disable_graphs()
     _same(runs["free"], runs["passed"])
     assert any("\n" in d.text.strip() for d in runs["passed"].drafts)  # where the host loop would have cut
     assert runs["passed"].stats.device_steps > 0 and runs["text"].stats.device_steps == 0

@@ -163,21 +163,19 @@ def test_several_drafts_by_beam_search_when_it_is_on(trained):
 def test_beam_search_by_default_only_where_graphs_replay(trained):
     """Unset, the beam search setting follows the forwards: superposed decoding on the CPU (no
     graphs; the static forward run eagerly does not count), the setting itself when given."""
-    from editkv.engine.static_decode import enable_graphs
 
     assert ModelBackend(trained).beam is False
     assert ModelBackend(trained, decoding=DecodingOptions(beam=True)).beam is True
-    enable_graphs(trained.model, mode="static")
+    trained.runner.enable_graphs(mode="static")
     try:
         assert ModelBackend(trained).beam is False
     finally:
-        trained.model.static = None
+        trained.runner.disable_graphs()
 
 
 def test_beam_search_runs_on_the_static_forward_with_the_same_drafts(trained):
     """With the graph path's static forward (as on a GPU), the beams are lanes of the view's
     scratch, one static forward per step: the same drafts as the eager batch cache."""
-    from editkv.engine.static_decode import enable_graphs
 
     eager = ModelBackend(trained, decoding=DecodingOptions(beam=True))
     answers = {}
@@ -186,7 +184,7 @@ def test_beam_search_runs_on_the_static_forward_with_the_same_drafts(trained):
         result = eager.complete(_request(uri, text, cursor, max_tokens=16, num_drafts=3))
         assert result.stats["beam_lanes"] is False
         answers[uri] = [(d.text, d.score) for d in result.drafts]
-    static = enable_graphs(trained.model, mode="static")
+    static = trained.runner.enable_graphs(mode="static")
     try:
         backend = ModelBackend(trained, decoding=DecodingOptions(beam=True))
         for uri, text, cursor, _ in _contexts(3):
@@ -198,7 +196,7 @@ def test_beam_search_runs_on_the_static_forward_with_the_same_drafts(trained):
             assert [t for t, _ in got] == [t for t, _ in answers[uri]]
             assert [s for _, s in got] == pytest.approx([s for _, s in answers[uri]], abs=1e-3)
     finally:
-        trained.model.static = None
+        trained.runner.disable_graphs()
 
 
 def test_a_multiline_suggestion_ends_at_a_line_end_past_its_time_limit(trained):
@@ -318,7 +316,7 @@ def test_idle_refresh_makes_stale_tokens_exact_most_recent_document_first(tmp_pa
     def error():
         view = left_to_right(a, cursor, max_new_tokens=4)
         assert len(view.prompt_ids) + view.scratch.capacity < tiny.config.max_position_embeddings
-        exact = prefill(tiny.model, view.prompt_ids, tiny.model.new_cache(len(view.prompt_ids)))
+        exact = prefill(tiny.runner, view.prompt_ids, tiny.runner.new_cache(len(view.prompt_ids)))
         return (view.first_logits - exact).abs().max().item()
 
     assert error() > 1e-3  # stale keys: close to a fresh prefill, not equal
@@ -494,6 +492,6 @@ def test_device_stats_for_editkv_stats_off_cuda(tmp_path, monkeypatch):
     monkeypatch.setenv("EDITKV_KV_POOL", "1")
     backend = ModelBackend(tiny, budget_bytes=1 << 20)
     stats = backend.device_stats()
-    assert stats["kv_pool_bytes"] == tiny.model.kv_pool.buffer.nbytes() and 0 < stats["kv_pool_bytes"] <= 1 << 20
+    assert stats["kv_pool_bytes"] == tiny.runner.kv_pool.buffer.nbytes() and 0 < stats["kv_pool_bytes"] <= 1 << 20
     assert stats["device_allocated_bytes"] is stats["device_max_allocated_bytes"] is stats["graph_captures"] is None
     assert FakeBackend().device_stats() == dict.fromkeys(DEVICE_STATS)

@@ -25,7 +25,7 @@ def tracking_factory(make):
     def factory(settings):
         alive.append([ref() is not None for ref in built])
         backend = make(settings)
-        built.append(weakref.ref(backend.loaded.model))
+        built.append(weakref.ref(backend.loaded.runner))
         built.append(weakref.ref(backend.loaded.tokenizer))
         return backend
 
@@ -67,7 +67,7 @@ def test_a_reload_of_the_default_model_on_cuda_peaks_at_one_model():
     try:
         settings = Settings(device="cuda", max_tokens=8)
         assert worker.load(settings).result(300)[0]
-        weights = sum(p.numel() * p.element_size() for p in worker.backend.loaded.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in worker.backend.loaded.runner.model.parameters())
         worker.open(URI, TEXT * 20, "python")
         assert complete(worker).status == "served"
         gc.collect()

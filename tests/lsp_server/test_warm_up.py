@@ -9,7 +9,6 @@ takes several; and the warm-up leaves no trace but the graphs.
 import pytest
 from editkv.edit_cache.positions import Position, Range
 from editkv.engine.loading import load_model
-from editkv.engine.static_decode import enable_graphs
 from editkv.lsp_server import warm_up
 from editkv.lsp_server.backend import CompletionRequest, ModelBackend
 
@@ -46,9 +45,9 @@ def static_backend(monkeypatch):
     def make():
         for old in made:
             old.release()
-        static = enable_graphs(loaded.model, mode="static", max_width=MAX_WIDTH)
+        static = loaded.runner.enable_graphs(mode="static", max_width=MAX_WIDTH)
         backend = ModelBackend(loaded, budget_bytes=32 << 20)
-        assert loaded.model.kv_pool is not None
+        assert loaded.runner.kv_pool is not None
         made.append(backend)
         return backend, static
 
@@ -113,7 +112,7 @@ def test_after_the_warm_up_a_session_captures_no_cuda_graph():
     loaded = load_model(None, device="cuda")
     backend = ModelBackend(loaded)
     try:
-        assert backend.graphs_replay() and loaded.model.kv_pool is not None
+        assert backend.graphs_replay() and loaded.runner.kv_pool is not None
         report = backend.warm_up(max_bucket=2048)
         assert report["buckets"] == [1024, 2048] and report["graphs"] > 2 * len(warm_up.shapes(256))
         captured, answers = _session(backend)

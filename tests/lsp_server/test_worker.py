@@ -289,7 +289,6 @@ def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tm
     background work only once the user has been idle for idle_refresh_ms: a capture can't stop
     halfway, so the short quiet that urgent work takes (URGENT_QUIET_MS) is not enough."""
     from editkv.engine.loading import load_model
-    from editkv.engine.static_decode import enable_graphs
     from editkv.lsp_server import backend as backend_module
     from editkv.lsp_server.backend import ModelBackend
     from editkv.lsp_server.worker import cache_options
@@ -299,7 +298,7 @@ def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tm
     clock = Clock()
     settings = Settings(idle_refresh_ms=200)  # real timers fire; idleness is the test's clock's
     loaded = load_model(make_checkpoint(tmp_path / "m", "llama"))
-    static = enable_graphs(loaded.model, mode="static")
+    static = loaded.runner.enable_graphs(mode="static")
     backend = ModelBackend(loaded, **cache_options(settings))
     assert static.defer_captures  # background work on: captures wait for it
     with _serving_a_file(backend, settings, clock) as (w, doc):  # text after the cursor left for later

@@ -162,7 +162,7 @@ def speculative_decode(
 
     `references`: token sequences to copy from besides the prompt (the suffix in a
     left-to-right view, other open documents, shown suggestions). Greedy decoding on graphed
-    forwards (`model.static`) runs the steps it has nothing to draft for as device-side chains
+    forwards (the runner's `static`) runs the steps it has nothing to draft for as device-side chains
     of `config.chain_steps` plain steps (counted as `chained`, not as verifications). Counters go to
     `stats.extra` (`SpecCounters.read`). Cancellation (`should_stop`) is polled before each
     forward, so a cancelled request may hold more tokens than plain decoding's.
