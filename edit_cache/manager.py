@@ -21,6 +21,7 @@ from editkv.edit_cache.document import Document, DocumentOptions
 from editkv.edit_cache.positions import Range, line_starts
 from editkv.edit_cache.tokens import TokenEdit, is_line_local
 from editkv.engine.config import ModelConfig
+from editkv.engine.model import KVCache
 from editkv.engine.prompting import doc_start_ids
 from editkv.engine.runner import ModelRunner
 from editkv.engine.tokenizer import Tokenizer
@@ -151,6 +152,19 @@ class DocumentCache:
             if key != keep and doc.is_encoded:
                 doc.drop_kv()
                 self.evictions += 1
+
+    def reclaim(self, keep: KVCache | None = None) -> bool:
+        """Drop the least recently used document's KV whose cache is a region of a KV pool, other
+        than `keep`; whether one was dropped. The pool calls it when a region can't fit
+        (engine/kv_pool.py: `KVPool.reclaim`), so that a document fits the pool after an eviction
+        instead of leaving it for a buffer of its own."""
+        for doc in self.docs.values():  # least recently used first
+            cache = doc.cache
+            if cache is not None and cache is not keep and cache.pool is not None and doc.is_encoded:
+                doc.drop_kv()
+                self.evictions += 1
+                return True
+        return False
 
     def refresh_idle(self, max_tokens: int, should_stop: Callable[[], bool] | None = None) -> int:
         """Background work, up to `max_tokens` tokens (in chunks that poll `should_stop`): first

@@ -11,9 +11,12 @@ its `k`, `v` are views of the pool's. Regions are carved first-fit from a sorted
 runs; one that must grow takes the free run right after it when there is one, else moves to a
 new region (its kept slots copied), and when the pool has no run large enough it leaves the pool
 for a buffer of its own (still correct; its forwards replay graphs of their own, as before the
-pool). A region goes back to the free list when its last reference goes (a finalizer), so
-callers never free by hand. The pool's last slot belongs to no region: the static forward's
-padding rows write there.
+pool). When no free run is large enough, the pool asks its owner to give something back first
+(`reclaim`: the document cache evicts its least recently used document), so that a document that
+would fit after an eviction does not leave the pool (a buffer of its own replays graphs of its
+own, captured on keystrokes: session 16's 50-document H100 replay). A region goes back to the
+free list when its last reference goes (a finalizer), so callers never free by hand. The pool's
+last slot belongs to no region: the static forward's padding rows write there.
 
 Windows of a region (a view's scratch) lie inside it and hold it alive. A region that moves
 while a window of it is alive leaves that window pointing at the old slots: regions grow only in
@@ -25,6 +28,7 @@ from __future__ import annotations
 import bisect
 import os
 import weakref
+from collections.abc import Callable
 
 import torch
 from editkv.engine.config import ModelConfig
@@ -44,6 +48,10 @@ class KVPool:
         self.allocations = 0
         self.moves = 0  # regions moved to grow
         self.left = 0  # regions that could not fit and took a buffer of their own
+        self.reclaims = 0  # times `reclaim` gave slots back so that a region could fit
+        # the owner's hook for a pool without room: reclaim(keep) drops one cache other than `keep`
+        # (a region growing; None when allocating) and says whether it did; None: no owner
+        self.reclaim: Callable[[KVCache | None], bool] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,6 +64,8 @@ class KVPool:
         """A zeroed region of `capacity` slots, or None when no free run is that large."""
         self._collect()
         start = self._take(capacity)
+        while start is None and self._reclaimed(None):
+            start = self._take(capacity)
         if start is None:
             return None
         region = KVCache(*self._views(start, capacity), self.buffer, start, pool=self)
@@ -79,18 +89,23 @@ class KVPool:
             record[1] = capacity
             region.k, region.v = self._views(start, capacity)
             return True
-        grown = self._extend(start + size, capacity - size, needed - size)
+        while True:  # in place, else moved, else once more after the owner gave something back
+            grown = self._extend(start + size, capacity - size, needed - size)
+            if grown is not None:
+                break
+            for want in (capacity, needed):
+                new = self._take(want)
+                if new is not None:
+                    break
+            if new is not None or not self._reclaimed(region):
+                break
         if grown is not None:
             self.buffer.k[:, :, :, start + size : start + size + grown].zero_()
             self.buffer.v[:, :, :, start + size : start + size + grown].zero_()
             record[1] = size + grown
             region.k, region.v = self._views(start, size + grown)
             return True
-        for want in (capacity, needed):
-            new = self._take(want)
-            if new is not None:
-                break
-        else:
+        if new is None:
             self.left += 1
             return False
         k, v = self._views(new, want)
@@ -110,6 +125,14 @@ class KVPool:
         if record[1]:
             self._give(record[0], record[1])
             record[1] = 0  # the finalizer, when it runs, gives nothing back
+
+    def _reclaimed(self, keep: KVCache | None) -> bool:
+        """Whether the owner gave slots back (then merged into the free runs) for want of room."""
+        if self.reclaim is None or not self.reclaim(keep):
+            return False
+        self._collect()
+        self.reclaims += 1
+        return True
 
     def used_slots(self) -> int:
         self._collect()

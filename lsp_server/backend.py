@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,8 +336,12 @@ class ModelBackend(Backend):
 
     def _install_pool(self) -> None:
         """One KV pool (the KV budget's size) that every document's cache is a region of, when the
-        model replays CUDA graphs: then graphs serve every document (engine/kv_pool.py)."""
-        self.loaded.runner.install_pool(self.cache.budget_bytes)
+        model replays CUDA graphs: then graphs serve every document (engine/kv_pool.py). A pool
+        without room for a document asks the cache to evict its least recently used one first."""
+        pool = self.loaded.runner.install_pool(self.cache.budget_bytes)
+        if pool is not None:
+            cache = weakref.ref(self.cache)  # (the pool outlives no cache it would keep alive)
+            pool.reclaim = lambda keep: (owner := cache()) is not None and owner.reclaim(keep)
 
     def pending_captures(self) -> int:
         static = self.loaded.runner.static

@@ -78,3 +78,29 @@ def test_install_sizes_the_pool_from_the_budget_and_only_when_wanted(config, tmp
     assert model.new_cache(pool.slots + 1).pool is None  # too large: a buffer of its own
     monkeypatch.setenv("EDITKV_KV_POOL", "0")
     assert model.install_pool(1 << 20) is None and model.kv_pool is None
+
+
+def test_a_pool_without_room_asks_its_owner_to_give_back_before_sending_a_region_away(config):
+    pool = KVPool(config, 100, dtype=torch.float32, device="cpu")
+    held = {"a": pool.allocate(40), "b": pool.allocate(40)}
+    asked = []
+
+    def reclaim(keep):  # the owner drops its oldest region that is not `keep`
+        asked.append(keep)
+        for name, region in held.items():
+            if region is not keep:
+                del held[name]
+                return True
+        return False
+
+    pool.reclaim = reclaim
+    c = pool.allocate(30)  # 20 free: "a" goes, then it fits where "a" was
+    assert c is not None and c.pool is pool and c.offset == 0 and asked == [None] and list(held) == ["b"]
+    assert pool.reclaims == 1 and pool.left == 0
+    held["c"] = c
+    _fill(c, 3.0)
+    c.ensure_capacity(60, keep=30)  # blocked by b, no free run of 60: b goes (never c itself), then c grows
+    assert asked[-1] is c and list(held) == ["c"] and pool.reclaims == 2
+    assert c.pool is pool and c.capacity >= 60 and c.k[:, :, :, :30].eq(3).all()
+    c.ensure_capacity(500, keep=30)  # nothing left to give back: a buffer of its own, slots kept
+    assert c.pool is None and pool.left == 1 and c.k[:, :, :, :30].eq(3).all()

@@ -495,3 +495,38 @@ def test_device_stats_for_editkv_stats_off_cuda(tmp_path, monkeypatch):
     assert stats["kv_pool_bytes"] == tiny.runner.kv_pool.buffer.nbytes() and 0 < stats["kv_pool_bytes"] <= 1 << 20
     assert stats["device_allocated_bytes"] is stats["device_max_allocated_bytes"] is stats["graph_captures"] is None
     assert FakeBackend().device_stats() == dict.fromkeys(DEVICE_STATS)
+
+
+
+def test_a_document_that_fits_the_pool_after_an_eviction_stays_in_the_pool(trained, monkeypatch):
+    """One KV pool of the budget's size: a document opened when it is full evicts the least
+    recently used one first, instead of leaving the pool for a buffer of its own (whose graphs
+    would be captured for it alone), and answers as a backend with room for every file does."""
+    from editkv.lsp_server import warm_up
+
+    texts = [warm_up.source_text(trained.tokenizer, 700).replace("step_", f"s{i}_") for i in range(4)]
+    cursors = [t.index("    return total", len(t) // 2) + len("    return ") for t in texts]
+
+    def session(backend, check=lambda: None):
+        answers = []
+        for i, (text, cursor) in enumerate(zip(texts, cursors, strict=True)):
+            uri = f"file:///pool/{i}.py"
+            backend.open(uri, text)
+            answers.append(backend.complete(_request(uri, text, cursor, max_tokens=8)).drafts[0].text)
+            check()
+        backend.release()
+        return answers
+
+    monkeypatch.setenv("EDITKV_KV_POOL", "1")
+    slot = trained.runner.new_cache(1).slot_bytes()
+    backend = ModelBackend(trained, budget_bytes=2600 * slot)  # room for two such files, not three
+    pool = trained.runner.kv_pool
+
+    def in_the_pool():
+        docs = [d for d in backend.cache.docs.values() if d.cache is not None]
+        assert docs and all(d.cache.pool is pool for d in docs), "a document left the pool"
+
+    pooled = session(backend, in_the_pool)
+    assert pool.left == 0 and pool.reclaims >= 2 and backend.cache.evictions >= 2
+    monkeypatch.setenv("EDITKV_KV_POOL", "0")
+    assert session(ModelBackend(trained)) == pooled and any(pooled)
