@@ -155,10 +155,11 @@ class DocumentCache:
 
     def reclaim(self, keep: KVCache | None = None) -> bool:
         """Drop the least recently used document's KV whose cache is a region of a KV pool, other
-        than `keep`; whether one was dropped. The pool calls it when a region can't fit
-        (engine/kv_pool.py: `KVPool.reclaim`), so that a document fits the pool after an eviction
-        instead of leaving it for a buffer of its own."""
-        for doc in self.docs.values():  # least recently used first
+        than `keep` and never the most recently used document's (the one a request is being
+        served for: its views may be taking scratch buffers); whether one was dropped. The pool
+        calls it when a region can't fit (engine/kv_pool.py: `KVPool.reclaim`), so that a document
+        fits the pool after an eviction instead of leaving it for a buffer of its own."""
+        for doc in list(self.docs.values())[:-1]:  # least recently used first
             cache = doc.cache
             if cache is not None and cache is not keep and cache.pool is not None and doc.is_encoded:
                 doc.drop_kv()

@@ -52,3 +52,27 @@ def test_unknown_document_is_a_clear_error(simulated):
     cache.close("x")
     with pytest.raises(UnknownDocument):
         cache.prepare("x")
+
+
+def test_the_pool_reclaims_least_recently_used_first_and_never_the_current_document(simulated):
+    """`reclaim` (what a full KV pool calls before a region would leave it): the least recently
+    used pooled document goes; never the one a request is being served for (the most recent)."""
+    from editkv.engine.kv_pool import KVPool
+
+    runner = simulated.model
+    pool = KVPool(runner.config, 4096, dtype=runner.dtype, device="cpu")
+    runner.use_pool(pool)
+    try:
+        cache = _manager(simulated, None)
+        cache.open("a", TEXT)
+        cache.prepare("a")
+        assert cache.get("a").cache.pool is pool
+        assert not cache.reclaim() and cache.get("a").is_encoded  # the only, so the current one: kept
+        for key in "bc":
+            cache.open(key, TEXT)
+            cache.prepare(key)
+        assert cache.reclaim() and not cache.get("a").is_encoded  # least recently used first
+        assert not cache.reclaim(keep=cache.get("b").cache)  # "b" kept as asked, "c" is the current one
+        assert cache.get("b").is_encoded and cache.get("c").is_encoded and cache.evictions == 1
+    finally:
+        runner.use_pool(None)
