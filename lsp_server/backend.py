@@ -340,7 +340,7 @@ class ModelBackend(Backend):
         without room for a document asks the cache to evict its least recently used one first."""
         pool = self.loaded.runner.install_pool(self.cache.budget_bytes)
         if pool is not None:
-            cache = weakref.ref(self.cache)  # (the pool outlives no cache it would keep alive)
+            cache = weakref.ref(self.cache)  # weak: the pool must not keep a released backend's documents
             pool.reclaim = lambda keep: (owner := cache()) is not None and owner.reclaim(keep)
 
     def pending_captures(self) -> int:
