@@ -15,9 +15,9 @@ pool). When no free run is large enough, the pool asks its owner to give somethi
 (`reclaim`: the document cache evicts its least recently used document), so that a document that
 would fit after an eviction does not leave the pool (a buffer of its own replays graphs of its
 own, captured on keystrokes: likely most of the captures after the warm-up in session 16's
-50-document H100 replay). A region goes back to the
-free list when its last reference goes (a finalizer), so callers never free by hand. The pool's
-last slot belongs to no region: the static forward's padding rows write there.
+50-document H100 replay). A region goes back to the free list when its last reference goes (a
+finalizer), so callers never free by hand. The pool's last slot belongs to no region: the static
+forward's padding rows write there.
 
 Windows of a region (a view's scratch) lie inside it and hold it alive. A region that moves
 while a window of it is alive leaves that window pointing at the old slots: regions grow only in
