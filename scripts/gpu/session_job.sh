@@ -102,6 +102,12 @@ if [ -x $PEER ] && [ "${LINES_LLAMA:-1}" = 1 ] && [ ! -f /root/stop2 ]; then
     --methods default,llama --pace lines --json $R/lines_llama_gpu.json > $R/lines_llama_gpu.txt 2>&1
   log "lines rc=$?"
 fi
+if [ "${ML_AB:-0}" = 1 ]; then  # issue 21's tail: multi-line decodes at a new line, multilineMs 30 (default) against 20
+  log "served replay, human pace, multilineMs 20 against the default"
+  timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
+    --methods default --method-settings 'ml20={"multilineMs": 20}' --pace human --json $R/replay_ml20.json > $R/replay_ml20.txt 2>&1
+  log "replay (multilineMs) rc=$?"
+fi
 if [ "${CHUNK_AB:-0}" = 1 ]; then  # the same replay with big eager chunks for a file's first encoding
   log "served replay, human pace, EDITKV_ENCODE_CHUNK=2048"
   EDITKV_ENCODE_CHUNK=2048 timeout 200 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz \
