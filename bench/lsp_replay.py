@@ -205,14 +205,28 @@ class Case:
 
 
 @dataclass
-class KeyRow:
-    """One keystroke of one replay."""
+class Where:
+    """Where a row was measured: the pace, the method, the record and its file-size / edit-position groups."""
 
     pace: str
     method: str
     record: str
     bucket: str
     position: str
+
+
+@dataclass
+class ScoredLine(Where):
+    """A scored line of one replay: the keystroke it was asked at and the line the user then typed."""
+
+    key: int
+    expected: str
+
+
+@dataclass
+class KeyRow(Where):
+    """One keystroke of one replay."""
+
     index: int
     label: str
     outcome: str  # replay.KeyRecord outcomes: shown, empty, dropped, cancelled, error, pending
@@ -224,29 +238,17 @@ class KeyRow:
 
 
 @dataclass
-class OpenRow:
+class OpenRow(Where):
     """The first request after a record's file was opened (untimed among the keystrokes)."""
 
-    pace: str
-    method: str
-    record: str
-    bucket: str
-    position: str
     tokens: int
     first_ms: float | None  # didOpen's request at the first keystroke's position -> its answer
 
 
 @dataclass
-class LineRow:
+class LineRow(ScoredLine):
     """One scored line of one replay."""
 
-    pace: str
-    method: str
-    record: str
-    bucket: str
-    position: str
-    key: int
-    expected: str
     suggestion: str  # the first line of what was shown ("" when nothing was)
     shown: bool
     em: float
@@ -255,16 +257,9 @@ class LineRow:
 
 
 @dataclass
-class DropdownRow:
+class DropdownRow(ScoredLine):
     """The dropdown (textDocument/completion, invoked) at one scored line of one replay (--dropdown)."""
 
-    pace: str
-    method: str
-    record: str
-    bucket: str
-    position: str
-    key: int
-    expected: str
     outcome: str  # "answered" (a list, maybe empty), "cancelled", "error", "timed_out"
     latency_ms: float | None  # request sent -> its answer
     items: int  # the answer's items (0 unless answered)
@@ -762,7 +757,7 @@ def _late(records: list[KeyRecord], i: int) -> bool:
 # ---- summaries ----------------------------------------------------------------------------------
 
 
-def groups_of(row: KeyRow | LineRow | DropdownRow) -> list[str]:
+def groups_of(row: Where) -> list[str]:
     return ["all", f"size {row.bucket}", f"pos {row.position}"]
 
 
