@@ -76,6 +76,12 @@ timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev15
   --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer.log \
   --methods $M --pace human --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
 log "replay rc=$?"
+if [ "${ML_AB:-0}" = 1 ]; then  # issue 21's tail: multi-line decodes at a new line, multilineMs 30 (default) against 20
+  log "served replay, human pace, multilineMs 20 against the default"
+  timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
+    --methods default --method-settings 'ml20={"multilineMs": 20}' --pace human --json $R/replay_ml20.json > $R/replay_ml20.txt 2>&1
+  log "replay (multilineMs) rc=$?"
+fi
 [ "${HOP:-0}" = 1 ] && [ "${HOP_FIRST:-0}" = 0 ] && hop  # issue 24: 50 open documents, typed into in turns; the warm-up at load against none
 if [ "${DD:-0}" = 1 ]; then  # issue 22: the dropdown through editkv lsp (textDocument/completion), beam against superposed
   log "served dropdown through editkv lsp (lines pace, beam vs superposed)"
@@ -101,12 +107,6 @@ if [ -x $PEER ] && [ "${LINES_LLAMA:-1}" = 1 ] && [ ! -f /root/stop2 ]; then
     --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer_lines.log \
     --methods default,llama --pace lines --json $R/lines_llama_gpu.json > $R/lines_llama_gpu.txt 2>&1
   log "lines rc=$?"
-fi
-if [ "${ML_AB:-0}" = 1 ]; then  # issue 21's tail: multi-line decodes at a new line, multilineMs 30 (default) against 20
-  log "served replay, human pace, multilineMs 20 against the default"
-  timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
-    --methods default --method-settings 'ml20={"multilineMs": 20}' --pace human --json $R/replay_ml20.json > $R/replay_ml20.txt 2>&1
-  log "replay (multilineMs) rc=$?"
 fi
 if [ "${CHUNK_AB:-0}" = 1 ]; then  # the same replay with big eager chunks for a file's first encoding
   log "served replay, human pace, EDITKV_ENCODE_CHUNK=2048"
