@@ -43,7 +43,6 @@ from editkv.edit_cache.tokens import TokenEdit, TokenizedText
 from editkv.engine import faults
 from editkv.engine.generate import prefill
 from editkv.engine.model import KVCache, Span, Transformer
-from editkv.engine.pacing import Pacer
 from editkv.engine.runner import ModelRunner
 from editkv.engine.tokenizer import Tokenizer
 from editkv.kernels.rerotate import move_rerotate
@@ -209,8 +208,9 @@ class Document:
         return self.end_slot if window is None else max(self.end_slot, window.start + window.size)
 
     @classmethod
-    def create_simulated(cls, text: str = "", **kwargs) -> Document:
-        """A CPU document over a tiny random Llama model, for tests that need no real weights."""
+    def create_simulated(cls, text: str = "", device: str = "cpu", **kwargs) -> Document:
+        """A document over a tiny random Llama model (on the CPU unless `device`), for tests that
+        need no real weights."""
         from editkv.engine.config import ModelConfig
 
         config = ModelConfig(family="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -218,7 +218,7 @@ class Document:
         from editkv.engine.training.bpe import train_tokenizer
 
         torch.manual_seed(0)
-        model = ModelRunner(Transformer(config).eval())
+        model = ModelRunner(Transformer(config).eval().to(device))
         sample = ["def f(x):\n    return x + 1\n", "class A:\n\tpass\r\n", "é 😀 ✓ = [1, 2]\n"] * 50
         tokenizer = Tokenizer(train_tokenizer(sample, vocab_size=config.vocab_size))
         return cls(model, tokenizer, text, head=[tokenizer.fim.prefix], **kwargs)
@@ -441,7 +441,7 @@ class Document:
         follow = follow and self.gap_at == self.frontier
         # the request path takes every token in one prefill, which sizes its own forwards
         step = encode_chunk(self.model) if should_stop is not None else self.options.prefill_chunk or max(1, upto)
-        pacer = Pacer(self.cache.device) if should_stop is not None else None  # see engine/pacing.py
+        pacer = self.model.pacer if should_stop is not None else None  # see engine/pacing.py
         while self.frontier < upto:
             if should_stop is not None and should_stop():
                 return False
@@ -735,7 +735,7 @@ class Document:
             self._encode(first, last)
             return last - first
         done, step = first, encode_chunk(self.model)
-        pacer = Pacer(self.cache.device)  # the device at most one chunk behind (engine/pacing.py)
+        pacer = self.model.pacer  # the device at most one chunk behind (engine/pacing.py)
         while done < last and not should_stop():
             hi = min(last, done + step)
             self._encode(done, hi)

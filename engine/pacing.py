@@ -9,6 +9,12 @@ before the device has run the first: a request arriving meanwhile then waits beh
 instead of ~15). The pacer waits, after queueing chunk i, until chunk i-1 is done, so a stop
 leaves at most one chunk for the next request to wait behind, and the device is never idle
 between chunks. On the CPU every forward has run when it returns: nothing to wait for.
+
+One pacer serves every loop on a device (`ModelRunner.pacer`): background work comes as jobs of one
+256-token chunk each (lsp_server/worker.py), so a pacer per loop never waited, and the H100 replay
+of session 17 still queued 3,500-4,700 tokens between keystrokes 100 ms apart (those keystrokes
+55-68 ms against 10-25 ms of their own work). Shared, the next job's first chunk waits for the
+last one's.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ class Pacer:
     """Call `step()` after queueing each chunk of work on `device`'s current stream."""
 
     def __init__(self, device: torch.device | str) -> None:
-        self._cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
         self._last: torch.cuda.Event | None = None
+        self.steps = 0  # chunks queued
         self.waits = 0  # steps that waited for an earlier chunk (for tests and stats)
 
     def step(self) -> None:
+        self.steps += 1
         if not self._cuda:
             return
         done = torch.cuda.Event()

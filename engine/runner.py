@@ -29,6 +29,7 @@ from editkv.engine import faults
 from editkv.engine.config import ModelConfig
 from editkv.engine.kv_pool import KVPool, pool_slots, wanted
 from editkv.engine.model import KVCache, Span, TokenGroup, Transformer, check_forward
+from editkv.engine.pacing import Pacer
 from editkv.engine.rope import Rotary
 from editkv.engine.static_decode import StaticForward
 
@@ -41,12 +42,13 @@ class ModelRunner:
 
     # no attributes beyond these: a setting meant for the model (`attention`, a patched `forward`)
     # set on the runner by mistake fails instead of being ignored
-    __slots__ = ("model", "_static", "_kv_pool", "__weakref__")
+    __slots__ = ("model", "_static", "_kv_pool", "_pacer", "__weakref__")
 
     def __init__(self, model: Transformer) -> None:
         self.model = model
         self._static: StaticForward | None = None
         self._kv_pool: KVPool | None = None
+        self._pacer: Pacer | None = None
         model.on_weights_replaced(self._weights_replaced)
 
     # ---- what callers read off the model ------------------------------------------------------
@@ -71,6 +73,15 @@ class ModelRunner:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of ids `[B, T]` -> `[B, T, hidden]` (the model's)."""
         return self.model.embed(ids)
+
+    @property
+    def pacer(self) -> Pacer:
+        """The one pacer of every interruptible encoding loop on this model's device: shared, so
+        that the host stays one chunk ahead across loops too (background jobs of one chunk each
+        would otherwise queue a chunk apiece without waiting; engine/pacing.py)."""
+        if self._pacer is None or self._pacer.device != self.device:
+            self._pacer = Pacer(self.device)
+        return self._pacer
 
     # ---- graphs -------------------------------------------------------------------------------
 

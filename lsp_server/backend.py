@@ -49,10 +49,14 @@ SUFFIX_TOKENS = 8192  # of the document after the cursor (left-to-right view)
 # static ops run eagerly (a 400-token FIM view 25-60 ms instead of ~5) for want of idle time to
 # capture them: p95 75 / p99 103 ms against 42 / 75 capturing at once.
 DEFER_CAPTURES = False
-# A multi-line suggestion's time limit by device (setting `multilineMs`): past it, decoding ends at the
-# next line end (llama.cpp's t_max_predict_ms is the same rule). On an H100 a 64-token block of Qwen2.5-
-# Coder-0.5B took up to 75 ms where one line takes ~10; the CPU's limit sits under its p95 target (300).
-MULTILINE_MS = {"cuda": 30, "cpu": 250}
+# A multi-line suggestion's time limit by device (setting `multilineMs`), counted from the request's
+# start: past it, decoding ends at the next line end (llama.cpp's t_max_predict_ms is the same rule).
+# On an H100 a 64-token block of Qwen2.5-Coder-0.5B took up to 75 ms where one line takes ~10. The
+# human-pace replay (session 17, BENCHMARKS.md) with 30: p99 64 ms, the tail keys at a new line or
+# `:` (multi-line decodes of ~42 tokens, 35-40 ms in the server); with 20: p99 49, the same
+# suggestion quality on every scored line, but those decodes ~18 tokens (a line or two, not three or
+# four). The CPU's limit sits under its p95 target (300).
+MULTILINE_MS = {"cuda": 20, "cpu": 250}
 # (tokens before, after the cursor; setting `windowTokens`): a request with more than twice as many
 # tokens before the cursor still without keys (a big file just opened) is answered from a window of
 # the text around the cursor, as llama.vscode always does (its prefix and suffix are 256 and 64

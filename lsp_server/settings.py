@@ -35,7 +35,7 @@ class Settings:
     multiline: str = "auto"  # "auto": several lines where a block starts; "never"; "always"
     max_lines: int = 8  # most lines of a multi-line suggestion
     # a multi-line suggestion ends at its first line end after this many ms from the request's start
-    # (the first line is always whole); None: 30 on a GPU, 250 on the CPU; 0: no time limit
+    # (the first line is always whole); None: 20 on a GPU, 250 on the CPU; 0: no time limit
     multiline_ms: int | None = None
     num_drafts: int = 3  # suggestions on an explicit invocation and in the dropdown
     debounce_ms: int = 40  # while keystrokes come faster than this (a burst), wait this long after the last

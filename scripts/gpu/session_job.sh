@@ -76,10 +76,10 @@ timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev15
   --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer.log \
   --methods $M --pace human --json $R/replay_qwen.json > $R/replay_qwen.txt 2>&1
 log "replay rc=$?"
-if [ "${ML_AB:-0}" = 1 ]; then  # issue 21's tail: multi-line decodes at a new line, multilineMs 30 (default) against 20
-  log "served replay, human pace, multilineMs 20 against the default"
+if [ "${ML_AB:-0}" = 1 ]; then  # issue 21's tail: multi-line decodes at a new line, multilineMs 20 (the default) against 30
+  log "served replay, human pace, multilineMs 30 (the default before session 17) against the default"
   timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
-    --methods default --method-settings 'ml20={"multilineMs": 20}' --pace human --json $R/replay_ml20.json > $R/replay_ml20.txt 2>&1
+    --methods default --method-settings 'ml30={"multilineMs": 30}' --pace human --json $R/replay_ml30.json > $R/replay_ml30.txt 2>&1
   log "replay (multilineMs) rc=$?"
 fi
 [ "${HOP:-0}" = 1 ] && [ "${HOP_FIRST:-0}" = 0 ] && hop  # issue 24: 50 open documents, typed into in turns; the warm-up at load against none
