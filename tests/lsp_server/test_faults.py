@@ -114,7 +114,10 @@ async def test_injected_faults_are_recovered_from_and_told_once(client: LspClien
     await steps.plan("replay@1=cuda")
     assert (await steps.complete(uri))["items"] is not None
     errors = await steps.new_errors()
-    assert len(errors) == 1 and "device error" in errors[0] and "CUDA graphs off" in errors[0], errors
+    # (on failure: which sites the request hit and what the server logged; on the H100 of session
+    # 17 this step once saw no error while the GPU test suite ran beside it, and passed alone)
+    assert len(errors) == 1 and "device error" in errors[0] and "CUDA graphs off" in errors[0], \
+        (errors, await steps.plan("none"), client.stderr_text()[-4000:])
     assert (await steps.intact(uri))["graphs"] is None
     assert (await steps.stats())["faults"]["device"] == 1
 
