@@ -845,6 +845,39 @@ def summarize_opens(opens: list[OpenRow]) -> list[dict]:
     return out
 
 
+SLOW_MS = 50.0  # issue 21's p99 target on the H100
+BUSY_TOKENS = 1000  # tokens the server ran through the model between the key before and this one
+
+
+def summarize_slow(keys: list[KeyRow], slow_ms: float = SLOW_MS) -> list[dict]:
+    """Per pace and method: the answered keystrokes slower than `slow_ms`, by the likeliest cause:
+    a file's first keystroke, a key after more than BUSY_TOKENS of work since the key before
+    (background work the key may have waited behind), a key at a line start or a `:` (where a
+    multi-line suggestion is decoded), or none of these."""
+    before: dict[tuple, KeyRow] = {}
+    cells: dict[tuple[str, str], dict] = {}
+    for k in keys:
+        where = (k.pace, k.method, k.record, k.round)
+        prev, before[where] = before.get(where), k
+        cell = cells.setdefault((k.pace, k.method), {"pace": k.pace, "method": k.method, "keys": 0, "slow": 0,
+                                                     "first_key": 0, "after_work": 0, "line_start": 0, "other": 0})
+        if k.outcome not in ANSWERED or k.latency_ms is None:
+            continue
+        cell["keys"] += 1
+        if k.latency_ms <= slow_ms:
+            continue
+        cell["slow"] += 1
+        if prev is None:
+            cell["first_key"] += 1
+        elif (prev.encoded_tokens or 0) > BUSY_TOKENS:
+            cell["after_work"] += 1
+        elif k.label.startswith("\u23ce") or k.label.endswith(":"):
+            cell["line_start"] += 1
+        else:
+            cell["other"] += 1
+    return list(cells.values())
+
+
 def summarize_dropdown(rows: list[DropdownRow]) -> list[dict]:
     """Per pace, method and group (as summarize's): dropdown requests, answered, latency of the
     answered, the mean number of items per answer; first-item EM, best-of-k EM and best ES as means
@@ -913,6 +946,14 @@ def print_tables(result: dict) -> None:
                           _fmt(s["max_ms"], 0), s["max_tokens"]] for s in first],
                         f"first suggestion after opening a file (pace {pace['name']}): didOpen, then one request "
                         "at the first keystroke's position"))
+    slow = [s for s in result.get("slow_keys") or [] if s["slow"]]
+    if slow:
+        print(table(["pace", "method", "answered keys", f"over {SLOW_MS:.0f} ms", "a file's first key",
+                     f"after > {BUSY_TOKENS} tokens of work", "at a line start or `:`", "other"],
+                    [[s["pace"], s["method"], s["keys"], s["slow"], s["first_key"], s["after_work"], s["line_start"],
+                      s["other"]] for s in slow],
+                    f"keystrokes slower than {SLOW_MS:.0f} ms, by their likeliest cause (the work counted is the "
+                    "server's, from the key before to this one)"))
     dropdown = sorted(result.get("dropdown") or [],
                       key=lambda s: (s["pace"], group_order.index(s["group"]), order[s["method"]]))
     if dropdown:
@@ -934,9 +975,9 @@ def print_tables(result: dict) -> None:
                     "cached = timings.cache_n), and the client's other requests"))
     served = result.get("served_breakdown") or []
     if served:
-        print(table(["pace", "method", "requests sampled"] + [f"{n} mean / p95" for n in SERVED_FIELDS],
-                    [[r["pace"], r["method"], r["requests"]]
-                     + [f"{_fmt(r[f'{n}_mean'], 1)} / {_fmt(r[f'{n}_p95'], 1)}" for n in SERVED_FIELDS]
+        print(table(["pace", "method", "requests sampled", "typed along"] + [f"{n} mean / p95" for n in SERVED_FIELDS],
+                    [[r["pace"], r["method"], r["requests"], r.get("typed_along", 0)]
+                     + [f"{_fmt(r.get(f'{n}_mean'), 1)} / {_fmt(r.get(f'{n}_p95'), 1)}" for n in SERVED_FIELDS]
                      for r in served],
                     "editkv: where a request's time goes (its own stats, the last request finished at each "
                     "keystroke's poll)"))
@@ -1163,26 +1204,29 @@ def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], d
                    "keys": len(c.session.keys), "probes": len(c.session.probes)} for c in cases],
         "summary": summarize(keys, lines, args.baseline), "keys": [asdict(k) for k in keys],
         "lines": [asdict(r) for r in lines], "opens": [asdict(o) for o in opens],
-        "first_suggestion": summarize_opens(opens), "peer_calls": calls, "peer_requests": summarize_peer_calls(calls),
+        "first_suggestion": summarize_opens(opens), "slow_keys": summarize_slow(keys), "peer_calls": calls, "peer_requests": summarize_peer_calls(calls),
         "served_requests": served, "served_breakdown": summarize_served(served),
         "editor_answers": editor, "hop": hop, "server_starts": STARTS,
         "dropdown": summarize_dropdown(dropdown), "dropdown_lines": [asdict(r) for r in dropdown],
     }
 
 
-SERVED_FIELDS = ("total_ms", "repair_ms", "view_ms", "view_encoded_tokens", "encoded_tokens", "decode_tokens",
-                 "forwards", "graph_captures")
+# wait_ms: from the request's arrival to the worker's start (its debounce, and the work ahead of it)
+SERVED_FIELDS = ("wait_ms", "total_ms", "repair_ms", "view_ms", "view_encoded_tokens", "encoded_tokens",
+                 "decode_tokens", "forwards", "graph_captures")
 
 
 def summarize_served(requests: list[dict]) -> list[dict]:
     """Per pace and editkv method: mean and p95 of the per-request stats editkv reported (a sample: the
-    last request finished at each keystroke's poll)."""
+    last request finished at each keystroke's poll), over the requests the model served; typed-along
+    answers (the worker's, without the model) are counted apart."""
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in requests:
         cells.setdefault((r["pace"], r["method"]), []).append(r)
     out = []
-    for (pace, method), rows in cells.items():
-        row = {"pace": pace, "method": method, "requests": len(rows)}
+    for (pace, method), sampled in cells.items():
+        rows = [r for r in sampled if r.get("strategy") != "typed_along"]
+        row = {"pace": pace, "method": method, "requests": len(rows), "typed_along": len(sampled) - len(rows)}
         for name in SERVED_FIELDS:
             values = [r[name] for r in rows if isinstance(r.get(name), int | float)]
             row[f"{name}_mean"], row[f"{name}_p95"] = _mean(values), percentile(values, 95)

@@ -93,6 +93,7 @@ class Job:
     # set by the event loop when the keystrokes that superseded the job only type at its cursor:
     # the decode runs to its end anyway, and its suggestion is kept for the worker's typing along
     finish: bool = False
+    created: float = field(default_factory=time.perf_counter)  # when the event loop made it
 
     def should_stop(self) -> bool:
         return self.stop and not self.finish
@@ -470,6 +471,9 @@ class EngineWorker:
         if job.stop or self.closing:
             return Outcome("dropped")
         job.started = True
+        # from the request's arrival to here: its debounce and the work ahead of it on the worker
+        # (a repair, a request being finished for typing along, a background chunk)
+        waited = {"wait_ms": 1000 * (time.perf_counter() - job.created), "edits": job.edits}
         doc = self.docs.get(job.uri)
         if doc is None:
             raise UnknownDocumentError(job.uri)
@@ -489,7 +493,7 @@ class EngineWorker:
         along = self._typed_along(job, doc.text, cursor)
         if along is not None:
             self.typed_along += 1
-            self.last_stats = {"strategy": "typed_along", "total_ms": 0.0, "encoded_tokens": 0}
+            self.last_stats = {"strategy": "typed_along", "total_ms": 0.0, "encoded_tokens": 0, **waited}
             word = _WORD.search(ctx.before).group(0)
             return Outcome("served", [along], word, to_position(doc.text, cursor - len(word), job.encoding),
                            to_position(doc.text, cursor, job.encoding), multiline, dict(self.last_stats))
@@ -515,7 +519,7 @@ class EngineWorker:
         if job.stop and not job.finish:
             return Outcome("dropped", stats=result.stats)
         self.completed += 1
-        self.last_stats = dict(result.stats)
+        self.last_stats = {**result.stats, **waited}
         word = _WORD.search(ctx.before).group(0)
         suggestions = finish([(d.text, d.score) for d in result.drafts], ctx)
         if job.stop:  # finished for typing along: no one waits for it, the next request may use it

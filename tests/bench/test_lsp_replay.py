@@ -26,6 +26,8 @@ from lsp_replay import (  # noqa: E402
     select_cases,
     summarize,
     summarize_hop,
+    summarize_served,
+    summarize_slow,
 )
 
 BEFORE = "import os\n\n\ndef main():\n    print(os.getcwd())\n    return 0\n"
@@ -141,6 +143,29 @@ def test_summaries_count_and_compare_with_full():
     assert pie["lines"] == 1 and pie["es"] == 0.5 and pie["saved_fraction"] == 0.5
     assert by["full", "all"]["lines"] == 0 and by["full", "all"]["em"] is None
     assert set(g for _, g in by) == {"all", "size <4k", "pos top"}
+
+
+def test_slow_keys_are_told_apart_by_their_likeliest_cause():
+    def key(i, label, latency, tokens, record="r", outcome="shown"):
+        return KeyRow("human", "pie", record, "<4k", "top", i, label, outcome, latency, False, False, tokens)
+
+    keys = [key(0, "a", 80.0, 10),  # a file's first key
+            key(1, "b", 5.0, 4000), key(2, "c", 70.0, 10),  # after 4,000 tokens of work
+            key(3, "\u23ce\u2423\u2423", 60.0, 10), key(4, ":", 55.0, 10),  # a line start, a colon
+            key(5, "d", 51.0, 10), key(6, "e", None, 10, outcome="dropped"),
+            key(0, "x", 20.0, 10, record="s")]  # another file: its first key, fast
+    (cell,) = summarize_slow(keys)
+    assert (cell["keys"], cell["slow"]) == (7, 5)
+    assert (cell["first_key"], cell["after_work"], cell["line_start"], cell["other"]) == (1, 1, 2, 1)
+
+
+def test_the_served_breakdown_leaves_typed_along_answers_out():
+    rows = [{"pace": "human", "method": "pie", "strategy": "speculative", "wait_ms": 30.0, "total_ms": 10.0},
+            {"pace": "human", "method": "pie", "strategy": "speculative", "wait_ms": 10.0, "total_ms": 20.0},
+            {"pace": "human", "method": "pie", "strategy": "typed_along", "wait_ms": 0.1, "total_ms": 0.0}]
+    (row,) = summarize_served(rows)
+    assert (row["requests"], row["typed_along"]) == (2, 1)
+    assert row["wait_ms_mean"] == 20.0 and row["total_ms_mean"] == 15.0
 
 
 @pytest.fixture()

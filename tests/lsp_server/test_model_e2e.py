@@ -40,6 +40,8 @@ async def test_completions_from_a_real_model(client: LanguageClient, caps: str, 
     last = stats["backend"]["last_request"]
     assert last["view"] == "fim" and last["decode_tokens"] > 0 and last["forwards"] >= 1
     assert last["view_why"].startswith("auto: the model has FIM tokens")
+    # from its arrival to the worker's start, within its latency; made after the 4 changes
+    assert 0 <= last["wait_ms"] <= stats["latency_ms"]["p50"] and last["edits"] == 4
     assert stats["backend"]["view"]["auto"] == "fim"
     assert stats["backend"]["view"]["why"].startswith("the model has FIM tokens")
     assert stats["requests"]["inline"]["served"] == 1
