@@ -12,9 +12,9 @@ between chunks. On the CPU every forward has run when it returns: nothing to wai
 
 One pacer serves every loop on a device (`ModelRunner.pacer`): background work comes as jobs of one
 256-token chunk each (lsp_server/worker.py), so a pacer per loop never waited, and the H100 replay
-of session 17 still queued 3,500-4,700 tokens between keystrokes 100 ms apart (those keystrokes
-55-68 ms against 10-25 ms of their own work). Shared, the next job's first chunk waits for the
-last one's.
+of session 17 still ran 3,500-4,000 tokens between keystrokes 100 ms apart (three mid-word
+keystrokes after them 57-68 ms against 15-25 ms of their own work). Shared, the next job's first
+chunk waits for the last one's.
 """
 
 from __future__ import annotations
