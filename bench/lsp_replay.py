@@ -1211,8 +1211,9 @@ def _result(args, methods: list[Method], paces: list[Pace], cases: list[Case], d
     }
 
 
-# wait_ms: from the request's arrival to the worker's start (its debounce, and the work ahead of it)
-SERVED_FIELDS = ("wait_ms", "total_ms", "repair_ms", "view_ms", "view_encoded_tokens", "encoded_tokens",
+# wait_ms: from the request's arrival to the worker's start (its debounce, and the work ahead of it);
+# worker_ms: the worker's whole share (total_ms is the backend's part of it)
+SERVED_FIELDS = ("wait_ms", "worker_ms", "total_ms", "repair_ms", "view_ms", "view_encoded_tokens", "encoded_tokens",
                  "decode_tokens", "forwards", "graph_captures")
 
 

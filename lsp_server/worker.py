@@ -473,7 +473,8 @@ class EngineWorker:
         job.started = True
         # from the request's arrival to here: its debounce and the work ahead of it on the worker
         # (a repair, a request being finished for typing along, a background chunk)
-        waited = {"wait_ms": 1000 * (time.perf_counter() - job.created), "edits": job.edits}
+        began = time.perf_counter()
+        waited = {"wait_ms": 1000 * (began - job.created), "edits": job.edits}
         doc = self.docs.get(job.uri)
         if doc is None:
             raise UnknownDocumentError(job.uri)
@@ -522,6 +523,9 @@ class EngineWorker:
         self.last_stats = {**result.stats, **waited}
         word = _WORD.search(ctx.before).group(0)
         suggestions = finish([(d.text, d.score) for d in result.drafts], ctx)
+        # the worker's whole share: the backend's total_ms plus what the worker does around it
+        # (the device's last work, the KV budget, trimming and ranking the drafts)
+        self.last_stats["worker_ms"] = 1000 * (time.perf_counter() - began)
         if job.stop:  # finished for typing along: no one waits for it, the next request may use it
             if job.num_drafts == 1 and suggestions and suggestions[0].text:
                 self._shown[job.uri] = (doc.text, cursor, suggestions[0])

@@ -42,6 +42,7 @@ async def test_completions_from_a_real_model(client: LanguageClient, caps: str, 
     assert last["view_why"].startswith("auto: the model has FIM tokens")
     # from its arrival to the worker's start, within its latency; made after the 4 changes
     assert 0 <= last["wait_ms"] <= stats["latency_ms"]["p50"] and last["edits"] == 4
+    assert last["total_ms"] <= last["worker_ms"] <= stats["latency_ms"]["p50"]
     assert stats["backend"]["view"]["auto"] == "fim"
     assert stats["backend"]["view"]["why"].startswith("the model has FIM tokens")
     assert stats["requests"]["inline"]["served"] == 1
