@@ -85,6 +85,18 @@ if [ "${ML_AB:-0}" = 1 ]; then  # issue 21's tail: multi-line decodes at a new l
   log "replay (multilineMs) rc=$?"
 fi
 [ "${HOP:-0}" = 1 ] && [ "${HOP_FIRST:-0}" = 0 ] && hop  # issue 24: 50 open documents, typed into in turns; the warm-up at load against none
+if [ "${LAT:-0}" = 1 ]; then  # issue 24's non-regression: real-weight keystroke latency (session 13's table)
+  log "latency bench, Qwen, 2k and 8k tokens"
+  timeout 200 python3 bench/latency_gpu.py --device cuda --models model --model $G --data $D/dev150.jsonl.gz \
+    --contexts 2048,8192 --json $R/latency_qwen.json > $R/latency_qwen.txt 2>&1
+  log "latency rc=$?"
+fi
+if [ "${HOP_DEFAULT:-0}" = 1 ]; then  # issue 24: the same hop with the embedded default model
+  log "served replay hopping between 50 documents, default model"
+  timeout 300 python3 bench/lsp_replay.py --device cuda --data $D/dev150.jsonl.gz --pace hop --docs 50 \
+    --rounds ${HOP_ROUNDS:-3} --keys-per-turn 4 --methods default --json $R/hop_default.json > $R/hop_default.txt 2>&1
+  log "hop (default model) rc=$?"
+fi
 if [ "${DD:-0}" = 1 ]; then  # issue 22: the dropdown through editkv lsp (textDocument/completion), beam against superposed
   log "served dropdown through editkv lsp (lines pace, beam vs superposed)"
   timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit ${DD_N:-30} --max-keys 300 \
@@ -92,7 +104,7 @@ if [ "${DD:-0}" = 1 ]; then  # issue 22: the dropdown through editkv lsp (textDo
     --json $R/dropdown_served.json > $R/dropdown_served.txt 2>&1
   log "served dropdown rc=$?"
 fi
-if [ ! -f /root/stop ]; then
+if [ ! -f /root/stop ] && [ "${MD:-1}" = 1 ]; then
   log "served dropdown alone (beam lanes vs superposed timings)"
   timeout 200 python3 bench/multidraft.py --device cuda --served --model $G --data $D/dev150.jsonl.gz --subset ${MD_N:-40} \
     --view fim --methods "greedy,superposed,beam k,beam k early" --json $R/md_fim.json > $R/md_fim.txt 2>&1
