@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from editkv.edit_cache.positions import Position, Range, line_starts, to_offset
 from editkv.lsp_server.request import CompletionRequest
-from editkv.lsp_server.settings import CrossFileOptions, Settings
+from editkv.lsp_server.settings import CrossFileOptions, Settings, kv_budget_bytes
 
 if TYPE_CHECKING:  # the model stack (torch) is imported when a ModelBackend is made, not before
     from editkv.edit_cache.document import Document, DocumentOptions
@@ -207,7 +207,7 @@ class ModelBackend(Backend):
 
     idle_work = True  # stale tokens re-encoded, suffixes encoded, tokens verified between requests
 
-    def __init__(self, loaded: LoadedModel, *, budget_bytes: int | None = None,
+    def __init__(self, loaded: LoadedModel, *, budget_bytes: int | str | None = None,
                  options: DocumentOptions | None = None, recompute: bool = False,
                  decoding: DecodingOptions | None = None, ngram_tokens: int = NGRAM_INDEX_TOKENS,
                  tuned: dict[str, int | None] | None = None, background: bool = True,
@@ -220,6 +220,7 @@ class ModelBackend(Backend):
 
         self.loaded = loaded
         options = (options or DocumentOptions()).tuned(loaded.cache, **(tuned or {}))
+        budget_bytes = kv_budget_bytes(budget_bytes, loaded.runner.device.type)  # "auto": the device's
         self.cache = DocumentCache(loaded.runner, loaded.tokenizer, loaded.config,
                                    budget_bytes=budget_bytes, options=options)
         self._pool_dropped = False  # drop_caches let the pool go; the next request installs one
@@ -257,13 +258,14 @@ class ModelBackend(Backend):
         self._windows: dict[str, tuple[Document, int, int]] = {}
         self.window = answer_window(window, loaded.runner.device.type)  # (tokens before, after the cursor)
 
-    def configure(self, *, budget_bytes: int | None, options: DocumentOptions, recompute: bool = False,
+    def configure(self, *, budget_bytes: int | str | None, options: DocumentOptions, recompute: bool = False,
                   decoding: DecodingOptions | None = None, tuned: dict[str, int | None] | None = None,
                   background: bool = True, cross_file: CrossFileOptions | None = None,
                   window: int | None = None) -> None:
         """New cache settings, applied from each document's next repair on; new decoding options.
         `tuned`: the model-tuned options the user set (None or absent: the model's recommendation)."""
-        self.cache.set_options(options.tuned(self.loaded.cache, **(tuned or {})), budget_bytes)
+        self.cache.set_options(options.tuned(self.loaded.cache, **(tuned or {})),
+                               kv_budget_bytes(budget_bytes, self.loaded.runner.device.type))
         window_now = answer_window(window, self.loaded.runner.device.type)
         if window_now != self.window:
             self.window = window_now

@@ -39,7 +39,9 @@ class Settings:
     multiline_ms: int | None = None
     num_drafts: int = 3  # suggestions on an explicit invocation and in the dropdown
     debounce_ms: int = 40  # while keystrokes come faster than this (a burst), wait this long after the last
-    kv_budget_mb: int = 1024  # KV cache memory of all documents together; 0 = no limit
+    # KV cache memory of all documents together, in MB; 0 = no limit; None: KV_BUDGET_MB of the
+    # device (1 GB on the CPU, 4 GB on a GPU, where the pool is also held to half the free memory)
+    kv_budget_mb: int | None = None
     cache_mode: str = "pie"  # "recompute" re-reads the whole file for every request (baseline)
     view: str = "auto"  # "auto" (calibrated, else the model's own: engine.calibrate.auto_view), "fim", "l2r"
     max_file_kb: int = 1024  # larger files are kept in sync but never modelled
@@ -92,8 +94,25 @@ class Settings:
         return (self.model, self.device, self.dtype, self.cpu_weights)
 
     @property
-    def budget_bytes(self) -> int | None:
+    def budget_bytes(self) -> int | str | None:
+        """The KV budget in bytes, None for no limit, or AUTO: the device's (`kv_budget_bytes`)."""
+        if self.kv_budget_mb is None:
+            return AUTO
         return self.kv_budget_mb * 2**20 if self.kv_budget_mb else None
+
+
+AUTO = "auto"
+# the KV budget where the user set none, by device type: a GPU's memory holds many more open files
+# than the CPU's share of RAM should (BENCHMARKS.md, the 50-document hop: ~2.5 GB of Qwen2.5-Coder-0.5B
+# KV evicted and re-encoded under 1 GB)
+KV_BUDGET_MB = {"cpu": 1024, "cuda": 4096}
+
+
+def kv_budget_bytes(budget: int | str | None, device_type: str) -> int | None:
+    """`Settings.budget_bytes` for a model on `device_type`: AUTO becomes that device's default."""
+    if budget == AUTO:
+        return KV_BUDGET_MB.get(device_type, KV_BUDGET_MB["cpu"]) * 2**20
+    return budget
 
 
 _INT_RANGES = {
@@ -167,7 +186,8 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
 def _validate(name: str, value: Any) -> tuple[bool, Any, str]:
     if name in ("model", "dtype") and (value is None or value == ""):
         return True, None, ""
-    if (name in _MODEL_TUNED or name in ("multiline_ms", "beam_search", "window_tokens")) and value is None:
+    if (name in _MODEL_TUNED or name in ("multiline_ms", "beam_search", "window_tokens", "kv_budget_mb")) \
+            and value is None:
         return True, None, ""  # back to the model's (the device's) recommendation
     if name in _INT_RANGES:
         lo, hi = _INT_RANGES[name]

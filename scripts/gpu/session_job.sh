@@ -59,7 +59,7 @@ log "phase 2 done"
 [ -d $R/re ] && python3 bench/realedits.py --merge $R/re/re_*.json > $R/re_merged.txt 2>&1
 [ -d $R/rel ] && ls $R/rel/rel_*.json > /dev/null 2>&1 && python3 bench/realedits.py --merge $R/rel/rel_*.json > $R/rel_merged.txt 2>&1
 hop() {
-    local hs='nowarm={"warmUp": false}'  # HOP_SETTINGS: the method beside default, e.g. 'kv4g={"kvBudgetMb": 4096}'
+    local hs='nowarm={"warmUp": false}'  # HOP_SETTINGS: the method beside default, e.g. 'kv1g={"kvBudgetMb": 1024}'
     [ -n "${HOP_SETTINGS:-}" ] && hs=$HOP_SETTINGS
     log "served replay hopping between 50 documents (default against $hs)"
     timeout 420 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --pace hop --docs 50 \

@@ -530,3 +530,28 @@ def test_a_document_that_fits_the_pool_after_an_eviction_stays_in_the_pool(train
     assert pool.left == 0 and pool.reclaims >= 2 and backend.cache.evictions >= 2
     monkeypatch.setenv("EDITKV_KV_POOL", "0")
     assert session(ModelBackend(trained)) == pooled and any(pooled)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_kv_budget_left_unset_is_the_devices(trained, device):
+    """The server's settings as a backend gets them: kvBudgetMb unset is the device's budget (and
+    on a GPU the size of the KV pool every document's cache is a region of), 0 no limit."""
+    from editkv.lsp_server.settings import KV_BUDGET_MB
+    from editkv.lsp_server.worker import cache_options
+
+    loaded = trained if device == "cpu" else load_model(None, device=device)
+    backend = ModelBackend(loaded, **cache_options(Settings()))
+    assert backend.cache.budget_bytes == KV_BUDGET_MB[device] << 20
+    pool = loaded.runner.kv_pool
+    if device == "cuda":  # the pool holds the budget, or half the free memory if that is less
+        assert pool is not None and 0.4 * (KV_BUDGET_MB[device] << 20) < pool.slots * pool.slot_bytes() <= \
+            KV_BUDGET_MB[device] << 20
+    uri = "file:///budget.py"
+    text = "def add(a, b):\n    return a + b\n\n"
+    backend.open(uri, text)
+    assert backend.complete(_request(uri, text, len(text), max_tokens=4)).stats is not None
+    backend.configure(**cache_options(Settings(kv_budget_mb=0)))
+    assert backend.cache.budget_bytes is None
+    backend.configure(**cache_options(Settings(kv_budget_mb=256)))
+    assert backend.cache.budget_bytes == 256 << 20
+    backend.close(uri)

@@ -1,6 +1,6 @@
 """Settings from client JSON: camelCase or snake_case, nested or flat, bad values reported."""
 
-from editkv.lsp_server.settings import Settings, parse_settings
+from editkv.lsp_server.settings import AUTO, KV_BUDGET_MB, Settings, kv_budget_bytes, parse_settings
 
 
 def test_camel_and_snake_case_nested_or_flat():
@@ -63,3 +63,17 @@ def test_staleness_settings_reach_the_cache_options():
     assert cache_options(Settings())["options"].stale_budget == 4096
     _, problems = parse_settings({"staleBudget": -1, "idleRefreshMs": "soon"})
     assert len(problems) == 2
+
+
+def test_the_kv_budget_left_unset_is_the_devices():
+    """kvBudgetMb unset (or set back to null) means the device's budget, 0 no limit, N that many MB."""
+    assert Settings().budget_bytes == AUTO
+    assert kv_budget_bytes(AUTO, "cpu") == KV_BUDGET_MB["cpu"] << 20
+    assert kv_budget_bytes(AUTO, "cuda") == KV_BUDGET_MB["cuda"] << 20 > kv_budget_bytes(AUTO, "cpu")
+    s, problems = parse_settings({"kvBudgetMb": 512})
+    assert (kv_budget_bytes(s.budget_bytes, "cuda"), problems) == (512 << 20, [])
+    assert kv_budget_bytes(parse_settings({"kvBudgetMb": 0})[0].budget_bytes, "cuda") is None
+    s, problems = parse_settings({"kvBudgetMb": None}, s)
+    assert (s.kv_budget_mb, s.budget_bytes, problems) == (None, AUTO, [])
+    s, problems = parse_settings({"kvBudgetMb": -1}, s)
+    assert s.kv_budget_mb is None and "kvBudgetMb" in problems[0]

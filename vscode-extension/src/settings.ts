@@ -23,10 +23,10 @@ export const SERVER_DEFAULTS = {
   maxTokens: 64,
   multiline: 'auto',
   maxLines: 8,
-  multilineMs: null, // null: the device's (30 ms on a GPU, 250 on the CPU)
+  multilineMs: null, // null: the device's (20 ms on a GPU, 250 on the CPU)
   numDrafts: 3,
   debounceMs: 40,
-  kvBudgetMb: 1024,
+  kvBudgetMb: null, // null: the device's (1024 on the CPU, 4096 on a GPU)
   cacheMode: 'pie',
   view: 'auto',
   maxFileKb: 1024,
