@@ -147,7 +147,10 @@ def _assert_pinned(got, model):
     for key in want:
         g, w = got[key], want[key]
         assert [row[:3] for row in g] == [row[:3] for row in w], key  # text, ids, finish reason
-        assert [x for row in g for x in row[3:]] == pytest.approx([x for row in w for x in row[3:]], abs=1e-5), key
+        # scores: sums of fp32 log-probabilities; another CPU of the same flags (AMD against Intel) sums
+        # in another order (up to 1.6e-5 of the score apart seen); texts, ids and finish reasons stay exact
+        assert [x for row in g for x in row[3:]] == pytest.approx([x for row in w for x in row[3:]],
+                                                                  rel=1e-4, abs=1e-4), key
 
 
 def test_beam_outputs_are_pinned_tiny(tiny):
