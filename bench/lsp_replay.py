@@ -45,7 +45,9 @@ automatic request, which cancels the requests still open, the previous document'
 rounds (4), a document sitting its turns out once its keystrokes (up to --max-keys) are typed.
 One server per method, the methods one after another. Besides the usual table (round 1 is the
 warm-up: every document's first requests), per method: p50 / p95 / p99 and p95 / p50 over every
-keystroke and after round 1; CUDA graphs captured after round 1 and in all (the server's running
+keystroke and after round 1, and the same without the answers that continue the ghost text shown
+before less the key typed (typed along: "others", the keys the model answered); CUDA graphs
+captured after round 1 and in all (the server's running
 count, `graph_captures` in editkv/stats, which idle captures join; the JSON also sums the sampled
 requests' own `graph_captures`); the device memory editkv/stats reports (allocated, the allocator's
 peak, the KV pool's buffer; None off CUDA), sampled with the stats poll of each turn's last
@@ -235,6 +237,9 @@ class KeyRow(Where):
     timed_out: bool
     encoded_tokens: int | None  # tokens the server encoded from this keystroke to the next
     round: int | None = None  # hop pace: the round it was typed in (1 = warm-up)
+    # hop pace: the answer is the ghost text shown before, less what this keystroke typed (typed
+    # along: the server's cache of it, or the model writing the same)
+    continued: bool = False
 
 
 @dataclass
@@ -713,7 +718,8 @@ async def replay_hop(client: LspClient, method: Method, cases: list[Case], pace:
                 and r.sent_at + r.latency_ms / 1000 > following)
         tokens = counts[j + 1] - counts[j] if counts[j] is not None and counts[j + 1] is not None else None
         keys.append(KeyRow(pace.name, method.name, case.record_id, case.bucket, case.position, i, r.label, r.outcome,
-                           r.latency_ms, late, r.timed_out, tokens, round_of(i)))
+                           r.latency_ms, late, r.timed_out, tokens, round_of(i),
+                           continues(records[d], sessions[d].keys, i)))
     late_at: list[dict[int, bool]] = [{} for _ in sessions]
     for (d, i), k in zip(sent, keys, strict=True):
         late_at[d][i] = k.late
@@ -730,6 +736,17 @@ async def replay_hop(client: LspClient, method: Method, cases: list[Case], pace:
                    keys_per_turn=args.keys_per_turn, hop_pause_ms=1000 * hop_pause_s,
                    document_tokens=[c.tokens for c in cases])
     return keys, lines, summary
+
+
+def continues(records: list[KeyRecord], keys: list, i: int) -> bool:
+    """Whether keystroke `i`'s answer is the suggestion shown after keystroke i - 1 less the text
+    keystroke i typed (what typing along gives; a model writing the same counts too)."""
+    if i == 0 or records[i].outcome != "shown" or records[i - 1].outcome != "shown":
+        return False
+    typed, before = keys[i].text, records[i - 1].suggestions
+    if keys[i].start != keys[i].end or not typed or not before or not records[i].suggestions:
+        return False
+    return before[0].startswith(typed) and records[i].suggestions[0] == before[0][len(typed):]
 
 
 def _hop_captures(start: dict, final: dict, first_round_end: list[dict]) -> dict:
@@ -813,7 +830,13 @@ def summarize_hop(keys: list[KeyRow], samples: list[dict], captures: dict, serve
     counts = {o: sum(k.outcome == o for k in keys) for o in ("dropped", "cancelled")}
     out = {**latencies(keys), **counts, "other": len(keys) - sum(k.outcome in ANSWERED for k in keys)
            - sum(counts.values()), "late": sum(k.late for k in keys), "timed_out": sum(k.timed_out for k in keys),
-           "after_round1": latencies(warm), "graph_captures": captures,
+           "after_round1": latencies(warm),
+           # the same without the answers that continue the ghost text shown before (typed along):
+           # the keystrokes the model answered, whose tail is what hopping between files can lengthen
+           "continued": sum(k.continued for k in keys if k.outcome in ANSWERED),
+           "not_continued": latencies([k for k in keys if not k.continued]),
+           "not_continued_after_round1": latencies([k for k in warm if not k.continued]),
+           "graph_captures": captures,
            "request_graph_captures": {
                "all": sum(q.get("graph_captures") or 0 for q in served),
                "after_round1": sum(q.get("graph_captures") or 0 for q in served if q.get("round", 1) > 1),
@@ -992,16 +1015,25 @@ def hop_table(result: dict) -> str:
         memory, captures = h["memory"]["device_allocated_bytes"], h["graph_captures"]
         rows.append([method, f"{h['opened']} / {h['documents']}", h["keystrokes"], h["answered"], h["dropped"],
                      h["cancelled"], _fmt(h["p50_ms"], 0), _fmt(h["p95_ms"], 0), _fmt(h["p99_ms"], 0),
-                     _x(h["p95_over_p50"]), _x(h["after_round1"]["p95_over_p50"]),
+                     _x(h["p95_over_p50"]), _x(h["after_round1"]["p95_over_p50"]), h.get("continued", "-"),
+                     _model_answers(h.get("not_continued")), _model_answers(h.get("not_continued_after_round1")),
                      f"{_fmt(captures['after_round1'], 0)} / {_fmt(captures['all'], 0)}",
                      " / ".join(_mib(memory[k]) for k in ("first", "max", "last")),
                      _mib(memory["spread_after_round1"]), _mib(h["memory"]["device_max_allocated_bytes"]["last"]),
                      _mib(h["memory"]["kv_pool_bytes"])])
     return table(["method", "documents open", "keys", "answered", "dropped", "cancelled", "p50 ms", "p95 ms", "p99 ms",
-                  "p95/p50", "p95/p50 after round 1", "graph captures after round 1 / all",
+                  "p95/p50", "p95/p50 after round 1", "typed along", "others p50 / p95 (p95/p50)",
+                  "others after round 1", "graph captures after round 1 / all",
                   "device MiB first / max / last", "spread after round 1 MiB", "peak MiB", "KV pool MiB"], rows,
-                 "hop: latency over every keystroke; graph captures from the server's running count (- without "
+                 "hop: latency over every keystroke; typed along = answers that continue the ghost text shown "
+                 "before, others = the rest; graph captures from the server's running count (- without "
                  "CUDA graphs); device memory allocated, sampled after each turn (- off CUDA)")
+
+
+def _model_answers(lat: dict | None) -> str:
+    if not lat:
+        return "-"
+    return f"{_fmt(lat['p50_ms'], 0)} / {_fmt(lat['p95_ms'], 0)} ({_x(lat['p95_over_p50'])})"
 
 
 def _mib(x: int | None) -> str:

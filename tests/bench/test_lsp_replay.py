@@ -19,6 +19,7 @@ from lsp_replay import (  # noqa: E402
     LineRow,
     bucket_of,
     chars_saved,
+    continues,
     dropdown_score,
     parse_methods,
     position_of,
@@ -327,6 +328,35 @@ def test_hop_summary_counts_latencies_captures_and_memory_after_the_first_round(
     assert set(none["memory"]["device_allocated_bytes"].values()) == {None}
 
 
+def test_an_answer_continues_the_ghost_text_only_when_it_is_that_text_less_the_key_typed():
+    from editkv.lsp_server.replay import KeyRecord, Keystroke
+
+    def typed(text, col):
+        return Keystroke((0, col), (0, col), text, (0, col + len(text)))
+
+    keys = [typed("r", 0), typed("e", 1), typed("t", 2), typed("x", 3), Keystroke((0, 3), (0, 4), "", (0, 3))]
+    records = [KeyRecord(0, "r", "shown", 9.0, ["eturn x"]), KeyRecord(1, "e", "shown", 2.0, ["turn x"]),
+               KeyRecord(2, "t", "shown", 30.0, ["urn y"]), KeyRecord(3, "x", "shown", 3.0, ["rn y"]),
+               KeyRecord(4, "<del>", "shown", 3.0, ["urn y"])]
+    # key 1 typed "e" into "eturn x" and got "turn x"; key 2 got a new text; key 3 typed "x", not "u";
+    # key 4 deleted; key 0 has nothing before it
+    assert [continues(records, keys, i) for i in range(5)] == [False, True, False, False, False]
+    records[0].outcome = "dropped"
+    assert not continues(records, keys, 1)
+
+
+def test_the_hop_summary_splits_off_the_answers_that_continue_the_ghost_text():
+    def key(rnd, latency, continued):
+        return KeyRow("hop", "default", "r", "<4k", "top", 0, "a", "shown", latency, False, False, None, rnd, continued)
+
+    keys = [key(1, 40.0, False), key(2, 2.0, True), key(2, 3.0, True), key(2, 30.0, False), key(2, 45.0, False)]
+    h = summarize_hop(keys, [], {}, [])
+    assert h["continued"] == 2 and h["p50_ms"] == 30.0
+    assert (h["not_continued"]["answered"], h["not_continued"]["p50_ms"], h["not_continued"]["p95_ms"]) == \
+        (3, 40.0, 45.0)
+    assert h["not_continued_after_round1"]["answered"] == 2 and h["not_continued_after_round1"]["p50_ms"] == 30.0
+
+
 def test_the_hop_pace_types_open_documents_by_turns(tmp_path):
     """--pace hop on the fake engine: every document opened (each under its own URI: two of the
     records share a path) and read once, then --keys-per-turn keystrokes of each in turn for
@@ -340,7 +370,7 @@ def test_the_hop_pace_types_open_documents_by_turns(tmp_path):
     out = tmp_path / "replay.json"
     proc = _bench("--fake", "--data", str(data), "--pace", "hop", "--docs", "3", "--rounds", "2", "--keys-per-turn",
                   "2", "--interval-ms", "5", "--hunk-pause-ms", "20", "--methods", "default,full", "--json", str(out))
-    assert "pace hop" in proc.stdout and "p95/p50 after round 1" in proc.stdout
+    assert "pace hop" in proc.stdout and "p95/p50 after round 1" in proc.stdout and "typed along" in proc.stdout
     result = json.loads(out.read_text())
     assert result["partial"] is False and result["paces"][0]["name"] == "hop" and result["records"] == 3
     for method in ("default", "full"):
@@ -357,6 +387,8 @@ def test_the_hop_pace_types_open_documents_by_turns(tmp_path):
         assert hop["keystrokes"] == len(keys) and hop["other"] == 0 and hop["timed_out"] == 0
         assert hop["answered"] + hop["dropped"] + hop["cancelled"] == hop["keystrokes"]
         assert hop["after_round1"]["keystrokes"] == 6
+        # the fake's answers name the cursor, so none continues the one before
+        assert hop["continued"] == 0 and hop["not_continued"]["answered"] == hop["answered"]
         assert hop["graph_captures"] == {"all": None, "after_round1": None}  # the fake has no graphs
         memory = hop["memory"]
         assert len(memory["samples"]) == 3 * 2  # one a turn
