@@ -869,21 +869,24 @@ def summarize_opens(opens: list[OpenRow]) -> list[dict]:
 
 
 SLOW_MS = 50.0  # issue 21's p99 target on the H100
-BUSY_TOKENS = 1000  # tokens the server ran through the model between the key before and this one
+BUSY_TOKENS = 1000  # tokens the server ran through the model between two keys
 
 
 def summarize_slow(keys: list[KeyRow], slow_ms: float = SLOW_MS) -> list[dict]:
     """Per pace and method: the answered keystrokes slower than `slow_ms`, by the likeliest cause:
     a file's first keystroke, a key after more than BUSY_TOKENS of work since the key before
     (background work the key may have waited behind), a key at a line start or a `:` (where a
-    multi-line suggestion is decoded), or none of these."""
+    multi-line suggestion is decoded), a key with more than BUSY_TOKENS of work from it to the next
+    (work that began with it, or after its answer: session 17's one slow key without work before it
+    had 3,482 tokens run before the next), or none of these."""
     before: dict[tuple, KeyRow] = {}
     cells: dict[tuple[str, str], dict] = {}
     for k in keys:
         where = (k.pace, k.method, k.record, k.round)
         prev, before[where] = before.get(where), k
         cell = cells.setdefault((k.pace, k.method), {"pace": k.pace, "method": k.method, "keys": 0, "slow": 0,
-                                                     "first_key": 0, "after_work": 0, "line_start": 0, "other": 0})
+                                                     "first_key": 0, "after_work": 0, "line_start": 0, "with_work": 0,
+                                                     "other": 0})
         if k.outcome not in ANSWERED or k.latency_ms is None:
             continue
         cell["keys"] += 1
@@ -896,6 +899,8 @@ def summarize_slow(keys: list[KeyRow], slow_ms: float = SLOW_MS) -> list[dict]:
             cell["after_work"] += 1
         elif k.label.startswith("\u23ce") or k.label.endswith(":"):
             cell["line_start"] += 1
+        elif (k.encoded_tokens or 0) > BUSY_TOKENS:
+            cell["with_work"] += 1
         else:
             cell["other"] += 1
     return list(cells.values())
@@ -972,11 +977,12 @@ def print_tables(result: dict) -> None:
     slow = [s for s in result.get("slow_keys") or [] if s["slow"]]
     if slow:
         print(table(["pace", "method", "answered keys", f"over {SLOW_MS:.0f} ms", "a file's first key",
-                     f"after > {BUSY_TOKENS} tokens of work", "at a line start or `:`", "other"],
+                     f"after > {BUSY_TOKENS} tokens of work", "at a line start or `:`",
+                     f"> {BUSY_TOKENS} tokens of work from it to the next key", "other"],
                     [[s["pace"], s["method"], s["keys"], s["slow"], s["first_key"], s["after_work"], s["line_start"],
-                      s["other"]] for s in slow],
+                      s.get("with_work", "-"), s["other"]] for s in slow],
                     f"keystrokes slower than {SLOW_MS:.0f} ms, by their likeliest cause (the work counted is the "
-                    "server's, from the key before to this one)"))
+                    "server's, from the key before to this one or from this one to the next)"))
     dropdown = sorted(result.get("dropdown") or [],
                       key=lambda s: (s["pace"], group_order.index(s["group"]), order[s["method"]]))
     if dropdown:

@@ -154,10 +154,12 @@ def test_slow_keys_are_told_apart_by_their_likeliest_cause():
             key(1, "b", 5.0, 4000), key(2, "c", 70.0, 10),  # after 4,000 tokens of work
             key(3, "\u23ce\u2423\u2423", 60.0, 10), key(4, ":", 55.0, 10),  # a line start, a colon
             key(5, "d", 51.0, 10), key(6, "e", None, 10, outcome="dropped"),
+            key(7, "f", 66.0, 3500),  # work from it to the next key (began with it, or after its answer)
             key(0, "x", 20.0, 10, record="s")]  # another file: its first key, fast
     (cell,) = summarize_slow(keys)
-    assert (cell["keys"], cell["slow"]) == (7, 5)
-    assert (cell["first_key"], cell["after_work"], cell["line_start"], cell["other"]) == (1, 1, 2, 1)
+    assert (cell["keys"], cell["slow"]) == (8, 6)
+    assert (cell["first_key"], cell["after_work"], cell["line_start"], cell["with_work"], cell["other"]) == \
+        (1, 1, 2, 1, 1)
 
 
 def test_the_served_breakdown_leaves_typed_along_answers_out():
