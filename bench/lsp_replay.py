@@ -134,6 +134,7 @@ from editkv.lsp_server.replay import (
     CANCELLED,
     InFlight,
     KeyRecord,
+    Keystroke,
     Session,
     close_document,
     editor_session,
@@ -738,7 +739,7 @@ async def replay_hop(client: LspClient, method: Method, cases: list[Case], pace:
     return keys, lines, summary
 
 
-def continues(records: list[KeyRecord], keys: list, i: int) -> bool:
+def continues(records: list[KeyRecord], keys: list[Keystroke], i: int) -> bool:
     """Whether keystroke `i`'s answer is the suggestion shown after keystroke i - 1 less the text
     keystroke i typed (what typing along gives; a model writing the same counts too)."""
     if i == 0 or records[i].outcome != "shown" or records[i - 1].outcome != "shown":
