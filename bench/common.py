@@ -159,6 +159,17 @@ def shard_flags(p: argparse.ArgumentParser, unit: str = "target") -> None:
                    help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--progress", action="store_true",
                    help=f"print progress, and keep a partial --json after each {unit} (what a run cut short leaves)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --progress: start from the rows an earlier run cut short left in --json")
+
+
+def resumed_rows(args, key: str = "id") -> tuple[list[dict], set]:
+    """The rows a cut-short run left in `args.json` (`--resume`) and the `key` values they cover; a
+    partial JSON is written after whole records only, so a record with any row there is done."""
+    if not getattr(args, "resume", False) or args.json is None or not args.json.exists():
+        return [], set()
+    rows = json.loads(args.json.read_text())["rows"]
+    return rows, {row[key] for row in rows}
 
 
 def merge_rows(runs: list[dict]) -> dict:

@@ -29,6 +29,7 @@ from common import (
     load_records,
     machine,
     parser,
+    resumed_rows,
     run_or_merge,
     shard_flags,
     spread,
@@ -87,8 +88,8 @@ def run(args) -> dict:
     line_local = is_line_local(tok)
     head = doc_start_ids(tok, cfg)
     chosen = {(id(rec), id(t)) for rec, t in spread(list(iter_targets(records)), args.subset)}
-    rows = []  # one per (target, method, view)
-    n_targets = 0
+    rows, done = resumed_rows(args)  # one per (target, method, view)
+    n_targets = len(rows) // (len(methods) * len(views))  # (one row per target, method and view)
     started = time.perf_counter()
 
     def result() -> dict:
@@ -99,7 +100,7 @@ def run(args) -> dict:
     for index, rec in enumerate(records):
         if args.limit is not None and n_targets >= args.limit:
             break
-        if index % shards != shard:
+        if index % shards != shard or rec["id"] in done:
             continue
         targets = [t for t in rec["targets"] if (id(rec), id(t)) in chosen]
         if args.limit:

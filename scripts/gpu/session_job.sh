@@ -35,11 +35,14 @@ fi
 EDITKV_FAULTS_DEVICE=cuda timeout 900 python3 -m pytest -q -p no:cacheprovider tests/lsp_server/test_faults.py > $R/faults_cuda.log 2>&1 &
 [ "${EXTRA:-0}" = 1 ] && bash scripts/gpu/session_extra.sh $G > $R/extra.log 2>&1 &
 # realedits, left-to-right view, all four methods over the dev set in 24 shards, 8 at a time (RE_L2R=1);
-# shards still running when phase 2 ends are stopped (the finished ones are merged)
+# shards still running when phase 2 ends are stopped, each keeping its whole records (--progress); shards from
+# earlier sessions in /root/stage/data/rel/ (carried in .gdata/rel/) are resumed (--resume)
 if [ "${RE_L2R:-0}" = 1 ]; then
   mkdir -p $R/rel
+  cp /root/stage/data/rel/rel_*.json $R/rel/ 2>/dev/null  # earlier sessions' shards, resumed
   (seq 0 23 | xargs -P 8 -I{} sh -c "timeout 900 python3 bench/realedits.py --device cuda --model $G --data $D/dev.jsonl.gz \
-      --views l2r --methods full,pie,conflict,prefix_reuse --shard {}/24 --json $R/rel/rel_{}.json > $R/rel/rel_{}.txt 2>&1") &
+      --views l2r --methods full,pie,conflict,prefix_reuse --shard {}/24 --progress --resume --json $R/rel/rel_{}.json \
+      > $R/rel/rel_{}.txt 2>&1") &
 fi
 P2=$(date +%s)
 # phase 2 ends when its jobs do, at /root/go3, or PHASE2_S seconds after it began
