@@ -151,7 +151,7 @@ def run(args) -> dict:
         if args.progress:
             print(f"  {n_targets} targets, {time.perf_counter() - started:.0f}s", flush=True)
             write_json(args.json, {**result(), "partial": True})  # what a run cut short leaves
-    return result()
+    return {**result(), "partial": False}
 
 
 def _options(method: str, args, loaded) -> DocumentOptions:
