@@ -73,6 +73,28 @@ def iter_targets(records: list[dict], limit: int | None = None) -> Iterator[tupl
             n += 1
 
 
+def target_span(text: str, target: dict) -> tuple[int, int]:
+    """(cursor, end of the line's text) in str offsets for a realedits target of `text`: the cursor
+    after the target's `prefix` (its indentation) on line `line`."""
+    from editkv.edit_cache.positions import line_starts
+
+    starts = line_starts(text)
+    line_start = starts[target["line"]]
+    line_end = starts[target["line"] + 1] if target["line"] + 1 < len(starts) else len(text)
+    body = text[line_start:line_end].rstrip("\r\n")
+    assert body.startswith(target["prefix"]), "target prefix does not match the text"
+    return line_start + len(target["prefix"]), line_start + len(body)
+
+
+def next_line_start(text: str, cursor: int) -> int:
+    """Where the line after the cursor's starts (len(text) on the last line): a FIM suffix's start."""
+    for term in ("\r\n", "\n", "\r"):
+        i = text.find(term, cursor)
+        if i >= 0:
+            return i + len(term)
+    return len(text)
+
+
 def spread(pairs: list, subset: int | None, offset: int = 0) -> list:
     """A fixed subset of `subset` items spread evenly over `pairs` (every len/N-th from `offset`)."""
     if not subset:

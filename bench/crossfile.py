@@ -49,17 +49,18 @@ from common import (
     exact_match,
     load_records,
     machine,
+    next_line_start,
     parser,
     run_or_merge,
     shard_flags,
     spread,
     sync,
     table,
+    target_span,
     write_json,
 )
 from editkv.edit_cache.crossfile import block_layout, build_block, choose_chunks, context_format
 from editkv.edit_cache.document import Document, DocumentOptions
-from editkv.edit_cache.positions import line_starts
 from editkv.edit_cache.tokens import is_line_local
 from editkv.edit_cache.views import DRAFT_SLOTS, _split_prefix, fill_in_middle, left_to_right
 from editkv.engine.generate import StopRules, decode, prefill_prompt
@@ -102,21 +103,8 @@ def load_blobs(path: Path, wanted: set[str]) -> dict[str, str]:
 
 def _target_text(text: str, target: dict) -> tuple[str, int]:
     """(`text` with the target line's body deleted, the cursor after its indentation)."""
-    starts = line_starts(text)
-    line_start = starts[target["line"]]
-    line_end = starts[target["line"] + 1] if target["line"] + 1 < len(starts) else len(text)
-    body = text[line_start:line_end].rstrip("\r\n")
-    assert body.startswith(target["prefix"]), "target prefix does not match the text"
-    cursor = line_start + len(target["prefix"])
-    return text[:cursor] + text[line_start + len(body):], cursor
-
-
-def _next_line_start(text: str, cursor: int) -> int:
-    for term in ("\r\n", "\n", "\r"):
-        i = text.find(term, cursor)
-        if i >= 0:
-            return i + len(term)
-    return len(text)
+    cursor, end = target_span(text, target)
+    return text[:cursor] + text[end:], cursor
 
 
 def ring_ids(tok, cfg, sources: list[tuple[str, str]], budget: int, seed: int) -> list[int]:
@@ -241,7 +229,7 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, ch
     context_tokens = 0
     if method in ("exact", "ring"):
         if view == "fim":
-            prompt, heal = healed_fim_ids(tok, cfg, deleted[:cursor], deleted[_next_line_start(deleted, cursor):],
+            prompt, heal = healed_fim_ids(tok, cfg, deleted[:cursor], deleted[next_line_start(deleted, cursor):],
                                           room=rules.max_tokens + DRAFT_SLOTS)
         else:
             prompt, heal = healed_left_to_right_ids(tok, cfg, deleted[:cursor])

@@ -28,6 +28,7 @@ from common import (
     iter_targets,
     load_records,
     machine,
+    next_line_start,
     parser,
     resumed_rows,
     run_or_merge,
@@ -35,10 +36,11 @@ from common import (
     spread,
     sync,
     table,
+    target_span,
     write_json,
 )
 from editkv.edit_cache.document import Document, DocumentOptions
-from editkv.edit_cache.positions import Range, line_starts, to_position
+from editkv.edit_cache.positions import Range, to_position
 from editkv.edit_cache.tokens import is_line_local
 from editkv.edit_cache.views import DRAFT_SLOTS, fill_in_middle, left_to_right
 from editkv.engine.generate import StopRules, decode, prefill_prompt
@@ -46,24 +48,6 @@ from editkv.engine.loading import load_model
 from editkv.engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
 
 METHODS = ("full", "pie", "conflict", "prefix_reuse")
-
-
-def _target_span(text: str, target: dict) -> tuple[int, int]:
-    """(cursor, end of the line's text) in str offsets for a target of the current text."""
-    starts = line_starts(text)
-    line_start = starts[target["line"]]
-    line_end = starts[target["line"] + 1] if target["line"] + 1 < len(starts) else len(text)
-    body = text[line_start:line_end].rstrip("\r\n")
-    assert body.startswith(target["prefix"]), "target prefix does not match the text"
-    return line_start + len(target["prefix"]), line_start + len(body)
-
-
-def _next_line_start(text: str, cursor: int) -> int:
-    for term in ("\r\n", "\n", "\r"):
-        i = text.find(term, cursor)
-        if i >= 0:
-            return i + len(term)
-    return len(text)
 
 
 def _exact(loaded, prompt, heal, rules):
@@ -121,7 +105,7 @@ def run(args) -> dict:
             docs[method] = doc
         text_after = rec["after"]
         for target in targets:
-            cursor, end = _target_span(text_after, target)
+            cursor, end = target_span(text_after, target)
             deleted = text_after[:cursor] + text_after[end:]
             for doc in docs.values():
                 doc.apply_change(Range(to_position(text_after, cursor), to_position(text_after, end)), "")
@@ -197,7 +181,7 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, repair, rec, tar
     t0 = time.perf_counter()
     if method == "full":
         if view == "fim":
-            prompt, heal = healed_fim_ids(tok, cfg, deleted[:cursor], deleted[_next_line_start(deleted, cursor):],
+            prompt, heal = healed_fim_ids(tok, cfg, deleted[:cursor], deleted[next_line_start(deleted, cursor):],
                                           room=rules.max_tokens + DRAFT_SLOTS)
         else:
             prompt, heal = healed_left_to_right_ids(tok, cfg, deleted[:cursor])
