@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from editkv.edit_cache import views
 from editkv.edit_cache.crossfile import (
     block_layout,
     build_block,
@@ -11,9 +12,9 @@ from editkv.edit_cache.crossfile import (
     context_format,
     definition_units,
 )
-from editkv.edit_cache.document import Document
+from editkv.edit_cache.document import Document, DocumentOptions
 from editkv.edit_cache.positions import Range, to_position
-from editkv.edit_cache.views import fill_in_middle, left_to_right
+from editkv.edit_cache.views import _split_prefix, fill_in_middle, left_to_right
 from editkv.engine.generate import prefill
 from editkv.engine.model import Transformer
 from editkv.engine.runner import ModelRunner
@@ -160,6 +161,69 @@ def test_fim_view_with_a_block_puts_the_document_after_it(template):
     assert (view.first_logits - logits).abs().max() > 1e-4  # the suffix never saw <SUF> nor the block
     plain = fill_in_middle(current, 30, suffix="next_line")
     assert view.prompt_ids == layout.ids + plain.prompt_ids[current.h:]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("suffix", ["rest_of_line", "next_line"])
+def test_fim_view_with_a_block_is_exact_when_nothing_is_cached_without_it(template, monkeypatch, graphs, suffix):
+    # Issue 25: blend lost to no context in the FIM view. With the block recomputed in full, the
+    # document's tokens before the cursor's line in it (blendall) and the whole suffix re-encoded
+    # (fim_fresh_suffix), no key in the view was computed without the block: the view must equal an
+    # exact prefill of [block + FIM prompt], so the view's positions, shifts and sink are right and
+    # what blend loses in FIM is the document's cache never having seen the block.
+    # `graphs`: the CUDA-graph branch (separate forwards for the view's head and middle, the gap moved).
+    monkeypatch.setattr(views, "_graphs_on", lambda doc: graphs)
+    helpers, small, _ = _docs(template)
+    model, tok = helpers.model, helpers.tokenizer
+    current = Document(model, tok, CURRENT, head=template.head, options=DocumentOptions(fim_fresh_suffix=10_000))
+    current.ensure_ready()
+    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
+    for cursor in (3, 45, len(current.text) - 12):
+        t, _ = _split_prefix(current, cursor)
+        layout = block_layout(tok, model.config, chunks, current.head, style="plain", document=current,
+                              document_tokens=t)
+        block = build_block(model, layout, recompute_ratio=1.0)
+        plain = fill_in_middle(current, cursor, suffix=suffix).prompt_ids
+        view = fill_in_middle(current, cursor, suffix=suffix, block=block)
+        assert view.prompt_ids == layout.ids + plain[current.h + t:]
+        _, logits = _exact_cache(model, view.prompt_ids)
+        assert (view.first_logits - logits).abs().max() < 1e-4, (cursor, suffix)
+        # the generated tokens see the same keys at the same positions as after an exact prefill
+        got = view.decode().ids
+        cache = model.new_cache(len(view.prompt_ids) + len(got) + 1)
+        prefill(model, view.prompt_ids + got, cache, logits="none")
+        n = view.scratch_used + len(got) - 1  # the view's tokens, then the generated ones fed back
+        start = len(view.prompt_ids) - view.scratch_used
+        assert (view.scratch.k[:, :, :, :n] - cache.k[:, :, :, start: start + n]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_fim_view_with_a_block_moves_the_cached_suffix_by_the_blocks_shift(template, monkeypatch, graphs):
+    # The suffix keys a FIM view reads from the document's cache (never re-encoded: no exact
+    # prefill to compare with) act where they act without the block, moved by `block.shift`.
+    monkeypatch.setattr(views, "_graphs_on", lambda doc: graphs)
+    helpers, small, current = _docs(template)
+    model, tok = current.model, current.tokenizer
+    end = len(current.text) - 4  # a gap inside the suffix: its spans act at two shifts
+    current.apply_change(Range(to_position(current.text, end), to_position(current.text, end)), "zz")
+    current.ensure_ready()
+    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
+    for cursor, document in ((45, False), (45, True), (3, False)):
+        t, _ = _split_prefix(current, cursor)
+        layout = block_layout(tok, model.config, chunks, current.head, style="plain",
+                              document=current if document else None, document_tokens=t if document else 0)
+        block = build_block(model, layout, recompute_ratio=1.0)
+        view = fill_in_middle(current, cursor, suffix="next_line", block=block)
+        plain = fill_in_middle(current, cursor, suffix="next_line")
+
+        def acting(v):  # document slots the view reads: (first, end) -> the position the first acts at
+            return {(s.start, s.end): s.start + s.shift for s in v.context if s.cache is current.cache}
+
+        got, want = acting(view), acting(plain)
+        suffix = max(got)  # the suffix comes last in the document's slots (past a gap in it too)
+        assert suffix in want and suffix[0] > current.h + t
+        assert {k: want[k] + block.shift for k in got if k in want} == {k: got[k] for k in got if k in want}
+        assert view.prompt_ids == layout.ids + plain.prompt_ids[current.h + block.document_tokens:]
 
 
 def test_chunks_respect_the_budget_and_take_the_used_definitions(template):
