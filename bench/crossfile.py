@@ -23,6 +23,9 @@ not timed, as in bench/realedits.py). A request's cost is what it computes itsel
 - blend_r{P}: the same block as exact, built from the other documents' caches (keys re-rotated),
   P% of its reused tokens recomputed (CacheBlend, check layer 1), then the document's own cache
   (never saw the block) and the view's fresh tokens attending to all of it;
+- blend_r{P}_p{N}: as blend, the FIM view re-encoding the document's last N tokens before the
+  cursor with the block (blend_r{P}: the view's default, edit_cache/views.py BLOCK_FRESH_PREFIX;
+  N = 0 is the view before it; l2r views re-encode none);
 - blendall_r{P}: as blend, but the block also takes the current document's tokens before the
   cursor's line from its cache, so P% of those are recomputed too (CacheBlend over every chunk).
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -219,6 +223,15 @@ def _exact(loaded, prompt, heal, rules, view):
                   heal=heal)
 
 
+def _blend_method(method: str) -> tuple[float, int | None]:
+    """`blend_r15` -> (0.15, None: the view's default of re-encoded prefix tokens in FIM);
+    `blend_r15_p0` -> (0.15, 0)."""
+    m = re.fullmatch(r"blend(?:all)?_r(\d+)(?:_p(\d+))?", method)
+    if m is None:
+        raise SystemExit(f"unknown method {method!r}: blend_r<P>[_p<N>] or blendall_r<P>[_p<N>]")
+    return int(m.group(1)) / 100, None if m.group(2) is None else int(m.group(2))
+
+
 def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, chunks, style, rec) -> dict:
     """One timed completion: {pred, recomputed, compute, context_tokens, ms}."""
     tok, cfg, model = loaded.tokenizer, loaded.config, loaded.runner
@@ -241,7 +254,7 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, ch
         context_tokens = len(front) - h
     else:
         if method.startswith("blend"):
-            ratio = int(method.split("_r")[1]) / 100
+            ratio, fresh_prefix = _blend_method(method)
             blk_layout = layout
             if method.startswith("blendall"):
                 t, _ = _split_prefix(doc, cursor)
@@ -251,7 +264,8 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, ch
             block = build_block(model, blk_layout, recompute_ratio=ratio, spare=0)
             context_tokens = layout.reused_tokens
         if view == "fim":
-            v = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens, block=block)
+            fresh = {} if block is None or fresh_prefix is None else {"block_fresh_prefix": fresh_prefix}
+            v = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens, block=block, **fresh)
         else:
             v = left_to_right(doc, cursor, max_new_tokens=rules.max_tokens, block=block)
         out = v.decode(rules=rules)
@@ -302,7 +316,8 @@ def main() -> None:
     p.add_argument("--sets", default="xfile,ordinary", help="comma list of xfile, ordinary")
     p.add_argument("--views", default="l2r,fim", help="comma list of l2r, fim")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma list of none, exact, ring, blend_r<P>, blendall_r<P> (P: percent recomputed)")
+                   help="comma list of none, exact, ring, blend_r<P>[_p<N>], blendall_r<P>[_p<N>] (P: percent "
+                        "recomputed; N: the document's tokens before the cursor a FIM view re-encodes)")
     p.add_argument("--budget", type=int, default=1024, help="context tokens per request")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--subset", type=int, default=None, help="N targets spread evenly over the data")

@@ -41,6 +41,11 @@ from editkv.engine.prompting import fim_heals, fim_suffix_budget, fim_tail
 from editkv.engine.sampling import SamplingParams
 
 DRAFT_SLOTS = 33  # scratch beyond max_new_tokens: a speculative draft verified at the last step
+# with other files' context in front (a `block`), a FIM view re-encodes the document's last this
+# many tokens before the cursor with it: they were cached without the block, and a FIM model's
+# first tokens read them most (BENCHMARKS.md, cross-file: with Qwen2.5-Coder-0.5B the FIM view's
+# first-token KL to an exact prefill of [block + prompt] fell from 0.22 to 0.04; l2r needs none)
+BLOCK_FRESH_PREFIX = 128
 _CONTENT = re.compile(r"[ \t\f\v]*[^\s]")
 _TERMINATOR = re.compile(r"\r\n|\r|\n")
 
@@ -150,12 +155,17 @@ def _split_suffix(doc: Document, start: int) -> tuple[int, list[int]]:
     return len(doc.ids) - k, fresh[: len(fresh) - k]
 
 
-def _prefix_part(doc: Document, cursor: int, *, heal: bool = True) -> tuple[int, list[int], bytes]:
+def _prefix_part(doc: Document, cursor: int, *, heal: bool = True, again: int = 0,
+                 floor: int = 0) -> tuple[int, list[int], bytes]:
     """(document tokens used from the cache, fresh ids, healed bytes); the cache is made ready
     for those tokens (encoded as far, pending edits repaired, stale ones near the cursor redone).
-    `heal`: drop the cursor's token for the model to spell again (engine/healing.py)."""
+    `heal`: drop the cursor's token for the model to spell again (engine/healing.py). `again`: the
+    last this many cached tokens (not below token `floor`) become fresh ids too, encoded with the view."""
     t, fresh = _split_prefix(doc, cursor)
-    doc.ensure_ready(upto=t)
+    back = min(t, max(floor, t - again))
+    doc.ensure_ready(upto=back)
+    if back < t:
+        fresh, t = doc.ids[back:t] + fresh, back
     if doc.options.refresh_near_cursor:
         doc.refresh_before(t, doc.options.refresh_near_cursor)
     if not heal:
@@ -228,7 +238,7 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64,
 
 def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
                    max_new_tokens: int = 64, whole_suffix: bool = True,
-                   block: ContextBlock | None = None) -> ContextView:
+                   block: ContextBlock | None = None, block_fresh_prefix: int = BLOCK_FRESH_PREFIX) -> ContextView:
     """View for `<PRE> text[:cursor] <SUF> suffix <MID>` (suffix from the cursor or the next line).
 
     `whole_suffix=False`: the suffix as far as the document has keys (the server's path, where
@@ -237,7 +247,8 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     Models whose layout repeats the prefix's last tokens after `<MID>` (`FimTokens.tail`) get
     them encoded with `<MID>`, like every other view token, and the cursor's token healed; other
     FIM layouts are not healed (engine.prompting.fim_heals). `block`: other files' context in
-    front of the document (edit_cache/crossfile.py).
+    front of the document (edit_cache/crossfile.py), and the document's last `block_fresh_prefix`
+    tokens before the cursor re-encoded with it (`BLOCK_FRESH_PREFIX`).
     """
     fim = doc.tokenizer.fim
     if fim is None:
@@ -249,7 +260,9 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     if whole_suffix:
         doc.ensure_ready()
     # a FIM model's middle starts where the prefix's text ends: healed only for layouts with a tail
-    t, fresh_prefix, heal = _prefix_part(doc, cursor, heal=fim_heals(doc.tokenizer))
+    t, fresh_prefix, heal = _prefix_part(doc, cursor, heal=fim_heals(doc.tokenizer),
+                                         again=block_fresh_prefix if block is not None else 0,
+                                         floor=block.document_tokens if block is not None else 0)
     off = block.shift if block is not None else 0
     used = doc.h + t
     first_position = used + off

@@ -198,6 +198,38 @@ def test_fim_view_with_a_block_is_exact_when_nothing_is_cached_without_it(templa
 
 
 @pytest.mark.parametrize("graphs", [False, True])
+def test_fim_view_with_a_block_re_encodes_the_documents_last_tokens_with_it(template, monkeypatch, graphs):
+    # The cost blend paid in FIM: the document's tokens before the cursor were cached without the
+    # block. A FIM view with a block re-encodes its last `block_fresh_prefix` of them with it: all
+    # of them (and the whole suffix) re-encoded give an exact prefill of [block + FIM prompt]
+    # without the document in the block (blend, not blendall); the default re-encodes 128.
+    monkeypatch.setattr(views, "_graphs_on", lambda doc: graphs)
+    helpers, small, _ = _docs(template)
+    model, tok = helpers.model, helpers.tokenizer
+    text = CURRENT + "".join(f"r{i} = helper_alpha({i}) + Point({i}).x\n" for i in range(30))
+    current = Document(model, tok, text, head=template.head, options=DocumentOptions(fim_fresh_suffix=10_000))
+    current.ensure_ready()
+    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
+    layout = block_layout(tok, model.config, chunks, current.head, style="plain")
+    block = build_block(model, layout, recompute_ratio=1.0)
+    for cursor in (45, text.index("r20 =") + 4, len(text) - 3):
+        t, _ = _split_prefix(current, cursor)
+        plain = fill_in_middle(current, cursor, suffix="next_line")
+        whole = fill_in_middle(current, cursor, suffix="next_line", block=block, block_fresh_prefix=10**6)
+        assert whole.prompt_ids == layout.ids + plain.prompt_ids[current.h:]
+        _, logits = _exact_cache(model, whole.prompt_ids)
+        assert (whole.first_logits - logits).abs().max() < 1e-4, cursor
+        cached = fill_in_middle(current, cursor, suffix="next_line", block=block, block_fresh_prefix=0)
+        default = fill_in_middle(current, cursor, suffix="next_line", block=block)
+        assert cached.prompt_ids == default.prompt_ids == whole.prompt_ids
+        assert whole.encoded_tokens - cached.encoded_tokens == t
+        assert default.encoded_tokens - cached.encoded_tokens == min(t, views.BLOCK_FRESH_PREFIX)
+        if t > 0:  # the cached prefix never saw the block: not the exact prefill's logits
+            assert (cached.first_logits - logits).abs().max() > 1e-3, cursor
+    assert t > views.BLOCK_FRESH_PREFIX
+
+
+@pytest.mark.parametrize("graphs", [False, True])
 def test_fim_view_with_a_block_moves_the_cached_suffix_by_the_blocks_shift(template, monkeypatch, graphs):
     # The suffix keys a FIM view reads from the document's cache (never re-encoded: no exact
     # prefill to compare with) act where they act without the block, moved by `block.shift`.
