@@ -44,6 +44,17 @@ if [ "${RE_L2R:-0}" = 1 ]; then
       --views l2r --methods full,pie,conflict,prefix_reuse --shard {}/24 --progress --resume --json $R/rel/rel_{}.json \
       > $R/rel/rel_{}.txt 2>&1") &
 fi
+# cross-file FIM (issue 25): CacheBlend with the document's last 128 tokens re-encoded (blend_r15) against the
+# view before (blend_r15_p0), none and exact, 240 xfile targets in XF_SHARDS shards (XF=1; needs the blobs in $D)
+if [ "${XF:-0}" = 1 ]; then
+  mkdir -p $R/xf
+  N=${XF_SHARDS:-4}
+  for i in $(seq 0 $((N - 1))); do
+    timeout 1500 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz --crossfile $D/dev-crossfile.jsonl.gz \
+      --blobs $D/dev-blobs.jsonl.gz --budget 2048 --sets xfile --subset 240 --views fim \
+      --methods none,exact,blend_r15_p0,blend_r15 --progress --shard $i/$N --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
+  done
+fi
 P2=$(date +%s)
 # phase 2 ends when its jobs do, at /root/go3, or PHASE2_S seconds after it began
 while [ "$(jobs -r | wc -l)" -gt 0 ] && [ ! -f /root/go3 ]; do
@@ -60,6 +71,7 @@ if [ -f /root/go3 ]; then
 fi
 log "phase 2 done"
 [ -d $R/re ] && python3 bench/realedits.py --merge $R/re/re_*.json > $R/re_merged.txt 2>&1
+[ -d $R/xf ] && python3 bench/crossfile.py --merge $R/xf/xf_*.json > $R/xf_merged.txt 2>&1
 [ -d $R/rel ] && ls $R/rel/rel_*.json > /dev/null 2>&1 && python3 bench/realedits.py --merge $R/rel/rel_*.json > $R/rel_merged.txt 2>&1
 hop() {
     local hs='nowarm={"warmUp": false}'  # HOP_SETTINGS: the method beside default, e.g. 'kv1g={"kvBudgetMb": 1024}'
