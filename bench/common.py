@@ -173,7 +173,7 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def shard_flags(p: argparse.ArgumentParser, unit: str = "target") -> None:
+def shard_flags(p: argparse.ArgumentParser, unit: str = "target", resume: bool = False) -> None:
     """--shard I/N, --merge JSON..., --progress: a bench run in parallel shards (`run_or_merge`)."""
     p.add_argument("--shard", type=shard_arg, default=(0, 1), metavar="I/N",
                    help=f"only every N-th {unit} from the I-th (parallel runs; --merge their JSON)")
@@ -181,14 +181,15 @@ def shard_flags(p: argparse.ArgumentParser, unit: str = "target") -> None:
                    help="print the summary of these runs' --json files together (no model is run)")
     p.add_argument("--progress", action="store_true",
                    help=f"print progress, and keep a partial --json after each {unit} (what a run cut short leaves)")
-    p.add_argument("--resume", action="store_true",
-                   help="with --progress: start from the rows an earlier run cut short left in --json")
+    if resume:  # (a bench whose run() starts from `resumed_rows`)
+        p.add_argument("--resume", action="store_true",
+                       help="with --progress: start from the rows an earlier run cut short left in --json")
 
 
 def resumed_rows(args, key: str = "id") -> tuple[list[dict], set]:
     """The rows a cut-short run left in `args.json` (`--resume`) and the `key` values they cover; a
     partial JSON is written after whole records only, so a record with any row there is done."""
-    if not getattr(args, "resume", False) or args.json is None or not args.json.exists():
+    if not args.resume or args.json is None or not args.json.exists():
         return [], set()
     rows = json.loads(args.json.read_text())["rows"]
     return rows, {row[key] for row in rows}

@@ -66,7 +66,7 @@ from common import (
 from editkv.edit_cache.crossfile import block_layout, build_block, choose_chunks, context_format
 from editkv.edit_cache.document import Document, DocumentOptions
 from editkv.edit_cache.tokens import is_line_local
-from editkv.edit_cache.views import DRAFT_SLOTS, _split_prefix, fill_in_middle, left_to_right
+from editkv.edit_cache.views import BLOCK_FRESH_PREFIX, DRAFT_SLOTS, _split_prefix, fill_in_middle, left_to_right
 from editkv.engine.generate import StopRules, decode, prefill_prompt
 from editkv.engine.loading import load_model
 from editkv.engine.prompting import doc_start_ids, healed_fim_ids, healed_left_to_right_ids
@@ -223,13 +223,13 @@ def _exact(loaded, prompt, heal, rules, view):
                   heal=heal)
 
 
-def _blend_method(method: str) -> tuple[float, int | None]:
-    """`blend_r15` -> (0.15, None: the view's default of re-encoded prefix tokens in FIM);
-    `blend_r15_p0` -> (0.15, 0)."""
+def _blend_method(method: str) -> tuple[float, int]:
+    """`blend_r15` -> (0.15, BLOCK_FRESH_PREFIX: the view's default of re-encoded prefix tokens in
+    FIM); `blend_r15_p0` -> (0.15, 0)."""
     m = re.fullmatch(r"blend(?:all)?_r(\d+)(?:_p(\d+))?", method)
     if m is None:
         raise SystemExit(f"unknown method {method!r}: blend_r<P>[_p<N>] or blendall_r<P>[_p<N>]")
-    return int(m.group(1)) / 100, None if m.group(2) is None else int(m.group(2))
+    return int(m.group(1)) / 100, BLOCK_FRESH_PREFIX if m.group(2) is None else int(m.group(2))
 
 
 def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, chunks, style, rec) -> dict:
@@ -239,6 +239,7 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, ch
     sync(loaded.device)
     t0 = time.perf_counter()
     block = None
+    fresh_prefix = BLOCK_FRESH_PREFIX  # (with a block only)
     context_tokens = 0
     if method in ("exact", "ring"):
         if view == "fim":
@@ -264,8 +265,8 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, ch
             block = build_block(model, blk_layout, recompute_ratio=ratio, spare=0)
             context_tokens = layout.reused_tokens
         if view == "fim":
-            fresh = {} if block is None or fresh_prefix is None else {"block_fresh_prefix": fresh_prefix}
-            v = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens, block=block, **fresh)
+            v = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens, block=block,
+                               block_fresh_prefix=fresh_prefix)
         else:
             v = left_to_right(doc, cursor, max_new_tokens=rules.max_tokens, block=block)
         out = v.decode(rules=rules)

@@ -273,7 +273,7 @@ def main() -> None:
                         "(default: the model's recommendation, as the server does)")
     p.add_argument("--refresh-near-cursor", type=int, default=None,
                    help="views: re-encode the stale tokens among this many before the cursor (default: the model's)")
-    shard_flags(p, unit="record")
+    shard_flags(p, unit="record", resume=True)
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--typed", type=int, default=0,
                    help="type the target line's first N characters (one change and FIM view each) and "
