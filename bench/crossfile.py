@@ -26,6 +26,8 @@ not timed, as in bench/realedits.py). A request's cost is what it computes itsel
 - blend_r{P}_p{N}: as blend, the FIM view re-encoding the document's last N tokens before the
   cursor with the block (blend_r{P}: the view's default, edit_cache/views.py BLOCK_FRESH_PREFIX;
   N = 0 is the view before it; l2r views re-encode none);
+- blend_r{P}[_p{N}]_s{M}: as blend, the FIM view's suffix keeping at most M cached tokens past its
+  re-encoded window (those never saw the block; M = 0: the re-encoded window only);
 - blendall_r{P}: as blend, but the block also takes the current document's tokens before the
   cursor's line from its cache, so P% of those are recomputed too (CacheBlend over every chunk).
 
@@ -223,13 +225,15 @@ def _exact(loaded, prompt, heal, rules, view):
                   heal=heal)
 
 
-def _blend_method(method: str) -> tuple[float, int]:
+def _blend_method(method: str) -> tuple[float, int, int | None]:
     """`blend_r15` -> (0.15, BLOCK_FRESH_PREFIX: the view's default of re-encoded prefix tokens in
-    FIM); `blend_r15_p0` -> (0.15, 0)."""
-    m = re.fullmatch(r"blend(?:all)?_r(\d+)(?:_p(\d+))?", method)
+    FIM, None: the whole cached suffix); `blend_r15_p0` -> (0.15, 0, None); `blend_r15_s0` ->
+    (0.15, BLOCK_FRESH_PREFIX, 0)."""
+    m = re.fullmatch(r"blend(?:all)?_r(\d+)(?:_p(\d+))?(?:_s(\d+))?", method)
     if m is None:
-        raise SystemExit(f"unknown method {method!r}: blend_r<P>[_p<N>] or blendall_r<P>[_p<N>]")
-    return int(m.group(1)) / 100, BLOCK_FRESH_PREFIX if m.group(2) is None else int(m.group(2))
+        raise SystemExit(f"unknown method {method!r}: blend_r<P>[_p<N>][_s<M>] or blendall_r<P>[_p<N>][_s<M>]")
+    return (int(m.group(1)) / 100, BLOCK_FRESH_PREFIX if m.group(2) is None else int(m.group(2)),
+            None if m.group(3) is None else int(m.group(3)))
 
 
 def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, chunks, style, rec) -> dict:
@@ -239,7 +243,7 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, ch
     sync(loaded.device)
     t0 = time.perf_counter()
     block = None
-    fresh_prefix = BLOCK_FRESH_PREFIX  # (with a block only)
+    fresh_prefix, cached_suffix = BLOCK_FRESH_PREFIX, None  # (with a block only)
     context_tokens = 0
     if method in ("exact", "ring"):
         if view == "fim":
@@ -255,7 +259,7 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, ch
         context_tokens = len(front) - h
     else:
         if method.startswith("blend"):
-            ratio, fresh_prefix = _blend_method(method)
+            ratio, fresh_prefix, cached_suffix = _blend_method(method)
             blk_layout = layout
             if method.startswith("blendall"):
                 t, _ = _split_prefix(doc, cursor)
@@ -266,7 +270,7 @@ def _request(loaded, method, view, doc, deleted, cursor, rules, layout, ring, ch
             context_tokens = layout.reused_tokens
         if view == "fim":
             v = fill_in_middle(doc, cursor, suffix="next_line", max_new_tokens=rules.max_tokens, block=block,
-                               block_fresh_prefix=fresh_prefix)
+                               block_fresh_prefix=fresh_prefix, block_cached_suffix=cached_suffix)
         else:
             v = left_to_right(doc, cursor, max_new_tokens=rules.max_tokens, block=block)
         out = v.decode(rules=rules)
@@ -317,8 +321,8 @@ def main() -> None:
     p.add_argument("--sets", default="xfile,ordinary", help="comma list of xfile, ordinary")
     p.add_argument("--views", default="l2r,fim", help="comma list of l2r, fim")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma list of none, exact, ring, blend_r<P>[_p<N>], blendall_r<P>[_p<N>] (P: percent "
-                        "recomputed; N: the document's tokens before the cursor a FIM view re-encodes)")
+                   help="comma list of none, exact, ring, blend_r<P>[_p<N>][_s<M>], blendall_r<P>[_p<N>][_s<M>] (P: percent "
+                        "recomputed; N: the document's tokens before the cursor a FIM view re-encodes; M: its cached suffix tokens kept)")
     p.add_argument("--budget", type=int, default=1024, help="context tokens per request")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--subset", type=int, default=None, help="N targets spread evenly over the data")

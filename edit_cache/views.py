@@ -238,7 +238,8 @@ def left_to_right(doc: Document, cursor: int, *, max_new_tokens: int = 64,
 
 def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
                    max_new_tokens: int = 64, whole_suffix: bool = True,
-                   block: ContextBlock | None = None, block_fresh_prefix: int = BLOCK_FRESH_PREFIX) -> ContextView:
+                   block: ContextBlock | None = None, block_fresh_prefix: int = BLOCK_FRESH_PREFIX,
+                   block_cached_suffix: int | None = None) -> ContextView:
     """View for `<PRE> text[:cursor] <SUF> suffix <MID>` (suffix from the cursor or the next line).
 
     `whole_suffix=False`: the suffix as far as the document has keys (the server's path, where
@@ -248,7 +249,9 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     them encoded with `<MID>`, like every other view token, and the cursor's token healed; other
     FIM layouts are not healed (engine.prompting.fim_heals). `block`: other files' context in
     front of the document (edit_cache/crossfile.py), and the document's last `block_fresh_prefix`
-    tokens before the cursor re-encoded with it (`BLOCK_FRESH_PREFIX`).
+    tokens before the cursor re-encoded with it (`BLOCK_FRESH_PREFIX`); `block_cached_suffix`: with a
+    block, at most this many of the suffix's cached tokens past its re-encoded window (they never saw
+    the block; None: as many as without one).
     """
     fim = doc.tokenizer.fim
     if fim is None:
@@ -277,6 +280,8 @@ def fill_in_middle(doc: Document, cursor: int, *, suffix: str = "rest_of_line",
     t_suffix += extra
     # the suffix as far as it has keys (a document still being encoded in the background)
     n = max(t_suffix, min(len(doc.ids), doc.frontier))
+    if block is not None and block_cached_suffix is not None:
+        n = min(n, t_suffix + block_cached_suffix)
     graphs = _graphs_on(doc)
     if graphs and not t <= doc.gap_at <= t_suffix:
         doc.move_gap(min(max(doc.gap_at, t), t_suffix))  # prefix and suffix each one span

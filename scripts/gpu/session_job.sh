@@ -54,7 +54,7 @@ if [ "${XF:-0}" = 1 ]; then
   for i in $(seq 0 $((N - 1))); do
     timeout 1500 python3 bench/crossfile.py --device cuda --model $G --data $D/dev.jsonl.gz --crossfile $D/dev-crossfile.jsonl.gz \
       --blobs $D/dev-blobs.jsonl.gz --budget 2048 --sets xfile --subset 240 --views fim \
-      --methods none,exact,blend_r15_p0,blend_r15 --progress --shard $i/$N --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
+      --methods ${XF_METHODS:-none,exact,blend_r15_p0,blend_r15,blend_r15_s0} --progress --shard $i/$N --json $R/xf/xf_$i.json > $R/xf/xf_$i.txt 2>&1 &
   done
 fi
 P2=$(date +%s)

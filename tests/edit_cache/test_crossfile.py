@@ -230,6 +230,37 @@ def test_fim_view_with_a_block_re_encodes_the_documents_last_tokens_with_it(temp
 
 
 @pytest.mark.parametrize("graphs", [False, True])
+def test_fim_view_with_a_block_can_leave_out_the_suffix_cached_without_it(template, monkeypatch, graphs):
+    # `block_cached_suffix=0`: the suffix stops at its re-encoded window, so with the prefix
+    # re-encoded too, no key of the view was computed without the block (exact prefill of the
+    # shorter prompt); with the cached suffix kept, the view reads keys that never saw the block.
+    monkeypatch.setattr(views, "_graphs_on", lambda doc: graphs)
+    helpers, small, _ = _docs(template)
+    model, tok = helpers.model, helpers.tokenizer
+    text = CURRENT + "".join(f"r{i} = helper_alpha({i}) + Point({i}).x\n" for i in range(30))
+    current = Document(model, tok, text, head=template.head, options=DocumentOptions(fim_fresh_suffix=16))
+    current.ensure_ready()
+    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
+    block = build_block(model, block_layout(tok, model.config, chunks, current.head, style="plain"),
+                        recompute_ratio=1.0)
+    for cursor in (45, text.index("r20 =") + 4):
+        kept = fill_in_middle(current, cursor, suffix="next_line", block=block, block_fresh_prefix=10**6)
+        cut = fill_in_middle(current, cursor, suffix="next_line", block=block, block_fresh_prefix=10**6,
+                             block_cached_suffix=0)
+        some = fill_in_middle(current, cursor, suffix="next_line", block=block, block_fresh_prefix=10**6,
+                              block_cached_suffix=5)
+        dropped = len(kept.prompt_ids) - len(cut.prompt_ids)
+        assert dropped > 5 and len(kept.prompt_ids) - len(some.prompt_ids) == dropped - 5
+        assert cut.encoded_tokens == kept.encoded_tokens  # the same tokens re-encoded, fewer read
+        _, logits = _exact_cache(model, cut.prompt_ids)
+        assert (cut.first_logits - logits).abs().max() < 1e-4, cursor
+        _, logits = _exact_cache(model, kept.prompt_ids)
+        assert (kept.first_logits - logits).abs().max() > 1e-3, cursor
+        plain = fill_in_middle(current, cursor, suffix="next_line", block_cached_suffix=0)
+        assert len(plain.prompt_ids) == len(kept.prompt_ids) - len(block.ids) + current.h  # (with a block only)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
 def test_fim_view_with_a_block_moves_the_cached_suffix_by_the_blocks_shift(template, monkeypatch, graphs):
     # The suffix keys a FIM view reads from the document's cache (never re-encoded: no exact
     # prefill to compare with) act where they act without the block, moved by `block.shift`.
