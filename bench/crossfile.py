@@ -321,8 +321,9 @@ def main() -> None:
     p.add_argument("--sets", default="xfile,ordinary", help="comma list of xfile, ordinary")
     p.add_argument("--views", default="l2r,fim", help="comma list of l2r, fim")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma list of none, exact, ring, blend_r<P>[_p<N>][_s<M>], blendall_r<P>[_p<N>][_s<M>] (P: percent "
-                        "recomputed; N: the document's tokens before the cursor a FIM view re-encodes; M: its cached suffix tokens kept)")
+                   help="comma list of none, exact, ring, blend_r<P>[_p<N>][_s<M>], blendall_r<P>[_p<N>][_s<M>] "
+                        "(P: percent recomputed; N: the document's tokens before the cursor a FIM view re-encodes; "
+                        "M: its cached suffix tokens kept)")
     p.add_argument("--budget", type=int, default=1024, help="context tokens per request")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--subset", type=int, default=None, help="N targets spread evenly over the data")
