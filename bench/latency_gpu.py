@@ -36,7 +36,7 @@ import statistics
 import time
 
 import torch
-from common import load_records, machine, parser, sync, table, write_json
+from common import load_records, machine, parser, sync, table, target_span, write_json
 from editkv.edit_cache.document import Document
 from editkv.edit_cache.positions import Range, to_position
 from editkv.edit_cache.views import fill_in_middle
@@ -116,14 +116,6 @@ def _document_text(records, tokenizer, first: dict, tokens: int) -> str:
     return text
 
 
-def _target_span(text: str, line: int, prefix: str) -> tuple[int, int]:
-    starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
-    start = starts[line]
-    end = text.find("\n", start)
-    end = len(text) if end < 0 else end
-    return start + len(prefix), end
-
-
 def _events(doc_text: str, record: dict, rng: random.Random, count: int):
     """Keystrokes, alternating kinds: (kind, [(range, new text)], cursor offset, text after).
 
@@ -147,7 +139,7 @@ def _events(doc_text: str, record: dict, rng: random.Random, count: int):
             rest = text[len(before):]
             after = record["after"] + rest
             changes = [(_range(e), e["text"]) for e in record["edits"]]
-            cursor, end = _target_span(after, target["line"], target["prefix"])
+            cursor, end = target_span(after, target)
             deleted = after[:cursor] + after[end:]
             changes.append((Range(to_position(after, cursor), to_position(after, end)), ""))
             yield "realedit", changes, cursor, deleted
