@@ -90,6 +90,7 @@ PEER=/root/xdg/editkv/peers/llama-b11434-cuda/bin/llama-server
 for i in $(seq 1 60); do [ -x $PEER ] || ! pgrep -f 'llama_server.py build' > /dev/null && break; sleep 5; done
 log "phase 3: timings alone"
 if [ -x $PEER ]; then M=default,vscode,full,llama; else M=default,vscode,full; fi
+M=${REPLAY_METHODS:-$M}  # a short session: e.g. default,full
 log "served replay, human pace ($M)"
 timeout 300 python3 bench/lsp_replay.py --device cuda --model $G --data $D/dev150.jsonl.gz --limit 6 --max-keys 60 \
   --crossfile $D/dev-crossfile.jsonl.gz --peer-bin $PEER --peer-log $R/peer.log \
