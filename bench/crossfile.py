@@ -156,6 +156,10 @@ def ring_ids(tok, cfg, sources: list[tuple[str, str]], budget: int, seed: int) -
 
 
 def run(args) -> dict:
+    methods = [m for m in args.methods.split(",") if m]
+    for method in methods:  # before the model loads: a misspelt method fails here, not as `none`
+        if method not in ("none", "exact", "ring"):
+            _blend_method(method)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok, cfg = loaded.runner, loaded.tokenizer, loaded.config
     head = doc_start_ids(tok, cfg)
@@ -163,7 +167,6 @@ def run(args) -> dict:
     views = [v for v in args.views.split(",") if v]
     if "fim" in views and tok.fim is None:
         views.remove("fim")
-    methods = [m for m in args.methods.split(",") if m]
     rules = StopRules(max_tokens=args.max_tokens, max_lines=1)
     cases = spread(load_cases(args), args.subset)
     shard, shards = args.shard
@@ -231,7 +234,8 @@ def _blend_method(method: str) -> tuple[float, int, int | None]:
     (0.15, BLOCK_FRESH_PREFIX, 0)."""
     m = re.fullmatch(r"blend(?:all)?_r(\d+)(?:_p(\d+))?(?:_s(\d+))?", method)
     if m is None:
-        raise SystemExit(f"unknown method {method!r}: blend_r<P>[_p<N>][_s<M>] or blendall_r<P>[_p<N>][_s<M>]")
+        raise SystemExit(f"unknown method {method!r}: none, exact, ring, blend_r<P>[_p<N>][_s<M>] or "
+                         "blendall_r<P>[_p<N>][_s<M>]")
     return (int(m.group(1)) / 100, BLOCK_FRESH_PREFIX if m.group(2) is None else int(m.group(2)),
             None if m.group(3) is None else int(m.group(3)))
 
