@@ -101,10 +101,13 @@ def shapes(max_width: int) -> list[tuple[int, str]]:
 
 
 def buckets(backend: ModelBackend, max_bucket: int) -> list[int]:
-    """The attention buckets worth warming: 1024 slots, doubling, up to `max_bucket`, the
-    model's context (longer files run in an attention window of that size) and half the KV pool."""
+    """The attention buckets worth warming: 1024 slots, doubling, up to `max_bucket` and half the KV
+    pool. Not capped by the model's context: a bucket counts the slots a forward reaches in its
+    document's region, and a file longer than the context, though it attends to a window of it,
+    reaches past it (on the H100 the default model's 4,096-token context left bucket 8,192 and
+    16,384 cold, and the first files of 7-8k tokens captured their graphs on first use)."""
     static = backend.loaded.runner.static
-    top = min(max_bucket, backend.loaded.config.max_position_embeddings)
+    top = max_bucket
     pool = backend.loaded.runner.kv_pool
     if pool is not None:
         top = min(top, pool.slots // 2)

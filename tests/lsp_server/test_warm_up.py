@@ -106,6 +106,24 @@ def test_after_the_warm_up_a_session_captures_no_graph_and_gets_the_same_suggest
     assert warm == cold and any(any(texts) for texts in warm)
 
 
+def test_files_longer_than_the_models_context_find_their_graphs_warmed(static_backend):
+    # A file longer than the model's context attends to a window of it, but its forwards reach the
+    # slots past the context in its region: the buckets to warm are not capped by the context.
+    backend, static = static_backend()
+    config = backend.loaded.config  # (frozen: set and put back by hand)
+    context = config.max_position_embeddings
+    object.__setattr__(config, "max_position_embeddings", 64)
+    try:
+        assert len(backend.loaded.tokenizer.encode(TEXT)) > 64
+        report = backend.warm_up(max_bucket=1024)
+        assert report["buckets"] == [1024] and report["graphs"] > 0
+        captured, answers = _session(backend)
+    finally:
+        object.__setattr__(config, "max_position_embeddings", context)
+    assert sum(captured) == 0, captured
+    assert any(any(texts) for texts in answers)
+
+
 @pytest.mark.gpu
 def test_after_the_warm_up_a_session_captures_no_cuda_graph():
     """On a GPU, real graphs: the warm-up captures them, and the session replays only those."""
