@@ -104,8 +104,8 @@ def buckets(backend: ModelBackend, max_bucket: int) -> list[int]:
     """The attention buckets worth warming: 1024 slots, doubling, up to `max_bucket` and half the KV
     pool. Not capped by the model's context: a bucket counts the slots a forward reaches in its
     document's region, and a file longer than the context, though it attends to a window of it,
-    reaches past it (on the H100 the default model's 4,096-token context left bucket 8,192 and
-    16,384 cold, and the first files of 7-8k tokens captured their graphs on first use)."""
+    reaches past it (capped at the default model's 4,096-token context, buckets 8,192 and 16,384
+    went unwarmed, and an 8k-token file took their graphs on first use)."""
     static = backend.loaded.runner.static
     top = max_bucket
     pool = backend.loaded.runner.kv_pool
