@@ -197,6 +197,19 @@ def test_fim_view_with_a_block_is_exact_when_nothing_is_cached_without_it(templa
         assert (view.scratch.k[:, :, :, :n] - cache.k[:, :, :, start: start + n]).abs().max() < 1e-4
 
 
+def _long_current(template, fim_fresh_suffix):
+    """(text, the current document: CURRENT and 30 lines more that use the helpers, the layout of
+    the helpers' block without the document, the block recomputed in full)."""
+    helpers, small, _ = _docs(template)
+    model, tok = helpers.model, helpers.tokenizer
+    text = CURRENT + "".join(f"r{i} = helper_alpha({i}) + Point({i}).x\n" for i in range(30))
+    current = Document(model, tok, text, head=template.head, options=DocumentOptions(fim_fresh_suffix=fim_fresh_suffix))
+    current.ensure_ready()
+    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
+    layout = block_layout(tok, model.config, chunks, current.head, style="plain")
+    return text, current, layout, build_block(model, layout, recompute_ratio=1.0)
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_fim_view_with_a_block_re_encodes_the_documents_last_tokens_with_it(template, monkeypatch, graphs):
     # The cost blend paid in FIM: the document's tokens before the cursor were cached without the
@@ -204,14 +217,8 @@ def test_fim_view_with_a_block_re_encodes_the_documents_last_tokens_with_it(temp
     # of them (and the whole suffix) re-encoded give an exact prefill of [block + FIM prompt]
     # without the document in the block (blend, not blendall); the default re-encodes 128.
     monkeypatch.setattr(views, "_graphs_on", lambda doc: graphs)
-    helpers, small, _ = _docs(template)
-    model, tok = helpers.model, helpers.tokenizer
-    text = CURRENT + "".join(f"r{i} = helper_alpha({i}) + Point({i}).x\n" for i in range(30))
-    current = Document(model, tok, text, head=template.head, options=DocumentOptions(fim_fresh_suffix=10_000))
-    current.ensure_ready()
-    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
-    layout = block_layout(tok, model.config, chunks, current.head, style="plain")
-    block = build_block(model, layout, recompute_ratio=1.0)
+    text, current, layout, block = _long_current(template, 10_000)
+    model = current.model
     for cursor in (45, text.index("r20 =") + 4, len(text) - 3):
         t, _ = _split_prefix(current, cursor)
         plain = fill_in_middle(current, cursor, suffix="next_line")
@@ -235,14 +242,8 @@ def test_fim_view_with_a_block_can_leave_out_the_suffix_cached_without_it(templa
     # re-encoded too, no key of the view was computed without the block (exact prefill of the
     # shorter prompt); with the cached suffix kept, the view reads keys that never saw the block.
     monkeypatch.setattr(views, "_graphs_on", lambda doc: graphs)
-    helpers, small, _ = _docs(template)
-    model, tok = helpers.model, helpers.tokenizer
-    text = CURRENT + "".join(f"r{i} = helper_alpha({i}) + Point({i}).x\n" for i in range(30))
-    current = Document(model, tok, text, head=template.head, options=DocumentOptions(fim_fresh_suffix=16))
-    current.ensure_ready()
-    chunks = choose_chunks(current.text, [("helpers.py", helpers), ("small.py", small)], budget=10_000)
-    block = build_block(model, block_layout(tok, model.config, chunks, current.head, style="plain"),
-                        recompute_ratio=1.0)
+    text, current, _, block = _long_current(template, 16)
+    model = current.model
     for cursor in (45, text.index("r20 =") + 4):
         kept = fill_in_middle(current, cursor, suffix="next_line", block=block, block_fresh_prefix=10**6)
         cut = fill_in_middle(current, cursor, suffix="next_line", block=block, block_fresh_prefix=10**6,
