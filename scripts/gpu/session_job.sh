@@ -47,7 +47,8 @@ if [ "${RE_L2R:-0}" = 1 ]; then
       > $R/rel/rel_{}.txt 2>&1") &
 fi
 # cross-file FIM (issue 25): CacheBlend with the document's last 128 tokens re-encoded (blend_r15) against the
-# view before (blend_r15_p0), none and exact, 240 xfile targets in XF_SHARDS shards (XF=1; needs the blobs in $D)
+# view before (blend_r15_p0), the suffix cut at its re-encoded window (blend_r15_s0), none and exact (XF_METHODS),
+# 240 xfile targets in XF_SHARDS shards (XF=1; needs the blobs in $D)
 if [ "${XF:-0}" = 1 ]; then
   mkdir -p $R/xf
   N=${XF_SHARDS:-4}
