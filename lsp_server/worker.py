@@ -131,6 +131,7 @@ class EngineWorker:
         self._shown: dict[str, tuple[str, int, Suggestion]] = {}
         self.typed_along = 0  # requests answered from the last ghost text
         self.docs: dict[str, DocText] = {}
+        self._queued: dict[str, None] = {}  # documents the backend reads at first use or in background work
         self.loading = False
         self.load_error: str | None = None
         self.closing = False
@@ -150,6 +151,7 @@ class EngineWorker:
         self.idle_refreshed = 0  # tokens encoded by background work
         self.idle_runs = 0  # background jobs run
         self.idle_captures = 0  # CUDA graphs captured by background jobs (deferred from requests)
+        self.idle_reads = 0  # queued documents read by background jobs
         self._urgent = False  # the backend has work that need not wait for idle_refresh_ms (see below)
         self.backend_settings: Settings | None = None  # what the backend was built with
         self.faults: dict[str, int] = {"oom": 0, "device": 0, "error": 0}  # recovered from, by kind
@@ -278,7 +280,14 @@ class EngineWorker:
         done = checked = captured = 0
         quieter = False  # graphs wait to be captured, and the user has not been idle long enough yet
         try:
-            if self.backend is not None and self.backend.pending_captures():
+            if self._queued and self.backend is not None:  # documents opened and not read yet, one a job
+                uri = next(iter(self._queued))
+                try:
+                    captured = int(self._read(uri))  # (ends this job, as a capture does)
+                finally:
+                    self._queued.pop(uri, None)  # one that fails is read again at its next request
+                self.idle_reads += captured
+            elif self.backend is not None and self.backend.pending_captures():
                 # CUDA graphs requests ran without: captured first (each speeds every later request
                 # of its shape), but a capture can't stop halfway, so only after idle_refresh_ms
                 # without work, never in the short quiet between keys that urgent work takes
@@ -307,7 +316,7 @@ class EngineWorker:
             return fn(*args)
         finally:  # read here, on the thread that owns the documents
             try:
-                self._urgent = self.backend is not None and bool(self.backend.urgent_work())
+                self._urgent = self.backend is not None and (bool(self._queued) or bool(self.backend.urgent_work()))
             except Exception:
                 self._urgent = False
 
@@ -321,17 +330,34 @@ class EngineWorker:
             self.notify("error", f"editkv: internal error in {fn.__name__.strip('_')}: {type(err).__name__}: {err}")
 
     def _admit(self, uri: str, doc: DocText) -> None:
-        """Hand `doc` to the backend unless it is too big or binary (then forget its text)."""
+        """Refuse `doc` if it is too big or binary (then forget its text); else queue it for the
+        backend, which reads it (tokens, the n-gram index) at its first request or in background
+        work, whichever comes first: an editor restoring its tabs sends every didOpen before its
+        first request, and that request should not wait for all of them to be read."""
         reason = refusal(uri, doc.text, self.settings.max_file_kb)
         if reason is not None:
+            self._queued.pop(uri, None)
             if doc.modelled and self.backend is not None:
                 self.backend.close(uri)
             doc.modelled, doc.refused, doc.text = False, reason, ""
             self.notify("warning", reason)
             return
-        if self.backend is not None:
+        if doc.modelled and self.backend is not None:
+            self.backend.close(uri)  # read again from our copy
+        doc.modelled = False
+        self._queued[uri] = None
+
+    def _read(self, uri: str) -> bool:
+        """Hand `uri` to the backend now if it is queued (or a read of it failed); whether the
+        backend has it."""
+        doc = self.docs.get(uri)
+        if doc is None or self.backend is None:
+            return False
+        if not doc.modelled and doc.refused is None and doc.out_of_sync is None:
             self.backend.open(uri, doc.text)
             doc.modelled = True
+        self._queued.pop(uri, None)
+        return doc.modelled
 
     def _open(self, uri: str, text: str, language_id: str) -> None:
         if uri in self.docs and self.docs[uri].modelled and self.backend is not None:
@@ -385,6 +411,7 @@ class EngineWorker:
     def _close(self, uri: str) -> None:
         self._shown.pop(uri, None)
         doc = self.docs.pop(uri, None)
+        self._queued.pop(uri, None)
         if doc is not None and doc.modelled and self.backend is not None:
             self.backend.close(uri)
 
@@ -393,7 +420,7 @@ class EngineWorker:
         if self.backend is not None:
             self.backend.configure(**cache_options(settings))
         for uri, doc in self.docs.items():
-            if doc.modelled and len(doc.text) > settings.max_file_kb * 1024:
+            if doc.refused is None and len(doc.text) > settings.max_file_kb * 1024:
                 self._admit(uri, doc)
 
     def _load(self, settings: Settings) -> tuple[bool, str]:
@@ -485,7 +512,10 @@ class EngineWorker:
         if doc.out_of_sync:
             return Outcome("out_of_sync", stats={"reason": doc.out_of_sync})
         cursor = to_offset(doc.text, Position(job.line, job.character), job.encoding)
-        if self.backend is None or not doc.modelled:
+        if job.settings.cross_file:  # every open document may be context
+            for uri in list(self._queued):
+                self._read(uri)
+        if not self._read(job.uri):
             return Outcome("not_ready")
         settings = job.settings
         ctx = CursorContext(doc.text, cursor, python=is_python(job.uri, doc.language_id))
@@ -509,7 +539,7 @@ class EngineWorker:
         except Exception as err:
             if self._recover(err, "completing", job.uri) is None:
                 raise  # a bug: the handler turns it into an error response
-            if self.backend is None or job.stop or self.closing or not doc.modelled:
+            if job.stop or self.closing or not self._read(job.uri):  # (reloaded: read again)
                 return Outcome("dropped")
             try:  # once more, on what the recovery left
                 result = self.backend.complete(request, should_stop=lambda: job.stop or self.closing)
@@ -612,12 +642,13 @@ class EngineWorker:
         doc = self.docs.get(uri)
         if doc is None:
             raise UnknownDocumentError(uri)
+        modelled = self._read(uri)
         out: dict[str, Any] = {
             "text_sha256": _digest(doc.text), "text_length": len(doc.text), "edits": doc.edits,
-            "out_of_sync": doc.out_of_sync, "refused": doc.refused, "modelled": doc.modelled,
+            "out_of_sync": doc.out_of_sync, "refused": doc.refused, "modelled": modelled,
             "backend": None, "faults": dict(self.faults), "reloads": self.reloads,
         }
-        if doc.modelled and self.backend is not None:
+        if modelled:
             out["backend"] = self.backend.debug_document(uri, kv)
         return out
 

@@ -96,13 +96,14 @@ def at(line: int, character: int) -> Range:
 
 def test_every_backend_call_runs_on_the_one_worker_thread(worker):
     worker.open(URI, "x = 1\n", "python")
+    assert worker.complete(job(0, 0, 5)).result(10).status == "served"  # the backend reads it at its first request
     worker.change(URI, [(at(0, 5), "0")], "utf-16")
     outcome = worker.complete(job(1, 0, 6)).result(10)
     worker.close(URI).result(10)
     assert outcome.status == "served" and outcome.suggestions[0].text == "<fake 0:6>"
     assert outcome.word == "10" and outcome.cursor == Position(0, 6)  # "x = 10": the word before the cursor
     threads = {tid for _, tid in worker.fake.calls}
-    assert [name for name, _ in worker.fake.calls] == ["open", "change", "complete", "close"]
+    assert [name for name, _ in worker.fake.calls] == ["open", "complete", "change", "complete", "close"]
     assert threads == {worker.thread_id} and threading.get_ident() not in threads
 
 
@@ -117,6 +118,7 @@ def test_jobs_for_an_older_version_or_stopped_never_reach_the_backend(worker):
 
 def test_a_change_that_does_not_fit_puts_the_document_out_of_sync_until_its_whole_text_comes(worker):
     worker.open(URI, "x = 1\n", "python")
+    assert worker.complete(job(0)).result(10).status == "served"
     worker.change(URI, [(at(9, 0), "boom")], "utf-16")
     worker.change(URI, [(at(0, 0), "y")], "utf-16")  # to a text we no longer trust: not applied
     outcome = worker.complete(job(2)).result(10)
@@ -178,7 +180,7 @@ def test_documents_opened_before_the_model_are_handed_over_when_it_loads():
         w.open(URI, "x = 1\n", "python")
         assert w.complete(job(0)).result(10).status == "not_ready"
         w.load(Settings()).result(10)
-        assert backend.texts[URI] == "x = 1\n" and w.complete(job(0)).result(10).status == "served"
+        assert w.complete(job(0)).result(10).status == "served" and backend.texts[URI] == "x = 1\n"
     finally:
         w.stop()
 
@@ -282,6 +284,39 @@ def test_urgent_background_work_waits_for_a_short_quiet_spell_not_for_idle(tmp_p
         clock.now += (EngineWorker.URGENT_QUIET_MS + 1) / 1000
         _wait_while(lambda: doc.num_stale, deadline)
         assert doc.num_stale == 0
+
+
+def test_documents_opened_are_read_at_their_first_request_or_by_background_work(tmp_path):
+    """An editor restoring its tabs sends every didOpen before its first request: the backend
+    reads (tokenizes, indexes) only the requested document on the request's path, the others
+    in background jobs after a short quiet spell, each with the changes made to it meanwhile."""
+    from editkv.engine.loading import load_model
+    from editkv.lsp_server.backend import ModelBackend
+    from editkv.lsp_server.worker import cache_options
+    from helpers import make_checkpoint
+
+    clock = Clock()
+    settings = Settings(idle_refresh_ms=600_000)
+    backend = ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")), **cache_options(settings))
+    w = EngineWorker(lambda s: backend, lambda level, text: None, clock=clock)
+    others = [f"file:///w/tab{i}.py" for i in range(3)]
+    try:
+        assert w.load(settings).result(30)[0]
+        for i, uri in enumerate(others):
+            w.open(uri, f"def tab{i}():\n    return {i}\n", "python")
+        w.open(URI, "def add(a, b):\n    return a + b\n", "python")
+        w.change(others[1], [(at(1, 11), "1 + ")], "utf-16")  # before the backend has read it
+        assert w.complete(job(0, line=1, character=4)).result(30).status == "served"
+        assert list(backend.cache.docs) == [URI]  # the request read its own document only
+        time.sleep(0.1)
+        assert w.idle_reads == 0  # no quiet on the worker's clock yet
+        clock.now += (EngineWorker.URGENT_QUIET_MS + 1) / 1000  # far less than idle_refresh_ms
+        _wait_while(lambda: len(backend.cache.docs) < 4, time.monotonic() + 60)
+        assert sorted(backend.cache.docs) == sorted([URI, *others]) and w.idle_reads == 3
+        assert backend.text(others[1]) == "def tab1():\n    return 1 + 1\n" == w.docs[others[1]].text
+        assert w.debug_document(others[2]).result(10)["modelled"]
+    finally:
+        w.stop()
 
 
 def test_deferred_graph_captures_wait_for_idle_not_for_the_quiet_between_keys(tmp_path, monkeypatch):
