@@ -220,6 +220,9 @@ class EditkvServer(LanguageServer):
                 "evictions": getattr(getattr(backend, "cache", None), "evictions", None),
                 "idle_refreshed_tokens": self.worker.idle_refreshed,
                 "idle_captures": self.worker.idle_captures,  # CUDA graphs taken while the user was idle
+                # documents opened and not read by the backend yet (read at their first request or
+                # by background work), and how many background work read
+                "unread_documents": self.worker.unread, "idle_reads": self.worker.idle_reads,
                 # the load's warm-up (lsp_server/warm_up.py): buckets, requests, graphs captured, ms
                 "warm_up": backend.warm_up_report if backend is not None else None,
                 # every token the requests ran through the model (idle refresh: the line above)

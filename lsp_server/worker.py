@@ -158,6 +158,11 @@ class EngineWorker:
         self.reloads = 0  # backends rebuilt after a device fault
         self.last_fault: str | None = None
 
+    @property
+    def unread(self) -> int:
+        """Documents opened that the backend has not read yet."""
+        return len(self._queued)
+
     # ---- submission (any thread) ------------------------------------------------------------
 
     def call(self, fn: Callable, *args) -> Future:

@@ -12,7 +12,7 @@ import pytest_lsp
 from lsp_testing import SERVER_ENV, lsp_command
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
-from test_protocol import complete, inline, open_doc, server_stats, start, type_at, wait_loaded
+from test_protocol import complete, inline, open_doc, plain, server_stats, start, type_at, wait_loaded
 
 pytestmark = pytest.mark.asyncio
 
@@ -109,3 +109,26 @@ async def test_decoding_strategies_and_their_counters_reach_editkv_stats(client:
     await complete(client, 1, 0)
     assert (await last_request())["strategy"] == "beam"
     assert (await server_stats(client))["settings"]["speculation"] is False
+
+
+async def test_documents_restored_at_once_are_read_at_first_use_then_in_the_background(client: LanguageClient,
+                                                                                        tiny_model):
+    """An editor restoring its tabs opens them all before its first request: that request is
+    answered with only its own document read; background work reads the others (with their
+    edits), and `editkv/stats` counts them."""
+    await start(client, "visual-studio-code", {"model": str(tiny_model), "debounceMs": 0, "maxTokens": 4,
+                                               "idleRefreshMs": 200})
+    tabs = [f"file:///w/tab{i}.py" for i in range(4)]
+    for i, uri in enumerate(tabs):
+        open_doc(client, f"def tab{i}(x):\n    return x + {i}\n", uri)
+    type_at(client, 1, 15, " * 2", 1, uri=tabs[2])
+    assert await inline(client, 1, 4, invoked=True, uri=tabs[0]) is not None
+    assert (await server_stats(client))["backend"]["last_request"]["view"]
+    for _ in range(300):
+        backend = (await server_stats(client))["backend"]
+        if backend["unread_documents"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert backend["unread_documents"] == 0 and backend["idle_reads"] == 3
+    debug = plain(await client.protocol.send_request_async("editkv/debugDocument", {"uri": tabs[2]}))
+    assert debug["modelled"] and debug["backend"]["text_sha256"] == debug["text_sha256"]

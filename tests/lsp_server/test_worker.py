@@ -309,10 +309,10 @@ def test_documents_opened_are_read_at_their_first_request_or_by_background_work(
         assert w.complete(job(0, line=1, character=4)).result(30).status == "served"
         assert list(backend.cache.docs) == [URI]  # the request read its own document only
         time.sleep(0.1)
-        assert w.idle_reads == 0  # no quiet on the worker's clock yet
+        assert w.idle_reads == 0 and w.unread == 3  # no quiet on the worker's clock yet
         clock.now += (EngineWorker.URGENT_QUIET_MS + 1) / 1000  # far less than idle_refresh_ms
         _wait_while(lambda: len(backend.cache.docs) < 4, time.monotonic() + 60)
-        assert sorted(backend.cache.docs) == sorted([URI, *others]) and w.idle_reads == 3
+        assert sorted(backend.cache.docs) == sorted([URI, *others]) and w.idle_reads == 3 and w.unread == 0
         assert backend.text(others[1]) == "def tab1():\n    return 1 + 1\n" == w.docs[others[1]].text
         assert w.debug_document(others[2]).result(10)["modelled"]
     finally:
