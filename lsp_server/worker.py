@@ -282,16 +282,16 @@ class EngineWorker:
         def work_came() -> bool:
             return self.closing or self._work_count != work_before
 
-        done = checked = captured = 0
+        done = checked = captured = read = 0
         quieter = False  # graphs wait to be captured, and the user has not been idle long enough yet
         try:
             if self._queued and self.backend is not None:  # documents opened and not read yet, one a job
                 uri = next(iter(self._queued))
                 try:
-                    captured = int(self._read(uri))  # (ends this job, as a capture does)
+                    read = int(self._read(uri))
                 finally:
                     self._queued.pop(uri, None)  # one that fails is read again at its next request
-                self.idle_reads += captured
+                self.idle_reads += read
             elif self.backend is not None and self.backend.pending_captures():
                 # CUDA graphs requests ran without: captured first (each speeds every later request
                 # of its shape), but a capture can't stop halfway, so only after idle_refresh_ms
@@ -301,9 +301,10 @@ class EngineWorker:
                     self.idle_captures += captured
                 else:
                     quieter = True
-            if not captured and self.backend is not None and not work_came():
+            # a capture or a document read is the job's work
+            if not (captured or read) and self.backend is not None and not work_came():
                 done = self.backend.refresh_idle(self.IDLE_CHUNK_TOKENS, work_came)
-            if not captured and not done and self.backend is not None and not work_came():
+            if not (captured or read or done) and self.backend is not None and not work_came():
                 checked = self.backend.verify_tokens_idle()  # documents cross-checked against a full tokenization
         except Exception as err:  # idle work must never take the server down
             self._recover(err, "background work")
@@ -311,7 +312,7 @@ class EngineWorker:
         self.idle_refreshed += done
         with self._lock:  # no work came meanwhile: the next chunk goes without a new wait
             if self._work_count == work_before:
-                self._idle_next = "more" if done or checked or captured else None if quieter else "done"
+                self._idle_next = "more" if done or checked or captured or read else None if quieter else "done"
 
     # ---- on the worker thread ---------------------------------------------------------------
 

@@ -80,6 +80,16 @@ def _serving_a_file(backend, settings: Settings, clock: Clock):
         w.stop()
 
 
+def _tiny_backend(tmp_path, settings: Settings):
+    """A ModelBackend on a tiny random checkpoint, with `settings`' cache options."""
+    from editkv.engine.loading import load_model
+    from editkv.lsp_server.backend import ModelBackend
+    from editkv.lsp_server.worker import cache_options
+    from helpers import make_checkpoint
+
+    return ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")), **cache_options(settings))
+
+
 def _wait_while(busy, deadline: float) -> None:
     """Poll `busy()` until it is false or time.monotonic() passes `deadline`."""
     while busy() and time.monotonic() < deadline:
@@ -261,14 +271,9 @@ def test_idle_refresh_runs_on_the_worker_only_when_no_work_comes(tmp_path):
 def test_urgent_background_work_waits_for_a_short_quiet_spell_not_for_idle(tmp_path):
     """Text past the cursor with no keys yet, or more stale tokens than the stale budget, start
     background work after URGENT_QUIET_MS of quiet (the worker's clock), not idle_refresh_ms."""
-    from editkv.engine.loading import load_model
-    from editkv.lsp_server.backend import ModelBackend
-    from editkv.lsp_server.worker import cache_options
-    from helpers import make_checkpoint
-
     clock = Clock()
     settings = Settings(idle_refresh_ms=600_000, stale_budget=8)
-    backend = ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")), **cache_options(settings))
+    backend = _tiny_backend(tmp_path, settings)
     with _serving_a_file(backend, settings, clock) as (w, doc):  # the text before the cursor encoded only
         assert doc.num_unencoded > 0
         time.sleep(0.1)
@@ -290,14 +295,9 @@ def test_documents_opened_are_read_at_their_first_request_or_by_background_work(
     """An editor restoring its tabs sends every didOpen before its first request: the backend
     reads (tokenizes, indexes) only the requested document on the request's path, the others
     in background jobs after a short quiet spell, each with the changes made to it meanwhile."""
-    from editkv.engine.loading import load_model
-    from editkv.lsp_server.backend import ModelBackend
-    from editkv.lsp_server.worker import cache_options
-    from helpers import make_checkpoint
-
     clock = Clock()
     settings = Settings(idle_refresh_ms=600_000)
-    backend = ModelBackend(load_model(make_checkpoint(tmp_path / "m", "llama")), **cache_options(settings))
+    backend = _tiny_backend(tmp_path, settings)
     w = EngineWorker(lambda s: backend, lambda level, text: None, clock=clock)
     others = [f"file:///w/tab{i}.py" for i in range(3)]
     try:
